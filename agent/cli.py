@@ -1,0 +1,299 @@
+"""The ``shoal`` command: pull, ls, verify, rm, mirror push, demo.
+
+Exit codes (``agent.errors``): 0 ok, 1 other error, 2 usage or configuration, 3 not
+found, 4 no reachable source, 5 integrity, 6 disk full, 7 credentials rejected,
+8 store busy, 130 interrupted (verified chunks are kept; run the same command again).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import trio
+
+from agent.config import ENV_NAMES, Settings, load_settings
+from agent.errors import IntegrityError, ShoalError
+from agent.manifest import ModelRef
+from agent.progress import SOURCE_LABELS, Progress, human_bytes, human_time
+
+
+# ------------------------------------------------------------------------ progress output
+
+class PullReporter:
+    """Turns pull events into a progress line (TTY), periodic lines (pipes) or JSON lines."""
+
+    def __init__(self, ref: ModelRef, *, json_mode: bool, stream=None):
+        self.ref, self.json_mode = ref, json_mode
+        self.stream = stream or (sys.stdout if json_mode else sys.stderr)
+        self.tty = (not json_mode) and self.stream.isatty()
+        self.progress: Progress | None = None
+        self._seen_troubles: set[str] = set()
+        self._last_line = 0.0
+        self._width = 0
+
+    def _json(self, **payload) -> None:
+        print(json.dumps(payload), file=self.stream, flush=True)
+
+    def event(self, event) -> None:
+        from agent.pull import PlanReady
+        from agent.scheduler import ChunkFetched, FileDone, SourceTrouble
+        now = time.monotonic()
+        if isinstance(event, PlanReady):
+            self.progress = Progress(event.plan.total_size, already=event.already)
+            if self.json_mode:
+                self._json(event="plan", model=str(self.ref), plan=event.plan.origin,
+                           trusted=event.plan.trusted, files=len(event.plan.files),
+                           total_bytes=event.plan.total_size, already_bytes=event.already,
+                           chunk_size=event.plan.chunk_size, directory=str(event.directory))
+            else:
+                self._say(f"{self.ref}: {human_bytes(event.plan.total_size)} in {len(event.plan.files)} files "
+                          f"(from the {event.plan.origin}"
+                          + (f"; {human_bytes(event.already)} already here" if event.already else "") + ")")
+        elif isinstance(event, ChunkFetched) and self.progress is not None:
+            self.progress.add(event.source, event.nbytes, now)
+            if now - self._last_line >= (0.2 if self.tty else 0.5 if self.json_mode else 5.0):
+                self.render(now)
+        elif isinstance(event, FileDone):
+            if self.json_mode:
+                self._json(event="file_done", path=event.path, size=event.size)
+        elif isinstance(event, SourceTrouble):
+            if event.message not in self._seen_troubles:
+                self._seen_troubles.add(event.message)
+                if self.json_mode:
+                    self._json(event="trouble", source=event.source, message=event.message)
+                else:
+                    self._say(f"! {SOURCE_LABELS.get(event.source, event.source)}: {event.message}")
+
+    def render(self, now: float | None = None) -> None:
+        if self.progress is None:
+            return
+        now = time.monotonic() if now is None else now
+        self._last_line = now
+        p = self.progress
+        speed, eta = p.speed(now), p.eta(now)
+        if self.json_mode:
+            self._json(event="progress", done_bytes=p.done, total_bytes=p.total, bytes_per_s=round(speed),
+                       eta_s=None if eta is None else round(eta, 1), source=p.current_source,
+                       by_source=dict(p.by_source))
+            return
+        frac = p.done / p.total if p.total else 1.0
+        bar = "█" * int(frac * 24) + "░" * (24 - int(frac * 24))
+        where = f"from {SOURCE_LABELS.get(p.current_source, p.current_source)} " if p.current_source else ""
+        line = (f"{frac * 100:5.1f}% {bar} {human_bytes(p.done)}/{human_bytes(p.total)} "
+                f"{where}{human_bytes(speed)}/s ETA {human_time(eta)}"
+                + (f"  [{p.split()}]" if len(p.by_source) > 1 else ""))
+        if self.tty:
+            pad = max(0, self._width - len(line))
+            self.stream.write("\r" + line + " " * pad)
+            self.stream.flush()
+            self._width = len(line)
+        else:
+            print(line, file=self.stream, flush=True)
+
+    def _say(self, text: str) -> None:
+        if self.tty and self._width:
+            self.stream.write("\r" + " " * self._width + "\r")
+            self._width = 0
+        print(text, file=self.stream, flush=True)
+
+    def finish(self, result) -> None:
+        self.render()
+        if self.tty:
+            self.stream.write("\n")
+        split = ", ".join(f"{SOURCE_LABELS.get(k, k)} {human_bytes(v)}"
+                          for k, v in sorted(result.fetched_by_source.items(), key=lambda kv: -kv[1]))
+        speed = sum(result.fetched_by_source.values()) / result.elapsed if result.elapsed else 0
+        if self.json_mode:
+            self._json(event="done", model=str(result.ref), directory=str(result.directory),
+                       manifest_id=result.manifest_id, total_bytes=result.total_size,
+                       fetched_by_source=result.fetched_by_source, chunks_fetched=result.chunks_fetched,
+                       elapsed_s=round(result.elapsed, 3))
+        else:
+            self._say(f"done: {result.ref} in {result.directory}\n"
+                      f"  {human_bytes(result.total_size)} verified; fetched "
+                      f"{split or 'nothing (already complete)'} in {result.elapsed:.1f} s"
+                      + (f" ({human_bytes(speed)}/s)" if split else "")
+                      + f"\n  manifest {result.manifest_id}")
+
+
+# ------------------------------------------------------------------------------ commands
+
+def _settings(args) -> Settings:
+    return load_settings(cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+                         concurrency=getattr(args, "concurrency", None),
+                         oss_bucket=getattr(args, "bucket", None))
+
+
+def cmd_pull(args) -> int:
+    from agent.pull import pull
+    settings = _settings(args)
+    if args.no_modelscope:
+        settings = settings.with_(use_modelscope=False)
+    ref = ModelRef.parse(args.model)
+    reporter = PullReporter(ref, json_mode=args.json)
+
+    async def main():
+        return await pull(ref, settings, to=Path(args.to) if args.to else None, emit=reporter.event)
+    result = trio.run(main)
+    reporter.finish(result)
+    return 0
+
+
+def cmd_ls(args) -> int:
+    from agent.store import Store
+    store = Store(_settings(args).cache_dir)
+    try:
+        models = store.models()
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps([{"model": m.model_id, "revision": m.revision, "size": m.total_size,
+                           "have": m.have_bytes, "state": m.state, "dir": str(m.dir),
+                           "manifest_id": m.manifest_id} for m in models], indent=2))
+        return 0
+    if not models:
+        print("no models in the cache yet; try `shoal pull OWNER/NAME`")
+        return 0
+    rows = [("MODEL", "REVISION", "SIZE", "COMPLETE", "STATE", "DIRECTORY")]
+    for m in models:
+        pct = 100.0 * m.have_bytes / m.total_size if m.total_size else 100.0
+        rows.append((m.model_id, m.revision, human_bytes(m.total_size), f"{pct:.1f}%", m.state, str(m.dir)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from agent.verify import verify_model
+    settings = _settings(args)
+    report = verify_model(ModelRef.parse(args.model), settings)
+    for line in report.lines():
+        print(line)
+    if report.damaged:
+        raise IntegrityError(f"{report.ref}: {len(report.damaged)} file(s) damaged; the damaged chunks "
+                             f"were dropped from the index: run `shoal pull {report.ref}` to repair them")
+    return 0
+
+
+def cmd_rm(args) -> int:
+    from agent.store import Store
+    store = Store(_settings(args).cache_dir)
+    try:
+        ref = ModelRef.parse(args.model)
+        store.lock(ref)
+        info = store.remove(ref)
+    finally:
+        store.close()
+    print(f"removed {info.ref} ({human_bytes(info.total_size)}) from {info.dir}")
+    return 0
+
+
+def cmd_mirror_push(args) -> int:
+    from agent.mirror import check_push_target, manifest_from_dir, push_directory
+    settings = _settings(args)
+    check_push_target(settings, args.bucket)
+    ref = ModelRef.parse(args.model)
+    if args.from_dir:
+        directory = Path(args.from_dir)
+        print(f"hashing {directory} ...", file=sys.stderr)
+        manifest = manifest_from_dir(ref, directory, settings.chunk_size)
+    else:
+        # Pull from ModelScope only (never from the mirror we are filling), proving every
+        # file against the origin's SHA-256, then upload what was proven.
+        from agent.pull import pull
+        from agent.store import Store
+        origin = dataclasses.replace(settings, oss_bucket=None, use_modelscope=True)
+        reporter = PullReporter(ref, json_mode=False)
+        result = trio.run(lambda: pull(ref, origin, emit=reporter.event))
+        reporter.finish(result)
+        store = Store(settings.cache_dir)
+        try:
+            manifest = store.manifest(result.manifest_id)
+        finally:
+            store.close()
+        directory = result.directory
+    result = push_directory(ref, directory, settings, manifest, bucket_name=args.bucket,
+                            on_file=lambda path, what: print(f"  {path}: {what}", file=sys.stderr))
+    print(f"mirrored {ref} to oss://{args.bucket or settings.oss_bucket}/ "
+          f"({len(result.uploaded)} uploaded, {len(result.skipped)} already there); manifest {result.manifest_id}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from agent.demo import run_demo
+    return run_demo(size_mb=args.size_mb, workdir=Path(args.workdir) if args.workdir else None,
+                    keep=args.keep)
+
+
+# ---------------------------------------------------------------------------------- main
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="shoal", description="Peer-to-peer model cache: verified, resumable, parallel model pulls.",
+        epilog="Settings come from ~/.config/shoal/config.toml and the environment: "
+               + ", ".join(sorted(ENV_NAMES.values())) + ". See the README.")
+    parser.add_argument("--cache-dir", help=f"where models and the index live (${ENV_NAMES['cache_dir']})")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("pull", help="fetch a model revision (OSS mirror first, then ModelScope)")
+    p.add_argument("model", metavar="OWNER/NAME[@REVISION]")
+    p.add_argument("--to", metavar="DIR", help="put the files in DIR instead of the cache's model folder")
+    p.add_argument("--json", action="store_true", help="JSON lines on stdout, for scripts")
+    p.add_argument("--concurrency", type=int, help=f"chunks in flight (${ENV_NAMES['concurrency']}, default 8)")
+    p.add_argument("--bucket", help=f"OSS mirror bucket (${ENV_NAMES['oss_bucket']})")
+    p.add_argument("--no-modelscope", action="store_true", help="never fall back to ModelScope")
+    p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("ls", help="list cached models with size and completeness")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_ls)
+
+    p = sub.add_parser("verify", help="re-hash a cached model and report any damage")
+    p.add_argument("model", metavar="OWNER/NAME[@REVISION]")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("rm", help="remove a cached model")
+    p.add_argument("model", metavar="OWNER/NAME[@REVISION]")
+    p.set_defaults(func=cmd_rm)
+
+    mirror = sub.add_parser("mirror", help="manage the lab's OSS mirror")
+    msub = mirror.add_subparsers(dest="mirror_command", required=True, metavar="COMMAND")
+    p = msub.add_parser("push", help="upload a model revision and its manifest to the mirror")
+    p.add_argument("model", metavar="OWNER/NAME[@REVISION]")
+    p.add_argument("--bucket", help=f"target bucket (${ENV_NAMES['oss_bucket']})")
+    p.add_argument("--from-dir", metavar="DIR", help="upload this local directory instead of pulling from ModelScope")
+    p.set_defaults(func=cmd_mirror_push)
+
+    p = sub.add_parser("demo", help="run a complete pull against local OSS and ModelScope servers")
+    p.add_argument("--size-mb", type=int, default=256, help="size of the generated model (default 256)")
+    p.add_argument("--workdir", help="keep servers' data and the cache here (default: a temp folder)")
+    p.add_argument("--keep", action="store_true", help="do not delete the temp folder")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except ShoalError as e:
+        print(f"\nshoal: {e.title}: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("\nshoal: interrupted; verified chunks are kept, run the same command to resume",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""``shoal demo``: a complete pull on one machine, no internet, no cloud account.
+
+It generates a model, serves it from a local ModelScope-compatible hub, mirrors all but
+one shard into a local OSS-compatible server (with a corrupt chunk and a burst of 500s
+injected), then pulls it with the real CLI code path: most bytes come from the OSS
+mirror, the missing shard and the corrupt chunk come from ModelScope, and every byte is
+verified on the way.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import trio
+
+DEMO_MODEL = "shoal-demo/tiny-chat"
+DEMO_BUCKET = "shoal-demo-mirror"
+
+
+def run_demo(*, size_mb: int = 256, workdir: Path | None = None, keep: bool = False) -> int:
+    try:
+        from agent.testing.hub_server import HubServer
+        from agent.testing.oss_server import OssServer
+    except ImportError as e:
+        print(f"shoal demo needs the local servers' packages ({e.name}): "
+              "pip install 'shoal[servers]' (bootstrap/demo does this)", file=sys.stderr)
+        return 2
+    from agent.cli import PullReporter
+    from agent.config import load_settings
+    from agent.manifest import ModelRef
+    from agent.mirror import manifest_from_dir, push_directory
+    from agent.progress import human_bytes
+    from agent.pull import pull
+    from agent.testing.faults import Fault
+    from agent.testing.models import make_model
+
+    root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="shoal-demo-"))
+    root.mkdir(parents=True, exist_ok=True)
+    say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
+    try:
+        say(f"[1/4] generating a {size_mb} MB model {DEMO_MODEL} in {root / 'origin'}")
+        origin_dir = make_model(root / "origin", weights_bytes=size_mb * 1024 * 1024, shards=3, seed="demo")
+        with HubServer() as hub, OssServer() as oss:
+            hub.add_model(DEMO_MODEL, origin_dir)
+            oss.create_bucket(DEMO_BUCKET)
+            say(f"[2/4] local ModelScope hub at {hub.url}, local OSS at {oss.url}")
+            env = {"SHOAL_CACHE_DIR": str(root / "cache"), "OSS_ENDPOINT": oss.url,
+                   "SHOAL_OSS_BUCKET": DEMO_BUCKET, "OSS_ACCESS_KEY_ID": "demo-key",
+                   "OSS_ACCESS_KEY_SECRET": "demo-secret", "MODELSCOPE_ENDPOINT": hub.url,
+                   "SHOAL_CHUNK_TIMEOUT": "20"}
+            settings = load_settings(env=env)
+            ref = ModelRef(DEMO_MODEL, "master")
+            manifest = manifest_from_dir(ref, origin_dir)
+            # Mirror every file but the last shard, as a sync job cut short would.
+            last = sorted(e.path for e in manifest.files if e.path.endswith(".safetensors"))[-1]
+            staged = root / "staged"
+            shutil.rmtree(staged, ignore_errors=True)
+            for entry in manifest.files:
+                if entry.path != last:
+                    (staged / entry.path).parent.mkdir(parents=True, exist_ok=True)
+                    os.link(origin_dir / entry.path, staged / entry.path)
+            from agent.manifest import Manifest
+            partial = Manifest(manifest.model_id, manifest.revision, manifest.chunk_size,
+                               tuple(e for e in manifest.files if e.path != last))
+            push_directory(ref, staged, settings, partial, bucket_name=DEMO_BUCKET)
+            oss_client_manifest = manifest.encode()
+            # The full manifest goes up last, as `shoal mirror push` does.
+            from agent.sources.oss import make_bucket, manifest_key
+            bucket = make_bucket(settings)
+            bucket.put_object(manifest_key("", ref), oss_client_manifest)
+            say(f"[3/4] mirrored {len(manifest.files) - 1} of {len(manifest.files)} files to "
+                f"oss://{DEMO_BUCKET} (left out {last}); injecting a corrupt chunk and a burst of 500s")
+            first_shard = sorted(e.path for e in manifest.files if e.path.endswith(".safetensors"))[0]
+            oss.faults.add(Fault("corrupt", match=first_shard, times=1))
+            oss.faults.add(Fault("status", match="files/", status=500, times=6))
+            say(f"[4/4] shoal pull {ref}")
+            reporter = PullReporter(ref, json_mode=False)
+            started = time.monotonic()
+            result = trio.run(lambda: pull(ref, settings, emit=reporter.event))
+            reporter.finish(result)
+            hub_chunks = len(hub.faults.data_requests())
+            oss_chunks = len(oss.faults.data_requests())
+        say("")
+        say(f"The model is in {result.directory} ({human_bytes(result.total_size)}, "
+            f"{time.monotonic() - started:.1f} s). Ranged GETs served: OSS {oss_chunks}, ModelScope {hub_chunks}.")
+        say("The missing shard and the corrupt chunk came from ModelScope; nothing unverified was written.")
+        return 0
+    finally:
+        if not keep and workdir is None:
+            shutil.rmtree(root, ignore_errors=True)
+        elif keep:
+            say(f"kept {root}")

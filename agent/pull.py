@@ -1,0 +1,259 @@
+"""One pull, end to end: resolve what the revision is, plan, fetch, prove, record.
+
+1. Resolve: the mirror's manifest if OSS has one (trusted: the mirror job built it from
+   the origin and checked every file's SHA-256), else ModelScope's listing (paths, sizes,
+   SHA-256; chunk hashes are computed on arrival).
+2. Plan: lock the revision in the store, check free space, open a ``.partial`` per file
+   (re-verifying what an earlier run left), list the missing chunks.
+3. Fetch with the scheduler; each file is proven when its last chunk lands — by every
+   chunk's BLAKE3 against a trusted manifest, or by the origin's SHA-256 — then renamed
+   into place. A file whose SHA-256 does not match (origin plan) is fetched again from
+   sources that did not supply it, and only what agrees is kept.
+4. Record the manifest (built from the verified chunks on an origin plan), so the next
+   pull, ``shoal verify``, the mirror and LAN peers can use it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import trio
+
+from agent.config import Settings
+from agent.errors import (DiskFull, IntegrityError, ManifestError, NotFound, ShoalError,
+                          SourceUnavailable, UsageError)
+from agent.manifest import (PARTIAL_SUFFIX, FileEntry, Manifest, ModelRef, build_manifest, chunk_count,
+                            chunk_span, decode, default_chunk_size)
+from agent.scheduler import ChunkFetched, Event, FileDone, FileTask, Scheduler, SourceState, SourceTrouble
+from agent.sources import ChunkSource
+from agent.store import Store
+
+MAX_ROUNDS = 3  # first fetch plus re-fetches of files whose SHA-256 did not match
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to fetch: a trusted manifest, or a listing with unknown chunk hashes."""
+
+    ref: ModelRef
+    chunk_size: int
+    files: tuple  # (path, size, sha256, chunk hashes or None)
+    trusted: bool
+    origin: str  # where the plan came from, for people: "OSS mirror manifest", "ModelScope listing"
+
+    @property
+    def total_size(self) -> int:
+        return sum(f[1] for f in self.files)
+
+
+@dataclass(frozen=True)
+class PlanReady:
+    """Event: the pull knows what it will fetch."""
+
+    plan: Plan
+    directory: Path
+    already: int  # bytes verified before this run
+
+
+@dataclass
+class PullResult:
+    ref: ModelRef
+    directory: Path
+    manifest_id: str
+    total_size: int
+    fetched_by_source: dict[str, int] = field(default_factory=dict)
+    chunks_fetched: int = 0
+    elapsed: float = 0.0
+    troubles: list[str] = field(default_factory=list)
+
+
+def make_sources(settings: Settings) -> list[ChunkSource]:
+    """The configured sources in fallback order: OSS mirror, then ModelScope."""
+    sources: list[ChunkSource] = []
+    if settings.oss_bucket:
+        from agent.sources.oss import OssSource
+        sources.append(OssSource(settings))
+    if settings.use_modelscope:
+        from agent.sources.modelscope import ModelScopeSource
+        sources.append(ModelScopeSource(settings))
+    if not sources:
+        raise UsageError("no source is configured: set SHOAL_OSS_BUCKET and OSS_ENDPOINT for the lab's "
+                         "mirror, or enable ModelScope (SHOAL_USE_MODELSCOPE=1)")
+    return sources
+
+
+async def resolve(ref: ModelRef, sources: list[ChunkSource], emit: Callable[[Event], None],
+                  chunk_size: int | None = None) -> Plan:
+    """Find out what ``ref`` is made of (see module docstring, step 1)."""
+    problems: list[str] = []
+    not_found: list[str] = []
+    for source in sources:
+        get_manifest = getattr(source, "get_manifest", None)
+        if get_manifest is None:
+            continue
+        try:
+            data = await trio.to_thread.run_sync(get_manifest, ref)
+            if data is None:
+                not_found.append(f"{source.label} has no manifest for {ref}")
+                continue
+            manifest = decode(data)
+            if (manifest.model_id, manifest.revision) != (ref.model_id, ref.revision):
+                raise ManifestError(f"the manifest stored for {ref} describes "
+                                    f"{manifest.model_id}@{manifest.revision}")
+            return Plan(ref, manifest.chunk_size,
+                        tuple((f.path, f.size, f.sha256, f.chunks) for f in manifest.files),
+                        trusted=True, origin=f"{source.label} manifest")
+        except (SourceUnavailable, ManifestError) as e:
+            problems.append(f"{source.label}: {e}")
+            emit(SourceTrouble(source.name, f"{e}; trying the next source"))
+    for source in sources:
+        list_files = getattr(source, "list_files", None)
+        if list_files is None:
+            continue
+        try:
+            listing = await trio.to_thread.run_sync(list_files, ref)
+        except NotFound as e:
+            not_found.append(str(e))
+            continue
+        except SourceUnavailable as e:
+            problems.append(f"{source.label}: {e}")
+            continue
+        return Plan(ref, chunk_size or default_chunk_size(listing.total_size), tuple((f.path, f.size, f.sha256, None) for f in listing.files),
+                    trusted=False, origin=f"{source.label} listing")
+    if problems:
+        raise SourceUnavailable(f"no reachable source could say what {ref} is: " + "; ".join(problems)
+                                + (("; " + "; ".join(not_found)) if not_found else ""))
+    raise NotFound("; ".join(not_found) or f"no source knows {ref}")
+
+
+def _free_bytes(directory: Path) -> int:
+    probe = directory
+    while not probe.exists():
+        probe = probe.parent
+    return shutil.disk_usage(probe).free
+
+
+def _allocated(path: Path) -> int:
+    try:
+        return path.stat().st_blocks * 512
+    except FileNotFoundError:
+        return 0
+
+
+async def pull(ref: ModelRef, settings: Settings, *, to: Path | None = None,
+               emit: Callable[[object], None] = lambda event: None,
+               sources: list[ChunkSource] | None = None) -> PullResult:
+    """Pull ``ref`` into the store (or ``to``); see module docstring. Raises ``ShoalError``s."""
+    started = time.monotonic()
+    troubles: list[str] = []
+    by_source: dict[str, int] = {}
+    chunks = 0
+
+    def record(event) -> None:
+        nonlocal chunks
+        if isinstance(event, SourceTrouble):
+            troubles.append(event.message)
+        elif isinstance(event, ChunkFetched):
+            by_source[event.source] = by_source.get(event.source, 0) + event.nbytes
+            chunks += 1
+        emit(event)
+
+    own_sources = sources is None
+    sources = make_sources(settings) if own_sources else sources
+    store = await trio.to_thread.run_sync(Store, settings.cache_dir)
+    try:
+        plan = await resolve(ref, sources, record, settings.chunk_size)
+        directory = Path(to).resolve() if to else store.default_dir(ref)
+        await trio.to_thread.run_sync(store.lock, ref)
+        try:
+            result = await _run(plan, directory, store, sources, settings, record)
+        finally:
+            store.unlock(ref)
+    finally:
+        store.close()
+        if own_sources:
+            for source in sources:
+                source.close()
+    result.elapsed = time.monotonic() - started
+    result.troubles = troubles
+    result.fetched_by_source = by_source
+    result.chunks_fetched = chunks
+    return result
+
+
+async def _run(plan: Plan, directory: Path, store: Store, sources: list[ChunkSource],
+               settings: Settings, emit) -> PullResult:
+    ref = plan.ref
+    await trio.to_thread.run_sync(store.begin, ref, directory, plan.chunk_size,
+                                  [(p, s, h) for p, s, h, _ in plan.files])
+    # Check the space before the pull, not in the middle of it: preallocation would
+    # fail on the first file that does not fit.
+    need = 0
+    for path, size, _, _ in plan.files:
+        final = directory / path
+        if not (final.is_file() and final.stat().st_size == size):
+            need += max(0, size - _allocated(directory / (path + PARTIAL_SUFFIX)))
+    free = _free_bytes(directory)
+    if need > free:
+        raise DiskFull(f"{ref} needs {need} more bytes in {directory} and only {free} are free: "
+                       "free some space (`shoal rm` a model you no longer need) and pull again")
+    tasks: list[FileTask] = []
+    try:
+        already = 0
+        for path, size, sha, chunks in plan.files:
+            pf = await trio.to_thread.run_sync(
+                store.open_file, ref, directory, path, size, sha, plan.chunk_size, chunks)
+            if pf is None:
+                already += size
+                continue
+            already += sum(chunk_span(size, plan.chunk_size, i)[1] for i in pf.have)
+            tasks.append(FileTask(pf, chunks, check_sha256=not plan.trusted or settings.always_sha256))
+        emit(PlanReady(plan, directory, already))
+        states = [SourceState(s) for s in sources]
+        for round_ in range(MAX_ROUNDS):
+            outcome = await Scheduler(ref, states, settings, emit).run(tasks)
+            if not outcome.mismatched:
+                break
+            tasks = []
+            for task in outcome.mismatched:
+                bad = sorted(task.used | task.exclude)
+                emit(SourceTrouble(",".join(bad), f"{task.file.rel} does not match the SHA-256 the origin "
+                                   f"listed after fetching it from {', '.join(bad)}; fetching it again elsewhere"))
+                task.exclude |= task.used
+                task.used = set()
+                await trio.to_thread.run_sync(task.file.forget, list(task.file.have))
+                tasks.append(task)
+            if round_ == MAX_ROUNDS - 1 or all(
+                    not [s for s in states if s.source.name not in t.exclude] for t in tasks):
+                names = ", ".join(t.file.rel for t in tasks)
+                raise IntegrityError(
+                    f"{names} of {ref} does not match the SHA-256 the origin listed, from every source "
+                    "that has it; nothing unverified was kept. The origin's copy or listing may be "
+                    "damaged: report it, or pin a known-good revision")
+    finally:
+        for task in tasks:
+            task.file.close()
+    manifest = plan_manifest(plan, store) if not plan.trusted else Manifest(
+        ref.model_id, ref.revision, plan.chunk_size,
+        tuple(FileEntry(p, s, h, c) for p, s, h, c in plan.files))
+    manifest_id = await trio.to_thread.run_sync(store.complete, ref, manifest)
+    return PullResult(ref, directory, manifest_id, plan.total_size)
+
+
+def plan_manifest(plan: Plan, store: Store) -> Manifest:
+    """The manifest of an origin plan, from the BLAKE3 of the chunks verified by SHA-256."""
+    files = []
+    for path, size, sha, _ in plan.files:
+        hashes = store.chunk_hashes(plan.ref, path)
+        count = chunk_count(size, plan.chunk_size)
+        if sorted(hashes) != list(range(count)):
+            raise ShoalError(f"internal error: {path} is complete but the index lacks chunk hashes")
+        files.append(FileEntry(path, size, sha, tuple(hashes[i] for i in range(count))))
+    return build_manifest(plan.ref.model_id, plan.ref.revision, plan.chunk_size, files)
+
+
+__all__ = ["Plan", "PlanReady", "PullResult", "FileDone", "make_sources", "pull", "resolve"]

@@ -1,0 +1,262 @@
+"""The scheduler: many chunks in flight, each from the first source that can give it.
+
+Per chunk, sources are tried in order (OSS mirror, then ModelScope; LAN peers will go
+first). On one source a transient error (timeout, reset, truncated body, 5xx) is retried
+with jittered backoff up to ``settings.retries`` times; a 404, refused credentials, a
+server that ignores Range, or a chunk whose BLAKE3 does not match moves the chunk to the
+next source at once. A source that fails several chunks in a row is put aside for a
+cool-down while another source remains, so a dead mirror does not cost every chunk its
+full retry budget. Nothing restarts a whole file.
+
+Each worker owns one chunk-sized buffer, so memory is bounded by concurrency x chunk size;
+fetch, BLAKE3 and the write run together in one worker thread per chunk.
+
+Events (``ChunkFetched``, ``FileDone``, ``SourceTrouble``) go to a callback for progress.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import trio
+
+from agent.config import Settings
+from agent.errors import (CredentialsRejected, IntegrityError, NotFound, ShoalError,
+                          SourceUnavailable)
+from agent.manifest import ModelRef, chunk_span
+from agent.sources import ChunkRequest, ChunkSource
+from agent.store import PartialFile, blake3_hash
+
+# Every chunk in flight (default 8) failing at once is a pattern, not a blip.
+FAILURES_BEFORE_COOLDOWN = 8
+COOLDOWN_START = 2.0
+COOLDOWN_MAX = 60.0
+BACKOFF_BASE = 0.2
+BACKOFF_MAX = 3.0
+
+
+# ------------------------------------------------------------------------------ events
+
+@dataclass(frozen=True)
+class ChunkFetched:
+    path: str
+    index: int
+    nbytes: int
+    source: str
+
+
+@dataclass(frozen=True)
+class FileDone:
+    path: str
+    size: int
+
+
+@dataclass(frozen=True)
+class SourceTrouble:
+    """Something a person should know about a source; the pull goes on."""
+
+    source: str
+    message: str
+
+
+Event = ChunkFetched | FileDone | SourceTrouble
+
+
+# ------------------------------------------------------------------------------- state
+
+@dataclass
+class SourceState:
+    """What this pull has learned about one source."""
+
+    source: ChunkSource
+    failures_in_row: int = 0
+    cooldown: float = COOLDOWN_START
+    down_until: float = 0.0
+    disabled: str | None = None  # e.g. credentials refused: never ask again this pull
+    lacks: set[str] = field(default_factory=set)  # files this source does not have
+
+    def usable_for(self, path: str) -> bool:
+        return self.disabled is None and path not in self.lacks
+
+    def resting(self, now: float) -> bool:
+        return now < self.down_until
+
+
+@dataclass
+class FileTask:
+    """One file of the pull: its partial file, and how to prove it when complete."""
+
+    file: PartialFile
+    expected: tuple[bytes, ...] | None  # trusted BLAKE3 per chunk, or None (origin plan)
+    check_sha256: bool
+    exclude: set[str] = field(default_factory=set)  # sources not to use for this file
+    used: set[str] = field(default_factory=set)
+    remaining: int = 0
+
+
+class ChunkFailed(ShoalError):
+    """Every source failed one chunk. The message lists why, per source."""
+
+    exit_code = 4
+    title = "Chunk unavailable"
+
+
+@dataclass
+class Outcome:
+    mismatched: list[FileTask]  # files whose SHA-256 did not match after all chunks came
+
+
+def _backoff(attempt: int) -> float:
+    return min(BACKOFF_MAX, BACKOFF_BASE * 2 ** attempt) * random.uniform(0.5, 1.5)
+
+
+def _fetch_verify_write(source: ChunkSource, ref: ModelRef, task: FileTask, index: int,
+                        buffer: bytearray, deadline: float) -> None:
+    """Runs in a worker thread: fetch into ``buffer``, verify, write at the chunk's offset."""
+    pf = task.file
+    offset, length = chunk_span(pf.size, pf.chunk_size, index)
+    view = memoryview(buffer)[:length]
+    source.fetch(ref, ChunkRequest(pf.rel, offset, length, pf.size), view, deadline)
+    digest = blake3_hash(view)
+    if task.expected is not None and digest != task.expected[index]:
+        raise IntegrityError(f"{source.label} sent chunk {index} of {pf.rel} whose BLAKE3 "
+                             "does not match the manifest; it was not written")
+    pf.write_chunk(index, view, digest, source.name)
+
+
+class Scheduler:
+    """Fetches the missing chunks of a set of files. One instance per pull round."""
+
+    def __init__(self, ref: ModelRef, sources: list[SourceState], settings: Settings,
+                 emit: Callable[[Event], None]):
+        self.ref, self.sources, self.settings, self.emit = ref, sources, settings, emit
+        self._limiter = trio.CapacityLimiter(settings.concurrency)
+
+    async def run(self, tasks: list[FileTask]) -> Outcome:
+        jobs: list[tuple[FileTask, int]] = []
+        for task in tasks:
+            missing = task.file.missing
+            task.remaining = len(missing)
+            jobs.extend((task, i) for i in missing)
+        chunk_size = max((t.file.chunk_size for t in tasks), default=0)
+        outcome = Outcome([])
+        send, recv = trio.open_memory_channel(0)
+        try:
+            async with trio.open_nursery() as nursery:
+                # Files already complete on entry (all chunks present after a crash) are
+                # proven now; the others when their last chunk lands.
+                for task in tasks:
+                    if task.remaining == 0:
+                        nursery.start_soon(self._finish_file, task, outcome)
+                for _ in range(min(self.settings.concurrency, len(jobs))):
+                    nursery.start_soon(self._worker, recv.clone(), bytearray(chunk_size), nursery, outcome)
+                recv.close()
+                async with send:
+                    for job in jobs:
+                        await send.send(job)
+        except BaseExceptionGroup as group:
+            raise _first_error(group) from None
+        return outcome
+
+    async def _worker(self, jobs, buffer: bytearray, nursery, outcome: Outcome) -> None:
+        async with jobs:
+            async for task, index in jobs:
+                await self._fetch_chunk(task, index, buffer)
+                task.remaining -= 1
+                if task.remaining == 0:
+                    nursery.start_soon(self._finish_file, task, outcome)
+
+    def _pick_order(self, task: FileTask) -> list[SourceState]:
+        path = task.file.rel
+        usable = [s for s in self.sources if s.usable_for(path) and s.source.name not in task.exclude]
+        now = time.monotonic()
+        awake = [s for s in usable if not s.resting(now)]
+        # A resting source is still tried after the others, never skipped outright:
+        # it may be the only one that has this file.
+        return awake + [s for s in usable if s.resting(now)]
+
+    async def _fetch_chunk(self, task: FileTask, index: int, buffer: bytearray) -> None:
+        path = task.file.rel
+        reasons: list[str] = []
+        for state in self._pick_order(task):
+            source = state.source
+            for attempt in range(self.settings.retries + 1):
+                deadline = time.monotonic() + self.settings.chunk_timeout
+                try:
+                    async with self._limiter:
+                        await trio.to_thread.run_sync(
+                            _fetch_verify_write, source, self.ref, task, index, buffer, deadline)
+                except NotFound as e:
+                    state.lacks.add(path)
+                    reasons.append(str(e))
+                    break
+                except CredentialsRejected as e:
+                    state.disabled = str(e)
+                    self.emit(SourceTrouble(source.name, f"{e}; using the next source"))
+                    reasons.append(str(e))
+                    break
+                except IntegrityError as e:
+                    self._failed(state)
+                    self.emit(SourceTrouble(source.name, str(e)))
+                    reasons.append(str(e))
+                    break
+                except SourceUnavailable as e:
+                    self._failed(state)
+                    reasons.append(str(e))
+                    if not e.transient:
+                        self.emit(SourceTrouble(source.name, str(e)))
+                        break
+                    if attempt < self.settings.retries:
+                        await trio.sleep(_backoff(attempt))
+                    continue
+                state.failures_in_row = 0
+                state.cooldown = COOLDOWN_START
+                task.used.add(source.name)
+                self.emit(ChunkFetched(path, index, chunk_span(task.file.size, task.file.chunk_size, index)[1],
+                                       source.name))
+                return
+        detail = "; ".join(dict.fromkeys(reasons)) or "no source is configured for it"
+        raise ChunkFailed(f"chunk {index} of {path} could not be fetched from any source: {detail}. "
+                          "What was verified is kept; run the same pull again when a source is back")
+
+    def _failed(self, state: SourceState) -> None:
+        state.failures_in_row += 1
+        if state.failures_in_row >= FAILURES_BEFORE_COOLDOWN and not state.resting(time.monotonic()):
+            state.down_until = time.monotonic() + state.cooldown
+            self.emit(SourceTrouble(state.source.name,
+                                    f"{state.source.label} failed {state.failures_in_row} requests in a row; "
+                                    f"trying other sources first for {state.cooldown:.0f} s"))
+            state.cooldown = min(COOLDOWN_MAX, state.cooldown * 2)
+
+    async def _finish_file(self, task: FileTask, outcome: Outcome) -> None:
+        pf = task.file
+        if task.check_sha256:
+            ok = await trio.to_thread.run_sync(pf.sha256_matches, limiter=self._limiter)
+            if not ok:
+                outcome.mismatched.append(task)
+                return
+        await trio.to_thread.run_sync(pf.finish)
+        self.emit(FileDone(pf.rel, pf.size))
+
+
+def _first_error(group: BaseExceptionGroup) -> BaseException:
+    """Public APIs raise one error, not a group: the first ShoalError, else the first leaf."""
+    leaves: list[BaseException] = []
+
+    def walk(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for sub in e.exceptions:
+                walk(sub)
+        else:
+            leaves.append(e)
+    walk(group)
+    for leaf in leaves:
+        if isinstance(leaf, ShoalError):
+            return leaf
+    for leaf in leaves:
+        if not isinstance(leaf, trio.Cancelled):
+            return leaf
+    return leaves[0]

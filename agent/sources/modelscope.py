@@ -1,0 +1,98 @@
+"""ModelScope, the origin: file listings through the modelscope SDK, bytes by ranged GET.
+
+The listing comes from ``HubApi.list_repo_files`` (it carries each file's SHA-256); the
+bytes come from the same endpoint's ``/api/v1/models/{id}/repo?Revision=&FilePath=``
+URL (built by the SDK's ``get_file_download_url``), read with a pooled ``requests``
+session so many ranges are in flight at once. ``MODELSCOPE_ENDPOINT`` and
+``MODELSCOPE_API_TOKEN`` are honoured as the SDK honours them.
+"""
+
+from __future__ import annotations
+
+import requests
+import urllib3
+from requests.adapters import HTTPAdapter
+
+from agent.config import Settings
+from agent.errors import CredentialsRejected, NotFound, SourceUnavailable
+from agent.manifest import Listing, ModelRef, make_listing
+from agent.sources import ChunkRequest, ChunkSource, expect_span, read_exact
+
+_NETWORK_ERRORS = (OSError, requests.RequestException, urllib3.exceptions.HTTPError)
+
+
+class ModelScopeSource(ChunkSource):
+    name = "modelscope"
+    label = "ModelScope"
+
+    def __init__(self, settings: Settings):
+        self.endpoint = settings.modelscope_endpoint.rstrip("/")
+        self._token = settings.modelscope_token
+        self._timeout = (settings.connect_timeout, min(settings.chunk_timeout, 60.0))
+        self._session = requests.Session()
+        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=settings.concurrency + 4, max_retries=0)
+        self._session.mount("http://", adapter)
+        self._session.mount("https://", adapter)
+        self._session.headers["User-Agent"] = "shoal/0.1"
+        if self._token:
+            self._session.headers["Authorization"] = f"Bearer {self._token}"
+
+    def list_files(self, ref: ModelRef) -> Listing:
+        """The validated listing of ``ref`` (paths, sizes, SHA-256)."""
+        from modelscope.hub.api import HubApi  # the SDK is slow-ish to import; only when needed
+        from modelscope_hub.errors import HubError, NotExistError
+
+        what = f"listing {ref} on ModelScope ({self.endpoint})"
+        try:
+            api = HubApi(endpoint=self.endpoint, token=self._token,
+                         timeout=int(self._timeout[1]), max_retries=1)
+            files = api.list_repo_files(ref.model_id, "model", revision=ref.revision)
+        except NotExistError as e:
+            raise NotFound(f"ModelScope has no model {ref.model_id} at revision {ref.revision}: "
+                           "check the spelling (OWNER/NAME, case matters) and the revision") from e
+        except HubError as e:
+            status = getattr(e, "status_code", None) or getattr(e, "status", None)
+            if status in (401, 403):
+                raise CredentialsRejected(
+                    f"{what}: ModelScope refused the request ({status}); set MODELSCOPE_API_TOKEN "
+                    "to a token that may read this model") from e
+            raise SourceUnavailable(f"{what} failed: {str(e).splitlines()[0]}") from e
+        except _NETWORK_ERRORS as e:
+            raise SourceUnavailable(f"{what} failed: cannot reach the hub ({type(e).__name__}); "
+                                    "check MODELSCOPE_ENDPOINT and the network") from e
+        entries = [(f.path, f.size, f.sha256) for f in files
+                   if (getattr(f, "type", "blob") or "blob") == "blob"]
+        return make_listing(ref.model_id, ref.revision, entries)
+
+    def file_url(self, ref: ModelRef, path: str) -> str:
+        from modelscope.hub.file_download import get_file_download_url
+        return get_file_download_url(ref.model_id, path, ref.revision, endpoint=self.endpoint)
+
+    def fetch(self, ref: ModelRef, request: ChunkRequest, into: memoryview, deadline: float) -> None:
+        what = f"ModelScope {ref.model_id}/{request.path} [{request.offset}+{request.length}]"
+        headers = {"Range": f"bytes={request.offset}-{request.offset + request.length - 1}",
+                   "Accept-Encoding": "identity"}
+        try:
+            resp = self._session.get(self.file_url(ref, request.path), headers=headers,
+                                     stream=True, timeout=self._timeout)
+        except _NETWORK_ERRORS as e:
+            raise SourceUnavailable(f"{what}: cannot reach ModelScope ({type(e).__name__})") from e
+        try:
+            if resp.status_code == 404:
+                raise NotFound(f"{what}: not on ModelScope")
+            if resp.status_code in (401, 403):
+                raise CredentialsRejected(
+                    f"{what}: ModelScope refused the request ({resp.status_code}); "
+                    "set MODELSCOPE_API_TOKEN to a token that may read this model")
+            if resp.status_code >= 500 or resp.status_code in (408, 429):
+                raise SourceUnavailable(f"{what}: ModelScope answered {resp.status_code}")
+            length = resp.headers.get("Content-Length")
+            expect_span(resp.status_code, int(length) if length and length.isdigit() else None, request, what)
+            read_exact(resp.raw.readinto, into, request.length, deadline, what)
+        except _NETWORK_ERRORS as e:
+            raise SourceUnavailable(f"{what}: {type(e).__name__} while reading the body") from e
+        finally:
+            resp.close()
+
+    def close(self) -> None:
+        self._session.close()

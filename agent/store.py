@@ -1,0 +1,489 @@
+"""The store: model directories on disk plus a SQLite index of verified chunks.
+
+Layout under the cache directory (``SHOAL_CACHE_DIR``)::
+
+    index.sqlite                          models, files, verified chunks (WAL mode)
+    manifests/{manifest-id}.shoal         manifests of complete pulls (served to peers later)
+    models/{owner}/{name}/{revision}/     a plain model directory tools load directly
+    locks/                                one lock file per model revision being pulled
+
+A file being fetched is ``{path}.partial`` in its model directory, preallocated to its
+full size; verified chunks are written at their offsets; the file is renamed into place
+once it is proven (its SHA-256, or every chunk against a trusted manifest).
+
+Invariant: the index never claims a chunk that is not on disk and verified. A chunk row
+is inserted only after its bytes were verified and written; when a ``.partial`` file is
+reopened (after a crash, a kill, a reboot) the claimed chunks are re-hashed from disk
+(BLAKE3 is ~2.5 GiB/s here) and rows whose bytes did not survive are dropped.
+
+Error handling: ``ENOSPC``/``EDQUOT`` become ``DiskFull``; nothing already verified is lost.
+Resource handling: ``Store.close()`` closes the index; ``PartialFile.close()`` the fd; both
+are safe twice. All methods block: call them from a worker thread in async code.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import blake3
+
+from agent.errors import DiskFull, NotFound, StoreLocked
+from agent.manifest import PARTIAL_SUFFIX, Manifest, ModelRef, chunk_count, chunk_span, decode
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS models (
+    key TEXT PRIMARY KEY,            -- owner/name@revision
+    model_id TEXT NOT NULL,
+    revision TEXT NOT NULL,
+    dir TEXT NOT NULL,
+    chunk_size INTEGER NOT NULL,
+    total_size INTEGER NOT NULL,
+    manifest_id TEXT,                -- set when complete
+    state TEXT NOT NULL,             -- 'pulling' | 'complete'
+    updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS files (
+    model_key TEXT NOT NULL,
+    path TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    sha256 BLOB NOT NULL,
+    complete INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (model_key, path)
+);
+CREATE TABLE IF NOT EXISTS chunks (
+    model_key TEXT NOT NULL,
+    path TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    hash BLOB NOT NULL,
+    source TEXT NOT NULL,
+    PRIMARY KEY (model_key, path, idx)
+);
+"""
+
+HASH_BLOCK = 8 * 1024 * 1024
+
+
+def _disk_error(e: OSError, where: Path | str) -> Exception:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFull(f"no space left on the device holding {where}; what was verified is "
+                        "kept: free some space (or `shoal rm` a model) and run the same pull again")
+    return e
+
+
+def blake3_hash(data) -> bytes:
+    return blake3.blake3(data, max_threads=blake3.blake3.AUTO).digest()
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model_id: str
+    revision: str
+    dir: Path
+    total_size: int
+    have_bytes: int
+    state: str
+    manifest_id: str | None
+
+    @property
+    def ref(self) -> ModelRef:
+        return ModelRef(self.model_id, self.revision)
+
+
+class PartialFile:
+    """One file being filled chunk by chunk. Thread-safe.
+
+    Keeps a running SHA-256 over the contiguous verified prefix ("frontier"), so the
+    origin check of a finished file costs only what was not hashed during the transfer.
+    """
+
+    def __init__(self, store: "Store", model_key: str, final_path: Path, size: int,
+                 sha256: bytes, chunk_size: int, have: dict[int, bytes]):
+        self.store, self.model_key = store, model_key
+        self.final_path = final_path
+        self.partial_path = final_path.with_name(final_path.name + PARTIAL_SUFFIX)
+        self.rel = None  # set by Store.open_file
+        self.size, self.sha256, self.chunk_size = size, sha256, chunk_size
+        self.count = chunk_count(size, chunk_size)
+        self.have = dict(have)  # index -> blake3 of verified chunks
+        self._lock = threading.Lock()
+        self._digest_lock = threading.Lock()
+        self._sha = hashlib.sha256()
+        self._sha_next = 0  # first chunk index not yet in _sha
+        self._fd: int | None = None
+
+    # -- opening
+
+    def open(self) -> None:
+        """Create (preallocated) or reopen the ``.partial`` file; re-verify claimed chunks."""
+        self.partial_path.parent.mkdir(parents=True, exist_ok=True)
+        existed = self.partial_path.exists()
+        try:
+            fd = os.open(self.partial_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise _disk_error(e, self.partial_path) from e
+        self._fd = fd
+        try:
+            if os.fstat(fd).st_size != self.size:
+                os.ftruncate(fd, self.size)
+            if self.size:
+                try:
+                    os.posix_fallocate(fd, 0, self.size)
+                except OSError as e:
+                    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                        raise
+                    # EOPNOTSUPP/EINVAL: the filesystem cannot preallocate; sparse is fine.
+        except OSError as e:
+            self.close()
+            raise _disk_error(e, self.partial_path) from e
+        if existed and self.have:
+            self._recheck_claimed()
+
+    def _recheck_claimed(self) -> None:
+        lost = []
+        for index, digest in sorted(self.have.items()):
+            offset, length = chunk_span(self.size, self.chunk_size, index)
+            if blake3_hash(os.pread(self._fd, length, offset)) != digest:
+                lost.append(index)
+        if lost:
+            for index in lost:
+                del self.have[index]
+            self.store._forget_chunks(self.model_key, self.rel, lost)
+
+    # -- writing
+
+    @property
+    def missing(self) -> list[int]:
+        with self._lock:
+            return [i for i in range(self.count) if i not in self.have]
+
+    @property
+    def complete(self) -> bool:
+        with self._lock:
+            return len(self.have) == self.count
+
+    def write_chunk(self, index: int, data: memoryview, digest: bytes, source: str) -> None:
+        """Write verified bytes of chunk ``index`` and record them in the index."""
+        offset, length = chunk_span(self.size, self.chunk_size, index)
+        if len(data) != length:
+            raise ValueError(f"chunk {index} of {self.rel} is {length} bytes, got {len(data)}")
+        view = memoryview(data)
+        try:
+            written = 0
+            while written < length:
+                written += os.pwrite(self._fd, view[written:], offset + written)
+        except OSError as e:
+            raise _disk_error(e, self.partial_path) from e
+        # Only now, with the bytes in the file, may the index claim the chunk.
+        self.store._record_chunk(self.model_key, self.rel, index, digest, source)
+        with self._lock:
+            self.have[index] = digest
+        self._advance_sha()
+
+    def forget(self, indices: list[int]) -> None:
+        with self._lock:
+            for i in indices:
+                self.have.pop(i, None)
+            self._sha, self._sha_next = hashlib.sha256(), 0
+        self.store._forget_chunks(self.model_key, self.rel, indices)
+
+    def _advance_sha(self) -> None:
+        # Whoever holds the digest lock hashes every contiguous chunk it can see; a thread
+        # that cannot get the lock leaves its chunk to the holder, which re-checks before
+        # it leaves, so no chunk is skipped.
+        while True:
+            if not self._digest_lock.acquire(blocking=False):
+                return
+            try:
+                while True:
+                    with self._lock:
+                        ready = self._sha_next in self.have
+                    if not ready:
+                        break
+                    offset, length = chunk_span(self.size, self.chunk_size, self._sha_next)
+                    self._sha.update(os.pread(self._fd, length, offset))
+                    self._sha_next += 1
+            finally:
+                self._digest_lock.release()
+            with self._lock:
+                if self._sha_next not in self.have:
+                    return
+
+    def sha256_matches(self) -> bool:
+        """Finish the running SHA-256 (reading what is left) and compare with the origin's."""
+        with self._digest_lock:
+            while self._sha_next < self.count:
+                offset, length = chunk_span(self.size, self.chunk_size, self._sha_next)
+                self._sha.update(os.pread(self._fd, length, offset))
+                self._sha_next += 1
+            return self._sha.digest() == self.sha256
+
+    # -- finishing
+
+    def finish(self) -> None:
+        """Make the bytes durable, rename into place and mark the file complete."""
+        try:
+            os.fsync(self._fd)
+            os.replace(self.partial_path, self.final_path)
+            dir_fd = os.open(self.final_path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as e:
+            raise _disk_error(e, self.final_path) from e
+        self.close()
+        self.store._mark_file_complete(self.model_key, self.rel)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class Store:
+    """See module docstring."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        try:
+            for sub in ("manifests", "models", "locks"):
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.root / "index.sqlite", check_same_thread=False,
+                                       isolation_level=None, timeout=30)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+        except OSError as e:
+            raise _disk_error(e, self.root) from e
+        except sqlite3.OperationalError as e:
+            if "full" in str(e):
+                raise DiskFull(f"no space to open the index in {self.root}: free some space") from e
+            raise
+        self._lock = threading.Lock()
+        self._locks: dict[str, int] = {}
+
+    def close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+            for fd in self._locks.values():
+                os.close(fd)
+            self._locks.clear()
+
+    def _exec(self, sql: str, args=()) -> list[tuple]:
+        with self._lock:
+            try:
+                return self._db.execute(sql, args).fetchall()
+            except sqlite3.OperationalError as e:
+                if "full" in str(e):
+                    raise DiskFull(f"the index in {self.root} cannot grow: the disk is full; "
+                                   "free some space and pull again") from e
+                raise
+
+    # ----------------------------------------------------------------- layout
+
+    def default_dir(self, ref: ModelRef) -> Path:
+        return self.root / "models" / ref.model_id / ref.revision
+
+    def lock(self, ref: ModelRef) -> None:
+        """Take the per-revision pull lock (held until ``unlock`` or process exit)."""
+        path = self.root / "locks" / f"{ref.model_id.replace('/', '--')}--{ref.revision}.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreLocked(f"another shoal process is pulling {ref} into this cache; "
+                              "wait for it to finish (or stop it) and try again") from None
+        with self._lock:
+            self._locks[str(ref)] = fd
+
+    def unlock(self, ref: ModelRef) -> None:
+        with self._lock:
+            fd = self._locks.pop(str(ref), None)
+        if fd is not None:
+            os.close(fd)
+
+    # ----------------------------------------------------------------- models
+
+    def begin(self, ref: ModelRef, directory: Path, chunk_size: int, files: list[tuple[str, int, bytes]]) -> None:
+        """Record a pull of ``ref`` into ``directory``; reset what no longer fits the plan."""
+        key = str(ref)
+        rows = self._exec("SELECT dir, chunk_size FROM models WHERE key=?", (key,))
+        if rows and (rows[0][0] != str(directory) or rows[0][1] != chunk_size):
+            # A different target or chunking: earlier chunk rows do not describe this pull.
+            self._exec("DELETE FROM chunks WHERE model_key=?", (key,))
+            self._exec("DELETE FROM files WHERE model_key=?", (key,))
+        wanted = {p: (s, h) for p, s, h in files}
+        for path, size, sha in self._exec("SELECT path, size, sha256 FROM files WHERE model_key=?", (key,)):
+            if wanted.get(path) != (size, sha):
+                self._exec("DELETE FROM files WHERE model_key=? AND path=?", (key, path))
+                self._exec("DELETE FROM chunks WHERE model_key=? AND path=?", (key, path))
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                self._db.execute(
+                    "INSERT INTO models(key, model_id, revision, dir, chunk_size, total_size, state, updated)"
+                    " VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(key) DO UPDATE SET dir=excluded.dir,"
+                    " chunk_size=excluded.chunk_size, total_size=excluded.total_size,"
+                    " state='pulling', updated=excluded.updated",
+                    (key, ref.model_id, ref.revision, str(directory), chunk_size,
+                     sum(s for _, s, _ in files), "pulling", time.time()))
+                self._db.executemany(
+                    "INSERT OR IGNORE INTO files(model_key, path, size, sha256) VALUES (?,?,?,?)",
+                    [(key, p, s, h) for p, s, h in files])
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def open_file(self, ref: ModelRef, directory: Path, path: str, size: int, sha256: bytes,
+                  chunk_size: int, expected: tuple[bytes, ...] | None) -> PartialFile | None:
+        """The ``PartialFile`` of ``path``, or None if the file is already complete on disk.
+
+        ``expected``: trusted chunk hashes; claimed chunks that disagree are dropped.
+        """
+        key = str(ref)
+        final = directory / path
+        done = self._exec("SELECT complete FROM files WHERE model_key=? AND path=?", (key, path))
+        if done and done[0][0] and final.is_file() and final.stat().st_size == size:
+            return None
+        have = {idx: h for idx, h in self._exec(
+            "SELECT idx, hash FROM chunks WHERE model_key=? AND path=?", (key, path))}
+        if expected is not None:
+            bad = [i for i, h in have.items() if i >= len(expected) or expected[i] != h]
+            if bad:
+                self._forget_chunks(key, path, bad)
+                for i in bad:
+                    del have[i]
+        pf = PartialFile(self, key, final, size, sha256, chunk_size, have)
+        pf.rel = path
+        if done and done[0][0]:
+            # The index says complete but the file is gone or resized: fetch it again.
+            self._exec("UPDATE files SET complete=0 WHERE model_key=? AND path=?", (key, path))
+            self._forget_chunks(key, path, list(have))
+            pf.have.clear()
+        pf.open()
+        return pf
+
+    def complete(self, ref: ModelRef, manifest: Manifest) -> str:
+        """Mark ``ref`` complete and keep its manifest; return the manifest id."""
+        data = manifest.encode()
+        mid = manifest.id
+        target = self.root / "manifests" / f"{mid}.shoal"
+        tmp = target.with_suffix(".tmp")
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, target)
+        except OSError as e:
+            raise _disk_error(e, target) from e
+        self._exec("UPDATE models SET state='complete', manifest_id=?, updated=? WHERE key=?",
+                   (mid, time.time(), str(ref)))
+        return mid
+
+    def manifest(self, manifest_id: str) -> Manifest:
+        path = self.root / "manifests" / f"{manifest_id}.shoal"
+        return decode(path.read_bytes())
+
+    def chunk_hashes(self, ref: ModelRef, path: str) -> dict[int, bytes]:
+        return {i: h for i, h in self._exec(
+            "SELECT idx, hash FROM chunks WHERE model_key=? AND path=?", (str(ref), path))}
+
+    def chunk_sources(self, ref: ModelRef) -> dict[str, int]:
+        """Verified chunks of ``ref`` by the source that supplied them."""
+        return dict(self._exec("SELECT source, COUNT(*) FROM chunks WHERE model_key=? GROUP BY source",
+                               (str(ref),)))
+
+    def models(self) -> list[ModelInfo]:
+        out = []
+        rows = self._exec("SELECT key, model_id, revision, dir, total_size, state, manifest_id, chunk_size"
+                          " FROM models ORDER BY model_id, revision")
+        for key, model_id, revision, directory, total, state, mid, chunk_size in rows:
+            have = 0
+            for path, size, complete in self._exec(
+                    "SELECT path, size, complete FROM files WHERE model_key=?", (key,)):
+                if complete:
+                    have += size
+                else:
+                    n = self._exec("SELECT COUNT(*) FROM chunks WHERE model_key=? AND path=?", (key, path))[0][0]
+                    have += min(size, n * chunk_size)
+            out.append(ModelInfo(model_id, revision, Path(directory), total, have, state, mid))
+        return out
+
+    def find(self, ref: ModelRef) -> ModelInfo:
+        for info in self.models():
+            if info.model_id == ref.model_id and info.revision == ref.revision:
+                return info
+        raise NotFound(f"{ref} is not in the cache ({self.root}); `shoal ls` lists what is, "
+                       f"`shoal pull {ref}` fetches it")
+
+    def mark_damaged(self, ref: ModelRef, path: str, bad_chunks: list[int]) -> None:
+        """After ``verify`` found damage: turn the file back into a partial missing ``bad_chunks``."""
+        key = str(ref)
+        info = self.find(ref)
+        final = info.dir / path
+        if final.exists():
+            os.replace(final, final.with_name(final.name + PARTIAL_SUFFIX))
+        self._exec("UPDATE files SET complete=0 WHERE model_key=? AND path=?", (key, path))
+        self._forget_chunks(key, path, bad_chunks)
+        self._exec("UPDATE models SET state='pulling' WHERE key=?", (key,))
+
+    def record_file_chunks(self, ref: ModelRef, path: str, hashes: list[bytes], source: str) -> None:
+        """Claim every chunk of a complete, verified file (used when adopting or verifying)."""
+        key = str(ref)
+        with self._lock:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO chunks(model_key, path, idx, hash, source) VALUES (?,?,?,?,?)",
+                [(key, path, i, h, source) for i, h in enumerate(hashes)])
+
+    def remove(self, ref: ModelRef) -> ModelInfo:
+        info = self.find(ref)
+        key = str(ref)
+        for (path,) in self._exec("SELECT path FROM files WHERE model_key=?", (key,)):
+            for candidate in (info.dir / path, info.dir / (path + PARTIAL_SUFFIX)):
+                candidate.unlink(missing_ok=True)
+        for table, col in (("chunks", "model_key"), ("files", "model_key"), ("models", "key")):
+            self._exec(f"DELETE FROM {table} WHERE {col}=?", (key,))
+        # Remove now-empty directories up to the cache's models/ folder only.
+        d = info.dir
+        while d != self.root / "models" and d.is_dir() and self.root in d.parents and not any(d.iterdir()):
+            d.rmdir()
+            d = d.parent
+        return info
+
+    # ------------------------------------------------------- used by PartialFile
+
+    def _record_chunk(self, key: str, path: str, index: int, digest: bytes, source: str) -> None:
+        self._exec("INSERT OR REPLACE INTO chunks(model_key, path, idx, hash, source) VALUES (?,?,?,?,?)",
+                   (key, path, index, digest, source))
+
+    def _forget_chunks(self, key: str, path: str, indices: list[int]) -> None:
+        with self._lock:
+            self._db.executemany("DELETE FROM chunks WHERE model_key=? AND path=? AND idx=?",
+                                 [(key, path, i) for i in indices])
+
+    def _mark_file_complete(self, key: str, path: str) -> None:
+        self._exec("UPDATE files SET complete=1 WHERE model_key=? AND path=?", (key, path))
+
+
+def hash_file(path: Path, chunk_size: int) -> tuple[list[bytes], bytes]:
+    """BLAKE3 per chunk and SHA-256 of a whole file, in one read (blocking)."""
+    sha = hashlib.sha256()
+    chunks = []
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            data = f.read(chunk_size)
+            if not data:
+                break
+            chunks.append(blake3_hash(data))
+            sha.update(data)
+    return chunks, sha.digest()

@@ -1,0 +1,116 @@
+"""A threaded WSGI server on loopback, shared by the local OSS and hub servers.
+
+Resource handling: ``start()`` binds 127.0.0.1 on a free port (or the one given) and
+serves from a daemon thread; ``close()`` stops it and is safe to call twice.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from typing import Callable, Iterator
+
+from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
+
+from agent.testing.faults import Fault
+
+BLOCK = 1024 * 1024
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_request(self, *args, **kwargs):  # the request log lives in FaultPlan
+        pass
+
+    def log_error(self, *args, **kwargs):
+        pass
+
+
+class LoopbackServer:
+    def __init__(self, app: Callable, *, host: str = "127.0.0.1", port: int = 0):
+        if not host.startswith("127.") and host != "::1":
+            raise ValueError(f"test servers bind loopback only, not {host}")
+        self._server: BaseWSGIServer = make_server(
+            host, port, app, threaded=True, request_handler=_QuietHandler)
+        self._server.daemon_threads = True
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return self._server.server_port
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "LoopbackServer":
+        self._thread = threading.Thread(target=self._server.serve_forever,
+                                        kwargs={"poll_interval": 0.1}, daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._server.shutdown()
+            self._thread.join(timeout=10)
+            self._thread = None
+            self._server.server_close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """(start, end_inclusive) of a single ``bytes=`` range, or None for the whole body."""
+    if not header:
+        return None
+    m = re.fullmatch(r"bytes=(\d*)-(\d*)", header.strip())
+    if not m or (not m.group(1) and not m.group(2)):
+        return None
+    if m.group(1):
+        start = int(m.group(1))
+        end = int(m.group(2)) if m.group(2) else size - 1
+    else:
+        start, end = max(0, size - int(m.group(2))), size - 1
+    end = min(end, size - 1)
+    if start > end:
+        raise ValueError("unsatisfiable range")
+    return start, end
+
+
+def body_blocks(read_at: Callable[[int, int], bytes], start: int, end: int,
+                fault: Fault | None) -> Iterator[bytes]:
+    """Yield bytes [start, end] in blocks, applying a body fault (reset, corrupt, slow)."""
+    pos, total = start, end - start + 1
+    sent = 0
+    while pos <= end:
+        n = min(BLOCK, end - pos + 1)
+        data = read_at(pos, n)
+        if fault is not None:
+            if fault.kind == "corrupt" and sent == 0:
+                data = bytes([data[0] ^ 0xFF]) + data[1:]
+            elif fault.kind == "reset" and sent + n >= total // 2:
+                cut = max(0, total // 2 - sent)
+                yield data[:cut]
+                # Raising from the body makes werkzeug drop the connection mid-body,
+                # which is what a reset looks like to the client.
+                raise ConnectionResetError("fault: reset mid-body")
+            elif fault.kind == "slow" and fault.delay:
+                time.sleep(fault.delay)
+        yield data
+        pos += n
+        sent += n
+
+
+def pread_file(path: str) -> Callable[[int, int], bytes]:
+    def read_at(offset: int, length: int) -> bytes:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            return os.pread(fd, length, offset)
+        finally:
+            os.close(fd)
+    return read_at

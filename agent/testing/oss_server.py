@@ -1,0 +1,268 @@
+"""An OSS-compatible server on loopback: moto's S3 backend with OSS's differences bridged.
+
+What the bridge does, and why (seen with oss2 2.19 against moto 5.2):
+- every request goes to moto's S3 app, whatever the ``Authorization`` header says
+  (moto's own dispatcher guesses the service from it and fails on OSS signatures);
+  it is replaced by a fixed S3 one, since moto checks no signature anyway;
+- ``x-oss-meta-*``/``x-oss-copy-source`` request headers become ``x-amz-*`` and response
+  ``x-amz-meta-*`` become ``x-oss-meta-*``; every response gets ``x-oss-request-id``;
+- the S3 XML namespace is stripped (oss2 parses without one) and ``Contents/Type`` added;
+- oss2's empty ``continuation-token=`` query parameter is dropped;
+- multipart parts may be as small as 100 KiB (``S3_UPLOAD_PART_MIN_SIZE``);
+- object GETs are served straight from moto's stored buffer by range: moto itself copies
+  the whole object for every ranged GET, which would make a 1 GiB benchmark measure moto.
+Faults (see ``agent.testing.faults``) apply before any of that.
+
+Run standalone: ``python -m agent.testing.oss_server [--port 0]``; it prints
+``{"url": ...}`` once listening. Control endpoints as in ``hub_server``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import threading
+import uuid
+from dataclasses import asdict
+from email.utils import formatdate
+from urllib.parse import unquote
+
+os.environ.setdefault("S3_UPLOAD_PART_MIN_SIZE", str(100 * 1024))
+os.environ.setdefault("MOTO_S3_DEFAULT_KEY_BUFFER_SIZE", str(8 * 1024 * 1024))
+
+from moto.core import DEFAULT_ACCOUNT_ID  # noqa: E402
+from moto.moto_server.werkzeug_app import create_backend_app  # noqa: E402
+from moto.s3.models import s3_backends  # noqa: E402
+
+from agent.testing.faults import Fault, FaultPlan, LoggedRequest  # noqa: E402
+from agent.testing.http import LoopbackServer, body_blocks, parse_range  # noqa: E402
+
+CONTROL = "/__shoal__/"
+_FAKE_S3_AUTH = ("AWS4-HMAC-SHA256 Credential=shoal/20260101/us-east-1/s3/aws4_request, "
+                 "SignedHeaders=host, Signature=0")
+_NS = re.compile(rb'\s+xmlns="http://s3\.amazonaws\.com/doc/2006-03-01/?"')
+
+_app_lock = threading.Lock()
+_s3_app = None
+
+
+def _moto_s3_app():
+    global _s3_app
+    with _app_lock:
+        if _s3_app is None:
+            _s3_app = create_backend_app("s3")
+        return _s3_app
+
+
+def _backend():
+    return s3_backends[DEFAULT_ACCOUNT_ID]["aws"]
+
+
+def _oss_error(status: int, code: str, message: str) -> bytes:
+    return (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
+            f"<Message>{message}</Message><RequestId>{uuid.uuid4().hex}</RequestId>"
+            f"<HostId>127.0.0.1</HostId></Error>").encode()
+
+
+class OssServer:
+    """See module docstring. Buckets live in moto's process-wide backend."""
+
+    def __init__(self, *, port: int = 0):
+        self.faults = FaultPlan()
+        self._server = LoopbackServer(self, port=port)
+
+    @property
+    def url(self) -> str:
+        return self._server.url
+
+    def start(self) -> "OssServer":
+        self._server.start()
+        return self
+
+    def close(self) -> None:
+        self._server.close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def create_bucket(self, name: str) -> None:
+        _backend().create_bucket(name, "us-east-1")
+
+    # -------------------------------------------------------------------- wsgi
+
+    def __call__(self, environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        method = environ["REQUEST_METHOD"]
+        rng = environ.get("HTTP_RANGE")
+        if path.startswith(CONTROL):
+            return self._control(environ, start_response, path[len(CONTROL):], method)
+        target = path + ("?" + environ["QUERY_STRING"] if environ.get("QUERY_STRING") else "")
+        is_data = method == "GET" and self._object(path) is not None
+        fault = self.faults.take(target, data_request=is_data)
+        status_holder = {}
+        request_id = uuid.uuid4().hex.upper()[:24]
+
+        def respond(status_line, headers, exc_info=None):
+            status_holder["status"] = int(status_line.split()[0])
+            out = []
+            for name, value in headers:
+                lower = name.lower()
+                if lower.startswith("x-amz-meta-"):
+                    name = "x-oss-meta-" + name[len("x-amz-meta-"):]
+                elif lower in ("x-amz-request-id", "x-amz-id-2"):
+                    continue
+                out.append((name, value))
+            out.append(("x-oss-request-id", request_id))
+            return start_response(status_line, out, exc_info)
+
+        try:
+            if fault and fault.kind == "slow" and not is_data:
+                import time
+                time.sleep(fault.delay)
+            if fault and fault.kind == "status":
+                body = _oss_error(fault.status, fault.code or "InternalError", "fault injected")
+                respond(f"{fault.status} Fault", [("Content-Type", "application/xml"),
+                                                  ("Content-Length", str(len(body)))])
+                return [body]
+            if is_data:
+                return self._get_object(environ, respond, fault)
+            return self._to_moto(environ, respond)
+        finally:
+            self.faults.record(LoggedRequest(method, target, rng, status_holder.get("status", 0),
+                                             fault.kind if fault else None))
+
+    @staticmethod
+    def _object(path: str):
+        parts = path.lstrip("/").split("/", 1)
+        if len(parts) != 2 or not parts[1]:
+            return None
+        bucket = _backend().buckets.get(unquote(parts[0]))
+        if bucket is None:
+            return None
+        return bucket.keys.get(unquote(parts[1]))
+
+    def _get_object(self, environ, respond, fault: Fault | None):
+        key = self._object(environ["PATH_INFO"])
+        size = key.size
+        rng = None if fault and fault.kind == "ignore_range" else environ.get("HTTP_RANGE")
+        try:
+            span = parse_range(rng, size) if size else None
+        except ValueError:
+            body = _oss_error(416, "InvalidRange", "The requested range is not satisfiable")
+            respond("416 Range Not Satisfiable", [("Content-Type", "application/xml"),
+                                                  ("Content-Length", str(len(body)))])
+            return [body]
+        start, end = span if span else (0, size - 1)
+        headers = [("Content-Type", key.metadata.get("Content-Type") or "application/octet-stream"),
+                   ("Accept-Ranges", "bytes"), ("ETag", f'"{key.etag.strip(chr(34))}"'),
+                   ("Last-Modified", formatdate(key.last_modified.timestamp(), usegmt=True)),
+                   ("x-oss-object-type", "Normal"),
+                   ("Content-Length", str(end - start + 1 if size else 0))]
+        headers += [(f"x-oss-meta-{k[len('x-amz-meta-'):]}", v) for k, v in key.metadata.items()
+                    if k.lower().startswith("x-amz-meta-")]
+        if span:
+            headers.append(("Content-Range", f"bytes {start}-{end}/{size}"))
+        respond("206 Partial Content" if span else "200 OK", headers)
+        if not size:
+            return [b""]
+
+        def read_at(offset: int, length: int) -> bytes:
+            with key.lock:
+                key._value_buffer.seek(offset)
+                return key._value_buffer.read(length)
+        return body_blocks(read_at, start, end, fault)
+
+    def _to_moto(self, environ, respond):
+        env = dict(environ)
+        # moto treats a request without credentials as anonymous (403 on private objects)
+        # and cannot parse OSS signatures: give it a fixed S3 one; it checks none.
+        env["HTTP_AUTHORIZATION"] = _FAKE_S3_AUTH
+        for name in list(env):
+            if name.startswith("HTTP_X_OSS_META_"):
+                env["HTTP_X_AMZ_META_" + name[len("HTTP_X_OSS_META_"):]] = env.pop(name)
+            elif name == "HTTP_X_OSS_COPY_SOURCE":
+                env["HTTP_X_AMZ_COPY_SOURCE"] = env.pop(name)
+        qs = env.get("QUERY_STRING", "")
+        if qs:
+            env["QUERY_STRING"] = "&".join(p for p in qs.split("&") if p != "continuation-token=")
+        captured = {}
+
+        def capture(status_line, headers, exc_info=None):
+            captured["status"], captured["headers"] = status_line, headers
+            return lambda data: None
+
+        chunks = _moto_s3_app()(env, capture)
+        try:
+            body = b"".join(chunks)
+        finally:
+            if hasattr(chunks, "close"):
+                chunks.close()
+        headers = captured["headers"]
+        ctype = next((v for k, v in headers if k.lower() == "content-type"), "")
+        if body.lstrip().startswith(b"<?xml") or "xml" in ctype:
+            body = _NS.sub(b"", body)
+            body = re.sub(rb"(?<!</Type>)(\s*)</Contents>", rb"<Type>Normal</Type>\1</Contents>", body)
+        if environ["REQUEST_METHOD"] == "HEAD":
+            length = next((v for k, v in headers if k.lower() == "content-length"), None)
+            headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
+            if length is not None:
+                headers.append(("Content-Length", length))
+            respond(captured["status"], headers)
+            return [b""]
+        headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
+        headers.append(("Content-Length", str(len(body))))
+        respond(captured["status"], headers)
+        return [body]
+
+    def _control(self, environ, respond, what, method):
+        def reply(status, payload):
+            body = json.dumps(payload).encode()
+            respond(f"{status} OK", [("Content-Type", "application/json"),
+                                     ("Content-Length", str(len(body)))])
+            return [body]
+        if what == "faults" and method == "POST":
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+            if length > 1 << 20:
+                return reply(413, {"error": "fault list too large"})
+            rules = json.loads(environ["wsgi.input"].read(length) or b"[]")
+            for rule in rules:
+                self.faults.add(Fault(**rule))
+            return reply(200, {"added": len(rules)})
+        if what == "faults" and method == "DELETE":
+            self.faults.clear()
+            return reply(200, {"cleared": True})
+        if what == "log":
+            return reply(200, [asdict(e) for e in self.faults.log()])
+        if what.startswith("bucket/") and method == "PUT":
+            self.create_bucket(what[len("bucket/"):])
+            return reply(200, {"created": what[len("bucket/"):]})
+        return reply(404, {"error": f"no control endpoint {what}"})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--bucket", action="append", default=[])
+    args = parser.parse_args(argv)
+    server = OssServer(port=args.port)
+    for bucket in args.bucket:
+        server.create_bucket(bucket)
+    server.start()
+    print(json.dumps({"url": server.url}), flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""``shoal verify``: re-hash a cached model and report (and un-claim) any damage.
+
+Every chunk is re-hashed with BLAKE3 against the model's manifest and every file with
+SHA-256 against the origin's. A damaged file goes back to ``.partial`` with its bad
+chunks dropped from the index, so the next ``shoal pull`` fetches only those chunks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+
+from agent.config import Settings
+from agent.errors import NotFound
+from agent.manifest import ModelRef, chunk_span
+from agent.progress import human_bytes
+from agent.store import HASH_BLOCK, Store, blake3_hash
+
+
+@dataclass
+class VerifyReport:
+    ref: ModelRef
+    files: int = 0
+    bytes: int = 0
+    damaged: dict[str, str] = field(default_factory=dict)  # path -> what is wrong
+
+    def lines(self) -> list[str]:
+        out = [f"{self.ref}: checked {self.files} files, {human_bytes(self.bytes)}"]
+        out += [f"  DAMAGED {path}: {why}" for path, why in sorted(self.damaged.items())]
+        out.append("  all files match their manifest and SHA-256" if not self.damaged else
+                   f"  {len(self.damaged)} damaged file(s)")
+        return out
+
+
+def verify_model(ref: ModelRef, settings: Settings) -> VerifyReport:
+    store = Store(settings.cache_dir)
+    try:
+        info = store.find(ref)
+        if not info.manifest_id:
+            raise NotFound(f"{ref} is not complete yet ({human_bytes(info.have_bytes)} of "
+                           f"{human_bytes(info.total_size)}); run `shoal pull {ref}` to finish it first")
+        store.lock(ref)
+        manifest = store.manifest(info.manifest_id)
+        report = VerifyReport(ref)
+        for entry in manifest.files:
+            path = info.dir / entry.path
+            report.files += 1
+            if not path.is_file():
+                report.damaged[entry.path] = "missing"
+                store.mark_damaged(ref, entry.path, list(range(len(entry.chunks))))
+                continue
+            if path.stat().st_size != entry.size:
+                report.damaged[entry.path] = f"size {path.stat().st_size}, expected {entry.size}"
+                store.mark_damaged(ref, entry.path, list(range(len(entry.chunks))))
+                continue
+            bad, sha = [], hashlib.sha256()
+            with open(path, "rb", buffering=0) as f:
+                fd = f.fileno()
+                for index, expected in enumerate(entry.chunks):
+                    offset, length = chunk_span(entry.size, manifest.chunk_size, index)
+                    data = os.pread(fd, length, offset)
+                    for start in range(0, len(data), HASH_BLOCK):
+                        sha.update(data[start:start + HASH_BLOCK])
+                    if blake3_hash(data) != expected:
+                        bad.append(index)
+            report.bytes += entry.size
+            if bad or sha.digest() != entry.sha256:
+                what = f"{len(bad)} bad chunk(s) {bad[:8]}" if bad else "SHA-256 mismatch"
+                report.damaged[entry.path] = what
+                store.mark_damaged(ref, entry.path, bad or list(range(len(entry.chunks))))
+        return report
+    finally:
+        store.close()
