@@ -24,7 +24,7 @@ from typing import Callable
 import trio
 
 from agent.config import Settings
-from agent.errors import (DiskFull, IntegrityError, ManifestError, NotFound, ShoalError,
+from agent.errors import (CredentialsRejected, DiskFull, IntegrityError, ManifestError, NotFound, ShoalError,
                           SourceUnavailable, UsageError)
 from agent.manifest import (PARTIAL_SUFFIX, FileEntry, Manifest, ModelRef, build_manifest, chunk_count,
                             chunk_span, decode, default_chunk_size)
@@ -90,6 +90,7 @@ async def resolve(ref: ModelRef, sources: list[ChunkSource], emit: Callable[[Eve
                   chunk_size: int | None = None) -> Plan:
     """Find out what ``ref`` is made of (see module docstring, step 1)."""
     problems: list[str] = []
+    refused: list[CredentialsRejected] = []
     not_found: list[str] = []
     for source in sources:
         get_manifest = getattr(source, "get_manifest", None)
@@ -109,6 +110,8 @@ async def resolve(ref: ModelRef, sources: list[ChunkSource], emit: Callable[[Eve
                         trusted=True, origin=f"{source.label} manifest")
         except (SourceUnavailable, ManifestError) as e:
             problems.append(f"{source.label}: {e}")
+            if isinstance(e, CredentialsRejected):
+                refused.append(e)
             emit(SourceTrouble(source.name, f"{e}; trying the next source"))
     for source in sources:
         list_files = getattr(source, "list_files", None)
@@ -121,9 +124,13 @@ async def resolve(ref: ModelRef, sources: list[ChunkSource], emit: Callable[[Eve
             continue
         except SourceUnavailable as e:
             problems.append(f"{source.label}: {e}")
+            if isinstance(e, CredentialsRejected):
+                refused.append(e)
             continue
         return Plan(ref, chunk_size or default_chunk_size(listing.total_size), tuple((f.path, f.size, f.sha256, None) for f in listing.files),
                     trusted=False, origin=f"{source.label} listing")
+    if refused and len(refused) == len(problems) and not not_found:
+        raise CredentialsRejected("; ".join(str(e) for e in refused))
     if problems:
         raise SourceUnavailable(f"no reachable source could say what {ref} is: " + "; ".join(problems)
                                 + (("; " + "; ".join(not_found)) if not_found else ""))

@@ -448,16 +448,20 @@ class Store:
     def remove(self, ref: ModelRef) -> ModelInfo:
         info = self.find(ref)
         key = str(ref)
+        dirs: set[Path] = set()
         for (path,) in self._exec("SELECT path FROM files WHERE model_key=?", (key,)):
             for candidate in (info.dir / path, info.dir / (path + PARTIAL_SUFFIX)):
                 candidate.unlink(missing_ok=True)
+            dirs.update(p for p in (info.dir / path).parents if p == info.dir or info.dir in p.parents)
         for table, col in (("chunks", "model_key"), ("files", "model_key"), ("models", "key")):
             self._exec(f"DELETE FROM {table} WHERE {col}=?", (key,))
-        # Remove now-empty directories up to the cache's models/ folder only.
-        d = info.dir
-        while d != self.root / "models" and d.is_dir() and self.root in d.parents and not any(d.iterdir()):
-            d.rmdir()
-            d = d.parent
+        # Remove the folders that are now empty: the model's own, then the cache's
+        # owner/name/ folders above it; never anything that still holds a file.
+        models = self.root / "models"
+        dirs.update(p for p in info.dir.parents if models in p.parents)
+        for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
+            if d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
         return info
 
     # ------------------------------------------------------- used by PartialFile

@@ -1,0 +1,126 @@
+"""Shared fixtures. Rules for every networked test here: loopback and port 0 only (the
+guard below enforces it, in this process and in every subprocess), and a timeout on
+every test (pytest-timeout, see pyproject)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from agent.testing.guard import install
+
+install()
+
+from agent.testing.hub_server import HubServer  # noqa: E402
+from agent.testing.models import make_model  # noqa: E402
+from agent.testing.oss_server import OssServer  # noqa: E402
+
+TESTS = Path(__file__).parent
+REPO = TESTS.parent
+MODEL_ID = "lab/tiny-model"
+CHUNK = 64 * 1024  # small chunks so a 2 MB model has dozens
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    """A generated model: ~2.1 MB in 6 files, 2 weight shards of 34 and 34 chunks."""
+    return make_model(tmp_path_factory.mktemp("origin") / "tiny", weights_bytes=2 * 1024 * 1024 + 12345,
+                      shards=2, seed="tests")
+
+
+@pytest.fixture
+def hub(model_dir):
+    with HubServer() as server:
+        server.add_model(MODEL_ID, model_dir)
+        yield server
+
+
+@pytest.fixture(scope="session")
+def _oss_server():
+    with OssServer() as server:
+        yield server
+
+
+@pytest.fixture
+def oss(_oss_server):
+    """The session's OSS server with a fresh bucket (``oss.bucket``) and no faults."""
+    _oss_server.faults.clear()
+    _oss_server.faults.clear_log()
+    _oss_server.bucket = f"lab-{uuid.uuid4().hex[:12]}"
+    _oss_server.create_bucket(_oss_server.bucket)
+    yield _oss_server
+    _oss_server.faults.clear()
+
+
+@pytest.fixture
+def env(tmp_path, hub, oss) -> dict[str, str]:
+    """Environment for a ``shoal`` run against the local servers."""
+    return {
+        "SHOAL_CONFIG": str(tmp_path / "no-config.toml"),
+        "SHOAL_CACHE_DIR": str(tmp_path / "cache"),
+        "OSS_ENDPOINT": oss.url,
+        "SHOAL_OSS_BUCKET": oss.bucket,
+        "OSS_ACCESS_KEY_ID": "test-key-id",
+        "OSS_ACCESS_KEY_SECRET": "test-key-secret",
+        "MODELSCOPE_ENDPOINT": hub.url,
+        "MODELSCOPE_CACHE": str(tmp_path / "ms-cache"),
+        "MODELSCOPE_HOME": str(tmp_path / "ms-home"),
+        "MODELSCOPE_LOG_LEVEL": "40",
+        "MODELSCOPE_DOWNLOAD_INTRA_CLOUD": "false",
+        "SHOAL_CHUNK_SIZE": str(CHUNK),
+        "SHOAL_CHUNK_TIMEOUT": "3",
+        "SHOAL_CONNECT_TIMEOUT": "2",
+        "SHOAL_RETRIES": "2",
+        "SHOAL_CONCURRENCY": "4",
+    }
+
+
+def run_shoal(args: list[str], env: dict[str, str], *, timeout: float = 120,
+              check: bool = False) -> subprocess.CompletedProcess:
+    """Run the real ``shoal`` command in a subprocess (loopback guard installed there too)."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("OSS_", "SHOAL_", "MODELSCOPE_"))}
+    full_env.update(env)
+    full_env["PYTHONPATH"] = os.pathsep.join([str(TESTS / "loopback_guard"), str(REPO)])
+    proc = subprocess.run([sys.executable, "-m", "agent.cli", *args], env=full_env, capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"shoal {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def popen_shoal(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("OSS_", "SHOAL_", "MODELSCOPE_"))}
+    full_env.update(env)
+    full_env["PYTHONPATH"] = os.pathsep.join([str(TESTS / "loopback_guard"), str(REPO)])
+    return subprocess.Popen([sys.executable, "-m", "agent.cli", *args], env=full_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+
+
+def mirror(env: dict[str, str], model_dir: Path, *, only: set[str] | None = None) -> None:
+    """Push ``model_dir`` (or some of its files, manifest still complete) to the env's bucket."""
+    from agent.config import load_settings
+    from agent.manifest import Manifest, ModelRef
+    from agent.mirror import manifest_from_dir, push_directory
+    settings = load_settings(env=env)
+    ref = ModelRef(MODEL_ID, "master")
+    manifest = manifest_from_dir(ref, model_dir, CHUNK)
+    if only is None:
+        push_directory(ref, model_dir, settings, manifest)
+        return
+    # Upload just some files, then the whole manifest: a mirror that lacks files.
+    part = Manifest(manifest.model_id, manifest.revision, manifest.chunk_size,
+                    tuple(e for e in manifest.files if e.path in only))
+    push_directory(ref, model_dir, settings, part)
+    from agent.sources.oss import make_bucket, manifest_key
+    make_bucket(settings).put_object(manifest_key(settings.oss_prefix, ref), manifest.encode())
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    import hashlib
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}

@@ -1,0 +1,5 @@
+"""Loaded by every Python subprocess the tests start (via PYTHONPATH): loopback only."""
+
+from agent.testing.guard import install
+
+install()
