@@ -118,14 +118,19 @@ class PartialFile:
         self._sha = hashlib.sha256()
         self._sha_next = 0  # first chunk index not yet in _sha
         self._fd: int | None = None
+        self._reserved = False
 
     # -- opening
 
     def open(self) -> None:
-        """Create (preallocated) or reopen the ``.partial`` file; re-verify claimed chunks."""
-        self.partial_path.parent.mkdir(parents=True, exist_ok=True)
+        """Create (sparse) or reopen the ``.partial`` file; re-verify claimed chunks.
+
+        Space is reserved when the first chunk is written, so a full disk shows up on
+        the file that does not fit, and files already finished are unaffected.
+        """
         existed = self.partial_path.exists()
         try:
+            self.partial_path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.partial_path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             raise _disk_error(e, self.partial_path) from e
@@ -133,13 +138,6 @@ class PartialFile:
         try:
             if os.fstat(fd).st_size != self.size:
                 os.ftruncate(fd, self.size)
-            if self.size:
-                try:
-                    os.posix_fallocate(fd, 0, self.size)
-                except OSError as e:
-                    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                        raise
-                    # EOPNOTSUPP/EINVAL: the filesystem cannot preallocate; sparse is fine.
         except OSError as e:
             self.close()
             raise _disk_error(e, self.partial_path) from e
@@ -175,6 +173,7 @@ class PartialFile:
         if len(data) != length:
             raise ValueError(f"chunk {index} of {self.rel} is {length} bytes, got {len(data)}")
         view = memoryview(data)
+        self._reserve()
         try:
             written = 0
             while written < length:
@@ -186,6 +185,18 @@ class PartialFile:
         with self._lock:
             self.have[index] = digest
         self._advance_sha()
+
+    def _reserve(self) -> None:
+        with self._lock:
+            if self._reserved:
+                return
+            try:
+                os.posix_fallocate(self._fd, 0, self.size)
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise _disk_error(e, self.partial_path) from e
+                # EOPNOTSUPP/EINVAL: this filesystem cannot preallocate; sparse it is.
+            self._reserved = True
 
     def forget(self, indices: list[int]) -> None:
         with self._lock:

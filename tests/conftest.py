@@ -28,7 +28,7 @@ CHUNK = 64 * 1024  # small chunks so a 2 MB model has dozens
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory) -> Path:
-    """A generated model: ~2.1 MB in 6 files, 2 weight shards of 34 and 34 chunks."""
+    """A generated model: ~2.1 MB in 5 files; the 2 weight shards are 17 chunks each."""
     return make_model(tmp_path_factory.mktemp("origin") / "tiny", weights_bytes=2 * 1024 * 1024 + 12345,
                       shards=2, seed="tests")
 

@@ -134,6 +134,7 @@ def test_kill_9_halfway_then_pull_again_refetches_only_what_was_in_flight(env, h
     total_chunks = sum(-(-p.stat().st_size // CHUNK) for p in model_dir.rglob("*") if p.is_file())
     refetched = len(first) + len(second) - total_chunks
     # What was requested but not verified when the kill came: at most the chunks in flight.
+    print(f"killed after {len(first)} requests; resumed with {len(second)}; re-fetched {refetched}")
     assert 0 <= refetched <= 2, f"re-fetched {refetched} chunks"
     assert done["chunks_fetched"] == len(second)
     assert tree_digest(model_path(env)) == tree_digest(model_dir)
