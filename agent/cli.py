@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import trio
 
 from agent.config import ENV_NAMES, Settings, load_settings
-from agent.errors import IntegrityError, ShoalError
+from agent.errors import IntegrityError, ShoalError, Terminated, single_error
 from agent.manifest import ModelRef
 from agent.progress import SOURCE_LABELS, Progress, human_bytes, human_time
 
@@ -138,11 +139,33 @@ def cmd_pull(args) -> int:
     ref = ModelRef.parse(args.model)
     reporter = PullReporter(ref, json_mode=args.json)
 
-    async def main():
-        return await pull(ref, settings, to=Path(args.to) if args.to else None, emit=reporter.event)
-    result = trio.run(main)
+    result = run_until_signal(lambda: pull(ref, settings, to=Path(args.to) if args.to else None,
+                                           emit=reporter.event))
     reporter.finish(result)
     return 0
+
+
+def run_until_signal(async_fn):
+    """``trio.run(async_fn)``, where SIGTERM cancels the work as Ctrl-C does: chunks being
+    written finish (worker threads are not abandoned), verified chunks are kept."""
+    async def main():
+        outcome = {}
+        with trio.open_signal_receiver(signal.SIGTERM) as signals:
+            try:
+                async with trio.open_nursery() as nursery:
+                    async def stop_on_signal():
+                        async for _ in signals:
+                            nursery.cancel_scope.cancel()
+                            return
+                    nursery.start_soon(stop_on_signal)
+                    outcome["value"] = await async_fn()
+                    nursery.cancel_scope.cancel()
+            except BaseExceptionGroup as group:
+                raise single_error(group) from None
+        if "value" not in outcome:
+            raise Terminated("terminated by SIGTERM; verified chunks are kept, run the same command to resume")
+        return outcome["value"]
+    return trio.run(main)
 
 
 def cmd_ls(args) -> int:
@@ -211,7 +234,7 @@ def cmd_mirror_push(args) -> int:
         from agent.store import Store
         origin = dataclasses.replace(settings, oss_bucket=None, use_modelscope=True)
         reporter = PullReporter(ref, json_mode=False)
-        result = trio.run(lambda: pull(ref, origin, emit=reporter.event))
+        result = run_until_signal(lambda: pull(ref, origin, emit=reporter.event))
         reporter.finish(result)
         store = Store(settings.cache_dir)
         try:
@@ -288,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ShoalError as e:
         print(f"\nshoal: {e.title}: {e}", file=sys.stderr)
+        if getattr(args, "json", False):
+            print(json.dumps({"event": "error", "exit_code": e.exit_code, "title": e.title,
+                              "message": str(e)}), flush=True)
         return e.exit_code
     except KeyboardInterrupt:
         print("\nshoal: interrupted; verified chunks are kept, run the same command to resume",

@@ -85,10 +85,16 @@ def run_demo(*, size_mb: int = 256, workdir: Path | None = None, keep: bool = Fa
             reporter.finish(result)
             hub_chunks = len(hub.faults.data_requests())
             oss_chunks = len(oss.faults.data_requests())
+            oss_errors = sum(1 for e in oss.faults.log() if e.fault == "status")
+            oss_corrupt = sum(1 for e in oss.faults.log() if e.fault == "corrupt")
         say("")
-        say(f"The model is in {result.directory} ({human_bytes(result.total_size)}, "
-            f"{time.monotonic() - started:.1f} s). Ranged GETs served: OSS {oss_chunks}, ModelScope {hub_chunks}.")
-        say("The missing shard and the corrupt chunk came from ModelScope; nothing unverified was written.")
+        say(f"Pulled {human_bytes(result.total_size)} in {time.monotonic() - started:.1f} s with "
+            f"{oss_chunks} ranged GETs to the OSS mirror and {hub_chunks} to ModelScope.")
+        say(f"The mirror answered {oss_errors} requests with HTTP 500 (retried) and sent {oss_corrupt} corrupt "
+            f"chunk (caught by BLAKE3, fetched from ModelScope, never written);")
+        say(f"{last}, missing from the mirror, came from ModelScope.")
+        say(f"Files: {result.directory}" + ("" if keep or workdir else "  (a temp folder, removed now; "
+                                                                          "--keep keeps it)"))
         return 0
     finally:
         if not keep and workdir is None:

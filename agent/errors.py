@@ -78,8 +78,36 @@ class DiskFull(ShoalError):
     title = "Disk full"
 
 
+class Terminated(ShoalError):
+    """The process was asked to stop (SIGTERM); in-flight chunks were finished or dropped."""
+
+    exit_code = 143
+    title = "Terminated"
+
+
 class StoreLocked(ShoalError):
     """Another shoal process holds the pull of this model right now."""
 
     exit_code = 8
     title = "Store busy"
+
+
+def single_error(group: BaseExceptionGroup) -> BaseException:
+    """Public APIs raise one error, not a group: the first ShoalError, else the first leaf
+    that is not a cancellation."""
+    leaves: list[BaseException] = []
+
+    def walk(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for sub in e.exceptions:
+                walk(sub)
+        else:
+            leaves.append(e)
+    walk(group)
+    for leaf in leaves:
+        if isinstance(leaf, ShoalError):
+            return leaf
+    for leaf in leaves:
+        if type(leaf).__name__ != "Cancelled":
+            return leaf
+    return leaves[0]

@@ -25,7 +25,7 @@ import trio
 
 from agent.config import Settings
 from agent.errors import (CredentialsRejected, IntegrityError, NotFound, ShoalError,
-                          SourceUnavailable)
+                          SourceUnavailable, single_error)
 from agent.manifest import ModelRef, chunk_span
 from agent.sources import ChunkRequest, ChunkSource
 from agent.store import PartialFile, blake3_hash
@@ -158,7 +158,7 @@ class Scheduler:
                     for job in jobs:
                         await send.send(job)
         except BaseExceptionGroup as group:
-            raise _first_error(group) from None
+            raise single_error(group) from None
         return outcome
 
     async def _worker(self, jobs, buffer: bytearray, nursery, outcome: Outcome) -> None:
@@ -240,23 +240,3 @@ class Scheduler:
                 return
         await trio.to_thread.run_sync(pf.finish)
         self.emit(FileDone(pf.rel, pf.size))
-
-
-def _first_error(group: BaseExceptionGroup) -> BaseException:
-    """Public APIs raise one error, not a group: the first ShoalError, else the first leaf."""
-    leaves: list[BaseException] = []
-
-    def walk(e: BaseException) -> None:
-        if isinstance(e, BaseExceptionGroup):
-            for sub in e.exceptions:
-                walk(sub)
-        else:
-            leaves.append(e)
-    walk(group)
-    for leaf in leaves:
-        if isinstance(leaf, ShoalError):
-            return leaf
-    for leaf in leaves:
-        if not isinstance(leaf, trio.Cancelled):
-            return leaf
-    return leaves[0]

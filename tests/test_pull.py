@@ -243,3 +243,72 @@ def test_bad_settings_exit_2_with_the_variable_named(env):
     del env["OSS_ACCESS_KEY_SECRET"]
     proc = run_shoal(["pull", MODEL_ID], env)
     assert proc.returncode == 2 and "OSS_ACCESS_KEY_SECRET" in proc.stderr
+
+
+def test_sigterm_finishes_in_flight_chunks_and_the_next_pull_refetches_nothing_verified(env, hub, oss, model_dir):
+    mirror(env, model_dir)
+    env["SHOAL_CONCURRENCY"] = "2"
+    oss.faults.add(Fault("slow", match="files/", delay=0.05))
+    proc = popen_shoal(["pull", MODEL_ID, "--json"], env)
+    deadline = time.monotonic() + 60
+    while len(oss.faults.data_requests()) < 12 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143, err
+    assert "terminated by SIGTERM" in err
+    assert json.loads(out.splitlines()[-1])["event"] == "error"
+    first = len(oss.faults.data_requests())
+    oss.faults.clear()
+    oss.faults.clear_log()
+    done = events(run_shoal(["pull", MODEL_ID, "--json"], env, check=True))[-1]
+    total_chunks = sum(-(-p.stat().st_size // CHUNK) for p in model_dir.rglob("*") if p.is_file())
+    # Every chunk requested before SIGTERM was finished and kept: none is fetched twice.
+    assert first + done["chunks_fetched"] == total_chunks
+    assert tree_digest(model_path(env)) == tree_digest(model_dir)
+
+
+def test_a_mirror_without_the_model_leaves_everything_to_modelscope(env, hub, oss, model_dir):
+    proc = run_shoal(["pull", MODEL_ID, "--json"], env, check=True)
+    plan, done = events(proc)[0], events(proc)[-1]
+    assert plan["plan"] == "ModelScope listing"
+    assert set(done["fetched_by_source"]) == {"modelscope"}
+    # Once the mirror said 404 for a file it is not asked again for that file: only the
+    # chunks already in flight (concurrency 4) can meet a 404, not all 37.
+    misses = [e for e in oss.faults.log() if e.status == 404 and "/files/" in e.path]
+    assert len(misses) <= 5 * 4 and len({m.path.split("/files/")[1] for m in misses}) == 5
+    assert tree_digest(model_path(env)) == tree_digest(model_dir)
+
+
+def test_a_file_that_fails_the_origin_sha256_is_fetched_again_elsewhere(env, hub, oss, model_dir, tmp_path):
+    # The mirror holds the files but no manifest (a push cut short), and one file is wrong.
+    import oss2
+    from agent.sources.oss import file_key
+    from agent.manifest import ModelRef
+    bucket = oss2.Bucket(oss2.Auth("k", "s"), oss.url, oss.bucket)
+    bad = shard(model_dir, 1)
+    for p in model_dir.rglob("*"):
+        if p.is_file():
+            data = p.read_bytes()
+            if p.name == bad:
+                data = data[:1000] + b"X" + data[1001:]
+            bucket.put_object(file_key("", ModelRef(MODEL_ID), p.relative_to(model_dir).as_posix()), data)
+    proc = run_shoal(["pull", MODEL_ID, "--json"], env, check=True)
+    troubles = [e["message"] for e in events(proc) if e["event"] == "trouble"]
+    assert any(bad in t and "does not match the SHA-256" in t for t in troubles)
+    assert {r.path.split("FilePath=")[1] for r in hub.faults.data_requests()} == {bad}
+    assert tree_digest(model_path(env)) == tree_digest(model_dir)
+
+
+def test_an_origin_that_serves_wrong_bytes_everywhere_is_an_integrity_error(env, hub, oss, model_dir):
+    del env["SHOAL_OSS_BUCKET"]
+    bad = shard(model_dir, 0)
+    hub.faults.add(Fault("corrupt", match=bad))
+    proc = run_shoal(["pull", MODEL_ID, "--json"], env)
+    assert proc.returncode == 5, proc.stderr
+    assert "does not match the SHA-256 the origin listed, from every source" in proc.stderr
+    error = events(proc)[-1]
+    assert error["event"] == "error" and error["exit_code"] == 5
+    assert not (model_path(env) / bad).exists()
+    # The other files are complete and kept.
+    assert (model_path(env) / "config.json").read_bytes() == (model_dir / "config.json").read_bytes()
