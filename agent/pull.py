@@ -263,4 +263,3 @@ def plan_manifest(plan: Plan, store: Store) -> Manifest:
     return build_manifest(plan.ref.model_id, plan.ref.revision, plan.chunk_size, files)
 
 
-__all__ = ["Plan", "PlanReady", "PullResult", "FileDone", "make_sources", "pull", "resolve"]

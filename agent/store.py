@@ -409,11 +409,6 @@ class Store:
         return {i: h for i, h in self._exec(
             "SELECT idx, hash FROM chunks WHERE model_key=? AND path=?", (str(ref), path))}
 
-    def chunk_sources(self, ref: ModelRef) -> dict[str, int]:
-        """Verified chunks of ``ref`` by the source that supplied them."""
-        return dict(self._exec("SELECT source, COUNT(*) FROM chunks WHERE model_key=? GROUP BY source",
-                               (str(ref),)))
-
     def models(self) -> list[ModelInfo]:
         out = []
         rows = self._exec("SELECT key, model_id, revision, dir, total_size, state, manifest_id, chunk_size"
@@ -447,14 +442,6 @@ class Store:
         self._exec("UPDATE files SET complete=0 WHERE model_key=? AND path=?", (key, path))
         self._forget_chunks(key, path, bad_chunks)
         self._exec("UPDATE models SET state='pulling' WHERE key=?", (key,))
-
-    def record_file_chunks(self, ref: ModelRef, path: str, hashes: list[bytes], source: str) -> None:
-        """Claim every chunk of a complete, verified file (used when adopting or verifying)."""
-        key = str(ref)
-        with self._lock:
-            self._db.executemany(
-                "INSERT OR REPLACE INTO chunks(model_key, path, idx, hash, source) VALUES (?,?,?,?,?)",
-                [(key, path, i, h, source) for i, h in enumerate(hashes)])
 
     def remove(self, ref: ModelRef) -> ModelInfo:
         info = self.find(ref)
