@@ -41,35 +41,36 @@ class PullReporter:
     def _json(self, **payload) -> None:
         print(json.dumps(payload), file=self.stream, flush=True)
 
-    def event(self, event) -> None:
-        from agent.pull import PlanReady
-        from agent.scheduler import ChunkFetched, FileDone, SourceTrouble
+    def event(self, event: dict) -> None:
+        """Take one pull event in wire form (``agent.pull.event_to_wire``)."""
         now = time.monotonic()
-        if isinstance(event, PlanReady):
-            self.progress = Progress(event.plan.total_size, already=event.already)
+        kind = event["type"]
+        if kind == "plan":
+            self.progress = Progress(event["total_bytes"], already=event["already_bytes"])
             if self.json_mode:
-                self._json(event="plan", model=str(self.ref), plan=event.plan.origin,
-                           trusted=event.plan.trusted, files=len(event.plan.files),
-                           total_bytes=event.plan.total_size, already_bytes=event.already,
-                           chunk_size=event.plan.chunk_size, directory=str(event.directory))
+                self._json(event="plan", **{k: v for k, v in event.items() if k != "type"})
             else:
-                self._say(f"{self.ref}: {human_bytes(event.plan.total_size)} in {len(event.plan.files)} files "
-                          f"(from the {event.plan.origin}"
-                          + (f"; {human_bytes(event.already)} already here" if event.already else "") + ")")
-        elif isinstance(event, ChunkFetched) and self.progress is not None:
-            self.progress.add(event.source, event.nbytes, now)
+                self._say(f"{self.ref}: {human_bytes(event['total_bytes'])} in {event['files']} files "
+                          f"(from the {event['plan']}"
+                          + (f"; {human_bytes(event['already_bytes'])} already here" if event["already_bytes"] else "")
+                          + ")")
+        elif kind == "chunk" and self.progress is not None:
+            self.progress.add(event["source"], event["nbytes"], now)
             if now - self._last_line >= (0.2 if self.tty else 0.5 if self.json_mode else 5.0):
                 self.render(now)
-        elif isinstance(event, FileDone):
+        elif kind == "file_done" and self.json_mode:
+            self._json(event="file_done", path=event["path"], size=event["size"])
+        elif kind == "evicted":
             if self.json_mode:
-                self._json(event="file_done", path=event.path, size=event.size)
-        elif isinstance(event, SourceTrouble):
-            if event.message not in self._seen_troubles:
-                self._seen_troubles.add(event.message)
-                if self.json_mode:
-                    self._json(event="trouble", source=event.source, message=event.message)
-                else:
-                    self._say(f"! {SOURCE_LABELS.get(event.source, event.source)}: {event.message}")
+                self._json(event="evicted", model=event["model"], size=event["size"])
+            else:
+                self._say(f"evicted {event['model']} ({human_bytes(event['size'])}) to stay within the cache quota")
+        elif kind == "trouble" and event["message"] not in self._seen_troubles:
+            self._seen_troubles.add(event["message"])
+            if self.json_mode:
+                self._json(event="trouble", source=event["source"], message=event["message"])
+            else:
+                self._say(f"! {SOURCE_LABELS.get(event['source'], event['source'])}: {event['message']}")
 
     def render(self, now: float | None = None) -> None:
         if self.progress is None:
@@ -103,24 +104,24 @@ class PullReporter:
             self._width = 0
         print(text, file=self.stream, flush=True)
 
-    def finish(self, result) -> None:
+    def finish(self, result: dict) -> None:
+        """Take the pull's result in wire form (``agent.pull.result_to_wire``)."""
         self.render()
         if self.tty:
             self.stream.write("\n")
+        fetched = result["fetched_by_source"]
         split = ", ".join(f"{SOURCE_LABELS.get(k, k)} {human_bytes(v)}"
-                          for k, v in sorted(result.fetched_by_source.items(), key=lambda kv: -kv[1]))
-        speed = sum(result.fetched_by_source.values()) / result.elapsed if result.elapsed else 0
+                          for k, v in sorted(fetched.items(), key=lambda kv: -kv[1]))
+        elapsed = result["elapsed_s"]
+        speed = sum(fetched.values()) / elapsed if elapsed else 0
         if self.json_mode:
-            self._json(event="done", model=str(result.ref), directory=str(result.directory),
-                       manifest_id=result.manifest_id, total_bytes=result.total_size,
-                       fetched_by_source=result.fetched_by_source, chunks_fetched=result.chunks_fetched,
-                       elapsed_s=round(result.elapsed, 3))
+            self._json(event="done", **{k: v for k, v in result.items() if k != "troubles"})
         else:
-            self._say(f"done: {result.ref} in {result.directory}\n"
-                      f"  {human_bytes(result.total_size)} verified; fetched "
-                      f"{split or 'nothing (already complete)'} in {result.elapsed:.1f} s"
+            self._say(f"done: {result['model']} in {result['directory']}\n"
+                      f"  {human_bytes(result['total_bytes'])} verified; fetched "
+                      f"{split or 'nothing (already complete)'} in {elapsed:.1f} s"
                       + (f" ({human_bytes(speed)}/s)" if split else "")
-                      + f"\n  manifest {result.manifest_id}")
+                      + f"\n  manifest {result['manifest_id']}")
 
 
 # ------------------------------------------------------------------------------ commands
@@ -132,16 +133,15 @@ def _settings(args) -> Settings:
 
 
 def cmd_pull(args) -> int:
-    from agent.pull import pull
+    from agent.pull import event_to_wire, pull, result_to_wire
     settings = _settings(args)
     if args.no_modelscope:
         settings = settings.with_(use_modelscope=False)
     ref = ModelRef.parse(args.model)
     reporter = PullReporter(ref, json_mode=args.json)
-
     result = run_until_signal(lambda: pull(ref, settings, to=Path(args.to) if args.to else None,
-                                           emit=reporter.event))
-    reporter.finish(result)
+                                           emit=lambda e: reporter.event(event_to_wire(e))))
+    reporter.finish(result_to_wire(result))
     return 0
 
 
@@ -230,12 +230,12 @@ def cmd_mirror_push(args) -> int:
     else:
         # Pull from ModelScope only (never from the mirror we are filling), proving every
         # file against the origin's SHA-256, then upload what was proven.
-        from agent.pull import pull
+        from agent.pull import event_to_wire, pull, result_to_wire
         from agent.store import Store
         origin = dataclasses.replace(settings, oss_bucket=None, use_modelscope=True)
         reporter = PullReporter(ref, json_mode=False)
-        result = run_until_signal(lambda: pull(ref, origin, emit=reporter.event))
-        reporter.finish(result)
+        result = run_until_signal(lambda: pull(ref, origin, emit=lambda e: reporter.event(event_to_wire(e))))
+        reporter.finish(result_to_wire(result))
         store = Store(settings.cache_dir)
         try:
             manifest = store.manifest(result.manifest_id)

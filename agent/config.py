@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,13 +54,30 @@ class Settings:
     # With a trusted manifest every chunk is proven by BLAKE3; SHA-256 of whole files is
     # then only re-checked when this is set (it costs ~5 s of CPU per GB here).
     always_sha256: bool = False
+    # Cache limits (None: no quota). Eviction starts above high x quota, stops at low x quota.
+    quota: int | None = None
+    quota_high: float = 0.9
+    quota_low: float = 0.8
+    # Bandwidth caps in bytes per second (None: unlimited) and upload slots.
+    download_rate: int | None = None
+    upload_rate: int | None = None
+    upload_slots: int = 8
+    # The agent: control socket (default: agent.sock in the cache dir), a Unix group whose
+    # members may use it besides the agent's own user, and the localhost gateway port.
+    socket: Path | None = None
+    control_group: str | None = None
+    gateway_port: int = 8790
+
+    @property
+    def socket_path(self) -> Path:
+        return self.socket or Path(self.cache_dir) / "agent.sock"
 
     def with_(self, **changes) -> "Settings":
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
 # setting name -> (environment variable, TOML key, converter)
-_SOURCES: dict[str, tuple[str, str, type]] = {
+_SOURCES: dict[str, tuple[str, str, object]] = {
     "cache_dir": ("SHOAL_CACHE_DIR", "cache_dir", Path),
     "oss_endpoint": ("OSS_ENDPOINT", "oss.endpoint", str),
     "oss_region": ("OSS_REGION", "oss.region", str),
@@ -77,6 +95,15 @@ _SOURCES: dict[str, tuple[str, str, type]] = {
     "retries": ("SHOAL_RETRIES", "retries", int),
     "chunk_size": ("SHOAL_CHUNK_SIZE", "chunk_size", int),
     "always_sha256": ("SHOAL_ALWAYS_SHA256", "always_sha256", bool),
+    "quota": ("SHOAL_QUOTA", "cache.quota", "size"),
+    "quota_high": ("SHOAL_QUOTA_HIGH", "cache.high_watermark", float),
+    "quota_low": ("SHOAL_QUOTA_LOW", "cache.low_watermark", float),
+    "download_rate": ("SHOAL_DOWNLOAD_RATE", "limits.download_rate", "size"),
+    "upload_rate": ("SHOAL_UPLOAD_RATE", "limits.upload_rate", "size"),
+    "upload_slots": ("SHOAL_UPLOAD_SLOTS", "limits.upload_slots", int),
+    "socket": ("SHOAL_SOCKET", "agent.socket", Path),
+    "control_group": ("SHOAL_CONTROL_GROUP", "agent.control_group", str),
+    "gateway_port": ("SHOAL_GATEWAY_PORT", "agent.gateway_port", int),
 }
 ENV_NAMES = {name: env for name, (env, _, _) in _SOURCES.items()}
 
@@ -90,8 +117,33 @@ def config_path(env: dict[str, str] | None = None) -> Path:
     return Path(base) / "shoal" / "config.toml"
 
 
-def _convert(name: str, where: str, kind: type, value: object):
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000 ** 2, "mb": 1000 ** 2,
+          "mib": 1024 ** 2, "g": 1000 ** 3, "gb": 1000 ** 3, "gib": 1024 ** 3, "t": 1000 ** 4,
+          "tb": 1000 ** 4, "tib": 1024 ** 4}
+
+
+def parse_size(value: object) -> int | None:
+    """'50GB', '20GiB', '10MB/s', '1500000' -> bytes; 0, '', 'none', 'unlimited' -> None."""
+    if isinstance(value, bool):
+        raise ValueError(value)
+    if isinstance(value, (int, float)):
+        number = float(value)
+    else:
+        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)(?:/s)?\s*", str(value))
+        if str(value).strip().lower() in ("", "none", "unlimited", "off"):
+            return None
+        if not m or m.group(2).lower() not in _UNITS:
+            raise ValueError(value)
+        number = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if number < 0:
+        raise ValueError(value)
+    return int(number) or None
+
+
+def _convert(name: str, where: str, kind, value: object):
     try:
+        if kind == "size":
+            return parse_size(value)
         if kind is bool:
             if isinstance(value, bool):
                 return value
@@ -105,7 +157,8 @@ def _convert(name: str, where: str, kind: type, value: object):
             raise ValueError(value)
         return kind(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{where} = {value!r} is not a valid {kind.__name__} for {name}") from None
+        kind_name = "size such as 50GB or 10MB" if kind == "size" else kind.__name__
+        raise ConfigError(f"{where} = {value!r} is not a valid {kind_name} for {name}") from None
 
 
 def _lookup_toml(doc: dict, dotted: str):
@@ -115,6 +168,22 @@ def _lookup_toml(doc: dict, dotted: str):
             return None
         node = node[part]
     return node
+
+
+SECRETS = ("oss_access_key_id", "oss_access_key_secret", "oss_session_token", "modelscope_token")
+
+
+def describe(settings: Settings) -> list[tuple[str, str, str, str]]:
+    """(setting, value with secrets masked, environment variable, TOML key) for `config show`."""
+    rows = []
+    for name, (env, key, _) in _SOURCES.items():
+        value = getattr(settings, name)
+        if name in SECRETS and value:
+            shown = value[:3] + "***" if name == "oss_access_key_id" else "***"
+        else:
+            shown = "" if value is None else str(value)
+        rows.append((name, shown, env, key))
+    return rows
 
 
 def load_settings(env: dict[str, str] | None = None, **overrides) -> Settings:
@@ -143,6 +212,13 @@ def load_settings(env: dict[str, str] | None = None, **overrides) -> Settings:
         raise ConfigError(
             f"concurrency {settings.concurrency} is outside 1..{MAX_CONCURRENCY}; "
             f"set {ENV_NAMES['concurrency']} or --concurrency accordingly")
+    if not 0 < settings.quota_low <= settings.quota_high <= 1:
+        raise ConfigError(f"cache watermarks must satisfy 0 < low <= high <= 1 "
+                          f"(low {settings.quota_low}, high {settings.quota_high})")
+    if not 0 <= settings.gateway_port <= 65535:
+        raise ConfigError(f"gateway port {settings.gateway_port} is not a TCP port")
+    if not 1 <= settings.upload_slots <= 256:
+        raise ConfigError(f"upload slots {settings.upload_slots} is outside 1..256")
     if settings.retries < 0 or settings.retries > 10:
         raise ConfigError(f"retries {settings.retries} is outside 0..10")
     if settings.chunk_size is not None:

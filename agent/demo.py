@@ -35,7 +35,7 @@ def run_demo(*, size_mb: int = 256, workdir: Path | None = None, keep: bool = Fa
     from agent.manifest import ModelRef
     from agent.mirror import manifest_from_dir, push_directory
     from agent.progress import human_bytes
-    from agent.pull import pull
+    from agent.pull import event_to_wire, pull, result_to_wire
     from agent.testing.faults import Fault
     from agent.testing.models import make_model
 
@@ -81,8 +81,8 @@ def run_demo(*, size_mb: int = 256, workdir: Path | None = None, keep: bool = Fa
             say(f"[4/4] shoal pull {ref}")
             reporter = PullReporter(ref, json_mode=False)
             started = time.monotonic()
-            result = trio.run(lambda: pull(ref, settings, emit=reporter.event))
-            reporter.finish(result)
+            result = trio.run(lambda: pull(ref, settings, emit=lambda e: reporter.event(event_to_wire(e))))
+            reporter.finish(result_to_wire(result))
             hub_chunks = len(hub.faults.data_requests())
             oss_chunks = len(oss.faults.data_requests())
             oss_errors = sum(1 for e in oss.faults.log() if e.fault == "status")

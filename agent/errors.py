@@ -78,6 +78,13 @@ class DiskFull(ShoalError):
     title = "Disk full"
 
 
+class QuotaExceeded(ShoalError):
+    """A pull would not fit in the cache quota even after evicting what may be evicted."""
+
+    exit_code = 9
+    title = "Cache quota exceeded"
+
+
 class Terminated(ShoalError):
     """The process was asked to stop (SIGTERM); in-flight chunks were finished or dropped."""
 

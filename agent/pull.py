@@ -28,7 +28,8 @@ from agent.errors import (CredentialsRejected, DiskFull, IntegrityError, Manifes
                           SourceUnavailable, UsageError)
 from agent.manifest import (PARTIAL_SUFFIX, FileEntry, Manifest, ModelRef, build_manifest, chunk_count,
                             chunk_span, decode, default_chunk_size)
-from agent.scheduler import ChunkFetched, Event, FileDone, FileTask, Scheduler, SourceState, SourceTrouble
+from agent.scheduler import ChunkFetched, ChunkRejected, Event, FileDone, FileTask, Scheduler, SourceState, SourceTrouble
+from agent.ratelimit import TokenBucket
 from agent.sources import ChunkSource
 from agent.store import Store
 
@@ -57,6 +58,14 @@ class PlanReady:
     plan: Plan
     directory: Path
     already: int  # bytes verified before this run
+
+
+@dataclass(frozen=True)
+class Evicted:
+    """Event: a least recently used model was removed to make room under the quota."""
+
+    model: str
+    size: int
 
 
 @dataclass
@@ -153,7 +162,8 @@ def _allocated(path: Path) -> int:
 
 async def pull(ref: ModelRef, settings: Settings, *, to: Path | None = None,
                emit: Callable[[object], None] = lambda event: None,
-               sources: list[ChunkSource] | None = None) -> PullResult:
+               sources: list[ChunkSource] | None = None,
+               rate: TokenBucket | None = None) -> PullResult:
     """Pull ``ref`` into the store (or ``to``); see module docstring. Raises ``ShoalError``s."""
     started = time.monotonic()
     troubles: list[str] = []
@@ -177,7 +187,8 @@ async def pull(ref: ModelRef, settings: Settings, *, to: Path | None = None,
         directory = Path(to).resolve() if to else store.default_dir(ref)
         await trio.to_thread.run_sync(store.lock, ref)
         try:
-            result = await _run(plan, directory, store, sources, settings, record)
+            result = await _run(plan, directory, store, sources, settings, record,
+                                rate if rate is not None else TokenBucket(settings.download_rate))
         finally:
             store.unlock(ref)
     finally:
@@ -193,7 +204,7 @@ async def pull(ref: ModelRef, settings: Settings, *, to: Path | None = None,
 
 
 async def _run(plan: Plan, directory: Path, store: Store, sources: list[ChunkSource],
-               settings: Settings, emit) -> PullResult:
+               settings: Settings, emit, rate: TokenBucket) -> PullResult:
     ref = plan.ref
     await trio.to_thread.run_sync(store.begin, ref, directory, plan.chunk_size,
                                   [(p, s, h) for p, s, h, _ in plan.files])
@@ -204,6 +215,10 @@ async def _run(plan: Plan, directory: Path, store: Store, sources: list[ChunkSou
         final = directory / path
         if not (final.is_file() and final.stat().st_size == size):
             need += max(0, size - _allocated(directory / (path + PARTIAL_SUFFIX)))
+    evicted = await trio.to_thread.run_sync(
+        store.make_room, ref, need, settings.quota, settings.quota_high, settings.quota_low)
+    for model in evicted:
+        emit(Evicted(str(model.ref), model.total_size))
     free = _free_bytes(directory)
     if need > free:
         raise DiskFull(f"{ref} needs {need} more bytes in {directory} and only {free} are free: "
@@ -222,7 +237,7 @@ async def _run(plan: Plan, directory: Path, store: Store, sources: list[ChunkSou
         emit(PlanReady(plan, directory, already))
         states = [SourceState(s) for s in sources]
         for round_ in range(MAX_ROUNDS):
-            outcome = await Scheduler(ref, states, settings, emit).run(tasks)
+            outcome = await Scheduler(ref, states, settings, emit, rate).run(tasks)
             if not outcome.mismatched:
                 break
             tasks = []
@@ -263,3 +278,31 @@ def plan_manifest(plan: Plan, store: Store) -> Manifest:
     return build_manifest(plan.ref.model_id, plan.ref.revision, plan.chunk_size, files)
 
 
+
+
+def event_to_wire(event) -> dict:
+    """A pull event as a plain dict: what --json prints and the control API streams."""
+    if isinstance(event, PlanReady):
+        plan = event.plan
+        return {"type": "plan", "model": str(plan.ref), "plan": plan.origin, "trusted": plan.trusted,
+                "files": len(plan.files), "total_bytes": plan.total_size, "already_bytes": event.already,
+                "chunk_size": plan.chunk_size, "directory": str(event.directory)}
+    if isinstance(event, ChunkFetched):
+        return {"type": "chunk", "path": event.path, "index": event.index, "nbytes": event.nbytes,
+                "source": event.source}
+    if isinstance(event, ChunkRejected):
+        return {"type": "rejected", "path": event.path, "index": event.index, "source": event.source}
+    if isinstance(event, FileDone):
+        return {"type": "file_done", "path": event.path, "size": event.size}
+    if isinstance(event, SourceTrouble):
+        return {"type": "trouble", "source": event.source, "message": event.message}
+    if isinstance(event, Evicted):
+        return {"type": "evicted", "model": event.model, "size": event.size}
+    raise TypeError(f"not a pull event: {event!r}")
+
+
+def result_to_wire(result: PullResult) -> dict:
+    return {"model": str(result.ref), "directory": str(result.directory), "manifest_id": result.manifest_id,
+            "total_bytes": result.total_size, "fetched_by_source": result.fetched_by_source,
+            "chunks_fetched": result.chunks_fetched, "elapsed_s": round(result.elapsed, 3),
+            "troubles": result.troubles}

@@ -27,6 +27,7 @@ from agent.config import Settings
 from agent.errors import (CredentialsRejected, IntegrityError, NotFound, ShoalError,
                           SourceUnavailable, single_error)
 from agent.manifest import ModelRef, chunk_span
+from agent.ratelimit import TokenBucket
 from agent.sources import ChunkRequest, ChunkSource
 from agent.store import PartialFile, blake3_hash
 
@@ -49,6 +50,15 @@ class ChunkFetched:
 
 
 @dataclass(frozen=True)
+class ChunkRejected:
+    """A source sent bytes that failed their hash; they were not written."""
+
+    path: str
+    index: int
+    source: str
+
+
+@dataclass(frozen=True)
 class FileDone:
     path: str
     size: int
@@ -62,7 +72,7 @@ class SourceTrouble:
     message: str
 
 
-Event = ChunkFetched | FileDone | SourceTrouble
+Event = ChunkFetched | ChunkRejected | FileDone | SourceTrouble
 
 
 # ------------------------------------------------------------------------------- state
@@ -131,8 +141,9 @@ class Scheduler:
     """Fetches the missing chunks of a set of files. One instance per pull round."""
 
     def __init__(self, ref: ModelRef, sources: list[SourceState], settings: Settings,
-                 emit: Callable[[Event], None]):
+                 emit: Callable[[Event], None], rate: TokenBucket | None = None):
         self.ref, self.sources, self.settings, self.emit = ref, sources, settings, emit
+        self.rate = rate
         self._limiter = trio.CapacityLimiter(settings.concurrency)
 
     async def run(self, tasks: list[FileTask]) -> Outcome:
@@ -184,6 +195,8 @@ class Scheduler:
         for state in self._pick_order(task):
             source = state.source
             for attempt in range(self.settings.retries + 1):
+                if self.rate is not None:
+                    await self.rate.take(chunk_span(task.file.size, task.file.chunk_size, index)[1])
                 deadline = time.monotonic() + self.settings.chunk_timeout
                 try:
                     async with self._limiter:
@@ -200,6 +213,7 @@ class Scheduler:
                     break
                 except IntegrityError as e:
                     self._failed(state)
+                    self.emit(ChunkRejected(path, index, source.name))
                     self.emit(SourceTrouble(source.name, str(e)))
                     reasons.append(str(e))
                     break

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import blake3
 
-from agent.errors import DiskFull, NotFound, StoreLocked
+from agent.errors import DiskFull, NotFound, QuotaExceeded, StoreLocked
 from agent.manifest import PARTIAL_SUFFIX, Manifest, ModelRef, chunk_count, chunk_span, decode
 
 _SCHEMA = """
@@ -48,7 +48,9 @@ CREATE TABLE IF NOT EXISTS models (
     total_size INTEGER NOT NULL,
     manifest_id TEXT,                -- set when complete
     state TEXT NOT NULL,             -- 'pulling' | 'complete'
-    updated REAL NOT NULL
+    updated REAL NOT NULL,
+    pinned INTEGER NOT NULL DEFAULT 0,   -- never evicted
+    last_used REAL NOT NULL DEFAULT 0    -- for LRU eviction
 );
 CREATE TABLE IF NOT EXISTS files (
     model_key TEXT NOT NULL,
@@ -91,6 +93,8 @@ class ModelInfo:
     have_bytes: int
     state: str
     manifest_id: str | None
+    pinned: bool = False
+    last_used: float = 0.0
 
     @property
     def ref(self) -> ModelRef:
@@ -272,6 +276,10 @@ class Store:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(models)")}
+            for column, ddl in (("pinned", "INTEGER NOT NULL DEFAULT 0"), ("last_used", "REAL NOT NULL DEFAULT 0")):
+                if column not in columns:  # an index from before pin/LRU existed
+                    self._db.execute(f"ALTER TABLE models ADD COLUMN {column} {ddl}")
         except OSError as e:
             raise _disk_error(e, self.root) from e
         except sqlite3.OperationalError as e:
@@ -305,9 +313,37 @@ class Store:
     def default_dir(self, ref: ModelRef) -> Path:
         return self.root / "models" / ref.model_id / ref.revision
 
+    def _lock_path(self, ref: ModelRef) -> Path:
+        return self.root / "locks" / f"{ref.model_id.replace('/', '--')}--{ref.revision}.lock"
+
+    def in_use(self, ref: ModelRef) -> bool:
+        """True while any process pulls ``ref`` (exclusive lock) or uses it (``use``, shared lock)."""
+        try:
+            fd = os.open(self._lock_path(ref), os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # closing drops the probe's lock, if it got one
+
+    def use(self, ref: ModelRef) -> int:
+        """Take a shared "in use" lock on ``ref`` (a served download, a running job); returns
+        the fd to pass to ``release``. Eviction never removes a model in use."""
+        fd = os.open(self._lock_path(ref), os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        return fd
+
+    @staticmethod
+    def release(fd: int) -> None:
+        os.close(fd)
+
     def lock(self, ref: ModelRef) -> None:
         """Take the per-revision pull lock (held until ``unlock`` or process exit)."""
-        path = self.root / "locks" / f"{ref.model_id.replace('/', '--')}--{ref.revision}.lock"
+        path = self._lock_path(ref)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -397,9 +433,56 @@ class Store:
             os.replace(tmp, target)
         except OSError as e:
             raise _disk_error(e, target) from e
-        self._exec("UPDATE models SET state='complete', manifest_id=?, updated=? WHERE key=?",
-                   (mid, time.time(), str(ref)))
+        self._exec("UPDATE models SET state='complete', manifest_id=?, updated=?, last_used=? WHERE key=?",
+                   (mid, time.time(), time.time(), str(ref)))
         return mid
+
+    def touch(self, ref: ModelRef) -> None:
+        """Mark ``ref`` as just used (LRU)."""
+        self._exec("UPDATE models SET last_used=? WHERE key=?", (time.time(), str(ref)))
+
+    def set_pinned(self, ref: ModelRef, pinned: bool) -> ModelInfo:
+        self.find(ref)
+        self._exec("UPDATE models SET pinned=? WHERE key=?", (int(pinned), str(ref)))
+        return self.find(ref)
+
+    def usage(self) -> int:
+        """Bytes the store's models take: their full size once any chunk is written (space is
+        reserved per file), counting only files shoal itself put there."""
+        return int(self._exec("SELECT COALESCE(SUM(total_size), 0) FROM models")[0][0])
+
+    def make_room(self, ref: ModelRef, need: int, quota: int | None, high: float, low: float) -> list[ModelInfo]:
+        """Evict least recently used, unpinned, unused models so ``need`` more bytes fit.
+
+        Eviction starts when usage would pass ``high`` x quota and goes down to ``low`` x
+        quota. Raises ``QuotaExceeded`` (before anything is fetched) when even evicting
+        every candidate would not make ``need`` fit within the quota.
+        """
+        if not quota:
+            return []
+        usage = self.usage() - self._size_of(ref)
+        if usage + need <= high * quota:
+            return []
+        candidates = [m for m in sorted(self.models(), key=lambda m: m.last_used)
+                      if not m.pinned and str(m.ref) != str(ref) and not self.in_use(m.ref)]
+        freeable = sum(m.total_size for m in candidates)
+        if usage - freeable + need > quota:
+            raise QuotaExceeded(
+                f"{ref} needs {need} bytes; the cache quota is {quota} and {usage} are in use, of which "
+                f"only {freeable} could be evicted (the rest is pinned or in use). Raise SHOAL_QUOTA, "
+                "unpin a model (`shoal unpin`) or remove one (`shoal rm`)")
+        evicted = []
+        for model in candidates:
+            if usage + need <= low * quota:
+                break
+            self.remove(model.ref)
+            usage -= model.total_size
+            evicted.append(model)
+        return evicted
+
+    def _size_of(self, ref: ModelRef) -> int:
+        rows = self._exec("SELECT total_size FROM models WHERE key=?", (str(ref),))
+        return int(rows[0][0]) if rows else 0
 
     def manifest(self, manifest_id: str) -> Manifest:
         path = self.root / "manifests" / f"{manifest_id}.shoal"
@@ -411,9 +494,9 @@ class Store:
 
     def models(self) -> list[ModelInfo]:
         out = []
-        rows = self._exec("SELECT key, model_id, revision, dir, total_size, state, manifest_id, chunk_size"
-                          " FROM models ORDER BY model_id, revision")
-        for key, model_id, revision, directory, total, state, mid, chunk_size in rows:
+        rows = self._exec("SELECT key, model_id, revision, dir, total_size, state, manifest_id, chunk_size,"
+                          " pinned, last_used FROM models ORDER BY model_id, revision")
+        for key, model_id, revision, directory, total, state, mid, chunk_size, pinned, last_used in rows:
             have = 0
             for path, size, complete in self._exec(
                     "SELECT path, size, complete FROM files WHERE model_key=?", (key,)):
@@ -422,7 +505,8 @@ class Store:
                 else:
                     n = self._exec("SELECT COUNT(*) FROM chunks WHERE model_key=? AND path=?", (key, path))[0][0]
                     have += min(size, n * chunk_size)
-            out.append(ModelInfo(model_id, revision, Path(directory), total, have, state, mid))
+            out.append(ModelInfo(model_id, revision, Path(directory), total, have, state, mid,
+                                 bool(pinned), last_used))
         return out
 
     def find(self, ref: ModelRef) -> ModelInfo:

@@ -1,0 +1,43 @@
+"""Token-bucket rate limits for bytes, changeable while transfers run.
+
+``take(n)`` charges ``n`` bytes and sleeps until the bucket is back out of debt, so any
+number of concurrent callers together stay at ``rate`` bytes per second over time,
+whatever their request sizes. ``burst`` bounds how much unused allowance can pile up.
+"""
+
+from __future__ import annotations
+
+import trio
+
+
+class TokenBucket:
+    def __init__(self, rate: int | None, *, burst: int | None = None):
+        self._rate = rate
+        self._burst = burst
+        self._tokens = 0.0
+        self._stamp: float | None = None
+
+    @property
+    def rate(self) -> int | None:
+        return self._rate
+
+    def set_rate(self, rate: int | None) -> None:
+        """Change the cap (None: unlimited). Waiting callers re-plan within 0.25 s."""
+        self._rate = rate
+        self._tokens = min(self._tokens, 0.0)
+
+    def _refill(self, now: float) -> None:
+        if self._stamp is not None and self._rate:
+            burst = self._burst if self._burst is not None else self._rate
+            self._tokens = min(float(burst), self._tokens + (now - self._stamp) * self._rate)
+        self._stamp = now
+
+    async def take(self, nbytes: int) -> None:
+        if not self._rate:
+            return
+        self._refill(trio.current_time())
+        self._tokens -= nbytes
+        # Sleep in short steps so a rate change (or removal) applies to sleepers too.
+        while self._rate and self._tokens < 0:
+            await trio.sleep(min(0.25, -self._tokens / self._rate))
+            self._refill(trio.current_time())
