@@ -132,6 +132,28 @@ def _settings(args) -> Settings:
                          oss_bucket=getattr(args, "bucket", None))
 
 
+def agent_client(settings: Settings):
+    """A client of the running agent for this cache, or None when none runs."""
+    from agent.rpc import ControlClient
+    path = settings.socket_path
+    if not path.exists():
+        return None
+    client = ControlClient(str(path), timeout=10)
+    try:
+        client.call("status")
+    except (ConnectionRefusedError, FileNotFoundError):
+        return None  # a socket left behind by an agent that died
+    return client
+
+
+def require_agent(settings: Settings):
+    client = agent_client(settings)
+    if client is None:
+        raise ShoalError(f"no shoal agent is running for {settings.cache_dir} (socket {settings.socket_path}); "
+                         "start one with `shoal agent` (or `systemctl start shoal-agent`)")
+    return client
+
+
 def cmd_pull(args) -> int:
     from agent.pull import event_to_wire, pull, result_to_wire
     settings = _settings(args)
@@ -139,6 +161,17 @@ def cmd_pull(args) -> int:
         settings = settings.with_(use_modelscope=False)
     ref = ModelRef.parse(args.model)
     reporter = PullReporter(ref, json_mode=args.json)
+    client = agent_client(settings)
+    if client is not None:
+        # The agent pulls (shared with anyone else pulling the same model on this machine).
+        params = {"model": str(ref)}
+        if args.to:
+            params["to"] = str(Path(args.to).resolve())
+        if args.no_modelscope:
+            raise ShoalError("--no-modelscope applies to in-process pulls; the agent uses its own sources "
+                             "(set SHOAL_USE_MODELSCOPE=0 in its config)")
+        reporter.finish(client.call("pull", params, on_event=reporter.event, timeout=600))
+        return 0
     result = run_until_signal(lambda: pull(ref, settings, to=Path(args.to) if args.to else None,
                                            emit=lambda e: reporter.event(event_to_wire(e))))
     reporter.finish(result_to_wire(result))
@@ -168,28 +201,42 @@ def run_until_signal(async_fn):
     return trio.run(main)
 
 
-def cmd_ls(args) -> int:
+def _local_rows(settings: Settings) -> list[dict]:
+    from agent.service import model_row
     from agent.store import Store
-    store = Store(_settings(args).cache_dir)
+    store = Store(settings.cache_dir)
     try:
-        models = store.models()
+        return [model_row(m, store.in_use(m.ref) and m.state != "complete") for m in store.models()]
     finally:
         store.close()
-    if args.json:
-        print(json.dumps([{"model": m.model_id, "revision": m.revision, "size": m.total_size,
-                           "have": m.have_bytes, "state": m.state, "dir": str(m.dir),
-                           "manifest_id": m.manifest_id} for m in models], indent=2))
-        return 0
-    if not models:
-        print("no models in the cache yet; try `shoal pull OWNER/NAME`")
-        return 0
-    rows = [("MODEL", "REVISION", "SIZE", "COMPLETE", "STATE", "DIRECTORY")]
-    for m in models:
-        pct = 100.0 * m.have_bytes / m.total_size if m.total_size else 100.0
-        rows.append((m.model_id, m.revision, human_bytes(m.total_size), f"{pct:.1f}%", m.state, str(m.dir)))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+
+
+def _table(rows: list[tuple]) -> None:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def _model_table(models: list[dict]) -> None:
+    rows = [("MODEL", "REVISION", "SIZE", "COMPLETE", "STATE", "PINNED", "DIRECTORY")]
+    for m in models:
+        pct = 100.0 * m["have"] / m["size"] if m["size"] else 100.0
+        state = "pulling now" if m["active"] else m["state"]
+        rows.append((m["model"], m["revision"], human_bytes(m["size"]), f"{pct:.1f}%", state,
+                     "yes" if m["pinned"] else "", m["dir"]))
+    _table(rows)
+
+
+def cmd_ls(args) -> int:
+    settings = _settings(args)
+    client = agent_client(settings)
+    models = client.call("list") if client else _local_rows(settings)
+    if args.json:
+        print(json.dumps(models, indent=2))
+    elif not models:
+        print("no models in the cache yet; try `shoal pull OWNER/NAME`")
+    else:
+        _model_table(models)
     return 0
 
 
@@ -206,15 +253,138 @@ def cmd_verify(args) -> int:
 
 
 def cmd_rm(args) -> int:
+    settings = _settings(args)
+    ref = ModelRef.parse(args.model)
+    client = agent_client(settings)
+    if client is not None:
+        row = client.call("remove", {"model": str(ref)})
+        print(f"removed {ref} ({human_bytes(row['size'])}) from {row['dir']}")
+        return 0
     from agent.store import Store
-    store = Store(_settings(args).cache_dir)
+    store = Store(settings.cache_dir)
     try:
-        ref = ModelRef.parse(args.model)
         store.lock(ref)
         info = store.remove(ref)
     finally:
         store.close()
     print(f"removed {info.ref} ({human_bytes(info.total_size)}) from {info.dir}")
+    return 0
+
+
+def _with_store(settings: Settings, fn):
+    from agent.store import Store
+    store = Store(settings.cache_dir)
+    try:
+        return fn(store)
+    finally:
+        store.close()
+
+
+def cmd_pin(args) -> int:
+    from agent.service import model_row
+    settings, ref = _settings(args), ModelRef.parse(args.model)
+    pinned = args.command == "pin"
+    client = agent_client(settings)
+    if client is not None:
+        client.call(args.command, {"model": str(ref)})
+    else:
+        _with_store(settings, lambda store: model_row(store.set_pinned(ref, pinned), False))
+    print(f"{ref} is {'pinned: never evicted' if pinned else 'unpinned: evictable when the cache is full'}")
+    return 0
+
+
+def cmd_gc(args) -> int:
+    from agent.service import model_row
+    settings = _settings(args)
+    client = agent_client(settings)
+    if client is not None:
+        evicted = client.call("gc")
+    else:
+        evicted = _with_store(settings, lambda store: [model_row(m, False) for m in
+                                                       store.gc(settings.quota, settings.quota_low)])
+    if not settings.quota and not evicted:
+        print("no quota is set (SHOAL_QUOTA), so nothing is evicted; `shoal rm` removes a model")
+    for m in evicted:
+        print(f"evicted {m['model']}@{m['revision']} ({human_bytes(m['size'])})")
+    if settings.quota and not evicted:
+        print("nothing to evict: the cache is below its low watermark (or the rest is pinned or in use)")
+    return 0
+
+
+def cmd_du(args) -> int:
+    settings = _settings(args)
+    client = agent_client(settings)
+    models = client.call("du")["models"] if client else _local_rows(settings)
+    usage = sum(m["size"] for m in models)
+    if args.json:
+        print(json.dumps({"usage_bytes": usage, "quota_bytes": settings.quota, "models": models}, indent=2))
+        return 0
+    rows = [("MODEL", "SIZE", "PINNED", "LAST USED")]
+    for m in sorted(models, key=lambda m: -m["size"]):
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(m["last_used"])) if m["last_used"] else "-"
+        rows.append((f"{m['model']}@{m['revision']}", human_bytes(m["size"]), "yes" if m["pinned"] else "", used))
+    _table(rows)
+    quota = f" of {human_bytes(settings.quota)} quota ({100 * usage / settings.quota:.0f}%)" if settings.quota else ""
+    print(f"total {human_bytes(usage)}{quota}")
+    return 0
+
+
+def cmd_cancel(args) -> int:
+    settings = _settings(args)
+    require_agent(settings).call("cancel", {"model": str(ModelRef.parse(args.model))})
+    print(f"cancelled the pull of {args.model}; verified chunks are kept")
+    return 0
+
+
+def cmd_status(args) -> int:
+    settings = _settings(args)
+    status = require_agent(settings).call("status")
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    quota = human_bytes(status["quota_bytes"]) if status["quota_bytes"] else "none"
+    rate = lambda r: f"{human_bytes(r)}/s" if r else "unlimited"  # noqa: E731
+    print(f"shoal agent {status['version']} pid {status['pid']}, up {status['uptime_s']:.0f} s\n"
+          f"  cache {status['cache_dir']}: {human_bytes(status['usage_bytes'])} used, quota {quota}\n"
+          f"  control socket {status['socket']}\n"
+          f"  ModelScope gateway {status['gateway']}  (MODELSCOPE_ENDPOINT={status['gateway']})\n"
+          f"  download cap {rate(status['download_rate'])}, upload cap {rate(status['upload_rate'])}, "
+          f"{status['upload_slots']} upload slots\n"
+          f"  sources: {', '.join(status['sources'])}")
+    for p in status["pulls"]:
+        pct = 100 * p["done_bytes"] / p["total_bytes"] if p["total_bytes"] else 0
+        print(f"  pulling {p['model']}: {pct:.0f}% of {human_bytes(p['total_bytes'])} ({p['clients']} clients)")
+    return 0
+
+
+def cmd_config(args) -> int:
+    from agent.config import describe
+    settings = _settings(args)
+    if args.config_command == "set":
+        rows = require_agent(settings).call("config_set", {"key": args.key, "value": args.value})
+        print(f"{args.key} = {args.value} (until the agent restarts; put it in the config file to keep it)")
+        return 0
+    client = agent_client(settings)
+    rows = client.call("config_show") if client else [list(r) for r in describe(settings)]
+    _table([("SETTING", "VALUE", "ENVIRONMENT", "TOML KEY")] + [tuple(r) for r in rows])
+    return 0
+
+
+def cmd_agent(args) -> int:
+    from agent.service import serve_agent
+    settings = _settings(args)
+    logging.getLogger("shoal").setLevel(logging.INFO)
+
+    async def main():
+        await serve_agent(settings)
+
+    print(f"shoal agent: serving {settings.cache_dir} (socket {settings.socket_path}); "
+          "Ctrl-C or SIGTERM stops it", file=sys.stderr, flush=True)
+    try:
+        run_until_signal(main)
+    except Terminated:
+        pass
+    print("shoal agent: stopped; verified chunks are kept", file=sys.stderr)
     return 0
 
 
@@ -287,6 +457,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="OWNER/NAME[@REVISION]")
     p.set_defaults(func=cmd_rm)
 
+    for name, text in (("pin", "never evict a cached model"), ("unpin", "let a cached model be evicted")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("model", metavar="OWNER/NAME[@REVISION]")
+        p.set_defaults(func=cmd_pin)
+
+    p = sub.add_parser("gc", help="evict least recently used unpinned models down to the low watermark")
+    p.set_defaults(func=cmd_gc)
+
+    p = sub.add_parser("du", help="disk use of the cache by model, against the quota")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_du)
+
+    p = sub.add_parser("agent", help="run the background agent (control socket, gateway, metrics)")
+    p.set_defaults(func=cmd_agent)
+
+    p = sub.add_parser("status", help="what the running agent is doing")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("cancel", help="cancel a pull the agent is running")
+    p.add_argument("model", metavar="OWNER/NAME[@REVISION]")
+    p.set_defaults(func=cmd_cancel)
+
+    config = sub.add_parser("config", help="show the effective settings, or change a limit at run time")
+    csub = config.add_subparsers(dest="config_command", required=True, metavar="COMMAND")
+    p = csub.add_parser("show", help="every setting, its value (secrets masked) and where to set it")
+    p.set_defaults(func=cmd_config)
+    p = csub.add_parser("set", help="change download_rate, upload_rate or upload_slots in the running agent")
+    p.add_argument("key", choices=["download_rate", "upload_rate", "upload_slots"])
+    p.add_argument("value", help="bytes per second (e.g. 50MB, 0 for unlimited), or a slot count")
+    p.set_defaults(func=cmd_config)
+
     mirror = sub.add_parser("mirror", help="manage the lab's OSS mirror")
     msub = mirror.add_subparsers(dest="mirror_command", required=True, metavar="COMMAND")
     p = msub.add_parser("push", help="upload a model revision and its manifest to the mirror")
@@ -319,6 +521,10 @@ def main(argv: list[str] | None = None) -> int:
         print("\nshoal: interrupted; verified chunks are kept, run the same command to resume",
               file=sys.stderr)
         return 130
+    except (ConnectionError, TimeoutError) as e:
+        print(f"\nshoal: Agent unreachable: lost the connection to the agent ({e}); "
+              "check `shoal status` or its log", file=sys.stderr)
+        return 4
 
 
 if __name__ == "__main__":

@@ -480,6 +480,21 @@ class Store:
             evicted.append(model)
         return evicted
 
+    def gc(self, quota: int | None, low: float) -> list[ModelInfo]:
+        """Evict LRU unpinned, unused models until usage is at most ``low`` x quota."""
+        if not quota:
+            return []
+        usage, evicted = self.usage(), []
+        for model in sorted(self.models(), key=lambda m: m.last_used):
+            if usage <= low * quota:
+                break
+            if model.pinned or self.in_use(model.ref):
+                continue
+            self.remove(model.ref)
+            usage -= model.total_size
+            evicted.append(model)
+        return evicted
+
     def _size_of(self, ref: ModelRef) -> int:
         rows = self._exec("SELECT total_size FROM models WHERE key=?", (str(ref),))
         return int(rows[0][0]) if rows else 0

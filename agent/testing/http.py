@@ -7,13 +7,13 @@ serves from a daemon thread; ``close()`` stops it and is safe to call twice.
 from __future__ import annotations
 
 import os
-import re
 import threading
 import time
 from typing import Callable, Iterator
 
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
+from agent.httprange import parse_range  # noqa: F401  (re-exported for the servers)
 from agent.testing.faults import Fault
 
 BLOCK = 1024 * 1024
@@ -62,24 +62,6 @@ class LoopbackServer:
 
     def __exit__(self, *exc):
         self.close()
-
-
-def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
-    """(start, end_inclusive) of a single ``bytes=`` range, or None for the whole body."""
-    if not header:
-        return None
-    m = re.fullmatch(r"bytes=(\d*)-(\d*)", header.strip())
-    if not m or (not m.group(1) and not m.group(2)):
-        return None
-    if m.group(1):
-        start = int(m.group(1))
-        end = int(m.group(2)) if m.group(2) else size - 1
-    else:
-        start, end = max(0, size - int(m.group(2))), size - 1
-    end = min(end, size - 1)
-    if start > end:
-        raise ValueError("unsatisfiable range")
-    return start, end
 
 
 def body_blocks(read_at: Callable[[int, int], bytes], start: int, end: int,

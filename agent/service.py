@@ -1,0 +1,434 @@
+"""``shoal agent``: the long-lived service every workstation runs.
+
+It owns one store, one set of sources and one download rate limit for the machine, and
+serves:
+- the **control API** on a Unix socket (``agent.rpc`` framing), used by the CLI and the
+  TUI: pull (with progress events), cancel, list, remove, pin/unpin, gc, du, status,
+  config, sources, peers;
+- the **ModelScope-compatible gateway** and **Prometheus metrics** on 127.0.0.1
+  (``agent.gateway``).
+
+Pulls are shared: a second request for a model already being pulled joins it, so two
+people (or a person and a tool through the gateway) on one machine download it once.
+A pull is cancelled by ``cancel`` or when its last client goes away.
+
+Resource handling: ``serve_agent`` holds ``agent.lock`` in the cache directory for its
+whole life (two agents never share a store), removes its socket on the way out, and
+SIGTERM/SIGINT cancel it like any trio task: chunks being written finish, verified
+chunks are kept, the next start resumes.
+Error handling: a bad call gets an error frame and the connection is closed; nothing a
+client sends can stop the agent.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import grp
+import json
+import logging
+import os
+import socket as stdlib_socket
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from agent import __version__
+from agent.config import Settings, describe, parse_size
+from agent.errors import NotFound, ShoalError, StoreLocked, UsageError
+from agent.manifest import ModelRef
+from agent.metrics import Metrics
+from agent.pull import event_to_wire, make_sources, pull, result_to_wire
+from agent.ratelimit import TokenBucket
+from agent.rpc import FrameDecoder, ProtocolError, check_call, encode_frame, error_frame
+from agent.store import Store
+
+log = logging.getLogger("shoal.agent")
+
+READ_TIMEOUT = 10.0  # seconds a client has to send its call
+SUBSCRIBER_BUFFER = 512  # events queued per client before progress events are dropped
+MAX_CONNECTIONS = 64
+
+
+class AgentRunning(ShoalError):
+    exit_code = 8
+    title = "Agent already running"
+
+
+class PullCancelled(ShoalError):
+    exit_code = 130
+    title = "Pull cancelled"
+
+
+@dataclass
+class ActivePull:
+    """A pull the agent runs; any number of clients follow its events."""
+
+    ref: ModelRef
+    directory: Path | None
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    done: trio.Event = field(default_factory=trio.Event)
+    subscribers: set = field(default_factory=set)
+    holders: int = 0
+    plan: dict | None = None
+    fetched: int = 0
+    result: dict | None = None
+    error: ShoalError | None = None
+    cancelled_by: str | None = None
+
+    def emit(self, event: dict) -> None:
+        if event["type"] == "plan":
+            self.plan = event
+        elif event["type"] == "chunk":
+            self.fetched += event["nbytes"]
+        for channel in list(self.subscribers):
+            try:
+                channel.send_nowait(event)
+            except trio.WouldBlock:
+                # A slow client loses progress ticks, never the outcome (sent separately).
+                pass
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self.subscribers.discard(channel)
+
+    def snapshot(self) -> dict:
+        total = self.plan["total_bytes"] if self.plan else 0
+        done = (self.plan["already_bytes"] if self.plan else 0) + self.fetched
+        return {"model": str(self.ref), "done_bytes": min(done, total), "total_bytes": total,
+                "clients": self.holders}
+
+
+class Agent:
+    """State shared by the control API, the gateway and the pulls. One per process."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.store = Store(settings.cache_dir)
+        self.sources = make_sources(settings)
+        self.download = TokenBucket(settings.download_rate)
+        self.upload = TokenBucket(settings.upload_rate)
+        self.upload_slots = trio.CapacityLimiter(settings.upload_slots)
+        self.pulls: dict[str, ActivePull] = {}
+        self.metrics = Metrics(self)
+        self.started = time.time()
+        self.gateway_url: str | None = None
+        self._nursery: trio.Nursery | None = None
+
+    def close(self) -> None:
+        for source in self.sources:
+            source.close()
+        self.store.close()
+
+    # ------------------------------------------------------------------ pulls
+
+    def start_pull(self, ref: ModelRef, directory: Path | None) -> ActivePull:
+        """The running pull of ``ref``, or a new one. Caller must ``hold``/``release`` it."""
+        key = str(ref)
+        active = self.pulls.get(key)
+        if active is not None:
+            if directory is not None and active.directory is not None and directory != active.directory:
+                raise StoreLocked(f"{ref} is being pulled into {active.directory} already; "
+                                  "wait for it, or cancel it with `shoal cancel`")
+            return active
+        active = ActivePull(ref, directory)
+        self.pulls[key] = active
+        self._nursery.start_soon(self._run_pull, active)
+        return active
+
+    async def _run_pull(self, active: ActivePull) -> None:
+        key = str(active.ref)
+        try:
+            with active.scope:
+                def emit(event) -> None:
+                    wire = event_to_wire(event)
+                    self.metrics.observe(wire)
+                    active.emit(wire)
+                result = await pull(active.ref, self.settings, to=active.directory, emit=emit,
+                                    sources=self.sources, rate=self.download)
+                active.result = result_to_wire(result)
+                self.metrics.pulls_done.inc()
+            if active.scope.cancelled_caught:
+                active.error = PullCancelled(f"the pull of {active.ref} was cancelled "
+                                             f"({active.cancelled_by or 'no client left'}); verified "
+                                             "chunks are kept, pull again to resume")
+        except ShoalError as e:
+            active.error = e
+        except Exception as e:  # a bug must not take the agent down with it
+            log.exception("pull of %s failed", key)
+            active.error = ShoalError(f"internal error in the pull of {key}: {type(e).__name__}: {e}")
+        finally:
+            self.pulls.pop(key, None)
+            active.done.set()
+            for channel in list(active.subscribers):
+                channel.close()
+            log.info("pull %s finished: %s", key, "ok" if active.result else active.error)
+
+    def release(self, active: ActivePull) -> None:
+        active.holders -= 1
+        if active.holders <= 0 and not active.done.is_set():
+            active.cancelled_by = "its last client went away"
+            active.scope.cancel()
+
+    async def follow(self, active: ActivePull, on_event) -> dict:
+        """Hold ``active`` until it ends, passing its events to ``on_event``; return its result."""
+        send, recv = trio.open_memory_channel(SUBSCRIBER_BUFFER)
+        active.holders += 1
+        try:
+            if active.plan is not None:  # a late joiner sees the plan with progress so far
+                await on_event({**active.plan, "already_bytes": active.plan["already_bytes"] + active.fetched})
+            active.subscribers.add(send)
+            if active.done.is_set():  # it ended before we subscribed
+                send.close()
+            async with recv:
+                async for event in recv:
+                    await on_event(event)
+            await active.done.wait()
+        finally:
+            active.subscribers.discard(send)
+            self.release(active)
+        if active.error is not None:
+            raise active.error
+        return active.result
+
+    # -------------------------------------------------------------- serving
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        lock_fd = _take_agent_lock(Path(self.settings.cache_dir))
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                from agent.gateway import serve_gateway
+                port = await nursery.start(serve_gateway, self, self.settings.gateway_port)
+                self.gateway_url = f"http://127.0.0.1:{port}"
+                listener = _unix_listener(self.settings.socket_path, self.settings.control_group)
+                await nursery.start(trio.serve_listeners, self._handle_control, [listener])
+                info = {"pid": os.getpid(), "socket": str(self.settings.socket_path),
+                        "gateway": self.gateway_url, "version": __version__}
+                (Path(self.settings.cache_dir) / "agent.json").write_text(json.dumps(info))
+                log.info("agent ready: %s", info)
+                task_status.started(info)
+        finally:
+            for path in (self.settings.socket_path, Path(self.settings.cache_dir) / "agent.json"):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+            os.close(lock_fd)
+
+    # ---------------------------------------------------------- control API
+
+    async def _handle_control(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            try:
+                uid = _peer_uid(stream.socket)
+                if not _uid_allowed(uid, self.settings.control_group):
+                    raise ProtocolError(f"uid {uid} may not use this agent: only its owner "
+                                        f"(uid {os.getuid()})" + (f" and group {self.settings.control_group}"
+                                                                  if self.settings.control_group else "")
+                                        + " may; ask the lab admin to add you to the agent's group")
+                with trio.fail_after(READ_TIMEOUT):
+                    message = await _read_one(stream)
+                method, params = check_call(message)
+                handler = getattr(self, f"rpc_{method}", None)
+                if handler is None:
+                    raise ProtocolError(f"unknown method {method!r}")
+
+                async def send_event(event: dict) -> None:
+                    await stream.send_all(encode_frame({"event": event}))
+                result = await handler(params, send_event)
+                await stream.send_all(encode_frame({"result": result}))
+            except trio.TooSlowError:
+                await _try_send(stream, error_frame(ProtocolError("no call arrived in time")))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # the client went away; a pull it followed is released by `follow`
+            except ShoalError as e:
+                await _try_send(stream, error_frame(e))
+            except Exception as e:
+                log.exception("control call failed")
+                await _try_send(stream, error_frame(e))
+
+    def _ref(self, params: dict) -> ModelRef:
+        model = params.get("model")
+        if not isinstance(model, str):
+            raise UsageError("'model' (OWNER/NAME[@REVISION]) is required")
+        return ModelRef.parse(model)
+
+    async def rpc_pull(self, params, send_event):
+        ref = self._ref(params)
+        to = params.get("to")
+        if to is not None and not isinstance(to, str):
+            raise UsageError("'to' must be a directory path")
+        active = self.start_pull(ref, Path(to).resolve() if to else None)
+        return await self.follow(active, send_event)
+
+    async def rpc_cancel(self, params, send_event):
+        ref = self._ref(params)
+        active = self.pulls.get(str(ref))
+        if active is None:
+            raise NotFound(f"no pull of {ref} is running")
+        active.cancelled_by = "cancelled on request"
+        active.scope.cancel()
+        await active.done.wait()
+        return {"cancelled": str(ref)}
+
+    async def rpc_status(self, params, send_event):
+        usage = await trio.to_thread.run_sync(self.store.usage)
+        return {"pid": os.getpid(), "version": __version__, "uptime_s": round(time.time() - self.started, 1),
+                "cache_dir": str(self.settings.cache_dir), "socket": str(self.settings.socket_path),
+                "gateway": self.gateway_url, "usage_bytes": usage, "quota_bytes": self.settings.quota,
+                "download_rate": self.download.rate, "upload_rate": self.upload.rate,
+                "upload_slots": self.upload_slots.total_tokens,
+                "pulls": [p.snapshot() for p in self.pulls.values()],
+                "sources": [s.label for s in self.sources]}
+
+    async def rpc_list(self, params, send_event):
+        models = await trio.to_thread.run_sync(self.store.models)
+        return [model_row(m, str(m.ref) in self.pulls) for m in models]
+
+    async def rpc_remove(self, params, send_event):
+        ref = self._ref(params)
+        if str(ref) in self.pulls:
+            raise StoreLocked(f"{ref} is being pulled; `shoal cancel {ref}` first")
+
+        def remove():
+            self.store.lock(ref)
+            try:
+                return self.store.remove(ref)
+            finally:
+                self.store.unlock(ref)
+        return model_row(await trio.to_thread.run_sync(remove), False)
+
+    async def rpc_pin(self, params, send_event):
+        return model_row(await trio.to_thread.run_sync(self.store.set_pinned, self._ref(params), True), False)
+
+    async def rpc_unpin(self, params, send_event):
+        return model_row(await trio.to_thread.run_sync(self.store.set_pinned, self._ref(params), False), False)
+
+    async def rpc_gc(self, params, send_event):
+        evicted = await trio.to_thread.run_sync(self.store.gc, self.settings.quota, self.settings.quota_low)
+        return [model_row(m, False) for m in evicted]
+
+    async def rpc_du(self, params, send_event):
+        models = await trio.to_thread.run_sync(self.store.models)
+        return {"usage_bytes": sum(m.total_size for m in models), "quota_bytes": self.settings.quota,
+                "models": [model_row(m, str(m.ref) in self.pulls) for m in models]}
+
+    async def rpc_config_show(self, params, send_event):
+        rows = describe(self.settings)
+        live = {"download_rate": self.download.rate, "upload_rate": self.upload.rate,
+                "upload_slots": self.upload_slots.total_tokens}
+        return [[name, str(live[name]) if name in live and live[name] is not None else
+                 ("" if name in live else value), env, key] for name, value, env, key in rows]
+
+    async def rpc_config_set(self, params, send_event):
+        key, value = params.get("key"), params.get("value")
+        try:
+            if key == "download_rate":
+                self.download.set_rate(parse_size(value))
+            elif key == "upload_rate":
+                self.upload.set_rate(parse_size(value))
+            elif key == "upload_slots":
+                slots = int(value)
+                if not 1 <= slots <= 256:
+                    raise ValueError(value)
+                self.upload_slots.total_tokens = slots
+            else:
+                raise UsageError(f"{key!r} cannot be changed at run time; the agent takes download_rate, "
+                                 "upload_rate and upload_slots (others: edit the config file and restart)")
+        except (TypeError, ValueError):
+            raise UsageError(f"{value!r} is not a valid value for {key}") from None
+        return await self.rpc_config_show({}, send_event)
+
+    async def rpc_sources(self, params, send_event):
+        return [{"name": s.name, "label": s.label} for s in self.sources]
+
+    async def rpc_peers(self, params, send_event):
+        return []  # the LAN swarm (libp2p) is not built yet
+
+
+def model_row(m, active: bool) -> dict:
+    return {"model": m.model_id, "revision": m.revision, "size": m.total_size, "have": m.have_bytes,
+            "state": m.state, "dir": str(m.dir), "manifest_id": m.manifest_id, "pinned": m.pinned,
+            "last_used": m.last_used, "active": active}
+
+
+async def _read_one(stream: trio.SocketStream) -> dict:
+    decoder = FrameDecoder()
+    while True:
+        data = await stream.receive_some(64 * 1024)
+        if not data:
+            raise ProtocolError("connection closed before a whole call arrived")
+        messages = decoder.feed(data)
+        if messages:
+            return messages[0]
+
+
+async def _try_send(stream, message: dict) -> None:
+    try:
+        await stream.send_all(encode_frame(message))
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+
+
+def _take_agent_lock(cache_dir: Path) -> int:
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(cache_dir / "agent.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise AgentRunning(f"another shoal agent already serves {cache_dir}; stop it first "
+                           "(systemctl stop shoal-agent) or use another SHOAL_CACHE_DIR") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def _unix_listener(path: Path, group: str | None) -> trio.SocketListener:
+    """A listening Unix socket only the owner (and ``group``) can open."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.unlink()  # stale: we hold the agent lock, so nobody else serves it
+    except FileNotFoundError:
+        pass
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old)
+    if group:
+        os.chown(path, -1, grp.getgrnam(group).gr_gid)
+        os.chmod(path, 0o660)
+    sock.listen(MAX_CONNECTIONS)
+    return trio.SocketListener(sock)
+
+
+def _peer_uid(sock) -> int:
+    creds = sock.getsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_PEERCRED, struct.calcsize("3i"))
+    _, uid, _ = struct.unpack("3i", creds)
+    return uid
+
+
+def _uid_allowed(uid: int, group: str | None) -> bool:
+    if uid in (os.getuid(), 0):
+        return True
+    if group:
+        try:
+            import pwd
+            entry = grp.getgrnam(group)
+            user = pwd.getpwuid(uid)
+            return user.pw_gid == entry.gr_gid or user.pw_name in entry.gr_mem
+        except KeyError:
+            return False
+    return False
+
+
+async def serve_agent(settings: Settings, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Run the agent until cancelled. See module docstring."""
+    agent = Agent(settings)
+    try:
+        await agent.serve(task_status=task_status)
+    finally:
+        agent.close()
