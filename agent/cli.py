@@ -56,7 +56,8 @@ class PullReporter:
                           + ")")
         elif kind == "chunk" and self.progress is not None:
             self.progress.add(event["source"], event["nbytes"], now)
-            if now - self._last_line >= (0.2 if self.tty else 0.5 if self.json_mode else 5.0):
+            settled = now - self.progress.started >= 0.5  # no speed or ETA from one tiny chunk
+            if settled and now - self._last_line >= (0.2 if self.tty else 0.5 if self.json_mode else 5.0):
                 self.render(now)
         elif kind == "file_done" and self.json_mode:
             self._json(event="file_done", path=event["path"], size=event["size"])

@@ -206,8 +206,6 @@ async def pull(ref: ModelRef, settings: Settings, *, to: Path | None = None,
 async def _run(plan: Plan, directory: Path, store: Store, sources: list[ChunkSource],
                settings: Settings, emit, rate: TokenBucket) -> PullResult:
     ref = plan.ref
-    await trio.to_thread.run_sync(store.begin, ref, directory, plan.chunk_size,
-                                  [(p, s, h) for p, s, h, _ in plan.files])
     # Check the space before the pull, not in the middle of it: preallocation would
     # fail on the first file that does not fit.
     need = 0
@@ -223,6 +221,9 @@ async def _run(plan: Plan, directory: Path, store: Store, sources: list[ChunkSou
     if need > free:
         raise DiskFull(f"{ref} needs {need} more bytes in {directory} and only {free} are free: "
                        "free some space (`shoal rm` a model you no longer need) and pull again")
+    # Only a pull that passed the checks above is recorded in the index.
+    await trio.to_thread.run_sync(store.begin, ref, directory, plan.chunk_size,
+                                  [(p, s, h) for p, s, h, _ in plan.files])
     tasks: list[FileTask] = []
     try:
         already = 0

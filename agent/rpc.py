@@ -54,7 +54,7 @@ class FrameDecoder:
             body = bytes(self._buffer[_HEADER.size:_HEADER.size + length])
             del self._buffer[:_HEADER.size + length]
             try:
-                message = msgpack.unpackb(body, raw=False, strict_map_key=True, max_buffer_size=self._max)
+                message = msgpack.unpackb(body, raw=False, strict_map_key=True)
             except Exception as e:  # msgpack raises several unrelated types on bad input
                 raise ProtocolError(f"frame is not valid msgpack ({type(e).__name__})") from e
             if not isinstance(message, dict):

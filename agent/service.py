@@ -201,7 +201,7 @@ class Agent:
                 from agent.gateway import serve_gateway
                 port = await nursery.start(serve_gateway, self, self.settings.gateway_port)
                 self.gateway_url = f"http://127.0.0.1:{port}"
-                listener = _unix_listener(self.settings.socket_path, self.settings.control_group)
+                listener = await _unix_listener(self.settings.socket_path, self.settings.control_group)
                 await nursery.start(trio.serve_listeners, self._handle_control, [listener])
                 info = {"pid": os.getpid(), "socket": str(self.settings.socket_path),
                         "gateway": self.gateway_url, "version": __version__}
@@ -385,7 +385,7 @@ def _take_agent_lock(cache_dir: Path) -> int:
     return fd
 
 
-def _unix_listener(path: Path, group: str | None) -> trio.SocketListener:
+async def _unix_listener(path: Path, group: str | None) -> trio.SocketListener:
     """A listening Unix socket only the owner (and ``group``) can open."""
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -395,7 +395,7 @@ def _unix_listener(path: Path, group: str | None) -> trio.SocketListener:
     sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
     old = os.umask(0o177)
     try:
-        sock.bind(str(path))
+        await sock.bind(str(path))
     finally:
         os.umask(old)
     if group:

@@ -16,7 +16,7 @@ import requests
 
 from agent.testing.faults import Fault
 from agent.testing.guard import OutsideConnection
-from conftest import MODEL_ID, REPO, TESTS, tree_digest
+from conftest import MODEL_ID, REPO, TESTS, run_sdk_download, tree_digest
 
 
 @pytest.mark.parametrize("auth", ["v1", "v4", "sts"])
@@ -52,17 +52,13 @@ def test_oss2_multipart_upload_and_resumable_download_round_trip(oss, tmp_path):
     assert hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(src.read_bytes()).digest()
 
 
-def test_the_modelscope_sdk_downloads_through_the_local_hub(hub, model_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("MODELSCOPE_ENDPOINT", hub.url)
-    monkeypatch.setenv("MODELSCOPE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("MODELSCOPE_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("MODELSCOPE_DOWNLOAD_INTRA_CLOUD", "false")
+def test_the_modelscope_sdk_downloads_through_the_local_hub(hub, model_dir, tmp_path):
     from modelscope.hub.api import HubApi
-    from modelscope.hub.snapshot_download import snapshot_download
     files = HubApi(endpoint=hub.url).list_repo_files(MODEL_ID, "model", revision="master")
     assert {f.path: f.sha256 for f in files} == tree_digest(model_dir)
-    local = snapshot_download(MODEL_ID, local_dir=str(tmp_path / "snap"))
-    assert tree_digest(__import__("pathlib").Path(local)) == tree_digest(model_dir)
+    proc = run_sdk_download(MODEL_ID, hub.url, tmp_path, tmp_path / "snap")
+    assert proc.returncode == 0, proc.stderr
+    assert tree_digest(tmp_path / "snap") == tree_digest(model_dir)
 
 
 def test_hub_faults_apply_to_file_content(hub, model_dir):
