@@ -371,10 +371,24 @@ def cmd_config(args) -> int:
     return 0
 
 
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: what journald and log shippers parse without rules."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"ts": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name,
+                 "msg": record.getMessage()}
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
 def cmd_agent(args) -> int:
     from agent.service import serve_agent
     settings = _settings(args)
     logging.getLogger("shoal").setLevel(logging.INFO)
+    if args.log_json:
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonLogFormatter())
 
     async def main():
         await serve_agent(settings)
@@ -471,6 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_du)
 
     p = sub.add_parser("agent", help="run the background agent (control socket, gateway, metrics)")
+    p.add_argument("--log-json", action="store_true", help="log one JSON object per line (for journald)")
     p.set_defaults(func=cmd_agent)
 
     p = sub.add_parser("status", help="what the running agent is doing")

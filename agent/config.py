@@ -108,13 +108,19 @@ _SOURCES: dict[str, tuple[str, str, object]] = {
 ENV_NAMES = {name: env for name, (env, _, _) in _SOURCES.items()}
 
 
+SYSTEM_CONFIG = Path("/etc/shoal/config.toml")
+
+
 def config_path(env: dict[str, str] | None = None) -> Path:
+    """``$SHOAL_CONFIG``, else the user's ``~/.config/shoal/config.toml`` if it exists, else the
+    machine's ``/etc/shoal/config.toml`` (which points every user's CLI at the lab agent)."""
     env = os.environ if env is None else env
     explicit = env.get("SHOAL_CONFIG")
     if explicit:
         return Path(explicit)
     base = env.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
-    return Path(base) / "shoal" / "config.toml"
+    user = Path(base) / "shoal" / "config.toml"
+    return user if user.exists() or not SYSTEM_CONFIG.exists() else SYSTEM_CONFIG
 
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000 ** 2, "mb": 1000 ** 2,

@@ -37,7 +37,8 @@ class TokenBucket:
             return
         self._refill(trio.current_time())
         self._tokens -= nbytes
-        # Sleep in short steps so a rate change (or removal) applies to sleepers too.
-        while self._rate and self._tokens < 0:
+        # Sleep in short steps so a rate change (or removal) applies to sleepers too. A debt
+        # worth under a millisecond is forgiven: chasing it would spin on float rounding.
+        while self._rate and -self._tokens / self._rate > 0.001:
             await trio.sleep(min(0.25, -self._tokens / self._rate))
             self._refill(trio.current_time())

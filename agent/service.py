@@ -230,6 +230,8 @@ class Agent:
                 with trio.fail_after(READ_TIMEOUT):
                     message = await _read_one(stream)
                 method, params = check_call(message)
+                log.log(logging.DEBUG if method in ("status", "list") else logging.INFO,
+                        "call %s %s from uid %d", method, params.get("model", ""), uid)
                 handler = getattr(self, f"rpc_{method}", None)
                 if handler is None:
                     raise ProtocolError(f"unknown method {method!r}")
