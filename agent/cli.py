@@ -19,7 +19,7 @@ from pathlib import Path
 import trio
 
 from agent.config import ENV_NAMES, Settings, load_settings
-from agent.errors import IntegrityError, ShoalError, Terminated, single_error
+from agent.errors import IntegrityError, ShoalError, Terminated, UsageError, single_error
 from agent.manifest import ModelRef
 from agent.progress import SOURCE_LABELS, Progress, human_bytes, human_time
 
@@ -137,13 +137,17 @@ def agent_client(settings: Settings):
     """A client of the running agent for this cache, or None when none runs."""
     from agent.rpc import ControlClient
     path = settings.socket_path
-    if not path.exists():
-        return None
     client = ControlClient(str(path), timeout=10)
     try:
+        if not path.exists():
+            return None
         client.call("status")
     except (ConnectionRefusedError, FileNotFoundError):
         return None  # a socket left behind by an agent that died
+    except PermissionError:
+        raise UsageError(f"you may not use the shoal agent at {path}: ask the lab admin to add you to its "
+                         "group (agent.control_group, `shoal` by default), or use a cache of your own with "
+                         "SHOAL_CACHE_DIR=~/.cache/shoal") from None
     return client
 
 

@@ -49,7 +49,7 @@ def run_demo(*, size_mb: int = 256, workdir: Path | None = None, keep: bool = Fa
             hub.add_model(DEMO_MODEL, origin_dir)
             oss.create_bucket(DEMO_BUCKET)
             say(f"[2/4] local ModelScope hub at {hub.url}, local OSS at {oss.url}")
-            env = {"SHOAL_CACHE_DIR": str(root / "cache"), "OSS_ENDPOINT": oss.url,
+            env = {"SHOAL_CONFIG": str(root / "no-config.toml"), "SHOAL_CACHE_DIR": str(root / "cache"), "OSS_ENDPOINT": oss.url,
                    "SHOAL_OSS_BUCKET": DEMO_BUCKET, "OSS_ACCESS_KEY_ID": "demo-key",
                    "OSS_ACCESS_KEY_SECRET": "demo-secret", "MODELSCOPE_ENDPOINT": hub.url,
                    "SHOAL_CHUNK_TIMEOUT": "20"}
