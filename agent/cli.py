@@ -335,9 +335,14 @@ def cmd_du(args) -> int:
 
 
 def cmd_cancel(args) -> int:
+    from agent.launcher.commands import cancel_job, is_job_id
     settings = _settings(args)
-    require_agent(settings).call("cancel", {"model": str(ModelRef.parse(args.model))})
-    print(f"cancelled the pull of {args.model}; verified chunks are kept")
+    if is_job_id(settings, args.target):
+        job = cancel_job(settings, args.target)
+        print(f"job {job.id} is {job.state}")
+        return 0
+    require_agent(settings).call("cancel", {"model": str(ModelRef.parse(args.target))})
+    print(f"cancelled the pull of {args.target}; verified chunks are kept")
     return 0
 
 
@@ -496,9 +501,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("cancel", help="cancel a pull the agent is running")
-    p.add_argument("model", metavar="OWNER/NAME[@REVISION]")
+    p = sub.add_parser("cancel", help="stop a job (by id) or a pull the agent is running (by model)")
+    p.add_argument("target", metavar="JOB|OWNER/NAME[@REVISION]")
     p.set_defaults(func=cmd_cancel)
+
+    from agent.launcher.commands import add_parsers
+    add_parsers(sub)
 
     config = sub.add_parser("config", help="show the effective settings, or change a limit at run time")
     csub = config.add_subparsers(dest="config_command", required=True, metavar="COMMAND")

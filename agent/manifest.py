@@ -46,7 +46,9 @@ DEFAULT_MAX_CHUNK = 16 * 1024 * 1024
 PARTIAL_SUFFIX = ".partial"
 HASH_LEN = 32
 
-_MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+# OWNER/NAME, or OWNER/NAME+lora/ADAPTER for a LoRA adapter trained on OWNER/NAME.
+_MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*"
+                       r"(\+lora/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 _REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -88,7 +90,8 @@ def check_model_id(model_id: object) -> str:
     if not isinstance(model_id, str) or len(model_id) > MAX_ID_CHARS or not _MODEL_ID.match(model_id):
         raise UsageError(
             f"model id {model_id!r} is not of the form OWNER/NAME "
-            "(letters, digits, '.', '_', '-'), e.g. qwen/Qwen2.5-0.5B-Instruct")
+            "(letters, digits, '.', '_', '-'), e.g. qwen/Qwen2.5-0.5B-Instruct, "
+            "or OWNER/NAME+lora/ADAPTER for an adapter")
     return model_id
 
 
@@ -202,6 +205,10 @@ class Listing:
     @property
     def total_size(self) -> int:
         return sum(f.size for f in self.files)
+
+
+def is_adapter(model_id: str) -> bool:
+    return "+lora/" in model_id
 
 
 def make_listing(model_id: str, revision: str, entries: list[tuple[object, object, object]]) -> Listing:

@@ -345,6 +345,35 @@ class Agent:
     async def rpc_sources(self, params, send_event):
         return [{"name": s.name, "label": s.label} for s in self.sources]
 
+    async def rpc_jobs(self, params, send_event):
+        from dataclasses import asdict
+        from agent.launcher.jobs import JobStore
+        return [asdict(j) for j in await trio.to_thread.run_sync(JobStore(self.settings.cache_dir).list)]
+
+    async def rpc_job_cancel(self, params, send_event):
+        from dataclasses import asdict
+        from agent.launcher.jobs import JobStore
+        job_id = params.get("job")
+        if not isinstance(job_id, str):
+            raise UsageError("'job' (a job id) is required")
+        return asdict(await trio.to_thread.run_sync(JobStore(self.settings.cache_dir).cancel, job_id))
+
+    async def rpc_job_log(self, params, send_event):
+        from agent.launcher.jobs import JobStore
+        job_id, limit = params.get("job"), params.get("bytes", 64 * 1024)
+        if not isinstance(job_id, str) or not isinstance(limit, int) or not 0 < limit <= 512 * 1024:
+            raise UsageError("'job' (a job id) is required; 'bytes' is at most 512 KiB")
+        path = JobStore(self.settings.cache_dir).log_path(job_id)
+
+        def tail() -> str:
+            with open(path, "rb") as f:
+                f.seek(max(0, path.stat().st_size - limit))
+                return f.read().decode(errors="replace")
+        try:
+            return {"job": job_id, "log": await trio.to_thread.run_sync(tail)}
+        except FileNotFoundError:
+            raise NotFound(f"no job {job_id!r}") from None
+
     async def rpc_peers(self, params, send_event):
         return []  # the LAN swarm (libp2p) is not built yet
 

@@ -437,6 +437,30 @@ class Store:
                    (mid, time.time(), time.time(), str(ref)))
         return mid
 
+    def adopt(self, ref: ModelRef, directory: Path, manifest: Manifest) -> str:
+        """Register files already in ``directory`` and described by ``manifest`` as a complete
+        model (an adapter shoal trained, say): every chunk is claimed as verified."""
+        key = str(ref)
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO models(key, model_id, revision, dir, chunk_size, total_size, state,"
+                    " updated) VALUES (?,?,?,?,?,?,?,?)",
+                    (key, ref.model_id, ref.revision, str(directory), manifest.chunk_size, manifest.total_size,
+                     "pulling", time.time()))
+                for f in manifest.files:
+                    self._db.execute("INSERT OR REPLACE INTO files(model_key, path, size, sha256, complete)"
+                                     " VALUES (?,?,?,?,1)", (key, f.path, f.size, f.sha256))
+                    self._db.executemany(
+                        "INSERT OR REPLACE INTO chunks(model_key, path, idx, hash, source) VALUES (?,?,?,?,?)",
+                        [(key, f.path, i, h, "local") for i, h in enumerate(f.chunks)])
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return self.complete(ref, manifest)
+
     def touch(self, ref: ModelRef) -> None:
         """Mark ``ref`` as just used (LRU)."""
         self._exec("UPDATE models SET last_used=? WHERE key=?", (time.time(), str(ref)))

@@ -1,0 +1,342 @@
+"""The launch commands of ``shoal``: doctor, run, serve, train, jobs, logs (and job cancel)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from agent.errors import NotFound, ShoalError, UsageError
+from agent.launcher.jobs import Job, JobStore
+from agent.manifest import ModelRef
+
+SERVE_START_TIMEOUT = 300.0
+POLL = 0.2
+
+
+def ensure_model(settings, ref: ModelRef, *, quiet: bool = False) -> Path:
+    """The directory of ``ref`` in the cache, pulling it first if it is missing or incomplete."""
+    from agent.cli import PullReporter, agent_client, run_until_signal
+    from agent.store import Store
+    store = Store(settings.cache_dir)
+    try:
+        try:
+            info = store.find(ref)
+            if info.state == "complete" and info.dir.is_dir():
+                store.touch(ref)
+                return info.dir
+        except NotFound:
+            pass
+    finally:
+        store.close()
+    print(f"{ref} is not in the cache yet: pulling it first", file=sys.stderr)
+    reporter = PullReporter(ref, json_mode=False)
+    client = agent_client(settings)
+    if client is not None:
+        result = client.call("pull", {"model": str(ref)}, on_event=reporter.event, timeout=600)
+    else:
+        from agent.pull import event_to_wire, pull, result_to_wire
+        result = result_to_wire(run_until_signal(
+            lambda: pull(ref, settings, emit=lambda e: reporter.event(event_to_wire(e)))))
+    reporter.finish(result)
+    return Path(result["directory"])
+
+
+def _report():
+    from agent.launcher.devices import detect
+    return detect()
+
+
+def cmd_doctor(args) -> int:
+    from agent.launcher.devices import engine_for
+    report = _report()
+    if args.json:
+        print(json.dumps({"device": report.kind, "names": report.names, "memory": report.memory,
+                          "backends": report.backends,
+                          "engines": {c: engine_for(c, report) for c in ("run", "serve", "train")}}, indent=2))
+        return 0
+    print(f"device: {report.kind}")
+    for i, name in enumerate(report.names):
+        memory = f", {report.memory[i] / 2 ** 30:.1f} GiB" if i < len(report.memory) else ""
+        print(f"  [{i}] {name}{memory}")
+    print("backends:")
+    for dist, version in report.backends.items():
+        print(f"  {dist:13} {version or 'not installed'}")
+    print("engines:")
+    for command in ("run", "serve", "train"):
+        print(f"  shoal {command:6} -> {engine_for(command, report) or 'none (pip install shoal[run])'}")
+    return 0
+
+
+def _wait_final(jobs: JobStore, job: Job, *, on_tick=None) -> Job:
+    try:
+        while not job.final:
+            time.sleep(POLL)
+            job = jobs.get(job.id)
+            if on_tick:
+                on_tick(job)
+    except KeyboardInterrupt:
+        print(f"\nshoal: stopping job {job.id} ...", file=sys.stderr)
+        jobs.cancel(job.id)
+        raise
+    return job
+
+
+def _log_tail(jobs: JobStore, job: Job, lines: int = 15) -> str:
+    try:
+        text = jobs.log_path(job.id).read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _failed(jobs: JobStore, job: Job) -> ShoalError:
+    tail = _log_tail(jobs, job, 200).splitlines()
+    ours = [line for line in tail if line.startswith("shoal: ")]  # our own diagnosis, when we made one
+    shown = "\n".join(ours[-3:]) if ours else "\n".join(tail[-15:])
+    error = ShoalError(f"job {job.id} {job.state} (exit {job.exit_code}); from its log "
+                       f"(`shoal logs {job.id}` for all):\n{shown}")
+    error.title = "Job failed" if job.state == "failed" else "Job cancelled"
+    return error
+
+
+def _common(args):
+    from agent.cli import _settings
+    from agent.launcher.launch import check_device, choose_engine
+    settings = _settings(args)
+    report = _report()
+    device = check_device(args.device, report)
+    return settings, report, device, choose_engine
+
+
+def cmd_run(args) -> int:
+    from agent.launcher.launch import chat_argv, resolve_adapter
+    settings, report, device, choose_engine = _common(args)
+    engine = choose_engine("run", report, args.engine)
+    ref = ModelRef.parse(args.model)
+    adapter = resolve_adapter(settings, ref, args.adapter) if args.adapter else None
+    model_dir = ensure_model(settings, ref)
+    argv = chat_argv(model_dir, adapter_dir=adapter, prompt=args.prompt, engine=engine, device=device,
+                     max_new_tokens=args.max_new_tokens, model_type=args.model_type, template=args.template)
+    jobs = JobStore(settings.cache_dir)
+    detail = {"engine": engine, "device": device, "adapter": args.adapter}
+    if args.prompt is None:
+        job = jobs.run_foreground("chat", str(ref), argv, detail=detail)
+        return 0 if job.state == "done" else 1
+    job = jobs.start("run", str(ref), argv, detail=detail)
+    job = _wait_final(jobs, job)
+    if job.state != "done":
+        raise _failed(jobs, job)
+    for line in reversed(jobs.log_path(job.id).read_text(errors="replace").splitlines()):
+        if line.startswith('{"reply"'):
+            reply = json.loads(line)["reply"]
+            print(json.dumps({"job": job.id, "reply": reply}) if args.json else reply)
+            return 0
+    raise ShoalError(f"job {job.id} ended without a reply; see `shoal logs {job.id}`")
+
+
+def cmd_serve(args) -> int:
+    from agent.launcher.launch import resolve_adapter, serve_argv
+    settings, report, device, choose_engine = _common(args)
+    engine = choose_engine("serve", report, args.engine)
+    ref = ModelRef.parse(args.model)
+    adapter = (args.adapter, resolve_adapter(settings, ref, args.adapter)) if args.adapter else None
+    model_dir = ensure_model(settings, ref)
+    argv = serve_argv(model_dir, host=args.host, port=args.port, engine=engine, adapter=adapter,
+                      model_type=args.model_type, template=args.template, served_name=ref.model_id)
+    jobs = JobStore(settings.cache_dir)
+    url = f"http://{args.host if args.host != '0.0.0.0' else '127.0.0.1'}:{args.port}"
+    job = jobs.start("serve", str(ref), argv, detail={"engine": engine, "url": url + "/v1", "device": device})
+    deadline = time.monotonic() + SERVE_START_TIMEOUT
+    try:
+        while True:
+            job = jobs.get(job.id)
+            if job.final:
+                raise _failed(jobs, job)
+            try:
+                with urllib.request.urlopen(url + "/v1/models", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except (urllib.error.URLError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                jobs.cancel(job.id)
+                raise ShoalError(f"the server did not answer on {url} within {SERVE_START_TIMEOUT:.0f} s; "
+                                 f"stopped it. Its log: `shoal logs {job.id}`")
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        jobs.cancel(job.id)
+        raise
+    print(f"serving {ref.model_id} at {url}/v1 (OpenAI-compatible, model name {ref.model_id!r}); "
+          f"job {job.id}", flush=True)
+    if args.detach:
+        print(f"`shoal cancel {job.id}` stops it; `shoal logs {job.id}` shows its log")
+        return 0
+    print("Ctrl-C stops it", file=sys.stderr, flush=True)
+    job = _wait_final(jobs, job)
+    return 0 if job.state in ("done", "cancelled") else 1
+
+
+def cmd_train(args) -> int:
+    from agent.launcher.launch import TrainSpec, adapter_ref, load_train_file, read_progress, train_argv
+    settings, report, device, choose_engine = _common(args)
+    engine = choose_engine("train", report, args.engine)
+    ref = ModelRef.parse(args.model)
+    values = load_train_file(Path(args.config)) if args.config else {}
+    flags = {k: getattr(args, k) for k in ("dataset", "name", "tuner", "target_modules", "rank", "alpha",
+                                           "learning_rate", "epochs", "max_steps") if getattr(args, k) is not None}
+    values.update(flags)
+    if "dataset" not in values or "name" not in values:
+        raise UsageError("training needs --dataset FILE and --name ADAPTER (or both in --config)")
+    try:
+        spec = TrainSpec(**{**values, "dataset": Path(values["dataset"])}).check()
+    except TypeError as e:
+        raise UsageError(f"unknown training setting: {e}") from None
+    target = adapter_ref(ref, spec.name)
+    from agent.store import Store
+    store = Store(settings.cache_dir)
+    try:
+        if store.default_dir(target).exists():
+            raise UsageError(f"an adapter named {spec.name!r} for {ref.model_id} exists already; pick another --name")
+    finally:
+        store.close()
+    model_dir = ensure_model(settings, ref)
+    jobs = JobStore(settings.cache_dir)
+    job = jobs.start("train", str(ref), [], detail={"engine": engine, "device": device, "adapter": spec.name},
+                     build_argv=lambda job_dir: train_argv(model_dir, spec, job_dir / "output", engine=engine,
+                                                           model_type=args.model_type, template=args.template),
+                     on_success={"register_adapter": {"base": str(ref), "name": spec.name}})
+    if args.detach:
+        print(f"training job {job.id} started; `shoal logs {job.id}` follows it, the adapter is registered "
+              f"as {target.model_id} when it ends")
+        return 0
+    output = jobs.dir(job.id) / "output"
+    shown = 0
+
+    def tick(current: Job) -> None:
+        nonlocal shown
+        steps, _ = read_progress(output)
+        for entry in steps[shown:]:
+            line = {"job": current.id, **entry} if args.json else (
+                f"step {entry['step']}/{entry['max_steps']}  loss {entry['loss']:.4f}  "
+                f"lr {entry['learning_rate'] or 0:.2e}  ETA {entry['remaining'] or '-'}")
+            print(json.dumps(line) if args.json else line, flush=True)
+        shown = len(steps)
+    print(f"training {target.model_id} with {engine} on {device} (job {job.id}); Ctrl-C stops it",
+          file=sys.stderr, flush=True)
+    job = _wait_final(jobs, job, on_tick=tick)
+    tick(job)
+    if job.state != "done":
+        raise _failed(jobs, job)
+    message = f"adapter registered as {target.model_id}; try: shoal run {ref.model_id} --adapter {spec.name}"
+    print(json.dumps({"job": job.id, "adapter": target.model_id}) if args.json else message)
+    return 0
+
+
+def cmd_jobs(args) -> int:
+    from agent.cli import _settings, _table
+    jobs = JobStore(_settings(args).cache_dir).list()
+    if args.json:
+        from dataclasses import asdict
+        print(json.dumps([asdict(j) for j in jobs], indent=2))
+        return 0
+    if not jobs:
+        print("no jobs yet; `shoal run`, `shoal serve` and `shoal train` start them")
+        return 0
+    rows = [("ID", "KIND", "MODEL", "STATE", "STARTED", "EXIT", "DETAIL")]
+    for j in jobs:
+        extra = j.detail.get("url") or (f"adapter {j.detail['adapter']}" if j.detail.get("adapter") else "")
+        rows.append((j.id, j.kind, j.model, j.state, time.strftime("%m-%d %H:%M:%S", time.localtime(j.created)),
+                     "" if j.exit_code is None else str(j.exit_code), extra))
+    _table(rows)
+    return 0
+
+
+def cmd_logs(args) -> int:
+    from agent.cli import _settings
+    jobs = JobStore(_settings(args).cache_dir)
+    job = jobs.get(args.job)
+    path = jobs.log_path(job.id)
+    with open(path, "rb") as f:
+        while True:
+            data = f.read(65536)
+            if data:
+                sys.stdout.write(data.decode(errors="replace"))
+                sys.stdout.flush()
+                continue
+            if not args.follow or jobs.get(job.id).final:
+                return 0
+            time.sleep(POLL)
+
+
+def is_job_id(settings, target: str) -> bool:
+    try:
+        return (JobStore(settings.cache_dir).dir(target) / "job.json").exists()
+    except NotFound:
+        return False
+
+
+def cancel_job(settings, job_id: str) -> Job:
+    return JobStore(settings.cache_dir).cancel(job_id)
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("doctor", help="what device and backends this machine has, and what each command uses")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_doctor)
+
+    def launch_flags(p, engines):
+        p.add_argument("model", metavar="OWNER/NAME[@REVISION]")
+        p.add_argument("--adapter", metavar="NAME", help="a LoRA adapter trained with `shoal train --name NAME`")
+        p.add_argument("--device", choices=["auto", "cuda", "npu", "mps", "cpu"], default="auto")
+        p.add_argument("--engine", choices=engines, help="default: the best installed (see `shoal doctor`)")
+
+    p = sub.add_parser("run", help="chat with a model on this machine (pulls it first if needed)")
+    launch_flags(p, ["swift", "vllm", "lmdeploy", "transformers"])
+    p.add_argument("--prompt", help="one message; print the reply and exit")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--model-type", help="ms-swift model type, when it cannot tell from the files")
+    p.add_argument("--template", help="ms-swift chat template, when it cannot tell from the files")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible API (ms-swift deploy)")
+    launch_flags(p, ["swift", "vllm", "lmdeploy"])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model-type", help="ms-swift model type, when it cannot tell from the files")
+    p.add_argument("--template", help="ms-swift chat template, when it cannot tell from the files")
+    p.add_argument("--detach", action="store_true", help="return once serving; stop it with `shoal cancel JOB`")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("train", help="LoRA fine-tuning on this machine (ms-swift sft, or transformers+peft)")
+    p.add_argument("model", metavar="OWNER/NAME[@REVISION]")
+    p.add_argument("--dataset", help="JSONL chat records: {\"messages\": [{\"role\", \"content\"}, ...]}")
+    p.add_argument("--name", help="the adapter's name: it becomes OWNER/NAME+lora/ADAPTER in the cache")
+    p.add_argument("--config", help="a YAML or JSON file with these settings (flags win)")
+    p.add_argument("--tuner", choices=["lora", "qlora"])
+    p.add_argument("--target-modules", dest="target_modules", help="comma-separated, or all-linear")
+    p.add_argument("--rank", type=int)
+    p.add_argument("--alpha", type=int)
+    p.add_argument("--lr", dest="learning_rate", type=float)
+    p.add_argument("--epochs", type=float)
+    p.add_argument("--max-steps", dest="max_steps", type=int)
+    p.add_argument("--device", choices=["auto", "cuda", "npu", "mps", "cpu"], default="auto")
+    p.add_argument("--engine", choices=["swift", "transformers"])
+    p.add_argument("--model-type", help="ms-swift model type, when it cannot tell from the files")
+    p.add_argument("--template", help="ms-swift chat template, when it cannot tell from the files")
+    p.add_argument("--detach", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("jobs", help="launched jobs and their state")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_jobs)
+
+    p = sub.add_parser("logs", help="a job's log")
+    p.add_argument("job", metavar="JOB")
+    p.add_argument("-f", "--follow", action="store_true")
+    p.set_defaults(func=cmd_logs)
