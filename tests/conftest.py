@@ -85,7 +85,8 @@ def run_shoal(args: list[str], env: dict[str, str], *, timeout: float = 120,
     """Run the real ``shoal`` command in a subprocess (loopback guard installed there too)."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("OSS_", "SHOAL_", "MODELSCOPE_"))}
     full_env.update(env)
-    full_env["PYTHONPATH"] = os.pathsep.join([str(TESTS / "loopback_guard"), str(REPO)])
+    full_env["PYTHONPATH"] = full_env.pop("SHOAL_TEST_PYTHONPATH", None) or os.pathsep.join(
+        [str(TESTS / "loopback_guard"), str(REPO)])
     proc = subprocess.run([sys.executable, "-m", "agent.cli", *args], env=full_env, capture_output=True,
                           text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     if check and proc.returncode != 0:
@@ -96,7 +97,8 @@ def run_shoal(args: list[str], env: dict[str, str], *, timeout: float = 120,
 def popen_shoal(args: list[str], env: dict[str, str]) -> subprocess.Popen:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("OSS_", "SHOAL_", "MODELSCOPE_"))}
     full_env.update(env)
-    full_env["PYTHONPATH"] = os.pathsep.join([str(TESTS / "loopback_guard"), str(REPO)])
+    full_env["PYTHONPATH"] = full_env.pop("SHOAL_TEST_PYTHONPATH", None) or os.pathsep.join(
+        [str(TESTS / "loopback_guard"), str(REPO)])
     return subprocess.Popen([sys.executable, "-m", "agent.cli", *args], env=full_env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
 

@@ -283,3 +283,22 @@ def test_config_show_masks_secrets_and_set_changes_a_limit(agent, agent_env):
     assert json.loads(run_shoal(["status", "--json"], agent_env, check=True).stdout)["download_rate"] == 5_000_000
     proc = run_shoal(["config", "set", "upload_slots", "0"], agent_env)
     assert proc.returncode == 2
+
+
+def test_the_control_api_lists_and_cancels_jobs(agent, agent_env):
+    from agent.launcher.jobs import JobStore
+    from agent.rpc import ControlClient
+    jobs = JobStore(agent_env["SHOAL_CACHE_DIR"])
+    job = jobs.start("run", "lab/x", [sys.executable, "-c", "import time; print('working', flush=True); time.sleep(60)"])
+    client = ControlClient(str(Path(agent_env["SHOAL_CACHE_DIR"]) / "agent.sock"))
+    deadline = time.monotonic() + 20
+    while client.call("jobs")[0]["state"] != "running" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    [listed] = client.call("jobs")
+    assert listed["id"] == job.id and listed["state"] == "running"
+    while "working" not in client.call("job_log", {"job": job.id})["log"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    cancelled = client.call("job_cancel", {"job": job.id})
+    assert cancelled["state"] == "cancelled"
+    with pytest.raises(Exception, match="no job"):
+        client.call("job_log", {"job": "nope"})

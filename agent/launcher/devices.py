@@ -32,7 +32,11 @@ class DeviceReport:
 def installed_backends() -> dict[str, str | None]:
     found = {}
     for dist, module in BACKENDS.items():
-        if importlib.util.find_spec(module) is None:
+        try:
+            spec = importlib.util.find_spec(module)
+        except (ImportError, ValueError):  # a broken or deliberately hidden install
+            spec = None
+        if spec is None:
             found[dist] = None
             continue
         try:
