@@ -391,6 +391,15 @@ class JsonLogFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+def cmd_tui(args) -> int:
+    try:
+        from tui.app import run_tui
+    except ImportError as e:
+        raise UsageError(f"the terminal UI needs Textual ({e.name}): pip install shoal") from None
+    flags = {k: v for k, v in (("model_type", args.model_type), ("template", args.template)) if v}
+    return run_tui(_settings(args), flags)
+
+
 def cmd_agent(args) -> int:
     from agent.service import serve_agent
     settings = _settings(args)
@@ -507,6 +516,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from agent.launcher.commands import add_parsers
     add_parsers(sub)
+
+    p = sub.add_parser("tui", help="the terminal UI: browse, pull, watch, chat, train")
+    p.add_argument("--model-type", help="ms-swift model type for chats and training started from the UI")
+    p.add_argument("--template", help="ms-swift chat template for chats and training started from the UI")
+    p.set_defaults(func=cmd_tui)
 
     config = sub.add_parser("config", help="show the effective settings, or change a limit at run time")
     csub = config.add_subparsers(dest="config_command", required=True, metavar="COMMAND")

@@ -74,6 +74,7 @@ class ActivePull:
     holders: int = 0
     plan: dict | None = None
     fetched: int = 0
+    by_source: dict = field(default_factory=dict)
     result: dict | None = None
     error: ShoalError | None = None
     cancelled_by: str | None = None
@@ -83,6 +84,7 @@ class ActivePull:
             self.plan = event
         elif event["type"] == "chunk":
             self.fetched += event["nbytes"]
+            self.by_source[event["source"]] = self.by_source.get(event["source"], 0) + event["nbytes"]
         for channel in list(self.subscribers):
             try:
                 channel.send_nowait(event)
@@ -96,7 +98,7 @@ class ActivePull:
         total = self.plan["total_bytes"] if self.plan else 0
         done = (self.plan["already_bytes"] if self.plan else 0) + self.fetched
         return {"model": str(self.ref), "done_bytes": min(done, total), "total_bytes": total,
-                "clients": self.holders}
+                "clients": self.holders, "by_source": dict(self.by_source)}
 
 
 class Agent:
@@ -112,10 +114,16 @@ class Agent:
         self.pulls: dict[str, ActivePull] = {}
         self.metrics = Metrics(self)
         self.started = time.time()
+        from agent.launcher.jobs import JobStore
+        from agent.launcher.sessions import ChatSessions
+        self.jobs = JobStore(settings.cache_dir)
+        self.chats = ChatSessions(self.jobs)
+        self._devices: dict | None = None
         self.gateway_url: str | None = None
         self._nursery: trio.Nursery | None = None
 
     def close(self) -> None:
+        self.chats.close_all()
         for source in self.sources:
             source.close()
         self.store.close()
@@ -347,23 +355,23 @@ class Agent:
 
     async def rpc_jobs(self, params, send_event):
         from dataclasses import asdict
-        from agent.launcher.jobs import JobStore
-        return [asdict(j) for j in await trio.to_thread.run_sync(JobStore(self.settings.cache_dir).list)]
+        return [asdict(j) for j in await trio.to_thread.run_sync(self.jobs.list)]
 
     async def rpc_job_cancel(self, params, send_event):
         from dataclasses import asdict
-        from agent.launcher.jobs import JobStore
         job_id = params.get("job")
         if not isinstance(job_id, str):
             raise UsageError("'job' (a job id) is required")
-        return asdict(await trio.to_thread.run_sync(JobStore(self.settings.cache_dir).cancel, job_id))
+        if job_id in self.chats.sessions:
+            self.chats.close(job_id)
+            return asdict(self.jobs.get(job_id))
+        return asdict(await trio.to_thread.run_sync(self.jobs.cancel, job_id))
 
     async def rpc_job_log(self, params, send_event):
-        from agent.launcher.jobs import JobStore
         job_id, limit = params.get("job"), params.get("bytes", 64 * 1024)
         if not isinstance(job_id, str) or not isinstance(limit, int) or not 0 < limit <= 512 * 1024:
             raise UsageError("'job' (a job id) is required; 'bytes' is at most 512 KiB")
-        path = JobStore(self.settings.cache_dir).log_path(job_id)
+        path = self.jobs.log_path(job_id)
 
         def tail() -> str:
             with open(path, "rb") as f:
@@ -373,6 +381,107 @@ class Agent:
             return {"job": job_id, "log": await trio.to_thread.run_sync(tail)}
         except FileNotFoundError:
             raise NotFound(f"no job {job_id!r}") from None
+
+    async def rpc_model_detail(self, params, send_event):
+        ref = self._ref(params)
+        info = await trio.to_thread.run_sync(self.store.find, ref)
+        files = await trio.to_thread.run_sync(self.store.chunk_map, ref)
+        return {**model_row(info, str(ref) in self.pulls), "files": files, "peers": []}
+
+    async def rpc_mirror_models(self, params, send_event):
+        oss = next((s for s in self.sources if s.name == "oss"), None)
+        if oss is None:
+            return []
+        found = await trio.to_thread.run_sync(oss.list_models)
+        return [{"model": m, "revision": r} for m, r in found]
+
+    async def _devices_report(self) -> dict:
+        # Detection imports torch: done once, in a child process, so the agent never loads it.
+        if self._devices is None:
+            import sys
+            result = await trio.run_process([sys.executable, "-m", "agent.cli", "doctor", "--json"],
+                                            capture_stdout=True, capture_stderr=True, check=False)
+            if result.returncode != 0:
+                raise ShoalError(f"device detection failed: {result.stderr.decode(errors='replace')[-500:]}")
+            self._devices = json.loads(result.stdout)
+        return self._devices
+
+    async def _engine(self, command: str, requested: str | None) -> tuple[str, str]:
+        from agent.launcher.devices import DeviceReport
+        from agent.launcher.launch import choose_engine
+        report = await self._devices_report()
+        device = DeviceReport(report["device"], report["names"], report["memory"], report["backends"])
+        return choose_engine(command, device, requested), device.kind
+
+    async def _ensure_model(self, ref: ModelRef, send_event) -> Path:
+        info = None
+        try:
+            info = await trio.to_thread.run_sync(self.store.find, ref)
+        except NotFound:
+            pass
+        if info is None or info.state != "complete":
+            result = await self.follow(self.start_pull(ref, None), send_event)
+            return Path(result["directory"])
+        return info.dir
+
+    async def rpc_chat_open(self, params, send_event):
+        from agent.launcher.launch import chat_argv, resolve_adapter
+        ref = self._ref(params)
+        engine, device = await self._engine("run", params.get("engine"))
+        adapter = None
+        if params.get("adapter"):
+            adapter = await trio.to_thread.run_sync(resolve_adapter, self.settings, ref, str(params["adapter"]))
+        model_dir = await self._ensure_model(ref, send_event)
+        argv = chat_argv(model_dir, adapter_dir=adapter, prompt=None, engine=engine, device=device,
+                         max_new_tokens=int(params.get("max_new_tokens", 128)), jsonl=True,
+                         model_type=params.get("model_type"), template=params.get("template"))
+        session = await self.chats.open(str(ref), argv, {"engine": engine, "device": device,
+                                                           "adapter": params.get("adapter")})
+        return {"session": session.job.id, "engine": engine, "device": device}
+
+    async def rpc_chat_send(self, params, send_event):
+        session = self.chats.get(str(params.get("session")))
+        content = params.get("content")
+        if not isinstance(content, str) or not content.strip():
+            raise UsageError("'content' (the message) is required")
+
+        async def delta(text: str) -> None:
+            await send_event({"type": "delta", "text": text})
+        return {"reply": await session.send(content, delta)}
+
+    async def rpc_chat_close(self, params, send_event):
+        self.chats.close(str(params.get("session")))
+        return {"closed": params.get("session")}
+
+    async def rpc_train_start(self, params, send_event):
+        from dataclasses import asdict
+        from agent.launcher.launch import TrainSpec, adapter_ref, train_argv
+        ref = self._ref(params)
+        try:
+            spec = TrainSpec(**{k: params[k] for k in ("name", "tuner", "target_modules", "rank", "alpha",
+                                                         "learning_rate", "epochs", "max_steps") if k in params},
+                             dataset=Path(str(params.get("dataset", ""))))
+        except TypeError as e:
+            raise UsageError(f"bad training settings: {e}") from None
+        await trio.to_thread.run_sync(spec.check)
+        target = adapter_ref(ref, spec.name)
+        if self.store.default_dir(target).exists():
+            raise UsageError(f"an adapter named {spec.name!r} for {ref.model_id} exists already; pick another name")
+        engine, device = await self._engine("train", params.get("engine"))
+        model_dir = await self._ensure_model(ref, send_event)
+        job = await trio.to_thread.run_sync(lambda: self.jobs.start(
+            "train", str(ref), [], detail={"engine": engine, "device": device, "adapter": spec.name},
+            build_argv=lambda job_dir: train_argv(model_dir, spec, job_dir / "output", engine=engine,
+                                                  model_type=params.get("model_type"), template=params.get("template")),
+            on_success={"register_adapter": {"base": str(ref), "name": spec.name}}))
+        return asdict(job)
+
+    async def rpc_job_progress(self, params, send_event):
+        from dataclasses import asdict
+        from agent.launcher.launch import read_progress
+        job = await trio.to_thread.run_sync(self.jobs.get, str(params.get("job")))
+        steps, final = await trio.to_thread.run_sync(read_progress, self.jobs.dir(job.id) / "output")
+        return {"job": asdict(job), "steps": steps, "final": final}
 
     async def rpc_peers(self, params, send_event):
         return []  # the LAN swarm (libp2p) is not built yet

@@ -461,6 +461,23 @@ class Store:
                 raise
         return self.complete(ref, manifest)
 
+    def chunk_map(self, ref: ModelRef) -> list[dict]:
+        """Per file: path, size, complete, and the source of each chunk (None: missing)."""
+        key = str(ref)
+        rows = self._exec("SELECT chunk_size FROM models WHERE key=?", (key,))
+        if not rows:
+            raise NotFound(f"{ref} is not in the cache")
+        chunk_size = rows[0][0]
+        files = []
+        for path, size, complete in self._exec(
+                "SELECT path, size, complete FROM files WHERE model_key=? ORDER BY path", (key,)):
+            sources = [None] * chunk_count(size, chunk_size)
+            for idx, source in self._exec("SELECT idx, source FROM chunks WHERE model_key=? AND path=?", (key, path)):
+                if idx < len(sources):
+                    sources[idx] = source
+            files.append({"path": path, "size": size, "complete": bool(complete), "chunks": sources})
+        return files
+
     def touch(self, ref: ModelRef) -> None:
         """Mark ``ref`` as just used (LRU)."""
         self._exec("UPDATE models SET last_used=? WHERE key=?", (time.time(), str(ref)))

@@ -140,9 +140,12 @@ def _swift_model_flags(model_type: str | None, template: str | None) -> list[str
 
 
 def chat_argv(model_dir: Path, *, adapter_dir: Path | None, prompt: str | None, engine: str, device: str,
-              max_new_tokens: int = 64, model_type: str | None = None, template: str | None = None) -> list[str]:
+              max_new_tokens: int = 64, model_type: str | None = None, template: str | None = None,
+              jsonl: bool = False) -> list[str]:
     argv = [sys.executable, "-m", "agent.launcher.runner", "chat", "--model", str(model_dir),
             "--engine", engine, "--device", device, "--max-new-tokens", str(max_new_tokens)]
+    if jsonl:
+        argv.append("--jsonl")
     if model_type:
         argv += ["--model-type", model_type]
     if template:

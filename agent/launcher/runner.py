@@ -100,6 +100,8 @@ def chat(args) -> int:
         text = "".join(bot.reply([{"role": "user", "content": args.prompt}], args.max_new_tokens, False))
         print(json.dumps({"reply": text}), flush=True)
         return 0
+    if args.jsonl:
+        return chat_jsonl(bot, args)
     history: list[dict] = []
     print("shoal chat: type a message, Enter to send, Ctrl-D to quit", file=sys.stderr, flush=True)
     for line in sys.stdin:
@@ -113,6 +115,28 @@ def chat(args) -> int:
             print(piece, end="", flush=True)
         print(flush=True)
         history.append({"role": "assistant", "content": "".join(parts)})
+    return 0
+
+
+def chat_jsonl(bot, args) -> int:
+    """The agent's chat sessions: ``{"content": ...}`` a line in; ``{"delta": ...}`` pieces and
+    ``{"done": true, "reply": ...}`` out; ``{"ready": true}`` once the model is loaded."""
+    out = sys.stdout
+    print(json.dumps({"ready": True}), file=out, flush=True)
+    history: list[dict] = []
+    for line in sys.stdin:
+        try:
+            content = json.loads(line)["content"]
+        except (ValueError, KeyError, TypeError):
+            print(json.dumps({"error": "expected {\"content\": ...}"}), file=out, flush=True)
+            continue
+        history.append({"role": "user", "content": str(content)})
+        parts = []
+        for piece in bot.reply(history, args.max_new_tokens, args.engine != "transformers"):
+            parts.append(piece)
+            print(json.dumps({"delta": piece}), file=out, flush=True)
+        history.append({"role": "assistant", "content": "".join(parts)})
+        print(json.dumps({"done": True, "reply": "".join(parts)}), file=out, flush=True)
     return 0
 
 
@@ -178,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--model-type")
     p.add_argument("--template")
+    p.add_argument("--jsonl", action="store_true", help="JSON lines on stdin/stdout (the agent's chat sessions)")
     p.set_defaults(func=chat)
     p = sub.add_parser("train")
     p.add_argument("--model", required=True)

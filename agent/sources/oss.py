@@ -123,6 +123,23 @@ class OssSource(ChunkSource):
         except (oss2.exceptions.OssError, *_NETWORK_ERRORS) as e:
             raise self._error(e, f"reading manifest of {ref} from OSS") from e
 
+    def list_models(self, limit: int = 50_000) -> list[tuple[str, str]]:
+        """(model id, revision) of every complete revision in the mirror (a manifest object)."""
+        found, seen = [], 0
+        base = normalise_prefix(self.prefix)
+        try:
+            for obj in oss2.ObjectIteratorV2(self.bucket, prefix=base, max_keys=1000):
+                seen += 1
+                if seen > limit:
+                    break
+                if obj.key.endswith("/" + MANIFEST_NAME):
+                    parts = obj.key[len(base):].split("/")
+                    if len(parts) >= 4:
+                        found.append(("/".join(parts[:-2]), parts[-2]))
+        except (oss2.exceptions.OssError, *_NETWORK_ERRORS) as e:
+            raise self._error(e, "listing the OSS mirror") from e
+        return found
+
     def fetch(self, ref: ModelRef, request: ChunkRequest, into: memoryview, deadline: float) -> None:
         key = file_key(self.prefix, ref, request.path)
         what = f"OSS {key} [{request.offset}+{request.length}]"

@@ -1,0 +1,63 @@
+"""The UI's only way to the agent: the control API client, run off the UI thread.
+
+``AgentLink.connect`` finds the agent of the configured cache, or starts an embedded one
+(``shoal agent`` as a child process, stopped when the UI exits). Every call is blocking
+underneath and is made from Textual thread workers; events of a streaming call come back
+through a callback the caller marshals onto the UI thread.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from agent.config import Settings
+from agent.errors import ShoalError
+from agent.rpc import ControlClient
+
+START_TIMEOUT = 30.0
+
+
+class AgentLink:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.client = ControlClient(str(settings.socket_path), timeout=30)
+        self.embedded: subprocess.Popen | None = None
+
+    def connect(self) -> str:
+        """'running' if an agent was there, 'embedded' if we started one. Blocking."""
+        try:
+            self.client.call("status")
+            return "running"
+        except (FileNotFoundError, ConnectionRefusedError):
+            pass
+        log = open(Path(self.settings.cache_dir) / "tui-agent.log", "ab") if Path(
+            self.settings.cache_dir).is_dir() else subprocess.DEVNULL
+        self.embedded = subprocess.Popen([sys.executable, "-m", "agent.cli", "agent"], stdin=subprocess.DEVNULL,
+                                         stdout=log, stderr=log, env=dict(os.environ))
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.embedded.poll() is not None:
+                raise ShoalError(f"the embedded agent exited ({self.embedded.returncode}); "
+                                 f"see {self.settings.cache_dir}/tui-agent.log")
+            try:
+                self.client.call("status")
+                return "embedded"
+            except (FileNotFoundError, ConnectionRefusedError):
+                time.sleep(0.1)
+        raise ShoalError("the embedded agent did not start in 30 s")
+
+    def call(self, method: str, params: dict | None = None, on_event=None, timeout: float | None = None):
+        return self.client.call(method, params, on_event=on_event, timeout=timeout)
+
+    def close(self) -> None:
+        if self.embedded is not None and self.embedded.poll() is None:
+            self.embedded.terminate()
+            try:
+                self.embedded.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.embedded.kill()
+        self.embedded = None

@@ -1,0 +1,1 @@
+"""Screens pushed over the tabs, one per file."""

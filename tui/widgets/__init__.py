@@ -1,0 +1,1 @@
+"""Widgets of the shoal UI, one per file."""

@@ -1,0 +1,33 @@
+"""A map of a file's chunks, one cell each, coloured by the source that supplied it."""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.widgets import Static
+
+from tui.widgets.source_bar import COLOURS
+
+LEGEND = [("lan", "LAN"), ("oss", "OSS"), ("modelscope", "ModelScope"), ("local", "local"), ("missing", "missing")]
+
+
+def chunk_text(files: list[dict], width: int = 64) -> Text:
+    text = Text()
+    for f in files:
+        text.append(f"{f['path']}\n", style="bold")
+        chunks = f["chunks"] or []
+        for i, source in enumerate(chunks):
+            text.append("■", style=COLOURS.get(source or "missing", "white"))
+            if (i + 1) % width == 0:
+                text.append("\n")
+        if not chunks:
+            text.append("(empty file)", style="dim")
+        text.append("\n")
+    text.append("\n")
+    for key, label in LEGEND:
+        text.append("■ ", style=COLOURS[key]).append(f"{label}  ")
+    return text
+
+
+class ChunkMap(Static):
+    def show(self, files: list[dict]) -> None:
+        self.update(chunk_text(files))

@@ -1,0 +1,76 @@
+"""The Models tab: every model shoal knows (cache, OSS mirror, LAN peers), filtered as you type."""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.containers import Vertical
+from textual.widgets import DataTable, Input
+
+from agent.progress import human_bytes
+
+COLUMNS = ("Model", "Revision", "Where", "Size", "Complete", "Peers", "Pinned")
+
+
+def model_rows(models: list[dict], mirror: list[dict], active: set[str]) -> list[tuple[str, tuple]]:
+    """(key, row) for the table: cached models first, then mirror-only ones."""
+    rows, cached = [], set()
+    for m in models:
+        key = f"{m['model']}@{m['revision']}"
+        cached.add(key)
+        pct = 100.0 * m["have"] / m["size"] if m["size"] else 100.0
+        where = "cache+mirror" if any(f"{x['model']}@{x['revision']}" == key for x in mirror) else "cache"
+        state = "pulling" if key in active else f"{pct:.0f}%"
+        rows.append((key, (m["model"], m["revision"], where, human_bytes(m["size"]), state, "0",
+                           "yes" if m.get("pinned") else "")))
+    for x in mirror:
+        key = f"{x['model']}@{x['revision']}"
+        if key not in cached:
+            rows.append((key, (x["model"], x["revision"], "mirror", "-", "pulling" if key in active else "-",
+                               "0", "")))
+    return rows
+
+
+class ModelsPane(Vertical):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._rows: list[tuple[str, tuple]] = []
+
+    def compose(self) -> ComposeResult:
+        yield Input(placeholder="filter models (type to filter; a full OWNER/NAME + p pulls it)", id="model-filter")
+        table = DataTable(id="models-table", cursor_type="row", zebra_stripes=True)
+        table.add_columns(*COLUMNS)
+        yield table
+
+    def show(self, rows: list[tuple[str, tuple]]) -> None:
+        self._rows = rows
+        self._render()
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        self._render()
+
+    def _render(self) -> None:
+        table = self.query_one(DataTable)
+        wanted = self.query_one(Input).value.strip().lower()
+        selected = self.selected()
+        table.clear()
+        for key, row in self._rows:
+            if wanted and wanted not in key.lower():
+                continue
+            table.add_row(*row, key=key)
+        if selected is not None:
+            try:
+                table.move_cursor(row=table.get_row_index(selected))
+            except Exception:  # the selected row is filtered out now
+                pass
+
+    def selected(self) -> str | None:
+        table = self.query_one(DataTable)
+        if not table.row_count:
+            return None
+        try:
+            return table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
+        except Exception:
+            return None
+
+    def typed_model(self) -> str:
+        return self.query_one(Input).value.strip()
