@@ -4,9 +4,12 @@ every test (pytest-timeout, see pyproject)."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -141,3 +144,29 @@ def run_sdk_download(model_id: str, endpoint: str, tmp_path: Path, local_dir: Pa
             "    sys.exit(3)\n")
     return subprocess.run([sys.executable, "-c", code, model_id, str(local_dir)], env=env, capture_output=True,
                           text=True, timeout=120, stdin=subprocess.DEVNULL)
+
+
+class AgentProcess:
+    def __init__(self, env: dict[str, str]):
+        self.env = env
+        self.cache = Path(env["SHOAL_CACHE_DIR"])
+        self.proc = None
+        self.info = None
+
+    def start(self) -> "AgentProcess":
+        self.proc = popen_shoal(["agent"], self.env)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if (self.cache / "agent.json").exists():
+                self.info = json.loads((self.cache / "agent.json").read_text())
+                return self
+            if self.proc.poll() is not None:
+                raise AssertionError(f"agent exited {self.proc.returncode}: {self.proc.stderr.read()}")
+            time.sleep(0.05)
+        raise AssertionError("agent did not start in 30 s")
+
+    def stop(self, sig=signal.SIGTERM) -> str:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        _, err = self.proc.communicate(timeout=30)
+        return err

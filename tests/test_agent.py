@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from agent.testing.faults import Fault
-from conftest import CHUNK, MODEL_ID, mirror, popen_shoal, run_sdk_download, run_shoal, tree_digest
+from conftest import CHUNK, MODEL_ID, AgentProcess, mirror, popen_shoal, run_sdk_download, run_shoal, tree_digest
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -31,32 +31,6 @@ def total_chunks(model_dir: Path) -> int:
 
 def events(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
-
-
-class AgentProcess:
-    def __init__(self, env: dict[str, str]):
-        self.env = env
-        self.cache = Path(env["SHOAL_CACHE_DIR"])
-        self.proc = None
-        self.info = None
-
-    def start(self) -> "AgentProcess":
-        self.proc = popen_shoal(["agent"], self.env)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if (self.cache / "agent.json").exists():
-                self.info = json.loads((self.cache / "agent.json").read_text())
-                return self
-            if self.proc.poll() is not None:
-                raise AssertionError(f"agent exited {self.proc.returncode}: {self.proc.stderr.read()}")
-            time.sleep(0.05)
-        raise AssertionError("agent did not start in 30 s")
-
-    def stop(self, sig=signal.SIGTERM) -> str:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        _, err = self.proc.communicate(timeout=30)
-        return err
 
 
 @pytest.fixture

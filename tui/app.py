@@ -33,6 +33,7 @@ class ShoalApp(App):
     CSS_PATH = "app.tcss"
     TITLE = "shoal"
     SUB_TITLE = "peer-to-peer model cache"
+    AUTO_FOCUS = "#models-table"  # keys act on the table; "/" reaches the filter
     BINDINGS = [
         Binding("q", "quit", "Quit"),
         Binding("p", "pull", "Pull"),
@@ -43,6 +44,7 @@ class ShoalApp(App):
         Binding("c", "cancel", "Cancel"),
         Binding("s", "settings", "Settings"),
         Binding("r", "refresh", "Refresh", show=False),
+        Binding("slash", "filter", "Filter", show=False),
     ]
 
     def __init__(self, link, *, launch_flags: dict | None = None, refresh: float = REFRESH,
@@ -136,6 +138,19 @@ class ShoalApp(App):
     def _tab(self) -> str:
         return self.query_one(TabbedContent).active
 
+    TAB_FOCUS = {"tab-models": "#models-table", "tab-transfers": "#transfers", "tab-peers": "#peers-table",
+                 "tab-jobs": "#jobs-table"}
+
+    def show_tab(self, tab: str) -> None:
+        """Switch tabs and move the focus there too (TabbedContent follows the focus back
+        to a tab whose widget keeps it)."""
+        self.query_one(TabbedContent).active = tab
+        self.query_one(self.TAB_FOCUS[tab]).focus()
+
+    def action_filter(self) -> None:
+        self.query_one(TabbedContent).active = "tab-models"
+        self.query_one("#model-filter", Input).focus()
+
     def action_pull(self) -> None:
         if (model := self._model()) is not None:
             self.pull(model)
@@ -149,7 +164,7 @@ class ShoalApp(App):
     def pull(self, model: str) -> None:
         self.notify(f"pulling {model}", title="Pull started")
         self._pull(model)
-        self.query_one(TabbedContent).active = "tab-transfers"
+        self.show_tab("tab-transfers")
 
     @work(thread=True, group="pulls")
     def _pull(self, model: str) -> None:
@@ -197,7 +212,7 @@ class ShoalApp(App):
             def started(job: dict | None) -> None:
                 if job:
                     self.notify(f"training job {job['id']} started", title="Training")
-                    self.query_one(TabbedContent).active = "tab-jobs"
+                    self.show_tab("tab-jobs")
                     self.action_refresh()
             self.push_screen(TrainFormScreen(model, self.launch_flags), started)
 

@@ -22,8 +22,10 @@ START_TIMEOUT = 30.0
 
 
 class AgentLink:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, env: dict[str, str] | None = None):
+        """``env``: the environment the settings came from, for an embedded agent (default: ours)."""
         self.settings = settings
+        self.env = dict(os.environ if env is None else env)
         self.client = ControlClient(str(settings.socket_path), timeout=30)
         self.embedded: subprocess.Popen | None = None
 
@@ -36,8 +38,10 @@ class AgentLink:
             pass
         log = open(Path(self.settings.cache_dir) / "tui-agent.log", "ab") if Path(
             self.settings.cache_dir).is_dir() else subprocess.DEVNULL
-        self.embedded = subprocess.Popen([sys.executable, "-m", "agent.cli", "agent"], stdin=subprocess.DEVNULL,
-                                         stdout=log, stderr=log, env=dict(os.environ))
+        env = {**self.env, "SHOAL_SOCKET": str(self.settings.socket_path)}
+        self.embedded = subprocess.Popen(
+            [sys.executable, "-m", "agent.cli", "--cache-dir", str(self.settings.cache_dir), "agent"],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if self.embedded.poll() is not None:

@@ -75,6 +75,7 @@ class ChatSession:
                         raise ShoalError(f"chat: {message['error']}")
 
     def close(self) -> None:
+        (self.jobs.dir(self.job.id) / "cancel").touch()  # ended on purpose, not crashed
         try:
             os.killpg(self.process.pid, signal.SIGTERM)
         except ProcessLookupError:

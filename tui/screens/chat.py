@@ -76,8 +76,10 @@ class ChatScreen(Screen):
         self._reply.append(message.text)
 
     def _done(self, reply: str) -> None:
-        self.query_one(RichLog).write(f"[b]{self.model.split('/')[-1]}:[/b] {reply!r}" if not reply.strip()
-                                      else f"[b]{self.model.split('/')[-1]}:[/b] {reply}")
+        name = self.model.split("/")[-1].split("@")[0]
+        # A reply of only whitespace (tiny test models do that) is shown escaped, so it is visible.
+        shown = repr(reply) if not reply.strip() else reply
+        self.query_one(RichLog).write(f"[b]{name}:[/b] {shown}")
         box = self.query_one(Input)
         box.disabled = False
         box.focus()

@@ -29,7 +29,7 @@ class SettingsScreen(ModalScreen):
                     value = self.status.get(key)
                     yield Input(value="0" if value is None else str(value), id=f"set-{key}")
             yield Static("", id="settings-error")
-            with Horizontal():
+            with Horizontal(id="settings-buttons"):
                 yield Button("Apply", variant="primary", id="settings-apply")
                 yield Button("Close", id="settings-close")
 

@@ -8,7 +8,8 @@ from textual.widgets import DataTable, Input
 
 from agent.progress import human_bytes
 
-COLUMNS = ("Model", "Revision", "Where", "Size", "Complete", "Peers", "Pinned")
+# Most telling first: at 80 columns the right-hand columns scroll.
+COLUMNS = ("Model", "Complete", "Size", "Where", "Peers", "Pinned", "Revision")
 
 
 def model_rows(models: list[dict], mirror: list[dict], active: set[str]) -> list[tuple[str, tuple]]:
@@ -20,13 +21,13 @@ def model_rows(models: list[dict], mirror: list[dict], active: set[str]) -> list
         pct = 100.0 * m["have"] / m["size"] if m["size"] else 100.0
         where = "cache+mirror" if any(f"{x['model']}@{x['revision']}" == key for x in mirror) else "cache"
         state = "pulling" if key in active else f"{pct:.0f}%"
-        rows.append((key, (m["model"], m["revision"], where, human_bytes(m["size"]), state, "0",
-                           "yes" if m.get("pinned") else "")))
+        rows.append((key, (m["model"], state, human_bytes(m["size"]), where, "0",
+                           "yes" if m.get("pinned") else "", m["revision"])))
     for x in mirror:
         key = f"{x['model']}@{x['revision']}"
         if key not in cached:
-            rows.append((key, (x["model"], x["revision"], "mirror", "-", "pulling" if key in active else "-",
-                               "0", "")))
+            rows.append((key, (x["model"], "pulling" if key in active else "-", "-", "mirror", "0", "",
+                               x["revision"])))
     return rows
 
 
@@ -36,19 +37,25 @@ class ModelsPane(Vertical):
         self._rows: list[tuple[str, tuple]] = []
 
     def compose(self) -> ComposeResult:
-        yield Input(placeholder="filter models (type to filter; a full OWNER/NAME + p pulls it)", id="model-filter")
+        yield Input(placeholder="/ to filter; type OWNER/NAME and Enter to pull a model not listed",
+                    id="model-filter")
         table = DataTable(id="models-table", cursor_type="row", zebra_stripes=True)
         table.add_columns(*COLUMNS)
         yield table
 
     def show(self, rows: list[tuple[str, tuple]]) -> None:
         self._rows = rows
-        self._render()
+        self._refill()
 
     def on_input_changed(self, event: Input.Changed) -> None:
-        self._render()
+        self._refill()
 
-    def _render(self) -> None:
+    def on_key(self, event) -> None:
+        if event.key == "escape" and isinstance(self.app.focused, Input):
+            self.query_one(DataTable).focus()
+            event.stop()
+
+    def _refill(self) -> None:
         table = self.query_one(DataTable)
         wanted = self.query_one(Input).value.strip().lower()
         selected = self.selected()

@@ -29,17 +29,28 @@ class TransferRow(Vertical):
         yield Sparkline(list(self.speeds), classes="transfer-speed")
 
     def show(self, pull: dict, now: float) -> None:
-        done, total = pull["done_bytes"], pull["total_bytes"]
+        done = pull["done_bytes"]
         self.samples.append((now, done))
         while len(self.samples) > 2 and now - self.samples[0][0] > 5:
             self.samples.popleft()
         span = self.samples[-1][0] - self.samples[0][0]
-        speed = (self.samples[-1][1] - self.samples[0][1]) / span if span > 0 else 0.0
-        self.speeds.append(speed)
+        self.speed = (self.samples[-1][1] - self.samples[0][1]) / span if span > 0 else 0.0
+        self.speeds.append(self.speed)
+        self.pull = pull
+        if self.is_mounted and self.children:
+            self._paint()
+
+    def on_mount(self) -> None:
+        if getattr(self, "pull", None):
+            self._paint()
+
+    def _paint(self) -> None:
+        pull, speed = self.pull, self.speed
+        done, total = pull["done_bytes"], pull["total_bytes"]
         eta = (total - done) / speed if speed > 0 else None
         self.query_one(ProgressBar).update(total=max(total, 1), progress=done)
         text = source_text(pull.get("by_source", {}), width=24)
-        text.append(f"   {human_bytes(done)}/{human_bytes(total)}  {human_bytes(speed)}/s  ETA {human_time(eta)}")
+        text.append(f"\n{human_bytes(done)} of {human_bytes(total)}  {human_bytes(speed)}/s  ETA {human_time(eta)}")
         self.query_one(".transfer-sources", Static).update(text)
         self.query_one(Sparkline).data = list(self.speeds)
 
@@ -59,8 +70,8 @@ class TransfersPane(VerticalScroll):
             row = rows.get(pull["model"])
             if row is None:
                 row = TransferRow(pull["model"])
+                row.show(pull, now)
                 self.mount(row)
-                self.call_after_refresh(row.show, pull, now)
             else:
                 row.show(pull, now)
         self.query_one("#no-transfers").display = not pulls
