@@ -45,6 +45,10 @@ class ShoalApp(App):
         Binding("s", "settings", "Settings"),
         Binding("r", "refresh", "Refresh", show=False),
         Binding("slash", "filter", "Filter", show=False),
+        Binding("1", "tab('tab-models')", "Models", show=False),
+        Binding("2", "tab('tab-transfers')", "Transfers", show=False),
+        Binding("3", "tab('tab-peers')", "Peers", show=False),
+        Binding("4", "tab('tab-jobs')", "Jobs", show=False),
     ]
 
     def __init__(self, link, *, launch_flags: dict | None = None, refresh: float = REFRESH,
@@ -146,6 +150,9 @@ class ShoalApp(App):
         to a tab whose widget keeps it)."""
         self.query_one(TabbedContent).active = tab
         self.query_one(self.TAB_FOCUS[tab]).focus()
+
+    def action_tab(self, tab: str) -> None:
+        self.show_tab(tab)
 
     def action_filter(self) -> None:
         self.query_one(TabbedContent).active = "tab-models"
