@@ -40,6 +40,9 @@ class ChatScreen(Screen):
             opened = self.app.link.call("chat_open", params, timeout=900)
         except Exception as e:
             self.app.call_from_thread(self.app.show_error, "Chat failed to start", str(e))
+            self.app.call_from_thread(self.query_one("#chat-title", Static).update,
+                                      f"Chat with {self.model} could not start (Esc to go back): "
+                                      f"{str(e).splitlines()[0][:200]}")
             return
         self.session = opened["session"]
         self.app.call_from_thread(self._ready, opened)
