@@ -207,10 +207,6 @@ class Listing:
         return sum(f.size for f in self.files)
 
 
-def is_adapter(model_id: str) -> bool:
-    return "+lora/" in model_id
-
-
 def make_listing(model_id: str, revision: str, entries: list[tuple[object, object, object]]) -> Listing:
     """Validate ``(path, size, sha256_hex)`` triples from a hub into a ``Listing``."""
     if len(entries) > MAX_FILES:

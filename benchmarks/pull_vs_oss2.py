@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -134,8 +133,8 @@ def main() -> int:
     peak = max(r[4] for r in rows if r[1] == "shoal pull")
     print(f"\nPull of a {args.size_mb} MiB model from the local OSS-compatible server "
           f"(concurrency {args.concurrency}, chunk/part {chunk >> 20} MiB)\n")
-    print(f"| round | client | MB/s | seconds | peak RSS MB |")
-    print(f"| --- | --- | --- | --- | --- |")
+    print("| round | client | MB/s | seconds | peak RSS MB |")
+    print("| --- | --- | --- | --- | --- |")
     for round_, name, mbps, elapsed, rss in rows:
         print(f"| {round_} | {name} | {mbps:.1f} | {elapsed:.2f} | {rss:.0f} |")
     print(f"\nratio shoal / oss2 (best of {args.rounds}): {best['shoal pull'] / best['oss2.resumable_download']:.2f}"

@@ -6,7 +6,6 @@ the message."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import time
 from pathlib import Path

@@ -5,7 +5,6 @@ Update after an intended change: ``pytest tests/test_tui_snapshots.py --snapshot
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest

@@ -8,6 +8,8 @@ from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import DataTable, Static
 
+from tui.widgets.tables import refill, selected_key
+
 
 def job_rows(jobs: list[dict]) -> list[tuple[str, tuple]]:
     rows = []
@@ -28,23 +30,8 @@ class JobsPane(Vertical):
         yield table
 
     def show(self, rows: list[tuple[str, tuple]]) -> None:
-        table = self.query_one(DataTable)
-        selected = self.selected()
-        table.clear()
-        for key, row in rows:
-            table.add_row(*row, key=key)
-        if selected is not None:
-            try:
-                table.move_cursor(row=table.get_row_index(selected))
-            except Exception:
-                pass
+        refill(self.query_one(DataTable), rows)
         self.query_one("#no-jobs").display = not rows
 
     def selected(self) -> str | None:
-        table = self.query_one(DataTable)
-        if not table.row_count:
-            return None
-        try:
-            return table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
-        except Exception:
-            return None
+        return selected_key(self.query_one(DataTable))

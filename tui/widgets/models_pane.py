@@ -7,6 +7,7 @@ from textual.containers import Vertical
 from textual.widgets import DataTable, Input
 
 from agent.progress import human_bytes
+from tui.widgets.tables import refill, selected_key
 
 # Most telling first: at 80 columns the right-hand columns scroll.
 COLUMNS = ("Model", "Complete", "Size", "Where", "Peers", "Pinned", "Revision")
@@ -56,28 +57,9 @@ class ModelsPane(Vertical):
             event.stop()
 
     def _refill(self) -> None:
-        table = self.query_one(DataTable)
         wanted = self.query_one(Input).value.strip().lower()
-        selected = self.selected()
-        table.clear()
-        for key, row in self._rows:
-            if wanted and wanted not in key.lower():
-                continue
-            table.add_row(*row, key=key)
-        if selected is not None:
-            try:
-                table.move_cursor(row=table.get_row_index(selected))
-            except Exception:  # the selected row is filtered out now
-                pass
+        refill(self.query_one(DataTable), [(key, row) for key, row in self._rows
+                                          if not wanted or wanted in key.lower()])
 
     def selected(self) -> str | None:
-        table = self.query_one(DataTable)
-        if not table.row_count:
-            return None
-        try:
-            return table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
-        except Exception:
-            return None
-
-    def typed_model(self) -> str:
-        return self.query_one(Input).value.strip()
+        return selected_key(self.query_one(DataTable))
