@@ -190,3 +190,31 @@ def test_bad_launch_requests_get_clear_errors(launch_env, tmp_path):
         assert proc.returncode == 2 and "no CUDA device" in proc.stderr
     proc = run_shoal(["logs", "no-such-job"], launch_env)
     assert proc.returncode == 3
+
+
+def test_ms_swift_given_a_hub_model_id_fetches_it_through_the_gateway(launch_env, hub, tmp_path):
+    """Unmodified ms-swift (`--model OWNER/NAME`) pointed at the agent's gateway: the agent
+    pulls the model (verified) and serves it; swift loads it and generates."""
+    import subprocess
+    import sys
+    from conftest import AgentProcess
+    agent_env = dict(launch_env, SHOAL_GATEWAY_PORT="0")
+    agent = AgentProcess(agent_env).start()
+    try:
+        code = ("from swift.infer_engine import TransformersEngine, InferRequest, RequestConfig\n"
+                f"e = TransformersEngine({TINY!r}, model_type='qwen2', template_type='qwen')\n"
+                "r = e.infer([InferRequest(messages=[{'role': 'user', 'content': 'hi'}])],"
+                " RequestConfig(max_tokens=4, temperature=0))\n"
+                "print('REPLY', len(r[0].choices[0].message.content))\n")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("OSS_", "SHOAL_", "MODELSCOPE_"))}
+        env.update(MODELSCOPE_ENDPOINT=agent.info["gateway"], MODELSCOPE_CACHE=str(tmp_path / "msc"),
+                   MODELSCOPE_HOME=str(tmp_path / "msh"), MODELSCOPE_DOWNLOAD_INTRA_CLOUD="false",
+                   PYTHONPATH=os.pathsep.join([str(TESTS / "loopback_guard"), str(REPO)]))
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "REPLY" in proc.stdout
+        assert hub.faults.data_requests()  # the agent fetched it from the origin, verified
+        listed = json.loads(run_shoal(["ls", "--json"], agent_env, check=True).stdout)
+        assert [m["model"] for m in listed] == [TINY] and listed[0]["state"] == "complete"
+    finally:
+        agent.stop()
