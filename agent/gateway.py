@@ -32,6 +32,7 @@ log = logging.getLogger("shoal.gateway")
 
 IDLE_TIMEOUT = 60.0
 MAX_HEADER = 16 * 1024
+MAX_CONNECTIONS = 64
 BLOCK = 1024 * 1024
 PLAN_TTL = 60.0  # seconds a resolved listing of an uncached model is reused
 NOT_FOUND_CODE = 10010205001  # what ModelScope answers for a missing model
@@ -68,11 +69,12 @@ class Gateway:
     def __init__(self, agent):
         self.agent = agent
         self._plans: dict[str, tuple[float, list[dict]]] = {}
+        self._slots = trio.CapacityLimiter(MAX_CONNECTIONS)
 
     async def handle(self, stream: trio.SocketStream) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER)
         try:
-            async with stream:
+            async with self._slots, stream:
                 while True:
                     request = await self._next_request(conn, stream)
                     if request is None:

@@ -121,6 +121,8 @@ class Agent:
         self._devices: dict | None = None
         self.gateway_url: str | None = None
         self._nursery: trio.Nursery | None = None
+        # Bounded: a flood of connections waits here instead of growing tasks without end.
+        self._control_slots = trio.CapacityLimiter(MAX_CONNECTIONS)
 
     def close(self) -> None:
         self.chats.close_all()
@@ -227,7 +229,7 @@ class Agent:
     # ---------------------------------------------------------- control API
 
     async def _handle_control(self, stream: trio.SocketStream) -> None:
-        async with stream:
+        async with self._control_slots, stream:
             try:
                 uid = _peer_uid(stream.socket)
                 if not _uid_allowed(uid, self.settings.control_group):

@@ -80,7 +80,7 @@ class JobStore:
     def log_path(self, job_id: str) -> Path:
         return self.dir(job_id) / "log.txt"
 
-    def _write(self, job: Job) -> None:
+    def save(self, job: Job) -> None:
         path = self.dir(job.id) / "job.json"
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(asdict(job), indent=1))
@@ -109,7 +109,7 @@ class JobStore:
             setattr(job, key, value)
         if job.final and job.ended is None:
             job.ended = time.time()
-        self._write(job)
+        self.save(job)
         return job
 
     def _reconcile(self, job: Job) -> Job:
@@ -128,7 +128,7 @@ class JobStore:
 
     # ---------------------------------------------------------------- lifecycle
 
-    def _new(self, kind: str, model: str, argv: list[str], detail: dict | None) -> Job:
+    def new_record(self, kind: str, model: str, argv: list[str], detail: dict | None) -> Job:
         job = Job(id=f"{kind}-{time.strftime('%m%d-%H%M%S')}-{secrets.token_hex(2)}", kind=kind, model=model,
                   argv=list(argv), detail=dict(detail or {}))
         self.dir(job.id).mkdir(parents=True)
@@ -140,12 +140,12 @@ class JobStore:
         """Start a supervised job in its own session. ``build_argv(job_dir)`` makes the command
         when it needs the job's folder; ``on_success`` names a step the supervisor runs
         after a clean exit (``{"register_adapter": {"base", "name"}}``)."""
-        job = self._new(kind, model, argv, detail)
+        job = self.new_record(kind, model, argv, detail)
         if build_argv is not None:
             job.argv = list(build_argv(self.dir(job.id)))
         if on_success:
             job.detail["on_success"] = on_success
-        self._write(job)
+        self.save(job)
         log = open(self.log_path(job.id), "ab")
         try:
             supervisor = subprocess.Popen(
@@ -161,7 +161,7 @@ class JobStore:
         fresh = self.get(job.id)
         if fresh.pgid is None:
             fresh.pgid = supervisor.pid
-            self._write(fresh)
+            self.save(fresh)
         return fresh
 
     def run_foreground(self, kind: str, model: str, argv: list[str], *, detail: dict | None = None) -> Job:
@@ -170,8 +170,8 @@ class JobStore:
         It stays in the terminal's process group so it can read the keyboard; ``cancel``
         signals its pid.
         """
-        job = self._new(kind, model, argv, detail)
-        self._write(job)
+        job = self.new_record(kind, model, argv, detail)
+        self.save(job)
         try:
             child = subprocess.Popen(argv)
         except OSError as e:

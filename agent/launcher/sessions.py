@@ -93,14 +93,14 @@ class ChatSessions:
     async def open(self, model: str, argv: list[str], detail: dict) -> ChatSession:
         if len(self.sessions) >= MAX_SESSIONS:
             raise ShoalError(f"at most {MAX_SESSIONS} chat sessions at once; close one first")
-        job = self.jobs._new("chat", model, argv, detail)
+        job = self.jobs.new_record("chat", model, argv, detail)
         log = open(self.jobs.log_path(job.id), "ab")
         try:
             process = await trio.lowlevel.open_process(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                                        stderr=log, start_new_session=True)
         finally:
             log.close()
-        self.jobs._write(job)
+        self.jobs.save(job)
         job = self.jobs.transition(job, "started", pid=process.pid, pgid=process.pid)
         session = ChatSession(job, process, self.jobs)
         try:
