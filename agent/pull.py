@@ -260,7 +260,7 @@ async def _run(plan: Plan, directory: Path, store: Store, sources: list[ChunkSou
     finally:
         for task in tasks:
             task.file.close()
-    manifest = plan_manifest(plan, store) if not plan.trusted else Manifest(
+    manifest = await trio.to_thread.run_sync(plan_manifest, plan, store) if not plan.trusted else Manifest(
         ref.model_id, ref.revision, plan.chunk_size,
         tuple(FileEntry(p, s, h, c) for p, s, h, c in plan.files))
     manifest_id = await trio.to_thread.run_sync(store.complete, ref, manifest)

@@ -86,9 +86,18 @@ class JobStore:
         tmp.write_text(json.dumps(asdict(job), indent=1))
         os.replace(tmp, path)
 
+    def _load(self, job_id: str) -> Job:
+        job = Job(**json.loads((self.dir(job_id) / "job.json").read_text()))
+        if job.pgid is None:
+            try:  # written by start() before the supervisor records it itself
+                job.pgid = int((self.dir(job_id) / "pgid").read_text())
+            except (FileNotFoundError, ValueError):
+                pass
+        return job
+
     def get(self, job_id: str) -> Job:
         try:
-            job = Job(**json.loads((self.dir(job_id) / "job.json").read_text()))
+            job = self._load(job_id)
         except FileNotFoundError:
             raise NotFound(f"no job {job_id!r}; `shoal jobs` lists them") from None
         return self._reconcile(job)
@@ -117,7 +126,7 @@ class JobStore:
         gone = (not _group_alive(job.pgid)) if job.pgid else (job.pid is not None and not _pid_alive(job.pid))
         if job.state in ("starting", "running") and (job.pgid or job.pid) and gone:
             time.sleep(0.05)  # the supervisor may be writing its final record right now
-            fresh = Job(**json.loads((self.dir(job.id) / "job.json").read_text()))
+            fresh = self._load(job.id)
             if fresh.final:
                 return fresh
             if (self.dir(job.id) / "cancel").exists():
@@ -156,13 +165,10 @@ class JobStore:
             return self.transition(job, "failed", detail={**job.detail, "error": str(e)})
         finally:
             log.close()
-        # The supervisor records "running" itself; we only need its group to cancel it.
-        job.pgid = supervisor.pid
-        fresh = self.get(job.id)
-        if fresh.pgid is None:
-            fresh.pgid = supervisor.pid
-            self.save(fresh)
-        return fresh
+        # The supervisor owns job.json from here on (it records "running" and the end); its
+        # process group goes to a file of its own, so the two writers never race.
+        (self.dir(job.id) / "pgid").write_text(str(supervisor.pid))
+        return self.get(job.id)
 
     def run_foreground(self, kind: str, model: str, argv: list[str], *, detail: dict | None = None) -> Job:
         """Run an interactive job attached to this terminal (a chat); recorded like any job.
@@ -209,7 +215,7 @@ class JobStore:
                 _signal_group(job.pgid, signal.SIGKILL)
                 while _group_alive(job.pgid):
                     time.sleep(0.05)
-        job = Job(**json.loads((self.dir(job.id) / "job.json").read_text()))
+        job = self._load(job.id)
         return job if job.final else self.transition(job, "cancel")
 
 

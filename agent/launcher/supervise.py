@@ -22,6 +22,9 @@ def main(job_dir: str) -> int:
     directory = Path(job_dir)
     store = JobStore(directory.parent.parent)
     job = Job(**json.loads((directory / "job.json").read_text()))
+    if (directory / "cancel").exists():  # cancelled before it even started
+        store.transition(job, "cancel")
+        return 0
     try:
         child = subprocess.Popen(job.argv, stdin=subprocess.DEVNULL, cwd=job.detail.get("cwd") or None)
     except OSError as e:
