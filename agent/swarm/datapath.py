@@ -1,0 +1,369 @@
+"""The LAN data path: chunk bytes over plain TCP, served with ``os.sendfile``.
+
+DESIGN.md measured py-libp2p streams at ~60 MB/s with a core pinned, so chunk bytes do not
+go through libp2p: a peer asks over libp2p (authenticated) for a short-lived **ticket**,
+then opens a TCP connection to the data address the peer advertised and asks for chunks
+with that ticket. Integrity comes from the hashes (the receiver verifies BLAKE3 before
+writing), not from the transport. This module is that data connection: the wire format,
+a ticket book, a threaded server and a blocking client. (The libp2p side, discovery and
+the ``LanPeerSource`` that uses this client are the LAN swarm issue's remaining work.)
+
+Wire format, one request/response at a time on a kept-alive connection::
+
+    request  = b"SHD1" + u16 length + msgpack [ticket(32 bytes), manifest id, path, chunk index]
+    response = u8 status + u64 length + payload   (status 0: the chunk's bytes; else a message)
+
+Only chunks the store has verified are served (from the finished file or its
+``.partial``), so a peer halfway through a download already serves what it has.
+Bounded: request size, connection slots (a peer over the limit gets ``BUSY``), idle time.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import struct
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import msgpack
+
+from agent.errors import NotFound, ShoalError, SourceUnavailable
+from agent.manifest import HASH_LEN, MAX_PATH_BYTES, PARTIAL_SUFFIX, chunk_span
+
+MAGIC = b"SHD1"
+MAX_REQUEST = 4 * 1024
+TICKET_LEN = 32
+OK, DENIED, MISSING, BAD_REQUEST, BUSY = range(5)
+STATUS_NAMES = {OK: "ok", DENIED: "denied", MISSING: "missing", BAD_REQUEST: "bad request", BUSY: "busy"}
+_HEADER = struct.Struct(">BQ")
+MAX_TICKETS = 4096
+IDLE_TIMEOUT = 30.0
+SENDFILE_BLOCK = 4 * 1024 * 1024
+
+
+class DataPathError(ShoalError):
+    """A malformed request or response on the data connection."""
+
+
+# ------------------------------------------------------------------------- codec (pure)
+
+def encode_request(ticket: bytes, manifest_id: str, path: str, index: int) -> bytes:
+    body = msgpack.packb([ticket, manifest_id, path, index], use_bin_type=True)
+    if len(body) > MAX_REQUEST:
+        raise DataPathError(f"request of {len(body)} bytes exceeds {MAX_REQUEST}")
+    return MAGIC + struct.pack(">H", len(body)) + body
+
+
+def decode_request(body: bytes) -> tuple[bytes, str, str, int]:
+    """Validate the msgpack body of a request (after magic and length)."""
+    try:
+        ticket, manifest_id, path, index = msgpack.unpackb(
+            body, raw=False, max_bin_len=TICKET_LEN, max_str_len=MAX_PATH_BYTES * 4, max_array_len=4,
+            max_map_len=0, strict_map_key=True)
+    except Exception as e:  # msgpack raises several unrelated types; any is a bad request
+        raise DataPathError(f"undecodable request ({type(e).__name__})") from e
+    if (not isinstance(ticket, bytes) or len(ticket) != TICKET_LEN or not isinstance(manifest_id, str)
+            or len(manifest_id) != 2 * HASH_LEN or not isinstance(path, str)
+            or not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < 1 << 32):
+        raise DataPathError("malformed request")
+    return ticket, manifest_id, path, index
+
+
+# ------------------------------------------------------------------------------ tickets
+
+class TicketBook:
+    """Short-lived tickets issued over the authenticated channel. Thread-safe, bounded."""
+
+    def __init__(self, ttl: float = 60.0, clock=time.monotonic):
+        self.ttl, self._clock = ttl, clock
+        self._tickets: OrderedDict[bytes, tuple[str, float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def issue(self, peer: str) -> bytes:
+        ticket = secrets.token_bytes(TICKET_LEN)
+        with self._lock:
+            self._tickets[ticket] = (peer, self._clock() + self.ttl)
+            while len(self._tickets) > MAX_TICKETS:
+                self._tickets.popitem(last=False)
+        return ticket
+
+    def check(self, ticket: bytes) -> str | None:
+        """The peer a valid ticket was issued to, or None (unknown or expired)."""
+        with self._lock:
+            entry = self._tickets.get(ticket)
+            if entry is None:
+                return None
+            if entry[1] < self._clock():
+                del self._tickets[ticket]
+                return None
+            return entry[0]
+
+
+# ------------------------------------------------------------------------------ locating
+
+@dataclass(frozen=True)
+class ChunkLocation:
+    file: Path
+    offset: int
+    length: int
+
+
+class ChunkLocator(Protocol):
+    def locate(self, manifest_id: str, path: str, index: int) -> ChunkLocation | None:
+        """Where a *verified* chunk lies on disk, or None."""
+
+
+class StoreLocator:
+    """Finds verified chunks in a ``Store`` (complete files and ``.partial`` ones)."""
+
+    def __init__(self, store):
+        self.store = store
+        self._manifests: dict[str, tuple] = {}
+        self._lock = threading.Lock()
+
+    def _model(self, manifest_id: str):
+        with self._lock:
+            cached = self._manifests.get(manifest_id)
+        if cached is None:
+            for info in self.store.models():
+                if info.manifest_id == manifest_id:
+                    cached = (info, self.store.manifest(manifest_id))
+                    break
+            else:
+                return None
+            with self._lock:
+                self._manifests[manifest_id] = cached
+        return cached
+
+    def locate(self, manifest_id: str, path: str, index: int) -> ChunkLocation | None:
+        found = self._model(manifest_id)
+        if found is None:
+            return None
+        info, manifest = found
+        entry = next((f for f in manifest.files if f.path == path), None)
+        if entry is None or not 0 <= index < len(entry.chunks):
+            return None
+        if self.store.chunk_hashes(info.ref, path).get(index) != entry.chunks[index]:
+            return None  # not verified here (yet)
+        offset, length = chunk_span(entry.size, manifest.chunk_size, index)
+        final = info.dir / path
+        file = final if final.is_file() else final.with_name(final.name + PARTIAL_SUFFIX)
+        return ChunkLocation(file, offset, length)
+
+
+# ------------------------------------------------------------------------------- server
+
+class DataServer:
+    """Serves chunks to ticket holders. Threads with blocking sockets, so ``os.sendfile``
+    moves the bytes kernel-side.
+
+    Resource handling: ``start`` binds and returns the port; ``close`` stops accepting,
+    closes every connection and joins the threads; safe twice. At most ``slots``
+    connections are served at once; one more is answered ``BUSY`` and closed.
+    """
+
+    def __init__(self, locator: ChunkLocator, tickets: TicketBook, *, host: str = "127.0.0.1",
+                 port: int = 0, slots: int = 8, idle_timeout: float = IDLE_TIMEOUT):
+        self.locator, self.tickets = locator, tickets
+        self._listener = socket.create_server((host, port), backlog=64, reuse_port=False)
+        self._slots = threading.BoundedSemaphore(slots)
+        self._idle = idle_timeout
+        self._threads: set[threading.Thread] = set()
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._closed = False
+        self.bytes_served = 0
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self._listener.getsockname()[:2]
+
+    def start(self) -> "DataServer":
+        thread = threading.Thread(target=self._accept_loop, name="shoal-data-accept", daemon=True)
+        thread.start()
+        self._threads.add(thread)
+        return self
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            conns = list(self._conns)
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._listener.close()
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for thread in list(self._threads):
+            thread.join(timeout=5)
+
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            if not self._slots.acquire(blocking=False):
+                _reply(conn, BUSY, b"all upload slots are taken; try another peer")
+                conn.close()
+                continue
+            thread = threading.Thread(target=self._serve, args=(conn,), name="shoal-data", daemon=True)
+            with self._lock:
+                if self._closed:
+                    conn.close()
+                    self._slots.release()
+                    return
+                self._conns.add(conn)
+                self._threads.add(thread)
+            thread.start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            conn.settimeout(self._idle)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            while True:
+                head = _recv_exact(conn, len(MAGIC) + 2)
+                if head is None:
+                    return
+                if head[:len(MAGIC)] != MAGIC:
+                    _reply(conn, BAD_REQUEST, b"not a shoal data request")
+                    return
+                (length,) = struct.unpack(">H", head[len(MAGIC):])
+                if length > MAX_REQUEST:
+                    _reply(conn, BAD_REQUEST, b"request too large")
+                    return
+                body = _recv_exact(conn, length)
+                if body is None:
+                    return
+                try:
+                    ticket, manifest_id, path, index = decode_request(body)
+                except DataPathError as e:
+                    _reply(conn, BAD_REQUEST, str(e).encode())
+                    return
+                if self.tickets.check(ticket) is None:
+                    _reply(conn, DENIED, b"unknown or expired ticket; ask for a new one")
+                    return
+                where = self.locator.locate(manifest_id, path, index)
+                if where is None:
+                    _reply(conn, MISSING, b"chunk not held here")
+                    continue
+                conn.sendall(_HEADER.pack(OK, where.length))
+                with open(where.file, "rb") as f:
+                    sent, offset = 0, where.offset
+                    while sent < where.length:
+                        n = os.sendfile(conn.fileno(), f.fileno(), offset + sent,
+                                        min(SENDFILE_BLOCK, where.length - sent))
+                        if n == 0:
+                            return  # the file shrank under us: drop the connection
+                        sent += n
+                with self._lock:
+                    self.bytes_served += where.length
+        except (OSError, socket.timeout):
+            return
+        finally:
+            with self._lock:
+                self._conns.discard(conn)
+                self._threads.discard(threading.current_thread())
+            conn.close()
+            self._slots.release()
+
+
+def _recv_exact(conn: socket.socket, n: int) -> bytes | None:
+    data = bytearray()
+    while len(data) < n:
+        chunk = conn.recv(n - len(data))
+        if not chunk:
+            return None
+        data += chunk
+    return bytes(data)
+
+
+def _reply(conn: socket.socket, status: int, message: bytes) -> None:
+    try:
+        conn.sendall(_HEADER.pack(status, len(message)) + message)
+    except OSError:
+        pass
+
+
+# ------------------------------------------------------------------------------- client
+
+class DataClient:
+    """Blocking client, one kept-alive connection per (thread, peer address).
+
+    ``fetch`` fills ``into[:length]`` or raises: ``NotFound`` (the peer lacks the chunk),
+    ``SourceUnavailable`` (refused ticket, busy, broken connection, timeout, wrong length).
+    """
+
+    def __init__(self, *, connect_timeout: float = 5.0):
+        self._connect_timeout = connect_timeout
+        self._local = threading.local()
+
+    def _conn(self, address: tuple[str, int]) -> socket.socket:
+        conns = getattr(self._local, "conns", None)
+        if conns is None:
+            conns = self._local.conns = {}
+        conn = conns.get(address)
+        if conn is None:
+            conn = socket.create_connection(address, timeout=self._connect_timeout)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conns[address] = conn
+        return conn
+
+    def _drop(self, address) -> None:
+        conn = getattr(self._local, "conns", {}).pop(address, None)
+        if conn is not None:
+            conn.close()
+
+    def fetch(self, address: tuple[str, int], ticket: bytes, manifest_id: str, path: str, index: int,
+              into: memoryview, length: int, deadline: float) -> None:
+        what = f"peer {address[0]}:{address[1]} chunk {index} of {path}"
+        try:
+            conn = self._conn(address)
+            conn.settimeout(max(0.1, deadline - time.monotonic()))
+            conn.sendall(encode_request(ticket, manifest_id, path, index))
+            header = _recv_exact(conn, _HEADER.size)
+            if header is None:
+                raise SourceUnavailable(f"{what}: the peer closed the connection")
+            status, size = _HEADER.unpack(header)
+            if status != OK:
+                message = _recv_exact(conn, min(size, 4096)) or b""
+                if status != MISSING:
+                    self._drop(address)
+                if status == MISSING:
+                    raise NotFound(f"{what}: {message.decode(errors='replace')}")
+                raise SourceUnavailable(f"{what}: {STATUS_NAMES.get(status, status)}: "
+                                        f"{message.decode(errors='replace')}", transient=status == BUSY)
+            if size != length:
+                self._drop(address)
+                raise SourceUnavailable(f"{what}: sent {size} bytes for a {length}-byte chunk", transient=False)
+            got = 0
+            while got < length:
+                if time.monotonic() > deadline:
+                    raise SourceUnavailable(f"{what}: timed out after {got} of {length} bytes")
+                n = conn.recv_into(into[got:length])
+                if not n:
+                    raise SourceUnavailable(f"{what}: body truncated after {got} of {length} bytes")
+                got += n
+        except (OSError, socket.timeout) as e:
+            self._drop(address)
+            raise SourceUnavailable(f"{what}: {type(e).__name__}: {e}") from e
+        except SourceUnavailable:
+            self._drop(address)
+            raise
+
+    def close(self) -> None:
+        for conn in getattr(self._local, "conns", {}).values():
+            conn.close()
+        self._local.conns = {}
