@@ -20,7 +20,6 @@ Bounded: request size, connection slots (a peer over the limit gets ``BUSY``), i
 
 from __future__ import annotations
 
-import os
 import secrets
 import socket
 import struct
@@ -44,7 +43,6 @@ STATUS_NAMES = {OK: "ok", DENIED: "denied", MISSING: "missing", BAD_REQUEST: "ba
 _HEADER = struct.Struct(">BQ")
 MAX_TICKETS = 4096
 IDLE_TIMEOUT = 30.0
-SENDFILE_BLOCK = 4 * 1024 * 1024
 
 
 class DataPathError(ShoalError):
@@ -261,13 +259,11 @@ class DataServer:
                     continue
                 conn.sendall(_HEADER.pack(OK, where.length))
                 with open(where.file, "rb") as f:
-                    sent, offset = 0, where.offset
-                    while sent < where.length:
-                        n = os.sendfile(conn.fileno(), f.fileno(), offset + sent,
-                                        min(SENDFILE_BLOCK, where.length - sent))
-                        if n == 0:
-                            return  # the file shrank under us: drop the connection
-                        sent += n
+                    # socket.sendfile is os.sendfile plus the waiting a socket with a
+                    # timeout (non-blocking underneath) needs.
+                    sent = conn.sendfile(f, where.offset, where.length)
+                if sent != where.length:
+                    return  # the file shrank under us: drop the connection
                 with self._lock:
                     self.bytes_served += where.length
         except (OSError, socket.timeout):

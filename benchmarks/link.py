@@ -1,0 +1,174 @@
+#!/usr/bin/env python3
+"""Benchmark: one peer's chunks over shoal's LAN data path vs curl fetching the same bytes
+from nginx, on loopback, in the same run. Both write the file to disk; shoal also verifies
+every chunk's BLAKE3 before writing, as a pull does.
+
+    python benchmarks/link.py [--size-mb 1024] [--concurrency 8] [--rounds 2]
+
+Needs nginx and curl (Debian: apt-get install nginx curl). The issue's second half, the
+same over a veth limited to 1 Gbit/s in network namespaces, is not measured here yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from agent.manifest import ModelRef, chunk_span, default_chunk_size  # noqa: E402
+from agent.mirror import manifest_from_dir  # noqa: E402
+from agent.store import Store, blake3_hash  # noqa: E402
+from agent.swarm.datapath import DataClient, DataServer, StoreLocator, TicketBook  # noqa: E402
+from agent.testing.models import make_model  # noqa: E402
+
+NGINX_CONF = """daemon off; worker_processes 1; pid {root}/nginx.pid; error_log {root}/error.log;
+events {{ worker_connections 64; }}
+http {{ access_log off; sendfile on; tcp_nopush on;
+  client_body_temp_path {root}/tmp; proxy_temp_path {root}/tmp; fastcgi_temp_path {root}/tmp;
+  uwsgi_temp_path {root}/tmp; scgi_temp_path {root}/tmp;
+  server {{ listen 127.0.0.1:{port}; root {docs}; }} }}
+"""
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def shoal_fetch(address, ticket, manifest, out: Path, concurrency: int) -> float:
+    jobs = [(f, i) for f in manifest.files for i in range(len(f.chunks))]
+    lock = threading.Lock()
+    fds = {}
+    for f in manifest.files:
+        (out / f.path).parent.mkdir(parents=True, exist_ok=True)
+        fds[f.path] = os.open(out / f.path, os.O_RDWR | os.O_CREAT, 0o644)
+        os.ftruncate(fds[f.path], f.size)
+    client = DataClient()
+    errors = []
+
+    def worker():
+        buffer = bytearray(manifest.chunk_size)
+        while True:
+            with lock:
+                if not jobs:
+                    return
+                entry, index = jobs.pop()
+            offset, length = chunk_span(entry.size, manifest.chunk_size, index)
+            view = memoryview(buffer)[:length]
+            try:
+                client.fetch(address, ticket, manifest.id, entry.path, index, view, length, time.monotonic() + 60)
+            except Exception as e:  # recorded and re-raised in the main thread
+                errors.append(e)
+                return
+            if blake3_hash(view) != entry.chunks[index]:
+                errors.append(AssertionError(f"chunk {index} of {entry.path} does not verify"))
+                return
+            os.pwrite(fds[entry.path], view, offset)
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for fd in fds.values():
+        os.fsync(fd)
+        os.close(fd)
+    elapsed = time.perf_counter() - started
+    if errors:
+        raise errors[0]
+    return elapsed
+
+
+def curl_fetch(port: int, manifest, out: Path) -> float:
+    started = time.perf_counter()
+    for f in manifest.files:
+        target = out / f.path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["curl", "-sS", "--fail", "-o", str(target), f"http://127.0.0.1:{port}/{f.path}"], check=True)
+        with open(target, "rb+") as handle:
+            os.fsync(handle.fileno())
+    return time.perf_counter() - started
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mb", type=int, default=1024)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    for tool in ("nginx", "curl"):
+        if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
+            print(f"{tool} is not installed: apt-get install nginx curl", file=sys.stderr)
+            return 2
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    work = Path(tempfile.mkdtemp(prefix="shoal-link-"))
+    work.chmod(0o755)  # nginx's workers run as an unprivileged user and must read the files
+    server = proc = store = None
+    try:
+        size = args.size_mb * 1024 * 1024
+        print(f"generating {args.size_mb} MiB and hashing it ...", file=sys.stderr)
+        model = make_model(work / "docs", weights_bytes=size, shards=2, seed="link")
+        ref = ModelRef("bench/link")
+        manifest = manifest_from_dir(ref, model, default_chunk_size(size))
+        store = Store(work / "cache")
+        store.adopt(ref, model, manifest)
+        tickets = TicketBook()
+        server = DataServer(StoreLocator(store), tickets, slots=args.concurrency + 2).start()
+        port = free_port()
+        (work / "nginx" / "tmp").mkdir(parents=True)
+        conf = work / "nginx" / "nginx.conf"
+        conf.write_text(NGINX_CONF.format(root=work / "nginx", port=port, docs=model))
+        proc = subprocess.Popen([nginx, "-c", str(conf), "-p", str(work / "nginx")],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
+        rows = []
+        for round_ in range(args.rounds):
+            for name in ("curl + nginx", "shoal data path"):
+                out = work / f"out-{round_}-{name.split()[0]}"
+                if name.startswith("curl"):
+                    elapsed = curl_fetch(port, manifest, out)
+                else:
+                    elapsed = shoal_fetch(server.address, tickets.issue("bench"), manifest, out, args.concurrency)
+                for f in manifest.files:  # both must have the right bytes
+                    assert (out / f.path).stat().st_size == f.size
+                rows.append((round_ + 1, name, manifest.total_size / elapsed / 1e6, elapsed))
+                shutil.rmtree(out)
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=10)
+        if server is not None:
+            server.close()
+        if store is not None:
+            store.close()
+        shutil.rmtree(work, ignore_errors=True)
+    best = {}
+    for _, name, mbps, _ in rows:
+        best[name] = max(best.get(name, 0), mbps)
+    print(f"\nOne peer over loopback, {args.size_mb} MiB in {len(manifest.files)} files, written to disk "
+          f"(shoal: {args.concurrency} connections, {manifest.chunk_size >> 20} MiB chunks, BLAKE3-verified)\n")
+    print("| round | client | MB/s | seconds |")
+    print("| --- | --- | --- | --- |")
+    for round_, name, mbps, elapsed in rows:
+        print(f"| {round_} | {name} | {mbps:.0f} | {elapsed:.2f} |")
+    print(f"\nratio shoal / curl+nginx (best of {args.rounds}): "
+          f"{best['shoal data path'] / best['curl + nginx']:.2f}   (target >= 0.5)")
+    print(f"\nreproduce: python benchmarks/link.py --size-mb {args.size_mb} --concurrency {args.concurrency} "
+          f"--rounds {args.rounds}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
