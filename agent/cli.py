@@ -391,6 +391,34 @@ class JsonLogFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+def cmd_id(args) -> int:
+    from agent.swarm.trust import Identity
+    settings = _settings(args)
+    identity = Identity.load_or_create(Path(settings.cache_dir) / "identity.key")
+    print(identity.publisher_id)
+    return 0
+
+
+def cmd_publish(args) -> int:
+    """Sign a complete model's manifest with this agent's key (the teacher's machine)."""
+    from agent.store import Store
+    from agent.swarm.trust import Identity
+    settings = _settings(args)
+    ref = ModelRef.parse(args.model)
+    identity = Identity.load_or_create(Path(settings.cache_dir) / "identity.key")
+    store = Store(settings.cache_dir)
+    try:
+        info = store.find(ref)
+        if info.state != "complete" or not info.manifest_id:
+            raise UsageError(f"{ref} is not complete here; pull it first (`shoal pull {ref}`), then publish")
+        store.save_signature(info.manifest_id, identity.sign_manifest(info.manifest_id))
+    finally:
+        store.close()
+    print(f"published {ref}: manifest {info.manifest_id}\nsigned by {identity.publisher_id}\n"
+          f"students trust it with SHOAL_TRUSTED_PUBLISHERS={identity.publisher_id}")
+    return 0
+
+
 def cmd_tui(args) -> int:
     try:
         from tui.app import run_tui
@@ -516,6 +544,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     from agent.launcher.commands import add_parsers
     add_parsers(sub)
+
+    p = sub.add_parser("id", help="this agent's publisher key (give it to those who should trust what you publish)")
+    p.set_defaults(func=cmd_id)
+
+    p = sub.add_parser("publish", help="sign a cached model's manifest with this agent's key")
+    p.add_argument("model", metavar="OWNER/NAME[@REVISION]")
+    p.set_defaults(func=cmd_publish)
 
     p = sub.add_parser("tui", help="the terminal UI: browse, pull, watch, chat, train")
     p.add_argument("--model-type", help="ms-swift model type for chats and training started from the UI")

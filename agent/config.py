@@ -67,6 +67,8 @@ class Settings:
     socket: Path | None = None
     control_group: str | None = None
     gateway_port: int = 8790
+    # Publisher keys (hex Ed25519, what `shoal id` prints) whose signed manifests peers may bring.
+    trusted_publishers: str = ""
 
     @property
     def socket_path(self) -> Path:
@@ -104,6 +106,7 @@ _SOURCES: dict[str, tuple[str, str, object]] = {
     "socket": ("SHOAL_SOCKET", "agent.socket", Path),
     "control_group": ("SHOAL_CONTROL_GROUP", "agent.control_group", str),
     "gateway_port": ("SHOAL_GATEWAY_PORT", "agent.gateway_port", int),
+    "trusted_publishers": ("SHOAL_TRUSTED_PUBLISHERS", "swarm.trusted_publishers", "list"),
 }
 ENV_NAMES = {name: env for name, (env, _, _) in _SOURCES.items()}
 
@@ -150,6 +153,8 @@ def _convert(name: str, where: str, kind, value: object):
     try:
         if kind == "size":
             return parse_size(value)
+        if kind == "list":  # a TOML list or a comma-separated string, kept as the latter
+            return ",".join(str(v) for v in value) if isinstance(value, list) else str(value)
         if kind is bool:
             if isinstance(value, bool):
                 return value
@@ -223,6 +228,8 @@ def load_settings(env: dict[str, str] | None = None, **overrides) -> Settings:
                           f"(low {settings.quota_low}, high {settings.quota_high})")
     if not 0 <= settings.gateway_port <= 65535:
         raise ConfigError(f"gateway port {settings.gateway_port} is not a TCP port")
+    from agent.swarm.trust import parse_publishers
+    parse_publishers(settings.trusted_publishers)  # refuses a malformed key now, naming it
     if not 1 <= settings.upload_slots <= 256:
         raise ConfigError(f"upload slots {settings.upload_slots} is outside 1..256")
     if settings.retries < 0 or settings.retries > 10:

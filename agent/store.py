@@ -540,6 +540,19 @@ class Store:
         rows = self._exec("SELECT total_size FROM models WHERE key=?", (str(ref),))
         return int(rows[0][0]) if rows else 0
 
+    def save_signature(self, manifest_id: str, envelope: bytes) -> None:
+        """Keep a publisher's signature of a manifest beside it (served to peers with it)."""
+        target = self.root / "manifests" / f"{manifest_id}.sig"
+        tmp = target.with_suffix(".tmp")
+        tmp.write_bytes(envelope)
+        os.replace(tmp, target)
+
+    def signature(self, manifest_id: str) -> bytes | None:
+        try:
+            return (self.root / "manifests" / f"{manifest_id}.sig").read_bytes()
+        except FileNotFoundError:
+            return None
+
     def manifest(self, manifest_id: str) -> Manifest:
         path = self.root / "manifests" / f"{manifest_id}.shoal"
         return decode(path.read_bytes())
