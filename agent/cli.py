@@ -346,6 +346,23 @@ def cmd_cancel(args) -> int:
     return 0
 
 
+def cmd_peers(args) -> int:
+    settings = _settings(args)
+    peers = require_agent(settings).call("peers")
+    if args.json:
+        print(json.dumps(peers, indent=2))
+        return 0
+    if not peers:
+        print("no LAN peers: start the agent with SHOAL_SWARM=1 and SHOAL_SWARM_PEERS=<multiaddr>,...")
+        return 0
+    rows = [("PEER", "ADDRESS", "STATE", "PROBLEM")]
+    for p in peers:
+        rows.append((p["id"][:20], p.get("addr", ""), "connected" if p.get("connected") else "down",
+                     (p.get("error") or "")[:60]))
+    _table(rows)
+    return 0
+
+
 def cmd_status(args) -> int:
     settings = _settings(args)
     status = require_agent(settings).call("status")
@@ -537,6 +554,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="what the running agent is doing")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("peers", help="the agent's LAN peers")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_peers)
 
     p = sub.add_parser("cancel", help="stop a job (by id) or a pull the agent is running (by model)")
     p.add_argument("target", metavar="JOB|OWNER/NAME[@REVISION]")

@@ -69,6 +69,12 @@ class Settings:
     gateway_port: int = 8790
     # Publisher keys (hex Ed25519, what `shoal id` prints) whose signed manifests peers may bring.
     trusted_publishers: str = ""
+    # The LAN swarm (agent only): on/off, where the libp2p host and the data server listen,
+    # and bootstrap peers (multiaddrs ending in /p2p/<peer id>, comma-separated).
+    swarm: bool = False
+    swarm_host: str = "0.0.0.0"
+    swarm_port: int = 0
+    swarm_peers: str = ""
 
     @property
     def socket_path(self) -> Path:
@@ -107,6 +113,10 @@ _SOURCES: dict[str, tuple[str, str, object]] = {
     "control_group": ("SHOAL_CONTROL_GROUP", "agent.control_group", str),
     "gateway_port": ("SHOAL_GATEWAY_PORT", "agent.gateway_port", int),
     "trusted_publishers": ("SHOAL_TRUSTED_PUBLISHERS", "swarm.trusted_publishers", "list"),
+    "swarm": ("SHOAL_SWARM", "swarm.enabled", bool),
+    "swarm_host": ("SHOAL_SWARM_HOST", "swarm.host", str),
+    "swarm_port": ("SHOAL_SWARM_PORT", "swarm.port", int),
+    "swarm_peers": ("SHOAL_SWARM_PEERS", "swarm.peers", "list"),
 }
 ENV_NAMES = {name: env for name, (env, _, _) in _SOURCES.items()}
 

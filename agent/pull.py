@@ -160,11 +160,34 @@ def _allocated(path: Path) -> int:
         return 0
 
 
+def plan_from_offers(ref: ModelRef, offers: list, trust) -> tuple[Plan | None, list[ShoalError]]:
+    """A plan from the first LAN peer manifest the trust policy accepts, and the refusals."""
+    from agent.swarm.trust import UntrustedManifest
+    refused: list[ShoalError] = []
+    for offer in offers:
+        manifest = offer.manifest
+        if (manifest.model_id, manifest.revision) != (ref.model_id, ref.revision):
+            continue
+        try:
+            why = trust.check(manifest.id, offer.signature)
+        except (UntrustedManifest, ManifestError) as e:
+            refused.append(e)
+            continue
+        return Plan(ref, manifest.chunk_size, tuple((f.path, f.size, f.sha256, f.chunks) for f in manifest.files),
+                    trusted=True, origin=f"LAN peer manifest, {why}"), refused
+    return None, refused
+
+
 async def pull(ref: ModelRef, settings: Settings, *, to: Path | None = None,
                emit: Callable[[object], None] = lambda event: None,
                sources: list[ChunkSource] | None = None,
-               rate: TokenBucket | None = None) -> PullResult:
-    """Pull ``ref`` into the store (or ``to``); see module docstring. Raises ``ShoalError``s."""
+               rate: TokenBucket | None = None, offers: list | None = None, trust=None) -> PullResult:
+    """Pull ``ref`` into the store (or ``to``); see module docstring. Raises ``ShoalError``s.
+
+    ``offers``: what LAN peers said they hold (``agent.swarm``); their chunks are fetched
+    first whenever the plan's manifest is the one they hold. A peer's manifest becomes the
+    plan only if ``trust`` accepts it (a trusted publisher's signature or a pinned id).
+    """
     started = time.monotonic()
     troubles: list[str] = []
     by_source: dict[str, int] = {}
@@ -182,8 +205,23 @@ async def pull(ref: ModelRef, settings: Settings, *, to: Path | None = None,
     own_sources = sources is None
     sources = make_sources(settings) if own_sources else sources
     store = await trio.to_thread.run_sync(Store, settings.cache_dir)
+    lan = None
     try:
-        plan = await resolve(ref, sources, record, settings.chunk_size)
+        plan, refused = plan_from_offers(ref, offers or [], trust) if offers and trust else (None, [])
+        if plan is None:
+            try:
+                plan = await resolve(ref, sources, record, settings.chunk_size)
+            except (NotFound, SourceUnavailable) as e:
+                if refused:  # the only answer came from peers we may not believe: say so
+                    raise refused[0] from e
+                raise
+        if offers and plan.trusted:
+            from agent.swarm.source import LanPeerSource
+            manifest = Manifest(ref.model_id, ref.revision, plan.chunk_size,
+                                tuple(FileEntry(p, s, h, c) for p, s, h, c in plan.files))
+            lan = LanPeerSource(manifest, offers)
+            if lan.offers:
+                sources = [lan, *sources]
         directory = Path(to).resolve() if to else store.default_dir(ref)
         await trio.to_thread.run_sync(store.lock, ref)
         try:
@@ -193,9 +231,12 @@ async def pull(ref: ModelRef, settings: Settings, *, to: Path | None = None,
             store.unlock(ref)
     finally:
         store.close()
+        if lan is not None:
+            lan.close()
         if own_sources:
             for source in sources:
-                source.close()
+                if source is not lan:
+                    source.close()
     result.elapsed = time.monotonic() - started
     result.troubles = troubles
     result.fetched_by_source = by_source

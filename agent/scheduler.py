@@ -28,7 +28,7 @@ from agent.errors import (CredentialsRejected, IntegrityError, NotFound, ShoalEr
                           SourceUnavailable, single_error)
 from agent.manifest import ModelRef, chunk_span
 from agent.ratelimit import TokenBucket
-from agent.sources import ChunkRequest, ChunkSource
+from agent.sources import ChunkNotHeld, ChunkRequest, ChunkSource
 from agent.store import PartialFile, blake3_hash
 
 # Every chunk in flight (default 8) failing at once is a pattern, not a blip.
@@ -204,6 +204,9 @@ class Scheduler:
                             _fetch_verify_write, source, self.ref, task, index, buffer, deadline)
                 except NotFound as e:
                     state.lacks.add(path)
+                    reasons.append(str(e))
+                    break
+                except ChunkNotHeld as e:
                     reasons.append(str(e))
                     break
                 except CredentialsRejected as e:

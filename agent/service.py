@@ -119,6 +119,10 @@ class Agent:
         self.jobs = JobStore(settings.cache_dir)
         self.chats = ChatSessions(self.jobs)
         self._devices: dict | None = None
+        self.swarm = None  # SwarmNode when settings.swarm
+        self.peers: dict[str, dict] = {}  # peer id -> {"addr", "connected", "error"}
+        from agent.swarm.trust import TrustPolicy, parse_publishers
+        self.trust = TrustPolicy(parse_publishers(settings.trusted_publishers))
         self.gateway_url: str | None = None
         self._nursery: trio.Nursery | None = None
         # Bounded: a flood of connections waits here instead of growing tasks without end.
@@ -154,8 +158,9 @@ class Agent:
                     wire = event_to_wire(event)
                     self.metrics.observe(wire)
                     active.emit(wire)
+                offers = await self.swarm_offers(active.ref)
                 result = await pull(active.ref, self.settings, to=active.directory, emit=emit,
-                                    sources=self.sources, rate=self.download)
+                                    sources=self.sources, rate=self.download, offers=offers, trust=self.trust)
                 active.result = result_to_wire(result)
                 self.metrics.pulls_done.inc()
             if active.scope.cancelled_caught:
@@ -210,6 +215,8 @@ class Agent:
                 self._nursery = nursery
                 from agent.gateway import serve_gateway
                 port = await nursery.start(serve_gateway, self, self.settings.gateway_port)
+                if self.settings.swarm:
+                    await self._start_swarm(nursery)
                 self.gateway_url = f"http://127.0.0.1:{port}"
                 listener = await _unix_listener(self.settings.socket_path, self.settings.control_group)
                 await nursery.start(trio.serve_listeners, self._handle_control, [listener])
@@ -292,7 +299,10 @@ class Agent:
                 "download_rate": self.download.rate, "upload_rate": self.upload.rate,
                 "upload_slots": self.upload_slots.total_tokens,
                 "pulls": [p.snapshot() for p in self.pulls.values()],
-                "sources": [s.label for s in self.sources]}
+                "sources": [s.label for s in self.sources],
+                "swarm": None if self.swarm is None else {"peer_id": self.swarm.peer_id, "addrs": self.swarm.addrs,
+                                                          "data": list(self.swarm.data.address)},
+                "peers": [{"id": p, **i} for p, i in self.peers.items()]}
 
     async def rpc_list(self, params, send_event):
         models = await trio.to_thread.run_sync(self.store.models)
@@ -486,7 +496,55 @@ class Agent:
         return {"job": asdict(job), "steps": steps, "final": final}
 
     async def rpc_peers(self, params, send_event):
-        return []  # the LAN swarm (libp2p) is not built yet
+        return [{"id": peer, **info} for peer, info in self.peers.items()]
+
+    # ------------------------------------------------------------------ swarm
+
+    async def _start_swarm(self, nursery) -> None:
+        from agent.swarm.node import SwarmNode
+        from agent.swarm.trust import Identity
+        identity = Identity.load_or_create(Path(self.settings.cache_dir) / "identity.key")
+        self.swarm = SwarmNode(self.store, identity.seed, listen_host=self.settings.swarm_host,
+                               listen_port=self.settings.swarm_port, data_host=self.settings.swarm_host,
+                               slots=self.settings.upload_slots)
+        await nursery.start(self.swarm.serve)
+        nursery.start_soon(self._keep_peers)
+
+    async def _keep_peers(self) -> None:
+        """Connect to the bootstrap peers, and again whenever a connection is gone."""
+        addresses = [a.strip() for a in self.settings.swarm_peers.split(",") if a.strip()]
+        while True:
+            for address in addresses:
+                peer = address.rsplit("/p2p/", 1)[-1]
+                if self.peers.get(peer, {}).get("connected"):
+                    continue
+                try:
+                    await self.swarm.connect(address)
+                    self.peers[peer] = {"addr": address, "connected": True, "error": None}
+                except Exception as e:  # unreachable now: try again later
+                    self.peers[peer] = {"addr": address, "connected": False, "error": str(e)[:200]}
+            await trio.sleep(10)
+
+    async def swarm_offers(self, ref: ModelRef) -> list:
+        """Ask every connected peer what it holds of ``ref`` (bounded in time)."""
+        if self.swarm is None:
+            return []
+        offers = []
+
+        async def ask(peer: str) -> None:
+            try:
+                offer = await self.swarm.ask(peer, ref)
+            except Exception as e:  # a peer that cannot answer is left out of this pull
+                self.peers.setdefault(peer, {})["error"] = str(e)[:200]
+                return
+            if offer is not None:
+                offers.append(offer)
+        connected = [p for p, info in self.peers.items() if info.get("connected")]
+        with trio.move_on_after(5):
+            async with trio.open_nursery() as nursery:
+                for peer in connected:
+                    nursery.start_soon(ask, peer)
+        return offers
 
 
 def model_row(m, active: bool) -> dict:

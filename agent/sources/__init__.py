@@ -19,6 +19,14 @@ from agent.manifest import ModelRef
 READ_BLOCK = 1024 * 1024
 
 
+class ChunkNotHeld(SourceUnavailable):
+    """This source has the file but not this chunk right now (a LAN peer still pulling it).
+    The scheduler moves the chunk on without counting it against the source."""
+
+    def __init__(self, message: str):
+        super().__init__(message, transient=False)
+
+
 @dataclass(frozen=True)
 class ChunkRequest:
     """Bytes [offset, offset+length) of ``path`` (a file of ``file_size`` bytes)."""

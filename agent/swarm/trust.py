@@ -68,6 +68,11 @@ class Identity:
         return cls(key)
 
     @property
+    def seed(self) -> bytes:
+        """The raw private seed, for the libp2p host (the same key is the peer identity)."""
+        return self._key.private_bytes_raw()
+
+    @property
     def public_key(self) -> bytes:
         return self._key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
 

@@ -11,8 +11,9 @@ from agent.progress import human_bytes
 
 class PeersPane(Vertical):
     def compose(self) -> ComposeResult:
-        yield Static("No LAN peers known: this agent does not run the LAN swarm yet, so every byte "
-                     "comes from the OSS mirror or ModelScope.", id="no-peers")
+        yield Static("No LAN peers known. Peers come from the agent's swarm settings "
+                     "(SHOAL_SWARM=1, SHOAL_SWARM_PEERS=...); without them every byte comes from the "
+                     "OSS mirror or ModelScope.", id="no-peers")
         table = DataTable(id="peers-table", cursor_type="row")
         table.add_columns("Peer", "Addresses", "RTT", "Holds", "Up", "Down", "Banned")
         yield table
@@ -21,8 +22,10 @@ class PeersPane(Vertical):
         table = self.query_one(DataTable)
         table.clear()
         for p in peers:
-            table.add_row(p["id"][:16], ", ".join(p.get("addresses", []))[:40], f"{p.get('rtt_ms', 0):.0f} ms",
-                          str(len(p.get("holds", []))), human_bytes(p.get("bytes_up", 0)),
-                          human_bytes(p.get("bytes_down", 0)), p.get("banned") or "", key=p["id"])
+            addresses = p.get("addresses") or [p.get("addr", "")]
+            rtt = f"{p['rtt_ms']:.0f} ms" if p.get("rtt_ms") is not None else ("up" if p.get("connected") else "down")
+            table.add_row(p["id"][:16], ", ".join(addresses)[:40], rtt, str(len(p.get("holds", []))),
+                          human_bytes(p.get("bytes_up", 0)), human_bytes(p.get("bytes_down", 0)),
+                          p.get("banned") or p.get("error") or "", key=p["id"])
         self.query_one("#no-peers").display = not peers
         table.display = bool(peers)
