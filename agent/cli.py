@@ -378,6 +378,8 @@ def cmd_status(args) -> int:
           f"  download cap {rate(status['download_rate'])}, upload cap {rate(status['upload_rate'])}, "
           f"{status['upload_slots']} upload slots\n"
           f"  sources: {', '.join(status['sources'])}")
+    if status.get("swarm"):
+        print(f"  swarm: {', '.join(status['swarm']['addrs'])}  ({len(status['peers'])} peers; `shoal peers`)")
     for p in status["pulls"]:
         pct = 100 * p["done_bytes"] / p["total_bytes"] if p["total_bytes"] else 0
         print(f"  pulling {p['model']}: {pct:.0f}% of {human_bytes(p['total_bytes'])} ({p['clients']} clients)")
