@@ -103,6 +103,11 @@ def check_revision(revision: object) -> str:
     return revision
 
 
+def is_manifest_id(text: str) -> bool:
+    """A revision that is a manifest id (64 hex digits) pins one exact manifest."""
+    return len(text) == 2 * HASH_LEN and all(c in "0123456789abcdef" for c in text)
+
+
 @dataclass(frozen=True)
 class ModelRef:
     """``OWNER/NAME[@REVISION]`` as typed by a person."""

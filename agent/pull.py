@@ -45,6 +45,7 @@ class Plan:
     files: tuple  # (path, size, sha256, chunk hashes or None)
     trusted: bool
     origin: str  # where the plan came from, for people: "OSS mirror manifest", "ModelScope listing"
+    revision: str | None = None  # the revision a manifest plan names (a pinned pull asks by id)
 
     @property
     def total_size(self) -> int:
@@ -166,7 +167,7 @@ def plan_from_offers(ref: ModelRef, offers: list, trust) -> tuple[Plan | None, l
     refused: list[ShoalError] = []
     for offer in offers:
         manifest = offer.manifest
-        if (manifest.model_id, manifest.revision) != (ref.model_id, ref.revision):
+        if manifest.model_id != ref.model_id or ref.revision not in (manifest.revision, manifest.id):
             continue
         try:
             why = trust.check(manifest.id, offer.signature)
@@ -174,7 +175,7 @@ def plan_from_offers(ref: ModelRef, offers: list, trust) -> tuple[Plan | None, l
             refused.append(e)
             continue
         return Plan(ref, manifest.chunk_size, tuple((f.path, f.size, f.sha256, f.chunks) for f in manifest.files),
-                    trusted=True, origin=f"LAN peer manifest, {why}"), refused
+                    trusted=True, origin=f"LAN peer manifest, {why}", revision=manifest.revision), refused
     return None, refused
 
 
@@ -217,7 +218,7 @@ async def pull(ref: ModelRef, settings: Settings, *, to: Path | None = None,
                 raise
         if offers and plan.trusted:
             from agent.swarm.source import LanPeerSource
-            manifest = Manifest(ref.model_id, ref.revision, plan.chunk_size,
+            manifest = Manifest(ref.model_id, plan.revision or ref.revision, plan.chunk_size,
                                 tuple(FileEntry(p, s, h, c) for p, s, h, c in plan.files))
             lan = LanPeerSource(manifest, offers)
             if lan.offers:
@@ -302,7 +303,7 @@ async def _run(plan: Plan, directory: Path, store: Store, sources: list[ChunkSou
         for task in tasks:
             task.file.close()
     manifest = await trio.to_thread.run_sync(plan_manifest, plan, store) if not plan.trusted else Manifest(
-        ref.model_id, ref.revision, plan.chunk_size,
+        ref.model_id, plan.revision or ref.revision, plan.chunk_size,
         tuple(FileEntry(p, s, h, c) for p, s, h, c in plan.files))
     manifest_id = await trio.to_thread.run_sync(store.complete, ref, manifest)
     return PullResult(ref, directory, manifest_id, plan.total_size)

@@ -38,7 +38,8 @@ import trio
 from agent import __version__
 from agent.config import Settings, describe, parse_size
 from agent.errors import NotFound, ShoalError, StoreLocked, UsageError
-from agent.manifest import ModelRef
+from agent.manifest import ModelRef, is_manifest_id
+from agent.swarm.trust import TrustPolicy
 from agent.metrics import Metrics
 from agent.pull import event_to_wire, make_sources, pull, result_to_wire
 from agent.ratelimit import TokenBucket
@@ -121,7 +122,7 @@ class Agent:
         self._devices: dict | None = None
         self.swarm = None  # SwarmNode when settings.swarm
         self.peers: dict[str, dict] = {}  # peer id -> {"addr", "connected", "error"}
-        from agent.swarm.trust import TrustPolicy, parse_publishers
+        from agent.swarm.trust import parse_publishers
         self.trust = TrustPolicy(parse_publishers(settings.trusted_publishers))
         self.gateway_url: str | None = None
         self._nursery: trio.Nursery | None = None
@@ -159,8 +160,11 @@ class Agent:
                     self.metrics.observe(wire)
                     active.emit(wire)
                 offers = await self.swarm_offers(active.ref)
+                trust = self.trust
+                if is_manifest_id(active.ref.revision):  # MODEL@<manifest-id>: the person vouches for it
+                    trust = TrustPolicy(trust.publishers, frozenset({active.ref.revision}))
                 result = await pull(active.ref, self.settings, to=active.directory, emit=emit,
-                                    sources=self.sources, rate=self.download, offers=offers, trust=self.trust)
+                                    sources=self.sources, rate=self.download, offers=offers, trust=trust)
                 active.result = result_to_wire(result)
                 self.metrics.pulls_done.inc()
             if active.scope.cancelled_caught:

@@ -115,3 +115,19 @@ def test_a_peer_serving_corrupt_bytes_is_dropped_and_the_mirror_fills_in(env, te
         assert tree_digest(Path(s_env["SHOAL_CACHE_DIR"]) / "models" / MODEL_ID / "master") == tree_digest(model_dir)
     finally:
         agent.stop()
+
+
+def test_a_pinned_manifest_id_needs_no_publisher_key(env, teacher, model_dir, tmp_path):
+    listed = json.loads(run_shoal(["ls", "--json"], teacher["env"], check=True).stdout)
+    manifest_id = listed[0]["manifest_id"]
+    s_env = offline(agent_env(env, tmp_path, "pinner", SHOAL_SWARM_PEERS=teacher["addr"]))
+    agent = AgentProcess(s_env).start()
+    try:
+        wait_connected(s_env)
+        out = run_shoal(["pull", f"{MODEL_ID}@{manifest_id}", "--json"], s_env, check=True)
+        lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+        assert lines[0]["plan"] == "LAN peer manifest, pinned"
+        assert lines[-1]["manifest_id"] == manifest_id and set(lines[-1]["fetched_by_source"]) == {"lan"}
+        assert tree_digest(Path(lines[-1]["directory"])) == tree_digest(model_dir)
+    finally:
+        agent.stop()

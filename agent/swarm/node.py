@@ -174,7 +174,10 @@ class SwarmNode:
         with trio.fail_after(ASK_TIMEOUT):
             stream = await self.host.new_stream(ID.from_base58(peer), [PROTOCOL])
             try:
-                await stream.write(_pack({"model": ref.model_id, "revision": ref.revision}))
+                from agent.manifest import is_manifest_id
+                request = ({"manifest_id": ref.revision} if is_manifest_id(ref.revision)
+                           else {"model": ref.model_id, "revision": ref.revision})
+                await stream.write(_pack(request))
                 answer = _unpack(await _read_all(stream))
             finally:
                 try:
