@@ -500,9 +500,9 @@ def cmd_mirror_push(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from agent.demo import run_demo
-    return run_demo(size_mb=args.size_mb, workdir=Path(args.workdir) if args.workdir else None,
-                    keep=args.keep)
+    from agent.demo import run_demo, run_lan_demo
+    demo = run_lan_demo if args.lan else run_demo
+    return demo(size_mb=args.size_mb, workdir=Path(args.workdir) if args.workdir else None, keep=args.keep)
 
 
 # ---------------------------------------------------------------------------------- main
@@ -601,6 +601,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size-mb", type=int, default=256, help="size of the generated model (default 256)")
     p.add_argument("--workdir", help="keep servers' data and the cache here (default: a temp folder)")
     p.add_argument("--keep", action="store_true", help="do not delete the temp folder")
+    p.add_argument("--lan", action="store_true",
+                   help="a classroom instead: a teacher's agent seeds, students' agents pull over the LAN swarm")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -148,3 +148,26 @@ def test_the_request_codec_round_trips_and_refuses_junk():
     for bad in (b"", b"\x94\xc4\x01x\xa1a\xa1b\x00", frame[6:-1]):
         with pytest.raises(DataPathError):
             decode_request(bad)
+
+
+def test_many_threads_share_few_connections_so_a_peer_never_fills_its_slots(served):
+    """A thread pool uses whichever threads it likes: connections must not be per thread."""
+    import threading
+    store, manifest, tickets, server, model = served  # the server has 2 slots
+    client = DataClient()
+    ticket = tickets.issue("peer-b")
+    entry = manifest.files[0]
+    errors = []
+
+    def one_fetch():
+        try:
+            client.fetch(server.address, ticket, manifest.id, entry.path, 0, memoryview(bytearray(entry.size)),
+                         entry.size, time.monotonic() + 5)
+        except Exception as e:  # collected for the assertion below
+            errors.append(e)
+    for _ in range(20):  # twenty threads, one after the other
+        thread = threading.Thread(target=one_fetch)
+        thread.start()
+        thread.join()
+    assert errors == []
+    client.close()

@@ -296,37 +296,46 @@ def _reply(conn: socket.socket, status: int, message: bytes) -> None:
 # ------------------------------------------------------------------------------- client
 
 class DataClient:
-    """Blocking client, one kept-alive connection per (thread, peer address).
+    """Blocking client with a pool of kept-alive connections per peer address.
+
+    Connections are shared between threads (taken for one request, given back after), so a
+    peer sees at most as many connections as requests in flight, never one per thread a
+    thread pool happened to use (which would fill its upload slots with idle sockets).
 
     ``fetch`` fills ``into[:length]`` or raises: ``NotFound`` (the peer lacks the chunk),
     ``SourceUnavailable`` (refused ticket, busy, broken connection, timeout, wrong length).
     """
 
+    MAX_IDLE_PER_PEER = 16
+
     def __init__(self, *, connect_timeout: float = 5.0):
         self._connect_timeout = connect_timeout
-        self._local = threading.local()
+        self._idle: dict[tuple[str, int], list[socket.socket]] = {}
+        self._lock = threading.Lock()
 
-    def _conn(self, address: tuple[str, int]) -> socket.socket:
-        conns = getattr(self._local, "conns", None)
-        if conns is None:
-            conns = self._local.conns = {}
-        conn = conns.get(address)
-        if conn is None:
-            conn = socket.create_connection(address, timeout=self._connect_timeout)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conns[address] = conn
+    def _take(self, address: tuple[str, int]) -> socket.socket:
+        with self._lock:
+            pool = self._idle.get(address)
+            if pool:
+                return pool.pop()
+        conn = socket.create_connection(address, timeout=self._connect_timeout)
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return conn
 
-    def _drop(self, address) -> None:
-        conn = getattr(self._local, "conns", {}).pop(address, None)
-        if conn is not None:
-            conn.close()
+    def _give(self, address: tuple[str, int], conn: socket.socket) -> None:
+        with self._lock:
+            pool = self._idle.setdefault(address, [])
+            if len(pool) < self.MAX_IDLE_PER_PEER:
+                pool.append(conn)
+                return
+        conn.close()
 
     def fetch(self, address: tuple[str, int], ticket: bytes, manifest_id: str, path: str, index: int,
               into: memoryview, length: int, deadline: float) -> None:
         what = f"peer {address[0]}:{address[1]} chunk {index} of {path}"
+        conn = None
         try:
-            conn = self._conn(address)
+            conn = self._take(address)
             conn.settimeout(max(0.1, deadline - time.monotonic()))
             conn.sendall(encode_request(ticket, manifest_id, path, index))
             header = _recv_exact(conn, _HEADER.size)
@@ -334,15 +343,14 @@ class DataClient:
                 raise SourceUnavailable(f"{what}: the peer closed the connection")
             status, size = _HEADER.unpack(header)
             if status != OK:
-                message = _recv_exact(conn, min(size, 4096)) or b""
-                if status != MISSING:
-                    self._drop(address)
+                message = (_recv_exact(conn, min(size, 4096)) or b"").decode(errors="replace")
                 if status == MISSING:
-                    raise NotFound(f"{what}: {message.decode(errors='replace')}")
-                raise SourceUnavailable(f"{what}: {STATUS_NAMES.get(status, status)}: "
-                                        f"{message.decode(errors='replace')}", transient=status == BUSY)
+                    self._give(address, conn)  # the connection is still good
+                    conn = None
+                    raise NotFound(f"{what}: {message}")
+                raise SourceUnavailable(f"{what}: {STATUS_NAMES.get(status, status)}: {message}",
+                                        transient=status == BUSY)
             if size != length:
-                self._drop(address)
                 raise SourceUnavailable(f"{what}: sent {size} bytes for a {length}-byte chunk", transient=False)
             got = 0
             while got < length:
@@ -352,14 +360,17 @@ class DataClient:
                 if not n:
                     raise SourceUnavailable(f"{what}: body truncated after {got} of {length} bytes")
                 got += n
+            self._give(address, conn)
+            conn = None
         except (OSError, socket.timeout) as e:
-            self._drop(address)
             raise SourceUnavailable(f"{what}: {type(e).__name__}: {e}") from e
-        except SourceUnavailable:
-            self._drop(address)
-            raise
+        finally:
+            if conn is not None:  # anything but a clean answer: this connection is done
+                conn.close()
 
     def close(self) -> None:
-        for conn in getattr(self._local, "conns", {}).values():
-            conn.close()
-        self._local.conns = {}
+        with self._lock:
+            pools, self._idle = self._idle, {}
+        for pool in pools.values():
+            for conn in pool:
+                conn.close()
