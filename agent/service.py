@@ -51,6 +51,7 @@ log = logging.getLogger("shoal.agent")
 READ_TIMEOUT = 10.0  # seconds a client has to send its call
 SUBSCRIBER_BUFFER = 512  # events queued per client before progress events are dropped
 MAX_CONNECTIONS = 64
+MAX_DRAIN = 1024 * 1024  # bytes read and dropped from a refused caller
 
 
 class AgentRunning(ShoalError):
@@ -244,10 +245,8 @@ class Agent:
             try:
                 uid = _peer_uid(stream.socket)
                 if not _uid_allowed(uid, self.settings.control_group):
-                    raise ProtocolError(f"uid {uid} may not use this agent: only its owner "
-                                        f"(uid {os.getuid()})" + (f" and group {self.settings.control_group}"
-                                                                  if self.settings.control_group else "")
-                                        + " may; ask the lab admin to add you to the agent's group")
+                    await self._refuse(stream, uid)
+                    return
                 with trio.fail_after(READ_TIMEOUT):
                     message = await _read_one(stream)
                 method, params = check_call(message)
@@ -270,6 +269,22 @@ class Agent:
             except Exception as e:
                 log.exception("control call failed")
                 await _try_send(stream, error_frame(e))
+
+    async def _refuse(self, stream: trio.SocketStream, uid: int) -> None:
+        """Tell another user no, without acting on (or parsing) anything they send."""
+        group = self.settings.control_group
+        await _try_send(stream, error_frame(ProtocolError(
+            f"uid {uid} may not use this agent: only its owner (uid {os.getuid()})"
+            + (f" and group {group}" if group else "") + " may; ask the lab admin to add you to the agent's group")))
+        # Drain (bounded) what they sent, so closing does not reset the connection and
+        # destroy the answer before they read it.
+        with trio.move_on_after(1):
+            drained = 0
+            while drained < MAX_DRAIN:
+                data = await stream.receive_some(65536)
+                if not data:
+                    break
+                drained += len(data)
 
     def _ref(self, params: dict) -> ModelRef:
         model = params.get("model")
