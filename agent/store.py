@@ -314,7 +314,7 @@ class Store:
         return self.root / "models" / ref.model_id / ref.revision
 
     def _lock_path(self, ref: ModelRef) -> Path:
-        return self.root / "locks" / f"{ref.model_id.replace('/', '--')}--{ref.revision}.lock"
+        return lock_path(self.root, ref)
 
     def in_use(self, ref: ModelRef) -> bool:
         """True while any process pulls ``ref`` (exclusive lock) or uses it (``use``, shared lock)."""
@@ -333,9 +333,7 @@ class Store:
     def use(self, ref: ModelRef) -> int:
         """Take a shared "in use" lock on ``ref`` (a served download, a running job); returns
         the fd to pass to ``release``. Eviction never removes a model in use."""
-        fd = os.open(self._lock_path(ref), os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.flock(fd, fcntl.LOCK_SH)
-        return fd
+        return hold_in_use(self.root, ref)
 
     @staticmethod
     def release(fd: int) -> None:
@@ -349,8 +347,8 @@ class Store:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise StoreLocked(f"another shoal process is pulling {ref} into this cache; "
-                              "wait for it to finish (or stop it) and try again") from None
+            raise StoreLocked(f"another shoal process is pulling or using {ref} (a pull, a running job, a "
+                              "download through the gateway); wait for it to finish (or stop it) and try again") from None
         with self._lock:
             self._locks[str(ref)] = fd
 
@@ -628,6 +626,21 @@ class Store:
 
     def _mark_file_complete(self, key: str, path: str) -> None:
         self._exec("UPDATE files SET complete=1 WHERE model_key=? AND path=?", (key, path))
+
+
+def lock_path(root: Path, ref: ModelRef) -> Path:
+    """The lock file of ``ref``: exclusive while pulled, shared while in use (``Store.use``)."""
+    return Path(root) / "locks" / f"{ref.model_id.replace('/', '--').replace('+', '-')}--{ref.revision}.lock"
+
+
+def hold_in_use(root: Path, ref: ModelRef) -> int:
+    """Take the shared "in use" lock of ``ref`` without opening the index (for job processes);
+    returns the fd, held until closed or the process ends."""
+    path = lock_path(root, ref)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return fd
 
 
 def hash_file(path: Path, chunk_size: int) -> tuple[list[bytes], bytes]:

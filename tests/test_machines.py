@@ -146,3 +146,20 @@ async def test_every_source_failing_keeps_what_was_verified(tmp_path, autojump_c
         assert sorted(store.chunk_hashes(REF, "weights.bin")) == [0, 1]
     finally:
         store.close()
+
+
+def test_a_running_job_keeps_its_model_in_use(tmp_path):
+    import time
+    from agent.store import Store
+    jobs = JobStore(tmp_path)
+    job = jobs.start("run", "lab/x@master", [sys.executable, "-c", "import time; time.sleep(30)"])
+    store = Store(tmp_path)
+    try:
+        deadline = time.monotonic() + 20
+        while jobs.get(job.id).state != "running" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert store.in_use(ModelRef("lab/x"))  # so eviction leaves it alone
+        jobs.cancel(job.id)
+        assert not store.in_use(ModelRef("lab/x"))
+    finally:
+        store.close()

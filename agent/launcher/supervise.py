@@ -25,6 +25,14 @@ def main(job_dir: str) -> int:
     if (directory / "cancel").exists():  # cancelled before it even started
         store.transition(job, "cancel")
         return 0
+    # The model (and the adapter, if any) stay "in use" while the job runs: never evicted.
+    from agent.manifest import ModelRef
+    from agent.store import hold_in_use
+    held = [hold_in_use(directory.parent.parent, ModelRef.parse(job.model))]
+    if job.detail.get("adapter") and job.kind != "train":
+        base = ModelRef.parse(job.model)
+        held.append(hold_in_use(directory.parent.parent,
+                                ModelRef(f"{base.model_id}+lora/{job.detail['adapter']}", "master")))
     try:
         child = subprocess.Popen(job.argv, stdin=subprocess.DEVNULL, cwd=job.detail.get("cwd") or None)
     except OSError as e:
