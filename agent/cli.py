@@ -207,7 +207,7 @@ def run_until_signal(async_fn):
 
 
 def _local_rows(settings: Settings) -> list[dict]:
-    from agent.service import model_row
+    from agent.store import model_row
     from agent.store import Store
     store = Store(settings.cache_dir)
     try:
@@ -286,7 +286,7 @@ def _with_store(settings: Settings, fn):
 
 
 def cmd_pin(args) -> int:
-    from agent.service import model_row
+    from agent.store import model_row
     settings, ref = _settings(args), ModelRef.parse(args.model)
     pinned = args.command == "pin"
     client = agent_client(settings)
@@ -299,7 +299,7 @@ def cmd_pin(args) -> int:
 
 
 def cmd_gc(args) -> int:
-    from agent.service import model_row
+    from agent.store import model_row
     settings = _settings(args)
     client = agent_client(settings)
     if client is not None:

@@ -58,21 +58,8 @@ def run_demo(*, size_mb: int = 256, workdir: Path | None = None, keep: bool = Fa
             manifest = manifest_from_dir(ref, origin_dir)
             # Mirror every file but the last shard, as a sync job cut short would.
             last = sorted(e.path for e in manifest.files if e.path.endswith(".safetensors"))[-1]
-            staged = root / "staged"
-            shutil.rmtree(staged, ignore_errors=True)
-            for entry in manifest.files:
-                if entry.path != last:
-                    (staged / entry.path).parent.mkdir(parents=True, exist_ok=True)
-                    os.link(origin_dir / entry.path, staged / entry.path)
-            from agent.manifest import Manifest
-            partial = Manifest(manifest.model_id, manifest.revision, manifest.chunk_size,
-                               tuple(e for e in manifest.files if e.path != last))
-            push_directory(ref, staged, settings, partial, bucket_name=DEMO_BUCKET)
-            oss_client_manifest = manifest.encode()
-            # The full manifest goes up last, as `shoal mirror push` does.
-            from agent.sources.oss import make_bucket, manifest_key
-            bucket = make_bucket(settings)
-            bucket.put_object(manifest_key("", ref), oss_client_manifest)
+            push_directory(ref, origin_dir, settings, manifest, bucket_name=DEMO_BUCKET,
+                           only={e.path for e in manifest.files if e.path != last})
             say(f"[3/4] mirrored {len(manifest.files) - 1} of {len(manifest.files)} files to "
                 f"oss://{DEMO_BUCKET} (left out {last}); injecting a corrupt chunk and a burst of 500s")
             first_shard = sorted(e.path for e in manifest.files if e.path.endswith(".safetensors"))[0]

@@ -62,9 +62,13 @@ def manifest_from_dir(ref: ModelRef, directory: Path, chunk_size: int | None = N
 
 
 def push_directory(ref: ModelRef, directory: Path, settings: Settings, manifest: Manifest,
-                   *, bucket_name: str | None = None,
+                   *, bucket_name: str | None = None, only: set[str] | None = None,
                    on_file: Callable[[str, str], None] = lambda path, what: None) -> PushResult:
-    """Upload ``directory`` (described by ``manifest``) to the mirror; manifest object last."""
+    """Upload ``directory`` (described by ``manifest``) to the mirror; manifest object last.
+
+    ``only``: upload just these files, still writing the whole manifest: a mirror that
+    lacks some files, as a sync cut short leaves it (the demo and the tests use this).
+    """
     bucket = make_bucket(settings, bucket_name, pool_size=UPLOAD_THREADS + 2)
     anonymous = not settings.oss_access_key_id
     uploaded, skipped = [], []
@@ -72,6 +76,8 @@ def push_directory(ref: ModelRef, directory: Path, settings: Settings, manifest:
     checkpoints.mkdir(parents=True, exist_ok=True)
     try:
         for entry in manifest.files:
+            if only is not None and entry.path not in only:
+                continue
             key = file_key(settings.oss_prefix, ref, entry.path)
             what = f"uploading {entry.path} to oss://{bucket.bucket_name}/{key}"
             try:

@@ -51,6 +51,12 @@ class Plan:
     def total_size(self) -> int:
         return sum(f[1] for f in self.files)
 
+    def manifest(self) -> Manifest:
+        """The manifest of a trusted plan (one that carries every chunk hash)."""
+        assert self.trusted, "an origin plan has no chunk hashes until it is fetched"
+        return Manifest(self.ref.model_id, self.revision or self.ref.revision, self.chunk_size,
+                        tuple(FileEntry(p, s, h, c) for p, s, h, c in self.files))
+
 
 @dataclass(frozen=True)
 class PlanReady:
@@ -218,9 +224,7 @@ async def pull(ref: ModelRef, settings: Settings, *, to: Path | None = None,
                 raise
         if offers and plan.trusted:
             from agent.swarm.source import LanPeerSource
-            manifest = Manifest(ref.model_id, plan.revision or ref.revision, plan.chunk_size,
-                                tuple(FileEntry(p, s, h, c) for p, s, h, c in plan.files))
-            lan = LanPeerSource(manifest, offers)
+            lan = LanPeerSource(plan.manifest(), offers)
             if lan.offers:
                 sources = [lan, *sources]
         directory = Path(to).resolve() if to else store.default_dir(ref)
@@ -302,9 +306,7 @@ async def _run(plan: Plan, directory: Path, store: Store, sources: list[ChunkSou
     finally:
         for task in tasks:
             task.file.close()
-    manifest = await trio.to_thread.run_sync(plan_manifest, plan, store) if not plan.trusted else Manifest(
-        ref.model_id, plan.revision or ref.revision, plan.chunk_size,
-        tuple(FileEntry(p, s, h, c) for p, s, h, c in plan.files))
+    manifest = plan.manifest() if plan.trusted else await trio.to_thread.run_sync(plan_manifest, plan, store)
     manifest_id = await trio.to_thread.run_sync(store.complete, ref, manifest)
     return PullResult(ref, directory, manifest_id, plan.total_size)
 

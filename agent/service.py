@@ -44,7 +44,7 @@ from agent.metrics import Metrics
 from agent.pull import event_to_wire, make_sources, pull, result_to_wire
 from agent.ratelimit import TokenBucket
 from agent.rpc import FrameDecoder, ProtocolError, check_call, encode_frame, error_frame
-from agent.store import Store
+from agent.store import Store, model_row
 
 log = logging.getLogger("shoal.agent")
 
@@ -395,7 +395,7 @@ class Agent:
             raise UsageError("'job' (a job id) is required")
         if job_id in self.chats.sessions:
             self.chats.close(job_id)
-            return asdict(self.jobs.get(job_id))
+            return asdict(self.jobs.record(job_id))
         return asdict(await trio.to_thread.run_sync(self.jobs.cancel, job_id))
 
     async def rpc_job_log(self, params, send_event):
@@ -486,25 +486,15 @@ class Agent:
 
     async def rpc_train_start(self, params, send_event):
         from dataclasses import asdict
-        from agent.launcher.launch import TrainSpec, adapter_ref, train_argv
+        from agent.launcher.launch import TRAIN_KEYS, check_adapter_free, start_training, train_spec
         ref = self._ref(params)
-        try:
-            spec = TrainSpec(**{k: params[k] for k in ("name", "tuner", "target_modules", "rank", "alpha",
-                                                         "learning_rate", "epochs", "max_steps") if k in params},
-                             dataset=Path(str(params.get("dataset", ""))))
-        except TypeError as e:
-            raise UsageError(f"bad training settings: {e}") from None
-        await trio.to_thread.run_sync(spec.check)
-        target = adapter_ref(ref, spec.name)
-        if self.store.default_dir(target).exists():
-            raise UsageError(f"an adapter named {spec.name!r} for {ref.model_id} exists already; pick another name")
+        spec = await trio.to_thread.run_sync(train_spec, {k: params[k] for k in TRAIN_KEYS if k in params})
+        check_adapter_free(self.settings.cache_dir, ref, spec.name)
         engine, device = await self._engine("train", params.get("engine"))
         model_dir = await self._ensure_model(ref, send_event)
-        job = await trio.to_thread.run_sync(lambda: self.jobs.start(
-            "train", str(ref), [], detail={"engine": engine, "device": device, "adapter": spec.name},
-            build_argv=lambda job_dir: train_argv(model_dir, spec, job_dir / "output", engine=engine,
-                                                  model_type=params.get("model_type"), template=params.get("template")),
-            on_success={"register_adapter": {"base": str(ref), "name": spec.name}}))
+        job = await trio.to_thread.run_sync(lambda: start_training(
+            self.jobs, self.settings.cache_dir, ref, spec, model_dir, engine=engine, device=device,
+            model_type=params.get("model_type"), template=params.get("template")))
         return asdict(job)
 
     async def rpc_job_progress(self, params, send_event):
@@ -565,11 +555,6 @@ class Agent:
                     nursery.start_soon(ask, peer)
         return offers
 
-
-def model_row(m, active: bool) -> dict:
-    return {"model": m.model_id, "revision": m.revision, "size": m.total_size, "have": m.have_bytes,
-            "state": m.state, "dir": str(m.dir), "manifest_id": m.manifest_id, "pinned": m.pinned,
-            "last_used": m.last_used, "active": active}
 
 
 async def _read_one(stream: trio.SocketStream) -> dict:

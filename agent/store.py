@@ -101,6 +101,13 @@ class ModelInfo:
         return ModelRef(self.model_id, self.revision)
 
 
+def model_row(m: ModelInfo, active: bool) -> dict:
+    """A model as the control API and ``--json`` listings show it."""
+    return {"model": m.model_id, "revision": m.revision, "size": m.total_size, "have": m.have_bytes,
+            "state": m.state, "dir": str(m.dir), "manifest_id": m.manifest_id, "pinned": m.pinned,
+            "last_used": m.last_used, "active": active}
+
+
 class PartialFile:
     """One file being filled chunk by chunk. Thread-safe.
 
@@ -311,7 +318,7 @@ class Store:
     # ----------------------------------------------------------------- layout
 
     def default_dir(self, ref: ModelRef) -> Path:
-        return self.root / "models" / ref.model_id / ref.revision
+        return model_dir(self.root, ref)
 
     def _lock_path(self, ref: ModelRef) -> Path:
         return lock_path(self.root, ref)
@@ -551,27 +558,29 @@ class Store:
         except FileNotFoundError:
             return None
 
+    def manifest_bytes(self, manifest_id: str) -> bytes:
+        """The canonical encoding, as kept (what peers are sent)."""
+        return (self.root / "manifests" / f"{manifest_id}.shoal").read_bytes()
+
     def manifest(self, manifest_id: str) -> Manifest:
-        path = self.root / "manifests" / f"{manifest_id}.shoal"
-        return decode(path.read_bytes())
+        return decode(self.manifest_bytes(manifest_id))
 
     def chunk_hashes(self, ref: ModelRef, path: str) -> dict[int, bytes]:
         return {i: h for i, h in self._exec(
             "SELECT idx, hash FROM chunks WHERE model_key=? AND path=?", (str(ref), path))}
 
     def models(self) -> list[ModelInfo]:
+        counts = {(key, path): n for key, path, n in self._exec(
+            "SELECT model_key, path, COUNT(*) FROM chunks GROUP BY model_key, path")}
+        files: dict[str, list[tuple]] = {}
+        for key, path, size, complete in self._exec("SELECT model_key, path, size, complete FROM files"):
+            files.setdefault(key, []).append((path, size, complete))
         out = []
         rows = self._exec("SELECT key, model_id, revision, dir, total_size, state, manifest_id, chunk_size,"
                           " pinned, last_used FROM models ORDER BY model_id, revision")
         for key, model_id, revision, directory, total, state, mid, chunk_size, pinned, last_used in rows:
-            have = 0
-            for path, size, complete in self._exec(
-                    "SELECT path, size, complete FROM files WHERE model_key=?", (key,)):
-                if complete:
-                    have += size
-                else:
-                    n = self._exec("SELECT COUNT(*) FROM chunks WHERE model_key=? AND path=?", (key, path))[0][0]
-                    have += min(size, n * chunk_size)
+            have = sum(size if complete else min(size, counts.get((key, path), 0) * chunk_size)
+                       for path, size, complete in files.get(key, []))
             out.append(ModelInfo(model_id, revision, Path(directory), total, have, state, mid,
                                  bool(pinned), last_used))
         return out
@@ -626,6 +635,11 @@ class Store:
 
     def _mark_file_complete(self, key: str, path: str) -> None:
         self._exec("UPDATE files SET complete=1 WHERE model_key=? AND path=?", (key, path))
+
+
+def model_dir(root: Path, ref: ModelRef) -> Path:
+    """Where ``ref`` lands in a cache at ``root`` unless a pull says ``--to``."""
+    return Path(root) / "models" / ref.model_id / ref.revision
 
 
 def lock_path(root: Path, ref: ModelRef) -> Path:

@@ -109,20 +109,11 @@ def popen_shoal(args: list[str], env: dict[str, str]) -> subprocess.Popen:
 def mirror(env: dict[str, str], model_dir: Path, *, only: set[str] | None = None) -> None:
     """Push ``model_dir`` (or some of its files, manifest still complete) to the env's bucket."""
     from agent.config import load_settings
-    from agent.manifest import Manifest, ModelRef
+    from agent.manifest import ModelRef
     from agent.mirror import manifest_from_dir, push_directory
     settings = load_settings(env=env)
     ref = ModelRef(MODEL_ID, "master")
-    manifest = manifest_from_dir(ref, model_dir, CHUNK)
-    if only is None:
-        push_directory(ref, model_dir, settings, manifest)
-        return
-    # Upload just some files, then the whole manifest: a mirror that lacks files.
-    part = Manifest(manifest.model_id, manifest.revision, manifest.chunk_size,
-                    tuple(e for e in manifest.files if e.path in only))
-    push_directory(ref, model_dir, settings, part)
-    from agent.sources.oss import make_bucket, manifest_key
-    make_bucket(settings).put_object(manifest_key(settings.oss_prefix, ref), manifest.encode())
+    push_directory(ref, model_dir, settings, manifest_from_dir(ref, model_dir, CHUNK), only=only)
 
 
 def tree_digest(root: Path) -> dict[str, str]:

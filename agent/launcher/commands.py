@@ -9,8 +9,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from agent.errors import NotFound, ShoalError, UsageError
+from agent.errors import NotFound, ShoalError
 from agent.launcher.jobs import Job, JobStore
+from agent.launcher.launch import choose_engine
 from agent.manifest import ModelRef
 
 SERVE_START_TIMEOUT = 300.0
@@ -105,16 +106,15 @@ def _failed(jobs: JobStore, job: Job) -> ShoalError:
 
 def _common(args):
     from agent.cli import _settings
-    from agent.launcher.launch import check_device, choose_engine
+    from agent.launcher.launch import check_device
     settings = _settings(args)
     report = _report()
-    device = check_device(args.device, report)
-    return settings, report, device, choose_engine
+    return settings, report, check_device(args.device, report)
 
 
 def cmd_run(args) -> int:
     from agent.launcher.launch import chat_argv, resolve_adapter
-    settings, report, device, choose_engine = _common(args)
+    settings, report, device = _common(args)
     engine = choose_engine("run", report, args.engine)
     ref = ModelRef.parse(args.model)
     adapter = resolve_adapter(settings, ref, args.adapter) if args.adapter else None
@@ -140,7 +140,7 @@ def cmd_run(args) -> int:
 
 def cmd_serve(args) -> int:
     from agent.launcher.launch import resolve_adapter, serve_argv
-    settings, report, device, choose_engine = _common(args)
+    settings, report, device = _common(args)
     engine = choose_engine("serve", report, args.engine)
     ref = ModelRef.parse(args.model)
     adapter = (args.adapter, resolve_adapter(settings, ref, args.adapter)) if args.adapter else None
@@ -181,34 +181,20 @@ def cmd_serve(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from agent.launcher.launch import TrainSpec, adapter_ref, load_train_file, read_progress, train_argv
-    settings, report, device, choose_engine = _common(args)
+    from agent.launcher.launch import (TRAIN_KEYS, adapter_ref, check_adapter_free, load_train_file,
+                                       read_progress, start_training, train_spec)
+    settings, report, device = _common(args)
     engine = choose_engine("train", report, args.engine)
     ref = ModelRef.parse(args.model)
     values = load_train_file(Path(args.config)) if args.config else {}
-    flags = {k: getattr(args, k) for k in ("dataset", "name", "tuner", "target_modules", "rank", "alpha",
-                                           "learning_rate", "epochs", "max_steps") if getattr(args, k) is not None}
-    values.update(flags)
-    if "dataset" not in values or "name" not in values:
-        raise UsageError("training needs --dataset FILE and --name ADAPTER (or both in --config)")
-    try:
-        spec = TrainSpec(**{**values, "dataset": Path(values["dataset"])}).check()
-    except TypeError as e:
-        raise UsageError(f"unknown training setting: {e}") from None
+    values.update({k: getattr(args, k) for k in TRAIN_KEYS if getattr(args, k) is not None})
+    spec = train_spec(values)
     target = adapter_ref(ref, spec.name)
-    from agent.store import Store
-    store = Store(settings.cache_dir)
-    try:
-        if store.default_dir(target).exists():
-            raise UsageError(f"an adapter named {spec.name!r} for {ref.model_id} exists already; pick another --name")
-    finally:
-        store.close()
+    check_adapter_free(settings.cache_dir, ref, spec.name)
     model_dir = ensure_model(settings, ref)
     jobs = JobStore(settings.cache_dir)
-    job = jobs.start("train", str(ref), [], detail={"engine": engine, "device": device, "adapter": spec.name},
-                     build_argv=lambda job_dir: train_argv(model_dir, spec, job_dir / "output", engine=engine,
-                                                           model_type=args.model_type, template=args.template),
-                     on_success={"register_adapter": {"base": str(ref), "name": spec.name}})
+    job = start_training(jobs, settings.cache_dir, ref, spec, model_dir, engine=engine, device=device,
+                         model_type=args.model_type, template=args.template)
     if args.detach:
         print(f"training job {job.id} started; `shoal logs {job.id}` follows it, the adapter is registered "
               f"as {target.model_id} when it ends")

@@ -86,7 +86,8 @@ class JobStore:
         tmp.write_text(json.dumps(asdict(job), indent=1))
         os.replace(tmp, path)
 
-    def _load(self, job_id: str) -> Job:
+    def record(self, job_id: str) -> Job:
+        """The job as last written, without checking its processes (cheap, never sleeps)."""
         job = Job(**json.loads((self.dir(job_id) / "job.json").read_text()))
         if job.pgid is None:
             try:  # written by start() before the supervisor records it itself
@@ -97,7 +98,7 @@ class JobStore:
 
     def get(self, job_id: str) -> Job:
         try:
-            job = self._load(job_id)
+            job = self.record(job_id)
         except FileNotFoundError:
             raise NotFound(f"no job {job_id!r}; `shoal jobs` lists them") from None
         return self._reconcile(job)
@@ -126,7 +127,7 @@ class JobStore:
         gone = (not _group_alive(job.pgid)) if job.pgid else (job.pid is not None and not _pid_alive(job.pid))
         if job.state in ("starting", "running") and (job.pgid or job.pid) and gone:
             time.sleep(0.05)  # the supervisor may be writing its final record right now
-            fresh = self._load(job.id)
+            fresh = self.record(job.id)
             if fresh.final:
                 return fresh
             if (self.dir(job.id) / "cancel").exists():
@@ -188,7 +189,7 @@ class JobStore:
         except KeyboardInterrupt:
             child.terminate()
             code = child.wait()
-        job = Job(**json.loads((self.dir(job.id) / "job.json").read_text()))
+        job = self.record(job.id)
         if job.final:
             return job
         if (self.dir(job.id) / "cancel").exists() or code < 0:
@@ -215,7 +216,7 @@ class JobStore:
                 _signal_group(job.pgid, signal.SIGKILL)
                 while _group_alive(job.pgid):
                     time.sleep(0.05)
-        job = self._load(job.id)
+        job = self.record(job.id)
         return job if job.final else self.transition(job, "cancel")
 
 

@@ -52,6 +52,39 @@ class TrainSpec:
         return self
 
 
+TRAIN_KEYS = ("dataset", "name", "tuner", "target_modules", "rank", "alpha", "learning_rate", "epochs", "max_steps")
+
+
+def train_spec(values: dict) -> TrainSpec:
+    """A checked ``TrainSpec`` from settings (flags plus a config file, or the UI's form).
+    Blocking: it reads the dataset through."""
+    if not values.get("dataset") or not values.get("name"):
+        raise UsageError("training needs a dataset (--dataset FILE) and an adapter name (--name NAME)")
+    try:
+        spec = TrainSpec(**{**values, "dataset": Path(str(values["dataset"]))})
+    except TypeError as e:
+        raise UsageError(f"unknown training setting: {e}") from None
+    return spec.check()
+
+
+def check_adapter_free(cache_dir: Path, ref: ModelRef, name: str) -> None:
+    """Refuse a name an adapter of this model already has (before pulling or training)."""
+    from agent.store import model_dir
+    if model_dir(cache_dir, adapter_ref(ref, name)).exists():
+        raise UsageError(f"an adapter named {name!r} for {ref.model_id} exists already; pick another name")
+
+
+def start_training(jobs, cache_dir: Path, ref: ModelRef, spec: TrainSpec, model_dir: Path, *, engine: str,
+                   device: str, model_type: str | None, template: str | None):
+    """Start the training job; its supervisor registers the adapter when it succeeds."""
+    check_adapter_free(cache_dir, ref, spec.name)
+    return jobs.start(
+        "train", str(ref), [], detail={"engine": engine, "device": device, "adapter": spec.name},
+        build_argv=lambda job_dir: train_argv(model_dir, spec, job_dir / "output", engine=engine,
+                                              model_type=model_type, template=template),
+        on_success={"register_adapter": {"base": str(ref), "name": spec.name}})
+
+
 def check_adapter_name(name: str) -> str:
     try:
         ModelRef.parse(f"a/b+lora/{name}")

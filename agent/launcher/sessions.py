@@ -80,7 +80,8 @@ class ChatSession:
             os.killpg(self.process.pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
-        job = self.jobs.get(self.job.id)
+        # record(), not get(): get() may wait for a vanishing process, and this runs on the event loop.
+        job = self.jobs.record(self.job.id)
         if not job.final:
             self.jobs.transition(job, "cancel")
 

@@ -8,7 +8,6 @@ be alive to record the outcome once its child is gone.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -21,7 +20,7 @@ from agent.launcher.jobs import Job, JobStore
 def main(job_dir: str) -> int:
     directory = Path(job_dir)
     store = JobStore(directory.parent.parent)
-    job = Job(**json.loads((directory / "job.json").read_text()))
+    job = store.record(directory.name)
     if (directory / "cancel").exists():  # cancelled before it even started
         store.transition(job, "cancel")
         return 0
@@ -42,7 +41,7 @@ def main(job_dir: str) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     job = store.transition(job, "started", pid=child.pid, pgid=os.getpgrp())
     code = child.wait()
-    job = Job(**json.loads((directory / "job.json").read_text()))
+    job = store.record(directory.name)
     if job.final:
         return code
     if (directory / "cancel").exists():

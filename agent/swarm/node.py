@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import msgpack
 import trio
@@ -131,7 +130,7 @@ class SwarmNode:
                          and m.revision == request.get("revision", "master") and m.manifest_id), None)
         if info is None:
             return {"error": "not held here"}
-        manifest_bytes = (Path(self.store.root) / "manifests" / f"{info.manifest_id}.shoal").read_bytes()
+        manifest_bytes = self.store.manifest_bytes(info.manifest_id)
         manifest = decode(manifest_bytes)
         have = {f.path: sorted(self.store.chunk_hashes(info.ref, f.path)) for f in manifest.files}
         host, port = self.data.address
