@@ -61,7 +61,7 @@ class Settings:
     # Bandwidth caps in bytes per second (None: unlimited) and upload slots.
     download_rate: int | None = None
     upload_rate: int | None = None
-    upload_slots: int = 8
+    upload_slots: int = 16
     # The agent: control socket (default: agent.sock in the cache dir), a Unix group whose
     # members may use it besides the agent's own user, and the localhost gateway port.
     socket: Path | None = None
@@ -75,6 +75,12 @@ class Settings:
     swarm_host: str = "0.0.0.0"
     swarm_port: int = 0
     swarm_peers: str = ""
+    # Who is in the swarm: holders of this shared secret, and (if set) only these peer ids.
+    swarm_secret: str | None = field(default=None, repr=False)
+    swarm_allow: str = ""
+    # Discovery besides the bootstrap list: mDNS on the LAN, the Kademlia DHT across subnets.
+    mdns: bool = True
+    dht: bool = True
 
     @property
     def socket_path(self) -> Path:
@@ -117,6 +123,10 @@ _SOURCES: dict[str, tuple[str, str, object]] = {
     "swarm_host": ("SHOAL_SWARM_HOST", "swarm.host", str),
     "swarm_port": ("SHOAL_SWARM_PORT", "swarm.port", int),
     "swarm_peers": ("SHOAL_SWARM_PEERS", "swarm.peers", "list"),
+    "swarm_secret": ("SHOAL_SWARM_SECRET", "swarm.secret", str),
+    "swarm_allow": ("SHOAL_SWARM_ALLOW", "swarm.allow", "list"),
+    "mdns": ("SHOAL_MDNS", "swarm.mdns", bool),
+    "dht": ("SHOAL_DHT", "swarm.dht", bool),
 }
 ENV_NAMES = {name: env for name, (env, _, _) in _SOURCES.items()}
 
@@ -191,7 +201,7 @@ def _lookup_toml(doc: dict, dotted: str):
     return node
 
 
-SECRETS = ("oss_access_key_id", "oss_access_key_secret", "oss_session_token", "modelscope_token")
+SECRETS = ("oss_access_key_id", "oss_access_key_secret", "oss_session_token", "modelscope_token", "swarm_secret")
 
 
 def describe(settings: Settings) -> list[tuple[str, str, str, str]]:

@@ -137,7 +137,7 @@ def run_lan_demo(*, size_mb: int = 128, workdir: Path | None = None, keep: bool 
             oss.create_bucket(DEMO_BUCKET)
             base = {k: v for k, v in os.environ.items() if not k.startswith(("OSS_", "SHOAL_", "MODELSCOPE_"))}
             base.update(SHOAL_CONFIG=str(root / "no-config.toml"), SHOAL_GATEWAY_PORT="0", SHOAL_SWARM="1",
-                        SHOAL_SWARM_HOST="127.0.0.1", OSS_ACCESS_KEY_ID="demo", OSS_ACCESS_KEY_SECRET="demo")
+                        SHOAL_SWARM_HOST="127.0.0.1", SHOAL_MDNS="0", OSS_ACCESS_KEY_ID="demo", OSS_ACCESS_KEY_SECRET="demo")
             teacher = {**base, "SHOAL_CACHE_DIR": str(root / "teacher"), "OSS_ENDPOINT": oss.url,
                        "SHOAL_OSS_BUCKET": DEMO_BUCKET, "MODELSCOPE_ENDPOINT": hub.url}
             shoal(["mirror", "push", DEMO_MODEL, "--from-dir", str(origin)], teacher)

@@ -25,10 +25,11 @@ import trio
 
 from agent.config import Settings
 from agent.errors import (CredentialsRejected, DiskFull, IntegrityError, ManifestError, NotFound, ShoalError,
-                          SourceUnavailable, UsageError)
+                          SourceUnavailable, UsageError, single_error)
 from agent.manifest import (PARTIAL_SUFFIX, FileEntry, Manifest, ModelRef, build_manifest, chunk_count,
                             chunk_span, decode, default_chunk_size)
-from agent.scheduler import ChunkFetched, ChunkRejected, Event, FileDone, FileTask, Scheduler, SourceState, SourceTrouble
+from agent.scheduler import (ChunkFetched, ChunkRejected, Event, FifoPicker, FileDone, FileTask, Scheduler,
+                             SourceState, SourceTrouble)
 from agent.ratelimit import TokenBucket
 from agent.sources import ChunkSource
 from agent.store import Store
@@ -188,12 +189,15 @@ def plan_from_offers(ref: ModelRef, offers: list, trust) -> tuple[Plan | None, l
 async def pull(ref: ModelRef, settings: Settings, *, to: Path | None = None,
                emit: Callable[[object], None] = lambda event: None,
                sources: list[ChunkSource] | None = None,
-               rate: TokenBucket | None = None, offers: list | None = None, trust=None) -> PullResult:
+               rate: TokenBucket | None = None, swarm=None, trust=None) -> PullResult:
     """Pull ``ref`` into the store (or ``to``); see module docstring. Raises ``ShoalError``s.
 
-    ``offers``: what LAN peers said they hold (``agent.swarm``); their chunks are fetched
-    first whenever the plan's manifest is the one they hold. A peer's manifest becomes the
-    plan only if ``trust`` accepts it (a trusted publisher's signature or a pinned id).
+    ``swarm``: the agent's LAN swarm for this pull (``agent.service.SwarmSession``): what
+    peers answered before the pull (``offers``), this agent's peer id, and ``track(view)``,
+    which keeps a ``LanView`` fresh while the pull runs. With a trusted plan, LAN peers come
+    first and the swarm's chunk order applies (``agent.swarm.view``). A peer's manifest
+    becomes the plan only if ``trust`` accepts it (a trusted publisher's signature or a
+    pinned id).
     """
     started = time.monotonic()
     troubles: list[str] = []
@@ -214,7 +218,8 @@ async def pull(ref: ModelRef, settings: Settings, *, to: Path | None = None,
     store = await trio.to_thread.run_sync(Store, settings.cache_dir)
     lan = None
     try:
-        plan, refused = plan_from_offers(ref, offers or [], trust) if offers and trust else (None, [])
+        offers = swarm.offers if swarm is not None else []
+        plan, refused = plan_from_offers(ref, offers, trust) if offers and trust else (None, [])
         if plan is None:
             try:
                 plan = await resolve(ref, sources, record, settings.chunk_size)
@@ -222,16 +227,23 @@ async def pull(ref: ModelRef, settings: Settings, *, to: Path | None = None,
                 if refused:  # the only answer came from peers we may not believe: say so
                     raise refused[0] from e
                 raise
-        if offers and plan.trusted:
+        picker, view = FifoPicker, None
+        if swarm is not None and plan.trusted:
             from agent.swarm.source import LanPeerSource
-            lan = LanPeerSource(plan.manifest(), offers)
-            if lan.offers:
-                sources = [lan, *sources]
+            from agent.swarm.view import LanView, SwarmPicker
+            view = LanView(plan.manifest(), swarm.self_id)
+            for offer in offers:
+                if offer.manifest.id == view.manifest.id:
+                    view.update(offer.peer, offer)
+            lan = LanPeerSource(view)
+            sources = [lan, *sources]
+            picker = lambda jobs: SwarmPicker(view, jobs)  # noqa: E731
         directory = Path(to).resolve() if to else store.default_dir(ref)
         await trio.to_thread.run_sync(store.lock, ref)
         try:
             result = await _run(plan, directory, store, sources, settings, record,
-                                rate if rate is not None else TokenBucket(settings.download_rate))
+                                rate if rate is not None else TokenBucket(settings.download_rate),
+                                picker, swarm if view is not None else None, view)
         finally:
             store.unlock(ref)
     finally:
@@ -250,7 +262,7 @@ async def pull(ref: ModelRef, settings: Settings, *, to: Path | None = None,
 
 
 async def _run(plan: Plan, directory: Path, store: Store, sources: list[ChunkSource],
-               settings: Settings, emit, rate: TokenBucket) -> PullResult:
+               settings: Settings, emit, rate: TokenBucket, picker=None, swarm=None, view=None) -> PullResult:
     ref = plan.ref
     # Check the space before the pull, not in the middle of it: preallocation would
     # fail on the first file that does not fit.
@@ -270,6 +282,23 @@ async def _run(plan: Plan, directory: Path, store: Store, sources: list[ChunkSou
     # Only a pull that passed the checks above is recorded in the index.
     await trio.to_thread.run_sync(store.begin, ref, directory, plan.chunk_size,
                                   [(p, s, h) for p, s, h, _ in plan.files])
+    if plan.trusted:  # LAN peers may fetch what this pull has verified while it runs
+        await trio.to_thread.run_sync(store.expect, ref, plan.manifest())
+    if swarm is None:
+        return await _fetch_all(plan, directory, store, sources, settings, emit, rate, picker)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(swarm.track, view)  # HAVE updates; the first before any chunk is chosen
+            result = await _fetch_all(plan, directory, store, sources, settings, emit, rate, picker)
+            nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        raise single_error(group) from None
+    return result
+
+
+async def _fetch_all(plan: Plan, directory: Path, store: Store, sources: list[ChunkSource],
+                     settings: Settings, emit, rate: TokenBucket, picker) -> PullResult:
+    ref = plan.ref
     tasks: list[FileTask] = []
     try:
         already = 0
@@ -284,7 +313,7 @@ async def _run(plan: Plan, directory: Path, store: Store, sources: list[ChunkSou
         emit(PlanReady(plan, directory, already))
         states = [SourceState(s) for s in sources]
         for round_ in range(MAX_ROUNDS):
-            outcome = await Scheduler(ref, states, settings, emit, rate).run(tasks)
+            outcome = await Scheduler(ref, states, settings, emit, rate, picker or FifoPicker).run(tasks)
             if not outcome.mismatched:
                 break
             tasks = []

@@ -42,3 +42,46 @@ class TokenBucket:
         while self._rate and -self._tokens / self._rate > 0.001:
             await trio.sleep(min(0.25, -self._tokens / self._rate))
             self._refill(trio.current_time())
+
+
+class ThreadTokenBucket:
+    """The same cap for blocking threads (the LAN data server's sendfile loop)."""
+
+    def __init__(self, rate: int | None):
+        import threading
+        import time
+        self._clock = time.monotonic
+        self._sleep = time.sleep
+        self._rate = rate
+        self._tokens = 0.0
+        self._stamp = self._clock()
+        self._lock = threading.Lock()
+
+    @property
+    def rate(self) -> int | None:
+        return self._rate
+
+    def set_rate(self, rate: int | None) -> None:
+        with self._lock:
+            self._rate = rate
+            self._tokens = min(self._tokens, 0.0)
+
+    def take(self, nbytes: int) -> None:
+        with self._lock:
+            if not self._rate:
+                return
+            now = self._clock()
+            self._tokens = min(float(self._rate), self._tokens + (now - self._stamp) * self._rate) - nbytes
+            self._stamp = now
+        while True:
+            with self._lock:
+                rate = self._rate
+                if not rate:
+                    return
+                now = self._clock()
+                self._tokens = min(float(rate), self._tokens + (now - self._stamp) * rate)
+                self._stamp = now
+                wait = -self._tokens / rate
+            if wait <= 0.001:
+                return
+            self._sleep(min(0.25, wait))

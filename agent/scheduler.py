@@ -1,7 +1,7 @@
 """The scheduler: many chunks in flight, each from the first source that can give it.
 
-Per chunk, sources are tried in order (OSS mirror, then ModelScope; LAN peers will go
-first). On one source a transient error (timeout, reset, truncated body, 5xx) is retried
+Per chunk, sources are tried in order (LAN peers, ``agent.swarm``, then the OSS mirror,
+then ModelScope). On one source a transient error (timeout, reset, truncated body, 5xx) is retried
 with jittered backoff up to ``settings.retries`` times; a 404, refused credentials, a
 server that ignores Range, or a chunk whose BLAKE3 does not match moves the chunk to the
 next source at once. A source that fails several chunks in a row is put aside for a
@@ -137,13 +137,28 @@ def _fetch_verify_write(source: ChunkSource, ref: ModelRef, task: FileTask, inde
     pf.write_chunk(index, view, digest, source.name)
 
 
+class FifoPicker:
+    """Chunks in file order: the order without LAN peers (``agent.swarm.view.SwarmPicker``
+    is the one with them)."""
+
+    def __init__(self, jobs: list):
+        self.pending = list(reversed(jobs))
+
+    async def take(self):
+        return self.pending.pop() if self.pending else None
+
+
 class Scheduler:
-    """Fetches the missing chunks of a set of files. One instance per pull round."""
+    """Fetches the missing chunks of a set of files. One instance per pull round.
+
+    ``picker``: makes the object workers ask for their next chunk (``FifoPicker`` by default).
+    """
 
     def __init__(self, ref: ModelRef, sources: list[SourceState], settings: Settings,
-                 emit: Callable[[Event], None], rate: TokenBucket | None = None):
+                 emit: Callable[[Event], None], rate: TokenBucket | None = None, picker=FifoPicker):
         self.ref, self.sources, self.settings, self.emit = ref, sources, settings, emit
         self.rate = rate
+        self.picker = picker
         self._limiter = trio.CapacityLimiter(settings.concurrency)
 
     async def run(self, tasks: list[FileTask]) -> Outcome:
@@ -154,7 +169,7 @@ class Scheduler:
             jobs.extend((task, i) for i in missing)
         chunk_size = max((t.file.chunk_size for t in tasks), default=0)
         outcome = Outcome([])
-        send, recv = trio.open_memory_channel(0)
+        picker = self.picker(jobs)
         try:
             async with trio.open_nursery() as nursery:
                 # Files already complete on entry (all chunks present after a crash) are
@@ -163,22 +178,18 @@ class Scheduler:
                     if task.remaining == 0:
                         nursery.start_soon(self._finish_file, task, outcome)
                 for _ in range(min(self.settings.concurrency, len(jobs))):
-                    nursery.start_soon(self._worker, recv.clone(), bytearray(chunk_size), nursery, outcome)
-                recv.close()
-                async with send:
-                    for job in jobs:
-                        await send.send(job)
+                    nursery.start_soon(self._worker, picker, bytearray(chunk_size), nursery, outcome)
         except BaseExceptionGroup as group:
             raise single_error(group) from None
         return outcome
 
-    async def _worker(self, jobs, buffer: bytearray, nursery, outcome: Outcome) -> None:
-        async with jobs:
-            async for task, index in jobs:
-                await self._fetch_chunk(task, index, buffer)
-                task.remaining -= 1
-                if task.remaining == 0:
-                    nursery.start_soon(self._finish_file, task, outcome)
+    async def _worker(self, picker, buffer: bytearray, nursery, outcome: Outcome) -> None:
+        while (job := await picker.take()) is not None:
+            task, index = job
+            await self._fetch_chunk(task, index, buffer)
+            task.remaining -= 1
+            if task.remaining == 0:
+                nursery.start_soon(self._finish_file, task, outcome)
 
     def _pick_order(self, task: FileTask) -> list[SourceState]:
         path = task.file.rel

@@ -121,8 +121,7 @@ class Agent:
         self.jobs = JobStore(settings.cache_dir)
         self.chats = ChatSessions(self.jobs)
         self._devices: dict | None = None
-        self.swarm = None  # SwarmNode when settings.swarm
-        self.peers: dict[str, dict] = {}  # peer id -> {"addr", "connected", "error"}
+        self.swarm = None  # agent.swarm.membership.Swarm when settings.swarm
         from agent.swarm.trust import parse_publishers
         self.trust = TrustPolicy(parse_publishers(settings.trusted_publishers))
         self.gateway_url: str | None = None
@@ -160,12 +159,15 @@ class Agent:
                     wire = event_to_wire(event)
                     self.metrics.observe(wire)
                     active.emit(wire)
-                offers = await self.swarm_offers(active.ref)
+                session = None
+                if self.swarm is not None:
+                    from agent.swarm.membership import PullSession
+                    session = PullSession(self.swarm, await self.swarm.offers(active.ref))
                 trust = self.trust
                 if is_manifest_id(active.ref.revision):  # MODEL@<manifest-id>: the person vouches for it
                     trust = TrustPolicy(trust.publishers, frozenset({active.ref.revision}))
                 result = await pull(active.ref, self.settings, to=active.directory, emit=emit,
-                                    sources=self.sources, rate=self.download, offers=offers, trust=trust)
+                                    sources=self.sources, rate=self.download, swarm=session, trust=trust)
                 active.result = result_to_wire(result)
                 self.metrics.pulls_done.inc()
             if active.scope.cancelled_caught:
@@ -319,9 +321,11 @@ class Agent:
                 "upload_slots": self.upload_slots.total_tokens,
                 "pulls": [p.snapshot() for p in self.pulls.values()],
                 "sources": [s.label for s in self.sources],
-                "swarm": None if self.swarm is None else {"peer_id": self.swarm.peer_id, "addrs": self.swarm.addrs,
-                                                          "data": list(self.swarm.data.address)},
-                "peers": [{"id": p, **i} for p, i in self.peers.items()]}
+                "swarm": None if self.swarm is None else {
+                    "peer_id": self.swarm.self_id, "addrs": self.swarm.node.addrs,
+                    "data": list(self.swarm.node.data.address), "tag": self.swarm.access.tag,
+                    "open": self.swarm.access.open, "mdns": self.settings.mdns, "dht": self.settings.dht},
+                "peers": [] if self.swarm is None else self.swarm.snapshot()}
 
     async def rpc_list(self, params, send_event):
         models = await trio.to_thread.run_sync(self.store.models)
@@ -369,6 +373,8 @@ class Agent:
                 self.download.set_rate(parse_size(value))
             elif key == "upload_rate":
                 self.upload.set_rate(parse_size(value))
+                if self.swarm is not None:
+                    self.swarm.node.data.rate.set_rate(parse_size(value))
             elif key == "upload_slots":
                 slots = int(value)
                 if not 1 <= slots <= 256:
@@ -505,55 +511,14 @@ class Agent:
         return {"job": asdict(job), "steps": steps, "final": final}
 
     async def rpc_peers(self, params, send_event):
-        return [{"id": peer, **info} for peer, info in self.peers.items()]
+        return [] if self.swarm is None else self.swarm.snapshot()
 
     # ------------------------------------------------------------------ swarm
 
     async def _start_swarm(self, nursery) -> None:
-        from agent.swarm.node import SwarmNode
-        from agent.swarm.trust import Identity
-        identity = Identity.load_or_create(Path(self.settings.cache_dir) / "identity.key")
-        self.swarm = SwarmNode(self.store, identity.seed, listen_host=self.settings.swarm_host,
-                               listen_port=self.settings.swarm_port, data_host=self.settings.swarm_host,
-                               slots=self.settings.upload_slots)
-        await nursery.start(self.swarm.serve)
-        nursery.start_soon(self._keep_peers)
-
-    async def _keep_peers(self) -> None:
-        """Connect to the bootstrap peers, and again whenever a connection is gone."""
-        addresses = [a.strip() for a in self.settings.swarm_peers.split(",") if a.strip()]
-        while True:
-            for address in addresses:
-                peer = address.rsplit("/p2p/", 1)[-1]
-                if self.peers.get(peer, {}).get("connected"):
-                    continue
-                try:
-                    await self.swarm.connect(address)
-                    self.peers[peer] = {"addr": address, "connected": True, "error": None}
-                except Exception as e:  # unreachable now: try again later
-                    self.peers[peer] = {"addr": address, "connected": False, "error": str(e)[:200]}
-            await trio.sleep(10)
-
-    async def swarm_offers(self, ref: ModelRef) -> list:
-        """Ask every connected peer what it holds of ``ref`` (bounded in time)."""
-        if self.swarm is None:
-            return []
-        offers = []
-
-        async def ask(peer: str) -> None:
-            try:
-                offer = await self.swarm.ask(peer, ref)
-            except Exception as e:  # a peer that cannot answer is left out of this pull
-                self.peers.setdefault(peer, {})["error"] = str(e)[:200]
-                return
-            if offer is not None:
-                offers.append(offer)
-        connected = [p for p, info in self.peers.items() if info.get("connected")]
-        with trio.move_on_after(5):
-            async with trio.open_nursery() as nursery:
-                for peer in connected:
-                    nursery.start_soon(ask, peer)
-        return offers
+        from agent.swarm.membership import Swarm
+        self.swarm = Swarm(self.settings, self.store, pulling=lambda key: key in self.pulls)
+        await nursery.start(self.swarm.run)
 
 
 

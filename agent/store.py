@@ -46,7 +46,7 @@ CREATE TABLE IF NOT EXISTS models (
     dir TEXT NOT NULL,
     chunk_size INTEGER NOT NULL,
     total_size INTEGER NOT NULL,
-    manifest_id TEXT,                -- set when complete
+    manifest_id TEXT,                -- set when complete, or from the start by a trusted plan
     state TEXT NOT NULL,             -- 'pulling' | 'complete'
     updated REAL NOT NULL,
     pinned INTEGER NOT NULL DEFAULT 0,   -- never evicted
@@ -387,7 +387,7 @@ class Store:
                     "INSERT INTO models(key, model_id, revision, dir, chunk_size, total_size, state, updated)"
                     " VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(key) DO UPDATE SET dir=excluded.dir,"
                     " chunk_size=excluded.chunk_size, total_size=excluded.total_size,"
-                    " state='pulling', updated=excluded.updated",
+                    " state='pulling', manifest_id=NULL, updated=excluded.updated",
                     (key, ref.model_id, ref.revision, str(directory), chunk_size,
                      sum(s for _, s, _ in files), "pulling", time.time()))
                 self._db.executemany(
@@ -427,17 +427,28 @@ class Store:
         pf.open()
         return pf
 
-    def complete(self, ref: ModelRef, manifest: Manifest) -> str:
-        """Mark ``ref`` complete and keep its manifest; return the manifest id."""
-        data = manifest.encode()
+    def _keep_manifest(self, manifest: Manifest) -> str:
         mid = manifest.id
         target = self.root / "manifests" / f"{mid}.shoal"
-        tmp = target.with_suffix(".tmp")
+        if target.is_file():
+            return mid
+        tmp = target.with_suffix(f".{os.getpid()}.tmp")
         try:
-            tmp.write_bytes(data)
+            tmp.write_bytes(manifest.encode())
             os.replace(tmp, target)
         except OSError as e:
             raise _disk_error(e, target) from e
+        return mid
+
+    def expect(self, ref: ModelRef, manifest: Manifest) -> None:
+        """A pull of ``ref`` follows this trusted manifest: keep it and name it in the index
+        now, so LAN peers can ask for the chunks verified so far (state stays 'pulling')."""
+        mid = self._keep_manifest(manifest)
+        self._exec("UPDATE models SET manifest_id=? WHERE key=?", (mid, str(ref)))
+
+    def complete(self, ref: ModelRef, manifest: Manifest) -> str:
+        """Mark ``ref`` complete and keep its manifest; return the manifest id."""
+        mid = self._keep_manifest(manifest)
         self._exec("UPDATE models SET state='complete', manifest_id=?, updated=?, last_used=? WHERE key=?",
                    (mid, time.time(), time.time(), str(ref)))
         return mid
@@ -568,6 +579,13 @@ class Store:
     def chunk_hashes(self, ref: ModelRef, path: str) -> dict[int, bytes]:
         return {i: h for i, h in self._exec(
             "SELECT idx, hash FROM chunks WHERE model_key=? AND path=?", (str(ref), path))}
+
+    def held_chunks(self, ref: ModelRef) -> dict[str, dict[int, bytes]]:
+        """Every verified chunk of ``ref``: path -> {index: BLAKE3}. One query (peers ask often)."""
+        held: dict[str, dict[int, bytes]] = {}
+        for path, idx, digest in self._exec("SELECT path, idx, hash FROM chunks WHERE model_key=?", (str(ref),)):
+            held.setdefault(path, {})[idx] = digest
+        return held
 
     def models(self) -> list[ModelInfo]:
         counts = {(key, path): n for key, path, n in self._exec(

@@ -37,7 +37,7 @@ def verify_model(ref: ModelRef, settings: Settings) -> VerifyReport:
     store = Store(settings.cache_dir)
     try:
         info = store.find(ref)
-        if not info.manifest_id:
+        if info.state != "complete" or not info.manifest_id:
             raise NotFound(f"{ref} is not complete yet ({human_bytes(info.have_bytes)} of "
                            f"{human_bytes(info.total_size)}); run `shoal pull {ref}` to finish it first")
         store.lock(ref)

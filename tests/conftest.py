@@ -80,6 +80,7 @@ def env(tmp_path, hub, oss) -> dict[str, str]:
         "SHOAL_CONNECT_TIMEOUT": "2",
         "SHOAL_RETRIES": "2",
         "SHOAL_CONCURRENCY": "4",
+        "SHOAL_MDNS": "0",  # multicast would leave loopback; the mDNS test runs in its own namespaces
     }
 
 

@@ -43,6 +43,7 @@ STATUS_NAMES = {OK: "ok", DENIED: "denied", MISSING: "missing", BAD_REQUEST: "ba
 _HEADER = struct.Struct(">BQ")
 MAX_TICKETS = 4096
 IDLE_TIMEOUT = 30.0
+RATE_SLICE = 256 * 1024
 
 
 class DataPathError(ShoalError):
@@ -167,8 +168,10 @@ class DataServer:
     """
 
     def __init__(self, locator: ChunkLocator, tickets: TicketBook, *, host: str = "127.0.0.1",
-                 port: int = 0, slots: int = 8, idle_timeout: float = IDLE_TIMEOUT):
+                 port: int = 0, slots: int = 8, idle_timeout: float = IDLE_TIMEOUT, rate: int | None = None):
+        from agent.ratelimit import ThreadTokenBucket
         self.locator, self.tickets = locator, tickets
+        self.rate = ThreadTokenBucket(rate)  # the upload cap (SHOAL_UPLOAD_RATE), shared by all connections
         self._listener = socket.create_server((host, port), backlog=64, reuse_port=False)
         self._slots = threading.BoundedSemaphore(slots)
         self._idle = idle_timeout
@@ -177,6 +180,7 @@ class DataServer:
         self._lock = threading.Lock()
         self._closed = False
         self.bytes_served = 0
+        self.served_to: dict[str, int] = {}  # peer id -> bytes sent to it
 
     @property
     def address(self) -> tuple[str, int]:
@@ -250,7 +254,8 @@ class DataServer:
                 except DataPathError as e:
                     _reply(conn, BAD_REQUEST, str(e).encode())
                     return
-                if self.tickets.check(ticket) is None:
+                peer = self.tickets.check(ticket)
+                if peer is None:
                     _reply(conn, DENIED, b"unknown or expired ticket; ask for a new one")
                     return
                 where = self.locator.locate(manifest_id, path, index)
@@ -260,12 +265,24 @@ class DataServer:
                 conn.sendall(_HEADER.pack(OK, where.length))
                 with open(where.file, "rb") as f:
                     # socket.sendfile is os.sendfile plus the waiting a socket with a
-                    # timeout (non-blocking underneath) needs.
-                    sent = conn.sendfile(f, where.offset, where.length)
+                    # timeout (non-blocking underneath) needs. Under an upload cap it
+                    # goes in slices, each paid for first.
+                    if self.rate.rate:
+                        sent = 0
+                        while sent < where.length:
+                            step = min(RATE_SLICE, where.length - sent)
+                            self.rate.take(step)
+                            n = conn.sendfile(f, where.offset + sent, step)
+                            if n != step:
+                                break
+                            sent += n
+                    else:
+                        sent = conn.sendfile(f, where.offset, where.length)
                 if sent != where.length:
                     return  # the file shrank under us: drop the connection
                 with self._lock:
                     self.bytes_served += where.length
+                    self.served_to[peer] = self.served_to.get(peer, 0) + where.length
         except (OSError, socket.timeout):
             return
         finally:

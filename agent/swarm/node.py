@@ -1,54 +1,46 @@
-"""The LAN swarm node: a libp2p host that tells peers what this agent holds and hands out
-tickets for its data connection; and the client side that asks peers the same.
+"""The LAN swarm node: a libp2p host that tells swarm peers what this agent holds and hands
+out tickets for its data connection; the client side that asks peers the same; and
+discovery (bootstrap list, mDNS, Kademlia DHT provider records).
 
-Only small control messages travel over libp2p (authenticated, Noise): one request, one
-answer per stream, both bounded msgpack maps. Chunk bytes go over ``agent.swarm.datapath``.
+Only small control messages travel over libp2p (authenticated, Noise); the wire format is
+``agent.swarm.protocol``. Chunk bytes go over ``agent.swarm.datapath``.
 
-Protocol ``/shoal/offer/1.0.0``: request ``{"model": id, "revision": rev}`` or
-``{"manifest_id": hex}``; answer ``{"manifest": bytes, "signature": bytes|nil,
-"have": {path: [chunk indices]}, "data": [host, port], "ticket": bytes}``, or
-``{"error": text}``. The ticket is bound to the asking peer's id.
+Discovery:
+- **bootstrap**: full multiaddrs with ``/p2p/<peer id>`` (``SHOAL_SWARM_PEERS``), dialled by
+  the agent and re-dialled when the connection drops;
+- **mDNS** (``SHOAL_MDNS``): py-libp2p's zeroconf service under a service name derived
+  from the swarm tag, so agents of another swarm do not even see each other;
+- **DHT** (``SHOAL_DHT``): py-libp2p ``KadDHT`` in server mode with a per-swarm protocol
+  prefix; this agent provides a key per held model revision and per manifest id, and
+  looks those keys up before a pull, so peers on routed subnets (no multicast) are found
+  through any peer both know.
 
-Discovery in this version: a configured bootstrap list (``SHOAL_SWARM_PEERS``, full
-multiaddrs with ``/p2p/<peer id>``). mDNS and the Kademlia DHT are still to come.
-
-Resource handling: ``serve_swarm`` runs the host and the data server until cancelled.
+Resource handling: ``serve`` runs the host, the data server, the DHT and mDNS until
+cancelled, and stops them all on the way out.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import threading
+import time
+from collections import OrderedDict
+from typing import Callable
 
-import msgpack
 import trio
 
-from agent.errors import ShoalError
-from agent.manifest import Manifest, ModelRef, decode
+from agent.manifest import Manifest, ModelRef, decode, is_manifest_id
+from agent.store import blake3_hash
 from agent.swarm.datapath import DataServer, StoreLocator, TicketBook
+from agent.swarm.protocol import (BAD_REQUEST, MAX_ANSWER, MAX_REQUEST, NOT_HELD, NOT_IN_SWARM, PROTOCOL, Answer,
+                                  NotInSwarm, PeerBroken, SwarmAccess, encode_answer, encode_error, encode_request,
+                                  parse_answer, parse_request)
 
 log = logging.getLogger("shoal.swarm")
 
-PROTOCOL = "/shoal/offer/1.0.0"
-MAX_MESSAGE = 8 * 1024 * 1024  # a manifest of ~100k files still fits
 ASK_TIMEOUT = 5.0
-
-
-class PeerBroken(ShoalError):
-    """A peer answered something that is not a valid offer."""
-
-
-@dataclass
-class Offer:
-    """What one peer holds of one manifest, and how to fetch it."""
-
-    peer: str
-    manifest: Manifest
-    manifest_bytes: bytes
-    signature: bytes | None
-    have: dict[str, set[int]]
-    data: tuple[str, int]
-    ticket: bytes
+MAX_DISCOVERED = 1024
+MANIFEST_CACHE = 32
 
 
 def _keypair(seed: bytes):
@@ -56,7 +48,16 @@ def _keypair(seed: bytes):
     return create_new_key_pair(seed)
 
 
-async def _read_all(stream, limit: int = MAX_MESSAGE) -> bytes:
+def model_key(model_id: str, revision: str) -> str:
+    """DHT key (hex) under which holders of ``model_id@revision`` are provided."""
+    return blake3_hash(f"shoal-model:{model_id}@{revision}".encode()).hex()
+
+
+def manifest_key(manifest_id: str) -> str:
+    return blake3_hash(f"shoal-manifest:{manifest_id}".encode()).hex()
+
+
+async def _read_all(stream, limit: int) -> bytes:
     from libp2p.network.stream.exceptions import StreamEOF
     data = bytearray()
     while True:
@@ -71,35 +72,41 @@ async def _read_all(stream, limit: int = MAX_MESSAGE) -> bytes:
             raise PeerBroken(f"a swarm message exceeds {limit} bytes")
 
 
-def _pack(message: dict) -> bytes:
-    return msgpack.packb(message, use_bin_type=True)
-
-
-def _unpack(data: bytes) -> dict:
+async def _close(stream) -> None:
     try:
-        message = msgpack.unpackb(data, raw=False, strict_map_key=True)
-    except Exception as e:  # msgpack raises several unrelated types on bad input
-        raise PeerBroken(f"undecodable swarm message ({type(e).__name__})") from e
-    if not isinstance(message, dict):
-        raise PeerBroken("a swarm message must be a map")
-    return message
+        await stream.close()
+    except Exception:  # already reset by the other end
+        pass
 
 
 class SwarmNode:
-    """One agent's presence in the swarm. Owns the libp2p host and the data server."""
+    """One agent's presence in the swarm. Owns the libp2p host, the data server, the DHT."""
 
-    def __init__(self, store, seed: bytes, *, listen_host: str = "127.0.0.1", listen_port: int = 0,
-                 data_host: str = "127.0.0.1", slots: int = 8):
+    def __init__(self, store, seed: bytes, *, access: SwarmAccess | None = None,
+                 pulling: Callable[[str], bool] = lambda ref: False, listen_host: str = "127.0.0.1",
+                 listen_port: int = 0, data_host: str | None = None, slots: int = 16,
+                 upload_rate: int | None = None, mdns: bool = False, dht: bool = False):
         import multiaddr
         from libp2p import new_host
         from libp2p.network.config import ConnectionConfig
         self.store = store
+        self.access = access or SwarmAccess()
+        self.pulling = pulling
         self.tickets = TicketBook()
-        self.data = DataServer(StoreLocator(store), self.tickets, host=data_host, slots=slots)
+        self.data = DataServer(StoreLocator(store), self.tickets, host=data_host or listen_host, slots=slots,
+                               rate=upload_rate)
         # One connection per peer: py-libp2p waits ~250 ms per connect otherwise (DESIGN.md).
         self.host = new_host(key_pair=_keypair(seed), connection_config=ConnectionConfig(max_connections_per_peer=1))
         self._listen = [multiaddr.Multiaddr(f"/ip4/{listen_host}/tcp/{listen_port}")]
         self.host.set_stream_handler(PROTOCOL, self._answer)
+        self._want_mdns, self._want_dht = mdns, dht
+        self.dht = None
+        self._mdns = None
+        self.discovered: OrderedDict[str, list[str]] = OrderedDict()  # peer id -> multiaddrs (mDNS, DHT)
+        self._discovered_lock = threading.Lock()
+        self.refused: dict[str, float] = {}  # peer id -> when we last refused it (outside the swarm)
+        self.refused_by: set[str] = set()  # peers that told us we are outside their swarm
+        self._manifests: OrderedDict[str, Manifest] = OrderedDict()
 
     @property
     def peer_id(self) -> str:
@@ -113,49 +120,161 @@ class SwarmNode:
         self.data.start()
         try:
             async with self.host.run(listen_addrs=self._listen):
-                task_status.started(self)
-                await trio.sleep_forever()
+                if self._want_dht:
+                    from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+                    from libp2p.tools.anyio_service import background_trio_service
+                    self.dht = KadDHT(self.host, DHTMode.SERVER, protocol_prefix=f"/shoal/{self.access.tag}")
+                    async with background_trio_service(self.dht):
+                        await self._serve_discovery(task_status)
+                else:
+                    await self._serve_discovery(task_status)
         finally:
             self.data.close()
 
+    async def _serve_discovery(self, task_status) -> None:
+        if self._want_mdns:
+            self._start_mdns()
+        try:
+            task_status.started(self)
+            await trio.sleep_forever()
+        finally:
+            if self._mdns is not None:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(self._mdns.stop)
+
+    # ------------------------------------------------------------------ discovery
+
+    def _start_mdns(self) -> None:
+        from libp2p.discovery.events.peerDiscovery import peerDiscovery
+        from libp2p.discovery.mdns.mdns import MDNSDiscovery
+        # A DNS-SD service name is at most 15 characters: "shoal-" and 9 of the swarm tag.
+        self._mdns = MDNSDiscovery(self.host.get_network(), service_type=f"_shoal-{self.access.tag[:9]}._udp.local.",
+                                   host=self.host, ttl=120)
+        peerDiscovery.register_peer_discovered_handler(self._on_discovered)
+        self._mdns.start()
+        log.info("mDNS discovery started (swarm %s)", self.access.tag)
+
+    def _on_discovered(self, info) -> None:
+        """Called from zeroconf's thread (and the DHT): remember the peer for the agent to dial."""
+        peer = str(info.peer_id)
+        if peer == self.peer_id:
+            return
+        addrs = [f"{a}/p2p/{peer}" if "/p2p/" not in str(a) else str(a) for a in info.addrs]
+        with self._discovered_lock:
+            self.discovered[peer] = addrs
+            self.discovered.move_to_end(peer)
+            while len(self.discovered) > MAX_DISCOVERED:
+                self.discovered.popitem(last=False)
+
+    def take_discovered(self) -> dict[str, list[str]]:
+        with self._discovered_lock:
+            found = dict(self.discovered)
+        return found
+
+    async def provide(self, model_id: str, revision: str, manifest_id: str) -> bool:
+        """Publish DHT provider records for a held model revision and its manifest."""
+        if self.dht is None:
+            return False
+        ok = True
+        for key in (model_key(model_id, revision), manifest_key(manifest_id)):
+            with trio.move_on_after(ASK_TIMEOUT * 2):
+                ok = await self.dht.provide(key) and ok
+        return ok
+
+    def unprovide(self, model_id: str, revision: str, manifest_id: str) -> None:
+        """Stop announcing (on eviction): no re-publish, so remote records expire."""
+        if self.dht is None:
+            return
+        for key in (model_key(model_id, revision), manifest_key(manifest_id)):
+            raw = bytes.fromhex(key)
+            self.dht.provider_store.providing_keys.discard(raw)
+            self.dht.provider_store.providers.get(raw, {}).pop(self.peer_id, None)
+
+    async def find_providers(self, ref: ModelRef) -> dict[str, list[str]]:
+        """Peers the DHT says hold ``ref`` (by manifest id when pinned): id -> multiaddrs."""
+        if self.dht is None:
+            return {}
+        key = manifest_key(ref.revision) if is_manifest_id(ref.revision) else model_key(ref.model_id, ref.revision)
+        found: dict[str, list[str]] = {}
+        with trio.move_on_after(ASK_TIMEOUT * 2):
+            for info in await self.dht.find_providers(key, count=20):
+                peer = str(info.peer_id)
+                if peer != self.peer_id:
+                    found[peer] = [f"{a}/p2p/{peer}" for a in info.addrs]
+        return found
+
+    async def add_to_routing(self, peer: str) -> None:
+        if self.dht is not None:
+            from libp2p.peer.id import ID
+            try:
+                await self.dht.add_peer(ID.from_base58(peer))
+            except Exception as e:  # a peer without the DHT protocol is simply not a DHT peer
+                log.debug("DHT add_peer %s: %s", peer[:16], e)
+
     # ------------------------------------------------------------- answering
 
-    def _offer_for(self, request: dict, peer: str) -> dict:
-        models = self.store.models()
+    def _manifest(self, manifest_id: str) -> tuple[Manifest, bytes]:
+        data = self.store.manifest_bytes(manifest_id)
+        manifest = self._manifests.get(manifest_id)
+        if manifest is None:
+            manifest = decode(data)
+            self._manifests[manifest_id] = manifest
+            while len(self._manifests) > MANIFEST_CACHE:
+                self._manifests.popitem(last=False)
+        return manifest, data
+
+    def _answer_for(self, data: bytes, peer: str) -> bytes:
+        try:
+            request = parse_request(data)
+        except PeerBroken as e:
+            return encode_error(BAD_REQUEST, str(e))
+        if not self.access.admits(peer, self.peer_id, request.proof):
+            self.refused[peer] = time.time()
+            return encode_error(NOT_IN_SWARM, "this agent serves only peers of its own swarm (same SHOAL_SWARM_SECRET "
+                                "and, if set, listed in SHOAL_SWARM_ALLOW)")
         info = None
-        if isinstance(request.get("manifest_id"), str):
-            info = next((m for m in models if m.manifest_id == request["manifest_id"]), None)
-        elif isinstance(request.get("model"), str):
-            info = next((m for m in models if m.model_id == request["model"]
-                         and m.revision == request.get("revision", "master") and m.manifest_id), None)
+        for m in self.store.models():
+            if not m.manifest_id:
+                continue
+            if request.manifest_id == m.manifest_id or (
+                    request.manifest_id is None and (m.model_id, m.revision) == (request.model, request.revision)):
+                info = m
+                break
         if info is None:
-            return {"error": "not held here"}
-        manifest_bytes = self.store.manifest_bytes(info.manifest_id)
-        manifest = decode(manifest_bytes)
-        have = {f.path: sorted(self.store.chunk_hashes(info.ref, f.path)) for f in manifest.files}
-        host, port = self.data.address
-        return {"manifest": manifest_bytes, "signature": self.store.signature(info.manifest_id), "have": have,
-                "data": [host, port], "ticket": self.tickets.issue(peer)}
+            return encode_error(NOT_HELD, "not held here")
+        manifest, manifest_bytes = self._manifest(info.manifest_id)
+        expected = {f.path: f.chunks for f in manifest.files}
+        have = {path: {i for i, h in held.items() if i < len(expected[path]) and expected[path][i] == h}
+                for path, held in self.store.held_chunks(info.ref).items() if path in expected}
+        return encode_answer(manifest, None if request.known else manifest_bytes,
+                             self.store.signature(info.manifest_id), have, self.pulling(str(info.ref)),
+                             self.data.address, self.tickets.issue(peer))
 
     async def _answer(self, stream) -> None:
         peer = str(stream.muxed_conn.peer_id)
+        refuse = False
         try:
             with trio.fail_after(ASK_TIMEOUT):
-                request = _unpack(await stream.read(64 * 1024))
-                answer = await trio.to_thread.run_sync(self._offer_for, request, peer)
-                await stream.write(_pack(answer))
+                request = await _read_all(stream, MAX_REQUEST)
+                answer = await trio.to_thread.run_sync(self._answer_for, request, peer)
+                await stream.write(answer)
+                refuse = peer in self.refused and time.time() - self.refused[peer] < 1
         except (PeerBroken, trio.TooSlowError) as e:
             try:
-                await stream.write(_pack({"error": str(e)}))
+                await stream.write(encode_error(BAD_REQUEST, str(e)))
             except Exception:  # the peer may be gone; nothing to tell it
                 pass
         except Exception as e:  # a bad peer must not take the node down
             log.warning("answering %s failed: %s", peer[:16], e)
         finally:
-            try:
-                await stream.close()
-            except Exception:  # already reset by the peer
-                pass
+            await _close(stream)
+        if refuse:  # outside the swarm: hang up the connection too
+            log.warning("refused peer %s: not in this swarm", peer[:16])
+            with trio.move_on_after(1):
+                try:
+                    await self.host.disconnect(stream.muxed_conn.peer_id)
+                except Exception:  # already gone
+                    pass
 
     # --------------------------------------------------------------- asking
 
@@ -167,31 +286,36 @@ class SwarmNode:
             await self.host.connect(info)
         return str(info.peer_id)
 
-    async def ask(self, peer: str, ref: ModelRef) -> Offer | None:
-        """The peer's offer for ``ref``, or None when it holds none. Raises ``PeerBroken``."""
+    def connected(self) -> set[str]:
+        return {str(p) for p in self.host.get_network().connections}
+
+    async def ask(self, peer: str, *, ref: ModelRef | None = None, manifest_id: str | None = None,
+                  known: Manifest | None = None) -> Answer | None:
+        """The peer's answer about a manifest (by id) or a model revision, or None when it
+        holds none. Raises ``PeerBroken``, ``NotInSwarm``, ``trio.TooSlowError``."""
         from libp2p.peer.id import ID
+        if manifest_id is None and ref is not None and is_manifest_id(ref.revision):
+            manifest_id = ref.revision
+        request = encode_request(manifest_id=manifest_id, model=ref.model_id if ref else None,
+                                 revision=ref.revision if ref else None,
+                                 proof=self.access.proof(self.peer_id, peer), known=known is not None)
         with trio.fail_after(ASK_TIMEOUT):
             stream = await self.host.new_stream(ID.from_base58(peer), [PROTOCOL])
             try:
-                from agent.manifest import is_manifest_id
-                request = ({"manifest_id": ref.revision} if is_manifest_id(ref.revision)
-                           else {"model": ref.model_id, "revision": ref.revision})
-                await stream.write(_pack(request))
-                answer = _unpack(await _read_all(stream))
+                await stream.write(request)
+                await stream.close_write()  # the answerer reads to the end of the request
+                data = await _read_all(stream, MAX_ANSWER)
+                remote = stream.get_remote_address()
             finally:
-                try:
-                    await stream.close()
-                except Exception:  # the peer closed first
-                    pass
-        if "error" in answer:
-            return None
+                await _close(stream)
         try:
-            manifest = decode(answer["manifest"])
-            have = {str(p): set(int(i) for i in idx) for p, idx in answer["have"].items()}
-            data = (str(answer["data"][0]), int(answer["data"][1]))
-            ticket = answer["ticket"]
-            if not isinstance(ticket, bytes) or len(ticket) != 32:
-                raise ValueError("ticket")
-        except (KeyError, TypeError, ValueError, ShoalError) as e:
-            raise PeerBroken(f"peer {peer[:16]} sent a malformed offer ({e})") from e
-        return Offer(peer, manifest, answer["manifest"], answer.get("signature"), have, data, ticket)
+            answer = await trio.to_thread.run_sync(parse_answer, data, known)
+        except LookupError:
+            return None
+        if answer.data[0] in ("0.0.0.0", "::", "") and remote:
+            # The peer listens on every interface: its data port is on the address we reached it at.
+            answer.data = (remote[0], answer.data[1])
+        return answer
+
+
+__all__ = ["SwarmNode", "NotInSwarm", "PeerBroken", "model_key", "manifest_key", "ASK_TIMEOUT"]

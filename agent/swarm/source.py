@@ -1,63 +1,89 @@
-"""``LanPeerSource``: chunks from LAN peers that offered the plan's manifest.
+"""``LanPeerSource``: chunks from swarm peers, first in the scheduler's source order.
 
-Each chunk goes to a random peer among those whose have-map lists it (spreading load;
-rarest-first among *chunks* is future work). The source verifies the bytes itself, so it
-knows which peer lied: a peer that sends a chunk whose BLAKE3 does not match is banned
-for the rest of the pull and shown in the pull's troubles. A chunk no (unbanned) peer
-holds raises ``ChunkNotHeld`` and moves on to the mirror or the origin.
+Each chunk goes to the least busy peer whose have-map (``LanView``, refreshed while the
+pull runs) lists it, at most ``PER_PEER`` requests per peer at once. The source checks the
+bytes itself, so it knows which peer lied: a peer that sends a chunk whose BLAKE3 does not
+match is dropped for the rest of the pull (and shown in ``shoal peers``). A peer that does
+not deliver a chunk in time (``LAN_TIMEOUT`` plus what ``LAN_MIN_RATE`` allows) is put
+aside for a while and the chunk moves to another holder. A peer whose upload slots are
+full is waited for briefly. A chunk no usable peer holds raises ``ChunkNotHeld`` and goes
+to the mirror or the origin.
 """
 
 from __future__ import annotations
 
-import random
-import threading
+import time
 
 from agent.errors import IntegrityError, NotFound, SourceUnavailable
-from agent.manifest import Manifest, ModelRef
+from agent.manifest import ModelRef
 from agent.sources import ChunkNotHeld, ChunkRequest, ChunkSource
 from agent.store import blake3_hash
 from agent.swarm.datapath import DataClient
-from agent.swarm.node import Offer
+from agent.swarm.view import LanView
 
-PEERS_PER_CHUNK = 3
+LAN_TIMEOUT = 5.0
+LAN_MIN_RATE = 1024 * 1024  # bytes/s a peer must at least manage on one chunk
+BUSY_WAIT = 0.1
 
 
 class LanPeerSource(ChunkSource):
     name = "lan"
     label = "LAN peers"
 
-    def __init__(self, manifest: Manifest, offers: list[Offer]):
-        self.manifest = manifest
-        self.offers = [o for o in offers if o.manifest.id == manifest.id]
-        self.entries = {f.path: f for f in manifest.files}
-        self.banned: dict[str, str] = {}
+    def __init__(self, view: LanView):
+        self.view = view
+        self.manifest = view.manifest
+        self.entries = {f.path: f for f in view.manifest.files}
         self.client = DataClient()
-        self._lock = threading.Lock()
+
+    @property
+    def banned(self) -> dict[str, str]:
+        return {p: v.banned for p, v in self.view.peers.items() if v.banned}
 
     def fetch(self, ref: ModelRef, request: ChunkRequest, into: memoryview, deadline: float) -> None:
         index = request.offset // self.manifest.chunk_size
-        expected = self.entries[request.path].chunks[index]
-        with self._lock:
-            candidates = [o for o in self.offers if o.peer not in self.banned
-                          and index in o.have.get(request.path, ())]
-        if not candidates:
-            raise ChunkNotHeld(f"no LAN peer holds chunk {index} of {request.path}")
-        random.shuffle(candidates)
-        problems = []
-        for offer in candidates[:PEERS_PER_CHUNK]:
+        path = request.path
+        expected = self.entries[path].chunks[index]
+        lan_deadline = min(deadline, time.monotonic() + LAN_TIMEOUT + request.length / LAN_MIN_RATE)
+        tried: set[str] = set()
+        problems: list[str] = []
+        while True:
+            peer = self.view.take_holder(path, index, tried)
+            if peer is None:
+                if not tried:
+                    raise ChunkNotHeld(f"no LAN peer holds chunk {index} of {path}")
+                raise SourceUnavailable(f"LAN peers failed chunk {index} of {path}: {'; '.join(problems)[:300]}")
+            got = 0
             try:
-                self.client.fetch(offer.data, offer.ticket, self.manifest.id, request.path, index, into,
-                                  request.length, deadline)
-            except (NotFound, SourceUnavailable) as e:
+                if self.view.busy(peer) and time.monotonic() + BUSY_WAIT < lan_deadline:
+                    time.sleep(BUSY_WAIT)  # every holder has requests in flight already: give them a moment
+                self.client.fetch(peer.data, peer.ticket, self.manifest.id, path, index, into, request.length,
+                                  lan_deadline)
+                got = request.length
+            except NotFound as e:
+                self.view.lacks(peer, path, index)
+                tried.add(peer.peer)
                 problems.append(str(e))
                 continue
+            except SourceUnavailable as e:
+                problems.append(str(e))
+                if "busy" in str(e) and time.monotonic() + BUSY_WAIT < lan_deadline:
+                    time.sleep(BUSY_WAIT)  # its upload slots are taken: ask again (or another holder)
+                    continue
+                if time.monotonic() >= lan_deadline or "timed out" in str(e):
+                    self.view.stalled(peer)
+                tried.add(peer.peer)
+                if time.monotonic() >= lan_deadline:
+                    raise SourceUnavailable(f"LAN peer {peer.peer[:16]} stalled on chunk {index} of {path}; "
+                                            "it is put aside for a while") from e
+                continue
+            finally:
+                self.view.give_back(peer, got)
             if blake3_hash(into[:request.length]) != expected:
-                with self._lock:
-                    self.banned[offer.peer] = f"sent a corrupt chunk ({request.path} #{index})"
-                raise IntegrityError(f"LAN peer {offer.peer[:16]} sent chunk {index} of {request.path} whose "
+                self.view.ban(peer, f"sent a corrupt chunk ({path} #{index})")
+                raise IntegrityError(f"LAN peer {peer.peer[:16]} sent chunk {index} of {path} whose "
                                      "BLAKE3 does not match the manifest; the peer is dropped for this pull")
             return
-        raise SourceUnavailable(f"LAN peers failed chunk {index} of {request.path}: {'; '.join(problems)[:300]}")
 
     def close(self) -> None:
         self.client.close()

@@ -9,9 +9,21 @@ sending traffic out.
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 
 _installed = False
+# A test that builds its own network namespaces names their subnet here (e.g. 10.77.0.0/16);
+# traffic to it stays inside namespaces the test created and removes.
+ALLOW_ENV = "SHOAL_TEST_ALLOW_NET"
+
+
+def _allowed_nets() -> list:
+    nets = []
+    for part in os.environ.get(ALLOW_ENV, "").split(","):
+        if part.strip():
+            nets.append(ipaddress.ip_network(part.strip()))
+    return nets
 
 
 class OutsideConnection(ConnectionRefusedError):
@@ -27,7 +39,7 @@ def _check(address) -> None:
             if host == "localhost":
                 return
             raise OutsideConnection(f"loopback guard: refusing to connect to {host!r} (tests use 127.0.0.1 only)")
-        if not ip.is_loopback:
+        if not ip.is_loopback and not any(ip in net for net in _allowed_nets()):
             raise OutsideConnection(f"loopback guard: refusing to connect to {host} (tests use 127.0.0.1 only)")
 
 
@@ -58,8 +70,17 @@ def install() -> None:
             raise OutsideConnection(f"loopback guard: refusing to resolve {host!r} (tests use 127.0.0.1 only)")
         return results
 
+    original_sendto = socket.socket.sendto
+
+    def sendto(self, data, *args):
+        address = args[-1]
+        if self.family in (socket.AF_INET, socket.AF_INET6):
+            _check(address)  # UDP too: mDNS multicast (224.0.0.251) must not leave a test's namespaces
+        return original_sendto(self, data, *args)
+
     socket.socket.connect = connect
     socket.socket.connect_ex = connect_ex
+    socket.socket.sendto = sendto
     socket.getaddrinfo = getaddrinfo
 
 

@@ -1,0 +1,230 @@
+"""The swarm's control messages, as pure functions: encode, parse, validate. No I/O here,
+so every path a hostile peer can reach is testable with hypothesis.
+
+Protocol ``/shoal/offer/2.0.0`` (libp2p stream, one request and one answer, msgpack maps)::
+
+    request = {"manifest_id": hex} | {"model": "owner/name", "revision": rev},
+              "proof": bytes | nil,      # swarm membership, see ``SwarmAccess``
+              "known": bool              # the asker has the manifest: do not resend it
+    answer  = {"manifest_id": hex, "manifest": bytes | nil, "signature": bytes | nil,
+               "have": {path: bitmap}, "pulling": bool, "data": [host, port], "ticket": bytes}
+            | {"error": text, "code": "not-held" | "not-in-swarm" | "bad-request"}
+
+``have`` is one bit per chunk (bit i of byte i // 8, least significant first): 475 bytes
+for a 15 GB model in 4 MiB chunks, so a peer re-asks every second during a pull and learns
+each chunk as it completes (the HAVE updates) without keeping subscriptions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass
+
+import msgpack
+
+from agent.errors import ShoalError
+from agent.manifest import Manifest, decode, is_manifest_id
+
+PROTOCOL = "/shoal/offer/2.0.0"
+MAX_REQUEST = 4 * 1024
+MAX_ANSWER = 8 * 1024 * 1024  # a manifest of ~100k files still fits
+TICKET_LEN = 32
+NOT_HELD, NOT_IN_SWARM, BAD_REQUEST = "not-held", "not-in-swarm", "bad-request"
+
+
+class PeerBroken(ShoalError):
+    """A peer sent something that is not a valid swarm message."""
+
+
+class NotInSwarm(ShoalError):
+    """A peer refused us (or we refused it): not a member of the same swarm."""
+
+    exit_code = 7
+    title = "Not in this swarm"
+
+
+# ------------------------------------------------------------------------- membership
+
+class SwarmAccess:
+    """Who is in the swarm: holders of the swarm secret, and/or an allowlist of peer ids.
+
+    A request carries ``proof = HMAC-SHA256(secret, asker id | answerer id)``. The ids are
+    the Noise-authenticated libp2p identities of the two ends, so a proof seen on the wire
+    is useless to any other peer. With neither a secret nor an allowlist the swarm is open
+    (every shoal agent that can reach this one).
+    """
+
+    def __init__(self, secret: str | None = None, allow: frozenset[str] = frozenset()):
+        self._key = hashlib.sha256(b"shoal-swarm-v1:" + secret.encode()).digest() if secret else None
+        self.allow = frozenset(allow)
+
+    @property
+    def open(self) -> bool:
+        return self._key is None and not self.allow
+
+    @property
+    def tag(self) -> str:
+        """A public name for this swarm (mDNS service name, DHT protocol prefix), not the secret."""
+        if self._key is None:
+            return "open"
+        return hashlib.sha256(b"shoal-swarm-tag:" + self._key).hexdigest()[:16]
+
+    def proof(self, asker: str, answerer: str) -> bytes | None:
+        if self._key is None:
+            return None
+        return hmac.new(self._key, f"{asker}|{answerer}".encode(), hashlib.sha256).digest()
+
+    def admits(self, asker: str, answerer: str, proof: bytes | None) -> bool:
+        if self.allow and asker not in self.allow:
+            return False
+        if self._key is None:
+            return True
+        expected = self.proof(asker, answerer)
+        return isinstance(proof, bytes) and hmac.compare_digest(proof, expected)
+
+
+# ---------------------------------------------------------------------------- requests
+
+def encode_request(*, manifest_id: str | None = None, model: str | None = None, revision: str | None = None,
+                   proof: bytes | None = None, known: bool = False) -> bytes:
+    message: dict = {"proof": proof, "known": known}
+    if manifest_id is not None:
+        message["manifest_id"] = manifest_id
+    else:
+        message["model"], message["revision"] = model, revision
+    return msgpack.packb(message, use_bin_type=True)
+
+
+@dataclass(frozen=True)
+class Request:
+    manifest_id: str | None
+    model: str | None
+    revision: str | None
+    proof: bytes | None
+    known: bool
+
+
+def parse_request(data: bytes) -> Request:
+    """Validate a request; raises ``PeerBroken``."""
+    if len(data) > MAX_REQUEST:
+        raise PeerBroken(f"a swarm request of {len(data)} bytes exceeds {MAX_REQUEST}")
+    message = _unpack(data, max_len=MAX_REQUEST)
+    proof = message.get("proof")
+    known = message.get("known", False)
+    if proof is not None and (not isinstance(proof, bytes) or len(proof) != 32):
+        raise PeerBroken("a swarm request's proof must be 32 bytes")
+    if not isinstance(known, bool):
+        raise PeerBroken("a swarm request's 'known' must be true or false")
+    manifest_id = message.get("manifest_id")
+    if manifest_id is not None:
+        if not isinstance(manifest_id, str) or not is_manifest_id(manifest_id):
+            raise PeerBroken("a swarm request's manifest id must be 64 hex digits")
+        return Request(manifest_id, None, None, proof, known)
+    model, revision = message.get("model"), message.get("revision")
+    if not (isinstance(model, str) and isinstance(revision, str) and 0 < len(model) <= 256
+            and 0 < len(revision) <= 256):
+        raise PeerBroken("a swarm request names neither a manifest id nor a model and revision")
+    return Request(None, model, revision, proof, known)
+
+
+# ----------------------------------------------------------------------------- answers
+
+def bitmap(indices, count: int) -> bytes:
+    bits = bytearray((count + 7) // 8)
+    for i in indices:
+        if 0 <= i < count:
+            bits[i >> 3] |= 1 << (i & 7)
+    return bytes(bits)
+
+
+def indices(bits: bytes, count: int) -> set[int]:
+    return {i for i in range(count) if bits[i >> 3] >> (i & 7) & 1}
+
+
+def encode_answer(manifest: Manifest, manifest_bytes: bytes | None, signature: bytes | None,
+                  have: dict[str, set[int]], pulling: bool, data: tuple[str, int], ticket: bytes) -> bytes:
+    return msgpack.packb({
+        "manifest_id": manifest.id, "manifest": manifest_bytes, "signature": signature,
+        "have": {f.path: bitmap(have.get(f.path, ()), len(f.chunks)) for f in manifest.files},
+        "pulling": pulling, "data": [data[0], data[1]], "ticket": ticket}, use_bin_type=True)
+
+
+def encode_error(code: str, text: str) -> bytes:
+    return msgpack.packb({"error": text[:500], "code": code}, use_bin_type=True)
+
+
+@dataclass
+class Answer:
+    """One peer's answer: what it holds of one manifest, and how to fetch it."""
+
+    manifest: Manifest
+    manifest_bytes: bytes
+    signature: bytes | None
+    have: dict[str, set[int]]
+    pulling: bool
+    data: tuple[str, int]
+    ticket: bytes
+    peer: str = ""  # set by the asker: who answered
+
+
+def parse_answer(data: bytes, known: Manifest | None = None) -> Answer:
+    """Validate an answer; raises ``PeerBroken`` (malformed), ``NotInSwarm`` (refused), or
+    ``LookupError`` (the peer holds nothing of it). ``known``: the manifest the asker
+    already has, for an answer that does not repeat it."""
+    if len(data) > MAX_ANSWER:
+        raise PeerBroken(f"a swarm answer of {len(data)} bytes exceeds {MAX_ANSWER}")
+    message = _unpack(data, max_len=MAX_ANSWER)
+    if "error" in message:
+        text = str(message["error"])[:500]
+        if message.get("code") == NOT_IN_SWARM:
+            raise NotInSwarm(text)
+        if message.get("code") == NOT_HELD:
+            raise LookupError(text)
+        raise PeerBroken(f"the peer refused the request: {text}")
+    try:
+        raw = message.get("manifest")
+        if raw is not None:
+            if not isinstance(raw, bytes):
+                raise ValueError("manifest is not bytes")
+            manifest = decode(raw)
+            if manifest.id != message["manifest_id"]:
+                raise ValueError("manifest id does not match the manifest")
+        elif known is not None and message["manifest_id"] == known.id:
+            manifest, raw = known, known.encode()
+        else:
+            raise ValueError("no manifest")
+        signature = message.get("signature")
+        if signature is not None and (not isinstance(signature, bytes) or len(signature) > 256):
+            raise ValueError("signature")
+        bitmaps = message["have"]
+        if not isinstance(bitmaps, dict):
+            raise ValueError("have is not a map")
+        have: dict[str, set[int]] = {}
+        for f in manifest.files:
+            bits = bitmaps.get(f.path, b"")
+            if not isinstance(bits, bytes) or len(bits) not in (0, (len(f.chunks) + 7) // 8):
+                raise ValueError(f"have-bitmap of {f.path[:80]!r} has the wrong length")
+            have[f.path] = indices(bits, len(f.chunks)) if bits else set()
+        pulling = message.get("pulling", False)
+        host, port = message["data"]
+        ticket = message["ticket"]
+        if (not isinstance(pulling, bool) or not isinstance(host, str) or len(host) > 64
+                or not isinstance(port, int) or not 0 < port < 65536
+                or not isinstance(ticket, bytes) or len(ticket) != TICKET_LEN):
+            raise ValueError("pulling, data address or ticket")
+    except (KeyError, TypeError, ValueError, ShoalError) as e:
+        raise PeerBroken(f"malformed offer ({e})"[:300]) from e
+    return Answer(manifest, raw, signature, have, pulling, (host, port), ticket)
+
+
+def _unpack(data: bytes, *, max_len: int) -> dict:
+    try:
+        message = msgpack.unpackb(data, raw=False, strict_map_key=True, max_str_len=max_len,
+                                  max_bin_len=max_len, max_array_len=1 << 16, max_map_len=1 << 17)
+    except Exception as e:  # msgpack raises several unrelated types on bad input
+        raise PeerBroken(f"undecodable swarm message ({type(e).__name__})") from e
+    if not isinstance(message, dict):
+        raise PeerBroken("a swarm message must be a map")
+    return message
+

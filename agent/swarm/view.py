@@ -1,0 +1,217 @@
+"""A pull's live view of the swarm, and the order it fetches chunks in.
+
+``LanView`` holds, for one manifest, what each swarm peer holds (refreshed about every
+second while the pull runs: the HAVE updates), whether the peer is itself pulling it,
+and what this pull learned about the peer (in flight, stalled, lying, bytes received).
+It is shared between the trio task that refreshes it and the worker threads that fetch
+through ``LanPeerSource``, hence the lock.
+
+``SwarmPicker`` is the scheduler's chunk order when peers are around:
+
+1. a chunk some peer holds, **rarest first** (fewest holders; random among equals), so
+   copies spread before the peer that has them leaves;
+2. else a chunk this agent is *responsible* for: among the agents pulling the same
+   manifest now (this one and every peer that says it is pulling and is making
+   progress), each chunk has one owner by rendezvous hashing of (peer id, chunk). Owners
+   fetch their chunks from the origin and everyone else takes them from the owner, so
+   a class starting at once pulls about one copy through the outside link;
+3. else wait for a HAVE update (other owners' chunks are on their way).
+A peer that stops making progress for ``STALL_AFTER`` seconds stops owning chunks, and
+the others take its share, from the origin if need be.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+
+import trio
+
+from agent.manifest import Manifest
+from agent.store import blake3_hash
+
+STALL_AFTER = 10.0  # a pulling peer without a new chunk for this long stops owning chunks
+STALLED_REST = 30.0  # a peer that timed out on a chunk is not asked again for this long
+PER_PEER = 3  # requests in flight to one peer from this pull (its upload slots are shared)
+
+
+@dataclass
+class PeerView:
+    peer: str
+    data: tuple[str, int]
+    ticket: bytes
+    have: dict[str, set[int]]
+    pulling: bool
+    held: int = 0
+    first_seen: float = 0.0
+    progressed: float = 0.0
+    in_flight: int = 0
+    stalled_until: float = 0.0
+    banned: str | None = None
+    bytes_down: int = 0
+    missing: set[tuple[str, int]] = field(default_factory=set)  # asked, it said it lacks them
+
+
+class LanView:
+    def __init__(self, manifest: Manifest, self_id: str):
+        self.manifest = manifest
+        self.self_id = self_id
+        self.peers: dict[str, PeerView] = {}
+        self._lock = threading.Lock()
+        self._changed = trio.Event() if _in_trio() else None
+        self._owner_cache: dict[tuple[str, ...], dict] = {}
+
+    # ------------------------------------------------------------ updates (trio side)
+
+    def update(self, peer: str, answer) -> None:
+        """A fresh answer from ``peer`` about this manifest."""
+        now = time.monotonic()
+        held = sum(len(v) for v in answer.have.values())
+        with self._lock:
+            view = self.peers.get(peer)
+            if view is None:
+                view = self.peers[peer] = PeerView(peer, answer.data, answer.ticket, answer.have, answer.pulling,
+                                                   held, now, now)
+            else:
+                if held > view.held:
+                    view.progressed = now
+                view.data, view.ticket, view.have, view.pulling, view.held = (
+                    answer.data, answer.ticket, answer.have, answer.pulling, held)
+                view.missing = {(p, i) for p, i in view.missing if i not in answer.have.get(p, ())}
+        self._notify()
+
+    def forget(self, peer: str) -> None:
+        """The peer is gone (or no longer holds the manifest)."""
+        with self._lock:
+            gone = self.peers.pop(peer, None)
+        if gone is not None:
+            self._notify()
+
+    def _notify(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = trio.Event()
+
+    async def wait_changed(self, timeout: float) -> None:
+        event = self._changed
+        if event is None:
+            await trio.sleep(timeout)
+            return
+        with trio.move_on_after(timeout):
+            await event.wait()
+
+    # -------------------------------------------------------------------- queries
+
+    def _usable(self, view: PeerView, now: float) -> bool:
+        return view.banned is None and view.stalled_until <= now
+
+    def holders(self, path: str, index: int) -> int:
+        now = time.monotonic()
+        with self._lock:
+            return sum(1 for v in self.peers.values() if self._usable(v, now)
+                       and index in v.have.get(path, ()) and (path, index) not in v.missing)
+
+    def pullers(self) -> tuple[str, ...]:
+        """This agent and every peer pulling the manifest that is making progress."""
+        now = time.monotonic()
+        with self._lock:
+            others = [v.peer for v in self.peers.values() if v.pulling and v.banned is None
+                      and now - max(v.progressed, v.first_seen) < STALL_AFTER]
+        return tuple(sorted([self.self_id, *others]))
+
+    def owner(self, path: str, index: int, pullers: tuple[str, ...]) -> str:
+        if len(pullers) == 1:
+            return pullers[0]
+        cache = self._owner_cache.get(pullers)
+        if cache is None:
+            self._owner_cache = {pullers: {}}
+            cache = self._owner_cache[pullers]
+        key = (path, index)
+        owner = cache.get(key)
+        if owner is None:
+            chunk = f"{self.manifest.id}|{path}|{index}".encode()
+            owner = cache[key] = max(pullers, key=lambda p: blake3_hash(p.encode() + b"|" + chunk))
+        return owner
+
+    # ------------------------------------------------------ fetching (thread side)
+
+    def take_holder(self, path: str, index: int, exclude: set[str]) -> PeerView | None:
+        """The least busy usable holder of a chunk (counted in flight until ``give_back``)."""
+        now = time.monotonic()
+        with self._lock:
+            candidates = [v for v in self.peers.values() if self._usable(v, now) and v.peer not in exclude
+                          and index in v.have.get(path, ()) and (path, index) not in v.missing]
+            if not candidates:
+                return None
+            random.shuffle(candidates)
+            best = min(candidates, key=lambda v: v.in_flight)
+            best.in_flight += 1
+            return best
+
+    def give_back(self, view: PeerView, nbytes: int = 0) -> None:
+        with self._lock:
+            view.in_flight -= 1
+            view.bytes_down += nbytes
+
+    def lacks(self, view: PeerView, path: str, index: int) -> None:
+        with self._lock:
+            view.missing.add((path, index))
+
+    def stalled(self, view: PeerView) -> None:
+        with self._lock:
+            view.stalled_until = time.monotonic() + STALLED_REST
+
+    def ban(self, view: PeerView, reason: str) -> None:
+        with self._lock:
+            view.banned = reason
+
+    def busy(self, view: PeerView) -> bool:
+        return view.in_flight >= PER_PEER
+
+    def summary(self) -> dict[str, dict]:
+        with self._lock:
+            return {v.peer: {"bytes_down": v.bytes_down, "banned": v.banned, "pulling": v.pulling,
+                             "held_chunks": v.held} for v in self.peers.values()}
+
+
+def _in_trio() -> bool:
+    try:
+        trio.lowlevel.current_task()
+        return True
+    except RuntimeError:
+        return False
+
+
+class SwarmPicker:
+    """The scheduler's chunk order with a ``LanView`` (see module docstring)."""
+
+    def __init__(self, view: LanView, jobs: list):
+        self.view = view
+        shuffled = list(jobs)
+        random.shuffle(shuffled)  # agents that start together do not walk the files in the same order
+        self.pending = {(task.file.rel, index): (task, index) for task, index in shuffled}
+
+    def _choose(self):
+        view = self.view
+        pullers = view.pullers()
+        rarest, rarest_count, mine = None, None, None
+        for key, job in self.pending.items():
+            count = view.holders(*key)
+            if count:
+                if rarest_count is None or count < rarest_count:
+                    rarest, rarest_count = key, count
+                    if count == 1:
+                        break
+            elif mine is None and view.owner(key[0], key[1], pullers) == view.self_id:
+                mine = key
+        return rarest or mine
+
+    async def take(self):
+        while self.pending:
+            key = self._choose()
+            if key is not None:
+                return self.pending.pop(key)
+            await self.view.wait_changed(0.5)
+        return None
