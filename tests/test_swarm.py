@@ -5,13 +5,15 @@ with the mirror and the origin out of reach; an untrusted manifest is refused cl
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import MODEL_ID, AgentProcess, mirror, run_shoal, tree_digest
+from agent.testing.faults import Fault
+from conftest import MODEL_ID, AgentProcess, mirror, popen_shoal, run_shoal, tree_digest
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -22,9 +24,29 @@ def dead_endpoint() -> str:
         return f"http://127.0.0.1:{s.getsockname()[1]}"
 
 
+SECRET = "room-101"
+
+
 def agent_env(env: dict, tmp_path: Path, name: str, **extra) -> dict:
     return {**env, "SHOAL_CACHE_DIR": str(tmp_path / name), "SHOAL_GATEWAY_PORT": "0", "SHOAL_SWARM": "1",
-            "SHOAL_SWARM_HOST": "127.0.0.1", **extra}
+            "SHOAL_SWARM_HOST": "127.0.0.1", "SHOAL_SWARM_SECRET": SECRET, **extra}
+
+
+def pull_lines(proc_stdout: str) -> list[dict]:
+    return [json.loads(line) for line in proc_stdout.splitlines() if line.startswith("{")]
+
+
+def oss_bytes(oss) -> int:
+    """Bytes of model files the OSS server was asked for (ranged GETs)."""
+    total = 0
+    for entry in oss.faults.data_requests("/files/"):
+        start, end = entry.range.split("=")[1].split("-")
+        total += int(end) - int(start) + 1
+    return total
+
+
+def model_size(model_dir: Path) -> int:
+    return sum(p.stat().st_size for p in model_dir.rglob("*") if p.is_file())
 
 
 @pytest.fixture
@@ -131,3 +153,81 @@ def test_a_pinned_manifest_id_needs_no_publisher_key(env, teacher, model_dir, tm
         assert tree_digest(Path(lines[-1]["directory"])) == tree_digest(model_dir)
     finally:
         agent.stop()
+
+
+def test_two_agents_pulling_at_once_fetch_the_model_from_the_origin_about_once(env, oss, model_dir, tmp_path):
+    mirror(env, model_dir)
+    # A slow origin (0.4 s per chunk), as a lab's outside link is next to its LAN.
+    oss.faults.add(Fault("slow", match="/files/", delay=0.4))
+    first_env = agent_env(env, tmp_path, "a")
+    first = AgentProcess(first_env).start()
+    address = json.loads(run_shoal(["status", "--json"], first_env, check=True).stdout)["swarm"]["addrs"][0]
+    second_env = agent_env(env, tmp_path, "b", SHOAL_SWARM_PEERS=address)
+    second = AgentProcess(second_env).start()
+    try:
+        wait_connected(second_env)
+        oss.faults.clear_log()
+        pulls = [popen_shoal(["pull", MODEL_ID, "--json"], e) for e in (first_env, second_env)]
+        results = []
+        for proc in pulls:
+            out, err = proc.communicate(timeout=120)
+            assert proc.returncode == 0, err
+            results.append(pull_lines(out)[-1])
+        size = model_size(model_dir)
+        assert oss_bytes(oss) <= 1.2 * size, (oss_bytes(oss), size, [r["fetched_by_source"] for r in results])
+        assert all(r["fetched_by_source"].get("lan", 0) > 0 for r in results)
+        for e in (first_env, second_env):
+            assert tree_digest(Path(e["SHOAL_CACHE_DIR"]) / "models" / MODEL_ID / "master") == tree_digest(model_dir)
+    finally:
+        first.stop()
+        second.stop()
+
+
+def test_a_peer_outside_the_swarm_is_refused(env, teacher, tmp_path):
+    s_env = offline(agent_env(env, tmp_path, "stranger", SHOAL_SWARM_PEERS=teacher["addr"],
+                              SHOAL_TRUSTED_PUBLISHERS=teacher["key"], SHOAL_SWARM_SECRET="another-room"))
+    agent = AgentProcess(s_env).start()
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            proc = run_shoal(["pull", MODEL_ID], s_env)
+            peers = json.loads(run_shoal(["peers", "--json"], s_env, check=True).stdout)
+            if peers and "refused us" in (peers[0]["error"] or ""):
+                break
+            time.sleep(0.5)
+        assert proc.returncode == 4, proc.stderr  # nothing but the (unreachable) origin was left
+        assert "not in this swarm" not in proc.stdout
+        assert "refused us" in peers[0]["error"] and "SHOAL_SWARM_SECRET" in peers[0]["error"]
+        assert not (Path(s_env["SHOAL_CACHE_DIR"]) / "models" / MODEL_ID / "master").exists()
+        served = json.loads(run_shoal(["peers", "--json"], teacher["env"], check=True).stdout)
+        assert all(p["bytes_up"] == 0 for p in served)
+    finally:
+        agent.stop()
+
+
+@pytest.mark.parametrize("how", ["killed", "stalled"])
+def test_a_peer_that_dies_or_stalls_mid_transfer_leaves_the_pull_to_the_mirror(env, oss, model_dir, tmp_path, how):
+    mirror(env, model_dir)
+    seed_env = agent_env(env, tmp_path, "seed", SHOAL_UPLOAD_RATE="300KB")
+    run_shoal(["pull", MODEL_ID], seed_env, check=True)
+    run_shoal(["publish", MODEL_ID], seed_env, check=True)
+    key = run_shoal(["id"], seed_env, check=True).stdout.strip()
+    seed = AgentProcess(seed_env).start()
+    address = json.loads(run_shoal(["status", "--json"], seed_env, check=True).stdout)["swarm"]["addrs"][0]
+    s_env = agent_env(env, tmp_path, "student", SHOAL_SWARM_PEERS=address, SHOAL_TRUSTED_PUBLISHERS=key)
+    student = AgentProcess(s_env).start()
+    try:
+        wait_connected(s_env)
+        pull = popen_shoal(["pull", MODEL_ID, "--json"], s_env)
+        time.sleep(2.0)  # a few hundred KB have come from the seed by now
+        seed.proc.send_signal(signal.SIGKILL if how == "killed" else signal.SIGSTOP)
+        out, err = pull.communicate(timeout=120)
+        assert pull.returncode == 0, err
+        done = pull_lines(out)[-1]
+        assert done["fetched_by_source"]["lan"] > 0 and done["fetched_by_source"]["oss"] > 0
+        assert tree_digest(Path(s_env["SHOAL_CACHE_DIR"]) / "models" / MODEL_ID / "master") == tree_digest(model_dir)
+    finally:
+        if how == "stalled":
+            seed.proc.send_signal(signal.SIGCONT)
+        seed.stop(signal.SIGKILL)
+        student.stop()
