@@ -1,0 +1,186 @@
+"""Swarm nodes in one process: the protocol against hostile input (hypothesis, and live
+over a real libp2p stream), and discovery through the Kademlia DHT across 20 nodes."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+import trio
+from hypothesis import given, settings, strategies as st
+
+from agent.manifest import ModelRef
+from agent.mirror import manifest_from_dir
+from agent.store import Store
+from agent.swarm.node import SwarmNode
+from agent.swarm.protocol import (MAX_REQUEST, PROTOCOL, NotInSwarm, PeerBroken, SwarmAccess, bitmap, encode_answer,
+                                  encode_request, indices, parse_answer, parse_request)
+from conftest import CHUNK, MODEL_ID
+
+REF = ModelRef(MODEL_ID, "master")
+
+msgpack_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.text(max_size=80) | st.binary(max_size=80),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=12), inner, max_size=5),
+    max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=600))
+def test_any_bytes_as_a_request_or_answer_fail_only_as_a_broken_peer(data):
+    for parse in (parse_request, parse_answer):
+        try:
+            parse(data)
+        except (PeerBroken, NotInSwarm, LookupError):
+            pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(["manifest_id", "model", "revision", "proof", "known", "manifest",
+                                        "signature", "have", "pulling", "data", "ticket", "error", "code"]),
+                       msgpack_values, max_size=8))
+def test_malformed_maps_fail_only_as_a_broken_peer(message):
+    data = msgpack.packb(message, use_bin_type=True)
+    for parse in (parse_request, parse_answer):
+        try:
+            parse(data)
+        except (PeerBroken, NotInSwarm, LookupError):
+            pass
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 500).flatmap(lambda n: st.tuples(st.just(n), st.sets(st.integers(0, max(0, n - 1)), max_size=n))))
+def test_have_bitmaps_round_trip(case):
+    count, held = case
+    held = {i for i in held if i < count}
+    assert indices(bitmap(held, count), count) == held
+
+
+def test_an_oversized_request_is_refused_before_decoding():
+    with pytest.raises(PeerBroken, match="exceeds"):
+        parse_request(b"\x80" + b"x" * MAX_REQUEST)
+
+
+def test_swarm_proofs_bind_the_secret_and_both_peer_ids():
+    room, other = SwarmAccess("room-101"), SwarmAccess("room-102")
+    proof = room.proof("QmAsker", "QmAnswerer")
+    assert room.admits("QmAsker", "QmAnswerer", proof)
+    assert not other.admits("QmAsker", "QmAnswerer", proof)
+    assert not room.admits("QmSomeoneElse", "QmAnswerer", proof)  # a proof seen on the wire is useless to others
+    assert not room.admits("QmAsker", "QmAnswerer", None)
+    listed = SwarmAccess(None, frozenset({"QmAsker"}))
+    assert listed.admits("QmAsker", "x", None) and not listed.admits("QmOther", "x", None)
+    assert SwarmAccess().open and not room.open
+
+
+# ---------------------------------------------------------------------- live nodes
+
+def seeded_store(root, model_dir) -> Store:
+    store = Store(root)
+    manifest = manifest_from_dir(REF, model_dir, CHUNK)
+    store.adopt(REF, model_dir, manifest)
+    return store
+
+
+async def start_node(nursery, store, seed: bytes, **kw) -> SwarmNode:
+    node = SwarmNode(store, seed, listen_host="127.0.0.1", **kw)
+    await nursery.start(node.serve)
+    return node
+
+
+async def raw_exchange(node: SwarmNode, peer: SwarmNode, payload: bytes) -> bytes:
+    from libp2p.network.stream.exceptions import StreamEOF
+    from libp2p.peer.id import ID
+    stream = await node.host.new_stream(ID.from_base58(peer.peer_id), [PROTOCOL])
+    try:
+        await stream.write(payload)
+        await stream.close_write()
+        data = b""
+        while True:
+            try:
+                chunk = await stream.read(65536)
+            except StreamEOF:
+                break
+            if not chunk:
+                break
+            data += chunk
+        return data
+    finally:
+        await stream.close()
+
+
+async def test_a_node_answers_garbage_and_oversized_requests_with_an_error_and_keeps_serving(tmp_path, model_dir):
+    seeder = seeded_store(tmp_path / "seed", model_dir)
+    asker_store = Store(tmp_path / "asker")
+    async with trio.open_nursery() as nursery:
+        seed = await start_node(nursery, seeder, b"s" * 32)
+        asker = await start_node(nursery, asker_store, b"a" * 32)
+        await asker.connect(seed.addrs[0])
+        for payload in (b"\xc1garbage", msgpack.packb([1, 2, 3]), msgpack.packb({"manifest_id": "zz"}),
+                        b"\x81" + b"\xa1k" * (MAX_REQUEST + 10)):
+            answer = msgpack.unpackb(await raw_exchange(asker, seed, payload))
+            assert answer["code"] == "bad-request", answer
+        good = await asker.ask(seed.peer_id, ref=REF)
+        assert good is not None and all(len(good.have[f.path]) == len(f.chunks) for f in good.manifest.files)
+        nursery.cancel_scope.cancel()
+    seeder.close()
+    asker_store.close()
+
+
+async def test_a_node_refuses_peers_outside_its_swarm(tmp_path, model_dir):
+    seeder = seeded_store(tmp_path / "seed", model_dir)
+    stores = [Store(tmp_path / "member"), Store(tmp_path / "stranger")]
+    async with trio.open_nursery() as nursery:
+        seed = await start_node(nursery, seeder, b"s" * 32, access=SwarmAccess("room-101"))
+        member = await start_node(nursery, stores[0], b"m" * 32, access=SwarmAccess("room-101"))
+        stranger = await start_node(nursery, stores[1], b"x" * 32, access=SwarmAccess("room-999"))
+        for node in (member, stranger):
+            await node.connect(seed.addrs[0])
+        assert (await member.ask(seed.peer_id, ref=REF)) is not None
+        with pytest.raises(NotInSwarm, match="own swarm"):
+            await stranger.ask(seed.peer_id, ref=REF)
+        assert stranger.peer_id in seed.refused
+        nursery.cancel_scope.cancel()
+    for store in (seeder, *stores):
+        store.close()
+
+
+async def test_dht_lookups_find_a_provider_across_a_20_node_swarm(tmp_path, model_dir):
+    """Each node knows only its predecessor; the last one holds the model and provides it;
+    the first finds it through the DHT, dials it and gets its offer."""
+    stores = [Store(tmp_path / f"n{i}") for i in range(19)] + [seeded_store(tmp_path / "n19", model_dir)]
+    async with trio.open_nursery() as nursery:
+        nodes = []
+        for i, store in enumerate(stores):
+            node = await start_node(nursery, store, bytes([i + 1]) * 32, dht=True)
+            if nodes:
+                await node.connect(nodes[-1].addrs[0])
+                await node.add_to_routing(nodes[-1].peer_id)
+                await nodes[-1].add_to_routing(node.peer_id)
+            nodes.append(node)
+        with trio.fail_after(60):
+            manifest = stores[-1].manifest(stores[-1].find(REF).manifest_id)
+            first = nodes[0]
+            assert nodes[-1].peer_id not in first.connected()
+            assert await nodes[-1].provide(MODEL_ID, "master", manifest.id)
+            found = await first.find_providers(REF)
+            assert nodes[-1].peer_id in found, found
+            await first.connect(found[nodes[-1].peer_id][0])
+            offer = await first.ask(nodes[-1].peer_id, ref=REF)
+            assert offer is not None and offer.manifest.id == manifest.id
+            assert sum(len(v) for v in offer.have.values()) == sum(len(f.chunks) for f in manifest.files)
+        nursery.cancel_scope.cancel()
+    for store in stores:
+        store.close()
+
+
+def test_answers_round_trip(model_dir):
+    manifest = manifest_from_dir(REF, model_dir, CHUNK)
+    have = {f.path: set(range(0, len(f.chunks), 2)) for f in manifest.files}
+    data = encode_answer(manifest, manifest.encode(), None, have, True, ("10.0.0.2", 4242), b"t" * 32)
+    answer = parse_answer(data)
+    assert answer.manifest.id == manifest.id and answer.have == have and answer.pulling
+    short = encode_answer(manifest, None, None, have, False, ("10.0.0.2", 4242), b"t" * 32)
+    assert parse_answer(short, manifest).have == have
+    with pytest.raises(PeerBroken, match="no manifest"):
+        parse_answer(short)
+    assert parse_request(encode_request(manifest_id=manifest.id, known=True)).known
