@@ -83,8 +83,9 @@ def test_students_pull_from_the_teacher_with_no_mirror_and_no_origin(env, teache
     students = []
     try:
         for name in ("student-1", "student-2"):
+            # Discovery by the bootstrap list alone: no mDNS, no DHT.
             s_env = offline(agent_env(env, tmp_path, name, SHOAL_SWARM_PEERS=teacher["addr"],
-                                      SHOAL_TRUSTED_PUBLISHERS=teacher["key"]))
+                                      SHOAL_TRUSTED_PUBLISHERS=teacher["key"], SHOAL_DHT="0"))
             students.append((s_env, AgentProcess(s_env).start()))
         oss.faults.clear_log()
         hub.faults.clear_log()

@@ -86,6 +86,7 @@ def install() -> None:
 
 def _is_loopback_literal(host) -> bool:
     try:
-        return ipaddress.ip_address(str(host if not isinstance(host, bytes) else host.decode())).is_loopback
+        ip = ipaddress.ip_address(str(host if not isinstance(host, bytes) else host.decode()))
     except ValueError:
         return False
+    return ip.is_loopback or any(ip in net for net in _allowed_nets())

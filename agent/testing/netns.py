@@ -1,0 +1,145 @@
+"""A throwaway lab network in Linux network namespaces (root only), for tests and benchmarks.
+
+``Lab`` makes one *switch* namespace holding a bridge, and one namespace per host, joined
+to the bridge by a veth pair and addressed in ``10.77.0.0/24`` (another subnet can be
+chosen). Nothing is added to the namespace the caller runs in, so no traffic can leave
+the lab. Each link can be limited with ``tc`` (token bucket) in both directions: the
+host's egress is its upload, the switch port's egress its download.
+
+Resource handling: ``Lab`` is a context manager; ``close`` deletes every namespace it
+made (the veths and the bridge go with them) and is safe to call twice, also from a
+signal handler. Processes started with ``popen`` are killed first.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+from dataclasses import dataclass
+
+
+class LabUnavailable(RuntimeError):
+    """Namespaces cannot be made here (not root, no `ip`)."""
+
+
+def available() -> str | None:
+    """None when a ``Lab`` can be made here, else why not."""
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    if not shutil.which("ip") or not shutil.which("tc"):
+        return "`ip` and `tc` (iproute2) are needed"
+    return None
+
+
+def _ip(*args: str, ns: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    argv = (["ip", "netns", "exec", ns] if ns else []) + list(args)
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    if check and proc.returncode != 0:
+        raise LabUnavailable(f"{' '.join(argv)} failed: {proc.stderr.strip()}")
+    return proc
+
+
+def _shape(dev: str, ns: str, mbit: float) -> None:
+    rate_bytes = mbit * 1e6 / 8
+    burst = max(64 * 1024, int(rate_bytes / 100))  # 10 ms worth, at least 64 KiB (GSO segments)
+    _ip("tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate", f"{mbit}mbit", "burst", str(burst),
+        "latency", "50ms", ns=ns)
+
+
+@dataclass
+class Host:
+    name: str
+    ns: str
+    ip: str
+    dev: str
+
+
+class Lab:
+    def __init__(self, tag: str | None = None, subnet: str = "10.77.0"):
+        reason = available()
+        if reason:
+            raise LabUnavailable(reason)
+        self.tag = tag or f"sh{os.getpid() % 100000}"
+        self.subnet = subnet
+        self.switch = f"{self.tag}-sw"
+        self.hosts: dict[str, Host] = {}
+        self._procs: list[subprocess.Popen] = []
+        self._made: list[str] = []
+        self._closed = False
+        self._add_ns(self.switch)
+        _ip("ip", "link", "add", "br0", "type", "bridge", ns=self.switch)
+        _ip("ip", "link", "set", "br0", "up", ns=self.switch)
+
+    def _add_ns(self, name: str) -> None:
+        _ip("ip", "netns", "add", name)
+        self._made.append(name)
+        _ip("ip", "link", "set", "lo", "up", ns=name)
+
+    def add_host(self, name: str, *, mbit: float | None = None, up_mbit: float | None = None,
+                 down_mbit: float | None = None) -> Host:
+        """A new namespace on the bridge, its link limited to ``mbit`` each way (or
+        ``up_mbit``/``down_mbit``)."""
+        index = len(self.hosts) + 2
+        ns = f"{self.tag}-{name}"
+        self._add_ns(ns)
+        port, dev = f"p{index}", "eth0"
+        _ip("ip", "link", "add", port, "netns", self.switch, "type", "veth", "peer", "name", dev, "netns", ns)
+        _ip("ip", "link", "set", port, "master", "br0", ns=self.switch)
+        _ip("ip", "link", "set", port, "up", ns=self.switch)
+        ip = f"{self.subnet}.{index}"
+        _ip("ip", "addr", "add", f"{ip}/24", "dev", dev, ns=ns)
+        _ip("ip", "link", "set", dev, "up", ns=ns)
+        # mDNS and the swarm use multicast on the lab's link only.
+        _ip("ip", "route", "add", "224.0.0.0/4", "dev", dev, ns=ns)
+        up, down = up_mbit or mbit, down_mbit or mbit
+        if up:
+            _shape(dev, ns, up)
+        if down:
+            _shape(port, self.switch, down)
+        host = Host(name, ns, ip, dev)
+        self.hosts[name] = host
+        return host
+
+    def popen(self, host: Host, argv: list[str], **kwargs) -> subprocess.Popen:
+        proc = subprocess.Popen(["ip", "netns", "exec", host.ns, *argv], **kwargs)
+        self._procs.append(proc)
+        return proc
+
+    def run(self, host: Host, argv: list[str], **kwargs) -> subprocess.CompletedProcess:
+        return subprocess.run(["ip", "netns", "exec", host.ns, *argv], **kwargs)
+
+    def tx_bytes(self, host: Host) -> int:
+        """Bytes the host has sent on its lab link (its upload)."""
+        out = _ip("cat", f"/sys/class/net/{host.dev}/statistics/tx_bytes", ns=host.ns).stdout
+        return int(out.strip())
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for proc in self._procs:
+            if proc.poll() is None:
+                try:
+                    proc.send_signal(signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        for proc in self._procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        for ns in reversed(self._made):
+            _ip("ip", "netns", "delete", ns, check=False)
+
+    def __enter__(self) -> "Lab":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def leftover_namespaces(prefix: str) -> list[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return [line.split()[0] for line in out.splitlines() if line.startswith(prefix)]
