@@ -237,7 +237,7 @@ async def pull(ref: ModelRef, settings: Settings, *, to: Path | None = None,
                     view.update(offer.peer, offer)
             lan = LanPeerSource(view)
             sources = [lan, *sources]
-            picker = lambda jobs: SwarmPicker(view, jobs)  # noqa: E731
+            picker = lambda jobs: SwarmPicker(view, jobs, swarm.connected)  # noqa: E731
         directory = Path(to).resolve() if to else store.default_dir(ref)
         await trio.to_thread.run_sync(store.lock, ref)
         try:

@@ -147,6 +147,9 @@ class FifoPicker:
     async def take(self):
         return self.pending.pop() if self.pending else None
 
+    def done(self, job) -> None:
+        pass
+
 
 class Scheduler:
     """Fetches the missing chunks of a set of files. One instance per pull round.
@@ -186,7 +189,10 @@ class Scheduler:
     async def _worker(self, picker, buffer: bytearray, nursery, outcome: Outcome) -> None:
         while (job := await picker.take()) is not None:
             task, index = job
-            await self._fetch_chunk(task, index, buffer)
+            try:
+                await self._fetch_chunk(task, index, buffer)
+            finally:
+                picker.done(job)
             task.remaining -= 1
             if task.remaining == 0:
                 nursery.start_soon(self._finish_file, task, outcome)

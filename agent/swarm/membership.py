@@ -223,5 +223,8 @@ class PullSession:
     def self_id(self) -> str:
         return self.swarm.self_id
 
+    def connected(self) -> int:
+        return len(self.swarm.node.connected())
+
     async def track(self, view, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         await self.swarm.track(view, task_status=task_status)

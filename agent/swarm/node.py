@@ -139,8 +139,16 @@ class SwarmNode:
             await trio.sleep_forever()
         finally:
             if self._mdns is not None:
-                with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(self._mdns.stop)
+                with trio.CancelScope(shield=True), trio.move_on_after(3):
+                    await trio.to_thread.run_sync(self._stop_mdns, abandon_on_cancel=True)
+
+    def _stop_mdns(self) -> None:
+        mdns = self._mdns
+        for step in (mdns.broadcaster.unregister, mdns.listener.stop, mdns.zeroconf.close):
+            try:
+                step()
+            except Exception as e:  # best effort: the process is on its way out
+                log.debug("mDNS shutdown: %s", e)
 
     # ------------------------------------------------------------------ discovery
 
@@ -151,7 +159,9 @@ class SwarmNode:
         self._mdns = MDNSDiscovery(self.host.get_network(), service_type=f"_shoal-{self.access.tag[:9]}._udp.local.",
                                    host=self.host, ttl=120)
         peerDiscovery.register_peer_discovered_handler(self._on_discovered)
-        self._mdns.start()
+        # Register only: MDNSDiscovery.start() also spawns a trio *system* task for stale-entry
+        # cleanup, which outlives our nursery and stops the agent from exiting.
+        self._mdns.broadcaster.register()
         log.info("mDNS discovery started (swarm %s)", self.access.tag)
 
     def _on_discovered(self, info) -> None:

@@ -26,6 +26,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import trio
 
@@ -35,6 +36,12 @@ from agent.store import blake3_hash
 STALL_AFTER = 10.0  # a pulling peer without a new chunk for this long stops owning chunks
 STALLED_REST = 30.0  # a peer that timed out on a chunk is not asked again for this long
 PER_PEER = 3  # requests in flight to one peer from this pull (its upload slots are shared)
+# Chunks this agent fetches from the origin at once while other agents pull the same model
+# (or may be about to: peers are connected and the pull is young). The outside link is the
+# class's bottleneck: fewer chunks in flight each finish sooner, so peers can trade them
+# sooner, and a chunk two agents both started before they saw each other costs less.
+ORIGIN_SLOTS = 2
+GRACE = 3.0
 
 
 @dataclass
@@ -187,15 +194,25 @@ def _in_trio() -> bool:
 class SwarmPicker:
     """The scheduler's chunk order with a ``LanView`` (see module docstring)."""
 
-    def __init__(self, view: LanView, jobs: list):
+    def __init__(self, view: LanView, jobs: list, connected: Callable[[], int] = lambda: 0):
         self.view = view
         shuffled = list(jobs)
         random.shuffle(shuffled)  # agents that start together do not walk the files in the same order
         self.pending = {(task.file.rel, index): (task, index) for task, index in shuffled}
+        self.connected = connected
+        self.started = time.monotonic()
+        self.origin_in_flight: set[tuple[str, int]] = set()
+
+    def _origin_slots(self, pullers: tuple[str, ...]) -> int | None:
+        if len(pullers) > 1 or (time.monotonic() - self.started < GRACE and (self.view.peers or self.connected())):
+            return ORIGIN_SLOTS
+        return None  # alone: as many as the scheduler runs
 
     def _choose(self):
         view = self.view
         pullers = view.pullers()
+        slots = self._origin_slots(pullers)
+        origin_ok = slots is None or len(self.origin_in_flight) < slots
         rarest, rarest_count, mine = None, None, None
         for key, job in self.pending.items():
             count = view.holders(*key)
@@ -204,8 +221,10 @@ class SwarmPicker:
                     rarest, rarest_count = key, count
                     if count == 1:
                         break
-            elif mine is None and view.owner(key[0], key[1], pullers) == view.self_id:
+            elif origin_ok and mine is None and view.owner(key[0], key[1], pullers) == view.self_id:
                 mine = key
+        if rarest is None and mine is not None:
+            self.origin_in_flight.add(mine)
         return rarest or mine
 
     async def take(self):
@@ -215,3 +234,7 @@ class SwarmPicker:
                 return self.pending.pop(key)
             await self.view.wait_changed(0.5)
         return None
+
+    def done(self, job) -> None:
+        task, index = job
+        self.origin_in_flight.discard((task.file.rel, index))

@@ -27,10 +27,22 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 
+def _in_lab(host: str) -> bool:
+    """A benchmark's own namespace subnet, named in SHOAL_TEST_ALLOW_NET (agent.testing.netns)."""
+    import ipaddress
+    from agent.testing.guard import _allowed_nets
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return any(ip in net for net in _allowed_nets())
+
+
 class LoopbackServer:
     def __init__(self, app: Callable, *, host: str = "127.0.0.1", port: int = 0):
-        if not host.startswith("127.") and host != "::1":
-            raise ValueError(f"test servers bind loopback only, not {host}")
+        if not host.startswith("127.") and host != "::1" and not _in_lab(host):
+            raise ValueError(f"test servers bind loopback (or a lab namespace's subnet) only, not {host}")
+        self._host = host
         self._server: BaseWSGIServer = make_server(
             host, port, app, threaded=True, request_handler=_QuietHandler)
         self._server.daemon_threads = True
@@ -42,7 +54,7 @@ class LoopbackServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self._host}:{self.port}"
 
     def start(self) -> "LoopbackServer":
         self._thread = threading.Thread(target=self._server.serve_forever,

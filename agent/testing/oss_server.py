@@ -70,9 +70,9 @@ def _oss_error(status: int, code: str, message: str) -> bytes:
 class OssServer:
     """See module docstring. Buckets live in moto's process-wide backend."""
 
-    def __init__(self, *, port: int = 0):
+    def __init__(self, *, port: int = 0, host: str = "127.0.0.1"):
         self.faults = FaultPlan()
-        self._server = LoopbackServer(self, port=port)
+        self._server = LoopbackServer(self, host=host, port=port)
 
     @property
     def url(self) -> str:
