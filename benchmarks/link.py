@@ -5,13 +5,18 @@ every chunk's BLAKE3 before writing, as a pull does.
 
     python benchmarks/link.py [--size-mb 1024] [--concurrency 8] [--rounds 2]
 
-Needs nginx and curl (Debian: apt-get install nginx curl). The issue's second half, the
-same over a veth limited to 1 Gbit/s in network namespaces, is not measured here yet.
+Then the same over a veth pair limited to 1 Gbit/s (``--veth-mbit``; 0 skips it): the seed
+and the peer each in a network namespace of their own on a bridge (root only; the
+namespaces are deleted at the end, also on failure), shoal's data path against the line
+rate, with curl+nginx over the same link for reference.
+
+Needs nginx and curl (Debian: apt-get install nginx curl).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -35,8 +40,9 @@ events {{ worker_connections 64; }}
 http {{ access_log off; sendfile on; tcp_nopush on;
   client_body_temp_path {root}/tmp; proxy_temp_path {root}/tmp; fastcgi_temp_path {root}/tmp;
   uwsgi_temp_path {root}/tmp; scgi_temp_path {root}/tmp;
-  server {{ listen 127.0.0.1:{port}; root {docs}; }} }}
+  server {{ listen {host}:{port}; root {docs}; }} }}
 """
+VETH_SUBNET = "10.79.0"
 
 
 def free_port() -> int:
@@ -91,15 +97,81 @@ def shoal_fetch(address, ticket, manifest, out: Path, concurrency: int) -> float
     return elapsed
 
 
-def curl_fetch(port: int, manifest, out: Path) -> float:
+def curl_fetch(port: int, manifest, out: Path, host: str = "127.0.0.1", prefix: list[str] = ()) -> float:
     started = time.perf_counter()
     for f in manifest.files:
         target = out / f.path
         target.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["curl", "-sS", "--fail", "-o", str(target), f"http://127.0.0.1:{port}/{f.path}"], check=True)
+        subprocess.run([*prefix, "curl", "-sS", "--fail", "-o", str(target), f"http://{host}:{port}/{f.path}"],
+                       check=True)
         with open(target, "rb+") as handle:
             os.fsync(handle.fileno())
     return time.perf_counter() - started
+
+
+def serve_data(args) -> int:
+    """Runs in the seed's namespace: a data server for the store at --cache, on --host."""
+    store = Store(args.cache)
+    tickets = TicketBook(ttl=3600)
+    server = DataServer(StoreLocator(store), tickets, host=args.host, port=7000, slots=args.concurrency + 2).start()
+    print(json.dumps({"ticket": tickets.issue("bench").hex(), "address": list(server.address)}), flush=True)
+    sys.stdin.read()  # until the benchmark closes our stdin
+    server.close()
+    store.close()
+    return 0
+
+
+def fetch_data(args) -> int:
+    """Runs in the peer's namespace: fetch every chunk from the seed, print the seconds."""
+    store = Store(args.cache)
+    manifest = store.manifest(store.find(ModelRef("bench/link")).manifest_id)
+    store.close()
+    elapsed = shoal_fetch((args.host, 7000), bytes.fromhex(args.ticket), manifest, Path(args.out), args.concurrency)
+    print(json.dumps({"seconds": elapsed}), flush=True)
+    return 0
+
+
+def veth_rounds(work: Path, model: Path, manifest, args, nginx: str) -> list:
+    """The same fetch between two namespaces over veths limited to ``args.veth_mbit``."""
+    from agent.testing import netns
+    reason = netns.available()
+    if reason:
+        print(f"skipping the veth run: {reason}", file=sys.stderr)
+        return []
+    rows = []
+    me = [sys.executable, str(Path(__file__).resolve())]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with netns.Lab(tag="shlnk", subnet=VETH_SUBNET) as lab:
+        seed = lab.add_host("seed", mbit=args.veth_mbit)
+        peer = lab.add_host("peer", mbit=args.veth_mbit)
+        server = lab.popen(seed, [*me, "--serve-data", "--cache", str(work / "cache"), "--host", seed.ip,
+                                  "--concurrency", str(args.concurrency)],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        hello = json.loads(server.stdout.readline())
+        (work / "nginx-veth" / "tmp").mkdir(parents=True)
+        conf = work / "nginx-veth" / "nginx.conf"
+        conf.write_text(NGINX_CONF.format(root=work / "nginx-veth", host=seed.ip, port=8080, docs=model))
+        lab.popen(seed, [nginx, "-c", str(conf), "-p", str(work / "nginx-veth")], stdout=subprocess.DEVNULL,
+                  stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
+        for round_ in range(args.rounds):
+            out = work / f"veth-out-{round_}"
+            elapsed = curl_fetch(8080, manifest, out, host=seed.ip, prefix=["ip", "netns", "exec", peer.ns])
+            rows.append((round_ + 1, "curl + nginx (veth)", manifest.total_size / elapsed / 1e6, elapsed))
+            shutil.rmtree(out)
+            done = lab.run(peer, [*me, "--fetch-data", "--cache", str(work / "cache"), "--host", seed.ip,
+                                  "--ticket", hello["ticket"], "--out", str(out), "--concurrency",
+                                  str(args.concurrency)], capture_output=True, text=True, env=env)
+            if done.returncode != 0:
+                raise SystemExit(f"fetch over the veth failed: {done.stderr}")
+            elapsed = json.loads(done.stdout.splitlines()[-1])["seconds"]
+            for f in manifest.files:
+                assert (out / f.path).stat().st_size == f.size
+            rows.append((round_ + 1, "shoal data path (veth)", manifest.total_size / elapsed / 1e6, elapsed))
+            shutil.rmtree(out)
+        server.stdin.close()
+    assert netns.leftover_namespaces("shlnk") == [], "namespaces left behind"
+    return rows
 
 
 def main() -> int:
@@ -107,7 +179,16 @@ def main() -> int:
     parser.add_argument("--size-mb", type=int, default=1024)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--veth-mbit", type=float, default=1000, help="the limited link's rate; 0 skips it")
+    for hidden in ("--serve-data", "--fetch-data"):
+        parser.add_argument(hidden, action="store_true", help=argparse.SUPPRESS)
+    for hidden in ("--cache", "--host", "--ticket", "--out"):
+        parser.add_argument(hidden, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve_data:
+        return serve_data(args)
+    if args.fetch_data:
+        return fetch_data(args)
     for tool in ("nginx", "curl"):
         if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
             print(f"{tool} is not installed: apt-get install nginx curl", file=sys.stderr)
@@ -129,7 +210,7 @@ def main() -> int:
         port = free_port()
         (work / "nginx" / "tmp").mkdir(parents=True)
         conf = work / "nginx" / "nginx.conf"
-        conf.write_text(NGINX_CONF.format(root=work / "nginx", port=port, docs=model))
+        conf.write_text(NGINX_CONF.format(root=work / "nginx", host="127.0.0.1", port=port, docs=model))
         proc = subprocess.Popen([nginx, "-c", str(conf), "-p", str(work / "nginx")],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(0.5)
@@ -145,6 +226,8 @@ def main() -> int:
                     assert (out / f.path).stat().st_size == f.size
                 rows.append((round_ + 1, name, manifest.total_size / elapsed / 1e6, elapsed))
                 shutil.rmtree(out)
+        if args.veth_mbit:
+            rows += veth_rounds(work, model, manifest, args, nginx)
     finally:
         if proc is not None:
             proc.terminate()
@@ -163,10 +246,15 @@ def main() -> int:
     print("| --- | --- | --- | --- |")
     for round_, name, mbps, elapsed in rows:
         print(f"| {round_} | {name} | {mbps:.0f} | {elapsed:.2f} |")
-    print(f"\nratio shoal / curl+nginx (best of {args.rounds}): "
+    print(f"\nratio shoal / curl+nginx on loopback (best of {args.rounds}): "
           f"{best['shoal data path'] / best['curl + nginx']:.2f}   (target >= 0.5)")
-    print(f"\nreproduce: python benchmarks/link.py --size-mb {args.size_mb} --concurrency {args.concurrency} "
-          f"--rounds {args.rounds}")
+    if "shoal data path (veth)" in best:
+        line = args.veth_mbit * 1e6 / 8 / 1e6
+        print(f"over the {args.veth_mbit:.0f} Mbit/s veth: shoal {best['shoal data path (veth)']:.0f} MB/s = "
+              f"{best['shoal data path (veth)'] / line:.2f} x line rate ({line:.0f} MB/s; target >= 0.9); "
+              f"curl+nginx {best['curl + nginx (veth)'] / line:.2f} x")
+    print(f"\nreproduce: sudo python benchmarks/link.py --size-mb {args.size_mb} --concurrency {args.concurrency} "
+          f"--rounds {args.rounds} --veth-mbit {args.veth_mbit:.0f}")
     return 0
 
 
