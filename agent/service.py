@@ -6,7 +6,9 @@ serves:
   TUI: pull (with progress events), cancel, list, remove, pin/unpin, gc, du, status,
   config, sources, peers;
 - the **ModelScope-compatible gateway** and **Prometheus metrics** on 127.0.0.1
-  (``agent.gateway``).
+  (``agent.gateway``);
+- with ``SHOAL_SWARM=1``, the **LAN swarm** (``agent.swarm.membership.Swarm``): peers find
+  it, fetch what it holds, and every pull asks them first.
 
 Pulls are shared: a second request for a model already being pulled joins it, so two
 people (or a person and a tool through the gateway) on one machine download it once.
@@ -380,6 +382,8 @@ class Agent:
                 if not 1 <= slots <= 256:
                     raise ValueError(value)
                 self.upload_slots.total_tokens = slots
+                if self.swarm is not None:
+                    self.swarm.node.data.slots = slots
             else:
                 raise UsageError(f"{key!r} cannot be changed at run time; the agent takes download_rate, "
                                  "upload_rate and upload_slots (others: edit the config file and restart)")

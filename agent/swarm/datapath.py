@@ -173,7 +173,8 @@ class DataServer:
         self.locator, self.tickets = locator, tickets
         self.rate = ThreadTokenBucket(rate)  # the upload cap (SHOAL_UPLOAD_RATE), shared by all connections
         self._listener = socket.create_server((host, port), backlog=64, reuse_port=False)
-        self._slots = threading.BoundedSemaphore(slots)
+        self.slots = slots  # connections served at once; changeable while running
+        self._active = 0
         self._idle = idle_timeout
         self._threads: set[threading.Thread] = set()
         self._conns: set[socket.socket] = set()
@@ -217,7 +218,11 @@ class DataServer:
                 conn, _ = self._listener.accept()
             except OSError:
                 return  # closed
-            if not self._slots.acquire(blocking=False):
+            with self._lock:
+                free = self._active < self.slots
+                if free:
+                    self._active += 1
+            if not free:
                 _reply(conn, BUSY, b"all upload slots are taken; try another peer")
                 conn.close()
                 continue
@@ -225,7 +230,7 @@ class DataServer:
             with self._lock:
                 if self._closed:
                     conn.close()
-                    self._slots.release()
+                    self._active -= 1
                     return
                 self._conns.add(conn)
                 self._threads.add(thread)
@@ -289,8 +294,8 @@ class DataServer:
             with self._lock:
                 self._conns.discard(conn)
                 self._threads.discard(threading.current_thread())
+                self._active -= 1
             conn.close()
-            self._slots.release()
 
 
 def _recv_exact(conn: socket.socket, n: int) -> bytes | None:

@@ -15,7 +15,7 @@ class PeersPane(Vertical):
                      "(SHOAL_SWARM=1, SHOAL_SWARM_PEERS=...); without them every byte comes from the "
                      "OSS mirror or ModelScope.", id="no-peers")
         table = DataTable(id="peers-table", cursor_type="row")
-        table.add_columns("Peer", "Addresses", "RTT", "Holds", "Up", "Down", "Banned")
+        table.add_columns("Peer", "Addresses", "RTT", "Holds", "Up", "Down", "Problem")
         yield table
 
     def show(self, peers: list[dict]) -> None:
@@ -24,8 +24,10 @@ class PeersPane(Vertical):
         for p in peers:
             addresses = p.get("addresses") or [p.get("addr", "")]
             rtt = f"{p['rtt_ms']:.0f} ms" if p.get("rtt_ms") is not None else ("up" if p.get("connected") else "down")
-            table.add_row(p["id"][:16], ", ".join(addresses)[:40], rtt, str(len(p.get("holds", []))),
+            holds = ", ".join(f"{m} {h['chunks']}/{h['of']}" for m, h in (p.get("holds") or {}).items()) or "-"
+            problem = f"dropped: {p['dropped']}" if p.get("dropped") else (p.get("error") or "")
+            table.add_row(p["id"][:16], ", ".join(a for a in addresses if a)[:40], rtt, holds[:40],
                           human_bytes(p.get("bytes_up", 0)), human_bytes(p.get("bytes_down", 0)),
-                          p.get("banned") or p.get("error") or "", key=p["id"])
+                          problem, key=p["id"])
         self.query_one("#no-peers").display = not peers
         table.display = bool(peers)
