@@ -192,7 +192,7 @@ async def pull(ref: ModelRef, settings: Settings, *, to: Path | None = None,
                rate: TokenBucket | None = None, swarm=None, trust=None) -> PullResult:
     """Pull ``ref`` into the store (or ``to``); see module docstring. Raises ``ShoalError``s.
 
-    ``swarm``: the agent's LAN swarm for this pull (``agent.service.SwarmSession``): what
+    ``swarm``: the agent's LAN swarm for this pull (``agent.swarm.membership.PullSession``): what
     peers answered before the pull (``offers``), this agent's peer id, and ``track(view)``,
     which keeps a ``LanView`` fresh while the pull runs. With a trusted plan, LAN peers come
     first and the swarm's chunk order applies (``agent.swarm.view``). A peer's manifest
