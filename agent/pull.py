@@ -84,6 +84,7 @@ class PullResult:
     total_size: int
     fetched_by_source: dict[str, int] = field(default_factory=dict)
     chunks_fetched: int = 0
+    endgame_duplicates: int = 0  # chunks fetched a second time from another peer at the end
     elapsed: float = 0.0
     troubles: list[str] = field(default_factory=list)
 
@@ -227,7 +228,7 @@ async def pull(ref: ModelRef, settings: Settings, *, to: Path | None = None,
                 if refused:  # the only answer came from peers we may not believe: say so
                     raise refused[0] from e
                 raise
-        picker, view = FifoPicker, None
+        picker, view, pickers = FifoPicker, None, []
         if swarm is not None and plan.trusted:
             from agent.swarm.source import LanPeerSource
             from agent.swarm.view import LanView, SwarmPicker
@@ -237,7 +238,9 @@ async def pull(ref: ModelRef, settings: Settings, *, to: Path | None = None,
                     view.update(offer.peer, offer)
             lan = LanPeerSource(view)
             sources = [lan, *sources]
-            picker = lambda jobs: SwarmPicker(view, jobs, swarm.connected)  # noqa: E731
+            def picker(jobs, made=pickers):
+                made.append(SwarmPicker(view, jobs, swarm.connected))
+                return made[-1]
         directory = Path(to).resolve() if to else store.default_dir(ref)
         await trio.to_thread.run_sync(store.lock, ref)
         try:
@@ -255,6 +258,7 @@ async def pull(ref: ModelRef, settings: Settings, *, to: Path | None = None,
                 if source is not lan:
                     source.close()
     result.elapsed = time.monotonic() - started
+    result.endgame_duplicates = sum(p.duplicates for p in pickers)
     result.troubles = troubles
     result.fetched_by_source = by_source
     result.chunks_fetched = chunks
@@ -378,5 +382,6 @@ def event_to_wire(event) -> dict:
 def result_to_wire(result: PullResult) -> dict:
     return {"model": str(result.ref), "directory": str(result.directory), "manifest_id": result.manifest_id,
             "total_bytes": result.total_size, "fetched_by_source": result.fetched_by_source,
-            "chunks_fetched": result.chunks_fetched, "elapsed_s": round(result.elapsed, 3),
+            "chunks_fetched": result.chunks_fetched, "endgame_duplicates": result.endgame_duplicates,
+            "elapsed_s": round(result.elapsed, 3),
             "troubles": result.troubles}

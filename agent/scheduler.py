@@ -17,6 +17,7 @@ Events (``ChunkFetched``, ``FileDone``, ``SourceTrouble``) go to a callback for 
 from __future__ import annotations
 
 import random
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -37,6 +38,8 @@ COOLDOWN_START = 2.0
 COOLDOWN_MAX = 60.0
 BACKOFF_BASE = 0.2
 BACKOFF_MAX = 3.0
+ENDGAME = "endgame"  # a picker's flag on a second fetch of a chunk in flight
+WRITTEN, LOST, ABANDONED = "written", "lost", "abandoned"
 
 
 # ------------------------------------------------------------------------------ events
@@ -124,8 +127,9 @@ def _backoff(attempt: int) -> float:
 
 
 def _fetch_verify_write(source: ChunkSource, ref: ModelRef, task: FileTask, index: int,
-                        buffer: bytearray, deadline: float) -> None:
-    """Runs in a worker thread: fetch into ``buffer``, verify, write at the chunk's offset."""
+                        buffer: bytearray, deadline: float, claim: Callable[[], bool]) -> bool:
+    """Runs in a worker thread: fetch into ``buffer``, verify, write at the chunk's offset.
+    False when another fetch of the same chunk (endgame) wrote it first."""
     pf = task.file
     offset, length = chunk_span(pf.size, pf.chunk_size, index)
     view = memoryview(buffer)[:length]
@@ -134,12 +138,19 @@ def _fetch_verify_write(source: ChunkSource, ref: ModelRef, task: FileTask, inde
     if task.expected is not None and digest != task.expected[index]:
         raise IntegrityError(f"{source.label} sent chunk {index} of {pf.rel} whose BLAKE3 "
                              "does not match the manifest; it was not written")
+    if not claim():
+        return False
     pf.write_chunk(index, view, digest, source.name)
+    return True
 
 
 class FifoPicker:
     """Chunks in file order: the order without LAN peers (``agent.swarm.view.SwarmPicker``
-    is the one with them)."""
+    is the one with them).
+
+    A picker's ``take`` returns ``(task, index)``, or ``(task, index, ENDGAME)`` for a second
+    fetch of a chunk already in flight (from LAN peers only); the first to verify writes
+    it and the other is cancelled. ``done(job)`` follows every job taken."""
 
     def __init__(self, jobs: list):
         self.pending = list(reversed(jobs))
@@ -163,6 +174,19 @@ class Scheduler:
         self.rate = rate
         self.picker = picker
         self._limiter = trio.CapacityLimiter(settings.concurrency)
+        # Endgame: which chunks have been written, and the fetches of each still running.
+        self._written: set[tuple[str, int]] = set()
+        self._written_lock = threading.Lock()
+        self._running: dict[tuple[str, int], list[trio.CancelScope]] = {}
+
+    def _claim(self, key: tuple[str, int]) -> Callable[[], bool]:
+        def claim() -> bool:
+            with self._written_lock:
+                if key in self._written:
+                    return False
+                self._written.add(key)
+                return True
+        return claim
 
     async def run(self, tasks: list[FileTask]) -> Outcome:
         jobs: list[tuple[FileTask, int]] = []
@@ -188,28 +212,65 @@ class Scheduler:
 
     async def _worker(self, picker, buffer: bytearray, nursery, outcome: Outcome) -> None:
         while (job := await picker.take()) is not None:
-            task, index = job
+            task, index, *flags = job
             try:
-                await self._fetch_chunk(task, index, buffer)
+                outcome_ = await self._fetch_chunk(task, index, buffer, endgame=ENDGAME in flags)
             finally:
                 picker.done(job)
+            if outcome_ == ABANDONED:
+                # The thread of the cancelled fetch may still be filling the old buffer.
+                buffer = bytearray(len(buffer))
+            if outcome_ != WRITTEN:
+                continue  # the other fetch of this chunk wrote it
             task.remaining -= 1
             if task.remaining == 0:
                 nursery.start_soon(self._finish_file, task, outcome)
 
-    def _pick_order(self, task: FileTask) -> list[SourceState]:
+    def _pick_order(self, task: FileTask, endgame: bool = False) -> list[SourceState]:
         path = task.file.rel
-        usable = [s for s in self.sources if s.usable_for(path) and s.source.name not in task.exclude]
+        usable = [s for s in self.sources if s.usable_for(path) and s.source.name not in task.exclude
+                  and (not endgame or s.source.name == "lan")]
         now = time.monotonic()
         awake = [s for s in usable if not s.resting(now)]
         # A resting source is still tried after the others, never skipped outright:
         # it may be the only one that has this file.
         return awake + [s for s in usable if s.resting(now)]
 
-    async def _fetch_chunk(self, task: FileTask, index: int, buffer: bytearray) -> None:
+    async def _fetch_chunk(self, task: FileTask, index: int, buffer: bytearray, *, endgame: bool = False) -> str:
+        """Fetch one chunk; WRITTEN, LOST (another fetch of it wrote it) or ABANDONED (that,
+        while this one's thread was still running: its buffer is not ours any more)."""
+        key = (task.file.rel, index)
+        with trio.CancelScope() as scope:
+            self._running.setdefault(key, []).append(scope)
+            try:
+                if await self._fetch_chunk_from_sources(task, index, buffer, endgame):
+                    others = [o for o in self._running.get(key, []) if o is not scope]
+                    for other in others:
+                        other.cancel()
+                    if others:  # unblock their threads too: a fetch in a thread is not cancellable
+                        for state in self.sources:
+                            abort = getattr(state.source, "abort", None)
+                            if abort is not None:
+                                abort(task.file.rel, index)
+                    return WRITTEN
+                return LOST
+            except ChunkFailed:
+                with self._written_lock:
+                    if key in self._written or endgame:
+                        return LOST  # the other fetch has it (or will); an endgame try may fail
+                raise
+            finally:
+                scopes = self._running.get(key, [])
+                if scope in scopes:
+                    scopes.remove(scope)
+                if not scopes:
+                    self._running.pop(key, None)
+        return ABANDONED
+
+    async def _fetch_chunk_from_sources(self, task: FileTask, index: int, buffer: bytearray, endgame: bool) -> bool:
         path = task.file.rel
         reasons: list[str] = []
-        for state in self._pick_order(task):
+        for state in self._pick_order(task, endgame):
             source = state.source
             for attempt in range(self.settings.retries + 1):
                 if self.rate is not None:
@@ -217,8 +278,11 @@ class Scheduler:
                 deadline = time.monotonic() + self.settings.chunk_timeout
                 try:
                     async with self._limiter:
-                        await trio.to_thread.run_sync(
-                            _fetch_verify_write, source, self.ref, task, index, buffer, deadline)
+                        # An endgame copy is abandoned when the other fetch wins; a first
+                        # fetch is not (SIGTERM lets it finish), its source aborts it instead.
+                        written = await trio.to_thread.run_sync(
+                            _fetch_verify_write, source, self.ref, task, index, buffer, deadline,
+                            self._claim((path, index)), abandon_on_cancel=endgame)
                 except NotFound as e:
                     state.lacks.add(path)
                     reasons.append(str(e))
@@ -248,10 +312,12 @@ class Scheduler:
                     continue
                 state.failures_in_row = 0
                 state.cooldown = COOLDOWN_START
+                if not written:
+                    return False
                 task.used.add(source.name)
                 self.emit(ChunkFetched(path, index, chunk_span(task.file.size, task.file.chunk_size, index)[1],
                                        source.name))
-                return
+                return True
         detail = "; ".join(dict.fromkeys(reasons)) or "no source is configured for it"
         raise ChunkFailed(f"chunk {index} of {path} could not be fetched from any source: {detail}. "
                           "What was verified is kept; run the same pull again when a source is back")

@@ -353,11 +353,15 @@ class DataClient:
         conn.close()
 
     def fetch(self, address: tuple[str, int], ticket: bytes, manifest_id: str, path: str, index: int,
-              into: memoryview, length: int, deadline: float) -> None:
+              into: memoryview, length: int, deadline: float, on_connection=None) -> None:
+        """``on_connection(conn)``: told the socket in use, so another thread can abort the
+        fetch by shutting it down (the endgame's losing copy)."""
         what = f"peer {address[0]}:{address[1]} chunk {index} of {path}"
         conn = None
         try:
             conn = self._take(address)
+            if on_connection is not None:
+                on_connection(conn)
             conn.settimeout(max(0.1, deadline - time.monotonic()))
             conn.sendall(encode_request(ticket, manifest_id, path, index))
             header = _recv_exact(conn, _HEADER.size)

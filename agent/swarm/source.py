@@ -12,6 +12,8 @@ to the mirror or the origin.
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
 
 from agent.errors import IntegrityError, NotFound, SourceUnavailable
@@ -35,6 +37,18 @@ class LanPeerSource(ChunkSource):
         self.manifest = view.manifest
         self.entries = {f.path: f for f in view.manifest.files}
         self.client = DataClient()
+        self._sockets: dict[tuple[str, int], list] = {}  # chunk -> connections fetching it now
+        self._lock = threading.Lock()
+
+    def abort(self, path: str, index: int) -> None:
+        """Another fetch of this chunk won (endgame): cut ours short."""
+        with self._lock:
+            conns = list(self._sockets.get((path, index), ()))
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     @property
     def banned(self) -> dict[str, str]:
@@ -57,8 +71,22 @@ class LanPeerSource(ChunkSource):
             try:
                 if self.view.busy(peer) and time.monotonic() + BUSY_WAIT < lan_deadline:
                     time.sleep(BUSY_WAIT)  # every holder has requests in flight already: give them a moment
-                self.client.fetch(peer.data, peer.ticket, self.manifest.id, path, index, into, request.length,
-                                  lan_deadline)
+                key, mine = (path, index), []
+
+                def register(conn, key=key, mine=mine):
+                    mine.append(conn)
+                    with self._lock:
+                        self._sockets.setdefault(key, []).append(conn)
+                try:
+                    self.client.fetch(peer.data, peer.ticket, self.manifest.id, path, index, into, request.length,
+                                      lan_deadline, on_connection=register)
+                finally:
+                    with self._lock:
+                        left = [c for c in self._sockets.get(key, []) if c not in mine]
+                        if left:
+                            self._sockets[key] = left
+                        else:
+                            self._sockets.pop(key, None)
                 got = request.length
             except NotFound as e:
                 self.view.lacks(peer, path, index)

@@ -15,7 +15,10 @@ through ``LanPeerSource``, hence the lock.
    progress), each chunk has one owner by rendezvous hashing of (peer id, chunk). Owners
    fetch their chunks from the origin and everyone else takes them from the owner, so
    a class starting at once pulls about one copy through the outside link;
-3. else wait for a HAVE update (other owners' chunks are on their way).
+3. else wait for a HAVE update (other owners' chunks are on their way);
+4. **endgame**: once nothing is left to start, a chunk that has been in flight for
+   ``ENDGAME_AFTER`` seconds and that some peer holds is fetched a second time from another
+   peer; the first copy to verify is written and the other fetch is cancelled.
 A peer that stops making progress for ``STALL_AFTER`` seconds stops owning chunks, and
 the others take its share, from the origin if need be.
 """
@@ -31,6 +34,7 @@ from typing import Callable
 import trio
 
 from agent.manifest import Manifest
+from agent.scheduler import ENDGAME
 from agent.store import blake3_hash
 
 STALL_AFTER = 10.0  # a pulling peer without a new chunk for this long stops owning chunks
@@ -42,6 +46,7 @@ PER_PEER = 3  # requests in flight to one peer from this pull (its upload slots 
 # sooner, and a chunk two agents both started before they saw each other costs less.
 ORIGIN_SLOTS = 2
 GRACE = 3.0
+ENDGAME_AFTER = 2.0
 
 
 @dataclass
@@ -202,6 +207,9 @@ class SwarmPicker:
         self.connected = connected
         self.started = time.monotonic()
         self.origin_in_flight: set[tuple[str, int]] = set()
+        # key -> [job, when it started, fetches running, duplicated yet]
+        self.in_flight: dict[tuple[str, int], list] = {}
+        self.duplicates = 0
 
     def _origin_slots(self, pullers: tuple[str, ...]) -> int | None:
         if len(pullers) > 1 or (time.monotonic() - self.started < GRACE and (self.view.peers or self.connected())):
@@ -227,14 +235,40 @@ class SwarmPicker:
             self.origin_in_flight.add(mine)
         return rarest or mine
 
-    async def take(self):
-        while self.pending:
-            key = self._choose()
-            if key is not None:
-                return self.pending.pop(key)
-            await self.view.wait_changed(0.5)
+    def _endgame(self):
+        now = time.monotonic()
+        for key, entry in self.in_flight.items():
+            job, since, _, duplicated = entry
+            if not duplicated and now - since > ENDGAME_AFTER and key not in self.origin_in_flight \
+                    and self.view.holders(*key):
+                entry[2] += 1
+                entry[3] = True
+                self.duplicates += 1
+                return (*job, ENDGAME)
         return None
 
+    async def take(self):
+        while True:
+            if self.pending:
+                key = self._choose()
+                if key is not None:
+                    job = self.pending.pop(key)
+                    self.in_flight[key] = [job, time.monotonic(), 1, False]
+                    return job
+            else:
+                duplicate = self._endgame()
+                if duplicate is not None:
+                    return duplicate
+                if all(entry[3] for entry in self.in_flight.values()):
+                    return None  # nothing left to start or to duplicate
+            await self.view.wait_changed(0.5)
+
     def done(self, job) -> None:
-        task, index = job
-        self.origin_in_flight.discard((task.file.rel, index))
+        task, index = job[0], job[1]
+        key = (task.file.rel, index)
+        self.origin_in_flight.discard(key)
+        entry = self.in_flight.get(key)
+        if entry is not None:
+            entry[2] -= 1
+            if entry[2] <= 0:
+                del self.in_flight[key]
