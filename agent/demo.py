@@ -43,12 +43,12 @@ def run_demo(*, size_mb: int = 256, workdir: Path | None = None, keep: bool = Fa
     root.mkdir(parents=True, exist_ok=True)
     say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     try:
-        say(f"[1/4] generating a {size_mb} MB model {DEMO_MODEL} in {root / 'origin'}")
+        say(f"[1/5] generating a {size_mb} MB model {DEMO_MODEL} in {root / 'origin'}")
         origin_dir = make_model(root / "origin", weights_bytes=size_mb * 1024 * 1024, shards=3, seed="demo")
         with HubServer() as hub, OssServer() as oss:
             hub.add_model(DEMO_MODEL, origin_dir)
             oss.create_bucket(DEMO_BUCKET)
-            say(f"[2/4] local ModelScope hub at {hub.url}, local OSS at {oss.url}")
+            say(f"[2/5] local ModelScope hub at {hub.url}, local OSS at {oss.url}")
             env = {"SHOAL_CONFIG": str(root / "no-config.toml"), "SHOAL_CACHE_DIR": str(root / "cache"), "OSS_ENDPOINT": oss.url,
                    "SHOAL_OSS_BUCKET": DEMO_BUCKET, "OSS_ACCESS_KEY_ID": "demo-key",
                    "OSS_ACCESS_KEY_SECRET": "demo-secret", "MODELSCOPE_ENDPOINT": hub.url,
@@ -60,12 +60,12 @@ def run_demo(*, size_mb: int = 256, workdir: Path | None = None, keep: bool = Fa
             last = sorted(e.path for e in manifest.files if e.path.endswith(".safetensors"))[-1]
             push_directory(ref, origin_dir, settings, manifest, bucket_name=DEMO_BUCKET,
                            only={e.path for e in manifest.files if e.path != last})
-            say(f"[3/4] mirrored {len(manifest.files) - 1} of {len(manifest.files)} files to "
+            say(f"[3/5] mirrored {len(manifest.files) - 1} of {len(manifest.files)} files to "
                 f"oss://{DEMO_BUCKET} (left out {last}); injecting a corrupt chunk and a burst of 500s")
             first_shard = sorted(e.path for e in manifest.files if e.path.endswith(".safetensors"))[0]
             oss.faults.add(Fault("corrupt", match=first_shard, times=1))
             oss.faults.add(Fault("status", match="files/", status=500, times=6))
-            say(f"[4/4] shoal pull {ref}")
+            say(f"[4/5] shoal pull {ref}")
             reporter = PullReporter(ref, json_mode=False)
             started = time.monotonic()
             result = trio.run(lambda: pull(ref, settings, emit=lambda e: reporter.event(event_to_wire(e))))
@@ -88,6 +88,10 @@ def run_demo(*, size_mb: int = 256, workdir: Path | None = None, keep: bool = Fa
             shutil.rmtree(root, ignore_errors=True)
         elif keep:
             say(f"kept {root}")
+
+
+def _all_connected(peers: list[dict]) -> bool:
+    return bool(peers) and all(p["connected"] for p in peers)
 
 
 def run_lan_demo(*, size_mb: int = 128, workdir: Path | None = None, keep: bool = False) -> int:
@@ -130,7 +134,7 @@ def run_lan_demo(*, size_mb: int = 128, workdir: Path | None = None, keep: bool 
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}"
     try:
-        say(f"[1/4] generating a {size_mb} MB model in {root / 'origin'}")
+        say(f"[1/5] generating a {size_mb} MB model in {root / 'origin'}")
         origin = make_model(root / "origin", weights_bytes=size_mb * 1024 * 1024, shards=2, seed="lan-demo")
         with HubServer() as hub, OssServer() as oss:
             hub.add_model(DEMO_MODEL, origin)
@@ -141,12 +145,12 @@ def run_lan_demo(*, size_mb: int = 128, workdir: Path | None = None, keep: bool 
             teacher = {**base, "SHOAL_CACHE_DIR": str(root / "teacher"), "OSS_ENDPOINT": oss.url,
                        "SHOAL_OSS_BUCKET": DEMO_BUCKET, "MODELSCOPE_ENDPOINT": hub.url}
             shoal(["mirror", "push", DEMO_MODEL, "--from-dir", str(origin)], teacher)
-            say("[2/4] the teacher's machine pulls it from the lab mirror and publishes it")
+            say("[2/5] the teacher's machine pulls it from the lab mirror and publishes it")
             shoal(["pull", DEMO_MODEL], teacher)
             key = shoal(["publish", DEMO_MODEL], teacher).stdout.split("SHOAL_TRUSTED_PUBLISHERS=")[1].strip()
             address = start_agent(teacher)["swarm"]["addrs"][0]
             say(f"      teacher's agent: {address}\n      teacher's key:   {key}")
-            say("[3/4] two students' agents start with the mirror and the hub unreachable (an offline classroom)")
+            say("[3/5] two students' agents start with the mirror and the hub unreachable (an offline classroom)")
             students = []
             for name in ("student-1", "student-2"):
                 env = {**base, "SHOAL_CACHE_DIR": str(root / name), "OSS_ENDPOINT": dead,
@@ -156,17 +160,48 @@ def run_lan_demo(*, size_mb: int = 128, workdir: Path | None = None, keep: bool 
                 students.append((name, env))
             for name, env in students:
                 deadline = time.monotonic() + 30
-                while not all(p["connected"] for p in json.loads(shoal(["status", "--json"], env).stdout)["peers"]):
+                while not _all_connected(json.loads(shoal(["status", "--json"], env).stdout)["peers"]):
                     if time.monotonic() > deadline:
                         raise SystemExit(f"{name} could not reach the teacher's agent")
                     time.sleep(0.2)
-            say("[4/4] each student runs: shoal pull " + DEMO_MODEL)
+            say("[4/5] each student runs: shoal pull " + DEMO_MODEL)
             for name, env in students:
                 proc = shoal(["pull", DEMO_MODEL], env)
                 say(f"--- {name}\n{proc.stderr.strip()}")
             say(f"\nThe mirror served {len(oss.faults.data_requests())} ranged GETs (all to the teacher) and the "
                 f"hub {len(hub.faults.data_requests())}; the students got every byte from the LAN, each chunk "
                 "verified against the manifest the teacher signed.")
+
+            say("\n[5/5] another room: two agents that know only each other start pulling at once from the "
+                "mirror, made slow like a lab's outside link")
+            from agent.testing.faults import Fault
+            oss.faults.add(Fault("slow", match="/files/", delay=0.25))  # 0.25 s per MiB per request
+            room, previous = [], None
+            for name in ("room-2-a", "room-2-b"):
+                env = {**base, "SHOAL_CACHE_DIR": str(root / name), "OSS_ENDPOINT": oss.url,
+                       "SHOAL_OSS_BUCKET": DEMO_BUCKET, "MODELSCOPE_ENDPOINT": dead,
+                       **({"SHOAL_SWARM_PEERS": previous} if previous else {})}
+                previous = start_agent(env)["swarm"]["addrs"][0]
+                room.append((name, env))
+            deadline = time.monotonic() + 30
+            while not _all_connected(json.loads(shoal(["status", "--json"], room[1][1]).stdout)["peers"]):
+                if time.monotonic() > deadline:
+                    raise SystemExit("the two agents of the second room could not reach each other")
+                time.sleep(0.2)
+            oss.faults.clear_log()
+            pulls = [(name, subprocess.Popen([sys.executable, "-m", "agent.cli", "pull", DEMO_MODEL], env=env,
+                                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                             stderr=subprocess.PIPE, text=True)) for name, env in room]
+            for name, proc in pulls:
+                _, err = proc.communicate(timeout=600)
+                if proc.returncode != 0:
+                    raise SystemExit(f"{name}'s pull failed:\n{err}")
+                say(f"--- {name}\n" + "\n".join(line for line in err.strip().splitlines() if "ETA" not in line))
+            served = sum(int(e.range.split("=")[1].split("-")[1]) - int(e.range.split("=")[1].split("-")[0]) + 1
+                         for e in oss.faults.data_requests("/files/"))
+            model_bytes = sum(p.stat().st_size for p in origin.rglob("*") if p.is_file())
+            say(f"\nTogether they fetched {served / 1e6:.1f} MB from the mirror for a {model_bytes / 1e6:.1f} MB model "
+                f"({served / model_bytes:.2f} copies): each took its share from the mirror and the rest from the other.")
         return 0
     finally:
         for proc in agents:

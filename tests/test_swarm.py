@@ -259,3 +259,12 @@ def test_endgame_fetches_a_slow_peers_last_chunks_again_from_another_peer(env, o
     finally:
         for agent in (student, *seeds):
             agent.stop()
+
+
+def test_the_lan_demo_runs_end_to_end(tmp_path):
+    """`shoal demo --lan` (what ./bootstrap/demo runs second): real agents on loopback."""
+    proc = run_shoal(["demo", "--lan", "--size-mb", "16"], {"SHOAL_CONFIG": str(tmp_path / "none.toml")},
+                     timeout=200)
+    assert proc.returncode == 0, proc.stderr
+    assert "the students got every byte from the LAN" in proc.stderr
+    assert proc.stderr.count("LAN ") >= 4 and "Together they fetched" in proc.stderr
