@@ -268,3 +268,40 @@ def test_the_lan_demo_runs_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "the students got every byte from the LAN" in proc.stderr
     assert proc.stderr.count("LAN ") >= 4 and "Together they fetched" in proc.stderr
+
+
+def test_a_student_finds_the_teacher_through_the_dht_via_a_peer_both_know(env, oss, model_dir, tmp_path):
+    """No mDNS, and neither knows the other's address: both know only a third agent (as on
+    routed subnets, where multicast does not pass). The teacher provides the model in the
+    DHT; the student's pull looks it up, dials the teacher and pulls from it."""
+    mirror(env, model_dir)
+    hub_env = agent_env(env, tmp_path, "rendezvous")
+    hub_agent = AgentProcess(hub_env).start()
+    rendezvous = json.loads(run_shoal(["status", "--json"], hub_env, check=True).stdout)["swarm"]["addrs"][0]
+    t_env = agent_env(env, tmp_path, "teacher", SHOAL_SWARM_PEERS=rendezvous)
+    run_shoal(["pull", MODEL_ID], t_env, check=True)
+    run_shoal(["publish", MODEL_ID], t_env, check=True)
+    key = run_shoal(["id"], t_env, check=True).stdout.strip()
+    teacher = AgentProcess(t_env).start()
+    s_env = offline(agent_env(env, tmp_path, "student", SHOAL_SWARM_PEERS=rendezvous, SHOAL_TRUSTED_PUBLISHERS=key))
+    student = AgentProcess(s_env).start()
+    try:
+        wait_connected(s_env)
+        wait_connected(t_env)
+        teacher_id = json.loads(run_shoal(["status", "--json"], t_env, check=True).stdout)["swarm"]["peer_id"]
+        assert teacher_id not in {p["id"] for p in json.loads(run_shoal(["peers", "--json"], s_env, check=True).stdout)}
+        deadline = time.monotonic() + 60
+        while True:  # the teacher's provider records go out once its routing table has the rendezvous
+            proc = run_shoal(["pull", MODEL_ID, "--json"], s_env)
+            if proc.returncode == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert proc.returncode == 0, proc.stderr
+        assert set(pull_lines(proc.stdout)[-1]["fetched_by_source"]) == {"lan"}
+        peers = {p["id"]: p for p in json.loads(run_shoal(["peers", "--json"], s_env, check=True).stdout)}
+        # Reached by the student's lookup, or by the teacher's DHT traffic (its provider records).
+        assert peers[teacher_id]["via"] in ("dht", "inbound") and peers[teacher_id]["bytes_down"] > 0
+        assert tree_digest(Path(s_env["SHOAL_CACHE_DIR"]) / "models" / MODEL_ID / "master") == tree_digest(model_dir)
+    finally:
+        for agent in (student, teacher, hub_agent):
+            agent.stop()

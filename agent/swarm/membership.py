@@ -78,6 +78,8 @@ class Swarm:
                                        "dropped": None, "seen": 0.0}
         if addr and not info.get("addr"):
             info["addr"] = addr
+        if via and not info.get("via"):
+            info["via"] = via
         return info
 
     async def _dial(self, peer: str, address: str, via: str) -> None:
@@ -97,6 +99,9 @@ class Swarm:
         """Dial bootstrap peers and discovered ones; notice dropped connections."""
         while True:
             connected = self.node.connected()
+            for peer in connected - set(self.peers):
+                # It dialled us (its bootstrap list, mDNS, or DHT routing reached us first).
+                self._peer(peer, via="inbound")
             for peer, info in self.peers.items():
                 info["connected"] = peer in connected and peer not in self.node.refused_by
                 if info["connected"]:
@@ -176,6 +181,7 @@ class Swarm:
         if found:
             async with trio.open_nursery() as nursery:
                 for peer, addrs in found.items():
+                    self._peer(peer, addrs[0] if addrs else None, "dht")
                     if peer not in self.node.connected() and addrs:
                         nursery.start_soon(self._dial, peer, addrs[0], "dht")
         answers = await self._ask_all(ref=ref)
