@@ -107,7 +107,7 @@ class Swarm:
                 if info["connected"]:
                     info["seen"] = time.time()
             targets = [(a.rsplit("/p2p/", 1)[-1], [a], "bootstrap") for a in self.bootstrap]
-            targets += [(p, addrs, "mdns/dht") for p, addrs in self.node.take_discovered().items()]
+            targets += [(p, addrs, "mdns") for p, addrs in self.node.take_discovered().items()]
             now = time.monotonic()
             async with trio.open_nursery() as nursery:
                 for peer, addrs, via in targets:

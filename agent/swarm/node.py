@@ -102,7 +102,7 @@ class SwarmNode:
         self._want_mdns, self._want_dht = mdns, dht
         self.dht = None
         self._mdns = None
-        self.discovered: OrderedDict[str, list[str]] = OrderedDict()  # peer id -> multiaddrs (mDNS, DHT)
+        self.discovered: OrderedDict[str, list[str]] = OrderedDict()  # peer id -> multiaddrs (mDNS)
         self._discovered_lock = threading.Lock()
         self.refused: dict[str, float] = {}  # peer id -> when we last refused it (outside the swarm)
         self.refused_by: set[str] = set()  # peers that told us we are outside their swarm
@@ -165,7 +165,7 @@ class SwarmNode:
         log.info("mDNS discovery started (swarm %s)", self.access.tag)
 
     def _on_discovered(self, info) -> None:
-        """Called from zeroconf's thread (and the DHT): remember the peer for the agent to dial."""
+        """Called from zeroconf's thread: remember the peer for the agent to dial."""
         peer = str(info.peer_id)
         if peer == self.peer_id:
             return
@@ -240,6 +240,9 @@ class SwarmNode:
             return encode_error(BAD_REQUEST, str(e))
         if not self.access.admits(peer, self.peer_id, request.proof):
             self.refused[peer] = time.time()
+            if len(self.refused) > MAX_DISCOVERED:  # bounded: forget the oldest refusals
+                for old in sorted(self.refused, key=self.refused.get)[:len(self.refused) - MAX_DISCOVERED]:
+                    del self.refused[old]
             return encode_error(NOT_IN_SWARM, "this agent serves only peers of its own swarm (same SHOAL_SWARM_SECRET "
                                 "and, if set, listed in SHOAL_SWARM_ALLOW)")
         info = None
