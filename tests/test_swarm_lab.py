@@ -1,5 +1,7 @@
-"""Agents in their own network namespaces on a bridge (root only, as in CI): students find
-the teacher by mDNS alone (no bootstrap list, no DHT) and pull the model from it.
+"""Agents in their own network namespaces (root only, as in CI): on one bridge, students
+find the teacher by mDNS alone (no bootstrap list, no DHT) and pull the model from it; on
+two routed subnets, where multicast does not pass, a student finds the teacher through
+the DHT by way of one agent it knows.
 
 Multicast and the lab subnet exist only inside namespaces this test makes and deletes.
 """
@@ -20,7 +22,7 @@ from conftest import MODEL_ID, REPO, TESTS, mirror, run_shoal, tree_digest
 pytestmark = [pytest.mark.timeout(240),
               pytest.mark.skipif(netns.available() is not None, reason=str(netns.available()))]
 
-LAB_NET = "10.77.0.0/24"
+LAB_NET = "10.77.0.0/16"
 
 
 def lab_agent(lab: netns.Lab, host: netns.Host, env: dict):
@@ -79,4 +81,49 @@ def test_students_find_the_teacher_by_mdns_alone_and_pull_from_it(env, oss, mode
             assert tree_digest(Path(s_env["SHOAL_CACHE_DIR"]) / "models" / MODEL_ID / "master") == \
                 tree_digest(model_dir)
         assert oss.faults.data_requests() == []
+    assert netns.leftover_namespaces(lab.tag) == []
+
+
+def peers_of(env: dict) -> list[dict]:
+    return json.loads(run_shoal(["peers", "--json"], env, check=True).stdout)
+
+
+def test_across_routed_subnets_a_student_finds_the_teacher_through_the_dht(env, oss, model_dir, tmp_path):
+    mirror(env, model_dir)
+    teacher_env = {**env, "SHOAL_CACHE_DIR": str(tmp_path / "teacher"), "SHOAL_MDNS": "1", "SHOAL_DHT": "1"}
+    run_shoal(["pull", MODEL_ID], teacher_env, check=True)
+    key = run_shoal(["publish", MODEL_ID], teacher_env, check=True).stdout.split("SHOAL_TRUSTED_PUBLISHERS=")[1].strip()
+    with netns.Lab(tag=f"shr{os.getpid() % 10000}", subnet="10.77.0", more_subnets=("10.77.1",)) as lab:
+        # Room A: the teacher and a classmate's agent (found by each other over mDNS).
+        # Room B: a student whose agent knows only the classmate's address.
+        teacher_host, classmate_host = lab.add_host("teacher", segment=0), lab.add_host("classmate", segment=0)
+        student_host = lab.add_host("student", segment=1)
+        classmate_env = {**env, "SHOAL_CACHE_DIR": str(tmp_path / "classmate"), "SHOAL_MDNS": "1", "SHOAL_DHT": "1"}
+        lab_agent(lab, teacher_host, teacher_env)
+        lab_agent(lab, classmate_host, classmate_env)
+        for e in (teacher_env, classmate_env):
+            wait_for(lambda: agent_up(e), 30, "the agents to start")
+        wait_for(lambda: any(p["connected"] for p in peers_of(classmate_env)), 60, "mDNS in room A")
+        classmate = json.loads(run_shoal(["status", "--json"], classmate_env, check=True).stdout)["swarm"]
+        address = f"/ip4/{classmate_host.ip}/tcp/{classmate['addrs'][0].split('/tcp/')[1]}"
+        student_env = {**env, "SHOAL_CACHE_DIR": str(tmp_path / "student"), "SHOAL_MDNS": "1", "SHOAL_DHT": "1",
+                       "SHOAL_SWARM_PEERS": address, "SHOAL_TRUSTED_PUBLISHERS": key, "SHOAL_RETRIES": "0"}
+        lab_agent(lab, student_host, student_env)
+        wait_for(lambda: agent_up(student_env), 30, "the student's agent to start")
+        wait_for(lambda: any(p["connected"] for p in peers_of(student_env)), 60, "the student to reach the classmate")
+        deadline = time.monotonic() + 90
+        while True:  # the teacher's provider records go out once its DHT knows the classmate
+            proc = run_shoal(["pull", MODEL_ID, "--json"], student_env)
+            if proc.returncode == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert proc.returncode == 0, proc.stderr
+        lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+        assert set(lines[-1]["fetched_by_source"]) == {"lan"}
+        assert tree_digest(Path(student_env["SHOAL_CACHE_DIR"]) / "models" / MODEL_ID / "master") == \
+            tree_digest(model_dir)
+        peers = peers_of(student_env)
+        teacher = [p for p in peers if (p["addr"] or "").startswith(f"/ip4/{teacher_host.ip}/")]
+        assert teacher and teacher[0]["bytes_down"] > 0 and teacher[0]["via"] in ("dht", "inbound")
+        assert not any(p["via"] == "mdns" for p in peers)  # multicast stayed in room A
     assert netns.leftover_namespaces(lab.tag) == []

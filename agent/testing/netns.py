@@ -1,10 +1,12 @@
 """A throwaway lab network in Linux network namespaces (root only), for tests and benchmarks.
 
-``Lab`` makes one *switch* namespace holding a bridge, and one namespace per host, joined
-to the bridge by a veth pair and addressed in ``10.77.0.0/24`` (another subnet can be
-chosen). Nothing is added to the namespace the caller runs in, so no traffic can leave
-the lab. Each link can be limited with ``tc`` (token bucket) in both directions: the
-host's egress is its upload, the switch port's egress its download.
+``Lab`` makes one *switch* namespace holding a bridge per subnet (``10.77.0.0/24`` unless
+told otherwise), and one namespace per host, joined to its subnet's bridge by a veth pair.
+With more than one subnet a *router* namespace joins them (``.1`` on each), forwarding
+unicast but not multicast, as between a school's lab rooms. Nothing is added to the
+namespace the caller runs in, so no traffic can leave the lab. Each link can be limited
+with ``tc`` (token bucket) in both directions: the host's egress is its upload, the
+switch port's egress its download.
 
 Resource handling: ``Lab`` is a context manager; ``close`` deletes every namespace it
 made (the veths and the bridge go with them) and is safe to call twice, also from a
@@ -57,20 +59,47 @@ class Host:
 
 
 class Lab:
-    def __init__(self, tag: str | None = None, subnet: str = "10.77.0"):
+    def __init__(self, tag: str | None = None, subnet: str = "10.77.0", *, more_subnets: tuple[str, ...] = ()):
         reason = available()
         if reason:
             raise LabUnavailable(reason)
         self.tag = tag or f"sh{os.getpid() % 100000}"
         self.subnet = subnet
+        self.subnets = (subnet, *more_subnets)
         self.switch = f"{self.tag}-sw"
         self.hosts: dict[str, Host] = {}
         self._procs: list[subprocess.Popen] = []
         self._made: list[str] = []
         self._closed = False
-        self._add_ns(self.switch)
-        _ip("ip", "link", "add", "br0", "type", "bridge", ns=self.switch)
-        _ip("ip", "link", "set", "br0", "up", ns=self.switch)
+        self._ports = 0
+        try:
+            self._add_ns(self.switch)
+            for number in range(len(self.subnets)):
+                _ip("ip", "link", "add", f"br{number}", "type", "bridge", ns=self.switch)
+                _ip("ip", "link", "set", f"br{number}", "up", ns=self.switch)
+            if len(self.subnets) > 1:
+                self._add_router()
+        except BaseException:
+            self.close()
+            raise
+
+    def _port(self, ns: str, dev: str, segment: int) -> str:
+        """A veth from ``ns`` (named ``dev`` there) to bridge ``segment``; the switch side's name."""
+        self._ports += 1
+        port = f"p{self._ports}"
+        _ip("ip", "link", "add", port, "netns", self.switch, "type", "veth", "peer", "name", dev, "netns", ns)
+        _ip("ip", "link", "set", port, "master", f"br{segment}", ns=self.switch)
+        _ip("ip", "link", "set", port, "up", ns=self.switch)
+        _ip("ip", "link", "set", dev, "up", ns=ns)
+        return port
+
+    def _add_router(self) -> None:
+        router = f"{self.tag}-rt"
+        self._add_ns(router)
+        for number, subnet in enumerate(self.subnets):
+            self._port(router, f"eth{number}", number)
+            _ip("ip", "addr", "add", f"{subnet}.1/24", "dev", f"eth{number}", ns=router)
+        _ip("sysctl", "-qw", "net.ipv4.ip_forward=1", ns=router)
 
     def _add_ns(self, name: str) -> None:
         _ip("ip", "netns", "add", name)
@@ -78,21 +107,23 @@ class Lab:
         _ip("ip", "link", "set", "lo", "up", ns=name)
 
     def add_host(self, name: str, *, mbit: float | None = None, up_mbit: float | None = None,
-                 down_mbit: float | None = None) -> Host:
-        """A new namespace on the bridge, its link limited to ``mbit`` each way (or
-        ``up_mbit``/``down_mbit``)."""
+                 down_mbit: float | None = None, segment: int = 0) -> Host:
+        """A new namespace on subnet number ``segment``, its link limited to ``mbit`` each
+        way (or ``up_mbit``/``down_mbit``)."""
         index = len(self.hosts) + 2
         ns = f"{self.tag}-{name}"
         self._add_ns(ns)
-        port, dev = f"p{index}", "eth0"
-        _ip("ip", "link", "add", port, "netns", self.switch, "type", "veth", "peer", "name", dev, "netns", ns)
-        _ip("ip", "link", "set", port, "master", "br0", ns=self.switch)
-        _ip("ip", "link", "set", port, "up", ns=self.switch)
-        ip = f"{self.subnet}.{index}"
+        dev = "eth0"
+        port = self._port(ns, dev, segment)
+        subnet = self.subnets[segment]
+        ip = f"{subnet}.{index}"
         _ip("ip", "addr", "add", f"{ip}/24", "dev", dev, ns=ns)
-        _ip("ip", "link", "set", dev, "up", ns=ns)
-        # mDNS and the swarm use multicast on the lab's link only.
+        # mDNS and the swarm use multicast on the host's own link only (the router does not
+        # forward it); unicast to the other subnets goes through the router.
         _ip("ip", "route", "add", "224.0.0.0/4", "dev", dev, ns=ns)
+        for other in self.subnets:
+            if other != subnet:
+                _ip("ip", "route", "add", f"{other}.0/24", "via", f"{subnet}.1", ns=ns)
         up, down = up_mbit or mbit, down_mbit or mbit
         if up:
             _shape(dev, ns, up)
