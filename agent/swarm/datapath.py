@@ -50,6 +50,14 @@ class DataPathError(ShoalError):
     """A malformed request or response on the data connection."""
 
 
+class PeerBusy(SourceUnavailable):
+    """The peer's upload slots are all taken; ask again shortly, or another peer."""
+
+
+class PeerTimedOut(SourceUnavailable):
+    """The peer did not deliver before the deadline (a stalled or overloaded peer)."""
+
+
 # ------------------------------------------------------------------------- codec (pure)
 
 def encode_request(ticket: bytes, manifest_id: str, path: str, index: int) -> bytes:
@@ -374,21 +382,24 @@ class DataClient:
                     self._give(address, conn)  # the connection is still good
                     conn = None
                     raise NotFound(f"{what}: {message}")
-                raise SourceUnavailable(f"{what}: {STATUS_NAMES.get(status, status)}: {message}",
-                                        transient=status == BUSY)
+                if status == BUSY:
+                    raise PeerBusy(f"{what}: busy: {message}")
+                raise SourceUnavailable(f"{what}: {STATUS_NAMES.get(status, status)}: {message}", transient=False)
             if size != length:
                 raise SourceUnavailable(f"{what}: sent {size} bytes for a {length}-byte chunk", transient=False)
             got = 0
             while got < length:
                 if time.monotonic() > deadline:
-                    raise SourceUnavailable(f"{what}: timed out after {got} of {length} bytes")
+                    raise PeerTimedOut(f"{what}: timed out after {got} of {length} bytes")
                 n = conn.recv_into(into[got:length])
                 if not n:
                     raise SourceUnavailable(f"{what}: body truncated after {got} of {length} bytes")
                 got += n
             self._give(address, conn)
             conn = None
-        except (OSError, socket.timeout) as e:
+        except socket.timeout as e:
+            raise PeerTimedOut(f"{what}: timed out ({e})") from e
+        except OSError as e:
             raise SourceUnavailable(f"{what}: {type(e).__name__}: {e}") from e
         finally:
             if conn is not None:  # anything but a clean answer: this connection is done

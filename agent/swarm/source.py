@@ -20,7 +20,7 @@ from agent.errors import IntegrityError, NotFound, SourceUnavailable
 from agent.manifest import ModelRef
 from agent.sources import ChunkNotHeld, ChunkRequest, ChunkSource
 from agent.store import blake3_hash
-from agent.swarm.datapath import DataClient
+from agent.swarm.datapath import DataClient, PeerBusy, PeerTimedOut
 from agent.swarm.view import LanView
 
 LAN_TIMEOUT = 5.0
@@ -95,10 +95,10 @@ class LanPeerSource(ChunkSource):
                 continue
             except SourceUnavailable as e:
                 problems.append(str(e))
-                if "busy" in str(e) and time.monotonic() + BUSY_WAIT < lan_deadline:
+                if isinstance(e, PeerBusy) and time.monotonic() + BUSY_WAIT < lan_deadline:
                     time.sleep(BUSY_WAIT)  # its upload slots are taken: ask again (or another holder)
                     continue
-                if time.monotonic() >= lan_deadline or "timed out" in str(e):
+                if isinstance(e, PeerTimedOut) or time.monotonic() >= lan_deadline:
                     self.view.stalled(peer)
                 tried.add(peer.peer)
                 if time.monotonic() >= lan_deadline:
