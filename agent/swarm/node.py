@@ -233,18 +233,19 @@ class SwarmNode:
                 self._manifests.popitem(last=False)
         return manifest, data
 
-    def _answer_for(self, data: bytes, peer: str) -> bytes:
+    def _answer_for(self, data: bytes, peer: str) -> tuple[bytes, bool]:
+        """The answer to one request, and whether the asker was refused as an outsider."""
         try:
             request = parse_request(data)
         except PeerBroken as e:
-            return encode_error(BAD_REQUEST, str(e))
+            return encode_error(BAD_REQUEST, str(e)), False
         if not self.access.admits(peer, self.peer_id, request.proof):
             self.refused[peer] = time.time()
             if len(self.refused) > MAX_DISCOVERED:  # bounded: forget the oldest refusals
                 for old in sorted(self.refused, key=self.refused.get)[:len(self.refused) - MAX_DISCOVERED]:
                     del self.refused[old]
             return encode_error(NOT_IN_SWARM, "this agent serves only peers of its own swarm (same SHOAL_SWARM_SECRET "
-                                "and, if set, listed in SHOAL_SWARM_ALLOW)")
+                                "and, if set, listed in SHOAL_SWARM_ALLOW)"), True
         info = None
         for m in self.store.models():
             if not m.manifest_id:
@@ -254,14 +255,14 @@ class SwarmNode:
                 info = m
                 break
         if info is None:
-            return encode_error(NOT_HELD, "not held here")
+            return encode_error(NOT_HELD, "not held here"), False
         manifest, manifest_bytes = self._manifest(info.manifest_id)
         expected = {f.path: f.chunks for f in manifest.files}
         have = {path: {i for i, h in held.items() if i < len(expected[path]) and expected[path][i] == h}
                 for path, held in self.store.held_chunks(info.ref).items() if path in expected}
         return encode_answer(manifest, None if request.known else manifest_bytes,
                              self.store.signature(info.manifest_id), have, self.pulling(str(info.ref)),
-                             self.data.address, self.tickets.issue(peer))
+                             self.data.address, self.tickets.issue(peer)), False
 
     async def _answer(self, stream) -> None:
         peer = str(stream.muxed_conn.peer_id)
@@ -269,9 +270,8 @@ class SwarmNode:
         try:
             with trio.fail_after(ASK_TIMEOUT):
                 request = await _read_all(stream, MAX_REQUEST)
-                answer = await trio.to_thread.run_sync(self._answer_for, request, peer)
+                answer, refuse = await trio.to_thread.run_sync(self._answer_for, request, peer)
                 await stream.write(answer)
-                refuse = peer in self.refused and time.time() - self.refused[peer] < 1
         except (PeerBroken, trio.TooSlowError) as e:
             try:
                 await stream.write(encode_error(BAD_REQUEST, str(e)))
