@@ -74,6 +74,10 @@ class LanView:
         self._lock = threading.Lock()
         self._changed = trio.Event() if _in_trio() else None
         self._owner_cache: dict[tuple[str, ...], dict] = {}
+        # Holder counts per chunk, rebuilt lazily after a change: the picker asks for every
+        # pending chunk on every pick, so a scan of all peers per question would not do.
+        self._counts: dict[tuple[str, int], int] | None = None
+        self._counts_until = float("inf")  # when a put-aside peer becomes usable again
 
     # ------------------------------------------------------------ updates (trio side)
 
@@ -92,12 +96,14 @@ class LanView:
                 view.data, view.ticket, view.have, view.pulling, view.held = (
                     answer.data, answer.ticket, answer.have, answer.pulling, held)
                 view.missing = {(p, i) for p, i in view.missing if i not in answer.have.get(p, ())}
+            self._counts = None
         self._notify()
 
     def forget(self, peer: str) -> None:
         """The peer is gone (or no longer holds the manifest)."""
         with self._lock:
             gone = self.peers.pop(peer, None)
+            self._counts = None
         if gone is not None:
             self._notify()
 
@@ -120,10 +126,30 @@ class LanView:
         return view.banned is None and view.stalled_until <= now
 
     def holders(self, path: str, index: int) -> int:
+        """How many usable peers hold a chunk."""
+        return self.holder_counts().get((path, index), 0)
+
+    def holder_counts(self) -> dict[tuple[str, int], int]:
+        """(path, index) -> how many usable peers hold it (chunks nobody holds are absent).
+        Read-only for the caller: rebuilt, not changed, when peers change."""
         now = time.monotonic()
         with self._lock:
-            return sum(1 for v in self.peers.values() if self._usable(v, now)
-                       and index in v.have.get(path, ()) and (path, index) not in v.missing)
+            if self._counts is None or now >= self._counts_until:
+                self._rebuild_counts(now)
+            return self._counts
+
+    def _rebuild_counts(self, now: float) -> None:
+        counts: dict[tuple[str, int], int] = {}
+        for v in self.peers.values():
+            if not self._usable(v, now):
+                continue
+            for path, held in v.have.items():
+                for index in held:
+                    if (path, index) not in v.missing:
+                        counts[(path, index)] = counts.get((path, index), 0) + 1
+        self._counts = counts
+        self._counts_until = min((v.stalled_until for v in self.peers.values() if v.stalled_until > now),
+                                 default=float("inf"))
 
     def pullers(self) -> tuple[str, ...]:
         """This agent and every peer pulling the manifest that is making progress."""
@@ -170,14 +196,17 @@ class LanView:
     def lacks(self, view: PeerView, path: str, index: int) -> None:
         with self._lock:
             view.missing.add((path, index))
+            self._counts = None
 
     def stalled(self, view: PeerView) -> None:
         with self._lock:
             view.stalled_until = time.monotonic() + STALLED_REST
+            self._counts = None
 
     def ban(self, view: PeerView, reason: str) -> None:
         with self._lock:
             view.banned = reason
+            self._counts = None
 
     def busy(self, view: PeerView) -> bool:
         return view.in_flight >= PER_PEER
@@ -222,8 +251,9 @@ class SwarmPicker:
         slots = self._origin_slots(pullers)
         origin_ok = slots is None or len(self.origin_in_flight) < slots
         rarest, rarest_count, mine = None, None, None
-        for key, job in self.pending.items():
-            count = view.holders(*key)
+        counts = view.holder_counts()
+        for key in self.pending:
+            count = counts.get(key, 0)
             if count:
                 if rarest_count is None or count < rarest_count:
                     rarest, rarest_count = key, count
