@@ -28,7 +28,9 @@ from agent.swarm.protocol import NotInSwarm, PeerBroken, SwarmAccess
 log = logging.getLogger("shoal.swarm")
 
 MAX_PEERS = 256
-TRACK_INTERVAL = 1.0  # HAVE updates: how often a running pull re-asks its peers
+TRACK_INTERVAL = 1.0  # HAVE updates: how often a running pull re-asks each peer
+FIRST_ROUND = 2.0  # a pull starts choosing chunks once its peers answered, or after this
+FAILED_PEER_REST = 5.0  # a peer whose ask failed is asked again after this
 KEEP_INTERVAL = 1.0
 BOOTSTRAP_RETRY = 10.0
 ANNOUNCE_INTERVAL = 30.0
@@ -188,23 +190,50 @@ class Swarm:
         return [a for a in answers.values() if a is not None]
 
     async def track(self, view, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Keep ``view`` fresh (HAVE updates) until cancelled; the first round before started."""
-        first = True
-        try:
-            while True:
-                answers = await self._ask_all(manifest_id=view.manifest.id, known=view.manifest)
-                for peer, answer in answers.items():
+        """Keep ``view`` fresh (HAVE updates) until cancelled.
+
+        Each peer is followed by its own loop (ask, update, sleep ``TRACK_INTERVAL``), so a
+        stalled peer delays only its own updates. Started once every peer connected at the
+        start has answered once, or after ``FIRST_ROUND`` seconds.
+        """
+        following: set[str] = set()
+        retry_at: dict[str, float] = {}
+        first_round: set[str] = set()
+
+        async def follow(peer: str) -> None:
+            try:
+                while True:
+                    answer = await self._ask(peer, manifest_id=view.manifest.id, known=view.manifest)
+                    first_round.discard(peer)
                     if answer is None:
                         view.forget(peer)
-                    else:
-                        view.update(peer, answer)
-                for peer in list(view.peers):
-                    if peer not in answers:
-                        view.forget(peer)
-                if first:
-                    task_status.started()
-                    first = False
-                await trio.sleep(TRACK_INTERVAL)
+                        # Not holding it (yet): ask again soon; failing: give it a rest.
+                        failed = self.peers.get(peer, {}).get("error")
+                        retry_at[peer] = time.monotonic() + (FAILED_PEER_REST if failed else TRACK_INTERVAL)
+                        return
+                    view.update(peer, answer)
+                    await trio.sleep(TRACK_INTERVAL)
+            finally:
+                following.discard(peer)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                first_round.update(p for p in self.node.connected() if p not in self.node.refused_by)
+                started_at, started = time.monotonic(), False
+                while True:
+                    connected = self.node.connected()
+                    now = time.monotonic()
+                    for peer in connected - following - self.node.refused_by:
+                        if retry_at.get(peer, 0) <= now:
+                            following.add(peer)
+                            nursery.start_soon(follow, peer)
+                    for peer in list(view.peers):
+                        if peer not in connected:
+                            view.forget(peer)
+                    if not started and (not first_round or now - started_at > FIRST_ROUND):
+                        task_status.started()
+                        started = True
+                    await trio.sleep(0.05 if not started else KEEP_INTERVAL / 4)
         finally:
             for peer, summary in view.summary().items():
                 info = self._peer(peer)
