@@ -228,25 +228,30 @@ async def pull(ref: ModelRef, settings: Settings, *, to: Path | None = None,
                 if refused:  # the only answer came from peers we may not believe: say so
                     raise refused[0] from e
                 raise
-        picker, view, pickers = FifoPicker, None, []
+        view, pickers = None, []
         if swarm is not None and plan.trusted:
             from agent.swarm.source import LanPeerSource
-            from agent.swarm.view import LanView, SwarmPicker
+            from agent.swarm.view import LanView
             view = LanView(plan.manifest(), swarm.self_id)
             for offer in offers:
                 if offer.manifest.id == view.manifest.id:
                     view.update(offer.peer, offer)
             lan = LanPeerSource(view)
             sources = [lan, *sources]
-            def picker(jobs, made=pickers):
-                made.append(SwarmPicker(view, jobs, swarm.connected))
-                return made[-1]
+
+        def make_picker(jobs):
+            """The chunk order, one per scheduler round (kept for the endgame count)."""
+            if view is None:
+                return FifoPicker(jobs)
+            from agent.swarm.view import SwarmPicker
+            pickers.append(SwarmPicker(view, jobs, swarm.connected))
+            return pickers[-1]
         directory = Path(to).resolve() if to else store.default_dir(ref)
         await trio.to_thread.run_sync(store.lock, ref)
         try:
             result = await _run(plan, directory, store, sources, settings, record,
                                 rate if rate is not None else TokenBucket(settings.download_rate),
-                                picker, swarm if view is not None else None, view)
+                                make_picker, swarm if view is not None else None, view)
         finally:
             store.unlock(ref)
     finally:
