@@ -197,8 +197,7 @@ def run_lan_demo(*, size_mb: int = 128, workdir: Path | None = None, keep: bool 
                 if proc.returncode != 0:
                     raise SystemExit(f"{name}'s pull failed:\n{err}")
                 say(f"--- {name}\n" + "\n".join(line for line in err.strip().splitlines() if "ETA" not in line))
-            served = sum(int(e.range.split("=")[1].split("-")[1]) - int(e.range.split("=")[1].split("-")[0]) + 1
-                         for e in oss.faults.data_requests("/files/"))
+            served = oss.faults.data_bytes("/files/")
             model_bytes = sum(p.stat().st_size for p in origin.rglob("*") if p.is_file())
             say(f"\nTogether they fetched {served / 1e6:.1f} MB from the mirror for a {model_bytes / 1e6:.1f} MB model "
                 f"({served / model_bytes:.2f} copies): each took its share from the mirror and the rest from the other.")

@@ -587,6 +587,19 @@ class Store:
             held.setdefault(path, {})[idx] = digest
         return held
 
+    def holding(self, *, manifest_id: str | None = None, model_id: str | None = None,
+                revision: str | None = None) -> tuple[ModelRef, str] | None:
+        """The revision held (complete or being pulled) under a manifest id, or by name, with
+        its manifest id: one row of the models table (not the chunk counts `models()` adds),
+        for LAN peers who ask every second."""
+        if manifest_id is not None:
+            rows = self._exec("SELECT model_id, revision, manifest_id FROM models WHERE manifest_id=? LIMIT 1",
+                              (manifest_id,))
+        else:
+            rows = self._exec("SELECT model_id, revision, manifest_id FROM models WHERE model_id=? AND revision=?"
+                              " AND manifest_id IS NOT NULL", (model_id, revision))
+        return (ModelRef(rows[0][0], rows[0][1]), rows[0][2]) if rows else None
+
     def models(self) -> list[ModelInfo]:
         counts = {(key, path): n for key, path, n in self._exec(
             "SELECT model_key, path, COUNT(*) FROM chunks GROUP BY model_key, path")}

@@ -59,10 +59,7 @@ def serve_origin(args) -> int:
     print(json.dumps({"url": server.url}), flush=True)
     for line in sys.stdin:  # "bytes" -> payload bytes served since the last ask
         if line.strip() == "bytes":
-            total = 0
-            for entry in server.faults.data_requests("/files/"):
-                start, end = entry.range.split("=")[1].split("-")
-                total += int(end) - int(start) + 1
+            total = server.faults.data_bytes("/files/")
             server.faults.clear_log()
             print(json.dumps({"bytes": total}), flush=True)
     server.close()

@@ -38,11 +38,7 @@ def pull_lines(proc_stdout: str) -> list[dict]:
 
 def oss_bytes(oss) -> int:
     """Bytes of model files the OSS server was asked for (ranged GETs)."""
-    total = 0
-    for entry in oss.faults.data_requests("/files/"):
-        start, end = entry.range.split("=")[1].split("-")
-        total += int(end) - int(start) + 1
-    return total
+    return oss.faults.data_bytes("/files/")
 
 
 def model_size(model_dir: Path) -> int:

@@ -246,22 +246,17 @@ class SwarmNode:
                     del self.refused[old]
             return encode_error(NOT_IN_SWARM, "this agent serves only peers of its own swarm (same SHOAL_SWARM_SECRET "
                                 "and, if set, listed in SHOAL_SWARM_ALLOW)"), True
-        info = None
-        for m in self.store.models():
-            if not m.manifest_id:
-                continue
-            if request.manifest_id == m.manifest_id or (
-                    request.manifest_id is None and (m.model_id, m.revision) == (request.model, request.revision)):
-                info = m
-                break
-        if info is None:
+        found = self.store.holding(manifest_id=request.manifest_id, model_id=request.model,
+                                   revision=request.revision)
+        if found is None:
             return encode_error(NOT_HELD, "not held here"), False
-        manifest, manifest_bytes = self._manifest(info.manifest_id)
+        ref, manifest_id = found
+        manifest, manifest_bytes = self._manifest(manifest_id)
         expected = {f.path: f.chunks for f in manifest.files}
         have = {path: {i for i, h in held.items() if i < len(expected[path]) and expected[path][i] == h}
-                for path, held in self.store.held_chunks(info.ref).items() if path in expected}
+                for path, held in self.store.held_chunks(ref).items() if path in expected}
         return encode_answer(manifest, None if request.known else manifest_bytes,
-                             self.store.signature(info.manifest_id), have, self.pulling(str(info.ref)),
+                             self.store.signature(manifest_id), have, self.pulling(str(ref)),
                              self.data.address, self.tickets.issue(peer)), False
 
     async def _answer(self, stream) -> None:

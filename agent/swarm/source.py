@@ -50,10 +50,6 @@ class LanPeerSource(ChunkSource):
             except OSError:
                 pass
 
-    @property
-    def banned(self) -> dict[str, str]:
-        return {p: v.banned for p, v in self.view.peers.items() if v.banned}
-
     def fetch(self, ref: ModelRef, request: ChunkRequest, into: memoryview, deadline: float) -> None:
         index = request.offset // self.manifest.chunk_size
         path = request.path

@@ -213,8 +213,7 @@ class LanView:
 
     def summary(self) -> dict[str, dict]:
         with self._lock:
-            return {v.peer: {"bytes_down": v.bytes_down, "banned": v.banned, "pulling": v.pulling,
-                             "held_chunks": v.held} for v in self.peers.values()}
+            return {v.peer: {"bytes_down": v.bytes_down, "banned": v.banned} for v in self.peers.values()}
 
 
 def _in_trio() -> bool:

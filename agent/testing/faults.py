@@ -90,3 +90,11 @@ class FaultPlan:
     def data_requests(self, match: str = "") -> list[LoggedRequest]:
         """Logged GETs with a Range header whose path contains ``match``."""
         return [e for e in self.log() if e.method == "GET" and e.range and match in e.path]
+
+    def data_bytes(self, match: str = "") -> int:
+        """Bytes asked for by those ranged GETs (``bytes=START-END``): the origin's egress."""
+        total = 0
+        for entry in self.data_requests(match):
+            start, _, end = entry.range.partition("=")[2].partition("-")
+            total += int(end) - int(start) + 1
+        return total

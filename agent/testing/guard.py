@@ -18,7 +18,7 @@ _installed = False
 ALLOW_ENV = "SHOAL_TEST_ALLOW_NET"
 
 
-def _allowed_nets() -> list:
+def allowed_nets() -> list:
     nets = []
     for part in os.environ.get(ALLOW_ENV, "").split(","):
         if part.strip():
@@ -39,7 +39,7 @@ def _check(address) -> None:
             if host == "localhost":
                 return
             raise OutsideConnection(f"loopback guard: refusing to connect to {host!r} (tests use 127.0.0.1 only)")
-        if not ip.is_loopback and not any(ip in net for net in _allowed_nets()):
+        if not ip.is_loopback and not any(ip in net for net in allowed_nets()):
             raise OutsideConnection(f"loopback guard: refusing to connect to {host} (tests use 127.0.0.1 only)")
 
 
@@ -89,4 +89,4 @@ def _is_loopback_literal(host) -> bool:
         ip = ipaddress.ip_address(str(host if not isinstance(host, bytes) else host.decode()))
     except ValueError:
         return False
-    return ip.is_loopback or any(ip in net for net in _allowed_nets())
+    return ip.is_loopback or any(ip in net for net in allowed_nets())

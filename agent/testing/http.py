@@ -30,12 +30,12 @@ class _QuietHandler(WSGIRequestHandler):
 def _in_lab(host: str) -> bool:
     """A benchmark's own namespace subnet, named in SHOAL_TEST_ALLOW_NET (agent.testing.netns)."""
     import ipaddress
-    from agent.testing.guard import _allowed_nets
+    from agent.testing.guard import allowed_nets
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
         return False
-    return any(ip in net for net in _allowed_nets())
+    return any(ip in net for net in allowed_nets())
 
 
 class LoopbackServer:
