@@ -118,3 +118,11 @@ def single_error(group: BaseExceptionGroup) -> BaseException:
         if type(leaf).__name__ != "Cancelled":
             return leaf
     return leaves[0]
+
+
+class UnsafePath(ShoalError):
+    """A file or folder shoal was to write or serve is a link, not its own, or outside
+    where it may write (``agent.safefs``). Nothing was written through it."""
+
+    exit_code = 5
+    title = "Unsafe path"

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -25,13 +26,14 @@ import trio
 
 from agent.config import Settings
 from agent.errors import (CredentialsRejected, DiskFull, IntegrityError, ManifestError, NotFound, ShoalError,
-                          SourceUnavailable, UsageError, single_error)
+                          SourceUnavailable, UnsafePath, UsageError, single_error)
 from agent.manifest import (PARTIAL_SUFFIX, FileEntry, Manifest, ModelRef, build_manifest, chunk_count,
                             chunk_span, decode, default_chunk_size)
 from agent.scheduler import (ChunkFetched, ChunkRejected, Event, FifoPicker, FileDone, FileTask, Scheduler,
                              SourceState, SourceTrouble)
 from agent.ratelimit import TokenBucket
 from agent.sources import ChunkSource
+from agent.safefs import SafeDir, overlaps
 from agent.store import Store
 
 MAX_ROUNDS = 3  # first fetch plus re-fetches of files whose SHA-256 did not match
@@ -162,11 +164,37 @@ def _free_bytes(directory: Path) -> int:
     return shutil.disk_usage(probe).free
 
 
-def _allocated(path: Path) -> int:
+def _bytes_needed(store: Store, directory: Path, plan: Plan) -> int:
+    """Bytes the pull still has to allocate in ``directory`` (files not complete, less the
+    space their partials already hold)."""
     try:
-        return path.stat().st_blocks * 512
+        model = store.open_dir(directory)
     except FileNotFoundError:
-        return 0
+        return plan.total_size
+    need = 0
+    with model:
+        for path, size, _, _ in plan.files:
+            try:
+                parent, name = model.parent_of(path)
+            except FileNotFoundError:
+                need += size
+                continue
+            with parent:
+                if parent.is_own_file(name, size):
+                    continue
+                partial = parent.stat(name + PARTIAL_SUFFIX)
+                need += max(0, size - (partial.st_blocks * 512 if partial is not None else 0))
+    return need
+
+
+def check_target(to: Path, cache_dir: Path) -> Path:
+    """The resolved ``--to`` folder, refused when it is, holds or lies inside the cache: the
+    cache's own layout must stay what its index says."""
+    target = Path(os.path.realpath(to))
+    if overlaps(target, Path(cache_dir)):
+        raise UnsafePath(f"--to {target} overlaps the cache {Path(cache_dir).resolve()}; pull into a folder "
+                         "outside the cache, or leave --to out to use the cache's own model folder")
+    return target
 
 
 def plan_from_offers(ref: ModelRef, offers: list, trust) -> tuple[Plan | None, list[ShoalError]]:
@@ -246,7 +274,7 @@ async def pull(ref: ModelRef, settings: Settings, *, to: Path | None = None,
             from agent.swarm.view import SwarmPicker
             pickers.append(SwarmPicker(view, jobs, swarm.connected))
             return pickers[-1]
-        directory = Path(to).resolve() if to else store.default_dir(ref)
+        directory = check_target(Path(to), settings.cache_dir) if to else store.default_dir(ref)
         await trio.to_thread.run_sync(store.lock, ref)
         try:
             result = await _run(plan, directory, store, sources, settings, record,
@@ -273,47 +301,54 @@ async def pull(ref: ModelRef, settings: Settings, *, to: Path | None = None,
 async def _run(plan: Plan, directory: Path, store: Store, sources: list[ChunkSource],
                settings: Settings, emit, rate: TokenBucket, picker=None, swarm=None, view=None) -> PullResult:
     ref = plan.ref
+    await trio.to_thread.run_sync(store.check_dir_free, ref, directory)
     # Check the space before the pull, not in the middle of it: preallocation would
-    # fail on the first file that does not fit.
-    need = 0
-    for path, size, _, _ in plan.files:
-        final = directory / path
-        if not (final.is_file() and final.stat().st_size == size):
-            need += max(0, size - _allocated(directory / (path + PARTIAL_SUFFIX)))
+    # fail on the first file that does not fit. Nothing is created before these checks.
+    need = await trio.to_thread.run_sync(_bytes_needed, store, directory, plan)
     evicted = await trio.to_thread.run_sync(
         store.make_room, ref, need, settings.quota, settings.quota_high, settings.quota_low)
-    for model in evicted:
-        emit(Evicted(str(model.ref), model.total_size))
+    for gone in evicted:
+        emit(Evicted(str(gone.ref), gone.total_size))
     free = _free_bytes(directory)
     if need > free:
         raise DiskFull(f"{ref} needs {need} more bytes in {directory} and only {free} are free: "
                        "free some space (`shoal rm` a model you no longer need) and pull again")
+    model = await trio.to_thread.run_sync(lambda: store.open_dir(directory, create=True))
+    try:
+        return await _run_in(plan, model, store, sources, settings, emit, rate, picker, swarm, view)
+    finally:
+        model.close()
+
+
+async def _run_in(plan: Plan, model: SafeDir, store: Store, sources: list[ChunkSource],
+                  settings: Settings, emit, rate: TokenBucket, picker, swarm, view) -> PullResult:
+    ref, directory = plan.ref, model.path
     # Only a pull that passed the checks above is recorded in the index.
     await trio.to_thread.run_sync(store.begin, ref, directory, plan.chunk_size,
                                   [(p, s, h) for p, s, h, _ in plan.files])
     if plan.trusted:  # LAN peers may fetch what this pull has verified while it runs
         await trio.to_thread.run_sync(store.expect, ref, plan.manifest())
     if swarm is None:
-        return await _fetch_all(plan, directory, store, sources, settings, emit, rate, picker)
+        return await _fetch_all(plan, model, store, sources, settings, emit, rate, picker)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(swarm.track, view)  # HAVE updates; the first before any chunk is chosen
-            result = await _fetch_all(plan, directory, store, sources, settings, emit, rate, picker)
+            result = await _fetch_all(plan, model, store, sources, settings, emit, rate, picker)
             nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         raise single_error(group) from None
     return result
 
 
-async def _fetch_all(plan: Plan, directory: Path, store: Store, sources: list[ChunkSource],
+async def _fetch_all(plan: Plan, model: SafeDir, store: Store, sources: list[ChunkSource],
                      settings: Settings, emit, rate: TokenBucket, picker) -> PullResult:
-    ref = plan.ref
+    ref, directory = plan.ref, model.path
     tasks: list[FileTask] = []
     try:
         already = 0
         for path, size, sha, chunks in plan.files:
             pf = await trio.to_thread.run_sync(
-                store.open_file, ref, directory, path, size, sha, plan.chunk_size, chunks)
+                store.open_file, ref, model, path, size, sha, plan.chunk_size, chunks)
             if pf is None:
                 already += size
                 continue

@@ -16,6 +16,9 @@ is inserted only after its bytes were verified and written; when a ``.partial`` 
 reopened (after a crash, a kill, a reboot) the claimed chunks are re-hashed from disk
 (BLAKE3 is ~2.5 GiB/s here) and rows whose bytes did not survive are dropped.
 
+Every file is opened relative to the model directory's handle without following links
+(``agent.safefs``): a link or a file of another user where the store writes is refused.
+
 Error handling: ``ENOSPC``/``EDQUOT`` become ``DiskFull``; nothing already verified is lost.
 Resource handling: ``Store.close()`` closes the index; ``PartialFile.close()`` the fd; both
 are safe twice. All methods block: call them from a worker thread in async code.
@@ -35,8 +38,11 @@ from pathlib import Path
 
 import blake3
 
-from agent.errors import DiskFull, NotFound, QuotaExceeded, StoreLocked
-from agent.manifest import PARTIAL_SUFFIX, Manifest, ModelRef, chunk_count, chunk_span, decode
+from urllib.parse import quote
+
+from agent.errors import DiskFull, NotFound, QuotaExceeded, StoreLocked, UnsafePath
+from agent.manifest import MAX_MANIFEST_BYTES, PARTIAL_SUFFIX, Manifest, ModelRef, chunk_count, chunk_span, decode
+from agent.safefs import SafeDir, overlaps
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS models (
@@ -111,16 +117,17 @@ def model_row(m: ModelInfo, active: bool) -> dict:
 class PartialFile:
     """One file being filled chunk by chunk. Thread-safe.
 
+    ``model_dir`` is the open handle of the model directory (owned by the pull); the file is
+    ``rel`` below it, written as ``rel.partial`` and renamed into place when proven.
     Keeps a running SHA-256 over the contiguous verified prefix ("frontier"), so the
     origin check of a finished file costs only what was not hashed during the transfer.
     """
 
-    def __init__(self, store: "Store", model_key: str, final_path: Path, size: int,
+    def __init__(self, store: "Store", model_key: str, model_dir: SafeDir, rel: str, size: int,
                  sha256: bytes, chunk_size: int, have: dict[int, bytes]):
         self.store, self.model_key = store, model_key
-        self.final_path = final_path
-        self.partial_path = final_path.with_name(final_path.name + PARTIAL_SUFFIX)
-        self.rel = None  # set by Store.open_file
+        self.model_dir, self.rel = model_dir, rel
+        self.final_path = model_dir.path / rel
         self.size, self.sha256, self.chunk_size = size, sha256, chunk_size
         self.count = chunk_count(size, chunk_size)
         self.have = dict(have)  # index -> blake3 of verified chunks
@@ -131,6 +138,10 @@ class PartialFile:
         self._fd: int | None = None
         self._reserved = False
 
+    @property
+    def partial_name(self) -> str:
+        return self.rel.rpartition("/")[2] + PARTIAL_SUFFIX
+
     # -- opening
 
     def open(self) -> None:
@@ -139,19 +150,23 @@ class PartialFile:
         Space is reserved when the first chunk is written, so a full disk shows up on
         the file that does not fit, and files already finished are unaffected.
         """
-        existed = self.partial_path.exists()
+        where = self.final_path.with_name(self.partial_name)
         try:
-            self.partial_path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.partial_path, os.O_RDWR | os.O_CREAT, 0o644)
+            parent, _ = self.model_dir.parent_of(self.rel, create=True)
+            try:
+                existed = parent.stat(self.partial_name) is not None
+                fd = parent.open_file(self.partial_name, os.O_RDWR | os.O_CREAT, 0o644)
+            finally:
+                parent.close()
         except OSError as e:
-            raise _disk_error(e, self.partial_path) from e
+            raise _disk_error(e, where) from e
         self._fd = fd
         try:
             if os.fstat(fd).st_size != self.size:
                 os.ftruncate(fd, self.size)
         except OSError as e:
             self.close()
-            raise _disk_error(e, self.partial_path) from e
+            raise _disk_error(e, where) from e
         if existed and self.have:
             self._recheck_claimed()
 
@@ -190,7 +205,7 @@ class PartialFile:
             while written < length:
                 written += os.pwrite(self._fd, view[written:], offset + written)
         except OSError as e:
-            raise _disk_error(e, self.partial_path) from e
+            raise _disk_error(e, self.final_path) from e
         # Only now, with the bytes in the file, may the index claim the chunk.
         self.store._record_chunk(self.model_key, self.rel, index, digest, source)
         with self._lock:
@@ -205,7 +220,7 @@ class PartialFile:
                 os.posix_fallocate(self._fd, 0, self.size)
             except OSError as e:
                 if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise _disk_error(e, self.partial_path) from e
+                    raise _disk_error(e, self.final_path) from e
                 # EOPNOTSUPP/EINVAL: this filesystem cannot preallocate; sparse it is.
             self._reserved = True
 
@@ -253,12 +268,12 @@ class PartialFile:
         """Make the bytes durable, rename into place and mark the file complete."""
         try:
             os.fsync(self._fd)
-            os.replace(self.partial_path, self.final_path)
-            dir_fd = os.open(self.final_path.parent, os.O_RDONLY)
+            parent, name = self.model_dir.parent_of(self.rel)
             try:
-                os.fsync(dir_fd)
+                parent.rename(self.partial_name, name)
+                parent.fsync()
             finally:
-                os.close(dir_fd)
+                parent.close()
         except OSError as e:
             raise _disk_error(e, self.final_path) from e
         self.close()
@@ -274,10 +289,16 @@ class Store:
     """See module docstring."""
 
     def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
+        self.root = Path(os.path.realpath(root))
+        self._dirs: dict[str, SafeDir] = {}
         try:
+            self._root = SafeDir.open(self.root, create=True)
             for sub in ("manifests", "models", "locks"):
-                (self.root / sub).mkdir(parents=True, exist_ok=True)
+                self._dirs[sub] = self._root.subdir(sub, create=True)
+            for name in ("index.sqlite", "index.sqlite-wal", "index.sqlite-shm"):
+                if self._root.stat(name) is not None and not self._root.is_own_file(name):
+                    raise UnsafePath(f"{self.root / name} is not a file of this user (a link, or another "
+                                     "user's); move it away and start again")
             self._db = sqlite3.connect(self.root / "index.sqlite", check_same_thread=False,
                                        isolation_level=None, timeout=30)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -288,13 +309,25 @@ class Store:
                 if column not in columns:  # an index from before pin/LRU existed
                     self._db.execute(f"ALTER TABLE models ADD COLUMN {column} {ddl}")
         except OSError as e:
+            self._close_dirs()
             raise _disk_error(e, self.root) from e
         except sqlite3.OperationalError as e:
+            self._close_dirs()
             if "full" in str(e):
                 raise DiskFull(f"no space to open the index in {self.root}: free some space") from e
             raise
+        except BaseException:
+            self._close_dirs()
+            raise
         self._lock = threading.Lock()
         self._locks: dict[str, int] = {}
+
+    def _close_dirs(self) -> None:
+        for handle in self._dirs.values():
+            handle.close()
+        self._dirs.clear()
+        if getattr(self, "_root", None) is not None:
+            self._root.close()
 
     def close(self) -> None:
         with self._lock:
@@ -304,6 +337,7 @@ class Store:
             for fd in self._locks.values():
                 os.close(fd)
             self._locks.clear()
+            self._close_dirs()
 
     def _exec(self, sql: str, args=()) -> list[tuple]:
         with self._lock:
@@ -320,13 +354,29 @@ class Store:
     def default_dir(self, ref: ModelRef) -> Path:
         return model_dir(self.root, ref)
 
-    def _lock_path(self, ref: ModelRef) -> Path:
-        return lock_path(self.root, ref)
+    @property
+    def root_dir(self) -> SafeDir:
+        """The cache folder's handle (for the agent's own files in it: agent.json)."""
+        return self._root
+
+    def open_dir(self, directory: Path, *, create: bool = False) -> SafeDir:
+        """A handle on a model directory: walked from the cache's own handle when it lies in
+        the cache, else (a ``--to`` folder) from ``/``; never through a link. Close it."""
+        directory = Path(os.path.realpath(directory))
+        if self.root in directory.parents:
+            return self._root.subdir(directory.relative_to(self.root).as_posix(), create=create)
+        if overlaps(directory, self.root):
+            raise UnsafePath(f"{directory} overlaps the cache {self.root}; a model folder outside the cache "
+                             "must lie outside it entirely")
+        return SafeDir.open(directory, create=create)
+
+    def _lock_fd(self, ref: ModelRef) -> int:
+        return self._dirs["locks"].open_file(lock_name(ref), os.O_RDWR | os.O_CREAT, 0o600, writing=False)
 
     def in_use(self, ref: ModelRef) -> bool:
         """True while any process pulls ``ref`` (exclusive lock) or uses it (``use``, shared lock)."""
         try:
-            fd = os.open(self._lock_path(ref), os.O_RDWR | os.O_CREAT, 0o644)
+            fd = self._lock_fd(ref)
         except FileNotFoundError:
             return False
         try:
@@ -348,8 +398,7 @@ class Store:
 
     def lock(self, ref: ModelRef) -> None:
         """Take the per-revision pull lock (held until ``unlock`` or process exit)."""
-        path = self._lock_path(ref)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self._lock_fd(ref)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -368,8 +417,12 @@ class Store:
     # ----------------------------------------------------------------- models
 
     def begin(self, ref: ModelRef, directory: Path, chunk_size: int, files: list[tuple[str, int, bytes]]) -> None:
-        """Record a pull of ``ref`` into ``directory``; reset what no longer fits the plan."""
+        """Record a pull of ``ref`` into ``directory``; reset what no longer fits the plan.
+
+        Refuses a directory that is, contains or lies inside another model's: two models
+        in one folder would overwrite each other's files (and removing one the other)."""
         key = str(ref)
+        self.check_dir_free(ref, directory)
         rows = self._exec("SELECT dir, chunk_size FROM models WHERE key=?", (key,))
         if rows and (rows[0][0] != str(directory) or rows[0][1] != chunk_size):
             # A different target or chunking: earlier chunk rows do not describe this pull.
@@ -398,16 +451,23 @@ class Store:
                 self._db.execute("ROLLBACK")
                 raise
 
-    def open_file(self, ref: ModelRef, directory: Path, path: str, size: int, sha256: bytes,
-                  chunk_size: int, expected: tuple[bytes, ...] | None) -> PartialFile | None:
-        """The ``PartialFile`` of ``path``, or None if the file is already complete on disk.
+    def check_dir_free(self, ref: ModelRef, directory: Path) -> None:
+        """Refuse ``directory`` if another model's folder is it, contains it or lies in it."""
+        key = str(ref)
+        for other, other_dir in self._exec("SELECT key, dir FROM models WHERE key != ?", (key,)):
+            if overlaps(Path(other_dir), directory):
+                raise UnsafePath(f"{directory} overlaps the folder of {other} ({other_dir}); each model needs a "
+                                 "folder of its own: choose another --to")
 
-        ``expected``: trusted chunk hashes; claimed chunks that disagree are dropped.
+    def open_file(self, ref: ModelRef, model_dir: SafeDir, path: str, size: int, sha256: bytes,
+                  chunk_size: int, expected: tuple[bytes, ...] | None) -> PartialFile | None:
+        """The ``PartialFile`` of ``path`` in ``model_dir``, or None if the file is already
+        complete on disk. ``expected``: trusted chunk hashes; claimed chunks that disagree
+        are dropped.
         """
         key = str(ref)
-        final = directory / path
         done = self._exec("SELECT complete FROM files WHERE model_key=? AND path=?", (key, path))
-        if done and done[0][0] and final.is_file() and final.stat().st_size == size:
+        if done and done[0][0] and _complete_on_disk(model_dir, path, size):
             return None
         have = {idx: h for idx, h in self._exec(
             "SELECT idx, hash FROM chunks WHERE model_key=? AND path=?", (key, path))}
@@ -417,8 +477,7 @@ class Store:
                 self._forget_chunks(key, path, bad)
                 for i in bad:
                     del have[i]
-        pf = PartialFile(self, key, final, size, sha256, chunk_size, have)
-        pf.rel = path
+        pf = PartialFile(self, key, model_dir, path, size, sha256, chunk_size, have)
         if done and done[0][0]:
             # The index says complete but the file is gone or resized: fetch it again.
             self._exec("UPDATE files SET complete=0 WHERE model_key=? AND path=?", (key, path))
@@ -429,15 +488,13 @@ class Store:
 
     def _keep_manifest(self, manifest: Manifest) -> str:
         mid = manifest.id
-        target = self.root / "manifests" / f"{mid}.shoal"
-        if target.is_file():
+        manifests = self._dirs["manifests"]
+        if manifests.is_own_file(f"{mid}.shoal"):
             return mid
-        tmp = target.with_suffix(f".{os.getpid()}.tmp")
         try:
-            tmp.write_bytes(manifest.encode())
-            os.replace(tmp, target)
+            manifests.write_atomic(f"{mid}.shoal", manifest.encode())
         except OSError as e:
-            raise _disk_error(e, target) from e
+            raise _disk_error(e, manifests.path / f"{mid}.shoal") from e
         return mid
 
     def expect(self, ref: ModelRef, manifest: Manifest) -> None:
@@ -457,6 +514,7 @@ class Store:
         """Register files already in ``directory`` and described by ``manifest`` as a complete
         model (an adapter shoal trained, say): every chunk is claimed as verified."""
         key = str(ref)
+        self.check_dir_free(ref, directory)
         with self._lock:
             self._db.execute("BEGIN")
             try:
@@ -558,20 +616,17 @@ class Store:
 
     def save_signature(self, manifest_id: str, envelope: bytes) -> None:
         """Keep a publisher's signature of a manifest beside it (served to peers with it)."""
-        target = self.root / "manifests" / f"{manifest_id}.sig"
-        tmp = target.with_suffix(".tmp")
-        tmp.write_bytes(envelope)
-        os.replace(tmp, target)
+        self._dirs["manifests"].write_atomic(f"{_check_id(manifest_id)}.sig", envelope)
 
     def signature(self, manifest_id: str) -> bytes | None:
         try:
-            return (self.root / "manifests" / f"{manifest_id}.sig").read_bytes()
+            return self._dirs["manifests"].read_bytes(f"{_check_id(manifest_id)}.sig", limit=4096)
         except FileNotFoundError:
             return None
 
     def manifest_bytes(self, manifest_id: str) -> bytes:
         """The canonical encoding, as kept (what peers are sent)."""
-        return (self.root / "manifests" / f"{manifest_id}.shoal").read_bytes()
+        return self._dirs["manifests"].read_bytes(f"{_check_id(manifest_id)}.shoal", limit=MAX_MANIFEST_BYTES)
 
     def manifest(self, manifest_id: str) -> Manifest:
         return decode(self.manifest_bytes(manifest_id))
@@ -601,14 +656,20 @@ class Store:
         return (ModelRef(rows[0][0], rows[0][1]), rows[0][2]) if rows else None
 
     def models(self) -> list[ModelInfo]:
+        return self._infos("", ())
+
+    def _infos(self, where: str, args: tuple) -> list[ModelInfo]:
+        """Models (all, or those ``where`` selects) with the bytes verified so far."""
         counts = {(key, path): n for key, path, n in self._exec(
-            "SELECT model_key, path, COUNT(*) FROM chunks GROUP BY model_key, path")}
+            "SELECT model_key, path, COUNT(*) FROM chunks" + where.replace("key", "model_key")
+            + " GROUP BY model_key, path", args)}
         files: dict[str, list[tuple]] = {}
-        for key, path, size, complete in self._exec("SELECT model_key, path, size, complete FROM files"):
+        for key, path, size, complete in self._exec(
+                "SELECT model_key, path, size, complete FROM files" + where.replace("key", "model_key"), args):
             files.setdefault(key, []).append((path, size, complete))
         out = []
         rows = self._exec("SELECT key, model_id, revision, dir, total_size, state, manifest_id, chunk_size,"
-                          " pinned, last_used FROM models ORDER BY model_id, revision")
+                          " pinned, last_used FROM models" + where + " ORDER BY model_id, revision", args)
         for key, model_id, revision, directory, total, state, mid, chunk_size, pinned, last_used in rows:
             have = sum(size if complete else min(size, counts.get((key, path), 0) * chunk_size)
                        for path, size, complete in files.get(key, []))
@@ -617,40 +678,72 @@ class Store:
         return out
 
     def find(self, ref: ModelRef) -> ModelInfo:
-        for info in self.models():
-            if info.model_id == ref.model_id and info.revision == ref.revision:
-                return info
-        raise NotFound(f"{ref} is not in the cache ({self.root}); `shoal ls` lists what is, "
-                       f"`shoal pull {ref}` fetches it")
+        found = self._infos(" WHERE key=?", (str(ref),))
+        if not found:
+            raise NotFound(f"{ref} is not in the cache ({self.root}); `shoal ls` lists what is, "
+                           f"`shoal pull {ref}` fetches it")
+        return found[0]
 
     def mark_damaged(self, ref: ModelRef, path: str, bad_chunks: list[int]) -> None:
         """After ``verify`` found damage: turn the file back into a partial missing ``bad_chunks``."""
         key = str(ref)
         info = self.find(ref)
-        final = info.dir / path
-        if final.exists():
-            os.replace(final, final.with_name(final.name + PARTIAL_SUFFIX))
+        try:
+            with self.open_dir(info.dir) as model, model.parent_of(path)[0] as parent:
+                name = path.rpartition("/")[2]
+                if parent.is_own_file(name):
+                    parent.rename(name, name + PARTIAL_SUFFIX)
+                elif parent.stat(name) is not None:  # a link or another user's file: never ours to keep
+                    parent.unlink(name)
+        except (FileNotFoundError, UnsafePath):
+            pass  # the folder itself is gone: the next pull makes it again
         self._exec("UPDATE files SET complete=0 WHERE model_key=? AND path=?", (key, path))
         self._forget_chunks(key, path, bad_chunks)
         self._exec("UPDATE models SET state='pulling' WHERE key=?", (key,))
 
     def remove(self, ref: ModelRef) -> ModelInfo:
+        """Forget ``ref`` and delete the files the index lists for it (and their partials),
+        then the folders that are left empty. Nothing else is touched, no link followed."""
         info = self.find(ref)
         key = str(ref)
-        dirs: set[Path] = set()
-        for (path,) in self._exec("SELECT path FROM files WHERE model_key=?", (key,)):
-            for candidate in (info.dir / path, info.dir / (path + PARTIAL_SUFFIX)):
-                candidate.unlink(missing_ok=True)
-            dirs.update(p for p in (info.dir / path).parents if p == info.dir or info.dir in p.parents)
+        paths = [p for (p,) in self._exec("SELECT path FROM files WHERE model_key=?", (key,))]
+        try:
+            model = self.open_dir(info.dir)
+        except FileNotFoundError:
+            model = None
+        if model is not None:
+            with model:
+                subdirs: set[str] = set()
+                for path in paths:
+                    head, _, name = path.rpartition("/")
+                    try:
+                        with model.parent_of(path)[0] as parent:
+                            parent.unlink(name, missing_ok=True)
+                            parent.unlink(name + PARTIAL_SUFFIX, missing_ok=True)
+                    except FileNotFoundError:
+                        continue
+                    while head:
+                        subdirs.add(head)
+                        head = head.rpartition("/")[0]
+                # Deepest first: a folder holding anything shoal did not put there stays.
+                for sub in sorted(subdirs, key=lambda d: d.count("/"), reverse=True):
+                    parent_rel, _, name = sub.rpartition("/")
+                    with (model.subdir(parent_rel) if parent_rel else model.subdir("")) as parent:
+                        parent.rmdir_if_empty(name)
         for table, col in (("chunks", "model_key"), ("files", "model_key"), ("models", "key")):
             self._exec(f"DELETE FROM {table} WHERE {col}=?", (key,))
-        # Remove the folders that are now empty: the model's own, then the cache's
-        # owner/name/ folders above it; never anything that still holds a file.
+        # Then the model's own folder and, in the cache, the owner/name/ folders above it.
         models = self.root / "models"
-        dirs.update(p for p in info.dir.parents if models in p.parents)
-        for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
-            if d.is_dir() and not any(d.iterdir()):
-                d.rmdir()
+        chain = [info.dir] + [p for p in info.dir.parents if models in p.parents]
+        for folder in chain:
+            if folder != info.dir and models not in folder.parents:
+                break
+            try:
+                with self.open_dir(folder.parent) as parent:
+                    if not parent.rmdir_if_empty(folder.name):
+                        break
+            except (FileNotFoundError, UnsafePath):
+                break
         return info
 
     # ------------------------------------------------------- used by PartialFile
@@ -673,19 +766,47 @@ def model_dir(root: Path, ref: ModelRef) -> Path:
     return Path(root) / "models" / ref.model_id / ref.revision
 
 
-def lock_path(root: Path, ref: ModelRef) -> Path:
-    """The lock file of ``ref``: exclusive while pulled, shared while in use (``Store.use``)."""
-    return Path(root) / "locks" / f"{ref.model_id.replace('/', '--').replace('+', '-')}--{ref.revision}.lock"
+def lock_name(ref: ModelRef) -> str:
+    """The lock file of ``ref`` in ``locks/``: exclusive while pulled, shared while in use
+    (``Store.use``). Percent-encoding is injective: ``a--b/c`` and ``a/b--c`` differ."""
+    return quote(str(ref), safe="") + ".lock"
 
 
 def hold_in_use(root: Path, ref: ModelRef) -> int:
     """Take the shared "in use" lock of ``ref`` without opening the index (for job processes);
     returns the fd, held until closed or the process ends."""
-    path = lock_path(root, ref)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    with SafeDir.open(Path(root) / "locks", create=True) as locks:
+        fd = locks.open_file(lock_name(ref), os.O_RDWR | os.O_CREAT, 0o600, writing=False)
     fcntl.flock(fd, fcntl.LOCK_SH)
     return fd
+
+
+def _complete_on_disk(model_dir: SafeDir, path: str, size: int) -> bool:
+    try:
+        parent, name = model_dir.parent_of(path)
+    except (FileNotFoundError, UnsafePath):
+        return False
+    with parent:
+        return parent.is_own_file(name, size)
+
+
+def _check_id(manifest_id: str) -> str:
+    if not (len(manifest_id) == 64 and all(c in "0123456789abcdef" for c in manifest_id)):
+        raise NotFound(f"{manifest_id!r} is not a manifest id")
+    return manifest_id
+
+
+def open_model_file(store: "Store", info: "ModelInfo", path: str, *, partial_ok: bool = False) -> int:
+    """A read-only fd of a model's file (or, if ``partial_ok`` and it is not finished, its
+    ``.partial``), opened without following links and only if it is the store's own."""
+    with store.open_dir(info.dir) as model, model.parent_of(path)[0] as parent:
+        name = path.rpartition("/")[2]
+        try:
+            return parent.open_file(name, os.O_RDONLY)
+        except FileNotFoundError:
+            if not partial_ok:
+                raise
+            return parent.open_file(name + PARTIAL_SUFFIX, os.O_RDONLY)
 
 
 def hash_file(path: Path, chunk_size: int) -> tuple[list[bytes], bytes]:

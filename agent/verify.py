@@ -12,10 +12,10 @@ import os
 from dataclasses import dataclass, field
 
 from agent.config import Settings
-from agent.errors import NotFound
+from agent.errors import NotFound, UnsafePath
 from agent.manifest import ModelRef, chunk_span
 from agent.progress import human_bytes
-from agent.store import HASH_BLOCK, Store, blake3_hash
+from agent.store import HASH_BLOCK, Store, blake3_hash, open_model_file
 
 
 @dataclass
@@ -44,19 +44,21 @@ def verify_model(ref: ModelRef, settings: Settings) -> VerifyReport:
         manifest = store.manifest(info.manifest_id)
         report = VerifyReport(ref)
         for entry in manifest.files:
-            path = info.dir / entry.path
             report.files += 1
-            if not path.is_file():
-                report.damaged[entry.path] = "missing"
+            try:
+                fd = open_model_file(store, info, entry.path)
+            except (FileNotFoundError, UnsafePath) as e:
+                report.damaged[entry.path] = "missing" if isinstance(e, FileNotFoundError) else str(e)
                 store.mark_damaged(ref, entry.path, list(range(len(entry.chunks))))
                 continue
-            if path.stat().st_size != entry.size:
-                report.damaged[entry.path] = f"size {path.stat().st_size}, expected {entry.size}"
+            size = os.fstat(fd).st_size
+            if size != entry.size:
+                os.close(fd)
+                report.damaged[entry.path] = f"size {size}, expected {entry.size}"
                 store.mark_damaged(ref, entry.path, list(range(len(entry.chunks))))
                 continue
             bad, sha = [], hashlib.sha256()
-            with open(path, "rb", buffering=0) as f:
-                fd = f.fileno()
+            with open(fd, "rb", buffering=0, closefd=True):
                 for index, expected in enumerate(entry.chunks):
                     offset, length = chunk_span(entry.size, manifest.chunk_size, index)
                     data = os.pread(fd, length, offset)

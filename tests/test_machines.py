@@ -82,20 +82,22 @@ def plan_task(tmp_path, trusted: bool):
     expected = tuple(blake3_hash(DATA[o:o + n]) for o, n in spans) if trusted else None
     directory = tmp_path / "model"
     store.begin(REF, directory, CHUNK, [("weights.bin", len(DATA), hashlib.sha256(DATA).digest())])
-    pf = store.open_file(REF, directory, "weights.bin", len(DATA), hashlib.sha256(DATA).digest(), CHUNK, expected)
-    return store, FileTask(pf, expected, check_sha256=not trusted), directory
+    model = store.open_dir(directory, create=True)
+    pf = store.open_file(REF, model, "weights.bin", len(DATA), hashlib.sha256(DATA).digest(), CHUNK, expected)
+    return store, FileTask(pf, expected, check_sha256=not trusted), model
 
 
 async def run(tmp_path, sources, trusted=True, retries=2):
     settings = load_settings(env={"SHOAL_CONFIG": str(tmp_path / "none.toml")}, concurrency=2)
     settings = settings.with_(retries=retries)
-    store, task, directory = plan_task(tmp_path, trusted)
+    store, task, model = plan_task(tmp_path, trusted)
     events = []
     try:
         await Scheduler(REF, [SourceState(s) for s in sources], settings, events.append).run([task])
     finally:
+        model.close()
         store.close()
-    return events, directory
+    return events, model.path
 
 
 async def test_transient_errors_are_retried_on_the_same_source_first(tmp_path, autojump_clock):

@@ -47,25 +47,34 @@ class Identity:
 
     @classmethod
     def load_or_create(cls, path: str | os.PathLike) -> "Identity":
+        """Read the key (never through a link, only a file of ours that nobody else may
+        read), or create it (0600) when there is none."""
+        from agent.safefs import SafeDir
         path = Path(path)
-        if path.exists():
-            mode = stat.S_IMODE(path.stat().st_mode)
+        with SafeDir.open(path.parent, create=True, mode=0o700) as folder:
+            try:
+                fd = folder.open_file(path.name, os.O_RDONLY)
+            except FileNotFoundError:
+                key = Ed25519PrivateKey.generate()
+                fd = folder.open_file(path.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                try:
+                    os.write(fd, key.private_bytes_raw())
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                return cls(key)
+        try:
+            mode = stat.S_IMODE(os.fstat(fd).st_mode)
             if mode & 0o077:
                 raise ConfigError(f"identity key {path} is readable by others (mode {mode:o}): anyone who reads "
                                   f"it can publish as this agent. Run: chmod 600 {path}")
-            seed = path.read_bytes()
-            if len(seed) != 32:
-                raise ConfigError(f"identity key {path} is not a 32-byte Ed25519 seed; move it away to "
-                                  "create a new identity (peers will see a new publisher key)")
-            return cls(Ed25519PrivateKey.from_private_bytes(seed))
-        key = Ed25519PrivateKey.generate()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, key.private_bytes_raw())
+            seed = os.read(fd, 33)
         finally:
             os.close(fd)
-        return cls(key)
+        if len(seed) != 32:
+            raise ConfigError(f"identity key {path} is not a 32-byte Ed25519 seed; move it away to "
+                              "create a new identity (peers will see a new publisher key)")
+        return cls(Ed25519PrivateKey.from_private_bytes(seed))
 
     @property
     def seed(self) -> bytes:
