@@ -8,7 +8,9 @@ every chunk's BLAKE3 before writing, as a pull does.
 Then the same over a veth pair limited to 1 Gbit/s (``--veth-mbit``; 0 skips it): the seed
 and the peer each in a network namespace of their own on a bridge (root only; the
 namespaces are deleted at the end, also on failure), shoal's data path against the line
-rate, with curl+nginx over the same link for reference.
+rate, with curl+nginx over the same link for reference. Each run of shoal's data path is
+also made encrypted (``swarm.encrypt_data``: TLS 1.3, certificate pinned), to show what
+the option costs.
 
 Needs nginx and curl (Debian: apt-get install nginx curl).
 """
@@ -32,7 +34,7 @@ sys.path.insert(0, str(REPO))
 from agent.manifest import ModelRef, chunk_span, default_chunk_size  # noqa: E402
 from agent.mirror import manifest_from_dir  # noqa: E402
 from agent.store import Store, blake3_hash  # noqa: E402
-from agent.swarm.datapath import DataClient, DataServer, StoreLocator, TicketBook  # noqa: E402
+from agent.swarm.datapath import DataClient, DataServer, StoreLocator, Ticket, TicketBook  # noqa: E402
 from agent.testing.models import make_model  # noqa: E402
 
 NGINX_CONF = """daemon off; worker_processes 1; pid {root}/nginx.pid; error_log {root}/error.log;
@@ -52,7 +54,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def shoal_fetch(address, ticket, manifest, out: Path, concurrency: int) -> float:
+def shoal_fetch(address, ticket, manifest, out: Path, concurrency: int, tls: bytes | None = None) -> float:
     jobs = [(f, i) for f in manifest.files for i in range(len(f.chunks))]
     lock = threading.Lock()
     fds = {}
@@ -73,7 +75,8 @@ def shoal_fetch(address, ticket, manifest, out: Path, concurrency: int) -> float
             offset, length = chunk_span(entry.size, manifest.chunk_size, index)
             view = memoryview(buffer)[:length]
             try:
-                client.fetch(address, ticket, manifest.id, entry.path, index, view, length, time.monotonic() + 60)
+                client.fetch(address, ticket, manifest.id, entry.path, index, view, length, time.monotonic() + 60,
+                             tls=tls)
             except Exception as e:  # recorded and re-raised in the main thread
                 errors.append(e)
                 return
@@ -113,10 +116,14 @@ def serve_data(args) -> int:
     """Runs in the seed's namespace: a data server for the store at --cache, on --host."""
     store = Store(args.cache)
     tickets = TicketBook(ttl=3600)
-    server = DataServer(StoreLocator(store), tickets, host=args.host, port=7000, slots=args.concurrency + 2).start()
-    print(json.dumps({"ticket": tickets.issue("bench").hex(), "address": list(server.address)}), flush=True)
+    servers = [DataServer(StoreLocator(store), tickets, host=args.host, port=port, slots=args.concurrency + 2,
+                          encrypt=encrypt).start() for port, encrypt in ((7000, False), (7001, True))]
+    manifest_id = store.find(ModelRef("bench/link")).manifest_id
+    ticket = tickets.issue("bench", manifest_id, None)  # the fetcher's address is the other namespace's
+    print(json.dumps({"ticket": ticket.encode().hex(), "tls": servers[1].fingerprint.hex()}), flush=True)
     sys.stdin.read()  # until the benchmark closes our stdin
-    server.close()
+    for server in servers:
+        server.close()
     store.close()
     return 0
 
@@ -126,7 +133,9 @@ def fetch_data(args) -> int:
     store = Store(args.cache)
     manifest = store.manifest(store.find(ModelRef("bench/link")).manifest_id)
     store.close()
-    elapsed = shoal_fetch((args.host, 7000), bytes.fromhex(args.ticket), manifest, Path(args.out), args.concurrency)
+    tls = bytes.fromhex(args.tls) if args.tls else None
+    elapsed = shoal_fetch((args.host, 7001 if tls else 7000), Ticket.decode(bytes.fromhex(args.ticket)), manifest,
+                          Path(args.out), args.concurrency, tls)
     print(json.dumps({"seconds": elapsed}), flush=True)
     return 0
 
@@ -159,16 +168,17 @@ def veth_rounds(work: Path, model: Path, manifest, args, nginx: str) -> list:
             elapsed = curl_fetch(8080, manifest, out, host=seed.ip, prefix=["ip", "netns", "exec", peer.ns])
             rows.append((round_ + 1, "curl + nginx (veth)", manifest.total_size / elapsed / 1e6, elapsed))
             shutil.rmtree(out)
-            done = lab.run(peer, [*me, "--fetch-data", "--cache", str(work / "cache"), "--host", seed.ip,
-                                  "--ticket", hello["ticket"], "--out", str(out), "--concurrency",
-                                  str(args.concurrency)], capture_output=True, text=True, env=env)
-            if done.returncode != 0:
-                raise SystemExit(f"fetch over the veth failed: {done.stderr}")
-            elapsed = json.loads(done.stdout.splitlines()[-1])["seconds"]
-            for f in manifest.files:
-                assert (out / f.path).stat().st_size == f.size
-            rows.append((round_ + 1, "shoal data path (veth)", manifest.total_size / elapsed / 1e6, elapsed))
-            shutil.rmtree(out)
+            for name, tls in (("shoal data path (veth)", []), ("shoal data path, TLS (veth)", ["--tls", hello["tls"]])):
+                done = lab.run(peer, [*me, "--fetch-data", "--cache", str(work / "cache"), "--host", seed.ip,
+                                      "--ticket", hello["ticket"], "--out", str(out), "--concurrency",
+                                      str(args.concurrency), *tls], capture_output=True, text=True, env=env)
+                if done.returncode != 0:
+                    raise SystemExit(f"fetch over the veth failed: {done.stderr}")
+                elapsed = json.loads(done.stdout.splitlines()[-1])["seconds"]
+                for f in manifest.files:
+                    assert (out / f.path).stat().st_size == f.size
+                rows.append((round_ + 1, name, manifest.total_size / elapsed / 1e6, elapsed))
+                shutil.rmtree(out)
         server.stdin.close()
     assert netns.leftover_namespaces("shlnk") == [], "namespaces left behind"
     return rows
@@ -182,7 +192,7 @@ def main() -> int:
     parser.add_argument("--veth-mbit", type=float, default=1000, help="the limited link's rate; 0 skips it")
     for hidden in ("--serve-data", "--fetch-data"):
         parser.add_argument(hidden, action="store_true", help=argparse.SUPPRESS)
-    for hidden in ("--cache", "--host", "--ticket", "--out"):
+    for hidden in ("--cache", "--host", "--ticket", "--out", "--tls"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_data:
@@ -207,6 +217,7 @@ def main() -> int:
         store.adopt(ref, model, manifest)
         tickets = TicketBook()
         server = DataServer(StoreLocator(store), tickets, slots=args.concurrency + 2).start()
+        tls_server = DataServer(StoreLocator(store), tickets, slots=args.concurrency + 2, encrypt=True).start()
         port = free_port()
         (work / "nginx" / "tmp").mkdir(parents=True)
         conf = work / "nginx" / "nginx.conf"
@@ -216,12 +227,16 @@ def main() -> int:
         time.sleep(0.5)
         rows = []
         for round_ in range(args.rounds):
-            for name in ("curl + nginx", "shoal data path"):
-                out = work / f"out-{round_}-{name.split()[0]}"
+            for name in ("curl + nginx", "shoal data path", "shoal data path, TLS"):
+                out = work / f"out-{round_}-{len(rows)}"
+                ticket = tickets.issue("bench", manifest.id, None)
                 if name.startswith("curl"):
                     elapsed = curl_fetch(port, manifest, out)
+                elif name.endswith("TLS"):
+                    elapsed = shoal_fetch(tls_server.address, ticket, manifest, out, args.concurrency,
+                                          tls_server.fingerprint)
                 else:
-                    elapsed = shoal_fetch(server.address, tickets.issue("bench"), manifest, out, args.concurrency)
+                    elapsed = shoal_fetch(server.address, ticket, manifest, out, args.concurrency)
                 for f in manifest.files:  # both must have the right bytes
                     assert (out / f.path).stat().st_size == f.size
                 rows.append((round_ + 1, name, manifest.total_size / elapsed / 1e6, elapsed))
@@ -234,6 +249,7 @@ def main() -> int:
             proc.wait(timeout=10)
         if server is not None:
             server.close()
+            tls_server.close()
         if store is not None:
             store.close()
         shutil.rmtree(work, ignore_errors=True)
@@ -253,6 +269,9 @@ def main() -> int:
         print(f"over the {args.veth_mbit:.0f} Mbit/s veth: shoal {best['shoal data path (veth)']:.0f} MB/s = "
               f"{best['shoal data path (veth)'] / line:.2f} x line rate ({line:.0f} MB/s; target >= 0.9); "
               f"curl+nginx {best['curl + nginx (veth)'] / line:.2f} x")
+        cost = 1 - best["shoal data path, TLS (veth)"] / best["shoal data path (veth)"]
+        print(f"encrypting the data path (TLS) costs {100 * cost:.1f}% of its throughput on the veth "
+              f"(target <= 15%); on loopback {100 * (1 - best['shoal data path, TLS'] / best['shoal data path']):.1f}%")
     print(f"\nreproduce: sudo python benchmarks/link.py --size-mb {args.size_mb} --concurrency {args.concurrency} "
           f"--rounds {args.rounds} --veth-mbit {args.veth_mbit:.0f}")
     return 0

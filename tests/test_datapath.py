@@ -1,10 +1,12 @@
 """The LAN data path: verified chunks over ticketed TCP, real sockets on loopback, real
-store and files; refusals for bad tickets, unknown chunks, malformed requests, full slots."""
+store and files; refusals for bad tickets, unknown chunks, malformed requests, full slots;
+and a hostile peer: connection floods, trickled handshakes, stolen and replayed tickets."""
 
 from __future__ import annotations
 
 import socket
 import struct
+import threading
 import time
 
 import pytest
@@ -15,32 +17,42 @@ from agent.errors import NotFound, SourceUnavailable
 from agent.manifest import ModelRef, chunk_span
 from agent.mirror import manifest_from_dir
 from agent.store import Store, blake3_hash
-from agent.swarm.datapath import (MAGIC, DataClient, DataServer, StoreLocator, TicketBook, decode_request,
+from agent.swarm.datapath import (MAGIC, MAX_PENDING_PER_ADDRESS, NONCE_LEN, DataClient, DataPathError, DataServer,
+                                  StoreLocator, TicketBook, decode_hello, decode_request, encode_hello,
                                   encode_request)
 from agent.testing.models import make_model
 
 CHUNK = 64 * 1024
 REF = ModelRef("lab/peer-model")
+HERE = "127.0.0.1"
 
 
 @pytest.fixture
 def served(tmp_path):
-    """A store holding a complete model, served by a DataServer."""
+    """A store holding a complete model, served by a DataServer with two upload slots."""
     model = make_model(tmp_path / "src", weights_bytes=600_000, shards=2, seed="dp")
     store = Store(tmp_path / "cache")
     manifest = manifest_from_dir(REF, model, CHUNK)
     store.adopt(REF, model, manifest)
     tickets = TicketBook(ttl=60)
-    server = DataServer(StoreLocator(store), tickets, slots=2).start()
+    server = DataServer(StoreLocator(store), tickets, slots=2, handshake_timeout=1.0).start()
     yield store, manifest, tickets, server, model
     server.close()
     store.close()
 
 
+def fetch_first(server, ticket, manifest, client=None) -> bytes:
+    entry = manifest.files[0]
+    buffer = bytearray(entry.size)
+    (client or DataClient()).fetch(server.address, ticket, manifest.id, entry.path, 0, memoryview(buffer),
+                                   entry.size, time.monotonic() + 5)
+    return bytes(buffer)
+
+
 def test_every_chunk_arrives_verified(served):
     store, manifest, tickets, server, model = served
     client = DataClient()
-    ticket = tickets.issue("peer-b")
+    ticket = tickets.issue("peer-b", manifest.id, HERE)
     for entry in manifest.files:
         data = (model / entry.path).read_bytes()
         for index, digest in enumerate(entry.chunks):
@@ -56,31 +68,74 @@ def test_every_chunk_arrives_verified(served):
     client.close()
 
 
-def test_a_bad_or_expired_ticket_is_refused(served):
+def test_a_bad_expired_or_misused_ticket_is_refused(served):
     store, manifest, tickets, server, model = served
-    entry = manifest.files[0]
-    buffer = memoryview(bytearray(entry.size))
+    other = TicketBook().issue("peer", manifest.id, HERE)  # never issued by this server
     with pytest.raises(SourceUnavailable, match="denied"):
-        DataClient().fetch(server.address, b"x" * 32, manifest.id, entry.path, 0, buffer, entry.size,
-                           time.monotonic() + 5)
+        fetch_first(server, other, manifest)
+    for_elsewhere = tickets.issue("peer", manifest.id, "127.0.0.9")  # issued to another address
+    with pytest.raises(SourceUnavailable, match="denied"):
+        fetch_first(server, for_elsewhere, manifest)
+    wrong_manifest = tickets.issue("peer", "ab" * 32, HERE)  # bound to another manifest
+    with pytest.raises(SourceUnavailable, match="denied"):
+        fetch_first(server, wrong_manifest, manifest)
     clock = [0.0]
     book = TicketBook(ttl=10, clock=lambda: clock[0])
-    ticket = book.issue("peer")
-    assert book.check(ticket) == "peer"
+    ticket = book.issue("peer", manifest.id, HERE)
+    nonce = b"n" * NONCE_LEN
+    _, _, mac, _ = decode_hello(encode_hello(ticket, nonce, manifest.id)[2:])
+    assert book.check(ticket.id, nonce, manifest.id, mac, HERE) == "peer"
+    assert book.check(ticket.id, b"m" * NONCE_LEN, manifest.id, mac, HERE) is None  # replayed elsewhere
     clock[0] = 11
-    assert book.check(ticket) is None
+    assert book.check(ticket.id, nonce, manifest.id, mac, HERE) is None
+
+
+def test_the_ticket_secret_never_crosses_the_data_connection_and_a_replay_is_refused(served):
+    """An eavesdropper on the LAN sees the handshake; what it sees cannot be used again."""
+    store, manifest, tickets, server, model = served
+    ticket = tickets.issue("peer-b", manifest.id, HERE)
+    seen = bytearray()
+    listener = socket.create_server((HERE, 0))
+
+    def relay():  # a man in the middle that records what the client sends
+        inbound, _ = listener.accept()
+        outbound = socket.create_connection(server.address)
+        opening = outbound.recv(len(MAGIC) + NONCE_LEN)
+        inbound.sendall(opening)
+        hello = inbound.recv(4096)
+        seen.extend(hello)
+        outbound.sendall(hello)
+        inbound.sendall(outbound.recv(4096))
+        request = inbound.recv(4096)
+        seen.extend(request)
+        outbound.sendall(request)
+        header = outbound.recv(9, socket.MSG_WAITALL)
+        inbound.sendall(header + outbound.recv(struct.unpack(">BQ", header)[1], socket.MSG_WAITALL))
+        inbound.close()
+        outbound.close()
+    thread = threading.Thread(target=relay)
+    thread.start()
+    entry = manifest.files[0]
+    buffer = bytearray(entry.size)
+    DataClient().fetch(listener.getsockname(), ticket, manifest.id, entry.path, 0, memoryview(buffer), entry.size,
+                       time.monotonic() + 5)
+    thread.join(timeout=10)
+    assert ticket.secret not in bytes(seen)
+    # Replaying the recorded hello on a new connection gets nowhere: the nonce is new.
+    with socket.create_connection(server.address, timeout=5) as conn:
+        conn.recv(len(MAGIC) + NONCE_LEN)
+        conn.sendall(bytes(seen[:2 + struct.unpack(">H", seen[:2])[0]]))
+        assert conn.recv(9)[0] == 1  # DENIED
 
 
 def test_a_chunk_not_held_is_missing_and_the_connection_stays_usable(served):
     store, manifest, tickets, server, model = served
-    ticket = tickets.issue("peer-b")
+    ticket = tickets.issue("peer-b", manifest.id, HERE)
     client = DataClient()
     entry = manifest.files[0]
     buffer = memoryview(bytearray(entry.size))
     with pytest.raises(NotFound):
         client.fetch(server.address, ticket, manifest.id, "no/such/file", 0, buffer, 10, time.monotonic() + 5)
-    with pytest.raises(NotFound):
-        client.fetch(server.address, ticket, "ab" * 32, entry.path, 0, buffer, 10, time.monotonic() + 5)
     client.fetch(server.address, ticket, manifest.id, entry.path, 0, buffer, entry.size, time.monotonic() + 5)
 
 
@@ -89,7 +144,7 @@ def test_only_verified_chunks_of_a_partial_file_are_served(served, tmp_path):
     big = max(manifest.files, key=lambda f: f.size)
     # Drop the claim on chunk 1: as if that chunk had not arrived yet.
     store._forget_chunks(str(REF), big.path, [1])
-    ticket = tickets.issue("peer-b")
+    ticket = tickets.issue("peer-b", manifest.id, HERE)
     buffer = memoryview(bytearray(CHUNK))
     client = DataClient()
     client.fetch(server.address, ticket, manifest.id, big.path, 0, buffer, CHUNK, time.monotonic() + 5)
@@ -97,17 +152,96 @@ def test_only_verified_chunks_of_a_partial_file_are_served(served, tmp_path):
         client.fetch(server.address, ticket, manifest.id, big.path, 1, buffer, CHUNK, time.monotonic() + 5)
 
 
-def test_connections_over_the_slots_are_told_busy(served):
+def test_a_removed_model_is_not_served_any_more(served):
     store, manifest, tickets, server, model = served
-    held = [socket.create_connection(server.address) for _ in range(2)]
-    time.sleep(0.2)
+    ticket = tickets.issue("peer-b", manifest.id, HERE)
+    fetch_first(server, ticket, manifest)
+    store.remove(REF)
+    with pytest.raises(NotFound):
+        fetch_first(server, ticket, manifest)
+
+
+def test_ticketed_connections_over_the_slots_are_told_busy(served):
+    store, manifest, tickets, server, model = served
+    holders = [DataClient(), DataClient()]
+    ticket = tickets.issue("c", manifest.id, HERE)
+    for client in holders:  # each keeps its connection in its pool, holding a slot
+        fetch_first(server, ticket, manifest, client)
     try:
-        entry = manifest.files[0]
         with pytest.raises(SourceUnavailable, match="busy"):
-            DataClient().fetch(server.address, tickets.issue("c"), manifest.id, entry.path, 0,
-                               memoryview(bytearray(entry.size)), entry.size, time.monotonic() + 5)
+            fetch_first(server, ticket, manifest)
     finally:
-        for conn in held:
+        for client in holders:
+            client.close()
+
+
+def _connect_from(source: str, address) -> socket.socket:
+    conn = socket.socket()
+    conn.bind((source, 0))
+    conn.settimeout(5)
+    conn.connect(address)
+    return conn
+
+
+def test_strangers_trickling_bytes_take_no_slot_and_a_member_is_still_served(served):
+    """Sixteen connections with no ticket, each sending a byte now and then, fill neither
+    the upload slots nor the member's way in; their handshake deadline closes them."""
+    store, manifest, tickets, server, model = served
+    strangers = []
+    for _ in range(16):
+        try:
+            strangers.append(_connect_from("127.0.0.2", server.address))
+        except OSError:
+            pass
+    try:
+        for conn in strangers:
+            try:
+                conn.sendall(b"\x00")  # the start of a hello that never ends
+            except OSError:
+                pass
+        started = time.monotonic()
+        ticket = tickets.issue("member", manifest.id, HERE)
+        assert fetch_first(server, ticket, manifest) == (model / manifest.files[0].path).read_bytes()
+        assert time.monotonic() - started < 2
+        time.sleep(1.5)  # past the handshake deadline (1 s here)
+        closed = 0
+        for conn in strangers:  # read what the server said (its nonce, if anything) up to its close
+            try:
+                while conn.recv(4096):
+                    pass
+                closed += 1
+            except OSError:  # reset: closed too
+                closed += 1
+        assert closed == len(strangers)
+        assert server.refused >= len(strangers)
+    finally:
+        for conn in strangers:
+            conn.close()
+
+
+def test_a_flood_from_one_address_is_capped_and_others_get_in(served):
+    store, manifest, tickets, server, model = served
+    flood = []
+    try:
+        for _ in range(100):
+            try:
+                flood.append(_connect_from("127.0.0.3", server.address))
+            except OSError:
+                break
+        time.sleep(0.3)
+        # Only MAX_PENDING_PER_ADDRESS of them got a thread: the rest were closed at once.
+        opened = 0
+        for conn in flood:
+            conn.settimeout(0.5)
+            try:
+                opened += conn.recv(len(MAGIC)) == MAGIC
+            except (socket.timeout, OSError):
+                pass
+        assert opened <= MAX_PENDING_PER_ADDRESS
+        ticket = tickets.issue("member", manifest.id, HERE)
+        assert fetch_first(server, ticket, manifest) == (model / manifest.files[0].path).read_bytes()
+    finally:
+        for conn in flood:
             conn.close()
 
 
@@ -122,47 +256,52 @@ def shared_server(tmp_path_factory):
     tickets = TicketBook()
     server = DataServer(StoreLocator(store), tickets).start()
     entry = manifest.files[0]
-    yield server.address, tickets.issue("x"), manifest.id, entry.path, entry.size
+    yield server.address, tickets.issue("x", manifest.id, HERE), manifest.id, entry.path, entry.size
     server.close()
     store.close()
 
 
 @settings(max_examples=60, deadline=None)
-@given(garbage=st.binary(max_size=200))
-def test_malformed_requests_get_an_error_and_the_server_keeps_serving(shared_server, garbage):
+@given(garbage=st.binary(max_size=200), hello_first=st.booleans())
+def test_malformed_hellos_and_requests_get_an_error_and_the_server_keeps_serving(shared_server, garbage,
+                                                                               hello_first):
     address, ticket, manifest_id, path, size = shared_server
     with socket.create_connection(address, timeout=5) as conn:
-        conn.sendall(MAGIC + struct.pack(">H", len(garbage)) + garbage)
+        opening = conn.recv(len(MAGIC) + NONCE_LEN)
+        if hello_first:  # a good hello, then a garbage request
+            conn.sendall(encode_hello(ticket, opening[len(MAGIC):], manifest_id))
+            assert conn.recv(9)[0] == 0
+        conn.sendall(struct.pack(">H", len(garbage)) + garbage)
         conn.shutdown(socket.SHUT_WR)
         reply = conn.recv(9)
-    assert reply == b"" or reply[0] in (1, 3)  # closed, denied or bad request
+    assert reply == b"" or reply[0] in (1, 2, 3)  # closed, denied, missing or bad request
     buffer = memoryview(bytearray(size))
     DataClient().fetch(address, ticket, manifest_id, path, 0, buffer, size, time.monotonic() + 5)
 
 
-def test_the_request_codec_round_trips_and_refuses_junk():
-    frame = encode_request(b"t" * 32, "ab" * 32, "model.safetensors", 7)
-    assert frame[:4] == MAGIC
-    assert decode_request(frame[6:]) == (b"t" * 32, "ab" * 32, "model.safetensors", 7)
-    from agent.swarm.datapath import DataPathError
-    for bad in (b"", b"\x94\xc4\x01x\xa1a\xa1b\x00", frame[6:-1]):
+def test_the_codecs_round_trip_and_refuse_junk():
+    assert decode_request(encode_request("model.safetensors", 7)[2:]) == ("model.safetensors", 7)
+    for bad in (b"", b"\x92\xa1a\xc3", encode_request("x", 1)[2:-1]):
         with pytest.raises(DataPathError):
             decode_request(bad)
+    ticket = TicketBook().issue("p", "ab" * 32, HERE)
+    ticket_id, manifest_id, mac, mode = decode_hello(encode_hello(ticket, b"n" * NONCE_LEN, "ab" * 32)[2:])
+    assert (ticket_id, manifest_id, mode) == (ticket.id, "ab" * 32, "get") and len(mac) == 32
+    for bad in (b"", b"\x94\xc4\x01x\xa1a\xa1b\x00", encode_hello(ticket, b"n" * NONCE_LEN, "ab" * 32)[2:-1]):
+        with pytest.raises(DataPathError):
+            decode_hello(bad)
 
 
 def test_many_threads_share_few_connections_so_a_peer_never_fills_its_slots(served):
     """A thread pool uses whichever threads it likes: connections must not be per thread."""
-    import threading
     store, manifest, tickets, server, model = served  # the server has 2 slots
     client = DataClient()
-    ticket = tickets.issue("peer-b")
-    entry = manifest.files[0]
+    ticket = tickets.issue("peer-b", manifest.id, HERE)
     errors = []
 
     def one_fetch():
         try:
-            client.fetch(server.address, ticket, manifest.id, entry.path, 0, memoryview(bytearray(entry.size)),
-                         entry.size, time.monotonic() + 5)
+            fetch_first(server, ticket, manifest, client)
         except Exception as e:  # collected for the assertion below
             errors.append(e)
     for _ in range(20):  # twenty threads, one after the other
@@ -171,3 +310,29 @@ def test_many_threads_share_few_connections_so_a_peer_never_fills_its_slots(serv
         thread.join()
     assert errors == []
     client.close()
+
+
+def test_an_encrypting_server_serves_only_clients_that_pin_its_certificate(served, tmp_path):
+    store, manifest, tickets, plain, model = served
+    server = DataServer(StoreLocator(store), tickets, slots=4, encrypt=True).start()
+    try:
+        assert len(server.fingerprint) == 32
+        ticket = tickets.issue("peer-b", manifest.id, HERE)
+        client = DataClient()
+        for entry in manifest.files:
+            buffer = bytearray(entry.size)
+            for index in range(len(entry.chunks)):
+                offset, length = chunk_span(entry.size, manifest.chunk_size, index)
+                client.fetch(server.address, ticket, manifest.id, entry.path, index,
+                             memoryview(buffer)[offset:offset + length], length, time.monotonic() + 10,
+                             tls=server.fingerprint)
+            assert bytes(buffer) == (model / entry.path).read_bytes()
+        with pytest.raises(SourceUnavailable, match="not the one it announced"):
+            fetch_tls = DataClient()
+            entry = manifest.files[0]
+            fetch_tls.fetch(server.address, ticket, manifest.id, entry.path, 0, memoryview(bytearray(entry.size)),
+                            entry.size, time.monotonic() + 5, tls=b"\0" * 32)
+        with pytest.raises(SourceUnavailable):  # speaking plain TCP to it gets nowhere
+            fetch_first(server, ticket, manifest)
+    finally:
+        server.close()

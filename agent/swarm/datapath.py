@@ -1,49 +1,83 @@
 """The LAN data path: chunk bytes over plain TCP, served with ``os.sendfile``.
 
-DESIGN.md measured py-libp2p streams at ~60 MB/s with a core pinned, so chunk bytes do not
-go through libp2p: a peer asks over libp2p (authenticated) for a short-lived **ticket**,
-then opens a TCP connection to the data address the peer advertised and asks for chunks
-with that ticket. Integrity comes from the hashes (the receiver verifies BLAKE3 before
-writing), not from the transport. This module is that data connection: the wire format,
-a ticket book, a threaded server and a blocking client. (The libp2p side, discovery and
-the ``LanPeerSource`` that uses this client are the LAN swarm issue's remaining work.)
+py-libp2p streams top out near 60 MB/s here with a core pinned (docs/design.md), so chunk
+bytes do not go through libp2p: a peer asks over libp2p (authenticated, encrypted) for a
+**ticket**, then opens a TCP connection to the data address the peer advertised. Integrity
+comes from the hashes (the receiver verifies BLAKE3 before writing), not from the transport.
 
-Wire format, one request/response at a time on a kept-alive connection::
+Tickets. A ticket is an id and a 32-byte secret, issued over the Noise channel to one peer,
+for one manifest, to be used from the address that peer's libp2p connection came from,
+within ``TICKET_TTL``. The secret never crosses the data connection: the server opens with
+a fresh nonce and the client answers with ``HMAC(secret, nonce | manifest id)``, so a ticket
+seen by an eavesdropper is useless (there is nothing to see) and a handshake cannot be
+replayed on another connection. What an eavesdropper on the LAN *can* see is the chunk
+bytes of public model files and which chunks a peer asks for.
 
-    request  = b"SHD1" + u16 length + msgpack [ticket(32 bytes), manifest id, path, chunk index]
-    response = u8 status + u64 length + payload   (status 0: the chunk's bytes; else a message)
+Wire format::
 
-Only chunks the store has verified are served (from the finished file or its
-``.partial``), so a peer halfway through a download already serves what it has.
-Bounded: request size, connection slots (a peer over the limit gets ``BUSY``), idle time.
+    server -> client   b"SHD2" + nonce (16 bytes)
+    client -> server   hello = u16 length + msgpack [ticket id (16), manifest id, mac (32), mode]
+    then, mode "get", any number of
+    client -> server   request = u16 length + msgpack [path, chunk index]
+    server -> client   u8 status + u64 length + payload  (status 0: the chunk's bytes; else a message)
+
+Encryption (``swarm.encrypt_data``, off by default): the data server speaks TLS 1.3 with a
+certificate made when the agent starts; its SHA-256 travels in the offer answer, over the
+authenticated libp2p channel, and the client accepts exactly that certificate. The chunk
+bytes are then sent with ``SSLSocket.sendall`` from ``pread`` blocks instead of
+``sendfile`` (the README's link benchmark gives what that costs).
+
+Only chunks the store has verified are served (from the finished file or its ``.partial``,
+opened without following links), so a peer halfway through a download already serves
+what it has.
+
+Bounded: a hello must arrive within ``HANDSHAKE_TIMEOUT`` of the connection; connections
+not yet through the handshake are capped per address and in all (one more is closed at
+once); the ticket is checked *before* an upload slot is taken, so strangers cannot fill
+the slots; request size, idle time, and connections per address.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import os
 import secrets
 import socket
+import ssl
 import struct
+import tempfile
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 import msgpack
 
-from agent.errors import NotFound, ShoalError, SourceUnavailable
-from agent.manifest import HASH_LEN, MAX_PATH_BYTES, PARTIAL_SUFFIX, chunk_span
+from agent.errors import NotFound, ShoalError, SourceUnavailable, UnsafePath
+from agent.manifest import HASH_LEN, MAX_PATH_BYTES, chunk_span
 
-MAGIC = b"SHD1"
+MAGIC = b"SHD2"
+NONCE_LEN = 16
+TICKET_ID_LEN = 16
+TICKET_SECRET_LEN = 32
+TICKET_LEN = TICKET_ID_LEN + TICKET_SECRET_LEN  # as handed over libp2p: id then secret
 MAX_REQUEST = 4 * 1024
-TICKET_LEN = 32
 OK, DENIED, MISSING, BAD_REQUEST, BUSY = range(5)
 STATUS_NAMES = {OK: "ok", DENIED: "denied", MISSING: "missing", BAD_REQUEST: "bad request", BUSY: "busy"}
 _HEADER = struct.Struct(">BQ")
 MAX_TICKETS = 4096
+TICKET_TTL = 120.0
 IDLE_TIMEOUT = 30.0
+HANDSHAKE_TIMEOUT = 5.0  # from accept to a whole hello
+MAX_PENDING = 64  # connections not yet through the handshake, in all
+MAX_PENDING_PER_ADDRESS = 8
+MAX_PER_ADDRESS = 32  # connections from one address, in all
 RATE_SLICE = 256 * 1024
+TLS_BLOCK = 1024 * 1024
+MODE_GET = "get"
+_DOMAIN = b"shoal-data-v2|"
 
 
 class DataPathError(ShoalError):
@@ -60,108 +94,198 @@ class PeerTimedOut(SourceUnavailable):
 
 # ------------------------------------------------------------------------- codec (pure)
 
-def encode_request(ticket: bytes, manifest_id: str, path: str, index: int) -> bytes:
-    body = msgpack.packb([ticket, manifest_id, path, index], use_bin_type=True)
+@dataclass(frozen=True)
+class Ticket:
+    id: bytes
+    secret: bytes
+
+    def encode(self) -> bytes:
+        return self.id + self.secret
+
+    @classmethod
+    def decode(cls, data: bytes) -> "Ticket":
+        if not isinstance(data, bytes) or len(data) != TICKET_LEN:
+            raise DataPathError(f"a ticket is {TICKET_LEN} bytes")
+        return cls(data[:TICKET_ID_LEN], data[TICKET_ID_LEN:])
+
+
+def hello_mac(secret: bytes, nonce: bytes, manifest_id: str) -> bytes:
+    return hmac.new(secret, _DOMAIN + nonce + manifest_id.encode(), hashlib.sha256).digest()
+
+
+def _frame(body: bytes) -> bytes:
     if len(body) > MAX_REQUEST:
         raise DataPathError(f"request of {len(body)} bytes exceeds {MAX_REQUEST}")
-    return MAGIC + struct.pack(">H", len(body)) + body
+    return struct.pack(">H", len(body)) + body
 
 
-def decode_request(body: bytes) -> tuple[bytes, str, str, int]:
-    """Validate the msgpack body of a request (after magic and length)."""
+def encode_hello(ticket: Ticket, nonce: bytes, manifest_id: str, mode: str = MODE_GET) -> bytes:
+    return _frame(msgpack.packb([ticket.id, manifest_id, hello_mac(ticket.secret, nonce, manifest_id), mode],
+                                use_bin_type=True))
+
+
+def decode_hello(body: bytes) -> tuple[bytes, str, bytes, str]:
+    """(ticket id, manifest id, mac, mode) of a hello; raises ``DataPathError``."""
     try:
-        ticket, manifest_id, path, index = msgpack.unpackb(
-            body, raw=False, max_bin_len=TICKET_LEN, max_str_len=MAX_PATH_BYTES * 4, max_array_len=4,
-            max_map_len=0, strict_map_key=True)
+        ticket_id, manifest_id, mac, mode = msgpack.unpackb(
+            body, raw=False, max_bin_len=64, max_str_len=128, max_array_len=4, max_map_len=0, strict_map_key=True)
+    except Exception as e:  # msgpack raises several unrelated types; any is a bad hello
+        raise DataPathError(f"undecodable hello ({type(e).__name__})") from e
+    if (not isinstance(ticket_id, bytes) or len(ticket_id) != TICKET_ID_LEN or not isinstance(manifest_id, str)
+            or len(manifest_id) != 2 * HASH_LEN or not isinstance(mac, bytes) or len(mac) != 32
+            or mode != MODE_GET):
+        raise DataPathError("malformed hello")
+    return ticket_id, manifest_id, mac, mode
+
+
+def encode_request(path: str, index: int) -> bytes:
+    return _frame(msgpack.packb([path, index], use_bin_type=True))
+
+
+def decode_request(body: bytes) -> tuple[str, int]:
+    """Validate the msgpack body of a request (after its length)."""
+    try:
+        path, index = msgpack.unpackb(body, raw=False, max_bin_len=0, max_str_len=MAX_PATH_BYTES * 4,
+                                      max_array_len=2, max_map_len=0, strict_map_key=True)
     except Exception as e:  # msgpack raises several unrelated types; any is a bad request
         raise DataPathError(f"undecodable request ({type(e).__name__})") from e
-    if (not isinstance(ticket, bytes) or len(ticket) != TICKET_LEN or not isinstance(manifest_id, str)
-            or len(manifest_id) != 2 * HASH_LEN or not isinstance(path, str)
-            or not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < 1 << 32):
+    if not isinstance(path, str) or not isinstance(index, int) or isinstance(index, bool) \
+            or not 0 <= index < 1 << 32:
         raise DataPathError("malformed request")
-    return ticket, manifest_id, path, index
+    return path, index
+
+
+# ---------------------------------------------------------------------------------- TLS
+
+def make_tls() -> tuple[ssl.SSLContext, bytes]:
+    """A server context with a fresh self-signed certificate (EC P-256), and that
+    certificate's SHA-256, which peers pin (they learn it over libp2p)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "shoal-data")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=3650)).sign(key, hashes.SHA256()))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    # load_cert_chain reads files: a private temporary one, removed at once.
+    with tempfile.NamedTemporaryFile("wb", suffix=".pem") as pem:
+        os.chmod(pem.name, 0o600)
+        pem.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption()))
+        pem.write(cert.public_bytes(serialization.Encoding.PEM))
+        pem.flush()
+        context.load_cert_chain(pem.name)
+    return context, hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).digest()
+
+
+def _client_tls() -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.check_hostname = False  # the certificate is pinned by its hash instead (see module docstring)
+    context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 # ------------------------------------------------------------------------------ tickets
 
-class TicketBook:
-    """Short-lived tickets issued over the authenticated channel. Thread-safe, bounded."""
+@dataclass(frozen=True)
+class _Issued:
+    secret: bytes
+    peer: str
+    address: str | None
+    manifest_id: str
+    expires: float
 
-    def __init__(self, ttl: float = 60.0, clock=time.monotonic):
+
+class TicketBook:
+    """Tickets issued over the authenticated channel. Thread-safe, bounded."""
+
+    def __init__(self, ttl: float = TICKET_TTL, clock=time.monotonic):
         self.ttl, self._clock = ttl, clock
-        self._tickets: OrderedDict[bytes, tuple[str, float]] = OrderedDict()
+        self._tickets: OrderedDict[bytes, _Issued] = OrderedDict()
         self._lock = threading.Lock()
 
-    def issue(self, peer: str) -> bytes:
-        ticket = secrets.token_bytes(TICKET_LEN)
+    def issue(self, peer: str, manifest_id: str, address: str | None) -> Ticket:
+        """A ticket for ``peer`` to fetch chunks of ``manifest_id`` from ``address`` (its IP as
+        this agent saw it; None: any, for tools that have no libp2p connection)."""
+        ticket = Ticket(secrets.token_bytes(TICKET_ID_LEN), secrets.token_bytes(TICKET_SECRET_LEN))
         with self._lock:
-            self._tickets[ticket] = (peer, self._clock() + self.ttl)
+            self._tickets[ticket.id] = _Issued(ticket.secret, peer, address, manifest_id, self._clock() + self.ttl)
             while len(self._tickets) > MAX_TICKETS:
                 self._tickets.popitem(last=False)
         return ticket
 
-    def check(self, ticket: bytes) -> str | None:
-        """The peer a valid ticket was issued to, or None (unknown or expired)."""
+    def check(self, ticket_id: bytes, nonce: bytes, manifest_id: str, mac: bytes, address: str) -> str | None:
+        """The peer a valid hello comes from, or None (unknown or expired ticket, another
+        manifest or address, a wrong MAC)."""
         with self._lock:
-            entry = self._tickets.get(ticket)
-            if entry is None:
+            issued = self._tickets.get(ticket_id)
+            if issued is None:
                 return None
-            if entry[1] < self._clock():
-                del self._tickets[ticket]
+            if issued.expires < self._clock():
+                del self._tickets[ticket_id]
                 return None
-            return entry[0]
+        if issued.manifest_id != manifest_id or (issued.address is not None and issued.address != address):
+            return None
+        if not hmac.compare_digest(mac, hello_mac(issued.secret, nonce, manifest_id)):
+            return None
+        return issued.peer
 
 
 # ------------------------------------------------------------------------------ locating
 
-@dataclass(frozen=True)
-class ChunkLocation:
-    file: Path
-    offset: int
-    length: int
-
-
 class ChunkLocator(Protocol):
-    def locate(self, manifest_id: str, path: str, index: int) -> ChunkLocation | None:
-        """Where a *verified* chunk lies on disk, or None."""
+    def open_chunk(self, manifest_id: str, path: str, index: int) -> tuple[int, int, int] | None:
+        """(an open fd, offset, length) of a *verified* chunk, or None. The caller closes the fd."""
 
 
 class StoreLocator:
-    """Finds verified chunks in a ``Store`` (complete files and ``.partial`` ones)."""
+    """Finds verified chunks in a ``Store`` (complete files and ``.partial`` ones): one row
+    looked up per request, so a removed model is gone at once."""
+
+    MANIFESTS = 16
 
     def __init__(self, store):
         self.store = store
-        self._manifests: dict[str, tuple] = {}
+        self._manifests: OrderedDict[str, object] = OrderedDict()
         self._lock = threading.Lock()
 
-    def _model(self, manifest_id: str):
+    def _manifest(self, manifest_id: str):
         with self._lock:
-            cached = self._manifests.get(manifest_id)
-        if cached is None:
-            for info in self.store.models():
-                if info.manifest_id == manifest_id:
-                    cached = (info, self.store.manifest(manifest_id))
-                    break
-            else:
-                return None
+            manifest = self._manifests.get(manifest_id)
+        if manifest is None:
+            manifest = self.store.manifest(manifest_id)
             with self._lock:
-                self._manifests[manifest_id] = cached
-        return cached
+                self._manifests[manifest_id] = manifest
+                while len(self._manifests) > self.MANIFESTS:
+                    self._manifests.popitem(last=False)
+        return manifest
 
-    def locate(self, manifest_id: str, path: str, index: int) -> ChunkLocation | None:
-        found = self._model(manifest_id)
+    def open_chunk(self, manifest_id: str, path: str, index: int) -> tuple[int, int, int] | None:
+        from agent.store import open_model_file
+        found = self.store.holding(manifest_id=manifest_id)
         if found is None:
             return None
-        info, manifest = found
+        ref, _ = found
+        manifest = self._manifest(manifest_id)
         entry = next((f for f in manifest.files if f.path == path), None)
         if entry is None or not 0 <= index < len(entry.chunks):
             return None
-        if self.store.chunk_hashes(info.ref, path).get(index) != entry.chunks[index]:
+        if self.store.chunk_hashes(ref, path).get(index) != entry.chunks[index]:
             return None  # not verified here (yet)
         offset, length = chunk_span(entry.size, manifest.chunk_size, index)
-        final = info.dir / path
-        file = final if final.is_file() else final.with_name(final.name + PARTIAL_SUFFIX)
-        return ChunkLocation(file, offset, length)
+        try:
+            fd = open_model_file(self.store, self.store.find(ref), path, partial_ok=True)
+        except (FileNotFoundError, UnsafePath):
+            return None
+        return fd, offset, length
 
 
 # ------------------------------------------------------------------------------- server
@@ -171,25 +295,33 @@ class DataServer:
     moves the bytes kernel-side.
 
     Resource handling: ``start`` binds and returns the port; ``close`` stops accepting,
-    closes every connection and joins the threads; safe twice. At most ``slots``
+    closes every connection and joins the threads; safe twice. At most ``slots`` ticketed
     connections are served at once; one more is answered ``BUSY`` and closed.
     """
 
     def __init__(self, locator: ChunkLocator, tickets: TicketBook, *, host: str = "127.0.0.1",
-                 port: int = 0, slots: int = 8, idle_timeout: float = IDLE_TIMEOUT, rate: int | None = None):
+                 port: int = 0, slots: int = 8, idle_timeout: float = IDLE_TIMEOUT, rate: int | None = None,
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT, encrypt: bool = False):
         from agent.ratelimit import ThreadTokenBucket
         self.locator, self.tickets = locator, tickets
+        # With encryption: the TLS context, and the certificate hash offers carry.
+        self._tls, self.fingerprint = make_tls() if encrypt else (None, None)
         self.rate = ThreadTokenBucket(rate)  # the upload cap (SHOAL_UPLOAD_RATE), shared by all connections
-        self._listener = socket.create_server((host, port), backlog=64, reuse_port=False)
+        self._listener = socket.create_server((host, port), backlog=128, reuse_port=False)
         self.slots = slots  # connections served at once; changeable while running
         self._active = 0
+        self._pending = 0
+        self._pending_by: Counter = Counter()
+        self._by_address: Counter = Counter()
         self._idle = idle_timeout
+        self._handshake = handshake_timeout
         self._threads: set[threading.Thread] = set()
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._closed = False
         self.bytes_served = 0
         self.served_to: dict[str, int] = {}  # peer id -> bytes sent to it
+        self.refused = 0  # connections closed for a cap or a bad handshake
 
     @property
     def address(self) -> tuple[str, int]:
@@ -223,92 +355,190 @@ class DataServer:
     def _accept_loop(self) -> None:
         while True:
             try:
-                conn, _ = self._listener.accept()
+                conn, remote = self._listener.accept()
             except OSError:
                 return  # closed
+            address = remote[0]
             with self._lock:
-                free = self._active < self.slots
-                if free:
-                    self._active += 1
-            if not free:
-                _reply(conn, BUSY, b"all upload slots are taken; try another peer")
-                conn.close()
+                admitted = (not self._closed and self._pending < MAX_PENDING
+                            and self._pending_by[address] < MAX_PENDING_PER_ADDRESS
+                            and self._by_address[address] < MAX_PER_ADDRESS)
+                if admitted:
+                    self._pending += 1
+                    self._pending_by[address] += 1
+                    self._by_address[address] += 1
+                    thread = threading.Thread(target=self._serve, args=(conn, address), name="shoal-data",
+                                              daemon=True)
+                    self._conns.add(conn)
+                    self._threads.add(thread)
+                else:
+                    self.refused += 1
+            if not admitted:
+                conn.close()  # no thread, no read: a flood costs an accept and a close
                 continue
-            thread = threading.Thread(target=self._serve, args=(conn,), name="shoal-data", daemon=True)
-            with self._lock:
-                if self._closed:
-                    conn.close()
-                    self._active -= 1
-                    return
-                self._conns.add(conn)
-                self._threads.add(thread)
             thread.start()
 
-    def _serve(self, conn: socket.socket) -> None:
+    def _wrap(self, conn: socket.socket) -> ssl.SSLSocket:
+        conn.settimeout(self._handshake)
+        wrapped = self._tls.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+        with self._lock:  # close() must shut the socket in use
+            self._conns.discard(conn)
+            self._conns.add(wrapped)
+        wrapped.do_handshake()
+        return wrapped
+
+    def _handshake_peer(self, conn: socket.socket, address: str) -> tuple[str, str] | None:
+        """(peer, manifest id) of a valid hello within the handshake deadline, else None
+        (after telling the client why, where there is anything to tell)."""
+        deadline = time.monotonic() + self._handshake
+        nonce = secrets.token_bytes(NONCE_LEN)
+        conn.settimeout(self._handshake)
+        conn.sendall(MAGIC + nonce)
+        head = _recv_exact(conn, 2, deadline)
+        if head is None:
+            return None
+        (length,) = struct.unpack(">H", head)
+        if length > MAX_REQUEST:
+            _reply(conn, BAD_REQUEST, b"hello too large")
+            return None
+        body = _recv_exact(conn, length, deadline)
+        if body is None:
+            return None
         try:
-            conn.settimeout(self._idle)
+            ticket_id, manifest_id, mac, _ = decode_hello(body)
+        except DataPathError as e:
+            _reply(conn, BAD_REQUEST, str(e).encode())
+            return None
+        peer = self.tickets.check(ticket_id, nonce, manifest_id, mac, address)
+        if peer is None:
+            _reply(conn, DENIED, b"unknown, expired or misused ticket; ask the peer for a new one")
+            return None
+        return peer, manifest_id
+
+    def _serve(self, conn: socket.socket, address: str) -> None:
+        slot = False
+        pending = True
+        try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            while True:
-                head = _recv_exact(conn, len(MAGIC) + 2)
-                if head is None:
-                    return
-                if head[:len(MAGIC)] != MAGIC:
-                    _reply(conn, BAD_REQUEST, b"not a shoal data request")
-                    return
-                (length,) = struct.unpack(">H", head[len(MAGIC):])
-                if length > MAX_REQUEST:
-                    _reply(conn, BAD_REQUEST, b"request too large")
-                    return
-                body = _recv_exact(conn, length)
-                if body is None:
-                    return
-                try:
-                    ticket, manifest_id, path, index = decode_request(body)
-                except DataPathError as e:
-                    _reply(conn, BAD_REQUEST, str(e).encode())
-                    return
-                peer = self.tickets.check(ticket)
-                if peer is None:
-                    _reply(conn, DENIED, b"unknown or expired ticket; ask for a new one")
-                    return
-                where = self.locator.locate(manifest_id, path, index)
-                if where is None:
-                    _reply(conn, MISSING, b"chunk not held here")
-                    continue
-                conn.sendall(_HEADER.pack(OK, where.length))
-                with open(where.file, "rb") as f:
-                    # socket.sendfile is os.sendfile plus the waiting a socket with a
-                    # timeout (non-blocking underneath) needs. Under an upload cap it
-                    # goes in slices, each paid for first.
-                    if self.rate.rate:
-                        sent = 0
-                        while sent < where.length:
-                            step = min(RATE_SLICE, where.length - sent)
-                            self.rate.take(step)
-                            n = conn.sendfile(f, where.offset + sent, step)
-                            if n != step:
-                                break
-                            sent += n
-                    else:
-                        sent = conn.sendfile(f, where.offset, where.length)
-                if sent != where.length:
-                    return  # the file shrank under us: drop the connection
+            try:
+                if self._tls is not None:
+                    conn = self._wrap(conn)
+                granted = self._handshake_peer(conn, address)
+            except OSError:  # a timeout, a reset, a failed TLS handshake: no hello in time
+                granted = None
+            with self._lock:
+                self._pending -= 1
+                self._pending_by[address] -= 1
+                pending = False
+                if granted is not None and self._active < self.slots:
+                    self._active += 1
+                    slot = True
+            if granted is None:
                 with self._lock:
-                    self.bytes_served += where.length
-                    self.served_to[peer] = self.served_to.get(peer, 0) + where.length
+                    self.refused += 1
+                return
+            if not slot:
+                _reply(conn, BUSY, b"all upload slots are taken; try another peer")
+                return
+            peer, manifest_id = granted
+            _reply(conn, OK, b"")
+            conn.settimeout(self._idle)
+            self._serve_requests(conn, peer, manifest_id)
         except (OSError, socket.timeout):
             return
         finally:
             with self._lock:
+                if pending:
+                    self._pending -= 1
+                    self._pending_by[address] -= 1
+                if self._pending_by[address] <= 0:
+                    self._pending_by.pop(address, None)
+                self._by_address[address] -= 1
+                if self._by_address[address] <= 0:
+                    self._by_address.pop(address, None)
+                if slot:
+                    self._active -= 1
                 self._conns.discard(conn)
                 self._threads.discard(threading.current_thread())
-                self._active -= 1
             conn.close()
 
+    def _serve_requests(self, conn: socket.socket, peer: str, manifest_id: str) -> None:
+        while True:
+            head = _recv_exact(conn, 2)
+            if head is None:
+                return
+            (length,) = struct.unpack(">H", head)
+            if length > MAX_REQUEST:
+                _reply(conn, BAD_REQUEST, b"request too large")
+                return
+            body = _recv_exact(conn, length)
+            if body is None:
+                return
+            try:
+                path, index = decode_request(body)
+            except DataPathError as e:
+                _reply(conn, BAD_REQUEST, str(e).encode())
+                return
+            where = self.locator.open_chunk(manifest_id, path, index)
+            if where is None:
+                _reply(conn, MISSING, b"chunk not held here")
+                continue
+            fd, offset, length = where
+            try:
+                conn.sendall(_HEADER.pack(OK, length))
+                sent = self._send_chunk(conn, fd, offset, length)
+            finally:
+                os.close(fd)
+            if sent != length:
+                return  # the file shrank under us: drop the connection
+            with self._lock:
+                self.bytes_served += length
+                self.served_to[peer] = self.served_to.get(peer, 0) + length
 
-def _recv_exact(conn: socket.socket, n: int) -> bytes | None:
+    def _send_chunk(self, conn: socket.socket, fd: int, offset: int, length: int) -> int:
+        # socket.sendfile is os.sendfile plus the waiting a socket with a timeout
+        # (non-blocking underneath) needs. Under an upload cap it goes in slices,
+        # each paid for first.
+        if self._tls is not None:
+            return self._send_encrypted(conn, fd, offset, length)
+        with open(fd, "rb", closefd=False) as f:
+            if not self.rate.rate:
+                return conn.sendfile(f, offset, length)
+            sent = 0
+            while sent < length:
+                step = min(RATE_SLICE, length - sent)
+                self.rate.take(step)
+                n = conn.sendfile(f, offset + sent, step)
+                if n != step:
+                    break
+                sent += n
+            return sent
+
+
+    def _send_encrypted(self, conn: ssl.SSLSocket, fd: int, offset: int, length: int) -> int:
+        # No sendfile through TLS: pread blocks, each sealed by OpenSSL in one sendall.
+        sent = 0
+        while sent < length:
+            step = min(RATE_SLICE if self.rate.rate else TLS_BLOCK, length - sent)
+            self.rate.take(step)
+            data = os.pread(fd, step, offset + sent)
+            if not data:
+                break
+            conn.sendall(data)
+            sent += len(data)
+        return sent
+
+
+def _recv_exact(conn: socket.socket, n: int, deadline: float | None = None) -> bytes | None:
+    """``n`` bytes, or None if the peer closed first. With ``deadline``, the whole read must
+    finish by then (a client trickling a byte at a time gains nothing)."""
     data = bytearray()
     while len(data) < n:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout("deadline passed")
+            conn.settimeout(left)
         chunk = conn.recv(n - len(data))
         if not chunk:
             return None
@@ -326,7 +556,7 @@ def _reply(conn: socket.socket, status: int, message: bytes) -> None:
 # ------------------------------------------------------------------------------- client
 
 class DataClient:
-    """Blocking client with a pool of kept-alive connections per peer address.
+    """Blocking client with a pool of kept-alive connections per peer address and manifest.
 
     Connections are shared between threads (taken for one request, given back after), so a
     peer sees at most as many connections as requests in flight, never one per thread a
@@ -340,38 +570,62 @@ class DataClient:
 
     def __init__(self, *, connect_timeout: float = 5.0):
         self._connect_timeout = connect_timeout
-        self._idle: dict[tuple[str, int], list[socket.socket]] = {}
+        self._idle: dict[tuple, list[socket.socket]] = {}
         self._lock = threading.Lock()
 
-    def _take(self, address: tuple[str, int]) -> socket.socket:
+    def _take(self, address: tuple[str, int], ticket: Ticket, manifest_id: str, deadline: float,
+              what: str, tls: bytes | None) -> socket.socket:
+        key = (address, manifest_id, tls)
         with self._lock:
-            pool = self._idle.get(address)
+            pool = self._idle.get(key)
             if pool:
                 return pool.pop()
         conn = socket.create_connection(address, timeout=self._connect_timeout)
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn.settimeout(max(0.1, min(self._connect_timeout, deadline - time.monotonic())))
+            if tls is not None:
+                conn = _client_tls().wrap_socket(conn)
+                seen = hashlib.sha256(conn.getpeercert(binary_form=True) or b"").digest()
+                if not hmac.compare_digest(seen, tls):
+                    raise SourceUnavailable(f"{what}: the peer's TLS certificate is not the one it announced "
+                                            "over the swarm; someone may be in between", transient=False)
+            opening = _recv_exact(conn, len(MAGIC) + NONCE_LEN)
+            if opening is None or opening[:len(MAGIC)] != MAGIC:
+                raise SourceUnavailable(f"{what}: not a shoal data server (or an older version)", transient=False)
+            conn.sendall(encode_hello(ticket, opening[len(MAGIC):], manifest_id))
+            status, message = _read_status(conn)
+            if status == BUSY:
+                raise PeerBusy(f"{what}: busy: {message}")
+            if status != OK:
+                raise SourceUnavailable(f"{what}: {STATUS_NAMES.get(status, status)}: {message}", transient=False)
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
-    def _give(self, address: tuple[str, int], conn: socket.socket) -> None:
+    def _give(self, key: tuple, conn: socket.socket) -> None:
         with self._lock:
-            pool = self._idle.setdefault(address, [])
+            pool = self._idle.setdefault(key, [])
             if len(pool) < self.MAX_IDLE_PER_PEER:
                 pool.append(conn)
                 return
         conn.close()
 
-    def fetch(self, address: tuple[str, int], ticket: bytes, manifest_id: str, path: str, index: int,
-              into: memoryview, length: int, deadline: float, on_connection=None) -> None:
+    def fetch(self, address: tuple[str, int], ticket: Ticket, manifest_id: str, path: str, index: int,
+              into: memoryview, length: int, deadline: float, on_connection=None, tls: bytes | None = None) -> None:
         """``on_connection(conn)``: told the socket in use, so another thread can abort the
-        fetch by shutting it down (the endgame's losing copy)."""
+        fetch by shutting it down (the endgame's losing copy). ``tls``: the certificate hash
+        the peer announced; the connection is then encrypted and must present it."""
         what = f"peer {address[0]}:{address[1]} chunk {index} of {path}"
+        key = (address, manifest_id, tls)
         conn = None
         try:
-            conn = self._take(address)
+            conn = self._take(address, ticket, manifest_id, deadline, what, tls)
             if on_connection is not None:
                 on_connection(conn)
             conn.settimeout(max(0.1, deadline - time.monotonic()))
-            conn.sendall(encode_request(ticket, manifest_id, path, index))
+            conn.sendall(encode_request(path, index))
             header = _recv_exact(conn, _HEADER.size)
             if header is None:
                 raise SourceUnavailable(f"{what}: the peer closed the connection")
@@ -379,7 +633,7 @@ class DataClient:
             if status != OK:
                 message = (_recv_exact(conn, min(size, 4096)) or b"").decode(errors="replace")
                 if status == MISSING:
-                    self._give(address, conn)  # the connection is still good
+                    self._give(key, conn)  # the connection is still good
                     conn = None
                     raise NotFound(f"{what}: {message}")
                 if status == BUSY:
@@ -395,7 +649,7 @@ class DataClient:
                 if not n:
                     raise SourceUnavailable(f"{what}: body truncated after {got} of {length} bytes")
                 got += n
-            self._give(address, conn)
+            self._give(key, conn)
             conn = None
         except socket.timeout as e:
             raise PeerTimedOut(f"{what}: timed out ({e})") from e
@@ -411,3 +665,12 @@ class DataClient:
         for pool in pools.values():
             for conn in pool:
                 conn.close()
+
+
+def _read_status(conn: socket.socket) -> tuple[int, str]:
+    header = _recv_exact(conn, _HEADER.size)
+    if header is None:
+        raise SourceUnavailable("the peer closed the connection during the handshake")
+    status, size = _HEADER.unpack(header)
+    message = (_recv_exact(conn, min(size, 4096)) or b"").decode(errors="replace") if size else ""
+    return status, message

@@ -20,7 +20,7 @@ from agent.errors import IntegrityError, NotFound, SourceUnavailable
 from agent.manifest import ModelRef
 from agent.sources import ChunkNotHeld, ChunkRequest, ChunkSource
 from agent.store import blake3_hash
-from agent.swarm.datapath import DataClient, PeerBusy, PeerTimedOut
+from agent.swarm.datapath import DataClient, PeerBusy, PeerTimedOut, Ticket
 from agent.swarm.view import LanView
 
 LAN_TIMEOUT = 5.0
@@ -74,8 +74,8 @@ class LanPeerSource(ChunkSource):
                     with self._lock:
                         self._sockets.setdefault(key, []).append(conn)
                 try:
-                    self.client.fetch(peer.data, peer.ticket, self.manifest.id, path, index, into, request.length,
-                                      lan_deadline, on_connection=register)
+                    self.client.fetch(peer.data, Ticket.decode(peer.ticket), self.manifest.id, path, index, into,
+                                      request.length, lan_deadline, on_connection=register, tls=peer.tls)
                 finally:
                     with self._lock:
                         left = [c for c in self._sockets.get(key, []) if c not in mine]

@@ -64,6 +64,7 @@ class PeerView:
     banned: str | None = None
     bytes_down: int = 0
     missing: set[tuple[str, int]] = field(default_factory=set)  # asked, it said it lacks them
+    tls: bytes | None = None  # the peer's data server certificate (SHA-256), when it encrypts
 
 
 class LanView:
@@ -89,12 +90,12 @@ class LanView:
             view = self.peers.get(peer)
             if view is None:
                 view = self.peers[peer] = PeerView(peer, answer.data, answer.ticket, answer.have, answer.pulling,
-                                                   held, now, now)
+                                                   held, now, now, tls=answer.tls)
             else:
                 if held > view.held:
                     view.progressed = now
-                view.data, view.ticket, view.have, view.pulling, view.held = (
-                    answer.data, answer.ticket, answer.have, answer.pulling, held)
+                view.data, view.ticket, view.have, view.pulling, view.held, view.tls = (
+                    answer.data, answer.ticket, answer.have, answer.pulling, held, answer.tls)
                 view.missing = {(p, i) for p, i in view.missing if i not in answer.have.get(p, ())}
             self._counts = None
         self._notify()
