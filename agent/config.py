@@ -78,6 +78,11 @@ class Settings:
     # Who is in the swarm: holders of this shared secret, and (if set) only these peer ids.
     swarm_secret: str | None = field(default=None, repr=False)
     swarm_allow: str = ""
+    # With neither a secret nor an allowlist, the agent refuses to serve a LAN address
+    # unless this says the swarm is meant to be open.
+    swarm_open: bool = False
+    # Encrypt chunk bytes on the LAN data path (TLS 1.3, certificate pinned over libp2p).
+    encrypt_data: bool = False
     # Discovery besides the bootstrap list: mDNS on the LAN, the Kademlia DHT across subnets.
     mdns: bool = True
     dht: bool = True
@@ -125,6 +130,8 @@ _SOURCES: dict[str, tuple[str, str, object]] = {
     "swarm_peers": ("SHOAL_SWARM_PEERS", "swarm.peers", "list"),
     "swarm_secret": ("SHOAL_SWARM_SECRET", "swarm.secret", str),
     "swarm_allow": ("SHOAL_SWARM_ALLOW", "swarm.allow", "list"),
+    "swarm_open": ("SHOAL_SWARM_OPEN", "swarm.open", bool),
+    "encrypt_data": ("SHOAL_ENCRYPT_DATA", "swarm.encrypt_data", bool),
     "mdns": ("SHOAL_MDNS", "swarm.mdns", bool),
     "dht": ("SHOAL_DHT", "swarm.dht", bool),
 }

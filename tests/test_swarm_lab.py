@@ -32,6 +32,7 @@ def lab_agent(lab: netns.Lab, host: netns.Host, env: dict):
     # The guard lets the agent reach the lab's subnet and mDNS's group, nothing else.
     full["SHOAL_TEST_ALLOW_NET"] = f"{LAB_NET},224.0.0.251/32"
     full.update(SHOAL_SWARM="1", SHOAL_SWARM_HOST=host.ip, SHOAL_GATEWAY_PORT="0")
+    full.setdefault("SHOAL_SWARM_SECRET", "lab-room")  # a swarm on a LAN address must have one
     return lab.popen(host, [sys.executable, "-m", "agent.cli", "agent"], env=full,
                      stdout=open(Path(env["SHOAL_CACHE_DIR"]).parent / f"{host.name}.log", "w"),
                      stderr=__import__("subprocess").STDOUT)

@@ -126,22 +126,92 @@ async def test_a_node_answers_garbage_and_oversized_requests_with_an_error_and_k
     asker_store.close()
 
 
-async def test_a_node_refuses_peers_outside_its_swarm(tmp_path, model_dir):
+async def test_another_secret_is_another_private_network_and_its_dht_finds_nothing(tmp_path, model_dir):
+    """A stranger with another secret cannot even finish libp2p's handshake with the seed, so
+    it can ask nothing, and a DHT lookup of the seed's model finds no provider."""
     seeder = seeded_store(tmp_path / "seed", model_dir)
     stores = [Store(tmp_path / "member"), Store(tmp_path / "stranger")]
     async with trio.open_nursery() as nursery:
-        seed = await start_node(nursery, seeder, b"s" * 32, access=SwarmAccess("room-101"))
-        member = await start_node(nursery, stores[0], b"m" * 32, access=SwarmAccess("room-101"))
-        stranger = await start_node(nursery, stores[1], b"x" * 32, access=SwarmAccess("room-999"))
+        seed = await start_node(nursery, seeder, b"s" * 32, access=SwarmAccess("room-101"), dht=True)
+        member = await start_node(nursery, stores[0], b"m" * 32, access=SwarmAccess("room-101"), dht=True)
+        stranger = await start_node(nursery, stores[1], b"x" * 32, access=SwarmAccess("room-999"), dht=True)
+        await member.connect(seed.addrs[0])
+        await member.add_to_routing(seed.peer_id)
+        await seed.add_to_routing(member.peer_id)
+        assert (await member.ask(seed.peer_id, ref=REF)) is not None
+        manifest_id = seeder.find(REF).manifest_id
+        assert await seed.provide(MODEL_ID, "master", manifest_id)
+        with pytest.raises(trio.TooSlowError):
+            await stranger.connect(seed.addrs[0])
+        assert seed.peer_id not in stranger.connected()
+        assert await stranger.find_providers(REF) == {}
+        assert seed.peer_id in await member.find_providers(REF)
+        nursery.cancel_scope.cancel()
+    for store in (seeder, *stores):
+        store.close()
+
+
+async def test_an_allowlisted_swarm_answers_and_routes_only_its_members(tmp_path, model_dir):
+    """Without a secret, an allowlist: a stranger completes libp2p's handshake (it has an
+    identity) but gets no offer, no DHT answer, no place in the routing table, so the
+    seed never sends it provider records."""
+    seeder = seeded_store(tmp_path / "seed", model_dir)
+    stores = [Store(tmp_path / "member"), Store(tmp_path / "stranger")]
+    async with trio.open_nursery() as nursery:
+        member = await start_node(nursery, stores[0], b"m" * 32, dht=True)
+        seed = await start_node(nursery, seeder, b"s" * 32, dht=True,
+                                access=SwarmAccess(None, frozenset({member.peer_id})))
+        stranger = await start_node(nursery, stores[1], b"x" * 32, dht=True)
         for node in (member, stranger):
             await node.connect(seed.addrs[0])
+            await node.add_to_routing(seed.peer_id)
+            await seed.add_to_routing(node.peer_id)
+        from libp2p.peer.id import ID
+        assert not seed.dht.routing_table.peer_in_table(ID.from_base58(stranger.peer_id))  # not let in
         assert (await member.ask(seed.peer_id, ref=REF)) is not None
         with pytest.raises(NotInSwarm, match="own swarm"):
             await stranger.ask(seed.peer_id, ref=REF)
         assert stranger.peer_id in seed.refused
+        assert await seed.provide(MODEL_ID, "master", seeder.find(REF).manifest_id)
+        assert await stranger.find_providers(REF) == {}
+        assert seed.peer_id in await member.find_providers(REF)
+        assert not seed.dht.routing_table.peer_in_table(ID.from_base58(stranger.peer_id))
         nursery.cancel_scope.cancel()
     for store in (seeder, *stores):
         store.close()
+
+
+async def test_a_flood_of_idle_connections_does_not_keep_a_member_out(tmp_path, model_dir):
+    """400 TCP connections to the libp2p port that never start a handshake, from one
+    address: the node holds at most MAX_PREAUTH_PER_ADDRESS of them, and a member from
+    another address connects and is answered at once."""
+    from agent.swarm.node import MAX_PREAUTH_PER_ADDRESS
+    seeder = seeded_store(tmp_path / "seed", model_dir)
+    member_store = Store(tmp_path / "member")
+    flood = []
+    async with trio.open_nursery() as nursery:
+        seed = await start_node(nursery, seeder, b"s" * 32, access=SwarmAccess("room-101"))
+        member = await start_node(nursery, member_store, b"m" * 32, access=SwarmAccess("room-101"))
+        port = int(seed.addrs[0].split("/tcp/")[1].split("/")[0])
+        for _ in range(400):
+            sock = trio.socket.socket()
+            await sock.bind(("127.0.0.2", 0))
+            try:
+                await sock.connect(("127.0.0.1", port))
+            except OSError:
+                sock.close()
+                continue
+            flood.append(sock)
+        await trio.sleep(0.5)
+        assert seed.preauth_refused >= 400 - MAX_PREAUTH_PER_ADDRESS - 16  # a few may still be in accept
+        with trio.fail_after(3):
+            await member.connect(seed.addrs[0])
+            assert (await member.ask(seed.peer_id, ref=REF)) is not None
+        for sock in flood:
+            sock.close()
+        nursery.cancel_scope.cancel()
+    seeder.close()
+    member_store.close()
 
 
 async def test_dht_lookups_find_a_provider_across_a_20_node_swarm(tmp_path, model_dir):
@@ -176,10 +246,10 @@ async def test_dht_lookups_find_a_provider_across_a_20_node_swarm(tmp_path, mode
 def test_answers_round_trip(model_dir):
     manifest = manifest_from_dir(REF, model_dir, CHUNK)
     have = {f.path: set(range(0, len(f.chunks), 2)) for f in manifest.files}
-    data = encode_answer(manifest, manifest.encode(), None, have, True, ("10.0.0.2", 4242), b"t" * 32)
+    data = encode_answer(manifest, manifest.encode(), None, have, True, ("10.0.0.2", 4242), b"t" * 48)
     answer = parse_answer(data)
     assert answer.manifest.id == manifest.id and answer.have == have and answer.pulling
-    short = encode_answer(manifest, None, None, have, False, ("10.0.0.2", 4242), b"t" * 32)
+    short = encode_answer(manifest, None, None, have, False, ("10.0.0.2", 4242), b"t" * 48)
     assert parse_answer(short, manifest).have == have
     with pytest.raises(PeerBroken, match="no manifest"):
         parse_answer(short)

@@ -21,6 +21,7 @@ from typing import Callable
 import trio
 
 from agent.config import Settings
+from agent.errors import ConfigError
 from agent.manifest import ModelRef
 from agent.swarm.node import ASK_TIMEOUT, SwarmNode
 from agent.swarm.protocol import NotInSwarm, SwarmAccess
@@ -36,6 +37,21 @@ BOOTSTRAP_RETRY = 10.0
 ANNOUNCE_INTERVAL = 30.0
 
 
+def check_open_swarm(settings: Settings, access: SwarmAccess) -> None:
+    """An agent serves an open swarm (no secret, no allowlist) on a LAN address only when
+    its admin said so: anyone who can reach it could list and download what it holds."""
+    import ipaddress
+    try:
+        loopback = ipaddress.ip_address(settings.swarm_host).is_loopback
+    except ValueError:
+        loopback = settings.swarm_host == "localhost"
+    if access.open and not loopback and not settings.swarm_open:
+        raise ConfigError(
+            f"the swarm would be open to anyone who can reach {settings.swarm_host}: set a shared secret on every "
+            "machine of the room (SHOAL_SWARM_SECRET=... or swarm.secret in config.toml; `shoal room create` "
+            "makes one), or, if that is really what you want, swarm.open = true (SHOAL_SWARM_OPEN=1)")
+
+
 class Swarm:
     def __init__(self, settings: Settings, store, pulling: Callable[[str], bool]):
         from agent.swarm.trust import Identity
@@ -44,10 +60,11 @@ class Swarm:
         identity = Identity.load_or_create(Path(settings.cache_dir) / "identity.key")
         allow = frozenset(p.strip() for p in settings.swarm_allow.split(",") if p.strip())
         self.access = SwarmAccess(settings.swarm_secret, allow)
+        check_open_swarm(settings, self.access)
         self.node = SwarmNode(store, identity.seed, access=self.access, pulling=pulling,
                               listen_host=settings.swarm_host, listen_port=settings.swarm_port,
                               slots=settings.upload_slots, upload_rate=settings.upload_rate,
-                              mdns=settings.mdns, dht=settings.dht)
+                              mdns=settings.mdns, dht=settings.dht, encrypt=settings.encrypt_data)
         self.bootstrap = [a.strip() for a in settings.swarm_peers.split(",") if a.strip()]
         # peer id -> what `shoal peers` shows; "addr" is how we reach it
         self.peers: dict[str, dict] = {}
@@ -92,7 +109,12 @@ class Swarm:
             self._next_try.pop(peer, None)
             await self.node.add_to_routing(peer)
         except Exception as e:  # unreachable now: try again later
-            info.update(connected=False, error=str(e)[:200] or type(e).__name__)
+            if isinstance(e, trio.TooSlowError) and not self.access.open:
+                why = ("no secure handshake within the time allowed: the peer may be in another swarm "
+                       "(a different SHOAL_SWARM_SECRET), not a shoal agent, or overloaded")
+            else:
+                why = str(e)[:200] or type(e).__name__
+            info.update(connected=False, error=why)
             delay = BOOTSTRAP_RETRY if via == "bootstrap" else min(300.0, 2 * (info.get("fails", 0) + 1) * 5)
             info["fails"] = info.get("fails", 0) + 1
             self._next_try[peer] = time.monotonic() + delay

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from typing import Callable
 
 import trio
@@ -41,6 +41,12 @@ log = logging.getLogger("shoal.swarm")
 ASK_TIMEOUT = 5.0
 MAX_DISCOVERED = 1024
 MANIFEST_CACHE = 32
+# Connections that have not finished libp2p's secure handshake: per remote address and in
+# all (one more is closed at once), each given UPGRADE_TIMEOUT to finish. Members, who
+# finish in milliseconds, are never kept out by a stranger's flood from another address.
+MAX_PREAUTH = 64
+MAX_PREAUTH_PER_ADDRESS = 8
+UPGRADE_TIMEOUT = 5.0
 
 
 def _keypair(seed: bytes):
@@ -85,7 +91,7 @@ class SwarmNode:
     def __init__(self, store, seed: bytes, *, access: SwarmAccess | None = None,
                  pulling: Callable[[str], bool] = lambda ref: False, listen_host: str = "127.0.0.1",
                  listen_port: int = 0, data_host: str | None = None, slots: int = 16,
-                 upload_rate: int | None = None, mdns: bool = False, dht: bool = False):
+                 upload_rate: int | None = None, mdns: bool = False, dht: bool = False, encrypt: bool = False):
         import multiaddr
         from libp2p import new_host
         from libp2p.network.config import ConnectionConfig
@@ -94,9 +100,12 @@ class SwarmNode:
         self.pulling = pulling
         self.tickets = TicketBook()
         self.data = DataServer(StoreLocator(store), self.tickets, host=data_host or listen_host, slots=slots,
-                               rate=upload_rate)
-        # One connection per peer: py-libp2p waits ~250 ms per connect otherwise (DESIGN.md).
-        self.host = new_host(key_pair=_keypair(seed), connection_config=ConnectionConfig(max_connections_per_peer=1))
+                               rate=upload_rate, encrypt=encrypt)
+        # One connection per peer: py-libp2p waits ~250 ms per connect otherwise (docs/design.md).
+        config = ConnectionConfig(max_connections_per_peer=1, inbound_upgrade_timeout=UPGRADE_TIMEOUT,
+                                  outbound_upgrade_timeout=UPGRADE_TIMEOUT)
+        self.host = new_host(key_pair=_keypair(seed), connection_config=config, psk=self.access.psk)
+        self._install_admission()
         self._listen = [multiaddr.Multiaddr(f"/ip4/{listen_host}/tcp/{listen_port}")]
         self.host.set_stream_handler(PROTOCOL, self._answer)
         self._want_mdns, self._want_dht = mdns, dht
@@ -107,6 +116,7 @@ class SwarmNode:
         self.refused: dict[str, float] = {}  # peer id -> when we last refused it (outside the swarm)
         self.refused_by: set[str] = set()  # peers that told us we are outside their swarm
         self._manifests: OrderedDict[str, Manifest] = OrderedDict()
+        self.preauth_refused = 0  # connections closed for the pre-handshake caps
 
     @property
     def peer_id(self) -> str:
@@ -116,6 +126,54 @@ class SwarmNode:
     def addrs(self) -> list[str]:
         return [str(a) for a in self.host.get_addrs()]
 
+    def _install_admission(self) -> None:
+        """Caps on connections still in libp2p's handshake (see ``MAX_PREAUTH``): py-libp2p
+        holds an inbound slot for each until its upgrade ends, so without them idle
+        connections from one address could keep members out."""
+        import contextvars
+        network = self.host.get_network()
+        handle, upgrade = network._handle_inbound_connection, network.upgrade_inbound_raw_conn
+        pending: Counter = Counter()
+        current: contextvars.ContextVar = contextvars.ContextVar("shoal_preauth")
+
+        def release(holder: dict) -> None:
+            if holder["held"]:
+                holder["held"] = False
+                pending[holder["ip"]] -= 1
+                pending[None] -= 1
+                if pending[holder["ip"]] <= 0:
+                    del pending[holder["ip"]]
+
+        async def admitted(read_write_closer, maddr) -> None:
+            try:
+                remote = read_write_closer.get_remote_address()
+            except Exception:  # a transport without addresses: counted under one name
+                remote = None
+            ip = remote[0] if remote else "?"
+            if pending[None] >= MAX_PREAUTH or pending[ip] >= MAX_PREAUTH_PER_ADDRESS:
+                self.preauth_refused += 1
+                with trio.move_on_after(1):
+                    await read_write_closer.close()
+                return
+            holder = {"ip": ip, "held": True}
+            pending[ip] += 1
+            pending[None] += 1
+            current.set(holder)
+            try:
+                await handle(read_write_closer, maddr)
+            finally:
+                release(holder)
+
+        async def upgraded(raw_conn, maddr):
+            try:
+                return await upgrade(raw_conn, maddr)
+            finally:  # through the handshake (or failed it): no longer pending
+                holder = current.get(None)
+                if holder is not None:
+                    release(holder)
+        network._handle_inbound_connection = admitted
+        network.upgrade_inbound_raw_conn = upgraded
+
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         self.data.start()
         try:
@@ -123,7 +181,10 @@ class SwarmNode:
                 if self._want_dht:
                     from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
                     from libp2p.tools.anyio_service import background_trio_service
+                    # py-libp2p 0.8.1 ignores protocol_prefix and registers /ipfs/kad/1.0.0: the
+                    # private network (secret) and _gate_dht (allowlist) keep the DHT to members.
                     self.dht = KadDHT(self.host, DHTMode.SERVER, protocol_prefix=f"/shoal/{self.access.tag}")
+                    self._gate_dht()
                     async with background_trio_service(self.dht):
                         await self._serve_discovery(task_status)
                 else:
@@ -149,6 +210,34 @@ class SwarmNode:
                 step()
             except Exception as e:  # best effort: the process is on its way out
                 log.debug("mDNS shutdown: %s", e)
+
+    def _gate_dht(self) -> None:
+        """Only members in the routing table, only members' DHT streams answered (for a swarm
+        with an allowlist; a secret already keeps strangers off every libp2p connection)."""
+        if not self.access.allow:
+            return
+        from libp2p.kad_dht.common import PROTOCOL_ID
+        dht, table = self.dht, self.dht.routing_table
+        add_peer = table.add_peer
+
+        async def add_member(peer, *args, **kwargs):
+            peer_id = getattr(peer, "peer_id", peer)
+            if not self.access.member(str(peer_id)):
+                return False
+            return await add_peer(peer, *args, **kwargs)
+
+        async def handle(stream) -> None:
+            if not self.access.member(str(stream.muxed_conn.peer_id)):
+                self.refused[str(stream.muxed_conn.peer_id)] = time.time()
+                with trio.move_on_after(1):
+                    try:
+                        await stream.reset()
+                    except Exception:  # already gone
+                        pass
+                return
+            await dht.handle_stream(stream)
+        table.add_peer = add_member
+        self.host.set_stream_handler(PROTOCOL_ID, handle)
 
     # ------------------------------------------------------------------ discovery
 
@@ -233,7 +322,7 @@ class SwarmNode:
                 self._manifests.popitem(last=False)
         return manifest, data
 
-    def _answer_for(self, data: bytes, peer: str) -> tuple[bytes, bool]:
+    def _answer_for(self, data: bytes, peer: str, address: str | None) -> tuple[bytes, bool]:
         """The answer to one request, and whether the asker was refused as an outsider."""
         try:
             request = parse_request(data)
@@ -257,15 +346,21 @@ class SwarmNode:
                 for path, held in self.store.held_chunks(ref).items() if path in expected}
         return encode_answer(manifest, None if request.known else manifest_bytes,
                              self.store.signature(manifest_id), have, self.pulling(str(ref)),
-                             self.data.address, self.tickets.issue(peer)), False
+                             self.data.address, self.tickets.issue(peer, manifest_id, address).encode(),
+                             self.data.fingerprint), False
 
     async def _answer(self, stream) -> None:
         peer = str(stream.muxed_conn.peer_id)
         refuse = False
         try:
+            remote = stream.get_remote_address()
+        except Exception:  # no address known for this stream: the ticket is then refused at the data port
+            remote = None
+        try:
             with trio.fail_after(ASK_TIMEOUT):
                 request = await _read_all(stream, MAX_REQUEST)
-                answer, refuse = await trio.to_thread.run_sync(self._answer_for, request, peer)
+                answer, refuse = await trio.to_thread.run_sync(self._answer_for, request, peer,
+                                                                remote[0] if remote else "unknown")
                 await stream.write(answer)
         except (PeerBroken, trio.TooSlowError) as e:
             try:

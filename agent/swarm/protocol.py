@@ -29,7 +29,7 @@ from agent.manifest import Manifest, decode, is_manifest_id
 PROTOCOL = "/shoal/offer/2.0.0"
 MAX_REQUEST = 4 * 1024
 MAX_ANSWER = 8 * 1024 * 1024  # a manifest of ~100k files still fits
-TICKET_LEN = 32
+TICKET_LEN = 48  # agent.swarm.datapath.Ticket: a 16-byte id and a 32-byte secret
 NOT_HELD, NOT_IN_SWARM, BAD_REQUEST = "not-held", "not-in-swarm", "bad-request"
 
 
@@ -69,6 +69,21 @@ class SwarmAccess:
         if self._key is None:
             return "open"
         return hashlib.sha256(b"shoal-swarm-tag:" + self._key).hexdigest()[:16]
+
+    @property
+    def psk(self) -> str | None:
+        """The libp2p private-network key (hex) of a swarm with a secret: every libp2p
+        connection, the DHT's included, is then encrypted with it before anything else, so an
+        agent without the secret cannot complete a handshake, look anything up or be told
+        anything (py-libp2p's pnet: XSalsa20 under the Noise channel's own encryption)."""
+        if self._key is None:
+            return None
+        return hashlib.sha256(b"shoal-pnet-v1:" + self._key).hexdigest()
+
+    def member(self, peer: str) -> bool:
+        """Whether ``peer`` (a Noise-authenticated id) may take part: with an allowlist, only
+        those listed; with a secret alone, whoever completed the private-network handshake."""
+        return not self.allow or peer in self.allow
 
     def proof(self, asker: str, answerer: str) -> bytes | None:
         if self._key is None:
@@ -143,11 +158,12 @@ def indices(bits: bytes, count: int) -> set[int]:
 
 
 def encode_answer(manifest: Manifest, manifest_bytes: bytes | None, signature: bytes | None,
-                  have: dict[str, set[int]], pulling: bool, data: tuple[str, int], ticket: bytes) -> bytes:
+                  have: dict[str, set[int]], pulling: bool, data: tuple[str, int], ticket: bytes,
+                  tls: bytes | None = None) -> bytes:
     return msgpack.packb({
         "manifest_id": manifest.id, "manifest": manifest_bytes, "signature": signature,
         "have": {f.path: bitmap(have.get(f.path, ()), len(f.chunks)) for f in manifest.files},
-        "pulling": pulling, "data": [data[0], data[1]], "ticket": ticket}, use_bin_type=True)
+        "pulling": pulling, "data": [data[0], data[1]], "ticket": ticket, "tls": tls}, use_bin_type=True)
 
 
 def encode_error(code: str, text: str) -> bytes:
@@ -165,6 +181,7 @@ class Answer:
     pulling: bool
     data: tuple[str, int]
     ticket: bytes
+    tls: bytes | None = None  # SHA-256 of the data server's TLS certificate, when it encrypts
     peer: str = ""  # set by the asker: who answered
 
 
@@ -209,13 +226,15 @@ def parse_answer(data: bytes, known: Manifest | None = None) -> Answer:
         pulling = message.get("pulling", False)
         host, port = message["data"]
         ticket = message["ticket"]
+        tls = message.get("tls")
         if (not isinstance(pulling, bool) or not isinstance(host, str) or len(host) > 64
                 or not isinstance(port, int) or not 0 < port < 65536
-                or not isinstance(ticket, bytes) or len(ticket) != TICKET_LEN):
-            raise ValueError("pulling, data address or ticket")
+                or not isinstance(ticket, bytes) or len(ticket) != TICKET_LEN
+                or not (tls is None or (isinstance(tls, bytes) and len(tls) == 32))):
+            raise ValueError("pulling, data address, ticket or TLS fingerprint")
     except (KeyError, TypeError, ValueError, ShoalError) as e:
         raise PeerBroken(f"malformed offer ({e})"[:300]) from e
-    return Answer(manifest, raw, signature, have, pulling, (host, port), ticket)
+    return Answer(manifest, raw, signature, have, pulling, (host, port), ticket, tls)
 
 
 def _unpack(data: bytes, *, max_len: int) -> dict:
