@@ -405,17 +405,6 @@ def cmd_config(args) -> int:
     return 0
 
 
-class JsonLogFormatter(logging.Formatter):
-    """One JSON object per line: what journald and log shippers parse without rules."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {"ts": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name,
-                 "msg": record.getMessage()}
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
-
-
 def cmd_id(args) -> int:
     from agent.swarm.trust import Identity
     settings = _settings(args)
@@ -458,6 +447,7 @@ def cmd_agent(args) -> int:
     settings = _settings(args)
     logging.getLogger("shoal").setLevel(logging.INFO)
     if args.log_json:
+        from agent.logs import JsonLogFormatter
         for handler in logging.getLogger().handlers:
             handler.setFormatter(JsonLogFormatter())
 
@@ -615,8 +605,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from agent.logs import configure
+    configure(args.verbose)
     try:
         return args.func(args)
     except ShoalError as e:

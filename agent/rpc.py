@@ -10,6 +10,7 @@ answers with zero or more ``{"event": map}`` frames (progress of a pull) and the
 
 from __future__ import annotations
 
+import re
 import socket
 import struct
 
@@ -18,6 +19,7 @@ import msgpack
 from agent.errors import ShoalError
 
 MAX_FRAME = 1024 * 1024
+_METHOD = re.compile(r"[a-z_]{1,64}")
 _HEADER = struct.Struct(">I")
 
 
@@ -70,8 +72,8 @@ class FrameDecoder:
 def check_call(message: dict) -> tuple[str, dict]:
     """Validate a call frame; return (method, params)."""
     method, params = message.get("method"), message.get("params", {})
-    if not isinstance(method, str) or not method or len(method) > 64:
-        raise ProtocolError("a call needs a 'method' string")
+    if not isinstance(method, str) or not _METHOD.fullmatch(method):
+        raise ProtocolError("a call needs a 'method': a name of lowercase letters and '_' (at most 64)")
     if not isinstance(params, dict) or not all(isinstance(k, str) for k in params):
         raise ProtocolError("'params' must be a map with string keys")
     return method, params

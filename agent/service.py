@@ -24,13 +24,12 @@ client sends can stop the agent.
 
 from __future__ import annotations
 
+import contextvars
 import fcntl
 import grp
 import json
 import logging
 import os
-import socket as stdlib_socket
-import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ from pathlib import Path
 import trio
 
 from agent import __version__
+from agent.access import refusal, uid_allowed, unix_peer_uid
 from agent.config import Settings, describe, parse_size
 from agent.errors import NotFound, ShoalError, StoreLocked, UsageError
 from agent.manifest import ModelRef, is_manifest_id
@@ -45,15 +45,24 @@ from agent.swarm.trust import TrustPolicy
 from agent.metrics import Metrics
 from agent.pull import event_to_wire, make_sources, pull, result_to_wire
 from agent.ratelimit import TokenBucket
+from agent.logs import escape
 from agent.rpc import FrameDecoder, ProtocolError, check_call, encode_frame, error_frame
+from agent.safefs import SafeDir
 from agent.store import Store, model_row
 
 log = logging.getLogger("shoal.agent")
 
 READ_TIMEOUT = 10.0  # seconds a client has to send its call
+SEND_TIMEOUT = 5.0  # seconds a client has to take an answer
+EVENT_TIMEOUT = 60.0  # seconds a client following a pull may leave a progress frame unread
 SUBSCRIBER_BUFFER = 512  # events queued per client before progress events are dropped
-MAX_CONNECTIONS = 64
+MAX_CONNECTIONS = 256  # control connections at once; one more is told so and closed
+MAX_CALLS = 64  # calls being worked on at once (not counting answers waiting to be read)
 MAX_DRAIN = 1024 * 1024  # bytes read and dropped from a refused caller
+
+
+# The uid of the control-API caller being served (each connection runs in its own task).
+CALLER_UID: contextvars.ContextVar[int] = contextvars.ContextVar("caller_uid")
 
 
 class AgentRunning(ShoalError):
@@ -129,7 +138,8 @@ class Agent:
         self.gateway_url: str | None = None
         self._nursery: trio.Nursery | None = None
         # Bounded: a flood of connections waits here instead of growing tasks without end.
-        self._control_slots = trio.CapacityLimiter(MAX_CONNECTIONS)
+        self._connections = trio.CapacityLimiter(MAX_CONNECTIONS)
+        self._calls = trio.CapacityLimiter(MAX_CALLS)
 
     def close(self) -> None:
         self.chats.close_all()
@@ -231,55 +241,81 @@ class Agent:
                 await nursery.start(trio.serve_listeners, self._handle_control, [listener])
                 info = {"pid": os.getpid(), "socket": str(self.settings.socket_path),
                         "gateway": self.gateway_url, "version": __version__}
-                (Path(self.settings.cache_dir) / "agent.json").write_text(json.dumps(info))
+                self.store.root_dir.write_atomic("agent.json", json.dumps(info).encode())
                 log.info("agent ready: %s", info)
                 task_status.started(info)
         finally:
-            for path in (self.settings.socket_path, Path(self.settings.cache_dir) / "agent.json"):
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
+            try:
+                os.unlink(self.settings.socket_path)
+            except FileNotFoundError:
+                pass
+            if self.store.root_dir.fd >= 0:
+                self.store.root_dir.unlink("agent.json", missing_ok=True)
             os.close(lock_fd)
 
     # ---------------------------------------------------------- control API
 
     async def _handle_control(self, stream: trio.SocketStream) -> None:
-        async with self._control_slots, stream:
+        async with stream:
             try:
-                uid = _peer_uid(stream.socket)
-                if not _uid_allowed(uid, self.settings.control_group):
-                    await self._refuse(stream, uid)
-                    return
+                self._connections.acquire_nowait()
+            except trio.WouldBlock:
+                with trio.move_on_after(1):
+                    await _try_send(stream, error_frame(ShoalError(
+                        f"the agent has {MAX_CONNECTIONS} control connections open; try again shortly")))
+                return
+            try:
+                await self._serve_call(stream)
+            finally:
+                self._connections.release()
+
+    async def _serve_call(self, stream: trio.SocketStream) -> None:
+        """One call: who is calling, the call, the work (under ``MAX_CALLS``), the answer.
+        An answer the client does not read within ``SEND_TIMEOUT`` is dropped with the
+        connection: it holds no call slot meanwhile, so it delays nobody else."""
+        try:
+            uid = unix_peer_uid(stream.socket)
+            if not uid_allowed(uid, self.settings.control_group):
+                await self._refuse(stream, uid)
+                return
+            CALLER_UID.set(uid)
+            async with self._calls:
                 with trio.fail_after(READ_TIMEOUT):
                     message = await _read_one(stream)
                 method, params = check_call(message)
+                model = params.get("model")
                 log.log(logging.DEBUG if method in ("status", "list") else logging.INFO,
-                        "call %s %s from uid %d", method, params.get("model", ""), uid)
+                        "call %s %s from uid %d", method, escape(model[:300]) if isinstance(model, str) else "", uid)
                 handler = getattr(self, f"rpc_{method}", None)
                 if handler is None:
                     raise ProtocolError(f"unknown method {method!r}")
 
                 async def send_event(event: dict) -> None:
-                    await stream.send_all(encode_frame({"event": event}))
-                result = await handler(params, send_event)
-                await stream.send_all(encode_frame({"result": result}))
-            except trio.TooSlowError:
-                await _try_send(stream, error_frame(ProtocolError("no call arrived in time")))
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass  # the client went away; a pull it followed is released by `follow`
-            except ShoalError as e:
+                    # A client that stops reading this long loses its call, never the agent's time.
+                    with trio.fail_after(EVENT_TIMEOUT):
+                        await stream.send_all(encode_frame({"event": event}))
+                answer = encode_frame({"result": await handler(params, send_event)})
+            with trio.fail_after(SEND_TIMEOUT):
+                await stream.send_all(answer)
+        except trio.TooSlowError:
+            with trio.move_on_after(SEND_TIMEOUT):
+                await _try_send(stream, error_frame(ProtocolError("no call arrived in time, or the answer "
+                                                                  "was not read in time")))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client went away; a pull it followed is released by `follow`
+        except ShoalError as e:
+            with trio.move_on_after(SEND_TIMEOUT):
                 await _try_send(stream, error_frame(e))
-            except Exception as e:
-                log.exception("control call failed")
+        except Exception as e:
+            log.exception("control call failed")
+            with trio.move_on_after(SEND_TIMEOUT):
                 await _try_send(stream, error_frame(e))
 
     async def _refuse(self, stream: trio.SocketStream, uid: int) -> None:
         """Tell another user no, without acting on (or parsing) anything they send."""
-        group = self.settings.control_group
-        await _try_send(stream, error_frame(ProtocolError(
-            f"uid {uid} may not use this agent: only its owner (uid {os.getuid()})"
-            + (f" and group {group}" if group else "") + " may; ask the lab admin to add you to the agent's group")))
+        log.warning("control socket: refused uid %d", uid)
+        with trio.move_on_after(SEND_TIMEOUT):
+            await _try_send(stream, error_frame(ProtocolError(refusal(uid, self.settings.control_group))))
         # Drain (bounded) what they sent, so closing does not reset the connection and
         # destroy the answer before they read it.
         with trio.move_on_after(1):
@@ -299,9 +335,19 @@ class Agent:
     async def rpc_pull(self, params, send_event):
         ref = self._ref(params)
         to = params.get("to")
-        if to is not None and not isinstance(to, str):
-            raise UsageError("'to' must be a directory path")
-        active = self.start_pull(ref, Path(to).resolve() if to else None)
+        if to is not None:
+            # Where the agent writes is its own business and root's: anyone else (the
+            # control group) gets the cache's own model folder. See agent.safefs for how
+            # the folder itself is then opened.
+            if CALLER_UID.get() not in (os.getuid(), 0):
+                raise UsageError(f"only the agent's own user (uid {os.getuid()}) or root may pull into a folder "
+                                 "of their choosing (--to); leave --to out and use the cache's folder "
+                                 "(`shoal ls` shows it)")
+            if not isinstance(to, str) or not os.path.isabs(to) or "\0" in to:
+                raise UsageError("'to' must be an absolute directory path")
+            from agent.pull import check_target
+            to = check_target(Path(to), self.settings.cache_dir)
+        active = self.start_pull(ref, to)
         return await self.follow(active, send_event)
 
     async def rpc_cancel(self, params, send_event):
@@ -440,8 +486,10 @@ class Agent:
         # Detection imports torch: done once, in a child process, so the agent never loads it.
         if self._devices is None:
             import sys
+            from agent.launcher.jobs import job_environment
             result = await trio.run_process([sys.executable, "-m", "agent.cli", "doctor", "--json"],
-                                            capture_stdout=True, capture_stderr=True, check=False)
+                                            capture_stdout=True, capture_stderr=True, check=False,
+                                            env=job_environment())
             if result.returncode != 0:
                 raise ShoalError(f"device detection failed: {result.stderr.decode(errors='replace')[-500:]}")
             self._devices = json.loads(result.stdout)
@@ -545,8 +593,8 @@ async def _try_send(stream, message: dict) -> None:
 
 
 def _take_agent_lock(cache_dir: Path) -> int:
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(cache_dir / "agent.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    with SafeDir.open(cache_dir, create=True) as root:
+        fd = root.open_file("agent.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -576,26 +624,6 @@ async def _unix_listener(path: Path, group: str | None) -> trio.SocketListener:
         os.chmod(path, 0o660)
     sock.listen(MAX_CONNECTIONS)
     return trio.SocketListener(sock)
-
-
-def _peer_uid(sock) -> int:
-    creds = sock.getsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_PEERCRED, struct.calcsize("3i"))
-    _, uid, _ = struct.unpack("3i", creds)
-    return uid
-
-
-def _uid_allowed(uid: int, group: str | None) -> bool:
-    if uid in (os.getuid(), 0):
-        return True
-    if group:
-        try:
-            import pwd
-            entry = grp.getgrnam(group)
-            user = pwd.getpwuid(uid)
-            return user.pw_gid == entry.gr_gid or user.pw_name in entry.gr_mem
-        except KeyError:
-            return False
-    return False
 
 
 async def serve_agent(settings: Settings, *, task_status=trio.TASK_STATUS_IGNORED) -> None:

@@ -141,7 +141,7 @@ def test_malformed_and_oversized_frames_get_an_error_and_the_agent_keeps_running
     frame = lambda body: struct.pack(">I", len(body)) + body  # noqa: E731
     not_a_map = _raw_call(path, frame(b"\x93\x01\x02\x03"))
     assert "must hold a map" in FrameDecoder().feed(not_a_map)[0]["error"]["message"]
-    unknown = _raw_call(path, frame(b"\x81\xa6method\xaashutdown!!"))
+    unknown = _raw_call(path, frame(b"\x81\xa6method\xacshutdown_now"))
     assert "unknown method" in FrameDecoder().feed(unknown)[0]["error"]["message"]
 
     @settings(max_examples=40, deadline=None)
