@@ -39,6 +39,21 @@ FINAL = {"done", "failed", "cancelled"}
 CANCEL_GRACE = 10.0  # seconds between SIGTERM and SIGKILL of a job's process group
 
 
+# A job runs code the agent did not write (ms-swift, a model's own Python): it gets the
+# agent's environment without the agent's credentials (the OSS keys, the swarm secret, hub
+# tokens), which it has no use for and must not be able to read or leak.
+_SECRET_NAMES = ("OSS_ACCESS_KEY_ID", "OSS_ACCESS_KEY_SECRET", "OSS_SESSION_TOKEN", "SHOAL_SWARM_SECRET",
+                 "MODELSCOPE_API_TOKEN")
+_SECRET_MARKS = ("SECRET", "TOKEN", "PASSWORD", "ACCESS_KEY", "CREDENTIAL")
+
+
+def job_environment(base: dict[str, str] | None = None) -> dict[str, str]:
+    """``base`` (default: this process's environment) without credentials of any kind."""
+    env = dict(os.environ if base is None else base)
+    return {k: v for k, v in env.items()
+            if k not in _SECRET_NAMES and not any(mark in k.upper() for mark in _SECRET_MARKS)}
+
+
 def next_state(state: str, event: str) -> str:
     try:
         return TRANSITIONS[(state, event)]
@@ -160,7 +175,7 @@ class JobStore:
         try:
             supervisor = subprocess.Popen(
                 [sys.executable, "-m", "agent.launcher.supervise", str(self.dir(job.id))],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=job_environment(env), cwd=cwd,
                 start_new_session=True)
         except OSError as e:
             return self.transition(job, "failed", detail={**job.detail, "error": str(e)})
@@ -180,7 +195,7 @@ class JobStore:
         job = self.new_record(kind, model, argv, detail)
         self.save(job)
         try:
-            child = subprocess.Popen(argv)
+            child = subprocess.Popen(argv, env=job_environment())
         except OSError as e:
             return self.transition(job, "failed", detail={**job.detail, "error": str(e)})
         job = self.transition(job, "started", pid=child.pid)

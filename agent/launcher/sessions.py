@@ -18,7 +18,7 @@ import subprocess
 import trio
 
 from agent.errors import NotFound, ShoalError
-from agent.launcher.jobs import Job, JobStore
+from agent.launcher.jobs import Job, JobStore, job_environment
 
 MAX_LINE = 1024 * 1024
 MAX_SESSIONS = 4
@@ -98,7 +98,7 @@ class ChatSessions:
         log = open(self.jobs.log_path(job.id), "ab")
         try:
             process = await trio.lowlevel.open_process(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                                       stderr=log, start_new_session=True)
+                                                       stderr=log, start_new_session=True, env=job_environment())
         finally:
             log.close()
         self.jobs.save(job)
