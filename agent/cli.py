@@ -37,6 +37,7 @@ class PullReporter:
         self._seen_troubles: set[str] = set()
         self._last_line = 0.0
         self._width = 0
+        self.first_byte_s: float | None = None  # from this process's start to the first chunk
 
     def _json(self, **payload) -> None:
         print(json.dumps(payload), file=self.stream, flush=True)
@@ -55,6 +56,9 @@ class PullReporter:
                           + (f"; {human_bytes(event['already_bytes'])} already here" if event["already_bytes"] else "")
                           + ")")
         elif kind == "chunk" and self.progress is not None:
+            if self.first_byte_s is None:
+                from agent.cpu import process_started
+                self.first_byte_s = round(time.time() - process_started(), 3)
             self.progress.add(event["source"], event["nbytes"], now)
             settled = now - self.progress.started >= 0.5  # no speed or ETA from one tiny chunk
             if settled and now - self._last_line >= (0.2 if self.tty else 0.5 if self.json_mode else 5.0):
@@ -116,7 +120,8 @@ class PullReporter:
         elapsed = result["elapsed_s"]
         speed = sum(fetched.values()) / elapsed if elapsed else 0
         if self.json_mode:
-            self._json(event="done", **{k: v for k, v in result.items() if k != "troubles"})
+            self._json(event="done", **{k: v for k, v in result.items() if k != "troubles"},
+                       first_byte_s=self.first_byte_s)
         else:
             self._say(f"done: {result['model']} in {result['directory']}\n"
                       f"  {human_bytes(result['total_bytes'])} verified; fetched "

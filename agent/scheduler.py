@@ -25,6 +25,7 @@ from typing import Callable
 import trio
 
 from agent.config import Settings
+from agent.cpu import LEDGER
 from agent.errors import (CredentialsRejected, IntegrityError, NotFound, ShoalError,
                           SourceUnavailable, single_error)
 from agent.manifest import ModelRef, chunk_span
@@ -133,14 +134,17 @@ def _fetch_verify_write(source: ChunkSource, ref: ModelRef, task: FileTask, inde
     pf = task.file
     offset, length = chunk_span(pf.size, pf.chunk_size, index)
     view = memoryview(buffer)[:length]
-    source.fetch(ref, ChunkRequest(pf.rel, offset, length, pf.size), view, deadline)
-    digest = blake3_hash(view)
+    with LEDGER.account("recv"):
+        source.fetch(ref, ChunkRequest(pf.rel, offset, length, pf.size), view, deadline)
+    with LEDGER.account("hash"):
+        digest = blake3_hash(view)
     if task.expected is not None and digest != task.expected[index]:
         raise IntegrityError(f"{source.label} sent chunk {index} of {pf.rel} whose BLAKE3 "
                              "does not match the manifest; it was not written")
     if not claim():
         return False
-    pf.write_chunk(index, view, digest, source.name)
+    with LEDGER.account("write"):
+        pf.write_chunk(index, view, digest, source.name)
     return True
 
 

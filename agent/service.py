@@ -39,6 +39,7 @@ import trio
 from agent import __version__
 from agent.access import refusal, uid_allowed, unix_peer_uid
 from agent.config import Settings, describe, parse_size
+from agent.cpu import snapshot as cpu_snapshot
 from agent.errors import NotFound, ShoalError, StoreLocked, UsageError
 from agent.manifest import ModelRef, is_manifest_id
 from agent.swarm.trust import TrustPolicy
@@ -366,7 +367,7 @@ class Agent:
                 "cache_dir": str(self.settings.cache_dir), "socket": str(self.settings.socket_path),
                 "gateway": self.gateway_url, "usage_bytes": usage, "quota_bytes": self.settings.quota,
                 "download_rate": self.download.rate, "upload_rate": self.upload.rate,
-                "upload_slots": self.upload_slots.total_tokens,
+                "upload_slots": self.upload_slots.total_tokens, "cpu": cpu_snapshot(),
                 "pulls": [p.snapshot() for p in self.pulls.values()],
                 "sources": [s.label for s in self.sources],
                 "swarm": None if self.swarm is None else {

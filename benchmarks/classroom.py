@@ -60,8 +60,11 @@ def serve_origin(args) -> int:
     for line in sys.stdin:  # "bytes" -> payload bytes served since the last ask
         if line.strip() == "bytes":
             total = server.faults.data_bytes("/files/")
+            seen: dict = {}
+            for entry in server.faults.data_requests("/files/"):
+                seen[(entry.path, entry.range)] = seen.get((entry.path, entry.range), 0) + 1
             server.faults.clear_log()
-            print(json.dumps({"bytes": total}), flush=True)
+            print(json.dumps({"bytes": total, "dup_chunks": sum(n - 1 for n in seen.values())}), flush=True)
     server.close()
     return 0
 
@@ -122,12 +125,14 @@ def run_class(lab: netns.Lab, hosts: list, origin_url: str, root: Path, *, shari
         finished.append(time.monotonic() - started)
         results.append(json.loads([line for line in out.splitlines() if line.startswith("{")][-1]))
     uploads = {h.name: lab.tx_bytes(h) - tx_before[h.name] for h in hosts}
+    statuses = [json.loads(shoal(["status", "--json"], env).stdout or "{}") for env in envs]
     for proc in procs:
         proc.send_signal(signal.SIGTERM)
     for proc in procs:
         proc.wait(timeout=30)
     return {"last_done_s": max(r["elapsed_s"] for r in results) if results else max(finished),
-            "wall_s": max(finished), "results": results, "uploads": uploads}
+            "wall_s": max(finished), "results": results, "uploads": uploads,
+            "cpu": [s.get("cpu", {}) for s in statuses]}
 
 
 def main() -> int:
@@ -161,16 +166,17 @@ def main() -> int:
                            env={**os.environ, "PYTHONPATH": str(REPO)})
         origin_url = json.loads(server.stdout.readline())["url"]
 
-        def origin_bytes() -> int:
+        def origin_bytes() -> dict:
             server.stdin.write("bytes\n")
             server.stdin.flush()
-            return json.loads(server.stdout.readline())["bytes"]
+            return json.loads(server.stdout.readline())
 
         runs = []
         for sharing in ([True] if args.no_contrast else [True, False]):
             origin_tx = lab.tx_bytes(origin)
             run = run_class(lab, hosts, origin_url, root, sharing=sharing, label="swarm" if sharing else "direct")
-            run["origin_bytes"] = origin_bytes()
+            served = origin_bytes()
+            run["origin_bytes"], run["origin_dup_chunks"] = served["bytes"], served["dup_chunks"]
             run["origin_link_bytes"] = lab.tx_bytes(origin) - origin_tx
             run["sharing"] = sharing
             runs.append(run)
@@ -182,14 +188,23 @@ def main() -> int:
     lines = [f"Classroom: {args.agents} agents x {args.agent_mbit:.0f} Mbit/s, origin {args.origin_mbit:.0f} Mbit/s, "
              f"model {size / 2**20:.0f} MiB (F = {size} bytes), all start at once", "",
              "| run | last agent done (s) | T_min (s) | ratio | origin egress / F (payload) | origin link bytes / F | "
-             "bytes from LAN |", "| --- | --- | --- | --- | --- | --- | --- |"]
+             "origin duplicate chunks | bytes from LAN | CPU s / GiB (control + data + other) | peak agent RSS MB "
+             "| first byte (s, median) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for run in runs:
         lan = sum(r["fetched_by_source"].get("lan", 0) for r in run["results"])
         total = sum(sum(r["fetched_by_source"].values()) for r in run["results"])
+        cpu = run["cpu"]
+        gib = total / 2**30 if total else 1
+        control, data = sum(c.get("control_s", 0) for c in cpu), sum(c.get("data_s", 0) for c in cpu)
+        other = sum(c.get("other_s", 0) for c in cpu)
+        rss = max((c.get("peak_rss_bytes", 0) for c in cpu), default=0) / 1e6
+        firsts = sorted(r.get("first_byte_s") or 0 for r in run["results"])
         lines.append(f"| {'sharing (swarm)' if run['sharing'] else 'sharing off (all from OSS)'} | "
                      f"{run['wall_s']:.1f} | {t_min:.1f} | {run['wall_s'] / t_min:.2f} | "
                      f"{run['origin_bytes'] / size:.2f} | {run['origin_link_bytes'] / size:.2f} | "
-                     f"{100 * lan / total if total else 0:.0f}% |")
+                     f"{run['origin_dup_chunks']} | {100 * lan / total if total else 0:.0f}% | "
+                     f"{(control + data + other) / gib:.1f} ({control / gib:.1f} + {data / gib:.1f} + "
+                     f"{other / gib:.1f}) | {rss:.0f} | {firsts[len(firsts) // 2] if firsts else 0:.2f} |")
     lines += ["", "targets (sharing): ratio <= 1.3, origin egress <= 1.1 F", "",
               "reproduce: sudo python benchmarks/classroom.py " + " ".join(sys.argv[1:])]
     report = "\n".join(lines)

@@ -55,6 +55,7 @@ from typing import Protocol
 
 import msgpack
 
+from agent.cpu import LEDGER
 from agent.errors import NotFound, ShoalError, SourceUnavailable, UnsafePath
 from agent.manifest import HASH_LEN, MAX_PATH_BYTES, chunk_span
 
@@ -485,8 +486,9 @@ class DataServer:
                 continue
             fd, offset, length = where
             try:
-                conn.sendall(_HEADER.pack(OK, length))
-                sent = self._send_chunk(conn, fd, offset, length)
+                with LEDGER.account("send"):
+                    conn.sendall(_HEADER.pack(OK, length))
+                    sent = self._send_chunk(conn, fd, offset, length)
             finally:
                 os.close(fd)
             if sent != length:

@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 
+from agent.cpu import LEDGER
 from agent.errors import IntegrityError, NotFound, SourceUnavailable
 from agent.manifest import ModelRef
 from agent.sources import ChunkNotHeld, ChunkRequest, ChunkSource
@@ -103,7 +104,9 @@ class LanPeerSource(ChunkSource):
                 continue
             finally:
                 self.view.give_back(peer, got)
-            if blake3_hash(into[:request.length]) != expected:
+            with LEDGER.account("hash"):
+                digest = blake3_hash(into[:request.length])
+            if digest != expected:
                 self.view.ban(peer, f"sent a corrupt chunk ({path} #{index})")
                 raise IntegrityError(f"LAN peer {peer.peer[:16]} sent chunk {index} of {path} whose "
                                      "BLAKE3 does not match the manifest; the peer is dropped for this pull")
