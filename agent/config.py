@@ -43,6 +43,9 @@ class Settings:
     modelscope_endpoint: str = "https://www.modelscope.cn"
     modelscope_token: str | None = field(default=None, repr=False)
     use_modelscope: bool = True
+    # A Hugging Face-compatible hub (a lab's hf-mirror), after ModelScope; off unless set.
+    hf_endpoint: str | None = None
+    hf_token: str | None = field(default=None, repr=False)
     # Transfer tuning.
     concurrency: int = 8
     chunk_timeout: float = 60.0
@@ -108,6 +111,8 @@ _SOURCES: dict[str, tuple[str, str, object]] = {
     "modelscope_endpoint": ("MODELSCOPE_ENDPOINT", "modelscope.endpoint", str),
     "modelscope_token": ("MODELSCOPE_API_TOKEN", "modelscope.api_token", str),
     "use_modelscope": ("SHOAL_USE_MODELSCOPE", "modelscope.enabled", bool),
+    "hf_endpoint": ("HF_ENDPOINT", "huggingface.endpoint", str),
+    "hf_token": ("HF_TOKEN", "huggingface.token", str),
     "concurrency": ("SHOAL_CONCURRENCY", "concurrency", int),
     "chunk_timeout": ("SHOAL_CHUNK_TIMEOUT", "chunk_timeout", float),
     "connect_timeout": ("SHOAL_CONNECT_TIMEOUT", "connect_timeout", float),
@@ -208,7 +213,8 @@ def _lookup_toml(doc: dict, dotted: str):
     return node
 
 
-SECRETS = ("oss_access_key_id", "oss_access_key_secret", "oss_session_token", "modelscope_token", "swarm_secret")
+SECRETS = ("oss_access_key_id", "oss_access_key_secret", "oss_session_token", "modelscope_token", "swarm_secret",
+           "hf_token")
 
 
 def describe(settings: Settings) -> list[tuple[str, str, str, str]]:

@@ -1,7 +1,20 @@
-"""The error tree. Every error a person can see says what happened and what to do next.
+"""The error tree, all of it. Every error a person can see says what happened and what to
+do next.
 
 Each class carries the process exit code ``shoal`` uses for it, so scripts can tell
-"no such model" from "disk full" without parsing text.
+"no such model" from "disk full" without parsing text, and a title for the TUI. The codes:
+
+    0 done · 1 other error · 2 usage or setting (``UsageError``, ``ConfigError``,
+    ``ProtocolError``) · 3 not found (``NotFound``) · 4 no reachable source
+    (``SourceUnavailable``, ``ChunkFailed``, ``ChunkNotHeld``, ``PeerBroken``, ``PeerBusy``,
+    ``PeerTimedOut``) · 5 integrity (``IntegrityError``, ``ManifestError``,
+    ``UntrustedManifest``, ``UnsafePath``) · 6 disk full (``DiskFull``) · 7 credentials or
+    membership refused (``CredentialsRejected``, ``NotInSwarm``) · 8 busy (``StoreLocked``,
+    ``AgentRunning``) · 9 quota (``QuotaExceeded``) · 130 cancelled (``Cancelled``) ·
+    143 terminated (``Terminated``).
+
+Errors cross the control socket by class name (``agent.rpc``), so a client raises the
+agent's own error type: ``error_class`` finds it.
 """
 
 from __future__ import annotations
@@ -78,6 +91,15 @@ class DiskFull(ShoalError):
     title = "Disk full"
 
 
+def disk_error(e: OSError, where) -> Exception:
+    """``DiskFull`` for ENOSPC/EDQUOT (what was verified is kept), else ``e`` itself."""
+    import errno
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFull(f"no space left on the device holding {where}; what was verified is "
+                        "kept: free some space (or `shoal rm` a model) and run the same pull again")
+    return e
+
+
 class QuotaExceeded(ShoalError):
     """A pull would not fit in the cache quota even after evicting what may be evicted."""
 
@@ -126,3 +148,93 @@ class UnsafePath(ShoalError):
 
     exit_code = 5
     title = "Unsafe path"
+
+
+class UntrustedManifest(IntegrityError):
+    """A manifest nobody this agent trusts vouched for (no trusted signature, not pinned)."""
+
+    title = "Untrusted manifest"
+
+
+class ChunkFailed(SourceUnavailable):
+    """Every source failed one chunk. The message lists why, per source."""
+
+    title = "Chunk unavailable"
+
+    def __init__(self, message: str):
+        super().__init__(message, transient=False)
+
+
+class ChunkNotHeld(SourceUnavailable):
+    """This source has the file but not this chunk right now (a LAN peer still pulling it).
+    The scheduler moves the chunk on without counting it against the source."""
+
+    def __init__(self, message: str):
+        super().__init__(message, transient=False)
+
+
+class PeerBroken(SourceUnavailable):
+    """A peer sent something that is not a valid swarm message or data-path frame."""
+
+    title = "Broken peer"
+
+    def __init__(self, message: str):
+        super().__init__(message, transient=False)
+
+
+class DataPathError(PeerBroken):
+    """A malformed request or response on the LAN data connection."""
+
+
+class PeerBusy(SourceUnavailable):
+    """The peer's upload slots are all taken; ask again shortly, or another peer."""
+
+
+class PeerTimedOut(SourceUnavailable):
+    """The peer did not deliver before the deadline (a stalled or overloaded peer)."""
+
+
+class NotInSwarm(CredentialsRejected):
+    """A peer refused us (or we refused it): not a member of the same swarm."""
+
+    title = "Not in this swarm"
+
+
+class ProtocolError(UsageError):
+    """A caller on the control socket sent something that is not a valid frame or call."""
+
+    title = "Control protocol error"
+
+
+class AgentRunning(StoreLocked):
+    """Another agent already serves this cache."""
+
+    title = "Agent already running"
+
+
+class Cancelled(ShoalError):
+    """The pull (or job) was cancelled: by ``shoal cancel``, Ctrl-C, or its last client
+    going away. What was verified is kept."""
+
+    exit_code = 130
+    title = "Cancelled"
+
+
+class RemoteError(ShoalError):
+    """An error the agent reported whose class this client does not know; keeps the
+    agent's exit code and title."""
+
+    def __init__(self, title: str, message: str, exit_code: int):
+        super().__init__(message)
+        self.title, self.exit_code = title, exit_code
+
+
+def error_class(name: str) -> type[ShoalError] | None:
+    """The ``ShoalError`` subclass called ``name`` (for errors that crossed the control socket)."""
+    todo = [ShoalError]
+    while todo:
+        cls = todo.pop()
+        if cls.__name__ == name:
+            return cls
+        todo.extend(cls.__subclasses__())
+    return None

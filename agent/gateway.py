@@ -283,9 +283,9 @@ class Gateway:
             cached = self._plans.get(str(ref))
             if cached and time.monotonic() - cached[0] < PLAN_TTL:
                 return cached[1]
-            from agent.pull import resolve
+            from agent.plan import resolve
             plan = await resolve(ref, self.agent.sources, lambda event: None, self.agent.settings.chunk_size)
-            files = [(p, s, h) for p, s, h, _ in plan.files]
+            files = [(f.path, f.size, f.sha256) for f in plan.files]
         entries = [{"Name": p.rsplit("/", 1)[-1], "Path": p, "Type": "blob", "Size": s, "Sha256": h.hex(),
                     "Revision": ref.revision} for p, s, h in files]
         if info is None:

@@ -22,7 +22,7 @@ from agent.errors import ShoalError, UsageError
 from agent.manifest import (FileEntry, Manifest, ModelRef, build_manifest, check_relpath,
                             default_chunk_size)
 from agent.sources.oss import file_key, make_bucket, manifest_key, translate_oss_error
-from agent.store import hash_file
+from agent.hashing import hash_file
 
 log = logging.getLogger(__name__)
 

@@ -25,40 +25,17 @@ from typing import Callable
 import trio
 
 from agent.config import Settings
-from agent.errors import (CredentialsRejected, DiskFull, IntegrityError, ManifestError, NotFound, ShoalError,
-                          SourceUnavailable, UnsafePath, UsageError, single_error)
-from agent.manifest import (PARTIAL_SUFFIX, FileEntry, Manifest, ModelRef, build_manifest, chunk_count,
-                            chunk_span, decode, default_chunk_size)
-from agent.scheduler import (ChunkFetched, ChunkRejected, Event, FifoPicker, FileDone, FileTask, Scheduler,
-                             SourceState, SourceTrouble)
+from agent.errors import DiskFull, IntegrityError, NotFound, SourceUnavailable, UnsafePath, single_error
+from agent.manifest import PARTIAL_SUFFIX, ModelRef, chunk_span
+from agent.plan import Plan, plan_from_offers, plan_manifest, resolve
 from agent.ratelimit import TokenBucket
-from agent.sources import ChunkSource
 from agent.safefs import SafeDir, overlaps
+from agent.scheduler import ChunkFetched, ChunkRejected, FifoPicker, FileDone, FileTask, Scheduler, SourceState, \
+    SourceTrouble
+from agent.sources import ChunkSource, make_sources
 from agent.store import Store
 
 MAX_ROUNDS = 3  # first fetch plus re-fetches of files whose SHA-256 did not match
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What to fetch: a trusted manifest, or a listing with unknown chunk hashes."""
-
-    ref: ModelRef
-    chunk_size: int
-    files: tuple  # (path, size, sha256, chunk hashes or None)
-    trusted: bool
-    origin: str  # where the plan came from, for people: "OSS mirror manifest", "ModelScope listing"
-    revision: str | None = None  # the revision a manifest plan names (a pinned pull asks by id)
-
-    @property
-    def total_size(self) -> int:
-        return sum(f[1] for f in self.files)
-
-    def manifest(self) -> Manifest:
-        """The manifest of a trusted plan (one that carries every chunk hash)."""
-        assert self.trusted, "an origin plan has no chunk hashes until it is fetched"
-        return Manifest(self.ref.model_id, self.revision or self.ref.revision, self.chunk_size,
-                        tuple(FileEntry(p, s, h, c) for p, s, h, c in self.files))
 
 
 @dataclass(frozen=True)
@@ -91,72 +68,6 @@ class PullResult:
     troubles: list[str] = field(default_factory=list)
 
 
-def make_sources(settings: Settings) -> list[ChunkSource]:
-    """The configured sources in fallback order: OSS mirror, then ModelScope."""
-    sources: list[ChunkSource] = []
-    if settings.oss_bucket:
-        from agent.sources.oss import OssSource
-        sources.append(OssSource(settings))
-    if settings.use_modelscope:
-        from agent.sources.modelscope import ModelScopeSource
-        sources.append(ModelScopeSource(settings))
-    if not sources:
-        raise UsageError("no source is configured: set SHOAL_OSS_BUCKET and OSS_ENDPOINT for the lab's "
-                         "mirror, or enable ModelScope (SHOAL_USE_MODELSCOPE=1)")
-    return sources
-
-
-async def resolve(ref: ModelRef, sources: list[ChunkSource], emit: Callable[[Event], None],
-                  chunk_size: int | None = None) -> Plan:
-    """Find out what ``ref`` is made of (see module docstring, step 1)."""
-    problems: list[str] = []
-    refused: list[CredentialsRejected] = []
-    not_found: list[str] = []
-    for source in sources:
-        get_manifest = getattr(source, "get_manifest", None)
-        if get_manifest is None:
-            continue
-        try:
-            data = await trio.to_thread.run_sync(get_manifest, ref)
-            if data is None:
-                not_found.append(f"{source.label} has no manifest for {ref}")
-                continue
-            manifest = decode(data)
-            if (manifest.model_id, manifest.revision) != (ref.model_id, ref.revision):
-                raise ManifestError(f"the manifest stored for {ref} describes "
-                                    f"{manifest.model_id}@{manifest.revision}")
-            return Plan(ref, manifest.chunk_size,
-                        tuple((f.path, f.size, f.sha256, f.chunks) for f in manifest.files),
-                        trusted=True, origin=f"{source.label} manifest")
-        except (SourceUnavailable, ManifestError) as e:
-            problems.append(f"{source.label}: {e}")
-            if isinstance(e, CredentialsRejected):
-                refused.append(e)
-            emit(SourceTrouble(source.name, f"{e}; trying the next source"))
-    for source in sources:
-        list_files = getattr(source, "list_files", None)
-        if list_files is None:
-            continue
-        try:
-            listing = await trio.to_thread.run_sync(list_files, ref)
-        except NotFound as e:
-            not_found.append(str(e))
-            continue
-        except SourceUnavailable as e:
-            problems.append(f"{source.label}: {e}")
-            if isinstance(e, CredentialsRejected):
-                refused.append(e)
-            continue
-        return Plan(ref, chunk_size or default_chunk_size(listing.total_size), tuple((f.path, f.size, f.sha256, None) for f in listing.files),
-                    trusted=False, origin=f"{source.label} listing")
-    if refused and len(refused) == len(problems) and not not_found:
-        raise CredentialsRejected("; ".join(str(e) for e in refused))
-    if problems:
-        raise SourceUnavailable(f"no reachable source could say what {ref} is: " + "; ".join(problems)
-                                + (("; " + "; ".join(not_found)) if not_found else ""))
-    raise NotFound("; ".join(not_found) or f"no source knows {ref}")
-
-
 def _free_bytes(directory: Path) -> int:
     probe = directory
     while not probe.exists():
@@ -173,17 +84,17 @@ def _bytes_needed(store: Store, directory: Path, plan: Plan) -> int:
         return plan.total_size
     need = 0
     with model:
-        for path, size, _, _ in plan.files:
+        for f in plan.files:
             try:
-                parent, name = model.parent_of(path)
+                parent, name = model.parent_of(f.path)
             except FileNotFoundError:
-                need += size
+                need += f.size
                 continue
             with parent:
-                if parent.is_own_file(name, size):
+                if parent.is_own_file(name, f.size):
                     continue
                 partial = parent.stat(name + PARTIAL_SUFFIX)
-                need += max(0, size - (partial.st_blocks * 512 if partial is not None else 0))
+                need += max(0, f.size - (partial.st_blocks * 512 if partial is not None else 0))
     return need
 
 
@@ -195,24 +106,6 @@ def check_target(to: Path, cache_dir: Path) -> Path:
         raise UnsafePath(f"--to {target} overlaps the cache {Path(cache_dir).resolve()}; pull into a folder "
                          "outside the cache, or leave --to out to use the cache's own model folder")
     return target
-
-
-def plan_from_offers(ref: ModelRef, offers: list, trust) -> tuple[Plan | None, list[ShoalError]]:
-    """A plan from the first LAN peer manifest the trust policy accepts, and the refusals."""
-    from agent.swarm.trust import UntrustedManifest
-    refused: list[ShoalError] = []
-    for offer in offers:
-        manifest = offer.manifest
-        if manifest.model_id != ref.model_id or ref.revision not in (manifest.revision, manifest.id):
-            continue
-        try:
-            why = trust.check(manifest.id, offer.signature)
-        except (UntrustedManifest, ManifestError) as e:
-            refused.append(e)
-            continue
-        return Plan(ref, manifest.chunk_size, tuple((f.path, f.size, f.sha256, f.chunks) for f in manifest.files),
-                    trusted=True, origin=f"LAN peer manifest, {why}", revision=manifest.revision), refused
-    return None, refused
 
 
 async def pull(ref: ModelRef, settings: Settings, *, to: Path | None = None,
@@ -271,7 +164,7 @@ async def pull(ref: ModelRef, settings: Settings, *, to: Path | None = None,
             """The chunk order, one per scheduler round (kept for the endgame count)."""
             if view is None:
                 return FifoPicker(jobs)
-            from agent.swarm.view import SwarmPicker
+            from agent.swarm.picker import SwarmPicker
             pickers.append(SwarmPicker(view, jobs, swarm.connected))
             return pickers[-1]
         directory = check_target(Path(to), settings.cache_dir) if to else store.default_dir(ref)
@@ -325,7 +218,7 @@ async def _run_in(plan: Plan, model: SafeDir, store: Store, sources: list[ChunkS
     ref, directory = plan.ref, model.path
     # Only a pull that passed the checks above is recorded in the index.
     await trio.to_thread.run_sync(store.begin, ref, directory, plan.chunk_size,
-                                  [(p, s, h) for p, s, h, _ in plan.files])
+                                  [(f.path, f.size, f.sha256) for f in plan.files])
     if plan.trusted:  # LAN peers may fetch what this pull has verified while it runs
         await trio.to_thread.run_sync(store.expect, ref, plan.manifest())
     if swarm is None:
@@ -346,14 +239,14 @@ async def _fetch_all(plan: Plan, model: SafeDir, store: Store, sources: list[Chu
     tasks: list[FileTask] = []
     try:
         already = 0
-        for path, size, sha, chunks in plan.files:
+        for f in plan.files:
             pf = await trio.to_thread.run_sync(
-                store.open_file, ref, model, path, size, sha, plan.chunk_size, chunks)
+                store.open_file, ref, model, f.path, f.size, f.sha256, plan.chunk_size, f.chunks)
             if pf is None:
-                already += size
+                already += f.size
                 continue
-            already += sum(chunk_span(size, plan.chunk_size, i)[1] for i in pf.have)
-            tasks.append(FileTask(pf, chunks, check_sha256=not plan.trusted or settings.always_sha256))
+            already += sum(chunk_span(f.size, plan.chunk_size, i)[1] for i in pf.have)
+            tasks.append(FileTask(pf, f.chunks, check_sha256=not plan.trusted or settings.always_sha256))
         emit(PlanReady(plan, directory, already))
         states = [SourceState(s) for s in sources]
         for round_ in range(MAX_ROUNDS):
@@ -382,20 +275,6 @@ async def _fetch_all(plan: Plan, model: SafeDir, store: Store, sources: list[Chu
     manifest = plan.manifest() if plan.trusted else await trio.to_thread.run_sync(plan_manifest, plan, store)
     manifest_id = await trio.to_thread.run_sync(store.complete, ref, manifest)
     return PullResult(ref, directory, manifest_id, plan.total_size)
-
-
-def plan_manifest(plan: Plan, store: Store) -> Manifest:
-    """The manifest of an origin plan, from the BLAKE3 of the chunks verified by SHA-256."""
-    files = []
-    for path, size, sha, _ in plan.files:
-        hashes = store.chunk_hashes(plan.ref, path)
-        count = chunk_count(size, plan.chunk_size)
-        if sorted(hashes) != list(range(count)):
-            raise ShoalError(f"internal error: {path} is complete but the index lacks chunk hashes")
-        files.append(FileEntry(path, size, sha, tuple(hashes[i] for i in range(count))))
-    return build_manifest(plan.ref.model_id, plan.ref.revision, plan.chunk_size, files)
-
-
 
 
 def event_to_wire(event) -> dict:

@@ -16,18 +16,11 @@ import struct
 
 import msgpack
 
-from agent.errors import ShoalError
+from agent.errors import ProtocolError, RemoteError, ShoalError, error_class
 
 MAX_FRAME = 1024 * 1024
 _METHOD = re.compile(r"[a-z_]{1,64}")
 _HEADER = struct.Struct(">I")
-
-
-class ProtocolError(ShoalError):
-    """A peer on the control socket sent something that is not a valid frame or call."""
-
-    exit_code = 2
-    title = "Control protocol error"
 
 
 def encode_frame(message: dict) -> bytes:
@@ -82,7 +75,7 @@ def check_call(message: dict) -> tuple[str, dict]:
 def error_frame(error: BaseException) -> dict:
     if isinstance(error, ShoalError):
         return {"error": {"title": error.title, "message": str(error), "exit_code": error.exit_code,
-                          "type": type(error).__name__}}
+                          "type": type(error).__name__, "transient": bool(getattr(error, "transient", False))}}
     return {"error": {"title": "Agent error", "message": f"{type(error).__name__}: {error}",
                       "exit_code": 1, "type": type(error).__name__}}
 
@@ -120,14 +113,19 @@ class ControlClient:
             sock.close()
 
 
-class RemoteError(ShoalError):
-    """An error the agent reported; keeps the agent's exit code and title."""
-
-    def __init__(self, title: str, message: str, exit_code: int):
-        super().__init__(message)
-        self.title, self.exit_code = title, exit_code
-
-
-def remote_error(error: dict) -> RemoteError:
-    return RemoteError(str(error.get("title", "Agent error")), str(error.get("message", "")),
-                       int(error.get("exit_code", 1)))
+def remote_error(error: dict) -> ShoalError:
+    """The agent's error as its own class (``NotFound``, ``DiskFull``, ...) when this client
+    knows it, else a ``RemoteError``; title and exit code as the agent gave them."""
+    title, message = str(error.get("title", "Agent error")), str(error.get("message", ""))
+    try:
+        exit_code = int(error.get("exit_code", 1))
+    except (TypeError, ValueError):
+        exit_code = 1
+    cls = error_class(str(error.get("type", "")))
+    if cls is None:
+        return RemoteError(title, message, exit_code)
+    remote = cls.__new__(cls)
+    Exception.__init__(remote, message)  # past the subclass's own signature
+    remote.title, remote.exit_code = title, exit_code
+    remote.transient = bool(error.get("transient", False))
+    return remote

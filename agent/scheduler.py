@@ -20,18 +20,19 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 import trio
 
 from agent.config import Settings
 from agent.cpu import LEDGER
-from agent.errors import (CredentialsRejected, IntegrityError, NotFound, ShoalError,
+from agent.errors import (ChunkFailed, ChunkNotHeld, CredentialsRejected, IntegrityError, NotFound,
                           SourceUnavailable, single_error)
 from agent.manifest import ModelRef, chunk_span
 from agent.ratelimit import TokenBucket
-from agent.sources import ChunkNotHeld, ChunkRequest, ChunkSource
-from agent.store import PartialFile, blake3_hash
+from agent.sources import ChunkRequest, ChunkSource
+from agent.hashing import blake3_hash
+from agent.partial import PartialFile
 
 # Every chunk in flight (default 8) failing at once is a pattern, not a blip.
 FAILURES_BEFORE_COOLDOWN = 8
@@ -39,7 +40,6 @@ COOLDOWN_START = 2.0
 COOLDOWN_MAX = 60.0
 BACKOFF_BASE = 0.2
 BACKOFF_MAX = 3.0
-ENDGAME = "endgame"  # a picker's flag on a second fetch of a chunk in flight
 WRITTEN, LOST, ABANDONED = "written", "lost", "abandoned"
 
 
@@ -111,13 +111,6 @@ class FileTask:
     remaining: int = 0
 
 
-class ChunkFailed(ShoalError):
-    """Every source failed one chunk. The message lists why, per source."""
-
-    exit_code = 4
-    title = "Chunk unavailable"
-
-
 @dataclass
 class Outcome:
     mismatched: list[FileTask]  # files whose SHA-256 did not match after all chunks came
@@ -129,18 +122,18 @@ def _backoff(attempt: int) -> float:
 
 def _fetch_verify_write(source: ChunkSource, ref: ModelRef, task: FileTask, index: int,
                         buffer: bytearray, deadline: float, claim: Callable[[], bool]) -> bool:
-    """Runs in a worker thread: fetch into ``buffer``, verify, write at the chunk's offset.
-    False when another fetch of the same chunk (endgame) wrote it first."""
+    """Runs in a worker thread: fetch into ``buffer``, verify (the chunk's one hash), write
+    at the chunk's offset. False when another fetch of the same chunk (endgame) wrote it first."""
     pf = task.file
     offset, length = chunk_span(pf.size, pf.chunk_size, index)
     view = memoryview(buffer)[:length]
     with LEDGER.account("recv"):
-        source.fetch(ref, ChunkRequest(pf.rel, offset, length, pf.size), view, deadline)
+        token = source.fetch(ref, ChunkRequest(pf.rel, offset, length, pf.size), view, deadline)
     with LEDGER.account("hash"):
         digest = blake3_hash(view)
     if task.expected is not None and digest != task.expected[index]:
-        raise IntegrityError(f"{source.label} sent chunk {index} of {pf.rel} whose BLAKE3 "
-                             "does not match the manifest; it was not written")
+        reason = f"chunk {index} of {pf.rel} whose BLAKE3 does not match the manifest; it was not written"
+        raise IntegrityError(source.rejected(token, reason) or f"{source.label} sent {reason}")
     if not claim():
         return False
     with LEDGER.account("write"):
@@ -148,32 +141,57 @@ def _fetch_verify_write(source: ChunkSource, ref: ModelRef, task: FileTask, inde
     return True
 
 
+@dataclass(frozen=True)
+class Job:
+    """One chunk to fetch. ``duplicate``: a second fetch of a chunk already in flight (the
+    endgame), from sources that allow it; the first copy to verify is written, the other
+    fetch is cancelled."""
+
+    task: FileTask
+    index: int
+    duplicate: bool = False
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.task.file.rel, self.index
+
+
+class Picker(Protocol):
+    """The order chunks are fetched in. Workers ``take`` their next job (None: nothing left,
+    ever) and call ``done`` once the job is over, however it ended."""
+
+    duplicates: int  # endgame jobs handed out
+
+    async def take(self) -> Job | None: ...
+
+    def done(self, job: Job) -> None: ...
+
+
 class FifoPicker:
-    """Chunks in file order: the order without LAN peers (``agent.swarm.view.SwarmPicker``
-    is the one with them).
+    """Chunks in file order: the order without LAN peers (``agent.swarm.picker.SwarmPicker``
+    is the one with them)."""
 
-    A picker's ``take`` returns ``(task, index)``, or ``(task, index, ENDGAME)`` for a second
-    fetch of a chunk already in flight (from LAN peers only); the first to verify writes
-    it and the other is cancelled. ``done(job)`` follows every job taken."""
+    duplicates = 0
 
-    def __init__(self, jobs: list):
+    def __init__(self, jobs: list[Job]):
         self.pending = list(reversed(jobs))
 
-    async def take(self):
+    async def take(self) -> Job | None:
         return self.pending.pop() if self.pending else None
 
-    def done(self, job) -> None:
+    def done(self, job: Job) -> None:
         pass
 
 
 class Scheduler:
     """Fetches the missing chunks of a set of files. One instance per pull round.
 
-    ``picker``: makes the object workers ask for their next chunk (``FifoPicker`` by default).
+    ``picker``: makes the ``Picker`` workers ask for their next chunk (``FifoPicker`` by default).
     """
 
     def __init__(self, ref: ModelRef, sources: list[SourceState], settings: Settings,
-                 emit: Callable[[Event], None], rate: TokenBucket | None = None, picker=FifoPicker):
+                 emit: Callable[[Event], None], rate: TokenBucket | None = None,
+                 picker: Callable[[list[Job]], Picker] = FifoPicker):
         self.ref, self.sources, self.settings, self.emit = ref, sources, settings, emit
         self.rate = rate
         self.picker = picker
@@ -193,11 +211,11 @@ class Scheduler:
         return claim
 
     async def run(self, tasks: list[FileTask]) -> Outcome:
-        jobs: list[tuple[FileTask, int]] = []
+        jobs: list[Job] = []
         for task in tasks:
             missing = task.file.missing
             task.remaining = len(missing)
-            jobs.extend((task, i) for i in missing)
+            jobs.extend(Job(task, i) for i in missing)
         chunk_size = max((t.file.chunk_size for t in tasks), default=0)
         outcome = Outcome([])
         picker = self.picker(jobs)
@@ -214,11 +232,11 @@ class Scheduler:
             raise single_error(group) from None
         return outcome
 
-    async def _worker(self, picker, buffer: bytearray, nursery, outcome: Outcome) -> None:
+    async def _worker(self, picker: Picker, buffer: bytearray, nursery, outcome: Outcome) -> None:
         while (job := await picker.take()) is not None:
-            task, index, *flags = job
+            task = job.task
             try:
-                outcome_ = await self._fetch_chunk(task, index, buffer, endgame=ENDGAME in flags)
+                outcome_ = await self._fetch_chunk(task, job.index, buffer, endgame=job.duplicate)
             finally:
                 picker.done(job)
             if outcome_ == ABANDONED:
@@ -233,7 +251,7 @@ class Scheduler:
     def _pick_order(self, task: FileTask, endgame: bool = False) -> list[SourceState]:
         path = task.file.rel
         usable = [s for s in self.sources if s.usable_for(path) and s.source.name not in task.exclude
-                  and (not endgame or s.source.name == "lan")]
+                  and (not endgame or s.source.endgame)]
         now = time.monotonic()
         awake = [s for s in usable if not s.resting(now)]
         # A resting source is still tried after the others, never skipped outright:
@@ -253,9 +271,7 @@ class Scheduler:
                         other.cancel()
                     if others:  # unblock their threads too: a fetch in a thread is not cancellable
                         for state in self.sources:
-                            abort = getattr(state.source, "abort", None)
-                            if abort is not None:
-                                abort(task.file.rel, index)
+                            state.source.abort(task.file.rel, index)
                     return WRITTEN
                 return LOST
             except ChunkFailed:

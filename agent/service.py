@@ -40,14 +40,16 @@ from agent import __version__
 from agent.access import refusal, uid_allowed, unix_peer_uid
 from agent.config import Settings, describe, parse_size
 from agent.cpu import snapshot as cpu_snapshot
-from agent.errors import NotFound, ShoalError, StoreLocked, UsageError
+from agent.errors import AgentRunning, Cancelled, NotFound, ShoalError, StoreLocked, UsageError
 from agent.manifest import ModelRef, is_manifest_id
 from agent.swarm.trust import TrustPolicy
 from agent.metrics import Metrics
-from agent.pull import event_to_wire, make_sources, pull, result_to_wire
+from agent.pull import event_to_wire, pull, result_to_wire
+from agent.sources import make_sources
 from agent.ratelimit import TokenBucket
 from agent.logs import escape
-from agent.rpc import FrameDecoder, ProtocolError, check_call, encode_frame, error_frame
+from agent.errors import ProtocolError
+from agent.rpc import FrameDecoder, check_call, encode_frame, error_frame
 from agent.safefs import SafeDir
 from agent.store import Store, model_row
 
@@ -64,16 +66,6 @@ MAX_DRAIN = 1024 * 1024  # bytes read and dropped from a refused caller
 
 # The uid of the control-API caller being served (each connection runs in its own task).
 CALLER_UID: contextvars.ContextVar[int] = contextvars.ContextVar("caller_uid")
-
-
-class AgentRunning(ShoalError):
-    exit_code = 8
-    title = "Agent already running"
-
-
-class PullCancelled(ShoalError):
-    exit_code = 130
-    title = "Pull cancelled"
 
 
 @dataclass
@@ -184,7 +176,7 @@ class Agent:
                 active.result = result_to_wire(result)
                 self.metrics.pulls_done.inc()
             if active.scope.cancelled_caught:
-                active.error = PullCancelled(f"the pull of {active.ref} was cancelled "
+                active.error = Cancelled(f"the pull of {active.ref} was cancelled "
                                              f"({active.cancelled_by or 'no client left'}); verified "
                                              "chunks are kept, pull again to resume")
         except ShoalError as e:

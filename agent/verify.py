@@ -15,7 +15,8 @@ from agent.config import Settings
 from agent.errors import NotFound, UnsafePath
 from agent.manifest import ModelRef, chunk_span
 from agent.progress import human_bytes
-from agent.store import HASH_BLOCK, Store, blake3_hash, open_model_file
+from agent.hashing import HASH_BLOCK, blake3_hash
+from agent.store import Store, open_model_file
 
 
 @dataclass

@@ -13,11 +13,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.errors import NotFound, SourceUnavailable
+from agent.errors import DataPathError, NotFound, SourceUnavailable
 from agent.manifest import ModelRef, chunk_span
 from agent.mirror import manifest_from_dir
-from agent.store import Store, blake3_hash
-from agent.swarm.datapath import (MAGIC, MAX_PENDING_PER_ADDRESS, NONCE_LEN, DataClient, DataPathError, DataServer,
+from agent.hashing import blake3_hash
+from agent.store import Store
+from agent.swarm.datapath import (MAGIC, MAX_PENDING_PER_ADDRESS, NONCE_LEN, DataClient, DataServer,
                                   StoreLocator, TicketBook, decode_hello, decode_request, encode_hello,
                                   encode_request)
 from agent.testing.models import make_model

@@ -15,7 +15,8 @@ from agent.launcher.jobs import FINAL, TRANSITIONS, JobStore, next_state
 from agent.manifest import ModelRef, chunk_count, chunk_span
 from agent.scheduler import ChunkFetched, ChunkRejected, FileTask, Scheduler, SourceState, SourceTrouble
 from agent.sources import ChunkSource
-from agent.store import Store, blake3_hash
+from agent.hashing import blake3_hash
+from agent.store import Store
 
 # ------------------------------------------------------------------------------- jobs
 
@@ -59,7 +60,7 @@ class RecordingSource(ChunkSource):
     """Serves DATA, failing as scripted; records every request."""
 
     def __init__(self, name, *, failures=(), lacks=False, corrupt=False):
-        self.name, self.label = name, name
+        self.name = name
         self.failures = list(failures)  # exceptions to raise, in order, before serving
         self.lacks, self.corrupt = lacks, corrupt
         self.requests = []

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from agent.testing.faults import Fault
-from conftest import MODEL_ID, REPO, AgentProcess, mirror, popen_shoal, run_shoal, tree_digest
+from conftest import MODEL_ID, REPO, AgentProcess, mirror, run_shoal, tree_digest
 
 pytestmark = [pytest.mark.timeout(240),
               pytest.mark.skipif(os.geteuid() != 0 or not Path("/usr/bin/python3").exists(),

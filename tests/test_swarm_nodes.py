@@ -8,11 +8,12 @@ import pytest
 import trio
 from hypothesis import given, settings, strategies as st
 
+from agent.errors import NotInSwarm, PeerBroken
 from agent.manifest import ModelRef
 from agent.mirror import manifest_from_dir
 from agent.store import Store
 from agent.swarm.node import SwarmNode
-from agent.swarm.protocol import (MAX_REQUEST, PROTOCOL, NotInSwarm, PeerBroken, SwarmAccess, bitmap, encode_answer,
+from agent.swarm.protocol import (MAX_REQUEST, PROTOCOL, SwarmAccess, bitmap, encode_answer,
                                   encode_request, indices, parse_answer, parse_request)
 from conftest import CHUNK, MODEL_ID
 

@@ -11,7 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent.errors import ConfigError, ManifestError
-from agent.swarm.trust import Identity, TrustPolicy, UntrustedManifest, decode_signature, parse_publishers
+from agent.errors import UntrustedManifest
+from agent.swarm.trust import Identity, TrustPolicy, decode_signature, parse_publishers
 from conftest import MODEL_ID, mirror, run_shoal
 
 MID = "ab" * 32

@@ -16,14 +16,16 @@ from requests.adapters import HTTPAdapter
 from agent.config import Settings
 from agent.errors import CredentialsRejected, NotFound, SourceUnavailable
 from agent.manifest import Listing, ModelRef, make_listing
-from agent.sources import ChunkRequest, ChunkSource, expect_span, read_exact
+from agent.sources import ChunkRequest, Origin, expect_span, read_exact
 
 _NETWORK_ERRORS = (OSError, requests.RequestException, urllib3.exceptions.HTTPError)
 
 
-class ModelScopeSource(ChunkSource):
+class ModelScopeSource(Origin):
+    """The origin: listings with SHA-256 through the SDK, bytes by ranged GET."""
+
     name = "modelscope"
-    label = "ModelScope"
+    lists_files = True
 
     def __init__(self, settings: Settings):
         self.endpoint = settings.modelscope_endpoint.rstrip("/")

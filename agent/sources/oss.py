@@ -20,7 +20,7 @@ import urllib3
 from agent.config import Settings
 from agent.errors import ConfigError, CredentialsRejected, NotFound, SourceUnavailable
 from agent.manifest import MAX_MANIFEST_BYTES, ModelRef
-from agent.sources import ChunkRequest, ChunkSource, expect_span, read_exact
+from agent.sources import ChunkRequest, Origin, expect_span, read_exact
 
 log = logging.getLogger(__name__)
 
@@ -92,11 +92,11 @@ def translate_oss_error(e: Exception, what: str, *, anonymous: bool) -> Exceptio
     return e
 
 
-class OssSource(ChunkSource):
-    """Ranged GETs of mirrored files from the lab's OSS bucket."""
+class OssSource(Origin):
+    """Ranged GETs of mirrored files from the lab's OSS bucket; the mirror's manifests."""
 
     name = "oss"
-    label = "OSS mirror"
+    keeps_manifests = True
 
     def __init__(self, settings: Settings):
         self.prefix = settings.oss_prefix

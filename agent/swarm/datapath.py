@@ -56,7 +56,7 @@ from typing import Protocol
 import msgpack
 
 from agent.cpu import LEDGER
-from agent.errors import NotFound, ShoalError, SourceUnavailable, UnsafePath
+from agent.errors import DataPathError, NotFound, PeerBusy, PeerTimedOut, SourceUnavailable, UnsafePath
 from agent.manifest import HASH_LEN, MAX_PATH_BYTES, chunk_span
 
 MAGIC = b"SHD2"
@@ -79,18 +79,6 @@ RATE_SLICE = 256 * 1024
 TLS_BLOCK = 1024 * 1024
 MODE_GET = "get"
 _DOMAIN = b"shoal-data-v2|"
-
-
-class DataPathError(ShoalError):
-    """A malformed request or response on the data connection."""
-
-
-class PeerBusy(SourceUnavailable):
-    """The peer's upload slots are all taken; ask again shortly, or another peer."""
-
-
-class PeerTimedOut(SourceUnavailable):
-    """The peer did not deliver before the deadline (a stalled or overloaded peer)."""
 
 
 # ------------------------------------------------------------------------- codec (pure)

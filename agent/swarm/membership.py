@@ -24,7 +24,8 @@ from agent.config import Settings
 from agent.errors import ConfigError
 from agent.manifest import ModelRef
 from agent.swarm.node import ASK_TIMEOUT, SwarmNode
-from agent.swarm.protocol import NotInSwarm, SwarmAccess
+from agent.errors import NotInSwarm
+from agent.swarm.protocol import SwarmAccess
 
 log = logging.getLogger("shoal.swarm")
 

@@ -30,7 +30,7 @@ from typing import Callable
 import trio
 
 from agent.manifest import Manifest, ModelRef, decode, is_manifest_id
-from agent.store import blake3_hash
+from agent.hashing import blake3_hash
 from agent.swarm.datapath import DataServer, StoreLocator, TicketBook
 from agent.swarm.protocol import (BAD_REQUEST, MAX_ANSWER, MAX_REQUEST, NOT_HELD, NOT_IN_SWARM, PROTOCOL, Answer,
                                   NotInSwarm, PeerBroken, SwarmAccess, encode_answer, encode_error, encode_request,

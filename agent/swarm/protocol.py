@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import msgpack
 
-from agent.errors import ShoalError
+from agent.errors import NotInSwarm, PeerBroken, ShoalError
 from agent.manifest import Manifest, decode, is_manifest_id
 
 PROTOCOL = "/shoal/offer/2.0.0"
@@ -31,17 +31,6 @@ MAX_REQUEST = 4 * 1024
 MAX_ANSWER = 8 * 1024 * 1024  # a manifest of ~100k files still fits
 TICKET_LEN = 48  # agent.swarm.datapath.Ticket: a 16-byte id and a 32-byte secret
 NOT_HELD, NOT_IN_SWARM, BAD_REQUEST = "not-held", "not-in-swarm", "bad-request"
-
-
-class PeerBroken(ShoalError):
-    """A peer sent something that is not a valid swarm message."""
-
-
-class NotInSwarm(ShoalError):
-    """A peer refused us (or we refused it): not a member of the same swarm."""
-
-    exit_code = 7
-    title = "Not in this swarm"
 
 
 # ------------------------------------------------------------------------- membership

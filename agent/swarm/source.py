@@ -1,9 +1,10 @@
 """``LanPeerSource``: chunks from swarm peers, first in the scheduler's source order.
 
 Each chunk goes to the least busy peer whose have-map (``LanView``, refreshed while the
-pull runs) lists it, at most ``PER_PEER`` requests per peer at once. The source checks the
-bytes itself, so it knows which peer lied: a peer that sends a chunk whose BLAKE3 does not
-match is dropped for the rest of the pull (and shown in ``shoal peers``). A peer that does
+pull runs) lists it, at most ``PER_PEER`` requests per peer at once. ``fetch`` names the
+peer that delivered; the scheduler hashes the bytes (once) and, if they lie, hands that
+name back to ``rejected``: the peer is dropped for the rest of the pull (and shown in
+``shoal peers``). A peer that does
 not deliver a chunk in time (``LAN_TIMEOUT`` plus what ``LAN_MIN_RATE`` allows) is put
 aside for a while and the chunk moves to another holder. A peer whose upload slots are
 full is waited for briefly. A chunk no usable peer holds raises ``ChunkNotHeld`` and goes
@@ -16,13 +17,12 @@ import socket
 import threading
 import time
 
-from agent.cpu import LEDGER
-from agent.errors import IntegrityError, NotFound, SourceUnavailable
+from agent.errors import NotFound, SourceUnavailable
 from agent.manifest import ModelRef
-from agent.sources import ChunkNotHeld, ChunkRequest, ChunkSource
-from agent.store import blake3_hash
-from agent.swarm.datapath import DataClient, PeerBusy, PeerTimedOut, Ticket
-from agent.swarm.view import LanView
+from agent.errors import ChunkNotHeld, PeerBusy, PeerTimedOut
+from agent.sources import ChunkRequest, ChunkSource
+from agent.swarm.datapath import DataClient, Ticket
+from agent.swarm.view import LanView, PeerView
 
 LAN_TIMEOUT = 5.0
 LAN_MIN_RATE = 1024 * 1024  # bytes/s a peer must at least manage on one chunk
@@ -31,12 +31,11 @@ BUSY_WAIT = 0.1
 
 class LanPeerSource(ChunkSource):
     name = "lan"
-    label = "LAN peers"
+    endgame = True  # a chunk crawling from one peer may be fetched again from another
 
     def __init__(self, view: LanView):
         self.view = view
         self.manifest = view.manifest
-        self.entries = {f.path: f for f in view.manifest.files}
         self.client = DataClient()
         self._sockets: dict[tuple[str, int], list] = {}  # chunk -> connections fetching it now
         self._lock = threading.Lock()
@@ -51,10 +50,9 @@ class LanPeerSource(ChunkSource):
             except OSError:
                 pass
 
-    def fetch(self, ref: ModelRef, request: ChunkRequest, into: memoryview, deadline: float) -> None:
+    def fetch(self, ref: ModelRef, request: ChunkRequest, into: memoryview, deadline: float) -> PeerView:
         index = request.offset // self.manifest.chunk_size
         path = request.path
-        expected = self.entries[path].chunks[index]
         lan_deadline = min(deadline, time.monotonic() + LAN_TIMEOUT + request.length / LAN_MIN_RATE)
         tried: set[str] = set()
         problems: list[str] = []
@@ -104,13 +102,12 @@ class LanPeerSource(ChunkSource):
                 continue
             finally:
                 self.view.give_back(peer, got)
-            with LEDGER.account("hash"):
-                digest = blake3_hash(into[:request.length])
-            if digest != expected:
-                self.view.ban(peer, f"sent a corrupt chunk ({path} #{index})")
-                raise IntegrityError(f"LAN peer {peer.peer[:16]} sent chunk {index} of {path} whose "
-                                     "BLAKE3 does not match the manifest; the peer is dropped for this pull")
-            return
+            return peer  # the scheduler hashes the bytes once, and names this peer if they lie
+
+    def rejected(self, token: object, reason: str) -> str:
+        """The peer ``token`` sent bytes that failed their hash: it is dropped for this pull."""
+        self.view.ban(token, f"sent a corrupt chunk ({reason[:80]})")
+        return f"LAN peer {token.peer[:16]} sent {reason}; the peer is dropped for this pull"
 
     def close(self) -> None:
         self.client.close()

@@ -24,17 +24,11 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from agent.errors import ConfigError, IntegrityError, ManifestError
+from agent.errors import ConfigError, ManifestError, UntrustedManifest
 
 ENVELOPE_VERSION = 1
 DOMAIN = b"shoal-manifest-v1:"
 MAX_ENVELOPE = 256
-
-
-class UntrustedManifest(IntegrityError):
-    """A manifest nobody this agent trusts vouched for."""
-
-    title = "Untrusted manifest"
 
 
 # ------------------------------------------------------------------------------- identity

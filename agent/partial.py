@@ -1,0 +1,194 @@
+"""One file being filled chunk by chunk: its ``.partial``, the running SHA-256, the rename.
+
+The file is ``rel`` below an open model-directory handle (``agent.safefs.SafeDir``), written
+as ``rel.partial`` at chunk offsets and renamed into place when proven. Every verified
+chunk is recorded in the store's index (``Store._record_chunk``) only after its bytes are in
+the file, which is what makes the store's invariant hold (see ``agent.store``).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import threading
+from typing import TYPE_CHECKING
+
+from agent.errors import disk_error as _disk_error
+from agent.hashing import blake3_hash
+from agent.manifest import PARTIAL_SUFFIX, chunk_count, chunk_span
+from agent.safefs import SafeDir
+
+if TYPE_CHECKING:
+    from agent.store import Store
+
+
+class PartialFile:
+    """One file being filled chunk by chunk. Thread-safe.
+
+    ``model_dir`` is the open handle of the model directory (owned by the pull); the file is
+    ``rel`` below it, written as ``rel.partial`` and renamed into place when proven.
+    Keeps a running SHA-256 over the contiguous verified prefix ("frontier"), so the
+    origin check of a finished file costs only what was not hashed during the transfer.
+    """
+
+    def __init__(self, store: "Store", model_key: str, model_dir: SafeDir, rel: str, size: int,
+                 sha256: bytes, chunk_size: int, have: dict[int, bytes]):
+        self.store, self.model_key = store, model_key
+        self.model_dir, self.rel = model_dir, rel
+        self.final_path = model_dir.path / rel
+        self.size, self.sha256, self.chunk_size = size, sha256, chunk_size
+        self.count = chunk_count(size, chunk_size)
+        self.have = dict(have)  # index -> blake3 of verified chunks
+        self._lock = threading.Lock()
+        self._digest_lock = threading.Lock()
+        self._sha = hashlib.sha256()
+        self._sha_next = 0  # first chunk index not yet in _sha
+        self._fd: int | None = None
+        self._reserved = False
+
+    @property
+    def partial_name(self) -> str:
+        return self.rel.rpartition("/")[2] + PARTIAL_SUFFIX
+
+    # -- opening
+
+    def open(self) -> None:
+        """Create (sparse) or reopen the ``.partial`` file; re-verify claimed chunks.
+
+        Space is reserved when the first chunk is written, so a full disk shows up on
+        the file that does not fit, and files already finished are unaffected.
+        """
+        where = self.final_path.with_name(self.partial_name)
+        try:
+            parent, _ = self.model_dir.parent_of(self.rel, create=True)
+            try:
+                existed = parent.stat(self.partial_name) is not None
+                fd = parent.open_file(self.partial_name, os.O_RDWR | os.O_CREAT, 0o644)
+            finally:
+                parent.close()
+        except OSError as e:
+            raise _disk_error(e, where) from e
+        self._fd = fd
+        try:
+            if os.fstat(fd).st_size != self.size:
+                os.ftruncate(fd, self.size)
+        except OSError as e:
+            self.close()
+            raise _disk_error(e, where) from e
+        if existed and self.have:
+            self._recheck_claimed()
+
+    def _recheck_claimed(self) -> None:
+        lost = []
+        for index, digest in sorted(self.have.items()):
+            offset, length = chunk_span(self.size, self.chunk_size, index)
+            if blake3_hash(os.pread(self._fd, length, offset)) != digest:
+                lost.append(index)
+        if lost:
+            for index in lost:
+                del self.have[index]
+            self.store._forget_chunks(self.model_key, self.rel, lost)
+
+    # -- writing
+
+    @property
+    def missing(self) -> list[int]:
+        with self._lock:
+            return [i for i in range(self.count) if i not in self.have]
+
+    @property
+    def complete(self) -> bool:
+        with self._lock:
+            return len(self.have) == self.count
+
+    def write_chunk(self, index: int, data: memoryview, digest: bytes, source: str) -> None:
+        """Write verified bytes of chunk ``index`` and record them in the index."""
+        offset, length = chunk_span(self.size, self.chunk_size, index)
+        if len(data) != length:
+            raise ValueError(f"chunk {index} of {self.rel} is {length} bytes, got {len(data)}")
+        view = memoryview(data)
+        self._reserve()
+        try:
+            written = 0
+            while written < length:
+                written += os.pwrite(self._fd, view[written:], offset + written)
+        except OSError as e:
+            raise _disk_error(e, self.final_path) from e
+        # Only now, with the bytes in the file, may the index claim the chunk.
+        self.store._record_chunk(self.model_key, self.rel, index, digest, source)
+        with self._lock:
+            self.have[index] = digest
+        self._advance_sha()
+
+    def _reserve(self) -> None:
+        with self._lock:
+            if self._reserved:
+                return
+            try:
+                os.posix_fallocate(self._fd, 0, self.size)
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise _disk_error(e, self.final_path) from e
+                # EOPNOTSUPP/EINVAL: this filesystem cannot preallocate; sparse it is.
+            self._reserved = True
+
+    def forget(self, indices: list[int]) -> None:
+        with self._lock:
+            for i in indices:
+                self.have.pop(i, None)
+            self._sha, self._sha_next = hashlib.sha256(), 0
+        self.store._forget_chunks(self.model_key, self.rel, indices)
+
+    def _advance_sha(self) -> None:
+        # Whoever holds the digest lock hashes every contiguous chunk it can see; a thread
+        # that cannot get the lock leaves its chunk to the holder, which re-checks before
+        # it leaves, so no chunk is skipped.
+        while True:
+            if not self._digest_lock.acquire(blocking=False):
+                return
+            try:
+                while True:
+                    with self._lock:
+                        ready = self._sha_next in self.have
+                    if not ready:
+                        break
+                    offset, length = chunk_span(self.size, self.chunk_size, self._sha_next)
+                    self._sha.update(os.pread(self._fd, length, offset))
+                    self._sha_next += 1
+            finally:
+                self._digest_lock.release()
+            with self._lock:
+                if self._sha_next not in self.have:
+                    return
+
+    def sha256_matches(self) -> bool:
+        """Finish the running SHA-256 (reading what is left) and compare with the origin's."""
+        with self._digest_lock:
+            while self._sha_next < self.count:
+                offset, length = chunk_span(self.size, self.chunk_size, self._sha_next)
+                self._sha.update(os.pread(self._fd, length, offset))
+                self._sha_next += 1
+            return self._sha.digest() == self.sha256
+
+    # -- finishing
+
+    def finish(self) -> None:
+        """Make the bytes durable, rename into place and mark the file complete."""
+        try:
+            os.fsync(self._fd)
+            parent, name = self.model_dir.parent_of(self.rel)
+            try:
+                parent.rename(self.partial_name, name)
+                parent.fsync()
+            finally:
+                parent.close()
+        except OSError as e:
+            raise _disk_error(e, self.final_path) from e
+        self.close()
+        self.store._mark_file_complete(self.model_key, self.rel)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
