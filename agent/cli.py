@@ -21,7 +21,8 @@ import trio
 from agent.config import ENV_NAMES, Settings, load_settings
 from agent.errors import IntegrityError, ShoalError, Terminated, UsageError, single_error
 from agent.manifest import ModelRef
-from agent.progress import SOURCE_LABELS, Progress, human_bytes, human_time
+from agent.progress import Progress, human_bytes, human_time
+from agent.sources import registry
 
 
 # ------------------------------------------------------------------------ progress output
@@ -75,7 +76,7 @@ class PullReporter:
             if self.json_mode:
                 self._json(event="trouble", source=event["source"], message=event["message"])
             else:
-                self._say(f"! {SOURCE_LABELS.get(event['source'], event['source'])}: {event['message']}")
+                self._say(f"! {registry.label(event['source'])}: {event['message']}")
 
     def render(self, now: float | None = None) -> None:
         if self.progress is None:
@@ -91,7 +92,7 @@ class PullReporter:
             return
         frac = p.done / p.total if p.total else 1.0
         bar = "█" * int(frac * 24) + "░" * (24 - int(frac * 24))
-        where = f"from {SOURCE_LABELS.get(p.current_source, p.current_source)} " if p.current_source else ""
+        where = f"from {registry.label(p.current_source)} " if p.current_source else ""
         line = (f"{frac * 100:5.1f}% {bar} {human_bytes(p.done)}/{human_bytes(p.total)} "
                 f"{where}{human_bytes(speed)}/s ETA {human_time(eta)}"
                 + (f"  [{p.split()}]" if len(p.by_source) > 1 else ""))
@@ -115,7 +116,7 @@ class PullReporter:
         if self.tty:
             self.stream.write("\n")
         fetched = result["fetched_by_source"]
-        split = ", ".join(f"{SOURCE_LABELS.get(k, k)} {human_bytes(v)}"
+        split = ", ".join(f"{registry.short(k)} {human_bytes(v)}"
                           for k, v in sorted(fetched.items(), key=lambda kv: -kv[1]))
         elapsed = result["elapsed_s"]
         speed = sum(fetched.values()) / elapsed if elapsed else 0

@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from agent.sources import registry
+
 SPEED_WINDOW = 3.0  # seconds of history behind the speed figure
 
-SOURCE_LABELS = {"oss": "OSS mirror", "modelscope": "ModelScope", "lan": "LAN", "cache": "cache"}
 
 
 @dataclass
@@ -58,7 +59,7 @@ class Progress:
         if not fetched:
             return ""
         parts = sorted(self.by_source.items(), key=lambda kv: -kv[1])
-        return " · ".join(f"{SOURCE_LABELS.get(k, k)} {100 * v / fetched:.0f}%" for k, v in parts)
+        return " · ".join(f"{registry.short(k)} {100 * v / fetched:.0f}%" for k, v in parts)
 
 
 def human_bytes(n: float) -> str:

@@ -33,7 +33,8 @@ sys.path.insert(0, str(REPO))
 
 from agent.manifest import ModelRef, chunk_span, default_chunk_size  # noqa: E402
 from agent.mirror import manifest_from_dir  # noqa: E402
-from agent.store import Store, blake3_hash  # noqa: E402
+from agent.hashing import blake3_hash  # noqa: E402
+from agent.store import Store  # noqa: E402
 from agent.swarm.datapath import DataClient, DataServer, StoreLocator, Ticket, TicketBook  # noqa: E402
 from agent.testing.models import make_model  # noqa: E402
 

@@ -56,7 +56,7 @@ def run_measured(cmd: list[str], env: dict) -> tuple[float, int, subprocess.Comp
 
 
 def blake3_throughput(chunk: int, total: int = 1 << 30) -> float:
-    from agent.store import blake3_hash
+    from agent.hashing import blake3_hash
     # Distinct chunks of a buffer larger than the CPU caches, as a real pull sees them.
     data = memoryview(os.urandom(256 << 20))
     count = len(data) // chunk

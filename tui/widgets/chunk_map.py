@@ -5,9 +5,7 @@ from __future__ import annotations
 from rich.text import Text
 from textual.widgets import Static
 
-from tui.widgets.source_bar import COLOURS
-
-LEGEND = [("lan", "LAN"), ("oss", "OSS"), ("modelscope", "ModelScope"), ("local", "local"), ("missing", "missing")]
+from agent.sources import registry
 
 
 def chunk_text(files: list[dict], width: int = 64) -> Text:
@@ -16,15 +14,16 @@ def chunk_text(files: list[dict], width: int = 64) -> Text:
         text.append(f"{f['path']}\n", style="bold")
         chunks = f["chunks"] or []
         for i, source in enumerate(chunks):
-            text.append("■", style=COLOURS.get(source or "missing", "white"))
+            text.append("■", style=registry.colour(source) if source else registry.MISSING_COLOUR)
             if (i + 1) % width == 0:
                 text.append("\n")
         if not chunks:
             text.append("(empty file)", style="dim")
         text.append("\n")
     text.append("\n")
-    for key, label in LEGEND:
-        text.append("■ ", style=COLOURS[key]).append(f"{label}  ")
+    for kind in registry.KINDS:
+        text.append("■ ", style=kind.colour).append(f"{kind.short}  ")
+    text.append("■ ", style=registry.MISSING_COLOUR).append("missing")
     return text
 
 
