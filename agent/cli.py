@@ -121,8 +121,9 @@ class PullReporter:
         elapsed = result["elapsed_s"]
         speed = sum(fetched.values()) / elapsed if elapsed else 0
         if self.json_mode:
-            self._json(event="done", **{k: v for k, v in result.items() if k != "troubles"},
-                       first_byte_s=self.first_byte_s)
+            # The first byte as the person running `shoal pull` saw it: from the command's start.
+            self._json(event="done", **{k: v for k, v in result.items() if k != "troubles"} |
+                       {"first_byte_s": self.first_byte_s})
         else:
             self._say(f"done: {result['model']} in {result['directory']}\n"
                       f"  {human_bytes(result['total_bytes'])} verified; fetched "

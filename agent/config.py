@@ -86,6 +86,9 @@ class Settings:
     swarm_open: bool = False
     # Encrypt chunk bytes on the LAN data path (TLS 1.3, certificate pinned over libp2p).
     encrypt_data: bool = False
+    # Chunks a whole room fetches from the origin at once (agent.swarm.picker): few, so each
+    # finishes soon and peers trade it while the next ones arrive. A lone agent ignores it.
+    origin_streams: int = 4
     # Discovery besides the bootstrap list: mDNS on the LAN, the Kademlia DHT across subnets.
     mdns: bool = True
     dht: bool = True
@@ -137,6 +140,7 @@ _SOURCES: dict[str, tuple[str, str, object]] = {
     "swarm_allow": ("SHOAL_SWARM_ALLOW", "swarm.allow", "list"),
     "swarm_open": ("SHOAL_SWARM_OPEN", "swarm.open", bool),
     "encrypt_data": ("SHOAL_ENCRYPT_DATA", "swarm.encrypt_data", bool),
+    "origin_streams": ("SHOAL_ORIGIN_STREAMS", "swarm.origin_streams", int),
     "mdns": ("SHOAL_MDNS", "swarm.mdns", bool),
     "dht": ("SHOAL_DHT", "swarm.dht", bool),
 }
@@ -263,6 +267,8 @@ def load_settings(env: dict[str, str] | None = None, **overrides) -> Settings:
         raise ConfigError(f"gateway port {settings.gateway_port} is not a TCP port")
     from agent.swarm.trust import parse_publishers
     parse_publishers(settings.trusted_publishers)  # refuses a malformed key now, naming it
+    if not 1 <= settings.origin_streams <= 64:
+        raise ConfigError(f"origin streams {settings.origin_streams} is outside 1..64")
     if not 1 <= settings.upload_slots <= 256:
         raise ConfigError(f"upload slots {settings.upload_slots} is outside 1..256")
     if settings.retries < 0 or settings.retries > 10:

@@ -1,8 +1,7 @@
 """One pull, end to end: resolve what the revision is, plan, fetch, prove, record.
 
-1. Resolve: the mirror's manifest if OSS has one (trusted: the mirror job built it from
-   the origin and checked every file's SHA-256), else ModelScope's listing (paths, sizes,
-   SHA-256; chunk hashes are computed on arrival).
+1. Resolve (``agent.plan``): a trusted LAN peer's manifest, else the mirror's manifest,
+   else the origin's listing (paths, sizes, SHA-256; chunk hashes computed on arrival).
 2. Plan: lock the revision in the store, check free space, open a ``.partial`` per file
    (re-verifying what an earlier run left), list the missing chunks.
 3. Fetch with the scheduler; each file is proven when its last chunk lands — by every
@@ -11,6 +10,11 @@
    sources that did not supply it, and only what agrees is kept.
 4. Record the manifest (built from the verified chunks on an origin plan), so the next
    pull, ``shoal verify``, the mirror and LAN peers can use it.
+
+With the LAN swarm and a trusted plan, LAN peers come first (``agent.swarm.source``), the
+swarm's chunk order and origin policy apply (``agent.swarm.picker``), the session follows
+peers' HAVE streams (``agent.swarm.session``) and this pull's board tells them what it
+holds and claims as it goes (``agent.swarm.board``).
 """
 
 from __future__ import annotations
@@ -26,12 +30,12 @@ import trio
 
 from agent.config import Settings
 from agent.errors import DiskFull, IntegrityError, NotFound, SourceUnavailable, UnsafePath, single_error
-from agent.manifest import PARTIAL_SUFFIX, ModelRef, chunk_span
+from agent.manifest import PARTIAL_SUFFIX, Manifest, ModelRef, chunk_span
 from agent.plan import Plan, plan_from_offers, plan_manifest, resolve
 from agent.ratelimit import TokenBucket
 from agent.safefs import SafeDir, overlaps
-from agent.scheduler import ChunkFetched, ChunkRejected, FifoPicker, FileDone, FileTask, Scheduler, SourceState, \
-    SourceTrouble
+from agent.scheduler import (ChunkFetched, ChunkRejected, FifoPicker, FileDone, FileTask, Job, Picker, Scheduler,
+                             SourceState, SourceTrouble)
 from agent.sources import ChunkSource, make_sources
 from agent.store import Store
 
@@ -64,8 +68,56 @@ class PullResult:
     fetched_by_source: dict[str, int] = field(default_factory=dict)
     chunks_fetched: int = 0
     endgame_duplicates: int = 0  # chunks fetched a second time from another peer at the end
+    origin_duplicate_chunks: int = 0  # chunks this pull fetched from the origin that a peer also did
+    first_byte_s: float | None = None  # from the pull's start to its first verified chunk
+    timings: dict[str, float] = field(default_factory=dict)  # plan_s, room_s: when each was ready
     elapsed: float = 0.0
     troubles: list[str] = field(default_factory=list)
+
+
+class SwarmPart:
+    """The LAN side of one pull with a trusted manifest: the view of the peers, the LAN
+    source, this pull's board, the pickers, and what it fetched from the origin."""
+
+    def __init__(self, session, manifest: Manifest, settings: Settings):
+        from agent.swarm.source import LanPeerSource
+        from agent.swarm.view import LanView
+        self.session, self.settings = session, settings
+        self.view = LanView(manifest, session.self_id)
+        self.source = LanPeerSource(self.view)
+        self.board = None  # set once the pull is recorded (it starts from what the store holds)
+        self.pickers: list[Picker] = []
+        self.from_origin: set[int] = set()
+
+    def picker(self, jobs: list[Job]) -> Picker:
+        from agent.swarm.picker import SwarmPicker
+        self.pickers.append(SwarmPicker(self.view, self.board, jobs, origin_streams=self.settings.origin_streams))
+        return self.pickers[-1]
+
+    def on_event(self, event) -> None:
+        if isinstance(event, ChunkFetched) and self.board is not None:
+            ordinal = self.view.ordinals.of(event.path, event.index)
+            from_origin = event.source != self.source.name
+            if from_origin:
+                self.from_origin.add(ordinal)
+            self.board.add_have(ordinal, from_origin)
+
+    async def run(self, fetch):
+        """Follow the peers while ``fetch()`` runs; its result."""
+        self.board = self.session.board_for(self.view.manifest)
+        try:
+            async with trio.open_nursery() as nursery:
+                # The peers' first answers (and stream frames) come before any chunk is chosen.
+                await nursery.start(self.session.follow, self.view, self.board)
+                result = await fetch()
+                result.origin_duplicate_chunks = self.view.origin_duplicates(self.from_origin)
+                nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            raise single_error(group) from None
+        return result
+
+    def close(self) -> None:
+        self.source.close()
 
 
 def _free_bytes(directory: Path) -> int:
@@ -114,31 +166,31 @@ async def pull(ref: ModelRef, settings: Settings, *, to: Path | None = None,
                rate: TokenBucket | None = None, swarm=None, trust=None) -> PullResult:
     """Pull ``ref`` into the store (or ``to``); see module docstring. Raises ``ShoalError``s.
 
-    ``swarm``: the agent's LAN swarm for this pull (``agent.swarm.membership.PullSession``): what
-    peers answered before the pull (``offers``), this agent's peer id, and ``track(view)``,
-    which keeps a ``LanView`` fresh while the pull runs. With a trusted plan, LAN peers come
-    first and the swarm's chunk order applies (``agent.swarm.view``). A peer's manifest
-    becomes the plan only if ``trust`` accepts it (a trusted publisher's signature or a
-    pinned id).
+    ``swarm``: the agent's LAN swarm for this pull (an ``agent.swarm.session.PullSession``):
+    what peers answered before the pull (``offers``), this agent's peer id, its boards and
+    the HAVE streams. A peer's manifest becomes the plan only if ``trust`` accepts it (a
+    trusted publisher's signature or a pinned id).
     """
     started = time.monotonic()
-    troubles: list[str] = []
-    by_source: dict[str, int] = {}
-    chunks = 0
+    result_parts = {"troubles": [], "by_source": {}, "chunks": 0, "first_byte": None}
+    part: SwarmPart | None = None
 
     def record(event) -> None:
-        nonlocal chunks
         if isinstance(event, SourceTrouble):
-            troubles.append(event.message)
+            result_parts["troubles"].append(event.message)
         elif isinstance(event, ChunkFetched):
+            by_source = result_parts["by_source"]
             by_source[event.source] = by_source.get(event.source, 0) + event.nbytes
-            chunks += 1
+            result_parts["chunks"] += 1
+            if result_parts["first_byte"] is None:
+                result_parts["first_byte"] = round(time.monotonic() - started, 3)
+        if part is not None:
+            part.on_event(event)
         emit(event)
 
     own_sources = sources is None
     sources = make_sources(settings) if own_sources else sources
     store = await trio.to_thread.run_sync(Store, settings.cache_dir)
-    lan = None
     try:
         offers = swarm.offers if swarm is not None else []
         plan, refused = plan_from_offers(ref, offers, trust) if offers and trust else (None, [])
@@ -149,50 +201,37 @@ async def pull(ref: ModelRef, settings: Settings, *, to: Path | None = None,
                 if refused:  # the only answer came from peers we may not believe: say so
                     raise refused[0] from e
                 raise
-        view, pickers = None, []
+        result_parts["plan_s"] = round(time.monotonic() - started, 3)
         if swarm is not None and plan.trusted:
-            from agent.swarm.source import LanPeerSource
-            from agent.swarm.view import LanView
-            view = LanView(plan.manifest(), swarm.self_id)
-            for offer in offers:
-                if offer.manifest.id == view.manifest.id:
-                    view.update(offer.peer, offer)
-            lan = LanPeerSource(view)
-            sources = [lan, *sources]
-
-        def make_picker(jobs):
-            """The chunk order, one per scheduler round (kept for the endgame count)."""
-            if view is None:
-                return FifoPicker(jobs)
-            from agent.swarm.picker import SwarmPicker
-            pickers.append(SwarmPicker(view, jobs, swarm.connected))
-            return pickers[-1]
+            part = SwarmPart(swarm, plan.manifest(), settings)
         directory = check_target(Path(to), settings.cache_dir) if to else store.default_dir(ref)
         await trio.to_thread.run_sync(store.lock, ref)
         try:
-            result = await _run(plan, directory, store, sources, settings, record,
-                                rate if rate is not None else TokenBucket(settings.download_rate),
-                                make_picker, swarm if view is not None else None, view)
+            result = await _run(plan, directory, store, [part.source, *sources] if part else sources, settings,
+                                record, rate if rate is not None else TokenBucket(settings.download_rate), part)
         finally:
             store.unlock(ref)
     finally:
         store.close()
-        if lan is not None:
-            lan.close()
+        if part is not None:
+            part.close()
         if own_sources:
             for source in sources:
-                if source is not lan:
-                    source.close()
+                source.close()
     result.elapsed = time.monotonic() - started
-    result.endgame_duplicates = sum(p.duplicates for p in pickers)
-    result.troubles = troubles
-    result.fetched_by_source = by_source
-    result.chunks_fetched = chunks
+    result.endgame_duplicates = sum(p.duplicates for p in part.pickers) if part else 0
+    result.troubles = result_parts["troubles"]
+    result.fetched_by_source = result_parts["by_source"]
+    result.chunks_fetched = result_parts["chunks"]
+    result.first_byte_s = result_parts["first_byte"]
+    result.timings["plan_s"] = result_parts["plan_s"]
+    if part is not None and part.view.settled_at is not None:
+        result.timings["room_s"] = round(part.view.settled_at - started, 3)
     return result
 
 
 async def _run(plan: Plan, directory: Path, store: Store, sources: list[ChunkSource],
-               settings: Settings, emit, rate: TokenBucket, picker=None, swarm=None, view=None) -> PullResult:
+               settings: Settings, emit, rate: TokenBucket, part: SwarmPart | None) -> PullResult:
     ref = plan.ref
     await trio.to_thread.run_sync(store.check_dir_free, ref, directory)
     # Check the space before the pull, not in the middle of it: preallocation would
@@ -208,29 +247,18 @@ async def _run(plan: Plan, directory: Path, store: Store, sources: list[ChunkSou
                        "free some space (`shoal rm` a model you no longer need) and pull again")
     model = await trio.to_thread.run_sync(lambda: store.open_dir(directory, create=True))
     try:
-        return await _run_in(plan, model, store, sources, settings, emit, rate, picker, swarm, view)
+        # Only a pull that passed the checks above is recorded in the index.
+        await trio.to_thread.run_sync(store.begin, ref, model.path, plan.chunk_size,
+                                      [(f.path, f.size, f.sha256) for f in plan.files])
+        if plan.trusted:  # LAN peers may fetch what this pull has verified while it runs
+            await trio.to_thread.run_sync(store.expect, ref, plan.manifest())
+
+        async def fetch() -> PullResult:
+            return await _fetch_all(plan, model, store, sources, settings, emit, rate,
+                                    part.picker if part else FifoPicker)
+        return await (part.run(fetch) if part else fetch())
     finally:
         model.close()
-
-
-async def _run_in(plan: Plan, model: SafeDir, store: Store, sources: list[ChunkSource],
-                  settings: Settings, emit, rate: TokenBucket, picker, swarm, view) -> PullResult:
-    ref, directory = plan.ref, model.path
-    # Only a pull that passed the checks above is recorded in the index.
-    await trio.to_thread.run_sync(store.begin, ref, directory, plan.chunk_size,
-                                  [(f.path, f.size, f.sha256) for f in plan.files])
-    if plan.trusted:  # LAN peers may fetch what this pull has verified while it runs
-        await trio.to_thread.run_sync(store.expect, ref, plan.manifest())
-    if swarm is None:
-        return await _fetch_all(plan, model, store, sources, settings, emit, rate, picker)
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(swarm.track, view)  # HAVE updates; the first before any chunk is chosen
-            result = await _fetch_all(plan, model, store, sources, settings, emit, rate, picker)
-            nursery.cancel_scope.cancel()
-    except BaseExceptionGroup as group:
-        raise single_error(group) from None
-    return result
 
 
 async def _fetch_all(plan: Plan, model: SafeDir, store: Store, sources: list[ChunkSource],
@@ -250,7 +278,7 @@ async def _fetch_all(plan: Plan, model: SafeDir, store: Store, sources: list[Chu
         emit(PlanReady(plan, directory, already))
         states = [SourceState(s) for s in sources]
         for round_ in range(MAX_ROUNDS):
-            outcome = await Scheduler(ref, states, settings, emit, rate, picker or FifoPicker).run(tasks)
+            outcome = await Scheduler(ref, states, settings, emit, rate, picker).run(tasks)
             if not outcome.mismatched:
                 break
             tasks = []
@@ -302,5 +330,6 @@ def result_to_wire(result: PullResult) -> dict:
     return {"model": str(result.ref), "directory": str(result.directory), "manifest_id": result.manifest_id,
             "total_bytes": result.total_size, "fetched_by_source": result.fetched_by_source,
             "chunks_fetched": result.chunks_fetched, "endgame_duplicates": result.endgame_duplicates,
-            "elapsed_s": round(result.elapsed, 3),
-            "troubles": result.troubles}
+            "origin_duplicate_chunks": result.origin_duplicate_chunks, "first_byte_s": result.first_byte_s,
+            "timings": result.timings,
+            "elapsed_s": round(result.elapsed, 3), "troubles": result.troubles}

@@ -40,7 +40,7 @@ COOLDOWN_START = 2.0
 COOLDOWN_MAX = 60.0
 BACKOFF_BASE = 0.2
 BACKOFF_MAX = 3.0
-WRITTEN, LOST, ABANDONED = "written", "lost", "abandoned"
+WRITTEN, LOST, ABANDONED, DEFERRED = "written", "lost", "abandoned", "deferred"
 
 
 # ------------------------------------------------------------------------------ events
@@ -141,15 +141,25 @@ def _fetch_verify_write(source: ChunkSource, ref: ModelRef, task: FileTask, inde
     return True
 
 
+ANY, PEERS, ORIGINS = "any", "peers", "origins"
+
+
 @dataclass(frozen=True)
 class Job:
-    """One chunk to fetch. ``duplicate``: a second fetch of a chunk already in flight (the
-    endgame), from sources that allow it; the first copy to verify is written, the other
-    fetch is cancelled."""
+    """One chunk to fetch, and from where.
+
+    ``route``: ``ANY`` tries every source in order; ``PEERS`` only sources that take a
+    chunk back when they fail it (LAN peers: ``ChunkSource.endgame``), and if they all fail
+    the job goes back to the picker instead of on to an origin (a chunk a live peer holds
+    is never fetched from the origin for its slowness); ``ORIGINS`` skips the peers (the
+    picker claimed it for the origin). ``duplicate``: a second fetch of a chunk already in
+    flight (the endgame), from peers; the first copy to verify is written, the other fetch
+    is cancelled."""
 
     task: FileTask
     index: int
     duplicate: bool = False
+    route: str = ANY
 
     @property
     def key(self) -> tuple[str, int]:
@@ -157,8 +167,9 @@ class Job:
 
 
 class Picker(Protocol):
-    """The order chunks are fetched in. Workers ``take`` their next job (None: nothing left,
-    ever) and call ``done`` once the job is over, however it ended."""
+    """The order chunks are fetched in. Workers ``take`` their next job (None: nothing left
+    for this worker) and call ``done`` once the job is over, however it ended; a ``PEERS``
+    job that was not written (its peers failed it) is the picker's again, to hand out later."""
 
     duplicates: int  # endgame jobs handed out
 
@@ -236,7 +247,7 @@ class Scheduler:
         while (job := await picker.take()) is not None:
             task = job.task
             try:
-                outcome_ = await self._fetch_chunk(task, job.index, buffer, endgame=job.duplicate)
+                outcome_ = await self._fetch_chunk(task, job.index, buffer, job)
             finally:
                 picker.done(job)
             if outcome_ == ABANDONED:
@@ -248,24 +259,27 @@ class Scheduler:
             if task.remaining == 0:
                 nursery.start_soon(self._finish_file, task, outcome)
 
-    def _pick_order(self, task: FileTask, endgame: bool = False) -> list[SourceState]:
+    def _pick_order(self, task: FileTask, route: str = ANY) -> list[SourceState]:
         path = task.file.rel
         usable = [s for s in self.sources if s.usable_for(path) and s.source.name not in task.exclude
-                  and (not endgame or s.source.endgame)]
+                  and (route == ANY or s.source.endgame == (route == PEERS))]
         now = time.monotonic()
         awake = [s for s in usable if not s.resting(now)]
         # A resting source is still tried after the others, never skipped outright:
         # it may be the only one that has this file.
         return awake + [s for s in usable if s.resting(now)]
 
-    async def _fetch_chunk(self, task: FileTask, index: int, buffer: bytearray, *, endgame: bool = False) -> str:
-        """Fetch one chunk; WRITTEN, LOST (another fetch of it wrote it) or ABANDONED (that,
-        while this one's thread was still running: its buffer is not ours any more)."""
+    async def _fetch_chunk(self, task: FileTask, index: int, buffer: bytearray, job: Job) -> str:
+        """Fetch one chunk; WRITTEN, LOST (another fetch of it wrote it), ABANDONED (that,
+        while this one's thread was still running: its buffer is not ours any more) or
+        DEFERRED (its peers failed a ``PEERS`` job: the picker has it again)."""
         key = (task.file.rel, index)
+        endgame = job.duplicate
+        route = PEERS if endgame else job.route
         with trio.CancelScope() as scope:
             self._running.setdefault(key, []).append(scope)
             try:
-                if await self._fetch_chunk_from_sources(task, index, buffer, endgame):
+                if await self._fetch_chunk_from_sources(task, index, buffer, endgame, route):
                     others = [o for o in self._running.get(key, []) if o is not scope]
                     for other in others:
                         other.cancel()
@@ -278,6 +292,8 @@ class Scheduler:
                 with self._written_lock:
                     if key in self._written or endgame:
                         return LOST  # the other fetch has it (or will); an endgame try may fail
+                if route == PEERS:
+                    return DEFERRED
                 raise
             finally:
                 scopes = self._running.get(key, [])
@@ -287,10 +303,11 @@ class Scheduler:
                     self._running.pop(key, None)
         return ABANDONED
 
-    async def _fetch_chunk_from_sources(self, task: FileTask, index: int, buffer: bytearray, endgame: bool) -> bool:
+    async def _fetch_chunk_from_sources(self, task: FileTask, index: int, buffer: bytearray, endgame: bool,
+                                        route: str) -> bool:
         path = task.file.rel
         reasons: list[str] = []
-        for state in self._pick_order(task, endgame):
+        for state in self._pick_order(task, route):
             source = state.source
             for attempt in range(self.settings.retries + 1):
                 if self.rate is not None:

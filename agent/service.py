@@ -166,8 +166,9 @@ class Agent:
                     active.emit(wire)
                 session = None
                 if self.swarm is not None:
-                    from agent.swarm.membership import PullSession
-                    session = PullSession(self.swarm, await self.swarm.offers(active.ref))
+                    asked = time.monotonic()
+                    session = self.swarm.session(active.ref, await self.swarm.offers(active.ref))
+                    log.info("pull %s: %d offers in %.2f s", key, len(session.offers), time.monotonic() - asked)
                 trust = self.trust
                 if is_manifest_id(active.ref.revision):  # MODEL@<manifest-id>: the person vouches for it
                     trust = TrustPolicy(trust.publishers, frozenset({active.ref.revision}))

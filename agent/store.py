@@ -446,6 +446,19 @@ class Store:
         return {i: h for i, h in self._exec(
             "SELECT idx, hash FROM chunks WHERE model_key=? AND path=?", (str(ref), path))}
 
+    def held_with_sources(self, ref: ModelRef) -> dict[str, dict[int, tuple[bytes, str]]]:
+        """Every verified chunk of ``ref`` with where it came from: path -> {index: (BLAKE3, source)}."""
+        held: dict[str, dict[int, tuple[bytes, str]]] = {}
+        for path, idx, digest, source in self._exec(
+                "SELECT path, idx, hash, source FROM chunks WHERE model_key=?", (str(ref),)):
+            held.setdefault(path, {})[idx] = (digest, source)
+        return held
+
+    def complete_manifests(self) -> set[tuple[str, str, str]]:
+        """(model id, revision, manifest id) of every complete model: one query."""
+        return {(m, r, mid) for m, r, mid in self._exec(
+            "SELECT model_id, revision, manifest_id FROM models WHERE state='complete' AND manifest_id IS NOT NULL")}
+
     def held_chunks(self, ref: ModelRef) -> dict[str, dict[int, bytes]]:
         """Every verified chunk of ``ref``: path -> {index: BLAKE3}. One query (peers ask often)."""
         held: dict[str, dict[int, bytes]] = {}

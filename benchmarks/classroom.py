@@ -61,10 +61,12 @@ def serve_origin(args) -> int:
         if line.strip() == "bytes":
             total = server.faults.data_bytes("/files/")
             seen: dict = {}
-            for entry in server.faults.data_requests("/files/"):
+            requests = server.faults.data_requests("/files/")
+            for entry in requests:
                 seen[(entry.path, entry.range)] = seen.get((entry.path, entry.range), 0) + 1
             server.faults.clear_log()
-            print(json.dumps({"bytes": total, "dup_chunks": sum(n - 1 for n in seen.values())}), flush=True)
+            print(json.dumps({"bytes": total, "dup_chunks": sum(n - 1 for n in seen.values()),
+                              "requests": [[e.at, e.path, e.range] for e in requests]}), flush=True)
     server.close()
     return 0
 
@@ -115,6 +117,7 @@ def run_class(lab: netns.Lab, hosts: list, origin_url: str, root: Path, *, shari
         wait_for(all_connected, 90, "mDNS to connect every agent to every other")
     tx_before = {h.name: lab.tx_bytes(h) for h in hosts}
     started = time.monotonic()
+    started_at = time.time()
     pulls = [subprocess.Popen([sys.executable, "-m", "agent.cli", "pull", MODEL, "--json"], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for env in envs]
     finished, results = [], []
@@ -132,7 +135,7 @@ def run_class(lab: netns.Lab, hosts: list, origin_url: str, root: Path, *, shari
         proc.wait(timeout=30)
     return {"last_done_s": max(r["elapsed_s"] for r in results) if results else max(finished),
             "wall_s": max(finished), "results": results, "uploads": uploads,
-            "cpu": [s.get("cpu", {}) for s in statuses]}
+            "cpu": [s.get("cpu", {}) for s in statuses], "started_at": started_at}
 
 
 def main() -> int:
@@ -177,6 +180,7 @@ def main() -> int:
             run = run_class(lab, hosts, origin_url, root, sharing=sharing, label="swarm" if sharing else "direct")
             served = origin_bytes()
             run["origin_bytes"], run["origin_dup_chunks"] = served["bytes"], served["dup_chunks"]
+            run["origin_requests"] = served["requests"]
             run["origin_link_bytes"] = lab.tx_bytes(origin) - origin_tx
             run["sharing"] = sharing
             runs.append(run)

@@ -53,7 +53,7 @@ def fetch_first(server, ticket, manifest, client=None) -> bytes:
 def test_every_chunk_arrives_verified(served):
     store, manifest, tickets, server, model = served
     client = DataClient()
-    ticket = tickets.issue("peer-b", manifest.id, HERE)
+    ticket = tickets.issue("peer-b", HERE)
     for entry in manifest.files:
         data = (model / entry.path).read_bytes()
         for index, digest in enumerate(entry.chunks):
@@ -69,32 +69,35 @@ def test_every_chunk_arrives_verified(served):
     client.close()
 
 
-def test_a_bad_expired_or_misused_ticket_is_refused(served):
+def test_a_bad_expired_revoked_or_misused_key_is_refused(served):
     store, manifest, tickets, server, model = served
-    other = TicketBook().issue("peer", manifest.id, HERE)  # never issued by this server
+    other = TicketBook().issue("peer", HERE)  # never issued by this server
     with pytest.raises(SourceUnavailable, match="denied"):
         fetch_first(server, other, manifest)
-    for_elsewhere = tickets.issue("peer", manifest.id, "127.0.0.9")  # issued to another address
+    for_elsewhere = tickets.issue("peer", "127.0.0.9")  # issued to another address
     with pytest.raises(SourceUnavailable, match="denied"):
         fetch_first(server, for_elsewhere, manifest)
-    wrong_manifest = tickets.issue("peer", "ab" * 32, HERE)  # bound to another manifest
+    revoked = tickets.issue("leaver", HERE)
+    tickets.revoke("leaver")  # its libp2p connection closed
     with pytest.raises(SourceUnavailable, match="denied"):
-        fetch_first(server, wrong_manifest, manifest)
+        fetch_first(server, revoked, manifest)
     clock = [0.0]
     book = TicketBook(ttl=10, clock=lambda: clock[0])
-    ticket = book.issue("peer", manifest.id, HERE)
+    ticket = book.issue("peer", HERE)
     nonce = b"n" * NONCE_LEN
-    _, _, mac, _ = decode_hello(encode_hello(ticket, nonce, manifest.id)[2:])
-    assert book.check(ticket.id, nonce, manifest.id, mac, HERE) == "peer"
-    assert book.check(ticket.id, b"m" * NONCE_LEN, manifest.id, mac, HERE) is None  # replayed elsewhere
+    _, mode, scope, mac = decode_hello(encode_hello(ticket, nonce, "get", manifest.id)[2:])
+    assert book.check(ticket.id, nonce, mode, scope, mac, HERE) == "peer"
+    assert book.check(ticket.id, b"m" * NONCE_LEN, mode, scope, mac, HERE) is None  # replayed elsewhere
+    assert book.check(ticket.id, nonce, mode, "ab" * 32, mac, HERE) is None  # for another manifest
+    assert book.check(ticket.id, nonce, "sub", scope, mac, HERE) is None  # in another mode
     clock[0] = 11
-    assert book.check(ticket.id, nonce, manifest.id, mac, HERE) is None
+    assert book.check(ticket.id, nonce, mode, scope, mac, HERE) is None
 
 
 def test_the_ticket_secret_never_crosses_the_data_connection_and_a_replay_is_refused(served):
     """An eavesdropper on the LAN sees the handshake; what it sees cannot be used again."""
     store, manifest, tickets, server, model = served
-    ticket = tickets.issue("peer-b", manifest.id, HERE)
+    ticket = tickets.issue("peer-b", HERE)
     seen = bytearray()
     listener = socket.create_server((HERE, 0))
 
@@ -131,7 +134,7 @@ def test_the_ticket_secret_never_crosses_the_data_connection_and_a_replay_is_ref
 
 def test_a_chunk_not_held_is_missing_and_the_connection_stays_usable(served):
     store, manifest, tickets, server, model = served
-    ticket = tickets.issue("peer-b", manifest.id, HERE)
+    ticket = tickets.issue("peer-b", HERE)
     client = DataClient()
     entry = manifest.files[0]
     buffer = memoryview(bytearray(entry.size))
@@ -145,7 +148,7 @@ def test_only_verified_chunks_of_a_partial_file_are_served(served, tmp_path):
     big = max(manifest.files, key=lambda f: f.size)
     # Drop the claim on chunk 1: as if that chunk had not arrived yet.
     store._forget_chunks(str(REF), big.path, [1])
-    ticket = tickets.issue("peer-b", manifest.id, HERE)
+    ticket = tickets.issue("peer-b", HERE)
     buffer = memoryview(bytearray(CHUNK))
     client = DataClient()
     client.fetch(server.address, ticket, manifest.id, big.path, 0, buffer, CHUNK, time.monotonic() + 5)
@@ -155,7 +158,7 @@ def test_only_verified_chunks_of_a_partial_file_are_served(served, tmp_path):
 
 def test_a_removed_model_is_not_served_any_more(served):
     store, manifest, tickets, server, model = served
-    ticket = tickets.issue("peer-b", manifest.id, HERE)
+    ticket = tickets.issue("peer-b", HERE)
     fetch_first(server, ticket, manifest)
     store.remove(REF)
     with pytest.raises(NotFound):
@@ -165,7 +168,7 @@ def test_a_removed_model_is_not_served_any_more(served):
 def test_ticketed_connections_over_the_slots_are_told_busy(served):
     store, manifest, tickets, server, model = served
     holders = [DataClient(), DataClient()]
-    ticket = tickets.issue("c", manifest.id, HERE)
+    ticket = tickets.issue("c", HERE)
     for client in holders:  # each keeps its connection in its pool, holding a slot
         fetch_first(server, ticket, manifest, client)
     try:
@@ -201,7 +204,7 @@ def test_strangers_trickling_bytes_take_no_slot_and_a_member_is_still_served(ser
             except OSError:
                 pass
         started = time.monotonic()
-        ticket = tickets.issue("member", manifest.id, HERE)
+        ticket = tickets.issue("member", HERE)
         assert fetch_first(server, ticket, manifest) == (model / manifest.files[0].path).read_bytes()
         assert time.monotonic() - started < 2
         time.sleep(1.5)  # past the handshake deadline (1 s here)
@@ -239,7 +242,7 @@ def test_a_flood_from_one_address_is_capped_and_others_get_in(served):
             except (socket.timeout, OSError):
                 pass
         assert opened <= MAX_PENDING_PER_ADDRESS
-        ticket = tickets.issue("member", manifest.id, HERE)
+        ticket = tickets.issue("member", HERE)
         assert fetch_first(server, ticket, manifest) == (model / manifest.files[0].path).read_bytes()
     finally:
         for conn in flood:
@@ -257,7 +260,7 @@ def shared_server(tmp_path_factory):
     tickets = TicketBook()
     server = DataServer(StoreLocator(store), tickets).start()
     entry = manifest.files[0]
-    yield server.address, tickets.issue("x", manifest.id, HERE), manifest.id, entry.path, entry.size
+    yield server.address, tickets.issue("x", HERE), manifest.id, entry.path, entry.size
     server.close()
     store.close()
 
@@ -270,7 +273,7 @@ def test_malformed_hellos_and_requests_get_an_error_and_the_server_keeps_serving
     with socket.create_connection(address, timeout=5) as conn:
         opening = conn.recv(len(MAGIC) + NONCE_LEN)
         if hello_first:  # a good hello, then a garbage request
-            conn.sendall(encode_hello(ticket, opening[len(MAGIC):], manifest_id))
+            conn.sendall(encode_hello(ticket, opening[len(MAGIC):], "get", manifest_id))
             assert conn.recv(9)[0] == 0
         conn.sendall(struct.pack(">H", len(garbage)) + garbage)
         conn.shutdown(socket.SHUT_WR)
@@ -285,10 +288,12 @@ def test_the_codecs_round_trip_and_refuse_junk():
     for bad in (b"", b"\x92\xa1a\xc3", encode_request("x", 1)[2:-1]):
         with pytest.raises(DataPathError):
             decode_request(bad)
-    ticket = TicketBook().issue("p", "ab" * 32, HERE)
-    ticket_id, manifest_id, mac, mode = decode_hello(encode_hello(ticket, b"n" * NONCE_LEN, "ab" * 32)[2:])
-    assert (ticket_id, manifest_id, mode) == (ticket.id, "ab" * 32, "get") and len(mac) == 32
-    for bad in (b"", b"\x94\xc4\x01x\xa1a\xa1b\x00", encode_hello(ticket, b"n" * NONCE_LEN, "ab" * 32)[2:-1]):
+    ticket = TicketBook().issue("p", HERE)
+    ticket_id, mode, scope, mac = decode_hello(encode_hello(ticket, b"n" * NONCE_LEN, "get", "ab" * 32)[2:])
+    assert (ticket_id, mode, scope) == (ticket.id, "get", "ab" * 32) and len(mac) == 32
+    for bad in (b"", b"\x94\xc4\x01x\xa1a\xa1b\x00", encode_hello(ticket, b"n" * NONCE_LEN, "get", "ab" * 32)[2:-1],
+                encode_hello(ticket, b"n" * NONCE_LEN, "get", "not-a-manifest-id")[2:],
+                encode_hello(ticket, b"n" * NONCE_LEN, "steal", "ab" * 32)[2:]):
         with pytest.raises(DataPathError):
             decode_hello(bad)
 
@@ -297,7 +302,7 @@ def test_many_threads_share_few_connections_so_a_peer_never_fills_its_slots(serv
     """A thread pool uses whichever threads it likes: connections must not be per thread."""
     store, manifest, tickets, server, model = served  # the server has 2 slots
     client = DataClient()
-    ticket = tickets.issue("peer-b", manifest.id, HERE)
+    ticket = tickets.issue("peer-b", HERE)
     errors = []
 
     def one_fetch():
@@ -318,7 +323,7 @@ def test_an_encrypting_server_serves_only_clients_that_pin_its_certificate(serve
     server = DataServer(StoreLocator(store), tickets, slots=4, encrypt=True).start()
     try:
         assert len(server.fingerprint) == 32
-        ticket = tickets.issue("peer-b", manifest.id, HERE)
+        ticket = tickets.issue("peer-b", HERE)
         client = DataClient()
         for entry in manifest.files:
             buffer = bytearray(entry.size)

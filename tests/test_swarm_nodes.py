@@ -1,5 +1,7 @@
 """Swarm nodes in one process: the protocol against hostile input (hypothesis, and live
-over a real libp2p stream), and discovery through the Kademlia DHT across 20 nodes."""
+over a real libp2p stream and a real data port), the private network and allowlist
+against strangers, a connection flood, and discovery through the Kademlia DHT across 20
+nodes."""
 
 from __future__ import annotations
 
@@ -13,8 +15,10 @@ from agent.manifest import ModelRef
 from agent.mirror import manifest_from_dir
 from agent.store import Store
 from agent.swarm.node import SwarmNode
-from agent.swarm.protocol import (MAX_REQUEST, PROTOCOL, SwarmAccess, bitmap, encode_answer,
-                                  encode_request, indices, parse_answer, parse_request)
+from agent.swarm.protocol import (MAX_REQUEST, PROTOCOL, SwarmAccess, bitmap, encode_answer, encode_contact,
+                                  encode_request, indices, parse_answer, parse_contact, parse_hello_request,
+                                  parse_request)
+from agent.swarm.session import offer_over
 from conftest import CHUNK, MODEL_ID
 
 REF = ModelRef(MODEL_ID, "master")
@@ -25,10 +29,13 @@ msgpack_values = st.recursive(
     max_leaves=20)
 
 
+PARSERS = (parse_request, parse_answer, parse_hello_request, parse_contact)
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=600))
 def test_any_bytes_as_a_request_or_answer_fail_only_as_a_broken_peer(data):
-    for parse in (parse_request, parse_answer):
+    for parse in PARSERS:
         try:
             parse(data)
         except (PeerBroken, NotInSwarm, LookupError):
@@ -37,11 +44,11 @@ def test_any_bytes_as_a_request_or_answer_fail_only_as_a_broken_peer(data):
 
 @settings(max_examples=300, deadline=None)
 @given(st.dictionaries(st.sampled_from(["manifest_id", "model", "revision", "proof", "known", "manifest",
-                                        "signature", "have", "pulling", "data", "ticket", "error", "code"]),
+                                        "signature", "have", "pulling", "data", "key", "tls", "error", "code"]),
                        msgpack_values, max_size=8))
 def test_malformed_maps_fail_only_as_a_broken_peer(message):
     data = msgpack.packb(message, use_bin_type=True)
-    for parse in (parse_request, parse_answer):
+    for parse in PARSERS:
         try:
             parse(data)
         except (PeerBroken, NotInSwarm, LookupError):
@@ -109,6 +116,12 @@ async def raw_exchange(node: SwarmNode, peer: SwarmNode, payload: bytes) -> byte
         await stream.close()
 
 
+async def ask(node: SwarmNode, peer: SwarmNode, **request):
+    """What an agent does: a hello over libp2p, then an offer on the peer's data port."""
+    contact = await node.hello(peer.peer_id)
+    return parse_answer(await offer_over(contact, encode_request(**request), 5))
+
+
 async def test_a_node_answers_garbage_and_oversized_requests_with_an_error_and_keeps_serving(tmp_path, model_dir):
     seeder = seeded_store(tmp_path / "seed", model_dir)
     asker_store = Store(tmp_path / "asker")
@@ -116,12 +129,16 @@ async def test_a_node_answers_garbage_and_oversized_requests_with_an_error_and_k
         seed = await start_node(nursery, seeder, b"s" * 32)
         asker = await start_node(nursery, asker_store, b"a" * 32)
         await asker.connect(seed.addrs[0])
-        for payload in (b"\xc1garbage", msgpack.packb([1, 2, 3]), msgpack.packb({"manifest_id": "zz"}),
-                        b"\x81" + b"\xa1k" * (MAX_REQUEST + 10)):
+        for payload in (b"\xc1garbage", msgpack.packb([1, 2, 3]), msgpack.packb({"proof": "zz"}),
+                        b"\x81" + b"\xa1k" * (MAX_REQUEST + 10)):  # as hellos over libp2p
             answer = msgpack.unpackb(await raw_exchange(asker, seed, payload))
             assert answer["code"] == "bad-request", answer
-        good = await asker.ask(seed.peer_id, ref=REF)
-        assert good is not None and all(len(good.have[f.path]) == len(f.chunks) for f in good.manifest.files)
+        contact = await asker.hello(seed.peer_id)
+        for payload in (b"\xc1garbage", msgpack.packb([1, 2, 3]), msgpack.packb({"manifest_id": "zz"})):
+            answer = msgpack.unpackb(await offer_over(contact, payload, 5))  # as offers on the data port
+            assert answer["code"] == "bad-request", answer
+        good = await ask(asker, seed, model=REF.model_id, revision=REF.revision)
+        assert all(len(good.have[f.path]) == len(f.chunks) for f in good.manifest.files)
         nursery.cancel_scope.cancel()
     seeder.close()
     asker_store.close()
@@ -139,7 +156,7 @@ async def test_another_secret_is_another_private_network_and_its_dht_finds_nothi
         await member.connect(seed.addrs[0])
         await member.add_to_routing(seed.peer_id)
         await seed.add_to_routing(member.peer_id)
-        assert (await member.ask(seed.peer_id, ref=REF)) is not None
+        assert (await ask(member, seed, model=REF.model_id, revision=REF.revision)) is not None
         manifest_id = seeder.find(REF).manifest_id
         assert await seed.provide(MODEL_ID, "master", manifest_id)
         with pytest.raises(trio.TooSlowError):
@@ -169,9 +186,9 @@ async def test_an_allowlisted_swarm_answers_and_routes_only_its_members(tmp_path
             await seed.add_to_routing(node.peer_id)
         from libp2p.peer.id import ID
         assert not seed.dht.routing_table.peer_in_table(ID.from_base58(stranger.peer_id))  # not let in
-        assert (await member.ask(seed.peer_id, ref=REF)) is not None
+        assert (await ask(member, seed, model=REF.model_id, revision=REF.revision)) is not None
         with pytest.raises(NotInSwarm, match="own swarm"):
-            await stranger.ask(seed.peer_id, ref=REF)
+            await stranger.hello(seed.peer_id)
         assert stranger.peer_id in seed.refused
         assert await seed.provide(MODEL_ID, "master", seeder.find(REF).manifest_id)
         assert await stranger.find_providers(REF) == {}
@@ -207,7 +224,7 @@ async def test_a_flood_of_idle_connections_does_not_keep_a_member_out(tmp_path, 
         assert seed.preauth_refused >= 400 - MAX_PREAUTH_PER_ADDRESS - 16  # a few may still be in accept
         with trio.fail_after(3):
             await member.connect(seed.addrs[0])
-            assert (await member.ask(seed.peer_id, ref=REF)) is not None
+            assert (await ask(member, seed, model=REF.model_id, revision=REF.revision)) is not None
         for sock in flood:
             sock.close()
         nursery.cancel_scope.cancel()
@@ -236,8 +253,8 @@ async def test_dht_lookups_find_a_provider_across_a_20_node_swarm(tmp_path, mode
             found = await first.find_providers(REF)
             assert nodes[-1].peer_id in found, found
             await first.connect(found[nodes[-1].peer_id][0])
-            offer = await first.ask(nodes[-1].peer_id, ref=REF)
-            assert offer is not None and offer.manifest.id == manifest.id
+            offer = await ask(first, nodes[-1], model=REF.model_id, revision=REF.revision)
+            assert offer.manifest.id == manifest.id
             assert sum(len(v) for v in offer.have.values()) == sum(len(f.chunks) for f in manifest.files)
         nursery.cancel_scope.cancel()
     for store in stores:
@@ -247,10 +264,12 @@ async def test_dht_lookups_find_a_provider_across_a_20_node_swarm(tmp_path, mode
 def test_answers_round_trip(model_dir):
     manifest = manifest_from_dir(REF, model_dir, CHUNK)
     have = {f.path: set(range(0, len(f.chunks), 2)) for f in manifest.files}
-    data = encode_answer(manifest, manifest.encode(), None, have, True, ("10.0.0.2", 4242), b"t" * 48)
+    data = encode_answer(manifest, manifest.encode(), None, have, True)
     answer = parse_answer(data)
     assert answer.manifest.id == manifest.id and answer.have == have and answer.pulling
-    short = encode_answer(manifest, None, None, have, False, ("10.0.0.2", 4242), b"t" * 48)
+    contact = parse_contact(encode_contact(("10.0.0.2", 4242), b"t" * 48, None))
+    assert contact.data == ("10.0.0.2", 4242) and contact.key == b"t" * 48
+    short = encode_answer(manifest, None, None, have, False)
     assert parse_answer(short, manifest).have == have
     with pytest.raises(PeerBroken, match="no manifest"):
         parse_answer(short)

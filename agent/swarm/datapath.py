@@ -1,25 +1,37 @@
-"""The LAN data path: chunk bytes over plain TCP, served with ``os.sendfile``.
+"""The LAN data port: offers, HAVE streams and chunk bytes over plain TCP, chunks served
+with ``os.sendfile``.
 
-py-libp2p streams top out near 60 MB/s here with a core pinned (docs/design.md), so chunk
-bytes do not go through libp2p: a peer asks over libp2p (authenticated, encrypted) for a
-**ticket**, then opens a TCP connection to the data address the peer advertised. Integrity
-comes from the hashes (the receiver verifies BLAKE3 before writing), not from the transport.
+py-libp2p streams top out near 60 MB/s here with a core pinned, and each message costs
+Python time in Noise and Yamux (docs/design.md), so a pull talks to its peers here: once
+per pair of agents a libp2p hello (authenticated, encrypted) hands each a **key** for the
+other's data port (``agent.swarm.protocol``), and everything else is plain TCP keyed by it.
+Integrity comes from the hashes (the receiver verifies BLAKE3 before writing), not from the
+transport.
 
-Tickets. A ticket is an id and a 32-byte secret, issued over the Noise channel to one peer,
-for one manifest, to be used from the address that peer's libp2p connection came from,
-within ``TICKET_TTL``. The secret never crosses the data connection: the server opens with
-a fresh nonce and the client answers with ``HMAC(secret, nonce | manifest id)``, so a ticket
-seen by an eavesdropper is useless (there is nothing to see) and a handshake cannot be
-replayed on another connection. What an eavesdropper on the LAN *can* see is the chunk
-bytes of public model files and which chunks a peer asks for.
+Keys. A key (a ``Ticket``) is an id and a 32-byte secret, issued over the Noise channel to
+one peer, to be used from the address its libp2p connection came from, within
+``TICKET_TTL`` (hellos renew it well before) and while that connection lasts. The secret
+never crosses the data connection: the server opens with a fresh nonce and the client
+answers with ``HMAC(secret, nonce | mode | scope)``, where the scope is the one manifest the
+connection is for, so a key seen by an eavesdropper is useless (there is nothing to see),
+a handshake cannot be replayed, and a connection serves one manifest. What an eavesdropper
+on the LAN *can* see is the chunk bytes of public model files and which chunks a peer asks
+for, and the HAVE streams.
 
 Wire format::
 
     server -> client   b"SHD2" + nonce (16 bytes)
-    client -> server   hello = u16 length + msgpack [ticket id (16), manifest id, mac (32), mode]
-    then, mode "get", any number of
+    client -> server   hello = u16 length + msgpack [ticket id (16), mode, scope, mac (32)]
+    server -> client   u8 status + u64 length + message  (status 0: welcome)
+    then, mode "offer" (scope ""): one offer request and its answer (``agent.swarm.protocol``)
+    client -> server   u16 length + request;   server -> client   u32 length + answer
+    or, mode "get" (scope: a manifest id), any number of
     client -> server   request = u16 length + msgpack [path, chunk index]
     server -> client   u8 status + u64 length + payload  (status 0: the chunk's bytes; else a message)
+    or, mode "sub" (a subscription to this agent's HAVE stream for the manifest), until either
+    side closes, frames of ``agent.swarm.wire`` from server to client: a snapshot, then a
+    delta when the board changes (coalesced over ``COALESCE``) or a heartbeat every
+    ``HEARTBEAT`` seconds.
 
 Encryption (``swarm.encrypt_data``, off by default): the data server speaks TLS 1.3 with a
 certificate made when the agent starts; its SHA-256 travels in the offer answer, over the
@@ -69,7 +81,7 @@ OK, DENIED, MISSING, BAD_REQUEST, BUSY = range(5)
 STATUS_NAMES = {OK: "ok", DENIED: "denied", MISSING: "missing", BAD_REQUEST: "bad request", BUSY: "busy"}
 _HEADER = struct.Struct(">BQ")
 MAX_TICKETS = 4096
-TICKET_TTL = 120.0
+TICKET_TTL = 3600.0
 IDLE_TIMEOUT = 30.0
 HANDSHAKE_TIMEOUT = 5.0  # from accept to a whole hello
 MAX_PENDING = 64  # connections not yet through the handshake, in all
@@ -77,7 +89,13 @@ MAX_PENDING_PER_ADDRESS = 8
 MAX_PER_ADDRESS = 32  # connections from one address, in all
 RATE_SLICE = 256 * 1024
 TLS_BLOCK = 1024 * 1024
-MODE_GET = "get"
+MODE_OFFER, MODE_GET, MODE_SUB = "offer", "get", "sub"
+MAX_OFFER = 8 * 1024 * 1024  # agent.swarm.protocol.MAX_ANSWER
+HEARTBEAT = 2.0  # a subscriber hears at least this often (agent.swarm.view.LIVENESS is 5 times it)
+COALESCE = 0.05  # changes this close together go in one frame
+SUB_SEND_TIMEOUT = 10.0  # a subscriber that takes no frame this long is dropped
+MAX_SUBSCRIBERS = 256
+MAX_SUBSCRIBERS_PER_ADDRESS = 16
 _DOMAIN = b"shoal-data-v2|"
 
 
@@ -98,8 +116,8 @@ class Ticket:
         return cls(data[:TICKET_ID_LEN], data[TICKET_ID_LEN:])
 
 
-def hello_mac(secret: bytes, nonce: bytes, manifest_id: str) -> bytes:
-    return hmac.new(secret, _DOMAIN + nonce + manifest_id.encode(), hashlib.sha256).digest()
+def hello_mac(secret: bytes, nonce: bytes, mode: str, scope: str) -> bytes:
+    return hmac.new(secret, _DOMAIN + nonce + f"{mode}|{scope}".encode(), hashlib.sha256).digest()
 
 
 def _frame(body: bytes) -> bytes:
@@ -108,23 +126,25 @@ def _frame(body: bytes) -> bytes:
     return struct.pack(">H", len(body)) + body
 
 
-def encode_hello(ticket: Ticket, nonce: bytes, manifest_id: str, mode: str = MODE_GET) -> bytes:
-    return _frame(msgpack.packb([ticket.id, manifest_id, hello_mac(ticket.secret, nonce, manifest_id), mode],
+def encode_hello(ticket: Ticket, nonce: bytes, mode: str, scope: str = "") -> bytes:
+    return _frame(msgpack.packb([ticket.id, mode, scope, hello_mac(ticket.secret, nonce, mode, scope)],
                                 use_bin_type=True))
 
 
-def decode_hello(body: bytes) -> tuple[bytes, str, bytes, str]:
-    """(ticket id, manifest id, mac, mode) of a hello; raises ``DataPathError``."""
+def decode_hello(body: bytes) -> tuple[bytes, str, str, bytes]:
+    """(ticket id, mode, scope, mac) of a hello; raises ``DataPathError``."""
     try:
-        ticket_id, manifest_id, mac, mode = msgpack.unpackb(
+        ticket_id, mode, scope, mac = msgpack.unpackb(
             body, raw=False, max_bin_len=64, max_str_len=128, max_array_len=4, max_map_len=0, strict_map_key=True)
     except Exception as e:  # msgpack raises several unrelated types; any is a bad hello
         raise DataPathError(f"undecodable hello ({type(e).__name__})") from e
-    if (not isinstance(ticket_id, bytes) or len(ticket_id) != TICKET_ID_LEN or not isinstance(manifest_id, str)
-            or len(manifest_id) != 2 * HASH_LEN or not isinstance(mac, bytes) or len(mac) != 32
-            or mode != MODE_GET):
+    if (not isinstance(ticket_id, bytes) or len(ticket_id) != TICKET_ID_LEN or not isinstance(mac, bytes)
+            or len(mac) != 32 or mode not in (MODE_OFFER, MODE_GET, MODE_SUB) or not isinstance(scope, str)
+            or (mode == MODE_OFFER and scope != "")
+            or (mode != MODE_OFFER and (len(scope) != 2 * HASH_LEN or any(c not in "0123456789abcdef"
+                                                                          for c in scope)))):
         raise DataPathError("malformed hello")
-    return ticket_id, manifest_id, mac, mode
+    return ticket_id, mode, scope, mac
 
 
 def encode_request(path: str, index: int) -> bytes:
@@ -189,31 +209,44 @@ class _Issued:
     secret: bytes
     peer: str
     address: str | None
-    manifest_id: str
     expires: float
 
 
 class TicketBook:
-    """Tickets issued over the authenticated channel. Thread-safe, bounded."""
+    """Keys issued over the authenticated channel, one per peer at a time. Thread-safe, bounded."""
 
     def __init__(self, ttl: float = TICKET_TTL, clock=time.monotonic):
         self.ttl, self._clock = ttl, clock
         self._tickets: OrderedDict[bytes, _Issued] = OrderedDict()
+        self._by_peer: dict[str, list[bytes]] = {}
         self._lock = threading.Lock()
 
-    def issue(self, peer: str, manifest_id: str, address: str | None) -> Ticket:
-        """A ticket for ``peer`` to fetch chunks of ``manifest_id`` from ``address`` (its IP as
-        this agent saw it; None: any, for tools that have no libp2p connection)."""
+    def issue(self, peer: str, address: str | None) -> Ticket:
+        """A key for ``peer`` to use this data port from ``address`` (its IP as this agent saw
+        it; None: any, for tools that have no libp2p connection). The peer's older keys stay
+        valid a little (a renewal may cross a connection in flight), two at most."""
         ticket = Ticket(secrets.token_bytes(TICKET_ID_LEN), secrets.token_bytes(TICKET_SECRET_LEN))
         with self._lock:
-            self._tickets[ticket.id] = _Issued(ticket.secret, peer, address, manifest_id, self._clock() + self.ttl)
+            self._tickets[ticket.id] = _Issued(ticket.secret, peer, address, self._clock() + self.ttl)
+            held = self._by_peer.setdefault(peer, [])
+            held.append(ticket.id)
+            while len(held) > 2:
+                self._tickets.pop(held.pop(0), None)
             while len(self._tickets) > MAX_TICKETS:
-                self._tickets.popitem(last=False)
+                old, issued = self._tickets.popitem(last=False)
+                if old in self._by_peer.get(issued.peer, ()):
+                    self._by_peer[issued.peer].remove(old)
         return ticket
 
-    def check(self, ticket_id: bytes, nonce: bytes, manifest_id: str, mac: bytes, address: str) -> str | None:
-        """The peer a valid hello comes from, or None (unknown or expired ticket, another
-        manifest or address, a wrong MAC)."""
+    def revoke(self, peer: str) -> None:
+        """The peer is gone (its libp2p connection closed): its keys end now."""
+        with self._lock:
+            for ticket_id in self._by_peer.pop(peer, []):
+                self._tickets.pop(ticket_id, None)
+
+    def check(self, ticket_id: bytes, nonce: bytes, mode: str, scope: str, mac: bytes, address: str) -> str | None:
+        """The peer a valid hello comes from, or None (unknown, revoked or expired key, another
+        address, a wrong MAC)."""
         with self._lock:
             issued = self._tickets.get(ticket_id)
             if issued is None:
@@ -221,9 +254,9 @@ class TicketBook:
             if issued.expires < self._clock():
                 del self._tickets[ticket_id]
                 return None
-        if issued.manifest_id != manifest_id or (issued.address is not None and issued.address != address):
+        if issued.address is not None and issued.address != address:
             return None
-        if not hmac.compare_digest(mac, hello_mac(issued.secret, nonce, manifest_id)):
+        if not hmac.compare_digest(mac, hello_mac(issued.secret, nonce, mode, scope)):
             return None
         return issued.peer
 
@@ -290,9 +323,12 @@ class DataServer:
 
     def __init__(self, locator: ChunkLocator, tickets: TicketBook, *, host: str = "127.0.0.1",
                  port: int = 0, slots: int = 8, idle_timeout: float = IDLE_TIMEOUT, rate: int | None = None,
-                 handshake_timeout: float = HANDSHAKE_TIMEOUT, encrypt: bool = False):
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT, encrypt: bool = False, boards=None, offers=None):
         from agent.ratelimit import ThreadTokenBucket
         self.locator, self.tickets = locator, tickets
+        self.boards = boards  # agent.swarm.board.Boards: what subscribers are told
+        self.offers = offers  # (peer, request bytes) -> answer bytes, for mode "offer"
+        self._subscribers: Counter = Counter()  # by address, None: in all
         # With encryption: the TLS context, and the certificate hash offers carry.
         self._tls, self.fingerprint = make_tls() if encrypt else (None, None)
         self.rate = ThreadTokenBucket(rate)  # the upload cap (SHOAL_UPLOAD_RATE), shared by all connections
@@ -376,9 +412,9 @@ class DataServer:
         wrapped.do_handshake()
         return wrapped
 
-    def _handshake_peer(self, conn: socket.socket, address: str) -> tuple[str, str] | None:
-        """(peer, manifest id) of a valid hello within the handshake deadline, else None
-        (after telling the client why, where there is anything to tell)."""
+    def _handshake_peer(self, conn: socket.socket, address: str) -> tuple[str, str, str, bytes | None] | None:
+        """(peer, mode, scope, offer request) of a valid hello within the handshake
+        deadline, else None (after telling the client why, where there is anything to tell)."""
         deadline = time.monotonic() + self._handshake
         nonce = secrets.token_bytes(NONCE_LEN)
         conn.settimeout(self._handshake)
@@ -394,15 +430,23 @@ class DataServer:
         if body is None:
             return None
         try:
-            ticket_id, manifest_id, mac, _ = decode_hello(body)
+            ticket_id, mode, scope, mac = decode_hello(body)
         except DataPathError as e:
             _reply(conn, BAD_REQUEST, str(e).encode())
             return None
-        peer = self.tickets.check(ticket_id, nonce, manifest_id, mac, address)
+        peer = self.tickets.check(ticket_id, nonce, mode, scope, mac, address)
         if peer is None:
-            _reply(conn, DENIED, b"unknown, expired or misused ticket; ask the peer for a new one")
+            _reply(conn, DENIED, b"unknown, expired or misused key; say hello to the peer again")
             return None
-        return peer, manifest_id
+        request = None
+        if mode == MODE_OFFER:  # the one request comes within the same deadline
+            head = _recv_exact(conn, 2, deadline)
+            length = struct.unpack(">H", head)[0] if head else MAX_REQUEST + 1
+            request = _recv_exact(conn, length, deadline) if length <= MAX_REQUEST else None
+            if request is None:
+                _reply(conn, BAD_REQUEST, b"no offer request")
+                return None
+        return peer, mode, scope, request
 
     def _serve(self, conn: socket.socket, address: str) -> None:
         slot = False
@@ -419,17 +463,23 @@ class DataServer:
                 self._pending -= 1
                 self._pending_by[address] -= 1
                 pending = False
-                if granted is not None and self._active < self.slots:
+                if granted is not None and granted[1] == MODE_GET and self._active < self.slots:
                     self._active += 1
                     slot = True
             if granted is None:
                 with self._lock:
                     self.refused += 1
                 return
+            peer, mode, manifest_id, request = granted
+            if mode == MODE_OFFER:
+                self._offer(conn, peer, request)
+                return
+            if mode == MODE_SUB:
+                self._subscription(conn, address, manifest_id)
+                return
             if not slot:
                 _reply(conn, BUSY, b"all upload slots are taken; try another peer")
                 return
-            peer, manifest_id = granted
             _reply(conn, OK, b"")
             conn.settimeout(self._idle)
             self._serve_requests(conn, peer, manifest_id)
@@ -450,6 +500,59 @@ class DataServer:
                 self._conns.discard(conn)
                 self._threads.discard(threading.current_thread())
             conn.close()
+
+    def _offer(self, conn: socket.socket, peer: str, request: bytes) -> None:
+        answer = self.offers(peer, request) if self.offers is not None else b""
+        _reply(conn, OK, b"")
+        conn.settimeout(SUB_SEND_TIMEOUT)
+        conn.sendall(struct.pack(">I", len(answer)) + answer)
+
+    def _subscription(self, conn: socket.socket, address: str, manifest_id: str) -> None:
+        """Push this agent's board for ``manifest_id`` to a subscriber until it or we close.
+        Takes no upload slot (it moves a few bytes a second); capped on its own."""
+        from agent.swarm import wire
+        board = self.boards.get(manifest_id) if self.boards is not None else None
+        if board is None:
+            _reply(conn, MISSING, b"no such manifest here")
+            return
+        with self._lock:
+            admitted = (self._subscribers[None] < MAX_SUBSCRIBERS
+                        and self._subscribers[address] < MAX_SUBSCRIBERS_PER_ADDRESS)
+            if admitted:
+                self._subscribers[None] += 1
+                self._subscribers[address] += 1
+        if not admitted:
+            _reply(conn, BUSY, b"too many subscriptions")
+            return
+        try:
+            _reply(conn, OK, b"")
+            conn.settimeout(SUB_SEND_TIMEOUT)
+            frames = 1
+            seq, have, origin, claims, pulling = board.snapshot()
+            conn.sendall(wire.encode_snapshot(frames, have, origin, claims, pulling, board.total))
+            while not self._closed:
+                if board.wait(seq, HEARTBEAT):
+                    time.sleep(COALESCE)  # let a burst of changes go out as one frame
+                if self._closed:
+                    return
+                changes = board.changes_since(seq)
+                frames += 1
+                if changes is None:  # fell behind the board's log: start over from a snapshot
+                    seq, have, origin, claims, pulling = board.snapshot()
+                    conn.sendall(wire.encode_snapshot(frames, have, origin, claims, pulling, board.total))
+                elif changes.seq == seq:
+                    conn.sendall(wire.encode_beat(frames))
+                else:
+                    seq = changes.seq
+                    conn.sendall(wire.encode_delta(frames, have=changes.have, origin=changes.origin,
+                                                   claim=changes.claim, unclaim=changes.unclaim,
+                                                   pulling=changes.pulling))
+        finally:
+            with self._lock:
+                self._subscribers[None] -= 1
+                self._subscribers[address] -= 1
+                if self._subscribers[address] <= 0:
+                    del self._subscribers[address]
 
     def _serve_requests(self, conn: socket.socket, peer: str, manifest_id: str) -> None:
         while True:
@@ -583,7 +686,7 @@ class DataClient:
             opening = _recv_exact(conn, len(MAGIC) + NONCE_LEN)
             if opening is None or opening[:len(MAGIC)] != MAGIC:
                 raise SourceUnavailable(f"{what}: not a shoal data server (or an older version)", transient=False)
-            conn.sendall(encode_hello(ticket, opening[len(MAGIC):], manifest_id))
+            conn.sendall(encode_hello(ticket, opening[len(MAGIC):], MODE_GET, manifest_id))
             status, message = _read_status(conn)
             if status == BUSY:
                 raise PeerBusy(f"{what}: busy: {message}")

@@ -1,38 +1,49 @@
 """The agent's side of the swarm: which peers it knows and how it reaches them, what it
-announces, what it asks before a pull and while one runs.
+announces, and the asks a pull makes.
 
 ``Swarm`` runs beside the agent (``Agent.serve``): the ``SwarmNode`` (libp2p host, data
 server, DHT, mDNS), a loop that keeps connections to bootstrap and discovered peers, and
 one that keeps DHT provider records in line with what the store holds. For a pull it
-offers ``offers(ref)`` (asked before planning) and ``track(view)`` (the HAVE updates while
-the pull runs); ``pull()`` takes it as its ``swarm``.
+offers ``offers(ref)`` (asked before planning) and ``session(offers)``, the
+``agent.swarm.session.PullSession`` that follows peers while the pull runs. It keeps this
+agent's boards (``agent.swarm.board``): what subscribers are told about each manifest.
 
-Bounded: at most ``MAX_PEERS`` peers are tracked; asks run concurrently per round with a
-time limit; discovered peers that cannot be reached are retried with backoff.
+Each connected peer gets one **hello** over libp2p (and again every ``CONTACT_REFRESH``):
+its answer is this agent's contact for the peer's data port, where every ask of a pull
+goes. Idle, the swarm costs next to nothing: no ask is made by the clock, only a look at
+the connection table once a second and, with the DHT on, a provider check every 30 s.
+
+Bounded: at most ``MAX_PEERS`` peers are tracked; asks run concurrently with a time limit;
+discovered peers that cannot be reached are retried with backoff.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import time
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
 import trio
 
 from agent.config import Settings
-from agent.errors import ConfigError
-from agent.manifest import ModelRef
+from agent.errors import ConfigError, NotInSwarm
+from agent.manifest import Manifest, ModelRef
+from agent.swarm.board import Board, Boards
 from agent.swarm.node import ASK_TIMEOUT, SwarmNode
-from agent.errors import NotInSwarm
-from agent.swarm.protocol import SwarmAccess
+from agent.swarm.protocol import Contact, PeerPending, SwarmAccess, encode_request, parse_answer
+from agent.swarm.session import PENDING, KeyRefused, PullSession, offer_over
+from agent.swarm.wire import Ordinals
 
 log = logging.getLogger("shoal.swarm")
 
 MAX_PEERS = 256
-TRACK_INTERVAL = 1.0  # HAVE updates: how often a running pull re-asks each peer
-FIRST_ROUND = 2.0  # a pull starts choosing chunks once its peers answered, or after this
-FAILED_PEER_REST = 5.0  # a peer whose ask failed is asked again after this
+OFFER_TIMEOUT = 1.5  # a pull waits this long at most for its connected peers' first answers
+CONTACT_REFRESH = 1200.0  # a peer's key lasts an hour: say hello again well before
+HELLOS_AT_ONCE = 16
+HELLO_RETRY = 10.0
 KEEP_INTERVAL = 1.0
 BOOTSTRAP_RETRY = 10.0
 ANNOUNCE_INTERVAL = 30.0
@@ -41,7 +52,6 @@ ANNOUNCE_INTERVAL = 30.0
 def check_open_swarm(settings: Settings, access: SwarmAccess) -> None:
     """An agent serves an open swarm (no secret, no allowlist) on a LAN address only when
     its admin said so: anyone who can reach it could list and download what it holds."""
-    import ipaddress
     try:
         loopback = ipaddress.ip_address(settings.swarm_host).is_loopback
     except ValueError:
@@ -62,11 +72,19 @@ class Swarm:
         allow = frozenset(p.strip() for p in settings.swarm_allow.split(",") if p.strip())
         self.access = SwarmAccess(settings.swarm_secret, allow)
         check_open_swarm(settings, self.access)
+        self.boards = Boards(self._board_from_store)
+        self.sessions: dict[str, PullSession] = {}  # str(ref) -> the pull following peers for it
+        self._early_interest: dict[str, set[str]] = {}  # str(ref) -> peers that asked before it planned
         self.node = SwarmNode(store, identity.seed, access=self.access, pulling=pulling,
                               listen_host=settings.swarm_host, listen_port=settings.swarm_port,
                               slots=settings.upload_slots, upload_rate=settings.upload_rate,
-                              mdns=settings.mdns, dht=settings.dht, encrypt=settings.encrypt_data)
+                              mdns=settings.mdns, dht=settings.dht, encrypt=settings.encrypt_data,
+                              boards=self.boards, on_interest=self._interest)
         self.bootstrap = [a.strip() for a in settings.swarm_peers.split(",") if a.strip()]
+        self.contacts: dict[str, Contact] = {}  # peer -> how to reach its data port (from its hello)
+        self._contact_at: dict[str, float] = {}
+        self._hellos = trio.CapacityLimiter(HELLOS_AT_ONCE)
+        self._nursery: trio.Nursery | None = None
         # peer id -> what `shoal peers` shows; "addr" is how we reach it
         self.peers: dict[str, dict] = {}
         self._next_try: dict[str, float] = {}
@@ -78,14 +96,57 @@ class Swarm:
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             await nursery.start(self.node.serve)
             nursery.start_soon(self._keep_peers)
             nursery.start_soon(self._announce)
             task_status.started(self)
 
+    # ----------------------------------------------------------------- boards
+
+    def _board_from_store(self, manifest_id: str) -> Board | None:
+        """A board for a manifest the store holds (complete, or a pull's verified part)."""
+        found = self.store.holding(manifest_id=manifest_id)
+        if found is None:
+            return None
+        ref, _ = found
+        manifest = self.store.manifest(manifest_id)
+        ordinals = Ordinals(manifest)
+        expected = {f.path: f.chunks for f in manifest.files}
+        have, origin = [], []
+        for path, held in self.store.held_with_sources(ref).items():
+            for index, (digest, source) in held.items():
+                if path in expected and index < len(expected[path]) and expected[path][index] == digest:
+                    have.append(ordinals.of(path, index))
+                    if source != "lan":
+                        origin.append(have[-1])
+        return Board(manifest, have=have, origin=origin)
+
+    def board(self, manifest: Manifest) -> Board:
+        """This agent's board for ``manifest`` (made from the store when there is none yet)."""
+        board = self.boards.get(manifest.id)
+        if board is None:
+            board = Board(manifest)
+            self.boards.put(board)
+        return board
+
+    def _interest(self, peer: str, ref: str) -> None:
+        session = self.sessions.get(ref)
+        if session is not None:
+            session.interest(peer)
+        elif len(self._early_interest) < MAX_PEERS:
+            self._early_interest.setdefault(ref, set()).add(peer)
+
+    def take_early_interest(self, ref: str) -> set[str]:
+        """Peers that asked about ``ref`` before its pull followed anyone."""
+        return self._early_interest.pop(ref, set())
+
+    def session(self, ref: ModelRef, offers: tuple[list, set[str]]) -> PullSession:
+        return PullSession(self, ref, *offers)
+
     # ---------------------------------------------------------------- peers
 
-    def _peer(self, peer: str, addr: str | None = None, via: str | None = None) -> dict:
+    def peer_info(self, peer: str, addr: str | None = None, via: str | None = None) -> dict:
         info = self.peers.get(peer)
         if info is None:
             if len(self.peers) >= MAX_PEERS:  # forget the longest-disconnected one
@@ -102,8 +163,32 @@ class Swarm:
             info["via"] = via
         return info
 
+    async def contact(self, peer: str, *, fresh: bool = False) -> Contact | None:
+        """How to reach ``peer``'s data port: from its hello (asked now if there is none yet,
+        or ``fresh``), or None when it cannot or will not answer."""
+        if not fresh and peer in self.contacts:
+            return self.contacts[peer]
+        info = self.peer_info(peer)
+        async with self._hellos:
+            started = time.monotonic()
+            try:
+                contact = await self.node.hello(peer)
+            except NotInSwarm as e:
+                info.update(error=f"refused us: {e}", connected=False)
+                self.node.refused_by.add(peer)
+                return None
+            except Exception as e:  # PeerBroken, a timeout, a reset: a peer that cannot answer is left out
+                info["error"] = str(e)[:200] or type(e).__name__
+                self._contact_at[peer] = time.monotonic() - CONTACT_REFRESH + HELLO_RETRY
+                return None
+        info["rtt_ms"] = round((time.monotonic() - started) * 1000, 1)
+        info["error"] = None
+        self.contacts[peer] = contact
+        self._contact_at[peer] = time.monotonic()
+        return contact
+
     async def _dial(self, peer: str, address: str, via: str) -> None:
-        info = self._peer(peer, address, via)
+        info = self.peer_info(peer, address, via)
         try:
             await self.node.connect(address)
             info.update(connected=True, error=None, addr=address, seen=time.time())
@@ -126,14 +211,22 @@ class Swarm:
             connected = self.node.connected()
             for peer in connected - set(self.peers):
                 # It dialled us (its bootstrap list, mDNS, or DHT routing reached us first).
-                self._peer(peer, via="inbound")
+                self.peer_info(peer, via="inbound")
             for peer, info in self.peers.items():
                 info["connected"] = peer in connected and peer not in self.node.refused_by
                 if info["connected"]:
                     info["seen"] = time.time()
+            for peer in set(self.contacts) - connected:  # gone: its key to our port ends too
+                self.contacts.pop(peer, None)
+                self._contact_at.pop(peer, None)
+                self.node.tickets.revoke(peer)
             targets = [(a.rsplit("/p2p/", 1)[-1], [a], "bootstrap") for a in self.bootstrap]
             targets += [(p, addrs, "mdns") for p, addrs in self.node.take_discovered().items()]
             now = time.monotonic()
+            for peer in connected - self.node.refused_by:
+                if now - self._contact_at.get(peer, -CONTACT_REFRESH) >= CONTACT_REFRESH:
+                    self._contact_at[peer] = now  # one hello at a time per peer
+                    self._nursery.start_soon(partial(self.contact, peer, fresh=True))
             async with trio.open_nursery() as nursery:
                 for peer, addrs, via in targets:
                     if peer == self.self_id or peer in connected or self._next_try.get(peer, 0) > now:
@@ -153,9 +246,7 @@ class Swarm:
         if self.node.dht is None:
             return
         while True:
-            models = await trio.to_thread.run_sync(self.store.models)
-            held = {(m.model_id, m.revision, m.manifest_id) for m in models
-                    if m.state == "complete" and m.manifest_id}
+            held = await trio.to_thread.run_sync(self.store.complete_manifests)
             for key in held - self._provided:
                 if await self.node.provide(*key):
                     self._provided.add(key)
@@ -166,123 +257,81 @@ class Swarm:
 
     # ------------------------------------------------------------------ asking
 
-    async def _ask(self, peer: str, **kwargs):
-        info = self._peer(peer)
-        started = time.monotonic()
-        try:
-            answer = await self.node.ask(peer, **kwargs)
-        except NotInSwarm as e:
-            info.update(error=f"refused us: {e}", connected=False)
-            self.node.refused_by.add(peer)
-            return None
-        except Exception as e:  # PeerBroken, a timeout, a reset: a peer that cannot answer is left out
-            info["error"] = str(e)[:200] or type(e).__name__
+    async def ask(self, peer: str, *, ref: ModelRef | None = None, manifest_id: str | None = None,
+                  known: Manifest | None = None):
+        """The peer's offer for a manifest (by id) or a model revision (or both), asked on its
+        data port; None when it holds none or cannot answer; ``PENDING`` when it pulls the
+        same but has not planned yet. What `shoal peers` shows of it is kept up to date."""
+        from agent.manifest import is_manifest_id
+        if manifest_id is None and ref is not None and is_manifest_id(ref.revision):
+            manifest_id = ref.revision
+        request = encode_request(manifest_id=manifest_id, model=ref.model_id if ref else None,
+                                 revision=ref.revision if ref else None, known=known is not None)
+        info = self.peer_info(peer)
+        for attempt in range(2):
+            contact = await self.contact(peer, fresh=attempt > 0)
+            if contact is None:
+                return None
+            started = time.monotonic()
+            try:
+                data = await offer_over(contact, request, ASK_TIMEOUT)
+                answer = parse_answer(data, known)
+                break
+            except KeyRefused:
+                continue  # our key was renewed or revoked meanwhile: hello again, once
+            except PeerPending:
+                return PENDING
+            except LookupError:
+                return None  # it holds none of it
+            except Exception as e:  # PeerBroken, a timeout, a reset: a peer that cannot answer is left out
+                info["error"] = str(e)[:200] or type(e).__name__
+                return None
+        else:
             return None
         info["rtt_ms"] = round((time.monotonic() - started) * 1000, 1)
         info["error"] = None
-        if answer is not None:
-            answer.peer = peer
-            m = answer.manifest
-            info["holds"][f"{m.model_id}@{m.revision}"] = {
-                "manifest_id": m.id, "chunks": sum(len(v) for v in answer.have.values()),
-                "of": sum(len(f.chunks) for f in m.files), "pulling": answer.pulling}
+        answer.peer = peer
+        m = answer.manifest
+        info["holds"][f"{m.model_id}@{m.revision}"] = {
+            "manifest_id": m.id, "chunks": sum(len(v) for v in answer.have.values()),
+            "of": sum(len(f.chunks) for f in m.files), "pulling": answer.pulling}
         return answer
 
-    async def _ask_all(self, **kwargs) -> dict[str, object]:
-        answers: dict[str, object] = {}
+    async def _ask_all(self, peers, timeout: float, pending: set[str], **kwargs) -> list:
+        answers: list = []
 
         async def one(peer: str) -> None:
-            answers[peer] = await self._ask(peer, **kwargs)
-        peers = [p for p in self.node.connected() if p not in self.node.refused_by]
-        with trio.move_on_after(ASK_TIMEOUT + 1):
+            answer = await self.ask(peer, **kwargs)
+            if answer is PENDING:
+                pending.add(peer)
+            elif answer is not None:
+                answers.append(answer)
+        with trio.move_on_after(timeout):
             async with trio.open_nursery() as nursery:
                 for peer in peers:
                     nursery.start_soon(one, peer)
         return answers
 
-    async def offers(self, ref: ModelRef) -> list:
-        """What peers hold of ``ref``, asked before a pull plans (DHT providers dialled first)."""
+    async def offers(self, ref: ModelRef) -> tuple[list, set[str]]:
+        """What peers hold of ``ref``, asked before a pull plans, and whom it asked: the
+        connected peers first (at most ``OFFER_TIMEOUT``); the DHT only when none has it."""
+        connected = self.node.connected() - self.node.refused_by
+        pending: set[str] = set()
+        answers = await self._ask_all(connected, OFFER_TIMEOUT, pending, ref=ref)
+        if answers or pending or self.node.dht is None:
+            return answers, connected - pending  # the pending ones are asked again by the session
         found = await self.node.find_providers(ref)
-        if found:
-            async with trio.open_nursery() as nursery:
-                for peer, addrs in found.items():
-                    self._peer(peer, addrs[0] if addrs else None, "dht")
-                    if peer not in self.node.connected() and addrs:
-                        nursery.start_soon(self._dial, peer, addrs[0], "dht")
-        answers = await self._ask_all(ref=ref)
-        return [a for a in answers.values() if a is not None]
-
-    async def track(self, view, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Keep ``view`` fresh (HAVE updates) until cancelled.
-
-        Each peer is followed by its own loop (ask, update, sleep ``TRACK_INTERVAL``), so a
-        stalled peer delays only its own updates. Started once every peer connected at the
-        start has answered once, or after ``FIRST_ROUND`` seconds.
-        """
-        following: set[str] = set()
-        retry_at: dict[str, float] = {}
-        first_round: set[str] = set()
-
-        async def follow(peer: str) -> None:
-            try:
-                while True:
-                    answer = await self._ask(peer, manifest_id=view.manifest.id, known=view.manifest)
-                    first_round.discard(peer)
-                    if answer is None:
-                        view.forget(peer)
-                        # Not holding it (yet): ask again soon; failing: give it a rest.
-                        failed = self.peers.get(peer, {}).get("error")
-                        retry_at[peer] = time.monotonic() + (FAILED_PEER_REST if failed else TRACK_INTERVAL)
-                        return
-                    view.update(peer, answer)
-                    await trio.sleep(TRACK_INTERVAL)
-            finally:
-                following.discard(peer)
-
-        try:
-            async with trio.open_nursery() as nursery:
-                first_round.update(p for p in self.node.connected() if p not in self.node.refused_by)
-                started_at, started = time.monotonic(), False
-                while True:
-                    connected = self.node.connected()
-                    now = time.monotonic()
-                    for peer in connected - following - self.node.refused_by:
-                        if retry_at.get(peer, 0) <= now:
-                            following.add(peer)
-                            nursery.start_soon(follow, peer)
-                    for peer in list(view.peers):
-                        if peer not in connected:
-                            view.forget(peer)
-                    if not started and (not first_round or now - started_at > FIRST_ROUND):
-                        task_status.started()
-                        started = True
-                    await trio.sleep(0.05 if not started else KEEP_INTERVAL / 4)
-        finally:
-            for peer, summary in view.summary().items():
-                info = self._peer(peer)
-                info["bytes_down"] += summary["bytes_down"]
-                if summary["banned"]:
-                    info["dropped"] = summary["banned"]
+        new = {}
+        async with trio.open_nursery() as nursery:
+            for peer, addrs in found.items():
+                self.peer_info(peer, addrs[0] if addrs else None, "dht")
+                if peer not in connected and addrs:
+                    new[peer] = addrs
+                    nursery.start_soon(self._dial, peer, addrs[0], "dht")
+        return (await self._ask_all(set(found) - connected, ASK_TIMEOUT, pending, ref=ref) if new else []), \
+            connected - pending
 
     def snapshot(self) -> list[dict]:
         served = dict(self.node.data.served_to)
         return [{"id": p, **{k: v for k, v in i.items() if k not in ("seen", "fails")},
                  "bytes_up": served.get(p, 0)} for p, i in self.peers.items()]
-
-
-class PullSession:
-    """What ``pull()`` gets as its ``swarm``: the answers asked before it planned, this
-    agent's peer id, and the HAVE-update loop."""
-
-    def __init__(self, swarm: Swarm, offers: list):
-        self.swarm, self.offers = swarm, offers
-
-    @property
-    def self_id(self) -> str:
-        return self.swarm.self_id
-
-    def connected(self) -> int:
-        return len(self.swarm.node.connected())
-
-    async def track(self, view, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        await self.swarm.track(view, task_status=task_status)

@@ -1,9 +1,10 @@
-"""The LAN swarm node: a libp2p host that tells swarm peers what this agent holds and hands
-out tickets for its data connection; the client side that asks peers the same; and
-discovery (bootstrap list, mDNS, Kademlia DHT provider records).
+"""The LAN swarm node: a libp2p host that gives swarm members a key to this agent's data
+port (the hello), answers their offers there, and discovery (bootstrap list, mDNS,
+Kademlia DHT provider records).
 
-Only small control messages travel over libp2p (authenticated, Noise); the wire format is
-``agent.swarm.protocol``. Chunk bytes go over ``agent.swarm.datapath``.
+Over libp2p (authenticated, Noise, the swarm's private network) travel only hellos, one per
+pair of agents and renewal, and the DHT; the wire format is ``agent.swarm.protocol``.
+Offers, HAVE streams and chunk bytes go over the data port (``agent.swarm.datapath``).
 
 Discovery:
 - **bootstrap**: full multiaddrs with ``/p2p/<peer id>`` (``SHOAL_SWARM_PEERS``), dialled by
@@ -29,12 +30,14 @@ from typing import Callable
 
 import trio
 
+from agent.errors import PeerBroken
 from agent.manifest import Manifest, ModelRef, decode, is_manifest_id
 from agent.hashing import blake3_hash
 from agent.swarm.datapath import DataServer, StoreLocator, TicketBook
-from agent.swarm.protocol import (BAD_REQUEST, MAX_ANSWER, MAX_REQUEST, NOT_HELD, NOT_IN_SWARM, PROTOCOL, Answer,
-                                  NotInSwarm, PeerBroken, SwarmAccess, encode_answer, encode_error, encode_request,
-                                  parse_answer, parse_request)
+from agent.swarm.protocol import (BAD_REQUEST, MAX_REQUEST, NOT_HELD, NOT_IN_SWARM, PENDING, PROTOCOL, Contact,
+                                  SwarmAccess,
+                                  encode_answer, encode_contact, encode_error, encode_hello_request, parse_contact,
+                                  parse_hello_request, parse_request)
 
 log = logging.getLogger("shoal.swarm")
 
@@ -91,7 +94,8 @@ class SwarmNode:
     def __init__(self, store, seed: bytes, *, access: SwarmAccess | None = None,
                  pulling: Callable[[str], bool] = lambda ref: False, listen_host: str = "127.0.0.1",
                  listen_port: int = 0, data_host: str | None = None, slots: int = 16,
-                 upload_rate: int | None = None, mdns: bool = False, dht: bool = False, encrypt: bool = False):
+                 upload_rate: int | None = None, mdns: bool = False, dht: bool = False, encrypt: bool = False,
+                 boards=None, on_interest: Callable[[str, str], None] = lambda peer, manifest_id: None):
         import multiaddr
         from libp2p import new_host
         from libp2p.network.config import ConnectionConfig
@@ -100,7 +104,9 @@ class SwarmNode:
         self.pulling = pulling
         self.tickets = TicketBook()
         self.data = DataServer(StoreLocator(store), self.tickets, host=data_host or listen_host, slots=slots,
-                               rate=upload_rate, encrypt=encrypt)
+                               rate=upload_rate, encrypt=encrypt, boards=boards, offers=self.offer)
+        self._trio_token = None  # for the data port's threads to reach the event loop
+        self.on_interest = on_interest  # told (peer, manifest id) when a peer asks about what we pull
         # One connection per peer: py-libp2p waits ~250 ms per connect otherwise (docs/design.md).
         config = ConnectionConfig(max_connections_per_peer=1, inbound_upgrade_timeout=UPGRADE_TIMEOUT,
                                   outbound_upgrade_timeout=UPGRADE_TIMEOUT)
@@ -175,6 +181,7 @@ class SwarmNode:
         network.upgrade_inbound_raw_conn = upgraded
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        self._trio_token = trio.lowlevel.current_trio_token()
         self.data.start()
         try:
             async with self.host.run(listen_addrs=self._listen):
@@ -322,51 +329,79 @@ class SwarmNode:
                 self._manifests.popitem(last=False)
         return manifest, data
 
-    def _answer_for(self, data: bytes, peer: str, address: str | None) -> tuple[bytes, bool]:
-        """The answer to one request, and whether the asker was refused as an outsider."""
+    def offer(self, peer: str, data: bytes) -> bytes:
+        """The answer to one offer request (from the data port, in its thread) from ``peer``,
+        a member holding our key. Tells the agent (``on_interest``) when the peer asks about
+        a manifest this agent is pulling too: it follows the asker then."""
         try:
             request = parse_request(data)
         except PeerBroken as e:
+            return encode_error(BAD_REQUEST, str(e))
+        found = None
+        if request.manifest_id is not None:
+            found = self.store.holding(manifest_id=request.manifest_id)
+        if found is None and request.model is not None:
+            found = self.store.holding(model_id=request.model, revision=request.revision)
+        if found is None:
+            asked = f"{request.model}@{request.revision}" if request.model else None
+            if asked and self.pulling(asked):  # pulling it too, not planned yet: ask again shortly
+                self._interest(peer, asked)
+                return encode_error(PENDING, "pulling it too; no manifest yet")
+            return encode_error(NOT_HELD, "not held here")
+        ref, manifest_id = found
+        manifest, manifest_bytes = self._manifest(manifest_id)
+        expected = {f.path: f.chunks for f in manifest.files}
+        have = {path: {i for i, h in held.items() if i < len(expected[path]) and expected[path][i] == h}
+                for path, held in self.store.held_chunks(ref).items() if path in expected}
+        pulling = self.pulling(str(ref))
+        if pulling:
+            self._interest(peer, str(ref))
+        return encode_answer(manifest, None if request.known else manifest_bytes,
+                             self.store.signature(manifest_id), have, pulling)
+
+    def _interest(self, peer: str, ref: str) -> None:
+        """Tell the agent (from a data-port thread) that ``peer`` asked about ``ref``, which it pulls."""
+        if self._trio_token is None:
+            return
+        try:
+            trio.from_thread.run_sync(self.on_interest, peer, ref, trio_token=self._trio_token)
+        except (trio.RunFinishedError, trio.Cancelled):
+            pass  # the agent is stopping
+
+    def _contact_for(self, data: bytes, peer: str, address: str) -> tuple[bytes, bool]:
+        """The answer to a hello (this agent's data port contact), and whether the asker was
+        refused as an outsider."""
+        try:
+            proof = parse_hello_request(data)
+        except PeerBroken as e:
             return encode_error(BAD_REQUEST, str(e)), False
-        if not self.access.admits(peer, self.peer_id, request.proof):
+        if not self.access.admits(peer, self.peer_id, proof):
             self.refused[peer] = time.time()
             if len(self.refused) > MAX_DISCOVERED:  # bounded: forget the oldest refusals
                 for old in sorted(self.refused, key=self.refused.get)[:len(self.refused) - MAX_DISCOVERED]:
                     del self.refused[old]
             return encode_error(NOT_IN_SWARM, "this agent serves only peers of its own swarm (same SHOAL_SWARM_SECRET "
                                 "and, if set, listed in SHOAL_SWARM_ALLOW)"), True
-        found = self.store.holding(manifest_id=request.manifest_id, model_id=request.model,
-                                   revision=request.revision)
-        if found is None:
-            return encode_error(NOT_HELD, "not held here"), False
-        ref, manifest_id = found
-        manifest, manifest_bytes = self._manifest(manifest_id)
-        expected = {f.path: f.chunks for f in manifest.files}
-        have = {path: {i for i, h in held.items() if i < len(expected[path]) and expected[path][i] == h}
-                for path, held in self.store.held_chunks(ref).items() if path in expected}
-        return encode_answer(manifest, None if request.known else manifest_bytes,
-                             self.store.signature(manifest_id), have, self.pulling(str(ref)),
-                             self.data.address, self.tickets.issue(peer, manifest_id, address).encode(),
-                             self.data.fingerprint), False
+        key = self.tickets.issue(peer, address)
+        return encode_contact(self.data.address, key.encode(), self.data.fingerprint), False
 
     async def _answer(self, stream) -> None:
         peer = str(stream.muxed_conn.peer_id)
         refuse = False
         try:
             remote = stream.get_remote_address()
-        except Exception:  # no address known for this stream: the ticket is then refused at the data port
+        except Exception:  # no address known for this stream: the key is then refused at the data port
             remote = None
         try:
             with trio.fail_after(ASK_TIMEOUT):
                 request = await _read_all(stream, MAX_REQUEST)
-                answer, refuse = await trio.to_thread.run_sync(self._answer_for, request, peer,
-                                                                remote[0] if remote else "unknown")
+                answer, refuse = self._contact_for(request, peer, remote[0] if remote else "unknown")
                 await stream.write(answer)
         except (PeerBroken, trio.TooSlowError) as e:
             try:
                 await stream.write(encode_error(BAD_REQUEST, str(e)))
-            except Exception:  # the peer may be gone; nothing to tell it
-                pass
+            except Exception as write_error:  # the peer may be gone; nothing to tell it
+                log.debug("telling %s its hello failed: %s", peer[:16], write_error)
         except Exception as e:  # a bad peer must not take the node down
             log.warning("answering %s failed: %s", peer[:16], e)
         finally:
@@ -376,8 +411,8 @@ class SwarmNode:
             with trio.move_on_after(1):
                 try:
                     await self.host.disconnect(stream.muxed_conn.peer_id)
-                except Exception:  # already gone
-                    pass
+                except Exception as e:  # already gone
+                    log.debug("disconnecting %s: %s", peer[:16], e)
 
     # --------------------------------------------------------------- asking
 
@@ -392,33 +427,24 @@ class SwarmNode:
     def connected(self) -> set[str]:
         return {str(p) for p in self.host.get_network().connections}
 
-    async def ask(self, peer: str, *, ref: ModelRef | None = None, manifest_id: str | None = None,
-                  known: Manifest | None = None) -> Answer | None:
-        """The peer's answer about a manifest (by id) or a model revision, or None when it
-        holds none. Raises ``PeerBroken``, ``NotInSwarm``, ``trio.TooSlowError``."""
+    async def hello(self, peer: str) -> Contact:
+        """The peer's contact for its data port (a hello over libp2p). Raises ``PeerBroken``,
+        ``NotInSwarm``, ``trio.TooSlowError``."""
         from libp2p.peer.id import ID
-        if manifest_id is None and ref is not None and is_manifest_id(ref.revision):
-            manifest_id = ref.revision
-        request = encode_request(manifest_id=manifest_id, model=ref.model_id if ref else None,
-                                 revision=ref.revision if ref else None,
-                                 proof=self.access.proof(self.peer_id, peer), known=known is not None)
         with trio.fail_after(ASK_TIMEOUT):
             stream = await self.host.new_stream(ID.from_base58(peer), [PROTOCOL])
             try:
-                await stream.write(request)
+                await stream.write(encode_hello_request(self.access.proof(self.peer_id, peer)))
                 await stream.close_write()  # the answerer reads to the end of the request
-                data = await _read_all(stream, MAX_ANSWER)
+                data = await _read_all(stream, MAX_REQUEST)
                 remote = stream.get_remote_address()
             finally:
                 await _close(stream)
-        try:
-            answer = await trio.to_thread.run_sync(parse_answer, data, known)
-        except LookupError:
-            return None
-        if answer.data[0] in ("0.0.0.0", "::", "") and remote:
+        contact = parse_contact(data)
+        if contact.data[0] in ("0.0.0.0", "::", "") and remote:
             # The peer listens on every interface: its data port is on the address we reached it at.
-            answer.data = (remote[0], answer.data[1])
-        return answer
+            contact = Contact((remote[0], contact.data[1]), contact.key, contact.tls)
+        return contact
 
 
-__all__ = ["SwarmNode", "NotInSwarm", "PeerBroken", "model_key", "manifest_key", "ASK_TIMEOUT"]
+__all__ = ["SwarmNode", "model_key", "manifest_key", "ASK_TIMEOUT"]

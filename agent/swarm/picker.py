@@ -1,109 +1,163 @@
-"""The scheduler's chunk order when LAN peers are around (a ``agent.scheduler.Picker``).
+"""The scheduler's chunk order when LAN peers are around (an ``agent.scheduler.Picker``),
+and the room's origin policy.
 
-1. a chunk some peer holds, **rarest first** (fewest holders; random among equals), so
-   copies spread before the peer that has them leaves;
-2. else a chunk this agent is *responsible* for: among the agents pulling the same
-   manifest now (this one and every peer that says it is pulling and is making
-   progress), each chunk has one owner by rendezvous hashing of (peer id, chunk). Owners
-   fetch their chunks from the origin and everyone else takes them from the owner, so
-   a class starting at once pulls about one copy through the outside link;
-3. else wait for a HAVE update (other owners' chunks are on their way);
-4. **endgame**: once nothing is left to start, a chunk that has been in flight for
-   ``ENDGAME_AFTER`` seconds and that some peer holds is fetched a second time from another
-   peer; the first copy to verify is written and the other fetch is cancelled.
+1. **From the LAN**: a chunk some live peer holds, rarest first (fewest holders; random
+   among equals), so copies spread before the peer that has them leaves.
+2. **From the origin**, a chunk nobody holds and nobody claims, once every connected peer
+   has answered (or ``ROOM_WAIT`` has passed), so agents starting together first learn who
+   else pulls. The room fetches these in
+   one global order (manifest ordinals), at most ``origin_streams`` at a time across the
+   whole room (counted from everyone's claims): the outside link carries few chunks at
+   once, each finishing soon, so peers trade them while the next ones arrive. Among the
+   first free chunks in that order, each has one owner, by rendezvous hashing over the
+   agents pulling (this one and every live peer that says it pulls); only the owner
+   fetches it. Before it does, it *claims* the chunk on its board (pushed to every
+   subscriber) and lets ``CLAIM_SETTLE`` pass: if a live peer with a smaller id claimed the
+   same chunk meanwhile (both saw it free at once), this agent lets it go.
+3. **Never twice for slowness**: a chunk a live peer holds or claims is never fetched from
+   the origin by anyone else, however slow that peer is. Its claim ends when the chunk
+   verifies there, when the peer gives up (``unclaim``: its fetch failed), or when the peer
+   is gone (its subscription closed, or silent past ``agent.swarm.view.LIVENESS``); only
+   then does the chunk's ownership move on.
+4. **Alone** (no live peer pulls or holds the manifest): every chunk in file order, as many
+   at once as the scheduler runs, no claim needed.
+5. **Endgame**: once nothing is left to start, a chunk in flight from a peer for over
+   ``ENDGAME_AFTER`` seconds that another live peer holds is fetched a second time from it
+   (LAN only); the first copy to verify is written, the other fetch is cancelled.
 """
 
 from __future__ import annotations
 
 import random
 import time
-from typing import Callable
 
-from agent.scheduler import Job
+from agent.scheduler import ORIGINS, PEERS, Job
+from agent.swarm.board import Board
 from agent.swarm.view import LanView
 
-# Chunks this agent fetches from the origin at once while other agents pull the same model
-# (or may be about to: peers are connected and the pull is young). The outside link is the
-# class's bottleneck: fewer chunks in flight each finish sooner, so peers can trade them
-# sooner, and a chunk two agents both started before they saw each other costs less.
-ORIGIN_SLOTS = 2
-GRACE = 3.0
+CLAIM_SETTLE = 0.3
+# Nothing is fetched from the origin while connected peers have not answered yet (they may
+# be pulling the same and own part of it), for at most this long from the pull's start.
+ROOM_WAIT = 5.0
 ENDGAME_AFTER = 2.0
+WAIT = 0.25  # the longest a worker waits for news before looking again
 
 
 class SwarmPicker:
-    """The scheduler's chunk order with a ``LanView`` (see module docstring)."""
+    def __init__(self, view: LanView, board: Board, jobs: list[Job], *, origin_streams: int = 4,
+                 clock=time.monotonic):
+        self.view, self.board = view, board
+        self.origin_streams = origin_streams
+        self.clock = clock
+        ordinals = board.ordinals
+        self.pending: dict[int, Job] = {ordinals.of(*job.key): job for job in jobs}
+        self._order = sorted(self.pending)  # the room's common origin order
+        self._lan_order = list(self.pending)
+        random.shuffle(self._lan_order)  # agents that start together spread their LAN asks
+        self.in_flight: dict[int, list] = {}  # ordinal -> [job, since, fetches, duplicated, from origin]
+        self.settling: dict[int, float] = {}  # my claims not yet acted on -> when claimed
+        self.started = clock()
+        self.duplicates = 0  # endgame jobs handed out
 
-    def __init__(self, view: LanView, jobs: list, connected: Callable[[], int] = lambda: 0):
-        self.view = view
-        shuffled = list(jobs)
-        random.shuffle(shuffled)  # agents that start together do not walk the files in the same order
-        self.pending = {job.key: job for job in shuffled}
-        self.connected = connected
-        self.started = time.monotonic()
-        self.origin_in_flight: set[tuple[str, int]] = set()
-        # key -> [job, when it started, fetches running, duplicated yet]
-        self.in_flight: dict[tuple[str, int], list] = {}
-        self.duplicates = 0
+    # --------------------------------------------------------------------- choosing
 
-    def _origin_slots(self, pullers: tuple[str, ...]) -> int | None:
-        if len(pullers) > 1 or (time.monotonic() - self.started < GRACE and (self.view.peers or self.connected())):
-            return ORIGIN_SLOTS
-        return None  # alone: as many as the scheduler runs
+    def _from_lan(self, holders: dict[int, int]) -> int | None:
+        best, best_count = None, None
+        for ordinal in self._lan_order:
+            if ordinal not in self.pending:
+                continue
+            count = holders.get(ordinal, 0)
+            if count and (best_count is None or count < best_count) and self.view.free_holder(ordinal):
+                best, best_count = ordinal, count
+                if count == 1:
+                    break
+        return best
 
-    def _choose(self):
-        view = self.view
-        pullers = view.pullers()
-        slots = self._origin_slots(pullers)
-        origin_ok = slots is None or len(self.origin_in_flight) < slots
-        rarest, rarest_count, mine = None, None, None
-        counts = view.holder_counts()
-        for key in self.pending:
-            count = counts.get(key, 0)
-            if count:
-                if rarest_count is None or count < rarest_count:
-                    rarest, rarest_count = key, count
-                    if count == 1:
-                        break
-            elif origin_ok and mine is None and view.owner(key[0], key[1], pullers) == view.self_id:
-                mine = key
-        if rarest is None and mine is not None:
-            self.origin_in_flight.add(mine)
-        return rarest or mine
+    def _from_origin(self, holders: dict[int, int]) -> int | None:
+        view, now = self.view, self.clock()
+        if view.unknown and now - self.started < ROOM_WAIT:
+            return None  # who else pulls it is not known yet: the LAN only, for now
+        pullers, others_claims, alone = view.room()
+        if alone:  # claimed all the same, for a peer that joins later to see
+            for ordinal in self._order:
+                if ordinal in self.pending and ordinal not in self.settling:
+                    self.board.claim(ordinal)
+                    return ordinal
+            return None
+        mine = [o for o, entry in self.in_flight.items() if entry[4]]
+        free = self.origin_streams - len(others_claims) - len(mine) - len(self.settling)
+        # Claims that settled: go, unless a live peer with a smaller id claimed the same.
+        for ordinal, since in sorted(self.settling.items(), key=lambda kv: kv[1]):
+            rivals = others_claims.get(ordinal, ())
+            if ordinal not in self.pending or any(peer < view.self_id for peer in rivals) or holders.get(ordinal):
+                del self.settling[ordinal]
+                self.board.unclaim(ordinal)
+                continue
+            if now - since >= CLAIM_SETTLE:
+                del self.settling[ordinal]
+                return ordinal
+        if free <= 0:
+            return None
+        for ordinal in self._order:
+            if free <= 0:
+                break
+            if ordinal not in self.pending or ordinal in self.settling or holders.get(ordinal) \
+                    or ordinal in others_claims:
+                continue
+            free -= 1
+            if view.owner(ordinal, pullers) == view.self_id:
+                self.board.claim(ordinal)
+                self.settling[ordinal] = now
+        return None
 
-    def _endgame(self):
-        now = time.monotonic()
-        for key, entry in self.in_flight.items():
-            job, since, _, duplicated = entry
-            if not duplicated and now - since > ENDGAME_AFTER and key not in self.origin_in_flight \
-                    and self.view.holders(*key):
+    def _endgame(self) -> Job | None:
+        now = self.clock()
+        for ordinal, entry in self.in_flight.items():
+            job, since, _, duplicated, from_origin = entry
+            if not duplicated and not from_origin and now - since > ENDGAME_AFTER and self.view.holders_of(ordinal):
                 entry[2] += 1
                 entry[3] = True
                 self.duplicates += 1
                 return Job(job.task, job.index, duplicate=True)
         return None
 
+    def _start(self, ordinal: int, from_origin: bool) -> Job:
+        queued = self.pending.pop(ordinal)
+        job = Job(queued.task, queued.index, route=ORIGINS if from_origin else PEERS)
+        self.in_flight[ordinal] = [job, self.clock(), 1, False, from_origin]
+        return job
+
     async def take(self) -> Job | None:
         while True:
             if self.pending:
-                key = self._choose()
-                if key is not None:
-                    job = self.pending.pop(key)
-                    self.in_flight[key] = [job, time.monotonic(), 1, False]
-                    return job
+                holders = self.view.holder_counts()
+                ordinal = self._from_lan(holders)
+                if ordinal is not None:
+                    return self._start(ordinal, False)
+                ordinal = self._from_origin(holders)
+                if ordinal is not None:
+                    return self._start(ordinal, True)
             else:
                 duplicate = self._endgame()
                 if duplicate is not None:
                     return duplicate
                 if all(entry[3] for entry in self.in_flight.values()):
                     return None  # nothing left to start or to duplicate
-            await self.view.wait_changed(0.5)
+            await self.view.wait_changed(CLAIM_SETTLE if self.settling else WAIT)
 
     def done(self, job: Job) -> None:
-        key = job.key
-        self.origin_in_flight.discard(key)
-        entry = self.in_flight.get(key)
-        if entry is not None:
-            entry[2] -= 1
-            if entry[2] <= 0:
-                del self.in_flight[key]
+        ordinal = self.board.ordinals.of(*job.key)
+        entry = self.in_flight.get(ordinal)
+        if entry is None:
+            return
+        entry[2] -= 1
+        if entry[2] > 0:
+            return
+        del self.in_flight[ordinal]
+        if ordinal in self.board.have:
+            return
+        if entry[4]:
+            self.board.unclaim(ordinal)  # the origin fetch failed: the room may take it over
+        # Not written: its peers failed it. It is ours to hand out again: to another holder,
+        # or, once no live peer holds or claims it, to its owner for the origin.
+        self.pending[ordinal] = Job(job.task, job.index)

@@ -1,18 +1,33 @@
 """The swarm's control messages, as pure functions: encode, parse, validate. No I/O here,
 so every path a hostile peer can reach is testable with hypothesis.
 
-Protocol ``/shoal/offer/2.0.0`` (libp2p stream, one request and one answer, msgpack maps)::
+**Hello** (libp2p protocol ``/shoal/hello/3.0.0``, once per connection, both ways, and again
+every ``agent.swarm.membership.CONTACT_REFRESH``)::
 
-    request = {"manifest_id": hex} | {"model": "owner/name", "revision": rev},
-              "proof": bytes | nil,      # swarm membership, see ``SwarmAccess``
+    request = {"proof": bytes | nil}            # swarm membership, see ``SwarmAccess``
+    answer  = {"data": [host, port], "key": bytes, "tls": bytes | nil}
+            | {"error": text, "code": "not-in-swarm" | "bad-request"}
+
+The answer is the asker's **contact** for the answerer's data port: the address, a key
+(``agent.swarm.datapath.Ticket``: an id and a secret, issued to the asker's peer id and
+address) and, when the data port is encrypted, its certificate's hash. Everything a pull
+says after that goes over the data port, keyed by it: libp2p (Noise, Yamux, in Python)
+carries one hello per pair of agents, not an ask per peer per second.
+
+**Offer** (data port, mode ``"offer"``, one request and one answer, msgpack maps)::
+
+    request = {"manifest_id": hex, "model": "owner/name", "revision": rev}  (an id, a model, or both)
               "known": bool              # the asker has the manifest: do not resend it
     answer  = {"manifest_id": hex, "manifest": bytes | nil, "signature": bytes | nil,
-               "have": {path: bitmap}, "pulling": bool, "data": [host, port], "ticket": bytes}
-            | {"error": text, "code": "not-held" | "not-in-swarm" | "bad-request"}
+               "have": {path: bitmap}, "pulling": bool}
+            | {"error": text, "code": "not-held" | "pending" | "bad-request"}
+
+``pending``: the peer is pulling the model too but has not planned yet; the asker tries
+again shortly (two agents starting together would otherwise each think the other idle).
 
 ``have`` is one bit per chunk (bit i of byte i // 8, least significant first): 475 bytes
-for a 15 GB model in 4 MiB chunks, so a peer re-asks every second during a pull and learns
-each chunk as it completes (the HAVE updates) without keeping subscriptions.
+for a 15 GB model in 4 MiB chunks. What changes after the answer comes on the peer's HAVE
+stream (``agent.swarm.wire``).
 """
 
 from __future__ import annotations
@@ -26,11 +41,15 @@ import msgpack
 from agent.errors import NotInSwarm, PeerBroken, ShoalError
 from agent.manifest import Manifest, decode, is_manifest_id
 
-PROTOCOL = "/shoal/offer/2.0.0"
+PROTOCOL = "/shoal/hello/3.0.0"
 MAX_REQUEST = 4 * 1024
 MAX_ANSWER = 8 * 1024 * 1024  # a manifest of ~100k files still fits
 TICKET_LEN = 48  # agent.swarm.datapath.Ticket: a 16-byte id and a 32-byte secret
-NOT_HELD, NOT_IN_SWARM, BAD_REQUEST = "not-held", "not-in-swarm", "bad-request"
+NOT_HELD, NOT_IN_SWARM, BAD_REQUEST, PENDING = "not-held", "not-in-swarm", "bad-request", "pending"
+
+
+class PeerPending(LookupError):
+    """The peer pulls this model too but has not planned yet (it knows no manifest): ask again shortly."""
 
 
 # ------------------------------------------------------------------------- membership
@@ -88,14 +107,62 @@ class SwarmAccess:
         return isinstance(proof, bytes) and hmac.compare_digest(proof, expected)
 
 
+# ------------------------------------------------------------------------------- hello
+
+def encode_hello_request(proof: bytes | None) -> bytes:
+    return msgpack.packb({"proof": proof}, use_bin_type=True)
+
+
+def parse_hello_request(data: bytes) -> bytes | None:
+    """The proof a hello carries; raises ``PeerBroken``."""
+    if len(data) > MAX_REQUEST:
+        raise PeerBroken(f"a hello of {len(data)} bytes exceeds {MAX_REQUEST}")
+    message = _unpack(data, max_len=MAX_REQUEST)
+    proof = message.get("proof")
+    if proof is not None and (not isinstance(proof, bytes) or len(proof) != 32):
+        raise PeerBroken("a hello's proof must be 32 bytes")
+    return proof
+
+
+@dataclass(frozen=True)
+class Contact:
+    """How to reach a peer's data port: its address, the key it gave us, its certificate."""
+
+    data: tuple[str, int]
+    key: bytes
+    tls: bytes | None = None
+
+
+def encode_contact(data: tuple[str, int], key: bytes, tls: bytes | None) -> bytes:
+    return msgpack.packb({"data": [data[0], data[1]], "key": key, "tls": tls}, use_bin_type=True)
+
+
+def parse_contact(data: bytes) -> Contact:
+    """Validate a hello answer; raises ``PeerBroken`` (malformed) or ``NotInSwarm`` (refused)."""
+    if len(data) > MAX_REQUEST:
+        raise PeerBroken(f"a hello answer of {len(data)} bytes exceeds {MAX_REQUEST}")
+    message = _unpack(data, max_len=MAX_REQUEST)
+    _raise_error(message)
+    try:
+        host, port = message["data"]
+        key, tls = message["key"], message.get("tls")
+        if (not isinstance(host, str) or len(host) > 64 or not isinstance(port, int) or not 0 < port < 65536
+                or not isinstance(key, bytes) or len(key) != TICKET_LEN
+                or not (tls is None or (isinstance(tls, bytes) and len(tls) == 32))):
+            raise ValueError("data address, key or TLS fingerprint")
+    except (KeyError, TypeError, ValueError) as e:
+        raise PeerBroken(f"malformed hello answer ({e})"[:300]) from e
+    return Contact((host, port), key, tls)
+
+
 # ---------------------------------------------------------------------------- requests
 
 def encode_request(*, manifest_id: str | None = None, model: str | None = None, revision: str | None = None,
-                   proof: bytes | None = None, known: bool = False) -> bytes:
-    message: dict = {"proof": proof, "known": known}
+                   known: bool = False) -> bytes:
+    message: dict = {"known": known}
     if manifest_id is not None:
         message["manifest_id"] = manifest_id
-    else:
+    if model is not None:
         message["model"], message["revision"] = model, revision
     return msgpack.packb(message, use_bin_type=True)
 
@@ -105,31 +172,27 @@ class Request:
     manifest_id: str | None
     model: str | None
     revision: str | None
-    proof: bytes | None
     known: bool
 
 
 def parse_request(data: bytes) -> Request:
-    """Validate a request; raises ``PeerBroken``."""
+    """Validate an offer request; raises ``PeerBroken``."""
     if len(data) > MAX_REQUEST:
         raise PeerBroken(f"a swarm request of {len(data)} bytes exceeds {MAX_REQUEST}")
     message = _unpack(data, max_len=MAX_REQUEST)
-    proof = message.get("proof")
     known = message.get("known", False)
-    if proof is not None and (not isinstance(proof, bytes) or len(proof) != 32):
-        raise PeerBroken("a swarm request's proof must be 32 bytes")
     if not isinstance(known, bool):
         raise PeerBroken("a swarm request's 'known' must be true or false")
     manifest_id = message.get("manifest_id")
-    if manifest_id is not None:
-        if not isinstance(manifest_id, str) or not is_manifest_id(manifest_id):
-            raise PeerBroken("a swarm request's manifest id must be 64 hex digits")
-        return Request(manifest_id, None, None, proof, known)
+    if manifest_id is not None and (not isinstance(manifest_id, str) or not is_manifest_id(manifest_id)):
+        raise PeerBroken("a swarm request's manifest id must be 64 hex digits")
     model, revision = message.get("model"), message.get("revision")
+    if model is None and revision is None and manifest_id is not None:
+        return Request(manifest_id, None, None, known)
     if not (isinstance(model, str) and isinstance(revision, str) and 0 < len(model) <= 256
             and 0 < len(revision) <= 256):
         raise PeerBroken("a swarm request names neither a manifest id nor a model and revision")
-    return Request(None, model, revision, proof, known)
+    return Request(manifest_id, model, revision, known)
 
 
 # ----------------------------------------------------------------------------- answers
@@ -147,12 +210,11 @@ def indices(bits: bytes, count: int) -> set[int]:
 
 
 def encode_answer(manifest: Manifest, manifest_bytes: bytes | None, signature: bytes | None,
-                  have: dict[str, set[int]], pulling: bool, data: tuple[str, int], ticket: bytes,
-                  tls: bytes | None = None) -> bytes:
+                  have: dict[str, set[int]], pulling: bool) -> bytes:
     return msgpack.packb({
         "manifest_id": manifest.id, "manifest": manifest_bytes, "signature": signature,
         "have": {f.path: bitmap(have.get(f.path, ()), len(f.chunks)) for f in manifest.files},
-        "pulling": pulling, "data": [data[0], data[1]], "ticket": ticket, "tls": tls}, use_bin_type=True)
+        "pulling": pulling}, use_bin_type=True)
 
 
 def encode_error(code: str, text: str) -> bytes:
@@ -161,33 +223,36 @@ def encode_error(code: str, text: str) -> bytes:
 
 @dataclass
 class Answer:
-    """One peer's answer: what it holds of one manifest, and how to fetch it."""
+    """One peer's offer: what it holds of one manifest."""
 
     manifest: Manifest
     manifest_bytes: bytes
     signature: bytes | None
     have: dict[str, set[int]]
     pulling: bool
-    data: tuple[str, int]
-    ticket: bytes
-    tls: bytes | None = None  # SHA-256 of the data server's TLS certificate, when it encrypts
     peer: str = ""  # set by the asker: who answered
 
 
-def parse_answer(data: bytes, known: Manifest | None = None) -> Answer:
-    """Validate an answer; raises ``PeerBroken`` (malformed), ``NotInSwarm`` (refused), or
-    ``LookupError`` (the peer holds nothing of it). ``known``: the manifest the asker
-    already has, for an answer that does not repeat it."""
-    if len(data) > MAX_ANSWER:
-        raise PeerBroken(f"a swarm answer of {len(data)} bytes exceeds {MAX_ANSWER}")
-    message = _unpack(data, max_len=MAX_ANSWER)
+def _raise_error(message: dict) -> None:
     if "error" in message:
         text = str(message["error"])[:500]
         if message.get("code") == NOT_IN_SWARM:
             raise NotInSwarm(text)
         if message.get("code") == NOT_HELD:
             raise LookupError(text)
+        if message.get("code") == PENDING:
+            raise PeerPending(text)
         raise PeerBroken(f"the peer refused the request: {text}")
+
+
+def parse_answer(data: bytes, known: Manifest | None = None) -> Answer:
+    """Validate an offer; raises ``PeerBroken`` (malformed), ``NotInSwarm`` (refused), or
+    ``LookupError`` (the peer holds nothing of it). ``known``: the manifest the asker
+    already has, for an answer that does not repeat it."""
+    if len(data) > MAX_ANSWER:
+        raise PeerBroken(f"a swarm answer of {len(data)} bytes exceeds {MAX_ANSWER}")
+    message = _unpack(data, max_len=MAX_ANSWER)
+    _raise_error(message)
     try:
         raw = message.get("manifest")
         if raw is not None:
@@ -213,17 +278,11 @@ def parse_answer(data: bytes, known: Manifest | None = None) -> Answer:
                 raise ValueError(f"have-bitmap of {f.path[:80]!r} has the wrong length")
             have[f.path] = indices(bits, len(f.chunks)) if bits else set()
         pulling = message.get("pulling", False)
-        host, port = message["data"]
-        ticket = message["ticket"]
-        tls = message.get("tls")
-        if (not isinstance(pulling, bool) or not isinstance(host, str) or len(host) > 64
-                or not isinstance(port, int) or not 0 < port < 65536
-                or not isinstance(ticket, bytes) or len(ticket) != TICKET_LEN
-                or not (tls is None or (isinstance(tls, bytes) and len(tls) == 32))):
-            raise ValueError("pulling, data address, ticket or TLS fingerprint")
+        if not isinstance(pulling, bool):
+            raise ValueError("pulling")
     except (KeyError, TypeError, ValueError, ShoalError) as e:
         raise PeerBroken(f"malformed offer ({e})"[:300]) from e
-    return Answer(manifest, raw, signature, have, pulling, (host, port), ticket, tls)
+    return Answer(manifest, raw, signature, have, pulling)
 
 
 def _unpack(data: bytes, *, max_len: int) -> dict:

@@ -53,15 +53,17 @@ class LanPeerSource(ChunkSource):
     def fetch(self, ref: ModelRef, request: ChunkRequest, into: memoryview, deadline: float) -> PeerView:
         index = request.offset // self.manifest.chunk_size
         path = request.path
+        ordinal = self.view.ordinals.of(path, index)
         lan_deadline = min(deadline, time.monotonic() + LAN_TIMEOUT + request.length / LAN_MIN_RATE)
         tried: set[str] = set()
         problems: list[str] = []
         while True:
-            peer = self.view.take_holder(path, index, tried)
+            peer = self.view.take_holder(ordinal, tried)
             if peer is None:
                 if not tried:
                     raise ChunkNotHeld(f"no LAN peer holds chunk {index} of {path}")
-                raise SourceUnavailable(f"LAN peers failed chunk {index} of {path}: {'; '.join(problems)[:300]}")
+                raise SourceUnavailable(f"LAN peers failed chunk {index} of {path}: {'; '.join(problems)[:300]}",
+                                        transient=False)  # every holder was tried: no point in a retry
             got = 0
             try:
                 if self.view.busy(peer) and time.monotonic() + BUSY_WAIT < lan_deadline:
@@ -84,7 +86,7 @@ class LanPeerSource(ChunkSource):
                             self._sockets.pop(key, None)
                 got = request.length
             except NotFound as e:
-                self.view.lacks(peer, path, index)
+                self.view.lacks(peer, ordinal)
                 tried.add(peer.peer)
                 problems.append(str(e))
                 continue
@@ -98,7 +100,7 @@ class LanPeerSource(ChunkSource):
                 tried.add(peer.peer)
                 if time.monotonic() >= lan_deadline:
                     raise SourceUnavailable(f"LAN peer {peer.peer[:16]} stalled on chunk {index} of {path}; "
-                                            "it is put aside for a while") from e
+                                            "it is put aside for a while", transient=False) from e
                 continue
             finally:
                 self.view.give_back(peer, got)

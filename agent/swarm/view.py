@@ -1,12 +1,15 @@
-"""A pull's live view of the swarm, and the order it fetches chunks in.
+"""A pull's live view of the swarm: what each peer holds, claims and does, for one manifest.
 
-``LanView`` holds, for one manifest, what each swarm peer holds (refreshed about every
-second while the pull runs: the HAVE updates), whether the peer is itself pulling it,
-and what this pull learned about the peer (in flight, stalled, lying, bytes received).
-It is shared between the trio task that refreshes it and the worker threads that fetch
-through ``LanPeerSource``, hence the lock.
+``LanView`` is fed by the pull's session (``agent.swarm.membership``): a peer's offer answer
+(its data address, ticket, and what it held when it answered), then the frames of its
+pushed HAVE stream (``agent.swarm.wire``). A peer is **live** while it is heard from: a
+subscription delivers at least a heartbeat every couple of seconds, and a peer silent for
+``LIVENESS`` seconds (stopped, cut off, gone) no longer counts as holding or claiming
+anything. The view also keeps what this pull learned about each peer (requests in flight,
+a stall, a ban for a corrupt chunk, bytes received).
 
-The chunk order built on it is ``agent.swarm.picker.SwarmPicker``.
+It is shared between the trio task that feeds it and the worker threads that fetch through
+``LanPeerSource``, hence the lock. Chunks are named by ordinal (``wire.Ordinals``).
 """
 
 from __future__ import annotations
@@ -18,10 +21,11 @@ from dataclasses import dataclass, field
 
 import trio
 
-from agent.manifest import Manifest
 from agent.hashing import blake3_hash
+from agent.manifest import Manifest
+from agent.swarm.wire import Message, Ordinals, PeerState
 
-STALL_AFTER = 10.0  # a pulling peer without a new chunk for this long stops owning chunks
+LIVENESS = 10.0  # seconds without a frame after which a peer counts as gone
 STALLED_REST = 30.0  # a peer that timed out on a chunk is not asked again for this long
 PER_PEER = 3  # requests in flight to one peer from this pull (its upload slots are shared)
 
@@ -31,54 +35,88 @@ class PeerView:
     peer: str
     data: tuple[str, int]
     ticket: bytes
-    have: dict[str, set[int]]
-    pulling: bool
-    held: int = 0
-    first_seen: float = 0.0
-    progressed: float = 0.0
+    tls: bytes | None = None  # the peer's data server certificate (SHA-256), when it encrypts
+    state: PeerState = field(default_factory=PeerState)
+    heard: float = 0.0  # when it last said anything (an answer, a frame, a heartbeat)
+    subscribed: bool = False  # its HAVE stream is open
     in_flight: int = 0
     stalled_until: float = 0.0
     banned: str | None = None
     bytes_down: int = 0
-    missing: set[tuple[str, int]] = field(default_factory=set)  # asked, it said it lacks them
-    tls: bytes | None = None  # the peer's data server certificate (SHA-256), when it encrypts
+    missing: set[int] = field(default_factory=set)  # asked, it said it lacks them
 
 
 class LanView:
-    def __init__(self, manifest: Manifest, self_id: str):
+    def __init__(self, manifest: Manifest, self_id: str, *, clock=time.monotonic):
         self.manifest = manifest
         self.self_id = self_id
+        self.ordinals = Ordinals(manifest)
         self.peers: dict[str, PeerView] = {}
+        self._clock = clock
         self._lock = threading.Lock()
         self._changed = trio.Event() if _in_trio() else None
-        self._owner_cache: dict[tuple[str, ...], dict] = {}
-        # Holder counts per chunk, rebuilt lazily after a change: the picker asks for every
-        # pending chunk on every pick, so a scan of all peers per question would not do.
-        self._counts: dict[tuple[str, int], int] | None = None
-        self._counts_until = float("inf")  # when a put-aside peer becomes usable again
+        self._owner_cache: dict[tuple[str, ...], dict[int, str]] = {}
+        # Holder counts per chunk, rebuilt lazily after a change or when a peer's liveness
+        # or rest runs out: the picker asks for every pending chunk on every pick.
+        self._counts: dict[int, int] | None = None
+        self._counts_until = float("inf")
+        self.unknown = 0  # connected peers asked but not heard from yet (the room is not settled)
+        self.created = clock()
+        self.settled_at: float | None = None  # when every connected peer had answered
 
     # ------------------------------------------------------------ updates (trio side)
 
-    def update(self, peer: str, answer) -> None:
-        """A fresh answer from ``peer`` about this manifest."""
-        now = time.monotonic()
-        held = sum(len(v) for v in answer.have.values())
+    def offered(self, peer: str, answer, contact) -> None:
+        """A peer's offer, and its contact (how to reach its data port): what it held then
+        (until its stream says more)."""
+        now = self._clock()
         with self._lock:
             view = self.peers.get(peer)
             if view is None:
-                view = self.peers[peer] = PeerView(peer, answer.data, answer.ticket, answer.have, answer.pulling,
-                                                   held, now, now, tls=answer.tls)
-            else:
-                if held > view.held:
-                    view.progressed = now
-                view.data, view.ticket, view.have, view.pulling, view.held, view.tls = (
-                    answer.data, answer.ticket, answer.have, answer.pulling, held, answer.tls)
-                view.missing = {(p, i) for p, i in view.missing if i not in answer.have.get(p, ())}
+                view = self.peers[peer] = PeerView(peer, contact.data, contact.key, contact.tls)
+            view.data, view.ticket, view.tls, view.heard = contact.data, contact.key, contact.tls, now
+            if not view.subscribed:
+                view.state.have = {self.ordinals.of(path, i) for path, held in answer.have.items() for i in held}
+                view.state.pulling = answer.pulling
             self._counts = None
         self._notify()
 
+    def apply(self, peer: str, message: Message) -> None:
+        """A frame of the peer's HAVE stream."""
+        with self._lock:
+            view = self.peers.get(peer)
+            if view is None:
+                return
+            view.heard = self._clock()
+            view.subscribed = True
+            if view.state.apply(message) and message.kind != "beat":
+                view.missing -= view.state.have
+                self._counts = None
+                changed = True
+            else:
+                changed = False
+        if changed:
+            self._notify()
+
+    def set_unknown(self, count: int) -> None:
+        """How many connected peers have not answered yet (set by the session)."""
+        if count != self.unknown:
+            self.unknown = count
+            if count == 0 and self.settled_at is None:
+                self.settled_at = self._clock()
+            self._notify()
+
+    def unsubscribed(self, peer: str) -> None:
+        """Its HAVE stream ended: it counts as gone until it is heard from again."""
+        with self._lock:
+            view = self.peers.get(peer)
+            if view is not None:
+                view.subscribed = False
+                view.heard = 0.0
+                self._counts = None
+        self._notify()
+
     def forget(self, peer: str) -> None:
-        """The peer is gone (or no longer holds the manifest)."""
         with self._lock:
             gone = self.peers.pop(peer, None)
             self._counts = None
@@ -100,65 +138,92 @@ class LanView:
 
     # -------------------------------------------------------------------- queries
 
+    def _alive(self, view: PeerView, now: float) -> bool:
+        return view.banned is None and now - view.heard < LIVENESS
+
     def _usable(self, view: PeerView, now: float) -> bool:
-        return view.banned is None and view.stalled_until <= now
+        return self._alive(view, now) and view.stalled_until <= now
 
-    def holders(self, path: str, index: int) -> int:
-        """How many usable peers hold a chunk."""
-        return self.holder_counts().get((path, index), 0)
-
-    def holder_counts(self) -> dict[tuple[str, int], int]:
-        """(path, index) -> how many usable peers hold it (chunks nobody holds are absent).
+    def holder_counts(self) -> dict[int, int]:
+        """ordinal -> how many usable peers hold it (chunks nobody holds are absent).
         Read-only for the caller: rebuilt, not changed, when peers change."""
-        now = time.monotonic()
+        now = self._clock()
         with self._lock:
             if self._counts is None or now >= self._counts_until:
-                self._rebuild_counts(now)
+                counts: dict[int, int] = {}
+                until = float("inf")
+                for v in self.peers.values():
+                    if self._alive(v, now):
+                        until = min(until, v.heard + LIVENESS)
+                    if v.stalled_until > now:
+                        until = min(until, v.stalled_until)
+                    if not self._usable(v, now):
+                        continue
+                    for ordinal in v.state.have:
+                        if ordinal not in v.missing:
+                            counts[ordinal] = counts.get(ordinal, 0) + 1
+                self._counts, self._counts_until = counts, until
             return self._counts
 
-    def _rebuild_counts(self, now: float) -> None:
-        counts: dict[tuple[str, int], int] = {}
-        for v in self.peers.values():
-            if not self._usable(v, now):
-                continue
-            for path, held in v.have.items():
-                for index in held:
-                    if (path, index) not in v.missing:
-                        counts[(path, index)] = counts.get((path, index), 0) + 1
-        self._counts = counts
-        self._counts_until = min((v.stalled_until for v in self.peers.values() if v.stalled_until > now),
-                                 default=float("inf"))
+    def holders_of(self, ordinal: int) -> int:
+        return self.holder_counts().get(ordinal, 0)
 
-    def pullers(self) -> tuple[str, ...]:
-        """This agent and every peer pulling the manifest that is making progress."""
-        now = time.monotonic()
+    def free_holder(self, ordinal: int) -> bool:
+        """Whether a usable holder of ``ordinal`` has a request slot free (``PER_PEER``)."""
+        now = self._clock()
         with self._lock:
-            others = [v.peer for v in self.peers.values() if v.pulling and v.banned is None
-                      and now - max(v.progressed, v.first_seen) < STALL_AFTER]
-        return tuple(sorted([self.self_id, *others]))
+            return any(self._usable(v, now) and v.in_flight < PER_PEER and ordinal in v.state.have
+                       and ordinal not in v.missing for v in self.peers.values())
 
-    def owner(self, path: str, index: int, pullers: tuple[str, ...]) -> str:
+    def room(self) -> tuple[tuple[str, ...], dict[int, set[str]], bool]:
+        """(the agents pulling this manifest: this one and every live peer that pulls, sorted;
+        the chunks live peers claim -> who claims each; whether no live peer pulls or holds
+        anything of it, and every connected peer has answered)."""
+        now = self._clock()
+        claims: dict[int, set[str]] = {}
+        pullers = [self.self_id]
+        alone = self.unknown == 0
+        with self._lock:
+            for v in self.peers.values():
+                if not self._alive(v, now):
+                    continue
+                if v.state.pulling:
+                    pullers.append(v.peer)
+                if v.state.pulling or v.state.have:
+                    alone = False
+                for ordinal in v.state.claims:
+                    claims.setdefault(ordinal, set()).add(v.peer)
+        return tuple(sorted(pullers)), claims, alone
+
+    def owner(self, ordinal: int, pullers: tuple[str, ...]) -> str:
+        """The agent among ``pullers`` that fetches ``ordinal`` from the origin (rendezvous hashing)."""
         if len(pullers) == 1:
             return pullers[0]
         cache = self._owner_cache.get(pullers)
         if cache is None:
             self._owner_cache = {pullers: {}}
             cache = self._owner_cache[pullers]
-        key = (path, index)
-        owner = cache.get(key)
+        owner = cache.get(ordinal)
         if owner is None:
-            chunk = f"{self.manifest.id}|{path}|{index}".encode()
-            owner = cache[key] = max(pullers, key=lambda p: blake3_hash(p.encode() + b"|" + chunk))
+            chunk = f"{self.manifest.id}|{ordinal}".encode()
+            owner = cache[ordinal] = max(pullers, key=lambda p: blake3_hash(p.encode() + b"|" + chunk))
         return owner
+
+    def origin_duplicates(self, mine: set[int]) -> int:
+        """Of the chunks this agent fetched from the origin, how many some peer fetched from
+        the origin too (as its HAVE stream says)."""
+        with self._lock:
+            theirs = set().union(*(v.state.origin for v in self.peers.values())) if self.peers else set()
+        return len(mine & theirs)
 
     # ------------------------------------------------------ fetching (thread side)
 
-    def take_holder(self, path: str, index: int, exclude: set[str]) -> PeerView | None:
+    def take_holder(self, ordinal: int, exclude: set[str]) -> PeerView | None:
         """The least busy usable holder of a chunk (counted in flight until ``give_back``)."""
-        now = time.monotonic()
+        now = self._clock()
         with self._lock:
             candidates = [v for v in self.peers.values() if self._usable(v, now) and v.peer not in exclude
-                          and index in v.have.get(path, ()) and (path, index) not in v.missing]
+                          and ordinal in v.state.have and ordinal not in v.missing]
             if not candidates:
                 return None
             random.shuffle(candidates)
@@ -171,14 +236,14 @@ class LanView:
             view.in_flight -= 1
             view.bytes_down += nbytes
 
-    def lacks(self, view: PeerView, path: str, index: int) -> None:
+    def lacks(self, view: PeerView, ordinal: int) -> None:
         with self._lock:
-            view.missing.add((path, index))
+            view.missing.add(ordinal)
             self._counts = None
 
     def stalled(self, view: PeerView) -> None:
         with self._lock:
-            view.stalled_until = time.monotonic() + STALLED_REST
+            view.stalled_until = self._clock() + STALLED_REST
             self._counts = None
 
     def ban(self, view: PeerView, reason: str) -> None:

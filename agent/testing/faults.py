@@ -9,6 +9,7 @@ read to count what was asked of them.
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
 
@@ -37,6 +38,7 @@ class LoggedRequest:
     range: str | None
     status: int
     fault: str | None = None
+    at: float = field(default_factory=time.time)  # when it came in
 
 
 @dataclass

@@ -1,0 +1,268 @@
+"""One pull's part in the swarm: which peers it follows, and their pushed HAVE streams.
+
+For every connected peer the session asks once, on the peer's data port (keyed by the
+contact its libp2p hello gave, ``agent.swarm.protocol``), what it holds of the manifest (an
+offer). A peer that holds or pulls it is then **followed**: the session subscribes to its
+HAVE stream on the same port (``agent.swarm.wire``) and feeds every frame into the pull's
+``LanView``. Nothing is asked again while the stream flows, so the control traffic of a
+pull grows with what changes, not with peers x time, and none of it goes through libp2p.
+
+A peer that holds nothing yet is not asked again by the clock: when it starts pulling the
+same manifest it asks this agent (every pull asks its connected peers), and this agent's
+node tells the session (``interest``), which then follows it. A peer that connects while
+the pull runs is asked when it appears. A stream that breaks (the peer stopped, left, or
+was cut off) makes the peer count as gone at once; the session asks again after a rest.
+
+Resource handling: ``run`` holds every subscription in its nursery; cancelling it (the
+pull ended) closes them all and tells the room this agent no longer pulls.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import time
+
+import trio
+
+from agent.errors import PeerBroken, ShoalError, SourceUnavailable
+from agent.swarm import wire
+from agent.swarm.board import Board
+from agent.swarm.datapath import (DENIED, MAGIC, MAX_OFFER, MODE_OFFER, MODE_SUB, NONCE_LEN, OK, STATUS_NAMES, Ticket,
+                                  encode_hello)
+from agent.swarm.protocol import Contact
+from agent.swarm.view import LIVENESS, LanView
+
+log = logging.getLogger("shoal.swarm")
+
+FIRST_ROUND = 1.0  # a pull starts choosing chunks once its peers answered, or after this
+PENDING_RETRY = 0.25  # a peer that pulls the same but has not planned yet is asked again after this
+PENDING = "pending"  # what ``Swarm.ask`` returns for such a peer
+RETRY = (0.5, 1.0, 2.0, 5.0, 10.0)  # rests between attempts to follow a peer that failed
+CONNECT_TIMEOUT = 5.0
+
+
+class KeyRefused(SourceUnavailable):
+    """The peer's data port no longer takes our key (renewed or revoked): say hello again."""
+
+    def __init__(self, message: str):
+        super().__init__(message, transient=False)
+
+
+class _Reader:
+    """Exact reads from a trio stream, bounded."""
+
+    def __init__(self, stream):
+        self.stream, self.buffer = stream, bytearray()
+
+    async def exactly(self, n: int) -> bytes:
+        while len(self.buffer) < n:
+            data = await self.stream.receive_some(max(65536, n - len(self.buffer)))
+            if not data:
+                raise PeerBroken("the peer closed its HAVE stream")
+            self.buffer += data
+        out = bytes(self.buffer[:n])
+        del self.buffer[:n]
+        return out
+
+
+async def _open_stream(address: tuple[str, int], tls: bytes | None):
+    stream = await trio.open_tcp_stream(*address)
+    if tls is None:
+        return stream
+    import ssl
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.check_hostname = False  # pinned below by the hash the peer announced over libp2p
+    context.verify_mode = ssl.CERT_NONE
+    secured = trio.SSLStream(stream, context, server_hostname=None)
+    await secured.do_handshake()
+    seen = hashlib.sha256(secured.getpeercert(binary_form=True) or b"").digest()
+    if not hmac.compare_digest(seen, tls):
+        await secured.aclose()
+        raise PeerBroken("the peer's TLS certificate is not the one it announced over the swarm")
+    return secured
+
+
+async def open_keyed(contact: Contact, mode: str, scope: str = "", request: bytes = b""):
+    """A connection to a peer's data port, past its hello: (stream, reader). ``request``
+    (an offer's) goes with the hello. Raises ``KeyRefused``, ``PeerBroken``, ``OSError``."""
+    stream = await _open_stream(contact.data, contact.tls)
+    try:
+        reader = _Reader(stream)
+        opening = await reader.exactly(len(MAGIC) + NONCE_LEN)
+        if opening[:len(MAGIC)] != MAGIC:
+            raise PeerBroken("not a shoal data port (or an older version)")
+        extra = len(request).to_bytes(2, "big") + request if mode == MODE_OFFER else b""
+        await stream.send_all(encode_hello(Ticket.decode(contact.key), opening[len(MAGIC):], mode, scope) + extra)
+        status, size = int.from_bytes(await reader.exactly(1), "big"), int.from_bytes(await reader.exactly(8), "big")
+        message = (await reader.exactly(min(size, 4096))).decode(errors="replace") if size else ""
+        if status == DENIED:
+            raise KeyRefused(f"the peer no longer takes our key: {message}")
+        if status != OK:
+            raise PeerBroken(f"{mode} refused: {STATUS_NAMES.get(status, status)}: {message}")
+    except BaseException:
+        await stream.aclose()
+        raise
+    return stream, reader
+
+
+async def offer_over(contact: Contact, request: bytes, timeout: float) -> bytes:
+    """One offer request on the peer's data port, and its answer (bytes, as the peer sent it)."""
+    with trio.fail_after(timeout):
+        stream, reader = await open_keyed(contact, MODE_OFFER, "", request)
+        async with stream:
+            length = int.from_bytes(await reader.exactly(4), "big")
+            if length > MAX_OFFER:
+                raise PeerBroken(f"an offer of {length} bytes exceeds {MAX_OFFER}")
+            return await reader.exactly(length)
+
+
+class PullSession:
+    """What ``pull()`` gets as its ``swarm``: the offers asked before it planned, this agent's
+    peer id, ``follow`` (the HAVE streams while the pull runs) and the board it publishes."""
+
+    def __init__(self, swarm, ref, offers: list, asked: set[str] = frozenset()):
+        self.swarm, self.offers = swarm, offers
+        self.ref_obj, self.ref = ref, str(ref)  # the pull's ModelRef (its interest key is str(ref))
+        self.asked = set(asked)  # peers that answered before the pull planned (without an offer: none held)
+        self.board: Board | None = None
+        self._interested: set[str] = set()
+        self._wake = trio.Event()
+
+    @property
+    def self_id(self) -> str:
+        return self.swarm.self_id
+
+    def connected(self) -> int:
+        return len(self.swarm.node.connected())
+
+    def board_for(self, manifest) -> Board:
+        """This agent's board for ``manifest`` (made from what the store holds of it)."""
+        return self.swarm.board(manifest)
+
+    def interest(self, peer: str) -> None:
+        """``peer`` asked this agent about the model being pulled: follow it too."""
+        self._interested.add(peer)
+        self._wake.set()
+
+    async def follow(self, view: LanView, board: Board, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Follow peers into ``view`` until cancelled; ``task_status.started()`` once every
+        peer connected at the start has answered (and its stream's first frame came), or
+        after ``FIRST_ROUND`` seconds.
+
+        Each connected peer is, for this pull: *asked* (an offer is on its way), *pending*
+        (it pulls the same but has not planned yet: asked again in ``PENDING_RETRY``),
+        *followed* (its stream flows), *idle* (it holds none: asked again only when it asks
+        us), or *resting* after a failure (asked again after ``RETRY``). Until every peer
+        has answered, ``view.unknown`` says how many have not, and the picker keeps the
+        origin waiting (``agent.swarm.picker.ROOM_WAIT``)."""
+        swarm, manifest = self.swarm, view.manifest
+        board.set_pulling(True)
+        swarm.sessions[self.ref] = self
+        self._interested |= swarm.take_early_interest(self.ref)
+        known = {offer.peer: offer for offer in self.offers
+                 if offer.manifest.id == manifest.id and offer.peer in swarm.contacts}
+        for peer, offer in known.items():
+            view.offered(peer, offer, swarm.contacts[peer])
+        busy: set[str] = set()  # asked or followed right now
+        idle: set[str] = set(self.asked) - set(known)  # answered "none here" before the plan
+        unknown: set[str] = set()  # not heard from yet (pending, or asked for the first time)
+        retry_at: dict[str, float] = {}
+        failures: dict[str, int] = {}
+        for peer in list(idle):  # those whose first ask failed are asked again now
+            if swarm.peers.get(peer, {}).get("error"):
+                idle.discard(peer)
+
+        def heard(peer: str) -> None:
+            unknown.discard(peer)
+            view.set_unknown(len(unknown))
+
+        def rest(peer: str, seconds: float) -> None:
+            retry_at[peer] = time.monotonic() + seconds
+            self._wake.set()
+
+        async def follow_one(peer: str) -> None:
+            try:
+                answer = known.pop(peer, None) or await swarm.ask(peer, manifest_id=manifest.id, known=manifest,
+                                                                  ref=self.ref_obj)
+                if answer is PENDING:
+                    rest(peer, PENDING_RETRY)  # still unknown: the picker waits for it
+                    return
+                if answer is None:
+                    if swarm.peers.get(peer, {}).get("error"):  # it failed: rest, then ask again
+                        failures[peer] = failures.get(peer, 0) + 1
+                        rest(peer, RETRY[min(failures[peer], len(RETRY)) - 1])
+                    else:
+                        idle.add(peer)  # it holds none: it tells us (by asking) when it starts pulling
+                    heard(peer)
+                    return
+                contact = swarm.contacts.get(peer)
+                if contact is None:
+                    heard(peer)
+                    return
+                view.offered(peer, answer, contact)
+                await self._subscribe(peer, contact, view, heard)
+            except (OSError, ShoalError, trio.TooSlowError, trio.BrokenResourceError) as e:
+                log.info("following %s: %s", peer[:16], e)
+                view.unsubscribed(peer)
+                failures[peer] = failures.get(peer, 0) + 1
+                rest(peer, RETRY[min(failures[peer], len(RETRY)) - 1])
+                heard(peer)
+            finally:
+                busy.discard(peer)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                started_at, started = time.monotonic(), False
+                first_round = (swarm.node.connected() - swarm.node.refused_by) - idle
+                while True:
+                    now = time.monotonic()
+                    candidates = swarm.node.connected() - swarm.node.refused_by
+                    for peer in candidates - busy:
+                        due = retry_at.get(peer)
+                        asked_us = peer in self._interested
+                        if asked_us:
+                            idle.discard(peer)
+                        if (peer not in idle and (due is None or due <= now)) or asked_us:
+                            self._interested.discard(peer)
+                            retry_at.pop(peer, None)
+                            busy.add(peer)
+                            if peer not in view.peers:
+                                unknown.add(peer)
+                            nursery.start_soon(follow_one, peer)
+                    for peer in list(view.peers):
+                        if peer not in candidates:
+                            view.forget(peer)
+                    unknown &= candidates
+                    view.set_unknown(len(unknown))
+                    if not started and (not (first_round & unknown) or now - started_at > FIRST_ROUND):
+                        task_status.started()
+                        started = True
+                    self._wake = trio.Event()
+                    soonest = min((t for p, t in retry_at.items() if p in candidates), default=now + 1.0)
+                    with trio.move_on_after(max(0.02, min(soonest - now, 0.05 if not started else 1.0))):
+                        await self._wake.wait()
+        finally:
+            swarm.sessions.pop(self.ref, None)
+            with trio.CancelScope(shield=True):
+                board.set_pulling(False)
+            for peer, summary in view.summary().items():
+                info = swarm.peer_info(peer)
+                info["bytes_down"] += summary["bytes_down"]
+                if summary["banned"]:
+                    info["dropped"] = summary["banned"]
+
+    async def _subscribe(self, peer: str, contact: Contact, view: LanView, heard) -> None:
+        """Read the peer's HAVE stream into ``view`` until it breaks."""
+        total = view.ordinals.total
+        with trio.fail_after(CONNECT_TIMEOUT):
+            stream, reader = await open_keyed(contact, MODE_SUB, view.manifest.id)
+        async with stream:
+            while True:
+                with trio.fail_after(LIVENESS):
+                    length = wire.frame_length(await reader.exactly(wire.FRAME_HEADER.size))
+                    frame = wire.decode(await reader.exactly(length), total)
+                view.apply(peer, frame)
+                heard(peer)
