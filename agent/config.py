@@ -64,7 +64,7 @@ class Settings:
     # Bandwidth caps in bytes per second (None: unlimited) and upload slots.
     download_rate: int | None = None
     upload_rate: int | None = None
-    upload_slots: int = 16
+    upload_slots: int = 4
     # The agent: control socket (default: agent.sock in the cache dir), a Unix group whose
     # members may use it besides the agent's own user, and the localhost gateway port.
     socket: Path | None = None

@@ -165,18 +165,35 @@ def test_a_removed_model_is_not_served_any_more(served):
         fetch_first(server, ticket, manifest)
 
 
-def test_ticketed_connections_over_the_slots_are_told_busy(served):
-    store, manifest, tickets, server, model = served
-    holders = [DataClient(), DataClient()]
+def test_sends_beyond_the_upload_slots_are_told_busy_and_idle_connections_hold_none(served):
+    """Slots count chunks being sent, not connections: two idle pooled connections leave
+    the two slots free; a capped send in progress takes one, and one more send than slots
+    is told busy, on a connection that stays usable."""
+    store, manifest, tickets, server, model = served  # two slots
     ticket = tickets.issue("c", HERE)
-    for client in holders:  # each keeps its connection in its pool, holding a slot
+    idle = [DataClient(), DataClient()]
+    for client in idle:  # each keeps its connection in its pool
         fetch_first(server, ticket, manifest, client)
+    assert fetch_first(server, ticket, manifest) == (model / manifest.files[0].path).read_bytes()
+    big = max(manifest.files, key=lambda f: f.size)
+    server.rate.set_rate(100_000)  # 100 KB/s: a 64 KiB chunk takes a good half second
+    sending = [threading.Thread(target=DataClient().fetch, args=(
+        server.address, ticket, manifest.id, big.path, i, memoryview(bytearray(CHUNK)), CHUNK,
+        time.monotonic() + 10)) for i in (0, 1)]
+    for thread in sending:
+        thread.start()
+    time.sleep(0.2)
+    client = DataClient()
     try:
         with pytest.raises(SourceUnavailable, match="busy"):
-            fetch_first(server, ticket, manifest)
+            fetch_first(server, ticket, manifest, client)
+        for thread in sending:
+            thread.join(10)
+        server.rate.set_rate(None)
+        assert fetch_first(server, ticket, manifest, client) == (model / manifest.files[0].path).read_bytes()
     finally:
-        for client in holders:
-            client.close()
+        for c in (*idle, client):
+            c.close()
 
 
 def _connect_from(source: str, address) -> socket.socket:

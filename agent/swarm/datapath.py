@@ -45,8 +45,13 @@ what it has.
 
 Bounded: a hello must arrive within ``HANDSHAKE_TIMEOUT`` of the connection; connections
 not yet through the handshake are capped per address and in all (one more is closed at
-once); the ticket is checked *before* an upload slot is taken, so strangers cannot fill
-the slots; request size, idle time, and connections per address.
+once); the key is checked before anything is served; request size, idle time, and
+connections per address and in all.
+
+Upload slots are chunk *sends* at once, not connections: a request that finds them all
+taken is answered ``BUSY`` at once (the connection stays usable) and the peer asks another
+holder. Few slots serve a room best, as BitTorrent's unchoke slots do: each copy leaves
+at a good share of the uplink and its receiver can pass it on sooner.
 """
 
 from __future__ import annotations
@@ -317,8 +322,8 @@ class DataServer:
     moves the bytes kernel-side.
 
     Resource handling: ``start`` binds and returns the port; ``close`` stops accepting,
-    closes every connection and joins the threads; safe twice. At most ``slots`` ticketed
-    connections are served at once; one more is answered ``BUSY`` and closed.
+    closes every connection and joins the threads; safe twice. At most ``slots`` chunks are
+    sent at once; a request beyond is answered ``BUSY`` and the connection kept.
     """
 
     def __init__(self, locator: ChunkLocator, tickets: TicketBook, *, host: str = "127.0.0.1",
@@ -333,7 +338,7 @@ class DataServer:
         self._tls, self.fingerprint = make_tls() if encrypt else (None, None)
         self.rate = ThreadTokenBucket(rate)  # the upload cap (SHOAL_UPLOAD_RATE), shared by all connections
         self._listener = socket.create_server((host, port), backlog=128, reuse_port=False)
-        self.slots = slots  # connections served at once; changeable while running
+        self.slots = slots  # chunks sent at once; changeable while running
         self._active = 0
         self._pending = 0
         self._pending_by: Counter = Counter()
@@ -449,7 +454,6 @@ class DataServer:
         return peer, mode, scope, request
 
     def _serve(self, conn: socket.socket, address: str) -> None:
-        slot = False
         pending = True
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -463,9 +467,6 @@ class DataServer:
                 self._pending -= 1
                 self._pending_by[address] -= 1
                 pending = False
-                if granted is not None and granted[1] == MODE_GET and self._active < self.slots:
-                    self._active += 1
-                    slot = True
             if granted is None:
                 with self._lock:
                     self.refused += 1
@@ -476,9 +477,6 @@ class DataServer:
                 return
             if mode == MODE_SUB:
                 self._subscription(conn, address, manifest_id)
-                return
-            if not slot:
-                _reply(conn, BUSY, b"all upload slots are taken; try another peer")
                 return
             _reply(conn, OK, b"")
             conn.settimeout(self._idle)
@@ -495,8 +493,6 @@ class DataServer:
                 self._by_address[address] -= 1
                 if self._by_address[address] <= 0:
                     self._by_address.pop(address, None)
-                if slot:
-                    self._active -= 1
                 self._conns.discard(conn)
                 self._threads.discard(threading.current_thread())
             conn.close()
@@ -575,13 +571,23 @@ class DataServer:
             if where is None:
                 _reply(conn, MISSING, b"chunk not held here")
                 continue
+            with self._lock:
+                slot = self._active < self.slots
+                if slot:
+                    self._active += 1
             fd, offset, length = where
             try:
+                if not slot:
+                    _reply(conn, BUSY, b"all upload slots are taken; ask another holder")
+                    continue
                 with LEDGER.account("send"):
                     conn.sendall(_HEADER.pack(OK, length))
                     sent = self._send_chunk(conn, fd, offset, length)
             finally:
                 os.close(fd)
+                if slot:
+                    with self._lock:
+                        self._active -= 1
             if sent != length:
                 return  # the file shrank under us: drop the connection
             with self._lock:
@@ -725,12 +731,12 @@ class DataClient:
             status, size = _HEADER.unpack(header)
             if status != OK:
                 message = (_recv_exact(conn, min(size, 4096)) or b"").decode(errors="replace")
-                if status == MISSING:
+                if status in (MISSING, BUSY):
                     self._give(key, conn)  # the connection is still good
                     conn = None
+                    if status == BUSY:
+                        raise PeerBusy(f"{what}: busy: {message}")
                     raise NotFound(f"{what}: {message}")
-                if status == BUSY:
-                    raise PeerBusy(f"{what}: busy: {message}")
                 raise SourceUnavailable(f"{what}: {STATUS_NAMES.get(status, status)}: {message}", transient=False)
             if size != length:
                 raise SourceUnavailable(f"{what}: sent {size} bytes for a {length}-byte chunk", transient=False)

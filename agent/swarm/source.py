@@ -54,20 +54,25 @@ class LanPeerSource(ChunkSource):
         index = request.offset // self.manifest.chunk_size
         path = request.path
         ordinal = self.view.ordinals.of(path, index)
-        lan_deadline = min(deadline, time.monotonic() + LAN_TIMEOUT + request.length / LAN_MIN_RATE)
-        tried: set[str] = set()
+        tried: set[str] = set()  # failed this chunk (lacks it, broke, stalled)
+        busy: set[str] = set()  # all its upload slots were taken just now
         problems: list[str] = []
         while True:
-            peer = self.view.take_holder(ordinal, tried)
+            peer = self.view.take_holder(ordinal, tried | busy)
             if peer is None:
-                if not tried:
+                if busy and time.monotonic() + BUSY_WAIT < deadline:
+                    time.sleep(BUSY_WAIT)  # every holder is sending to others: ask again in a moment
+                    busy.clear()
+                    continue
+                if not tried and not busy:
                     raise ChunkNotHeld(f"no LAN peer holds chunk {index} of {path}")
                 raise SourceUnavailable(f"LAN peers failed chunk {index} of {path}: {'; '.join(problems)[:300]}",
                                         transient=False)  # every holder was tried: no point in a retry
             got = 0
+            # One transfer must keep up LAN_MIN_RATE (after LAN_TIMEOUT to start): a holder
+            # slower than that is stalled, not waited for.
+            lan_deadline = min(deadline, time.monotonic() + LAN_TIMEOUT + request.length / LAN_MIN_RATE)
             try:
-                if self.view.busy(peer) and time.monotonic() + BUSY_WAIT < lan_deadline:
-                    time.sleep(BUSY_WAIT)  # every holder has requests in flight already: give them a moment
                 key, mine = (path, index), []
 
                 def register(conn, key=key, mine=mine):
@@ -90,17 +95,19 @@ class LanPeerSource(ChunkSource):
                 tried.add(peer.peer)
                 problems.append(str(e))
                 continue
+            except PeerBusy:
+                busy.add(peer.peer)
+                continue
             except SourceUnavailable as e:
                 problems.append(str(e))
-                if isinstance(e, PeerBusy) and time.monotonic() + BUSY_WAIT < lan_deadline:
-                    time.sleep(BUSY_WAIT)  # its upload slots are taken: ask again (or another holder)
-                    continue
                 if isinstance(e, PeerTimedOut) or time.monotonic() >= lan_deadline:
                     self.view.stalled(peer)
+                    tried.add(peer.peer)
+                    if time.monotonic() >= deadline:
+                        raise SourceUnavailable(f"LAN peer {peer.peer[:16]} stalled on chunk {index} of {path}; "
+                                                "it is put aside for a while", transient=False) from e
+                    continue
                 tried.add(peer.peer)
-                if time.monotonic() >= lan_deadline:
-                    raise SourceUnavailable(f"LAN peer {peer.peer[:16]} stalled on chunk {index} of {path}; "
-                                            "it is put aside for a while", transient=False) from e
                 continue
             finally:
                 self.view.give_back(peer, got)

@@ -27,7 +27,7 @@ from agent.swarm.wire import Message, Ordinals, PeerState
 
 LIVENESS = 10.0  # seconds without a frame after which a peer counts as gone
 STALLED_REST = 30.0  # a peer that timed out on a chunk is not asked again for this long
-PER_PEER = 3  # requests in flight to one peer from this pull (its upload slots are shared)
+PER_PEER = 2  # requests in flight to one peer from this pull (its upload slots are shared)
 
 
 @dataclass
@@ -60,7 +60,7 @@ class LanView:
         # or rest runs out: the picker asks for every pending chunk on every pick.
         self._counts: dict[int, int] | None = None
         self._counts_until = float("inf")
-        self.unknown = 0  # connected peers asked but not heard from yet (the room is not settled)
+        self.unknown: frozenset[str] = frozenset()  # connected peers asked, not heard from yet
         self.created = clock()
         self.settled_at: float | None = None  # when every connected peer had answered
 
@@ -98,11 +98,12 @@ class LanView:
         if changed:
             self._notify()
 
-    def set_unknown(self, count: int) -> None:
-        """How many connected peers have not answered yet (set by the session)."""
-        if count != self.unknown:
-            self.unknown = count
-            if count == 0 and self.settled_at is None:
+    def set_unknown(self, peers) -> None:
+        """The connected peers that have not answered yet (set by the session)."""
+        peers = frozenset(peers)
+        if peers != self.unknown:
+            self.unknown = peers
+            if not peers and self.settled_at is None:
                 self.settled_at = self._clock()
             self._notify()
 
@@ -175,14 +176,19 @@ class LanView:
             return any(self._usable(v, now) and v.in_flight < PER_PEER and ordinal in v.state.have
                        and ordinal not in v.missing for v in self.peers.values())
 
-    def room(self) -> tuple[tuple[str, ...], dict[int, set[str]], bool]:
-        """(the agents pulling this manifest: this one and every live peer that pulls, sorted;
-        the chunks live peers claim -> who claims each; whether no live peer pulls or holds
-        anything of it, and every connected peer has answered)."""
+    def room(self, count_unknown: bool = True) -> tuple[tuple[str, ...], dict[int, set[str]], bool]:
+        """(the agents pulling this manifest: this one, every live peer that pulls and, with
+        ``count_unknown``, every connected peer not heard from yet, sorted; the chunks live
+        peers claim -> who claims each; whether no live peer pulls or holds anything of it
+        and every connected peer has answered).
+
+        Counting the peers not heard from yet as pulling is what lets a room that starts at
+        once split the origin's chunks from the first second: they all start out with the
+        same list of pullers, so each chunk has one owner, before anyone has answered."""
         now = self._clock()
         claims: dict[int, set[str]] = {}
-        pullers = [self.self_id]
-        alone = self.unknown == 0
+        pullers = [self.self_id, *(self.unknown if count_unknown else ())]
+        alone = not self.unknown
         with self._lock:
             for v in self.peers.values():
                 if not self._alive(v, now):
