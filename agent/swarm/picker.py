@@ -3,17 +3,18 @@ and the room's origin policy.
 
 1. **From the LAN**: a chunk some live peer holds, rarest first (fewest holders; random
    among equals), so copies spread before the peer that has them leaves.
-2. **From the origin**, a chunk nobody holds and nobody claims, once every connected peer
-   has answered (or ``ROOM_WAIT`` has passed), so agents starting together first learn who
-   else pulls. The room fetches these in
+2. **From the origin**, a chunk nobody holds and nobody claims. The room fetches these in
    one global order (manifest ordinals), at most ``origin_streams`` at a time across the
    whole room (counted from everyone's claims): the outside link carries few chunks at
    once, each finishing soon, so peers trade them while the next ones arrive. Among the
    first free chunks in that order, each has one owner, by rendezvous hashing over the
-   agents pulling (this one and every live peer that says it pulls); only the owner
-   fetches it. Before it does, it *claims* the chunk on its board (pushed to every
-   subscriber) and lets ``CLAIM_SETTLE`` pass: if a live peer with a smaller id claimed the
-   same chunk meanwhile (both saw it free at once), this agent lets it go.
+   agents pulling (this one, every live peer that says it pulls, and, for the first
+   ``ROOM_WAIT`` seconds, every connected peer that has not answered yet); only the owner
+   fetches it, after it *claims* the chunk on its board (pushed to every subscriber). While
+   the room is still forming (a peer has not answered, or who pulls changed in the last
+   ``STABLE_AFTER`` seconds) two agents may disagree on the owner, so the claim first
+   settles for ``CLAIM_SETTLE``: if a live peer with a smaller id claimed the same chunk
+   meanwhile, this agent lets it go.
 3. **Never twice for slowness**: a chunk a live peer holds or claims is never fetched from
    the origin by anyone else, however slow that peer is. Its claim ends when the chunk
    verifies there, when the peer gives up (``unclaim``: its fetch failed), or when the peer
@@ -35,9 +36,10 @@ from agent.scheduler import ORIGINS, PEERS, Job
 from agent.swarm.board import Board
 from agent.swarm.view import LanView
 
-CLAIM_SETTLE = 0.3
-# Nothing is fetched from the origin while connected peers have not answered yet (they may
-# be pulling the same and own part of it), for at most this long from the pull's start.
+CLAIM_SETTLE = 0.2
+STABLE_AFTER = 1.0  # pullers unchanged this long (and every peer answered): no settling
+# Connected peers not heard from yet count as pulling (they own their share of the origin's
+# chunks) for at most this long from the pull's start; after it, only those that said so.
 ROOM_WAIT = 5.0
 ENDGAME_AFTER = 2.0
 WAIT = 0.25  # the longest a worker waits for news before looking again
@@ -57,6 +59,8 @@ class SwarmPicker:
         self.in_flight: dict[int, list] = {}  # ordinal -> [job, since, fetches, duplicated, from origin]
         self.settling: dict[int, float] = {}  # my claims not yet acted on -> when claimed
         self.started = clock()
+        self._pullers: tuple[str, ...] = ()
+        self._pullers_since = self.started
         self.duplicates = 0  # endgame jobs handed out
 
     # --------------------------------------------------------------------- choosing
@@ -75,9 +79,12 @@ class SwarmPicker:
 
     def _from_origin(self, holders: dict[int, int]) -> int | None:
         view, now = self.view, self.clock()
-        if view.unknown and now - self.started < ROOM_WAIT:
-            return None  # who else pulls it is not known yet: the LAN only, for now
-        pullers, others_claims, alone = view.room()
+        pullers, others_claims, alone = view.room(count_unknown=now - self.started < ROOM_WAIT)
+        if pullers != self._pullers:
+            self._pullers, self._pullers_since = pullers, now
+        # Two agents can both take a chunk only when they disagree on who pulls; once every
+        # peer has answered and the pullers have not changed for a while, claims go at once.
+        stable = not view.unknown and now - self._pullers_since >= STABLE_AFTER
         if alone:  # claimed all the same, for a peer that joins later to see
             for ordinal in self._order:
                 if ordinal in self.pending and ordinal not in self.settling:
@@ -107,6 +114,8 @@ class SwarmPicker:
             free -= 1
             if view.owner(ordinal, pullers) == view.self_id:
                 self.board.claim(ordinal)
+                if stable:
+                    return ordinal
                 self.settling[ordinal] = now
         return None
 
@@ -127,22 +136,31 @@ class SwarmPicker:
         self.in_flight[ordinal] = [job, self.clock(), 1, False, from_origin]
         return job
 
+    def pick_now(self) -> Job | None:
+        """The next job, if there is one to start now (None: wait for news, or ``finished``)."""
+        if self.pending:
+            holders = self.view.holder_counts()
+            ordinal = self._from_lan(holders)
+            if ordinal is not None:
+                return self._start(ordinal, False)
+            ordinal = self._from_origin(holders)
+            if ordinal is not None:
+                return self._start(ordinal, True)
+            return None
+        return self._endgame()
+
+    @property
+    def finished(self) -> bool:
+        """Nothing left to start or to duplicate."""
+        return not self.pending and all(entry[3] for entry in self.in_flight.values())
+
     async def take(self) -> Job | None:
         while True:
-            if self.pending:
-                holders = self.view.holder_counts()
-                ordinal = self._from_lan(holders)
-                if ordinal is not None:
-                    return self._start(ordinal, False)
-                ordinal = self._from_origin(holders)
-                if ordinal is not None:
-                    return self._start(ordinal, True)
-            else:
-                duplicate = self._endgame()
-                if duplicate is not None:
-                    return duplicate
-                if all(entry[3] for entry in self.in_flight.values()):
-                    return None  # nothing left to start or to duplicate
+            job = self.pick_now()
+            if job is not None:
+                return job
+            if self.finished:
+                return None
             await self.view.wait_changed(CLAIM_SETTLE if self.settling else WAIT)
 
     def done(self, job: Job) -> None:

@@ -1,0 +1,235 @@
+"""The room's chunk policy (``agent.swarm.picker``), on a virtual clock: whole rooms of
+pickers, their boards delivered to each other as the HAVE stream would, no network and no
+sleeping. What a user of a classroom would check: the outside link carries each chunk
+once, never more than ``origin_streams`` at a time across the room, a stopped member's
+chunks move on only once it is silent past the liveness bound, a late joiner takes
+everything from the LAN, and a slow peer's chunk is duplicated from another peer, never
+from the origin."""
+
+from __future__ import annotations
+
+import random
+from types import SimpleNamespace
+
+import pytest
+
+from agent.manifest import FileEntry, Manifest
+from agent.scheduler import ORIGINS, PEERS, Job
+from agent.swarm import picker as picker_module
+from agent.swarm.board import Board
+from agent.swarm.membership import Contact
+from agent.swarm.picker import ENDGAME_AFTER, SwarmPicker
+from agent.swarm.view import LIVENESS, LanView
+from agent.swarm.wire import Message
+
+TICK = 0.05
+
+
+def manifest(chunks: int = 60) -> Manifest:
+    per_file = [chunks // 3, chunks // 3, chunks - 2 * (chunks // 3)]
+    return Manifest("lab/m", "master", 1 << 16, tuple(
+        FileEntry(f"f{i}", n * (1 << 16), b"\0" * 32, tuple(bytes([i, j % 256, j // 256]) * 8 for j in range(n)))
+        for i, n in enumerate(per_file)))
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Member:
+    """One agent of the simulated room: its board, its view of the others, its picker."""
+
+    def __init__(self, name: str, m: Manifest, clock: Clock, *, streams: int, have=(), pulling=True):
+        self.name, self.clock = name, clock
+        self.board = Board(m, have=have, pulling=pulling)
+        self.view = LanView(m, name, clock=clock)
+        self.picker: SwarmPicker | None = None
+        self.running: dict[int, list[tuple]] = {}  # ordinal -> fetches (job, ends, from, holder)
+        self.stopped = False
+        self.streams = streams
+        self.origin_fetches: list[int] = []
+
+    def start(self, m: Manifest, concurrency: int = 4) -> None:
+        task_of = {f.path: SimpleNamespace(file=SimpleNamespace(rel=f.path)) for f in m.files}
+        jobs = [Job(task_of[f.path], i) for f in m.files for i in range(len(f.chunks))
+                if self.board.ordinals.of(f.path, i) not in self.board.have]
+        self.picker = SwarmPicker(self.view, self.board, jobs, origin_streams=self.streams, clock=self.clock)
+        self.concurrency = concurrency
+
+
+class Room:
+    def __init__(self, size: int, *, chunks: int = 60, streams: int = 4, origin_s: float = 1.0,
+                 lan_s: float = 0.1, seed: int = 7):
+        random.seed(seed)
+        self.clock = Clock()
+        self.manifest = manifest(chunks)
+        self.origin_s, self.lan_s = origin_s, lan_s
+        self.members = [Member(f"peer-{i:02d}", self.manifest, self.clock, streams=streams) for i in range(size)]
+        self.origin_concurrency = self.peak = 0
+        self.slow: dict[str, float] = {}  # member -> how long its uploads take
+
+    def add(self, member: Member) -> Member:
+        self.members.append(member)
+        return member
+
+    def deliver(self) -> None:
+        """Each live member's board reaches every other member's view (a snapshot frame)."""
+        for source in self.members:
+            if source.stopped:
+                continue
+            seq, have, origin, claims, pulling = source.board.snapshot()
+            message = Message("snap", seq, frozenset(have), frozenset(origin), frozenset(claims), frozenset(), pulling)
+            for member in self.members:
+                if member is source:
+                    continue
+                if source.name not in member.view.peers:
+                    answer = SimpleNamespace(have={}, pulling=pulling)
+                    contact = Contact(("127.0.0.1", 1), b"k" * 32, None)
+                    member.view.offered(source.name, answer, contact)
+                member.view.apply(source.name, message)
+
+    def step(self) -> None:
+        self.deliver()
+        for member in self.members:
+            if member.stopped or member.picker is None:
+                continue
+            for ordinal, fetches in list(member.running.items()):
+                first = min(fetches, key=lambda f: f[1])
+                if self.clock.now < first[1]:
+                    continue
+                # The first copy to verify is written; any other fetch of it is cancelled.
+                del member.running[ordinal]
+                from_origin = first[2] == "origin"
+                self.origin_concurrency -= sum(1 for f in fetches if f[2] == "origin")
+                member.board.add_have(ordinal, from_origin)
+                for job, _, _, holder in fetches:
+                    if holder is not None:
+                        member.view.give_back(holder)
+                    member.picker.done(job)
+            while sum(len(f) for f in member.running.values()) < member.concurrency:
+                job = member.picker.pick_now()
+                if job is None:
+                    break
+                ordinal = member.board.ordinals.of(*job.key)
+                assert ordinal not in member.board.have
+                if job.route == ORIGINS:
+                    assert ordinal not in member.running
+                    member.origin_fetches.append(ordinal)
+                    self.origin_concurrency += 1
+                    member.running[ordinal] = [(job, self.clock.now + self.origin_s, "origin", None)]
+                    continue
+                assert job.route == PEERS and not job.duplicate or ordinal in member.running
+                busy = {f[2] for f in member.running.get(ordinal, ())}
+                holder = member.view.take_holder(ordinal, busy)
+                assert holder is not None, "the picker chose a LAN chunk nobody usable holds"
+                took = self.slow.get(holder.peer, self.lan_s)
+                member.running.setdefault(ordinal, []).append((job, self.clock.now + took, holder.peer, holder))
+        self.peak = max(self.peak, self.origin_concurrency)
+        self.clock.now += TICK
+
+    def run(self, members=None, limit_s: float = 600.0) -> float:
+        members = members or self.members
+        started = self.clock.now
+        while not all(len(m.board.have) == m.board.total for m in members if not m.stopped):
+            assert self.clock.now - started < limit_s, "the room never finished"
+            self.step()
+        return self.clock.now - started
+
+    def origin_fetches(self) -> list[int]:
+        return [o for m in self.members for o in m.origin_fetches]
+
+
+@pytest.mark.parametrize("size", [2, 8, 30])
+def test_a_room_that_starts_together_fetches_each_chunk_from_the_origin_once(size):
+    room = Room(size, chunks=90, streams=4)
+    for member in room.members:
+        member.start(room.manifest)
+    took = room.run()
+    fetched = room.origin_fetches()
+    assert sorted(fetched) == list(range(90)), "some chunk came from the origin twice or never"
+    assert room.peak <= 4, f"{room.peak} origin fetches at once across the room, cap 4"
+    # The link was kept busy: 90 chunks of 1 s each, 4 at a time, is 22.5 s at best.
+    assert took < 22.5 * 1.25, took
+
+
+def test_origin_streams_cap_holds_across_the_room_whatever_it_is():
+    for streams in (1, 2, 6):
+        room = Room(12, chunks=40, streams=streams)
+        for member in room.members:
+            member.start(room.manifest)
+        room.run()
+        assert room.peak <= streams
+        assert sorted(room.origin_fetches()) == list(range(40))
+
+
+def test_a_stopped_member_keeps_its_claims_until_it_is_silent_past_liveness():
+    room = Room(6, chunks=60, streams=4, origin_s=2.0)
+    for member in room.members:
+        member.start(room.manifest)
+
+    def fetching_from_origin(m: Member) -> set[int]:
+        return {o for o, fetches in m.running.items() if any(f[2] == "origin" for f in fetches)}
+
+    while not any(fetching_from_origin(m) for m in room.members[1:]):
+        room.step()
+    victim = next(m for m in room.members[1:] if fetching_from_origin(m))
+    claimed = fetching_from_origin(victim)
+    held = set(victim.board.have)
+    victim.stopped = True
+    stopped_at = room.clock.now
+    # While it is merely silent (< LIVENESS), nobody else fetches what it claimed.
+    while room.clock.now - stopped_at < LIVENESS - 1:
+        room.step()
+        others = {o for m in room.members if m is not victim for o in m.origin_fetches}
+        assert not claimed & others, "a silent peer's claim was fetched again before the liveness bound"
+    room.run()
+    others = [o for m in room.members if m is not victim for o in m.origin_fetches]
+    assert len(others) == len(set(others)), "the live members fetched a chunk from the origin twice"
+    assert claimed <= set(others), "the stopped member's claims never moved on"
+    # Beyond its claims, only chunks it alone held when it stopped were fetched again.
+    again = set(others) & set(victim.origin_fetches)
+    assert again <= claimed | held, again
+
+
+def test_a_late_joiner_takes_everything_from_the_lan():
+    room = Room(4, chunks=40)
+    for member in room.members:
+        member.start(room.manifest)
+    room.run()
+    late = room.add(Member("peer-late", room.manifest, room.clock, streams=4))
+    room.deliver()
+    late.start(room.manifest)
+    room.run([late])
+    assert late.origin_fetches == []
+    assert len(late.board.have) == 40
+
+
+def test_a_member_alone_fetches_in_file_order_at_full_concurrency_without_waiting():
+    room = Room(1, chunks=12)
+    member = room.members[0]
+    member.start(room.manifest, concurrency=4)
+    room.step()
+    assert sorted(member.running) == [0, 1, 2, 3]  # on the first tick: no settle, no cap
+    room.run()
+    assert member.origin_fetches == list(range(12))
+
+
+def test_a_chunk_stuck_at_a_slow_peer_is_duplicated_from_another_peer_never_the_origin(monkeypatch):
+    monkeypatch.setattr(picker_module, "ENDGAME_AFTER", ENDGAME_AFTER)
+    full = set(range(20))
+    room = Room(0, chunks=20)
+    fast = room.add(Member("peer-fast", room.manifest, room.clock, streams=4, have=full, pulling=False))
+    slow = room.add(Member("peer-slow", room.manifest, room.clock, streams=4, have=full, pulling=False))
+    room.slow["peer-slow"] = 60.0
+    puller = room.add(Member("peer-pull", room.manifest, room.clock, streams=4))
+    room.deliver()
+    puller.start(room.manifest, concurrency=4)
+    took = room.run([puller])
+    assert puller.origin_fetches == []
+    assert puller.picker.duplicates >= 1
+    assert took < 30, "a 60 s upload held the pull up: the endgame did not duplicate it"
+    assert fast.board.total == slow.board.total == 20
