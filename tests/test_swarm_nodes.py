@@ -15,9 +15,9 @@ from agent.manifest import ModelRef
 from agent.mirror import manifest_from_dir
 from agent.store import Store
 from agent.swarm.node import SwarmNode
-from agent.swarm.protocol import (MAX_REQUEST, PROTOCOL, SwarmAccess, bitmap, encode_answer, encode_contact,
-                                  encode_request, indices, parse_answer, parse_contact, parse_hello_request,
-                                  parse_request)
+from agent.swarm.protocol import (MAX_PEX, MAX_REQUEST, PROTOCOL, SwarmAccess, bitmap, encode_answer, encode_contact,
+                                  encode_hello_request, encode_request, indices, parse_answer, parse_contact,
+                                  parse_hello_request, parse_request)
 from agent.swarm.session import offer_over
 from conftest import CHUNK, MODEL_ID
 
@@ -197,6 +197,47 @@ async def test_an_allowlisted_swarm_answers_and_routes_only_its_members(tmp_path
         nursery.cancel_scope.cancel()
     for store in (seeder, *stores):
         store.close()
+
+
+async def test_hellos_pass_members_on_to_each_other_and_not_to_strangers(tmp_path, model_dir):
+    """A room told one bootstrap address: two members that dialled only the first learn of
+    each other from its hello answer (peer exchange); an allowlisted swarm's stranger, who
+    is refused, learns nobody; a member cannot pass someone else's address off as its own."""
+    stores = [Store(tmp_path / name) for name in ("first", "b", "c", "stranger")]
+    async with trio.open_nursery() as nursery:
+        b = await start_node(nursery, stores[1], b"b" * 32)
+        c = await start_node(nursery, stores[2], b"c" * 32)
+        first = await start_node(nursery, stores[0], b"f" * 32,
+                                 access=SwarmAccess(None, frozenset({b.peer_id, c.peer_id})))
+        stranger = await start_node(nursery, stores[3], b"x" * 32)
+        for member in (b, c):
+            await member.connect(first.addrs[0])
+            await member.hello(first.peer_id)  # it says where it listens
+        contact = await b.hello(first.peer_id)
+        assert contact.peers == (c.own_addrs()[0],)
+        assert b.take_exchanged() == {c.peer_id: [c.own_addrs()[0]]}
+        assert await b.connect(b.take_exchanged()[c.peer_id][0]) == c.peer_id
+        await stranger.connect(first.addrs[0])
+        with pytest.raises(NotInSwarm):
+            await stranger.hello(first.peer_id)
+        assert stranger.take_exchanged() == {}
+        # c claims to listen at b's address: not recorded as c's, so never passed on as c's.
+        forged = encode_hello_request(None, [b.own_addrs()[0]])
+        msgpack.unpackb(await raw_exchange(c, first, forged))
+        assert first.listen_addrs[c.peer_id] == c.own_addrs()[0]
+        nursery.cancel_scope.cancel()
+    for store in stores:
+        store.close()
+
+
+def test_hello_address_lists_are_bounded_and_must_be_libp2p_addresses():
+    peer = "/ip4/10.0.0.3/tcp/7100/p2p/12D3KooWabc"
+    assert parse_hello_request(encode_hello_request(None, [peer]))[1] == (peer,)
+    for bad in ([peer] * (MAX_PEX + 1), ["http://10.0.0.3/"], ["/ip4/10.0.0.3/tcp/7100"], [peer + "x" * 200], "x"):
+        with pytest.raises(PeerBroken, match="libp2p addresses"):
+            parse_hello_request(msgpack.packb({"proof": None, "addrs": bad}))
+        with pytest.raises(PeerBroken, match="libp2p addresses"):
+            parse_contact(msgpack.packb({"data": ["10.0.0.2", 1], "key": b"t" * 48, "peers": bad}))
 
 
 async def test_a_flood_of_idle_connections_does_not_keep_a_member_out(tmp_path, model_dir):

@@ -40,7 +40,7 @@ from agent.swarm.wire import Ordinals
 log = logging.getLogger("shoal.swarm")
 
 MAX_PEERS = 256
-OFFER_TIMEOUT = 1.5  # a pull waits this long at most for its connected peers' first answers
+OFFER_TIMEOUT = 0.75  # a pull waits this long at most for its peers' first answers (the rest: asked again)
 CONTACT_REFRESH = 1200.0  # a peer's key lasts an hour: say hello again well before
 HELLOS_AT_ONCE = 16
 HELLO_RETRY = 10.0
@@ -222,6 +222,7 @@ class Swarm:
                 self.node.tickets.revoke(peer)
             targets = [(a.rsplit("/p2p/", 1)[-1], [a], "bootstrap") for a in self.bootstrap]
             targets += [(p, addrs, "mdns") for p, addrs in self.node.take_discovered().items()]
+            targets += [(p, addrs, "pex") for p, addrs in self.node.take_exchanged().items()]
             now = time.monotonic()
             for peer in connected - self.node.refused_by:
                 if now - self._contact_at.get(peer, -CONTACT_REFRESH) >= CONTACT_REFRESH:
@@ -297,15 +298,19 @@ class Swarm:
             "of": sum(len(f.chunks) for f in m.files), "pulling": answer.pulling}
         return answer
 
-    async def _ask_all(self, peers, timeout: float, pending: set[str], **kwargs) -> list:
+    async def _ask_all(self, peers, timeout: float, answered: set[str], **kwargs) -> list:
+        """Ask ``peers`` at once (for at most ``timeout``): their offers; those that gave a
+        definite answer (an offer, or none held) are added to ``answered``."""
         answers: list = []
 
         async def one(peer: str) -> None:
             answer = await self.ask(peer, **kwargs)
             if answer is PENDING:
-                pending.add(peer)
-            elif answer is not None:
+                return
+            if answer is not None:
                 answers.append(answer)
+            if answer is not None or not self.peers.get(peer, {}).get("error"):
+                answered.add(peer)
         with trio.move_on_after(timeout):
             async with trio.open_nursery() as nursery:
                 for peer in peers:
@@ -313,13 +318,14 @@ class Swarm:
         return answers
 
     async def offers(self, ref: ModelRef) -> tuple[list, set[str]]:
-        """What peers hold of ``ref``, asked before a pull plans, and whom it asked: the
-        connected peers first (at most ``OFFER_TIMEOUT``); the DHT only when none has it."""
+        """What peers hold of ``ref``, asked before a pull plans, and who answered (an offer,
+        or none held): the connected peers first (at most ``OFFER_TIMEOUT``); the DHT only
+        when none has it. The session asks the others again."""
         connected = self.node.connected() - self.node.refused_by
-        pending: set[str] = set()
-        answers = await self._ask_all(connected, OFFER_TIMEOUT, pending, ref=ref)
-        if answers or pending or self.node.dht is None:
-            return answers, connected - pending  # the pending ones are asked again by the session
+        answered: set[str] = set()
+        answers = await self._ask_all(connected, OFFER_TIMEOUT, answered, ref=ref)
+        if answers or answered != connected or self.node.dht is None:
+            return answers, answered
         found = await self.node.find_providers(ref)
         new = {}
         async with trio.open_nursery() as nursery:
@@ -328,8 +334,7 @@ class Swarm:
                 if peer not in connected and addrs:
                     new[peer] = addrs
                     nursery.start_soon(self._dial, peer, addrs[0], "dht")
-        return (await self._ask_all(set(found) - connected, ASK_TIMEOUT, pending, ref=ref) if new else []), \
-            connected - pending
+        return (await self._ask_all(set(found) - connected, ASK_TIMEOUT, answered, ref=ref) if new else []), answered
 
     def snapshot(self) -> list[dict]:
         served = dict(self.node.data.served_to)

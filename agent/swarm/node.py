@@ -23,6 +23,7 @@ cancelled, and stops them all on the way out.
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections import Counter, OrderedDict
@@ -34,10 +35,9 @@ from agent.errors import PeerBroken
 from agent.manifest import Manifest, ModelRef, decode, is_manifest_id
 from agent.hashing import blake3_hash
 from agent.swarm.datapath import DataServer, StoreLocator, TicketBook
-from agent.swarm.protocol import (BAD_REQUEST, MAX_REQUEST, NOT_HELD, NOT_IN_SWARM, PENDING, PROTOCOL, Contact,
-                                  SwarmAccess,
-                                  encode_answer, encode_contact, encode_error, encode_hello_request, parse_contact,
-                                  parse_hello_request, parse_request)
+from agent.swarm.protocol import (BAD_REQUEST, MAX_ADDR, MAX_PEX, MAX_REQUEST, NOT_HELD, NOT_IN_SWARM, PENDING,
+                                  PROTOCOL, Contact, SwarmAccess, encode_answer, encode_contact, encode_error,
+                                  encode_hello_request, parse_contact, parse_hello_request, parse_request)
 
 log = logging.getLogger("shoal.swarm")
 
@@ -118,6 +118,10 @@ class SwarmNode:
         self.dht = None
         self._mdns = None
         self.discovered: OrderedDict[str, list[str]] = OrderedDict()  # peer id -> multiaddrs (mDNS)
+        # Peer exchange: where each peer we know listens (from its hello, or where we dialled
+        # it), passed on in hello answers; and what other peers' answers told us.
+        self.listen_addrs: OrderedDict[str, str] = OrderedDict()
+        self.exchanged: OrderedDict[str, list[str]] = OrderedDict()
         self._discovered_lock = threading.Lock()
         self.refused: dict[str, float] = {}  # peer id -> when we last refused it (outside the swarm)
         self.refused_by: set[str] = set()  # peers that told us we are outside their swarm
@@ -277,6 +281,42 @@ class SwarmNode:
             found = dict(self.discovered)
         return found
 
+    # ------------------------------------------------------------- peer exchange
+
+    def own_addrs(self) -> list[str]:
+        """The addresses this host listens on, as peers dial them."""
+        return [f"{a}/p2p/{self.peer_id}" for a in self.host.get_transport_addrs()][:MAX_PEX]
+
+    @staticmethod
+    def _remember(table: OrderedDict, peer: str, value) -> None:
+        table[peer] = value
+        table.move_to_end(peer)
+        while len(table) > MAX_DISCOVERED:
+            table.popitem(last=False)
+
+    def _learn_listen_addrs(self, peer: str, addrs: tuple[str, ...], seen_from: str) -> None:
+        """A peer's own word on where it listens (from its hello): kept to pass on, with an
+        unspecified host (it listens everywhere) replaced by the address it came from."""
+        for addr in addrs:
+            if not addr.endswith(f"/p2p/{peer}"):
+                continue  # an address of someone else: not its own to give
+            for unspecified in ("/ip4/0.0.0.0/", "/ip6/::/"):
+                if addr.startswith(unspecified) and seen_from not in ("", "unknown"):
+                    family = "ip6" if ":" in seen_from else "ip4"
+                    addr = f"/{family}/{seen_from}/" + addr[len(unspecified):]
+            self._remember(self.listen_addrs, peer, addr)
+            return
+
+    def exchange_for(self, asker: str) -> list[str]:
+        """Addresses of connected peers (other than ``asker``) to pass on in a hello answer."""
+        connected = self.connected()
+        known = [a for p, a in self.listen_addrs.items() if p in connected and p != asker]
+        return random.sample(known, min(MAX_PEX, len(known)))
+
+    def take_exchanged(self) -> dict[str, list[str]]:
+        """Peers that hello answers told us about (peer id -> addresses) for the agent to dial."""
+        return {peer: list(addrs) for peer, addrs in self.exchanged.items()}
+
     async def provide(self, model_id: str, revision: str, manifest_id: str) -> bool:
         """Publish DHT provider records for a held model revision and its manifest."""
         if self.dht is None:
@@ -372,7 +412,7 @@ class SwarmNode:
         """The answer to a hello (this agent's data port contact), and whether the asker was
         refused as an outsider."""
         try:
-            proof = parse_hello_request(data)
+            proof, addrs = parse_hello_request(data)
         except PeerBroken as e:
             return encode_error(BAD_REQUEST, str(e)), False
         if not self.access.admits(peer, self.peer_id, proof):
@@ -383,7 +423,8 @@ class SwarmNode:
             return encode_error(NOT_IN_SWARM, "this agent serves only peers of its own swarm (same SHOAL_SWARM_SECRET "
                                 "and, if set, listed in SHOAL_SWARM_ALLOW)"), True
         key = self.tickets.issue(peer, address)
-        return encode_contact(self.data.address, key.encode(), self.data.fingerprint), False
+        self._learn_listen_addrs(peer, addrs, address)
+        return encode_contact(self.data.address, key.encode(), self.data.fingerprint, self.exchange_for(peer)), False
 
     async def _answer(self, stream) -> None:
         peer = str(stream.muxed_conn.peer_id)
@@ -422,7 +463,10 @@ class SwarmNode:
         info = info_from_p2p_addr(multiaddr.Multiaddr(address))
         with trio.fail_after(ASK_TIMEOUT):
             await self.host.connect(info)
-        return str(info.peer_id)
+        peer = str(info.peer_id)
+        if len(address) <= MAX_ADDR:
+            self._remember(self.listen_addrs, peer, address)
+        return peer
 
     def connected(self) -> set[str]:
         return {str(p) for p in self.host.get_network().connections}
@@ -434,16 +478,20 @@ class SwarmNode:
         with trio.fail_after(ASK_TIMEOUT):
             stream = await self.host.new_stream(ID.from_base58(peer), [PROTOCOL])
             try:
-                await stream.write(encode_hello_request(self.access.proof(self.peer_id, peer)))
+                await stream.write(encode_hello_request(self.access.proof(self.peer_id, peer), self.own_addrs()))
                 await stream.close_write()  # the answerer reads to the end of the request
                 data = await _read_all(stream, MAX_REQUEST)
                 remote = stream.get_remote_address()
             finally:
                 await _close(stream)
         contact = parse_contact(data)
+        for addr in contact.peers:
+            other = addr.rsplit("/p2p/", 1)[1]
+            if other != self.peer_id and other != peer:
+                self._remember(self.exchanged, other, [addr])
         if contact.data[0] in ("0.0.0.0", "::", "") and remote:
             # The peer listens on every interface: its data port is on the address we reached it at.
-            contact = Contact((remote[0], contact.data[1]), contact.key, contact.tls)
+            contact = Contact((remote[0], contact.data[1]), contact.key, contact.tls, contact.peers)
         return contact
 
 

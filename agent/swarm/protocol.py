@@ -109,32 +109,51 @@ class SwarmAccess:
 
 # ------------------------------------------------------------------------------- hello
 
-def encode_hello_request(proof: bytes | None) -> bytes:
-    return msgpack.packb({"proof": proof}, use_bin_type=True)
+MAX_PEX = 16  # peers' addresses a hello answer passes on (and addresses a hello gives of its sender)
+MAX_ADDR = 160  # an IPv6 address, a port and a peer id fit; 16 of them stay well inside MAX_REQUEST
 
 
-def parse_hello_request(data: bytes) -> bytes | None:
-    """The proof a hello carries; raises ``PeerBroken``."""
+def _addresses(value, what: str) -> tuple[str, ...]:
+    """A bounded list of dialable libp2p addresses (``/ip4|ip6/.../p2p/<id>``); ``PeerBroken`` else."""
+    if value is None:
+        return ()
+    if not isinstance(value, list) or len(value) > MAX_PEX or not all(
+            isinstance(a, str) and len(a) <= MAX_ADDR and a.startswith(("/ip4/", "/ip6/")) and "/p2p/" in a
+            for a in value):
+        raise PeerBroken(f"a hello's {what} must be at most {MAX_PEX} libp2p addresses with a peer id")
+    return tuple(value)
+
+
+def encode_hello_request(proof: bytes | None, addrs: list[str] = ()) -> bytes:
+    return msgpack.packb({"proof": proof, "addrs": list(addrs)[:MAX_PEX]}, use_bin_type=True)
+
+
+def parse_hello_request(data: bytes) -> tuple[bytes | None, tuple[str, ...]]:
+    """The proof a hello carries and the addresses its sender listens on; raises ``PeerBroken``."""
     if len(data) > MAX_REQUEST:
         raise PeerBroken(f"a hello of {len(data)} bytes exceeds {MAX_REQUEST}")
     message = _unpack(data, max_len=MAX_REQUEST)
     proof = message.get("proof")
     if proof is not None and (not isinstance(proof, bytes) or len(proof) != 32):
         raise PeerBroken("a hello's proof must be 32 bytes")
-    return proof
+    return proof, _addresses(message.get("addrs"), "addresses")
 
 
 @dataclass(frozen=True)
 class Contact:
-    """How to reach a peer's data port: its address, the key it gave us, its certificate."""
+    """How to reach a peer's data port: its address, the key it gave us, its certificate;
+    and other swarm members it is connected to (``peers``: their libp2p addresses), so that
+    a room told only one bootstrap address still finds everyone."""
 
     data: tuple[str, int]
     key: bytes
     tls: bytes | None = None
+    peers: tuple[str, ...] = ()
 
 
-def encode_contact(data: tuple[str, int], key: bytes, tls: bytes | None) -> bytes:
-    return msgpack.packb({"data": [data[0], data[1]], "key": key, "tls": tls}, use_bin_type=True)
+def encode_contact(data: tuple[str, int], key: bytes, tls: bytes | None, peers: list[str] = ()) -> bytes:
+    return msgpack.packb({"data": [data[0], data[1]], "key": key, "tls": tls, "peers": list(peers)[:MAX_PEX]},
+                         use_bin_type=True)
 
 
 def parse_contact(data: bytes) -> Contact:
@@ -152,7 +171,7 @@ def parse_contact(data: bytes) -> Contact:
             raise ValueError("data address, key or TLS fingerprint")
     except (KeyError, TypeError, ValueError) as e:
         raise PeerBroken(f"malformed hello answer ({e})"[:300]) from e
-    return Contact((host, port), key, tls)
+    return Contact((host, port), key, tls, _addresses(message.get("peers"), "peer list"))
 
 
 # ---------------------------------------------------------------------------- requests
