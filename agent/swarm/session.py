@@ -36,8 +36,7 @@ from agent.swarm.view import LIVENESS, LanView
 
 log = logging.getLogger("shoal.swarm")
 
-FIRST_ROUND = 1.0  # a pull starts choosing chunks once its peers answered, or after this
-PENDING_RETRY = 0.25  # a peer that pulls the same but has not planned yet is asked again after this
+PENDING_RETRY = 2.0  # a peer that pulls the same but has not planned yet: asked again (it also asks us)
 PENDING = "pending"  # what ``Swarm.ask`` returns for such a peer
 RETRY = (0.5, 1.0, 2.0, 5.0, 10.0)  # rests between attempts to follow a peer that failed
 CONNECT_TIMEOUT = 5.0
@@ -148,16 +147,15 @@ class PullSession:
         self._wake.set()
 
     async def follow(self, view: LanView, board: Board, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Follow peers into ``view`` until cancelled; ``task_status.started()`` once every
-        peer connected at the start has answered (and its stream's first frame came), or
-        after ``FIRST_ROUND`` seconds.
+        """Follow peers into ``view`` until cancelled; ``task_status.started()`` as soon as
+        the asks are under way (what peers answered before the plan is in the view).
 
         Each connected peer is, for this pull: *asked* (an offer is on its way), *pending*
         (it pulls the same but has not planned yet: asked again in ``PENDING_RETRY``),
         *followed* (its stream flows), *idle* (it holds none: asked again only when it asks
         us), or *resting* after a failure (asked again after ``RETRY``). Until every peer
-        has answered, ``view.unknown`` says how many have not, and the picker keeps the
-        origin waiting (``agent.swarm.picker.ROOM_WAIT``)."""
+        has answered, ``view.unknown`` names those that have not, and the picker counts
+        them among the pullers for a while (``agent.swarm.picker.ROOM_WAIT``)."""
         swarm, manifest = self.swarm, view.manifest
         board.set_pulling(True)
         swarm.sessions[self.ref] = self
@@ -171,13 +169,10 @@ class PullSession:
         unknown: set[str] = set()  # not heard from yet (pending, or asked for the first time)
         retry_at: dict[str, float] = {}
         failures: dict[str, int] = {}
-        for peer in list(idle):  # those whose first ask failed are asked again now
-            if swarm.peers.get(peer, {}).get("error"):
-                idle.discard(peer)
 
         def heard(peer: str) -> None:
             unknown.discard(peer)
-            view.set_unknown(len(unknown))
+            view.set_unknown(unknown)
 
         def rest(peer: str, seconds: float) -> None:
             retry_at[peer] = time.monotonic() + seconds
@@ -215,8 +210,7 @@ class PullSession:
 
         try:
             async with trio.open_nursery() as nursery:
-                started_at, started = time.monotonic(), False
-                first_round = (swarm.node.connected() - swarm.node.refused_by) - idle
+                started = False
                 while True:
                     now = time.monotonic()
                     candidates = swarm.node.connected() - swarm.node.refused_by
@@ -236,8 +230,11 @@ class PullSession:
                         if peer not in candidates:
                             view.forget(peer)
                     unknown &= candidates
-                    view.set_unknown(len(unknown))
-                    if not started and (not (first_round & unknown) or now - started_at > FIRST_ROUND):
+                    view.set_unknown(unknown)
+                    if not started:
+                        # The picker may start at once: peers not heard from yet count as
+                        # pulling (agent.swarm.picker), and those that answered before the
+                        # plan are in the view already.
                         task_status.started()
                         started = True
                     self._wake = trio.Event()
