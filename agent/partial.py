@@ -46,6 +46,9 @@ class PartialFile:
         self._sha_next = 0  # first chunk index not yet in _sha
         self._fd: int | None = None
         self._reserved = False
+        # The running SHA-256 costs a re-read of every chunk: only a file that will be proven
+        # by the origin's SHA-256 (a listing plan, or always_sha256) keeps it.
+        self.track_sha256 = True
 
     @property
     def partial_name(self) -> str:
@@ -119,7 +122,8 @@ class PartialFile:
         self.store._record_chunk(self.model_key, self.rel, index, digest, source)
         with self._lock:
             self.have[index] = digest
-        self._advance_sha()
+        if self.track_sha256:
+            self._advance_sha()
 
     def _reserve(self) -> None:
         with self._lock:

@@ -274,7 +274,8 @@ async def _fetch_all(plan: Plan, model: SafeDir, store: Store, sources: list[Chu
                 already += f.size
                 continue
             already += sum(chunk_span(f.size, plan.chunk_size, i)[1] for i in pf.have)
-            tasks.append(FileTask(pf, f.chunks, check_sha256=not plan.trusted or settings.always_sha256))
+            pf.track_sha256 = not plan.trusted or settings.always_sha256
+            tasks.append(FileTask(pf, f.chunks, check_sha256=pf.track_sha256))
         emit(PlanReady(plan, directory, already))
         states = [SourceState(s) for s in sources]
         for round_ in range(MAX_ROUNDS):
