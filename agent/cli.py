@@ -16,8 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-import trio
-
 from agent.config import ENV_NAMES, Settings, load_settings
 from agent.errors import IntegrityError, ShoalError, Terminated, UsageError, single_error
 from agent.manifest import ModelRef
@@ -167,7 +165,6 @@ def require_agent(settings: Settings):
 
 
 def cmd_pull(args) -> int:
-    from agent.pull import event_to_wire, pull, result_to_wire
     settings = _settings(args)
     if args.no_modelscope:
         settings = settings.with_(use_modelscope=False)
@@ -184,6 +181,7 @@ def cmd_pull(args) -> int:
                              "(set SHOAL_USE_MODELSCOPE=0 in its config)")
         reporter.finish(client.call("pull", params, on_event=reporter.event, timeout=600))
         return 0
+    from agent.pull import event_to_wire, pull, result_to_wire  # in-process only: the agent's client starts faster
     result = run_until_signal(lambda: pull(ref, settings, to=Path(args.to) if args.to else None,
                                            emit=lambda e: reporter.event(event_to_wire(e))))
     reporter.finish(result_to_wire(result))
@@ -193,6 +191,8 @@ def cmd_pull(args) -> int:
 def run_until_signal(async_fn):
     """``trio.run(async_fn)``, where SIGTERM cancels the work as Ctrl-C does: chunks being
     written finish (worker threads are not abandoned), verified chunks are kept."""
+    import trio  # only in-process work needs it: a command the agent serves starts faster without
+
     async def main():
         outcome = {}
         with trio.open_signal_receiver(signal.SIGTERM) as signals:
