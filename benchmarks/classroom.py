@@ -1,22 +1,33 @@
 #!/usr/bin/env python3
-"""Benchmark: a classroom pulling one model at once, in network namespaces (root only).
+"""Benchmark: a classroom pulling one model at once, in network namespaces (root only),
+with shoal and with libtorrent on the same harness, back to back, in one invocation.
 
-N agents (default 8), each in its own namespace on a bridge, every link limited with tc
-(default 200 Mbit/s each way); the local OSS-compatible server in its own namespace,
-limited to 100 Mbit/s. Agents find each other by mDNS. All N start pulling a generated
-model (default 512 MiB) at the same moment. Printed: the time until the last agent is
-done, the Kumar-Ross lower bound for a swarm with these links,
+N agents (``--agents``), each in its own namespace on one bridge, every link limited with
+tc (``--agent-mbit`` each way); the origin in its own namespace, limited to
+``--origin-mbit``: for shoal the local OSS-compatible server (the mirror), for libtorrent
+a seeding client. shoal's agents find each other by mDNS (``--no-multicast``: a bootstrap
+list and the DHT instead). All start pulling a generated model (``--size-mb``) at the same
+moment. Printed per run: the time until the last agent is done over the Kumar-Ross lower
+bound for these links,
 
     T_min = max(F/u_s, F/d_min, N*F/(u_s + sum u_i)),
 
-their ratio, and the origin's egress over F (payload bytes the server sent, and bytes on
-its link). Then the same classroom with sharing off (every agent straight from OSS), for
-contrast. Targets: ratio <= 1.3, origin egress <= 1.1 F.
+the origin's egress over F (payload the origin sent, and bytes on its link), origin
+chunks sent more than once, CPU seconds per GiB delivered (the agents' or clients' CPU
+during the pull, summed), and the peak RSS of one agent or client.
 
-    sudo python benchmarks/classroom.py [--agents 8] [--size-mb 512] [--agent-mbit 200]
-                                        [--origin-mbit 100] [--no-contrast]
+Scenarios (both systems): ``--late-joiners K`` (K agents start when the others are half
+done), ``--leave K`` (K agents are killed then), ``--slow-agent MBIT`` (one agent's link
+limited to MBIT). Every remaining agent's files are checked against the origin's.
 
-Every namespace it creates is deleted at the end, also on failure or Ctrl-C.
+    sudo python benchmarks/classroom.py [--agents 24] [--size-mb 128] [--agent-mbit 100]
+        [--origin-mbit 50] [--late-joiners 4] [--leave 2] [--slow-agent 10] [--no-multicast]
+        [--no-libtorrent] [--contrast]
+
+libtorrent: Debian's ``python3-libtorrent`` (``apt-get install python3-libtorrent``), run with
+``/usr/bin/python3`` (``benchmarks/lt_client.py``). ``--contrast`` adds a shoal run with
+sharing off (every agent straight from the mirror). Every namespace it creates is deleted
+at the end, also on failure or Ctrl-C.
 """
 
 from __future__ import annotations
@@ -25,9 +36,11 @@ import argparse
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -39,6 +52,8 @@ from agent.testing import netns  # noqa: E402
 BUCKET = "classroom"
 MODEL = "lab/classroom-model"
 SUBNET = "10.78.0"
+LT_PYTHON = "/usr/bin/python3"
+LT_CLIENT = str(REPO / "benchmarks" / "lt_client.py")
 
 
 def serve_origin(args) -> int:
@@ -54,14 +69,15 @@ def serve_origin(args) -> int:
            "OSS_ACCESS_KEY_ID": "lab", "OSS_ACCESS_KEY_SECRET": "lab", "SHOAL_CONFIG": "/nonexistent"}
     settings = load_settings(env=env)
     ref = ModelRef(MODEL, "master")
-    push_directory(ref, Path(args.model), settings, manifest_from_dir(ref, Path(args.model)))
+    chunk = int(args.chunk_mb * 2**20) if args.chunk_mb else None
+    push_directory(ref, Path(args.model), settings, manifest_from_dir(ref, Path(args.model), chunk))
     server.faults.clear_log()
     print(json.dumps({"url": server.url}), flush=True)
     for line in sys.stdin:  # "bytes" -> payload bytes served since the last ask
         if line.strip() == "bytes":
+            requests = server.faults.data_requests("/files/")
             total = server.faults.data_bytes("/files/")
             seen: dict = {}
-            requests = server.faults.data_requests("/files/")
             for entry in requests:
                 seen[(entry.path, entry.range)] = seen.get((entry.path, entry.range), 0) + 1
             server.faults.clear_log()
@@ -92,59 +108,187 @@ def wait_for(predicate, timeout: float, what: str):
     raise SystemExit(f"timed out waiting for {what}")
 
 
-def run_class(lab: netns.Lab, hosts: list, origin_url: str, root: Path, *, sharing: bool, label: str) -> dict:
-    procs, envs = [], []
+def blake3_tree(root: Path) -> dict[str, str]:
+    from agent.hashing import blake3_hash
+    return {p.relative_to(root).as_posix(): blake3_hash(p.read_bytes()).hex()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+class Scenario:
+    """Who starts late, who is killed, and when: when the median agent is half done."""
+
+    def __init__(self, args, hosts: list):
+        self.late = hosts[len(hosts) - args.late_joiners:] if args.late_joiners else []
+        rest = [h for h in hosts if h not in self.late]
+        self.leavers = rest[:args.leave] if args.leave else []
+        self.fired = threading.Event()
+
+
+def run_shoal_class(lab, hosts, origin_url, root: Path, args, *, sharing: bool, label: str) -> dict:
+    scenario = Scenario(args, hosts)
+    procs, envs = {}, {}
+    first = None
     for host in hosts:
         cache = root / label / host.name
         cache.mkdir(parents=True)
-        env = shoal_env(cache, {"OSS_ENDPOINT": origin_url, "SHOAL_OSS_BUCKET": BUCKET, "OSS_ACCESS_KEY_ID": "lab",
-                                "OSS_ACCESS_KEY_SECRET": "lab", "SHOAL_SWARM": "1" if sharing else "0",
-                                "SHOAL_SWARM_HOST": host.ip, "SHOAL_MDNS": "1", "SHOAL_DHT": "0",
-                                "SHOAL_SWARM_SECRET": "classroom", "SHOAL_CHUNK_TIMEOUT": "120"})
+        extra = {"OSS_ENDPOINT": origin_url, "SHOAL_OSS_BUCKET": BUCKET, "OSS_ACCESS_KEY_ID": "lab",
+                 "OSS_ACCESS_KEY_SECRET": "lab", "SHOAL_SWARM": "1" if sharing else "0",
+                 "SHOAL_SWARM_HOST": host.ip, "SHOAL_SWARM_PORT": "7100", "SHOAL_SWARM_SECRET": "classroom",
+                 "SHOAL_CHUNK_TIMEOUT": "120", "SHOAL_MDNS": "0" if args.no_multicast else "1",
+                 "SHOAL_DHT": "1" if args.no_multicast else "0", **dict(kv.split("=", 1) for kv in args.set)}
+        if args.no_multicast and first is not None:
+            extra["SHOAL_SWARM_PEERS"] = first
+        env = shoal_env(cache, extra)
         log = open(cache.parent / f"{host.name}.log", "w")
-        procs.append(lab.popen(host, [sys.executable, "-m", "agent.cli", "agent"], env=env, stdout=log,
-                               stderr=subprocess.STDOUT))
-        envs.append(env)
-    for env in envs:
-        wait_for(lambda: (Path(env["SHOAL_CACHE_DIR"]) / "agent.json").exists(), 60, "the agents to start")
+        procs[host.name] = lab.popen(host, [sys.executable, "-m", "agent.cli", "agent"], env=env, stdout=log,
+                                     stderr=subprocess.STDOUT)
+        envs[host.name] = env
+        if args.no_multicast and first is None:
+            wait_for(lambda: (cache / "agent.json").exists(), 60, "the first agent to start")
+            first = json.loads(shoal(["status", "--json"], env).stdout)["swarm"]["addrs"][0]
+    for env in envs.values():
+        wait_for(lambda: (Path(env["SHOAL_CACHE_DIR"]) / "agent.json").exists(), 90, "the agents to start")
     if sharing:
         def all_connected() -> bool:
-            for env in envs:
+            for env in envs.values():
                 peers = json.loads(shoal(["peers", "--json"], env).stdout or "[]")
                 if sum(1 for p in peers if p["connected"]) < len(hosts) - 1:
                     return False
             return True
-        wait_for(all_connected, 90, "mDNS to connect every agent to every other")
-    tx_before = {h.name: lab.tx_bytes(h) for h in hosts}
-    started = time.monotonic()
-    started_at = time.time()
-    pulls = [subprocess.Popen([sys.executable, "-m", "agent.cli", "pull", MODEL, "--json"], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for env in envs]
-    finished, results = [], []
-    for pull in pulls:
+        wait_for(all_connected, 180, "discovery to connect every agent to every other")
+    cpu_before = {name: json.loads(shoal(["status", "--json"], env).stdout or "{}").get("cpu", {})
+                  for name, env in envs.items()}
+    started, started_at = time.monotonic(), time.time()
+    pulls, finished, results = {}, {}, {}
+
+    def start_pull(host) -> None:
+        pulls[host.name] = subprocess.Popen([sys.executable, "-m", "agent.cli", "pull", MODEL, "--json"],
+                                            env=envs[host.name], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                            text=True)
+    for host in hosts:
+        if host not in scenario.late:
+            start_pull(host)
+    if scenario.late or scenario.leavers:
+        def half_done() -> bool:
+            done = []
+            for host in hosts:
+                if host in scenario.late:
+                    continue
+                status = json.loads(shoal(["status", "--json"], envs[host.name]).stdout or "{}")
+                pull = next(iter(status.get("pulls", [])), None)
+                done.append(1.0 if pull is None else pull["done_bytes"] / max(1, pull["total_bytes"]))
+            return statistics.median(done) >= 0.5
+        wait_for(half_done, 1800, "the class to be half done")
+        for host in scenario.leavers:
+            procs[host.name].send_signal(signal.SIGKILL)
+        for host in scenario.late:
+            start_pull(host)
+    for name, pull in pulls.items():
         out, err = pull.communicate(timeout=3600)
+        finished[name] = time.monotonic() - started
         if pull.returncode != 0:
-            raise SystemExit(f"a pull failed ({pull.returncode}): {err}")
-        finished.append(time.monotonic() - started)
-        results.append(json.loads([line for line in out.splitlines() if line.startswith("{")][-1]))
-    uploads = {h.name: lab.tx_bytes(h) - tx_before[h.name] for h in hosts}
-    statuses = [json.loads(shoal(["status", "--json"], env).stdout or "{}") for env in envs]
-    for proc in procs:
-        proc.send_signal(signal.SIGTERM)
-    for proc in procs:
-        proc.wait(timeout=30)
-    return {"last_done_s": max(r["elapsed_s"] for r in results) if results else max(finished),
-            "wall_s": max(finished), "results": results, "uploads": uploads,
-            "cpu": [s.get("cpu", {}) for s in statuses], "started_at": started_at}
+            if any(h.name == name for h in scenario.leavers):
+                continue
+            raise SystemExit(f"{name}'s pull failed ({pull.returncode}): {err}")
+        results[name] = json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
+    cpu_after = {name: json.loads(shoal(["status", "--json"], env).stdout or "{}").get("cpu", {})
+                 for name, env in envs.items() if not any(h.name == name for h in scenario.leavers)}
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs.values():
+        proc.wait(timeout=60)
+    remaining = [h for h in hosts if h not in scenario.leavers]
+    cpu = {name: {k: cpu_after[name].get(k, 0) - cpu_before[name].get(k, 0)
+                  for k in ("control_s", "data_s", "other_s", "total_s")} for name in cpu_after}
+    return {"system": "shoal" if sharing else "shoal, sharing off",
+            "last_done_s": max(finished[h.name] for h in remaining),
+            "delivered": sum(sum(r["fetched_by_source"].values()) for r in results.values()),
+            "from_lan": sum(r["fetched_by_source"].get("lan", 0) for r in results.values()),
+            "cpu": cpu, "peak_rss": max(c.get("peak_rss_bytes", 0) for c in cpu_after.values()),
+            "first_byte_s": sorted(r.get("first_byte_s") or 0 for r in results.values()),
+            "late_first_byte_s": [results[h.name].get("first_byte_s") for h in scenario.late],
+            "dirs": {h.name: root / label / h.name / "models" / MODEL / "master" for h in remaining},
+            "started_at": started_at, "finished": finished, "results": results}
+
+
+def run_libtorrent_class(lab, hosts, origin, root: Path, model: Path, args) -> dict:
+    scenario = Scenario(args, hosts)
+    torrent = root / "model.torrent"
+    subprocess.run([LT_PYTHON, LT_CLIENT, "--make-torrent", str(model), str(torrent)], check=True)
+    port = 6881
+    peers = ",".join(f"{h.ip}:{port}" for h in [origin, *hosts])
+    clients, lines = {}, {}
+
+    def start(host, seed: bool, save: Path) -> None:
+        save.mkdir(parents=True, exist_ok=True)
+        proc = lab.popen(host, [LT_PYTHON, LT_CLIENT, "--torrent", str(torrent), "--save", str(save), "--listen",
+                                host.ip, "--port", str(port), "--peers", peers, *(["--seed"] if seed else [])],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        clients[host.name] = proc
+        lines[host.name] = []
+
+        def read() -> None:
+            for line in proc.stdout:
+                lines[host.name].append((time.monotonic(), json.loads(line)))
+        threading.Thread(target=read, daemon=True).start()
+    start(origin, True, model.parent)
+    time.sleep(1.0)
+    origin_tx = lab.tx_bytes(origin)
+    started = time.monotonic()
+    for host in hosts:
+        if host not in scenario.late:
+            start(host, False, root / "lt" / host.name)
+
+    def progress(name: str) -> float:
+        seen = [p["progress"] for _, p in lines.get(name, []) if "progress" in p]
+        return seen[-1] if seen else 0.0
+    if scenario.late or scenario.leavers:
+        wait_for(lambda: statistics.median(progress(h.name) for h in hosts if h not in scenario.late) >= 0.5,
+                 1800, "libtorrent's class to be half done")
+        for host in scenario.leavers:
+            clients[host.name].send_signal(signal.SIGKILL)
+        for host in scenario.late:
+            start(host, False, root / "lt" / host.name)
+    remaining = [h for h in hosts if h not in scenario.leavers]
+
+    def done_at(name: str) -> float | None:
+        return next((t for t, p in lines[name] if "done_s" in p), None)
+    wait_for(lambda: all(done_at(h.name) is not None for h in remaining), 3600, "libtorrent's clients to finish")
+    last = max(done_at(h.name) for h in remaining) - started
+    origin_link = lab.tx_bytes(origin) - origin_tx
+    for proc in clients.values():
+        if proc.poll() is None:
+            proc.stdin.close()
+    for proc in clients.values():
+        proc.wait(timeout=60)
+    time.sleep(0.5)
+    stats = {name: next((p for _, p in reversed(lines[name]) if "cpu_s" in p), {}) for name in lines}
+    downloaders = [stats[h.name] for h in remaining]
+    return {"system": "libtorrent 2.0.8", "last_done_s": last,
+            "delivered": sum(s.get("downloaded", 0) for s in downloaders), "from_lan": None,
+            "origin_bytes": stats[origin.name].get("uploaded", 0), "origin_link_bytes": origin_link,
+            "origin_dup_chunks": None,
+            "cpu": {h.name: {"total_s": stats[h.name].get("cpu_s", 0)} for h in remaining},
+            "peak_rss": max((s.get("peak_rss_bytes", 0) for s in downloaders), default=0),
+            "dirs": {h.name: root / "lt" / h.name / model.name for h in remaining}}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--agents", type=int, default=8)
-    parser.add_argument("--size-mb", type=int, default=512)
-    parser.add_argument("--agent-mbit", type=float, default=200)
-    parser.add_argument("--origin-mbit", type=float, default=100)
-    parser.add_argument("--no-contrast", action="store_true", help="skip the run with sharing off")
+    parser.add_argument("--agents", type=int, default=24)
+    parser.add_argument("--size-mb", type=int, default=128)
+    parser.add_argument("--agent-mbit", type=float, default=100)
+    parser.add_argument("--origin-mbit", type=float, default=50)
+    parser.add_argument("--late-joiners", type=int, default=0)
+    parser.add_argument("--leave", type=int, default=0)
+    parser.add_argument("--slow-agent", type=float, default=0, metavar="MBIT")
+    parser.add_argument("--no-multicast", action="store_true", help="bootstrap list and DHT instead of mDNS")
+    parser.add_argument("--no-libtorrent", action="store_true")
+    parser.add_argument("--contrast", action="store_true", help="also a shoal run with sharing off")
+    parser.add_argument("--chunk-mb", type=float, help="the mirror's chunk size (default: shoal's choice for the size)")
+    parser.add_argument("--set", action="append", default=[], metavar="SHOAL_X=V",
+                        help="a setting for every agent, e.g. --set SHOAL_UPLOAD_SLOTS=2")
     parser.add_argument("--serve-origin", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--host", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -154,66 +298,106 @@ def main() -> int:
     reason = netns.available()
     if reason:
         raise SystemExit(f"classroom benchmark: {reason}")
+    use_lt = not args.no_libtorrent
+    if use_lt and subprocess.run([LT_PYTHON, "-c", "import libtorrent"], capture_output=True).returncode != 0:
+        raise SystemExit("libtorrent is not installed for the system Python: apt-get install python3-libtorrent "
+                         "(or pass --no-libtorrent)")
     from agent.testing.models import make_model
     out_dir = REPO / "benchmarks" / "out"
     out_dir.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    runs = []
     with tempfile.TemporaryDirectory(prefix="shoal-classroom-") as tmp, netns.Lab(tag="shcls", subnet=SUBNET) as lab:
         root = Path(tmp)
+        os.chmod(root, 0o755)
         model = make_model(root / "model", weights_bytes=args.size_mb * 1024 * 1024, shards=4, seed="classroom")
         size = sum(p.stat().st_size for p in model.rglob("*") if p.is_file())
+        truth = blake3_tree(model)
         origin = lab.add_host("origin", mbit=args.origin_mbit)
-        hosts = [lab.add_host(f"a{i}", mbit=args.agent_mbit) for i in range(args.agents)]
+        hosts = [lab.add_host(f"a{i}", mbit=args.slow_agent if (args.slow_agent and i == 0) else args.agent_mbit)
+                 for i in range(args.agents)]
         server = lab.popen(origin, [sys.executable, __file__, "--serve-origin", "--host", origin.ip,
-                                    "--model", str(model)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                    "--model", str(model), *(["--chunk-mb", str(args.chunk_mb)] if args.chunk_mb else [])],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                            env={**os.environ, "PYTHONPATH": str(REPO)})
         origin_url = json.loads(server.stdout.readline())["url"]
 
-        def origin_bytes() -> dict:
+        def origin_served() -> dict:
             server.stdin.write("bytes\n")
             server.stdin.flush()
             return json.loads(server.stdout.readline())
 
-        runs = []
-        for sharing in ([True] if args.no_contrast else [True, False]):
+        for sharing in ([True, False] if args.contrast else [True]):
             origin_tx = lab.tx_bytes(origin)
-            run = run_class(lab, hosts, origin_url, root, sharing=sharing, label="swarm" if sharing else "direct")
-            served = origin_bytes()
-            run["origin_bytes"], run["origin_dup_chunks"] = served["bytes"], served["dup_chunks"]
-            run["origin_requests"] = served["requests"]
-            run["origin_link_bytes"] = lab.tx_bytes(origin) - origin_tx
-            run["sharing"] = sharing
+            samples, stop = [], threading.Event()
+
+            def sample() -> None:  # the origin link's bytes and the machine's CPU over time
+                while not stop.is_set():
+                    with open("/proc/stat") as f:
+                        fields = [int(x) for x in f.readline().split()[1:]]
+                    samples.append((time.time(), lab.tx_bytes(origin), sum(fields), fields[3] + fields[4]))
+                    stop.wait(0.5)
+            sampler = threading.Thread(target=sample, daemon=True)
+            sampler.start()
+            run = run_shoal_class(lab, hosts, origin_url, root, args, sharing=sharing,
+                                  label="swarm" if sharing else "direct")
+            stop.set()
+            sampler.join()
+            run["origin_tx_samples"] = samples
+            served = origin_served()
+            run.update(origin_bytes=served["bytes"], origin_dup_chunks=served["dup_chunks"],
+                       origin_link_bytes=lab.tx_bytes(origin) - origin_tx, origin_requests=served["requests"])
             runs.append(run)
+        server.stdin.close()
+        server.wait(timeout=30)
+        if use_lt:
+            runs.append(run_libtorrent_class(lab, hosts, origin, root, model, args))
+        for run in runs:  # every remaining agent has the origin's bytes
+            wrong = [name for name, d in run["dirs"].items() if blake3_tree(Path(d)) != truth]
+            run["wrong"] = wrong
     assert netns.leftover_namespaces("shcls") == [], "namespaces left behind"
 
     bits = size * 8
     u_s, d_min, u_i = args.origin_mbit * 1e6, args.agent_mbit * 1e6, args.agent_mbit * 1e6
-    t_min = max(bits / u_s, bits / d_min, args.agents * bits / (u_s + args.agents * u_i))
+    if args.slow_agent:
+        d_min = min(d_min, args.slow_agent * 1e6)
+    n = args.agents - args.leave
+    t_min = max(bits / u_s, bits / d_min, n * bits / (u_s + n * u_i))
+    scenario = ", ".join(filter(None, [f"{args.late_joiners} late joiners" if args.late_joiners else "",
+                                       f"{args.leave} leave mid-pull" if args.leave else "",
+                                       f"one agent at {args.slow_agent:.0f} Mbit/s" if args.slow_agent else "",
+                                       "no multicast" if args.no_multicast else ""])) or "all start at once"
     lines = [f"Classroom: {args.agents} agents x {args.agent_mbit:.0f} Mbit/s, origin {args.origin_mbit:.0f} Mbit/s, "
-             f"model {size / 2**20:.0f} MiB (F = {size} bytes), all start at once", "",
-             "| run | last agent done (s) | T_min (s) | ratio | origin egress / F (payload) | origin link bytes / F | "
-             "origin duplicate chunks | bytes from LAN | CPU s / GiB (control + data + other) | peak agent RSS MB "
-             "| first byte (s, median) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             f"model {size / 2**20:.0f} MiB (F = {size} bytes); {scenario}", "",
+             "| system | last done (s) | T_min (s) | ratio | origin egress / F | origin link / F | "
+             "origin chunks sent twice | from LAN | CPU s / GiB delivered | peak RSS MB | all correct |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for run in runs:
-        lan = sum(r["fetched_by_source"].get("lan", 0) for r in run["results"])
-        total = sum(sum(r["fetched_by_source"].values()) for r in run["results"])
-        cpu = run["cpu"]
-        gib = total / 2**30 if total else 1
-        control, data = sum(c.get("control_s", 0) for c in cpu), sum(c.get("data_s", 0) for c in cpu)
-        other = sum(c.get("other_s", 0) for c in cpu)
-        rss = max((c.get("peak_rss_bytes", 0) for c in cpu), default=0) / 1e6
-        firsts = sorted(r.get("first_byte_s") or 0 for r in run["results"])
-        lines.append(f"| {'sharing (swarm)' if run['sharing'] else 'sharing off (all from OSS)'} | "
-                     f"{run['wall_s']:.1f} | {t_min:.1f} | {run['wall_s'] / t_min:.2f} | "
-                     f"{run['origin_bytes'] / size:.2f} | {run['origin_link_bytes'] / size:.2f} | "
-                     f"{run['origin_dup_chunks']} | {100 * lan / total if total else 0:.0f}% | "
-                     f"{(control + data + other) / gib:.1f} ({control / gib:.1f} + {data / gib:.1f} + "
-                     f"{other / gib:.1f}) | {rss:.0f} | {firsts[len(firsts) // 2] if firsts else 0:.2f} |")
-    lines += ["", "targets (sharing): ratio <= 1.3, origin egress <= 1.1 F", "",
-              "reproduce: sudo python benchmarks/classroom.py " + " ".join(sys.argv[1:])]
+        gib = run["delivered"] / 2**30 if run["delivered"] else 1
+        cpu = sum(c.get("total_s", 0) for c in run["cpu"].values()) / gib
+        split = ""
+        if "control_s" in next(iter(run["cpu"].values()), {}):
+            control = sum(c["control_s"] for c in run["cpu"].values()) / gib
+            data = sum(c["data_s"] for c in run["cpu"].values()) / gib
+            split = f" (control {control:.1f}, data {data:.1f})"
+        lan = f"{100 * run['from_lan'] / run['delivered']:.0f}%" if run.get("from_lan") is not None else "-"
+        dups = run["origin_dup_chunks"] if run["origin_dup_chunks"] is not None else "-"
+        lines.append(f"| {run['system']} | {run['last_done_s']:.1f} | {t_min:.1f} | {run['last_done_s'] / t_min:.2f} | "
+                     f"{run['origin_bytes'] / size:.2f} | {run['origin_link_bytes'] / size:.2f} | {dups} | {lan} | "
+                     f"{cpu:.1f}{split} | {run['peak_rss'] / 1e6:.0f} | "
+                     f"{'yes' if not run['wrong'] else 'NO: ' + ', '.join(run['wrong'])} |")
+    shoal_run = runs[0]
+    firsts = shoal_run["first_byte_s"]
+    lines += ["", f"shoal, time from `shoal pull` to its first verified chunk: median {statistics.median(firsts):.2f} s"
+              + (f"; late joiners (peers already hold most of it): "
+                 f"{', '.join(f'{t:.2f}' for t in shoal_run['late_first_byte_s'])} s"
+                 if shoal_run["late_first_byte_s"] else ""),
+              "", "reproduce: sudo python benchmarks/classroom.py " + " ".join(sys.argv[1:])]
     report = "\n".join(lines)
     print(report)
     (out_dir / "classroom.md").write_text(report + "\n")
+    for run in runs:
+        run["dirs"] = {k: str(v) for k, v in run["dirs"].items()}
     (out_dir / "classroom.json").write_text(json.dumps(runs, indent=2, default=str))
     return 0
 
