@@ -366,7 +366,8 @@ class Agent:
                 "swarm": None if self.swarm is None else {
                     "peer_id": self.swarm.self_id, "addrs": self.swarm.node.addrs,
                     "data": list(self.swarm.node.data.address), "tag": self.swarm.access.tag,
-                    "open": self.swarm.access.open, "mdns": self.settings.mdns, "dht": self.settings.dht},
+                    "open": self.swarm.access.open, "mdns": self.settings.mdns, "dht": self.settings.dht,
+                    "asked": {"hello": self.swarm.node.hellos_answered, **self.swarm.node.data.asked}},
                 "peers": [] if self.swarm is None else self.swarm.snapshot()}
 
     async def rpc_list(self, params, send_event):
@@ -563,7 +564,7 @@ class Agent:
 
     async def _start_swarm(self, nursery) -> None:
         from agent.swarm.membership import Swarm
-        self.swarm = Swarm(self.settings, self.store, pulling=lambda key: key in self.pulls)
+        self.swarm = Swarm(self.settings, self.store, pulls=lambda: self.pulls)
         await nursery.start(self.swarm.run)
 
 

@@ -16,6 +16,7 @@ changes kept, ``MAX_BOARDS`` boards).
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Callable
@@ -141,6 +142,7 @@ class Boards:
         self._from_store = from_store
         self._boards: OrderedDict[str, Board] = OrderedDict()
         self._lock = threading.Lock()
+        self._added = threading.Condition(self._lock)
 
     def put(self, board: Board) -> None:
         with self._lock:
@@ -148,6 +150,22 @@ class Boards:
             self._boards.move_to_end(board.manifest.id)
             while len(self._boards) > MAX_BOARDS:
                 self._boards.popitem(last=False)
+            self._added.notify_all()
+
+    def wait_for(self, manifest_id: str, timeout: float, keep_waiting: Callable[[], bool]) -> Board | None:
+        """The board for ``manifest_id``, waiting up to ``timeout`` for it to appear while
+        ``keep_waiting()`` (a pull of this agent has not planned yet: it may be this one)."""
+        deadline = time.monotonic() + timeout
+        board = self.get(manifest_id)
+        while board is None and keep_waiting():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            with self._lock:
+                if manifest_id not in self._boards:
+                    self._added.wait(min(left, 0.5))
+            board = self.get(manifest_id)
+        return board
 
     def get(self, manifest_id: str) -> Board | None:
         with self._lock:

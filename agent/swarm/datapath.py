@@ -49,8 +49,8 @@ once); the key is checked before anything is served; request size, idle time, an
 connections per address and in all.
 
 Upload slots are chunk *sends* at once, not connections: a request that finds them all
-taken is answered ``BUSY`` at once (the connection stays usable) and the peer asks another
-holder. Few slots serve a room best, as BitTorrent's unchoke slots do: each copy leaves
+taken waits in line for up to ``SLOT_WAIT``, then is answered ``BUSY`` (the connection
+stays usable) and the peer asks another holder. Few slots serve a room best, as BitTorrent's unchoke slots do: each copy leaves
 at a good share of the uplink and its receiver can pass it on sooner.
 """
 
@@ -68,7 +68,7 @@ import threading
 import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 import msgpack
 
@@ -96,7 +96,9 @@ RATE_SLICE = 256 * 1024
 TLS_BLOCK = 1024 * 1024
 MODE_OFFER, MODE_GET, MODE_SUB = "offer", "get", "sub"
 MAX_OFFER = 8 * 1024 * 1024  # agent.swarm.protocol.MAX_ANSWER
-HEARTBEAT = 2.0  # a subscriber hears at least this often (agent.swarm.view.LIVENESS is 5 times it)
+SUB_PLAN_WAIT = 3.0
+SLOT_WAIT = 0.3  # how long a chunk request waits for an upload slot before it is told BUSY
+HEARTBEAT = 3.0  # a subscriber hears at least this often (agent.swarm.view.LIVENESS is over 3 times it)
 COALESCE = 0.05  # changes this close together go in one frame
 SUB_SEND_TIMEOUT = 10.0  # a subscriber that takes no frame this long is dropped
 MAX_SUBSCRIBERS = 256
@@ -328,11 +330,15 @@ class DataServer:
 
     def __init__(self, locator: ChunkLocator, tickets: TicketBook, *, host: str = "127.0.0.1",
                  port: int = 0, slots: int = 8, idle_timeout: float = IDLE_TIMEOUT, rate: int | None = None,
-                 handshake_timeout: float = HANDSHAKE_TIMEOUT, encrypt: bool = False, boards=None, offers=None):
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT, encrypt: bool = False, boards=None, offers=None,
+                 planning: Callable[[], bool] = lambda: False,
+                 on_subscribed: Callable[[str, str], None] = lambda peer, manifest_id: None):
         from agent.ratelimit import ThreadTokenBucket
         self.locator, self.tickets = locator, tickets
         self.boards = boards  # agent.swarm.board.Boards: what subscribers are told
         self.offers = offers  # (peer, request bytes) -> answer bytes, for mode "offer"
+        self.planning = planning  # whether a pull of this agent has not planned yet
+        self.on_subscribed = on_subscribed  # (peer, manifest id): told of every subscription taken
         self._subscribers: Counter = Counter()  # by address, None: in all
         # With encryption: the TLS context, and the certificate hash offers carry.
         self._tls, self.fingerprint = make_tls() if encrypt else (None, None)
@@ -348,10 +354,14 @@ class DataServer:
         self._threads: set[threading.Thread] = set()
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
+        self._slot_free = threading.Condition(self._lock)
         self._closed = False
         self.bytes_served = 0
         self.served_to: dict[str, int] = {}  # peer id -> bytes sent to it
         self.refused = 0  # connections closed for a cap or a bad handshake
+        # What peers asked of this port (connections by mode, chunk requests answered busy):
+        # the control plane's cost as `shoal status` shows it.
+        self.asked = {MODE_OFFER: 0, MODE_SUB: 0, MODE_GET: 0, "busy": 0}
 
     @property
     def address(self) -> tuple[str, int]:
@@ -368,6 +378,7 @@ class DataServer:
             if self._closed:
                 return
             self._closed = True
+            self._slot_free.notify_all()
             conns = list(self._conns)
         try:
             self._listener.shutdown(socket.SHUT_RDWR)
@@ -472,11 +483,13 @@ class DataServer:
                     self.refused += 1
                 return
             peer, mode, manifest_id, request = granted
+            with self._lock:
+                self.asked[mode] += 1
             if mode == MODE_OFFER:
                 self._offer(conn, peer, request)
                 return
             if mode == MODE_SUB:
-                self._subscription(conn, address, manifest_id)
+                self._subscription(conn, peer, address, manifest_id)
                 return
             _reply(conn, OK, b"")
             conn.settimeout(self._idle)
@@ -503,14 +516,18 @@ class DataServer:
         conn.settimeout(SUB_SEND_TIMEOUT)
         conn.sendall(struct.pack(">I", len(answer)) + answer)
 
-    def _subscription(self, conn: socket.socket, address: str, manifest_id: str) -> None:
+    def _subscription(self, conn: socket.socket, peer: str, address: str, manifest_id: str) -> None:
         """Push this agent's board for ``manifest_id`` to a subscriber until it or we close.
-        Takes no upload slot (it moves a few bytes a second); capped on its own."""
+        Takes no upload slot (it moves a few bytes a second); capped on its own. While a
+        pull of this agent is still planning (a room that starts at once), the subscriber
+        waits up to ``SUB_PLAN_WAIT`` for the board rather than asking again and again."""
         from agent.swarm import wire
-        board = self.boards.get(manifest_id) if self.boards is not None else None
+        board = self.boards.wait_for(manifest_id, SUB_PLAN_WAIT, self.planning) if self.boards is not None else None
         if board is None:
             _reply(conn, MISSING, b"no such manifest here")
             return
+        if board.pulling or self.planning():  # pulling it too: its pull follows the subscriber
+            self.on_subscribed(peer, manifest_id)
         with self._lock:
             admitted = (self._subscribers[None] < MAX_SUBSCRIBERS
                         and self._subscribers[address] < MAX_SUBSCRIBERS_PER_ADDRESS)
@@ -571,13 +588,16 @@ class DataServer:
             if where is None:
                 _reply(conn, MISSING, b"chunk not held here")
                 continue
-            with self._lock:
-                slot = self._active < self.slots
+            with self._slot_free:  # a request that finds every slot taken waits a little, in line
+                slot = self._slot_free.wait_for(lambda: self._closed or self._active < self.slots, SLOT_WAIT)
+                slot = slot and not self._closed
                 if slot:
                     self._active += 1
             fd, offset, length = where
             try:
                 if not slot:
+                    with self._lock:
+                        self.asked["busy"] += 1
                     _reply(conn, BUSY, b"all upload slots are taken; ask another holder")
                     continue
                 with LEDGER.account("send"):
@@ -586,8 +606,9 @@ class DataServer:
             finally:
                 os.close(fd)
                 if slot:
-                    with self._lock:
+                    with self._slot_free:
                         self._active -= 1
+                        self._slot_free.notify()
             if sent != length:
                 return  # the file shrank under us: drop the connection
             with self._lock:

@@ -24,7 +24,7 @@ import logging
 import time
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import trio
 
@@ -64,7 +64,7 @@ def check_open_swarm(settings: Settings, access: SwarmAccess) -> None:
 
 
 class Swarm:
-    def __init__(self, settings: Settings, store, pulling: Callable[[str], bool]):
+    def __init__(self, settings: Settings, store, pulls: Callable[[], Iterable[str]]):
         from agent.swarm.trust import Identity
         self.settings = settings
         self.store = store
@@ -73,9 +73,12 @@ class Swarm:
         self.access = SwarmAccess(settings.swarm_secret, allow)
         check_open_swarm(settings, self.access)
         self.boards = Boards(self._board_from_store)
-        self.sessions: dict[str, PullSession] = {}  # str(ref) -> the pull following peers for it
-        self._early_interest: dict[str, set[str]] = {}  # str(ref) -> peers that asked before it planned
-        self.node = SwarmNode(store, identity.seed, access=self.access, pulling=pulling,
+        self._pulls = pulls  # str(ref) of every pull of this agent
+        self.sessions: dict[str, PullSession] = {}  # str(ref) and manifest id -> the pull following peers
+        # str(ref) or manifest id -> peers that asked about it before its pull followed anyone
+        self._early_interest: dict[str, set[str]] = {}
+        self.node = SwarmNode(store, identity.seed, access=self.access, pulling=lambda key: key in self._pulls(),
+                              planning=self.planning,
                               listen_host=settings.swarm_host, listen_port=settings.swarm_port,
                               slots=settings.upload_slots, upload_rate=settings.upload_rate,
                               mdns=settings.mdns, dht=settings.dht, encrypt=settings.encrypt_data,
@@ -130,16 +133,22 @@ class Swarm:
             self.boards.put(board)
         return board
 
-    def _interest(self, peer: str, ref: str) -> None:
-        session = self.sessions.get(ref)
+    def planning(self) -> bool:
+        """Whether a pull of this agent has not planned yet (its peers' subscriptions wait)."""
+        return any(key not in self.sessions for key in list(self._pulls()))
+
+    def _interest(self, peer: str, key: str) -> None:
+        """``peer`` asked about ``key`` (a model revision or a manifest id) that this agent
+        pulls: its pull follows the peer, now or once it plans."""
+        session = self.sessions.get(key)
         if session is not None:
             session.interest(peer)
         elif len(self._early_interest) < MAX_PEERS:
-            self._early_interest.setdefault(ref, set()).add(peer)
+            self._early_interest.setdefault(key, set()).add(peer)
 
-    def take_early_interest(self, ref: str) -> set[str]:
-        """Peers that asked about ``ref`` before its pull followed anyone."""
-        return self._early_interest.pop(ref, set())
+    def take_early_interest(self, *keys: str) -> set[str]:
+        """Peers that asked about any of ``keys`` before their pull followed anyone."""
+        return set().union(*(self._early_interest.pop(key, set()) for key in keys))
 
     def session(self, ref: ModelRef, offers: tuple[list, set[str]]) -> PullSession:
         return PullSession(self, ref, *offers)

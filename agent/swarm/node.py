@@ -92,7 +92,8 @@ class SwarmNode:
     """One agent's presence in the swarm. Owns the libp2p host, the data server, the DHT."""
 
     def __init__(self, store, seed: bytes, *, access: SwarmAccess | None = None,
-                 pulling: Callable[[str], bool] = lambda ref: False, listen_host: str = "127.0.0.1",
+                 pulling: Callable[[str], bool] = lambda ref: False, planning: Callable[[], bool] = lambda: False,
+                 listen_host: str = "127.0.0.1",
                  listen_port: int = 0, data_host: str | None = None, slots: int = 16,
                  upload_rate: int | None = None, mdns: bool = False, dht: bool = False, encrypt: bool = False,
                  boards=None, on_interest: Callable[[str, str], None] = lambda peer, manifest_id: None):
@@ -104,7 +105,8 @@ class SwarmNode:
         self.pulling = pulling
         self.tickets = TicketBook()
         self.data = DataServer(StoreLocator(store), self.tickets, host=data_host or listen_host, slots=slots,
-                               rate=upload_rate, encrypt=encrypt, boards=boards, offers=self.offer)
+                               rate=upload_rate, encrypt=encrypt, boards=boards, offers=self.offer,
+                               planning=planning, on_subscribed=self._interest)
         self._trio_token = None  # for the data port's threads to reach the event loop
         self.on_interest = on_interest  # told (peer, manifest id) when a peer asks about what we pull
         # One connection per peer: py-libp2p waits ~250 ms per connect otherwise (docs/design.md).
@@ -127,6 +129,7 @@ class SwarmNode:
         self.refused_by: set[str] = set()  # peers that told us we are outside their swarm
         self._manifests: OrderedDict[str, Manifest] = OrderedDict()
         self.preauth_refused = 0  # connections closed for the pre-handshake caps
+        self.hellos_answered = 0
 
     @property
     def peer_id(self) -> str:
@@ -400,7 +403,8 @@ class SwarmNode:
                              self.store.signature(manifest_id), have, pulling)
 
     def _interest(self, peer: str, ref: str) -> None:
-        """Tell the agent (from a data-port thread) that ``peer`` asked about ``ref``, which it pulls."""
+        """Tell the agent (from a data-port thread) that ``peer`` asked about ``ref`` (a model
+        revision, or a manifest id), which it pulls."""
         if self._trio_token is None:
             return
         try:
@@ -428,6 +432,7 @@ class SwarmNode:
 
     async def _answer(self, stream) -> None:
         peer = str(stream.muxed_conn.peer_id)
+        self.hellos_answered += 1
         refuse = False
         try:
             remote = stream.get_remote_address()

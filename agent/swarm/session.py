@@ -29,14 +29,13 @@ import trio
 from agent.errors import PeerBroken, ShoalError, SourceUnavailable
 from agent.swarm import wire
 from agent.swarm.board import Board
-from agent.swarm.datapath import (DENIED, MAGIC, MAX_OFFER, MODE_OFFER, MODE_SUB, NONCE_LEN, OK, STATUS_NAMES, Ticket,
-                                  encode_hello)
+from agent.swarm.datapath import (DENIED, MAGIC, MAX_OFFER, MISSING, MODE_OFFER, MODE_SUB, NONCE_LEN, OK, STATUS_NAMES,
+                                  Ticket, encode_hello)
 from agent.swarm.protocol import Contact
 from agent.swarm.view import LIVENESS, LanView
 
 log = logging.getLogger("shoal.swarm")
 
-PENDING_RETRY = 2.0  # a peer that pulls the same but has not planned yet: asked again (it also asks us)
 PENDING = "pending"  # what ``Swarm.ask`` returns for such a peer
 RETRY = (0.5, 1.0, 2.0, 5.0, 10.0)  # rests between attempts to follow a peer that failed
 CONNECT_TIMEOUT = 5.0
@@ -47,6 +46,18 @@ class KeyRefused(SourceUnavailable):
 
     def __init__(self, message: str):
         super().__init__(message, transient=False)
+
+
+class PeerRefused(PeerBroken):
+    """The peer's data port answered a mode's opening with a refusal (``status``)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class NotFollowed(ShoalError):
+    """The peer holds none of the manifest and does not pull it (yet)."""
 
 
 class _Reader:
@@ -100,7 +111,7 @@ async def open_keyed(contact: Contact, mode: str, scope: str = "", request: byte
         if status == DENIED:
             raise KeyRefused(f"the peer no longer takes our key: {message}")
         if status != OK:
-            raise PeerBroken(f"{mode} refused: {STATUS_NAMES.get(status, status)}: {message}")
+            raise PeerRefused(status, f"{mode} refused: {STATUS_NAMES.get(status, status)}: {message}")
     except BaseException:
         await stream.aclose()
         raise
@@ -150,16 +161,18 @@ class PullSession:
         """Follow peers into ``view`` until cancelled; ``task_status.started()`` as soon as
         the asks are under way (what peers answered before the plan is in the view).
 
-        Each connected peer is, for this pull: *asked* (an offer is on its way), *pending*
-        (it pulls the same but has not planned yet: asked again in ``PENDING_RETRY``),
-        *followed* (its stream flows), *idle* (it holds none: asked again only when it asks
-        us), or *resting* after a failure (asked again after ``RETRY``). Until every peer
-        has answered, ``view.unknown`` names those that have not, and the picker counts
-        them among the pullers for a while (``agent.swarm.picker.ROOM_WAIT``)."""
+        Each connected peer is, for this pull: *followed* (its HAVE stream flows: one
+        connection, whose first frame says what it holds; a peer still planning the same
+        pull holds the subscription until it has a board, for a few seconds at most),
+        *idle* (it holds none and does not pull it: it subscribes to us when it starts,
+        and that interest makes us follow it), or *resting* after a failure (tried again
+        after ``RETRY``). Until every peer has been heard from, ``view.unknown`` names those
+        that have not, and the picker counts them among the pullers for a while
+        (``agent.swarm.picker.ROOM_WAIT``)."""
         swarm, manifest = self.swarm, view.manifest
         board.set_pulling(True)
-        swarm.sessions[self.ref] = self
-        self._interested |= swarm.take_early_interest(self.ref)
+        swarm.sessions[self.ref] = swarm.sessions[manifest.id] = self
+        self._interested |= swarm.take_early_interest(self.ref, manifest.id)
         known = {offer.peer: offer for offer in self.offers
                  if offer.manifest.id == manifest.id and offer.peer in swarm.contacts}
         for peer, offer in known.items():
@@ -179,26 +192,31 @@ class PullSession:
             self._wake.set()
 
         async def follow_one(peer: str) -> None:
+            # One connection per peer: its HAVE stream, whose first frame says what it holds
+            # (the plan has the manifest; an offer made before the plan is used as it is).
             try:
-                answer = known.pop(peer, None) or await swarm.ask(peer, manifest_id=manifest.id, known=manifest,
-                                                                  ref=self.ref_obj)
-                if answer is PENDING:
-                    rest(peer, PENDING_RETRY)  # still unknown: the picker waits for it
-                    return
-                if answer is None:
-                    if swarm.peers.get(peer, {}).get("error"):  # it failed: rest, then ask again
+                answer = known.pop(peer, None)
+                for attempt in range(2):
+                    contact = await swarm.contact(peer, fresh=attempt > 0)
+                    if contact is None:  # it cannot or will not say hello: rest, then try again
                         failures[peer] = failures.get(peer, 0) + 1
                         rest(peer, RETRY[min(failures[peer], len(RETRY)) - 1])
+                        heard(peer)
+                        return
+                    if answer is not None:
+                        view.offered(peer, answer, contact)
                     else:
-                        idle.add(peer)  # it holds none: it tells us (by asking) when it starts pulling
-                    heard(peer)
-                    return
-                contact = swarm.contacts.get(peer)
-                if contact is None:
-                    heard(peer)
-                    return
-                view.offered(peer, answer, contact)
-                await self._subscribe(peer, contact, view, heard)
+                        view.following(peer, contact)
+                    try:
+                        await self._subscribe(peer, contact, view, heard)
+                        return
+                    except KeyRefused:
+                        continue  # our key was renewed or revoked meanwhile: hello again, once
+                    except NotFollowed:  # it holds none and does not pull it: it subscribes to us when it does
+                        view.forget(peer)
+                        idle.add(peer)
+                        heard(peer)
+                        return
             except (OSError, ShoalError, trio.TooSlowError, trio.BrokenResourceError) as e:
                 log.info("following %s: %s", peer[:16], e)
                 view.unsubscribed(peer)
@@ -237,12 +255,14 @@ class PullSession:
                         # plan are in the view already.
                         task_status.started()
                         started = True
+                    view.tick()
                     self._wake = trio.Event()
                     soonest = min((t for p, t in retry_at.items() if p in candidates), default=now + 1.0)
                     with trio.move_on_after(max(0.02, min(soonest - now, 0.05 if not started else 1.0))):
                         await self._wake.wait()
         finally:
             swarm.sessions.pop(self.ref, None)
+            swarm.sessions.pop(manifest.id, None)
             with trio.CancelScope(shield=True):
                 board.set_pulling(False)
             for peer, summary in view.summary().items():
@@ -255,11 +275,24 @@ class PullSession:
         """Read the peer's HAVE stream into ``view`` until it breaks."""
         total = view.ordinals.total
         with trio.fail_after(CONNECT_TIMEOUT):
-            stream, reader = await open_keyed(contact, MODE_SUB, view.manifest.id)
+            try:
+                stream, reader = await open_keyed(contact, MODE_SUB, view.manifest.id)
+            except PeerRefused as e:
+                if e.status == MISSING:
+                    raise NotFollowed(str(e)) from e
+                raise
         async with stream:
+            length = None
             while True:
-                with trio.fail_after(LIVENESS):
-                    length = wire.frame_length(await reader.exactly(wire.FRAME_HEADER.size))
+                with trio.move_on_after(1.0):
+                    if length is None:
+                        length = wire.frame_length(await reader.exactly(wire.FRAME_HEADER.size))
                     frame = wire.decode(await reader.exactly(length), total)
-                view.apply(peer, frame)
-                heard(peer)
+                    length = None
+                    view.apply(peer, frame)
+                    heard(peer)
+                    continue
+                # Nothing for a second: gone only once the view says so (silent past
+                # LIVENESS, with a fresh allowance after a pause of our own).
+                if not view.alive(peer):
+                    raise trio.TooSlowError(f"no HAVE frame from {peer[:16]} for {LIVENESS:.0f} s")
