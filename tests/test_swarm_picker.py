@@ -84,7 +84,7 @@ class Room:
             seq, have, origin, claims, pulling = source.board.snapshot()
             message = Message("snap", seq, frozenset(have), frozenset(origin), frozenset(claims), frozenset(), pulling)
             for member in self.members:
-                if member is source:
+                if member is source or member.stopped:  # a stopped process reads nothing either
                     continue
                 if source.name not in member.view.peers:
                     answer = SimpleNamespace(have={}, pulling=pulling)
@@ -233,3 +233,26 @@ def test_a_chunk_stuck_at_a_slow_peer_is_duplicated_from_another_peer_never_the_
     assert puller.picker.duplicates >= 1
     assert took < 30, "a 60 s upload held the pull up: the endgame did not duplicate it"
     assert fast.board.total == slow.board.total == 20
+
+
+def test_a_member_paused_itself_does_not_take_the_room_for_gone_when_it_resumes():
+    """SIGSTOP, a suspended laptop, a starved process: when it runs again, its peers' last
+    frames are older than the liveness bound, yet they are not gone: it was away, not them."""
+    room = Room(6, chunks=60, origin_s=1.0)
+    for member in room.members:
+        member.start(room.manifest)
+    for _ in range(40):
+        room.step()
+    paused = room.members[3]
+    paused.stopped = True
+    while room.clock.now - 1000.0 < 2 + 15:
+        room.step()
+    paused.stopped = False
+    # Its first look after the pause, before any peer's frame has arrived:
+    pullers, _, alone = paused.view.room(count_unknown=False)
+    assert not alone and len(pullers) == 6
+    assert paused.view.holder_counts(), "every peer looked gone after our own pause"
+    job = paused.picker.pick_now()
+    if job is not None and job.route == ORIGINS:
+        held = {o for m in room.members for o in m.board.have}
+        assert paused.board.ordinals.of(*job.key) not in held, "fetched from the origin what peers hold"

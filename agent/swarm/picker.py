@@ -41,7 +41,7 @@ STABLE_AFTER = 1.0  # pullers unchanged this long (and every peer answered): no 
 # Connected peers not heard from yet count as pulling (they own their share of the origin's
 # chunks) for at most this long from the pull's start; after it, only those that said so.
 ROOM_WAIT = 5.0
-ENDGAME_AFTER = 2.0
+ENDGAME_AFTER = 4.0  # a LAN chunk in flight this long at the end is fetched again from another holder
 WAIT = 0.25  # the longest a worker waits for news before looking again
 
 

@@ -97,6 +97,7 @@ class LanPeerSource(ChunkSource):
                 continue
             except PeerBusy:
                 busy.add(peer.peer)
+                self.view.said_busy(peer)
                 continue
             except SourceUnavailable as e:
                 problems.append(str(e))

@@ -26,7 +26,9 @@ from agent.manifest import Manifest
 from agent.swarm.wire import Message, Ordinals, PeerState
 
 LIVENESS = 10.0  # seconds without a frame after which a peer counts as gone
+RESUME_GAP = 3.0  # a gap this long between two looks at the clock is a pause of this process
 STALLED_REST = 30.0  # a peer that timed out on a chunk is not asked again for this long
+BUSY_REST = 0.5  # seconds a holder that said BUSY is not chosen for a new chunk
 PER_PEER = 2  # requests in flight to one peer from this pull (its upload slots are shared)
 
 
@@ -41,6 +43,7 @@ class PeerView:
     subscribed: bool = False  # its HAVE stream is open
     in_flight: int = 0
     stalled_until: float = 0.0
+    busy_until: float = 0.0  # it said all its upload slots were taken: new chunks go elsewhere meanwhile
     banned: str | None = None
     bytes_down: int = 0
     missing: set[int] = field(default_factory=set)  # asked, it said it lacks them
@@ -62,6 +65,8 @@ class LanView:
         self._counts_until = float("inf")
         self.unknown: frozenset[str] = frozenset()  # connected peers asked, not heard from yet
         self.created = clock()
+        self._last_look = self.created
+        self.resumed_at = float("-inf")
         self.settled_at: float | None = None  # when every connected peer had answered
 
     # ------------------------------------------------------------ updates (trio side)
@@ -69,7 +74,7 @@ class LanView:
     def offered(self, peer: str, answer, contact) -> None:
         """A peer's offer, and its contact (how to reach its data port): what it held then
         (until its stream says more)."""
-        now = self._clock()
+        now = self._now()
         with self._lock:
             view = self.peers.get(peer)
             if view is None:
@@ -80,6 +85,16 @@ class LanView:
                 view.state.pulling = answer.pulling
             self._counts = None
         self._notify()
+
+    def following(self, peer: str, contact) -> None:
+        """A peer about to be followed without an offer: what it holds comes with its stream."""
+        with self._lock:
+            view = self.peers.get(peer)
+            if view is None:
+                view = self.peers[peer] = PeerView(peer, contact.data, contact.key, contact.tls)
+            view.data, view.ticket, view.tls = contact.data, contact.key, contact.tls
+            view.heard = self._now()  # its stream's first frame is due (it holds nothing until then)
+            self._counts = None
 
     def apply(self, peer: str, message: Message) -> None:
         """A frame of the peer's HAVE stream."""
@@ -139,8 +154,29 @@ class LanView:
 
     # -------------------------------------------------------------------- queries
 
+    def _now(self) -> float:
+        """The clock, noticing when this process itself stood still (stopped, suspended,
+        starved): every peer then gets a fresh ``LIVENESS`` to be heard from, so that our
+        own pause does not make the room look gone (and the origin pay for it)."""
+        now = self._clock()
+        if now - self._last_look > RESUME_GAP:
+            self.resumed_at = now
+            self._counts = None
+        self._last_look = now
+        return now
+
+    def tick(self) -> None:
+        """Called by the session at least every second: what makes a longer gap a pause."""
+        self._now()
+
     def _alive(self, view: PeerView, now: float) -> bool:
-        return view.banned is None and now - view.heard < LIVENESS
+        return view.banned is None and view.heard > 0 and now - max(view.heard, self.resumed_at) < LIVENESS
+
+    def alive(self, peer: str) -> bool:
+        now = self._now()
+        with self._lock:
+            view = self.peers.get(peer)
+            return view is not None and self._alive(view, now)
 
     def _usable(self, view: PeerView, now: float) -> bool:
         return self._alive(view, now) and view.stalled_until <= now
@@ -148,14 +184,14 @@ class LanView:
     def holder_counts(self) -> dict[int, int]:
         """ordinal -> how many usable peers hold it (chunks nobody holds are absent).
         Read-only for the caller: rebuilt, not changed, when peers change."""
-        now = self._clock()
+        now = self._now()
         with self._lock:
             if self._counts is None or now >= self._counts_until:
                 counts: dict[int, int] = {}
                 until = float("inf")
                 for v in self.peers.values():
                     if self._alive(v, now):
-                        until = min(until, v.heard + LIVENESS)
+                        until = min(until, max(v.heard, self.resumed_at) + LIVENESS)
                     if v.stalled_until > now:
                         until = min(until, v.stalled_until)
                     if not self._usable(v, now):
@@ -171,10 +207,10 @@ class LanView:
 
     def free_holder(self, ordinal: int) -> bool:
         """Whether a usable holder of ``ordinal`` has a request slot free (``PER_PEER``)."""
-        now = self._clock()
+        now = self._now()
         with self._lock:
-            return any(self._usable(v, now) and v.in_flight < PER_PEER and ordinal in v.state.have
-                       and ordinal not in v.missing for v in self.peers.values())
+            return any(self._usable(v, now) and v.in_flight < PER_PEER and v.busy_until <= now
+                       and ordinal in v.state.have and ordinal not in v.missing for v in self.peers.values())
 
     def room(self, count_unknown: bool = True) -> tuple[tuple[str, ...], dict[int, set[str]], bool]:
         """(the agents pulling this manifest: this one, every live peer that pulls and, with
@@ -185,7 +221,7 @@ class LanView:
         Counting the peers not heard from yet as pulling is what lets a room that starts at
         once split the origin's chunks from the first second: they all start out with the
         same list of pullers, so each chunk has one owner, before anyone has answered."""
-        now = self._clock()
+        now = self._now()
         claims: dict[int, set[str]] = {}
         pullers = [self.self_id, *(self.unknown if count_unknown else ())]
         alone = not self.unknown
@@ -226,7 +262,7 @@ class LanView:
 
     def take_holder(self, ordinal: int, exclude: set[str]) -> PeerView | None:
         """The least busy usable holder of a chunk (counted in flight until ``give_back``)."""
-        now = self._clock()
+        now = self._now()
         with self._lock:
             candidates = [v for v in self.peers.values() if self._usable(v, now) and v.peer not in exclude
                           and ordinal in v.state.have and ordinal not in v.missing]
@@ -246,6 +282,13 @@ class LanView:
         with self._lock:
             view.missing.add(ordinal)
             self._counts = None
+
+    def said_busy(self, view: PeerView) -> None:
+        """It answered BUSY: the picker starts no new chunk that only it could give for
+        ``BUSY_REST`` (a busy holder is one that many ask: like BitTorrent's choke, it
+        sends its askers to other chunks and other holders)."""
+        with self._lock:
+            view.busy_until = self._clock() + BUSY_REST
 
     def stalled(self, view: PeerView) -> None:
         with self._lock:
