@@ -16,6 +16,7 @@ Events (``ChunkFetched``, ``FileDone``, ``SourceTrouble``) go to a callback for 
 
 from __future__ import annotations
 
+import mmap
 import random
 import threading
 import time
@@ -121,7 +122,7 @@ def _backoff(attempt: int) -> float:
 
 
 def _fetch_verify_write(source: ChunkSource, ref: ModelRef, task: FileTask, index: int,
-                        buffer: bytearray, deadline: float, claim: Callable[[], bool]) -> bool:
+                        buffer: mmap.mmap, deadline: float, claim: Callable[[], bool]) -> bool:
     """Runs in a worker thread: fetch into ``buffer``, verify (the chunk's one hash), write
     at the chunk's offset. False when another fetch of the same chunk (endgame) wrote it first."""
     pf = task.file
@@ -164,6 +165,13 @@ class Job:
     @property
     def key(self) -> tuple[str, int]:
         return self.task.file.rel, self.index
+
+
+def chunk_buffer(size: int) -> mmap.mmap:
+    """A worker's chunk buffer: anonymous memory, mapped at once and touched only as a chunk
+    fills it (a ``bytearray`` would zero every page up front, in the event loop's thread,
+    for every worker at a pull's start), and handed back to the system when dropped."""
+    return mmap.mmap(-1, max(size, 1))
 
 
 class Picker(Protocol):
@@ -238,12 +246,12 @@ class Scheduler:
                     if task.remaining == 0:
                         nursery.start_soon(self._finish_file, task, outcome)
                 for _ in range(min(self.settings.concurrency, len(jobs))):
-                    nursery.start_soon(self._worker, picker, bytearray(chunk_size), nursery, outcome)
+                    nursery.start_soon(self._worker, picker, chunk_buffer(chunk_size), nursery, outcome)
         except BaseExceptionGroup as group:
             raise single_error(group) from None
         return outcome
 
-    async def _worker(self, picker: Picker, buffer: bytearray, nursery, outcome: Outcome) -> None:
+    async def _worker(self, picker: Picker, buffer: mmap.mmap, nursery, outcome: Outcome) -> None:
         while (job := await picker.take()) is not None:
             task = job.task
             try:
@@ -252,7 +260,7 @@ class Scheduler:
                 picker.done(job)
             if outcome_ == ABANDONED:
                 # The thread of the cancelled fetch may still be filling the old buffer.
-                buffer = bytearray(len(buffer))
+                buffer = chunk_buffer(len(buffer))
             if outcome_ != WRITTEN:
                 continue  # the other fetch of this chunk wrote it
             task.remaining -= 1
@@ -269,7 +277,7 @@ class Scheduler:
         # it may be the only one that has this file.
         return awake + [s for s in usable if s.resting(now)]
 
-    async def _fetch_chunk(self, task: FileTask, index: int, buffer: bytearray, job: Job) -> str:
+    async def _fetch_chunk(self, task: FileTask, index: int, buffer: mmap.mmap, job: Job) -> str:
         """Fetch one chunk; WRITTEN, LOST (another fetch of it wrote it), ABANDONED (that,
         while this one's thread was still running: its buffer is not ours any more) or
         DEFERRED (its peers failed a ``PEERS`` job: the picker has it again)."""
@@ -303,7 +311,7 @@ class Scheduler:
                     self._running.pop(key, None)
         return ABANDONED
 
-    async def _fetch_chunk_from_sources(self, task: FileTask, index: int, buffer: bytearray, endgame: bool,
+    async def _fetch_chunk_from_sources(self, task: FileTask, index: int, buffer: mmap.mmap, endgame: bool,
                                         route: str) -> bool:
         path = task.file.rel
         reasons: list[str] = []
