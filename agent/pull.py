@@ -88,6 +88,9 @@ class SwarmPart:
         self.board = None  # set once the pull is recorded (it starts from what the store holds)
         self.pickers: list[Picker] = []
         self.from_origin: set[int] = set()
+        # SHOAL_TRACE=FILE (benchmarks): when each chunk arrived and from where, written at the end.
+        self.trace_to = os.environ.get("SHOAL_TRACE")
+        self.arrivals: list[tuple[float, int, str]] = []
 
     def picker(self, jobs: list[Job]) -> Picker:
         from agent.swarm.picker import SwarmPicker
@@ -101,6 +104,8 @@ class SwarmPart:
             if from_origin:
                 self.from_origin.add(ordinal)
             self.board.add_have(ordinal, from_origin)
+            if self.trace_to:
+                self.arrivals.append((time.time(), ordinal, event.source))
 
     async def run(self, fetch):
         """Follow the peers while ``fetch()`` runs; its result."""
@@ -118,6 +123,9 @@ class SwarmPart:
 
     def close(self) -> None:
         self.source.close()
+        if self.trace_to and self.arrivals:
+            with open(self.trace_to, "w") as f:
+                f.writelines(f"{t:.3f} {ordinal} {source}\n" for t, ordinal, source in self.arrivals)
 
 
 def _free_bytes(directory: Path) -> int:

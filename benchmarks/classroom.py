@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -124,6 +125,16 @@ class Scenario:
         self.fired = threading.Event()
 
 
+def profile(pid: int, seconds: float, label: str) -> subprocess.Popen:
+    """py-spy (``pip install py-spy``) on one agent for ``seconds``: collapsed stacks in
+    benchmarks/out/profile-LABEL.txt (a flame graph tool reads them; ``sort | tail`` too)."""
+    out = REPO / "benchmarks" / "out" / f"profile-{label}.txt"
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    return subprocess.Popen([spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "50",
+                             "--format", "raw", "--output", str(out), "--nonblocking", "--gil"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def run_shoal_class(lab, hosts, origin_url, root: Path, args, *, sharing: bool, label: str) -> dict:
     scenario = Scenario(args, hosts)
     procs, envs = {}, {}
@@ -136,6 +147,8 @@ def run_shoal_class(lab, hosts, origin_url, root: Path, args, *, sharing: bool, 
                  "SHOAL_SWARM_HOST": host.ip, "SHOAL_SWARM_PORT": "7100", "SHOAL_SWARM_SECRET": "classroom",
                  "SHOAL_CHUNK_TIMEOUT": "120", "SHOAL_MDNS": "0" if args.no_multicast else "1",
                  "SHOAL_DHT": "1" if args.no_multicast else "0", **dict(kv.split("=", 1) for kv in args.set)}
+        if args.trace:
+            extra["SHOAL_TRACE"] = str(REPO / "benchmarks" / "out" / f"trace-{host.name}.txt")
         if args.no_multicast and first is not None:
             extra["SHOAL_SWARM_PEERS"] = first
         env = shoal_env(cache, extra)
@@ -156,8 +169,12 @@ def run_shoal_class(lab, hosts, origin_url, root: Path, args, *, sharing: bool, 
                     return False
             return True
         wait_for(all_connected, 180, "discovery to connect every agent to every other")
-    cpu_before = {name: json.loads(shoal(["status", "--json"], env).stdout or "{}").get("cpu", {})
-                  for name, env in envs.items()}
+    watched = procs[hosts[1].name].pid
+    if args.profile:  # one agent of the room, idle with its peers connected
+        profile(watched, args.profile, "idle").wait()
+    status_before = {name: json.loads(shoal(["status", "--json"], env).stdout or "{}") for name, env in envs.items()}
+    cpu_before = {name: status.get("cpu", {}) for name, status in status_before.items()}
+    profiler = profile(watched, args.profile, "pull") if args.profile else None
     started, started_at = time.monotonic(), time.time()
     pulls, finished, results = {}, {}, {}
 
@@ -191,8 +208,16 @@ def run_shoal_class(lab, hosts, origin_url, root: Path, args, *, sharing: bool, 
                 continue
             raise SystemExit(f"{name}'s pull failed ({pull.returncode}): {err}")
         results[name] = json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
-    cpu_after = {name: json.loads(shoal(["status", "--json"], env).stdout or "{}").get("cpu", {})
-                 for name, env in envs.items() if not any(h.name == name for h in scenario.leavers)}
+    if profiler is not None:
+        profiler.wait()
+    status_after = {name: json.loads(shoal(["status", "--json"], env).stdout or "{}")
+                    for name, env in envs.items() if not any(h.name == name for h in scenario.leavers)}
+    cpu_after = {name: status.get("cpu", {}) for name, status in status_after.items()}
+    asked: dict[str, int] = {}  # what the agents asked of each other during the pulls
+    for name, status in status_after.items():
+        for kind, n in ((status.get("swarm") or {}).get("asked") or {}).items():
+            before = ((status_before[name].get("swarm") or {}).get("asked") or {}).get(kind, 0)
+            asked[kind] = asked.get(kind, 0) + n - before
     for proc in procs.values():
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -209,7 +234,23 @@ def run_shoal_class(lab, hosts, origin_url, root: Path, args, *, sharing: bool, 
             "first_byte_s": sorted(r.get("first_byte_s") or 0 for r in results.values()),
             "late_first_byte_s": [results[h.name].get("first_byte_s") for h in scenario.late],
             "dirs": {h.name: root / label / h.name / "models" / MODEL / "master" for h in remaining},
-            "started_at": started_at, "finished": finished, "results": results}
+            "started_at": started_at, "finished": finished, "results": results, "asked": asked}
+
+
+def origin_timeline(run: dict, origin_mbit: float) -> str:
+    """When the origin's link started and stopped being busy, from the pulls' start: where
+    a room loses time at its start and at its tail."""
+    start = run["started_at"]
+    first = min((r[0] for r in run.get("origin_requests") or []), default=None)
+    busy = [t1 - start for (t0, b0, *_), (t1, b1, *_) in zip(run["origin_tx_samples"], run["origin_tx_samples"][1:])
+            if t1 > t0 and (b1 - b0) * 8 / (t1 - t0) >= 0.8 * origin_mbit * 1e6]
+    text = "origin link (shoal): "
+    text += f"first chunk request {first - start:.1f} s after the pulls started; " if first else ""
+    if busy:
+        text += f"at >= 80% of its rate from {busy[0]:.1f} s to {busy[-1]:.1f} s ({len(busy)} half-second samples)"
+    else:
+        text += "never at 80% of its rate"
+    return text
 
 
 def run_libtorrent_class(lab, hosts, origin, root: Path, model: Path, args) -> dict:
@@ -285,6 +326,10 @@ def main() -> int:
     parser.add_argument("--slow-agent", type=float, default=0, metavar="MBIT")
     parser.add_argument("--no-multicast", action="store_true", help="bootstrap list and DHT instead of mDNS")
     parser.add_argument("--no-libtorrent", action="store_true")
+    parser.add_argument("--trace", action="store_true",
+                        help="every agent writes when each chunk arrived (benchmarks/out/trace-*.txt)")
+    parser.add_argument("--profile", type=float, default=0, metavar="SECONDS",
+                        help="py-spy one agent for SECONDS idle, then from the pulls' start (benchmarks/out/profile-*.txt)")
     parser.add_argument("--contrast", action="store_true", help="also a shoal run with sharing off")
     parser.add_argument("--chunk-mb", type=float, help="the mirror's chunk size (default: shoal's choice for the size)")
     parser.add_argument("--set", action="append", default=[], metavar="SHOAL_X=V",
@@ -392,6 +437,11 @@ def main() -> int:
               + (f"; late joiners (peers already hold most of it): "
                  f"{', '.join(f'{t:.2f}' for t in shoal_run['late_first_byte_s'])} s"
                  if shoal_run["late_first_byte_s"] else ""),
+              origin_timeline(shoal_run, args.origin_mbit),
+              "control plane (shoal, all agents, during the pulls): " + (", ".join(
+                  f"{n} {kind}" for kind, n in shoal_run["asked"].items()) or "-")
+              + " (hello: over libp2p; offer, sub: data-port connections; get: chunk connections; "
+              "busy: chunk requests answered busy)",
               "", "reproduce: sudo python benchmarks/classroom.py " + " ".join(sys.argv[1:])]
     report = "\n".join(lines)
     print(report)
