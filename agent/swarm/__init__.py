@@ -9,7 +9,7 @@
   first, then this agent's rendezvous share of the origin's chunks);
 - ``source``: ``LanPeerSource``, first in the scheduler's order, dropping lying peers;
 - ``datapath``: the ticketed TCP data connection chunk bytes travel on (not libp2p
-  streams, which DESIGN.md measured at ~60 MB/s), with its server and client;
+  streams, which docs/design.md measured at ~60 MB/s), with its server and client;
 - ``trust``: the agent's Ed25519 identity, signed manifests (``shoal publish``) and the
   policy a peer's manifest must meet (a trusted publisher's signature, or a pinned id).
 """
