@@ -30,12 +30,12 @@ def run_demo(*, size_mb: int = 256, workdir: Path | None = None, keep: bool = Fa
         print(f"shoal demo needs the local servers' packages ({e.name}): "
               "pip install 'shoal[servers]' (bootstrap/demo does this)", file=sys.stderr)
         return 2
-    from agent.cli import PullReporter
     from agent.config import load_settings
     from agent.manifest import ModelRef
     from agent.mirror import manifest_from_dir, push_directory
     from agent.progress import human_bytes
     from agent.pull import event_to_wire, pull, result_to_wire
+    from agent.reporter import PullReporter
     from agent.testing.faults import Fault
     from agent.testing.models import make_model
 

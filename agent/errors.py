@@ -194,6 +194,25 @@ class PeerTimedOut(SourceUnavailable):
     """The peer did not deliver before the deadline (a stalled or overloaded peer)."""
 
 
+class KeyRefused(SourceUnavailable):
+    """The peer's data port no longer takes our key (renewed or revoked): say hello again."""
+
+    def __init__(self, message: str):
+        super().__init__(message, transient=False)
+
+
+class PeerRefused(PeerBroken):
+    """The peer's data port answered a mode's opening with a refusal (``status``)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class NotFollowed(ShoalError):
+    """The peer holds none of the manifest and does not pull it (yet)."""
+
+
 class NotInSwarm(CredentialsRejected):
     """A peer refused us (or we refused it): not a member of the same swarm."""
 
@@ -210,6 +229,13 @@ class AgentRunning(StoreLocked):
     """Another agent already serves this cache."""
 
     title = "Agent already running"
+
+
+class AgentNeeded(ShoalError):
+    """A command only the running agent can serve (status, peers, run-time config), and
+    none runs for this cache."""
+
+    title = "No agent"
 
 
 class Cancelled(ShoalError):

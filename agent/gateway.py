@@ -37,7 +37,7 @@ from agent.errors import NotFound, ShoalError, SourceUnavailable, UnsafePath, Us
 from agent.httprange import parse_range
 from agent.manifest import ModelRef, check_relpath
 from agent.metrics import CONTENT_TYPE as METRICS_TYPE
-from agent.store import open_model_file
+from agent.storefiles import open_model_file
 
 log = logging.getLogger("shoal.gateway")
 
@@ -77,20 +77,24 @@ def _error(status: int, message: str, code: int | None = None) -> _Response:
                           "RequestId": "shoal-gateway"})
 
 
-async def serve_gateway(agent, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Serve until cancelled; ``task_status.started(port)`` once listening."""
+async def serve_gateway(gateway: "Gateway", port: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Serve ``gateway`` on 127.0.0.1:``port`` (0: any) until cancelled;
+    ``task_status.started(port)`` once listening."""
     listeners = await trio.open_tcp_listeners(port, host="127.0.0.1")
-    bound = listeners[0].socket.getsockname()[1]
-    gateway = Gateway(agent, bound)
+    bound = gateway.port = listeners[0].socket.getsockname()[1]
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, gateway.handle, listeners)
         task_status.started(bound)
 
 
 class Gateway:
-    def __init__(self, agent, port: int):
-        self.agent = agent
-        self.port = port
+    """The gateway's state; it sees the settings, the store, the sources (to resolve a
+    listing it lacks), the pulls (to start or join one) and the metrics' renderer."""
+
+    def __init__(self, settings, store, sources, pulls, render_metrics):
+        self.settings, self.store, self.sources, self.pulls = settings, store, sources, pulls
+        self.render_metrics = render_metrics
+        self.port = 0  # set once listening
         self._plans: dict[str, tuple[float, list[dict]]] = {}
         self._manifests: OrderedDict[str, set[str]] = OrderedDict()  # manifest id -> its paths
         self._open = 0
@@ -104,7 +108,7 @@ class Gateway:
                 uid = await trio.to_thread.run_sync(tcp_peer_uid, stream.socket)
             except OSError:
                 uid = None
-            group = self.agent.settings.control_group
+            group = self.settings.control_group
             if uid is None or not uid_allowed(uid, group):
                 log.warning("gateway: refused a connection from %s", f"uid {uid}" if uid is not None else "an unknown uid")
                 await self._refuse(stream, 403, "Forbidden", refusal(uid, group))
@@ -205,7 +209,7 @@ class Gateway:
 
     async def _send_file(self, conn, stream, response: _Response) -> None:
         fd, start, end = response.stream
-        store = self.agent.store
+        store = self.store
         in_use = await trio.to_thread.run_sync(store.use, response.ref)  # no eviction mid-send
         try:
             pos = start
@@ -243,7 +247,7 @@ class Gateway:
         if request.method not in (b"GET", b"HEAD"):
             return _error(405, "the shoal gateway is read-only")
         if parts == ["metrics"]:
-            body = await trio.to_thread.run_sync(self.agent.metrics.render)
+            body = await trio.to_thread.run_sync(self.render_metrics)
             return _Response(200, [("Content-Type", METRICS_TYPE)], body)
         if parts == ["api", "v1", "repos", "internalAccelerationInfo"]:
             return _error(404, "no intra-cloud acceleration behind the shoal gateway")
@@ -261,7 +265,7 @@ class Gateway:
                     "Id": ref.model_id, "ModelId": ref.model_id, "Name": parts[4], "Path": parts[3],
                     "Revision": ref.revision}})
             if rest == ["revisions"]:
-                revisions = sorted({m.revision for m in await trio.to_thread.run_sync(self.agent.store.models)
+                revisions = sorted({m.revision for m in await trio.to_thread.run_sync(self.store.models)
                                     if m.model_id == ref.model_id} | {"master"})
                 return _json(200, {"Code": 200, "Success": True, "Data": {"RevisionMap": {
                     "Branches": [{"Revision": r} for r in revisions], "Tags": []}}})
@@ -277,14 +281,14 @@ class Gateway:
     async def listing(self, ref: ModelRef) -> list[dict]:
         info = await self._complete(ref)
         if info is not None:
-            manifest = await trio.to_thread.run_sync(self.agent.store.manifest, info.manifest_id)
+            manifest = await trio.to_thread.run_sync(self.store.manifest, info.manifest_id)
             files = [(f.path, f.size, f.sha256) for f in manifest.files]
         else:
             cached = self._plans.get(str(ref))
             if cached and time.monotonic() - cached[0] < PLAN_TTL:
                 return cached[1]
             from agent.plan import resolve
-            plan = await resolve(ref, self.agent.sources, lambda event: None, self.agent.settings.chunk_size)
+            plan = await resolve(ref, self.sources, lambda event: None, self.settings.chunk_size)
             files = [(f.path, f.size, f.sha256) for f in plan.files]
         entries = [{"Name": p.rsplit("/", 1)[-1], "Path": p, "Type": "blob", "Size": s, "Sha256": h.hex(),
                     "Revision": ref.revision} for p, s, h in files]
@@ -296,7 +300,7 @@ class Gateway:
 
     async def _complete(self, ref: ModelRef):
         try:
-            info = await trio.to_thread.run_sync(self.agent.store.find, ref)
+            info = await trio.to_thread.run_sync(self.store.find, ref)
         except NotFound:
             return None
         return info if info.state == "complete" else None
@@ -304,7 +308,7 @@ class Gateway:
     async def _paths(self, manifest_id: str) -> set[str]:
         paths = self._manifests.get(manifest_id)
         if paths is None:
-            manifest = await trio.to_thread.run_sync(self.agent.store.manifest, manifest_id)
+            manifest = await trio.to_thread.run_sync(self.store.manifest, manifest_id)
             paths = self._manifests[manifest_id] = {f.path for f in manifest.files}
             while len(self._manifests) > MANIFEST_CACHE:
                 self._manifests.popitem(last=False)
@@ -313,7 +317,7 @@ class Gateway:
     async def _await_pull(self, ref: ModelRef, uid: int, conn, stream) -> None:
         """Start or join the pull of ``ref`` for this client and wait for it; if the client
         hangs up meanwhile, let go of the pull (it stops when nobody else holds it)."""
-        active = self.agent.start_pull(ref, None)
+        active = self.pulls.start(ref, None)
         log.info("gateway: uid %d %s the pull of %s", uid, "joined" if active.holders else "started", ref)
 
         async def ignore(event):
@@ -342,7 +346,7 @@ class Gateway:
                         conn.receive_data(data)  # a pipelined next request: h11 keeps it for later
                 if stream is not None:
                     nursery.start_soon(watch)
-                await self.agent.follow(active, ignore)
+                await self.pulls.follow(active, ignore)
                 nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             raise single_error(group) from None
@@ -372,7 +376,7 @@ class Gateway:
         if path not in await self._paths(info.manifest_id):
             raise NotFound(f"{path} is not a file of {ref}")
         try:
-            fd = await trio.to_thread.run_sync(lambda: open_model_file(self.agent.store, info, path))
+            fd = await trio.to_thread.run_sync(lambda: open_model_file(self.store, info, path))
         except FileNotFoundError:
             raise NotFound(f"{path} of {ref} is missing from the cache; `shoal verify {ref}` repairs it") from None
         except UnsafePath as e:
@@ -386,7 +390,7 @@ class Gateway:
             except ValueError:
                 os.close(fd)
                 return _Response(416, [("Content-Range", f"bytes */{size}")])
-            await trio.to_thread.run_sync(self.agent.store.touch, ref)
+            await trio.to_thread.run_sync(self.store.touch, ref)
         except BaseException:
             os.close(fd)
             raise

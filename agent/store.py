@@ -33,12 +33,12 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote
 
-from agent.errors import DiskFull, NotFound, QuotaExceeded, StoreLocked, UnsafePath, disk_error as _disk_error
+from agent.errors import DiskFull, NotFound, StoreLocked, UnsafePath, disk_error as _disk_error
 from agent.manifest import MAX_MANIFEST_BYTES, PARTIAL_SUFFIX, Manifest, ModelRef, chunk_count, decode
 from agent.partial import PartialFile
 from agent.safefs import SafeDir, overlaps
+from agent.storefiles import delete_files, hold_in_use, lock_name, model_dir, remove_empty_folders
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS models (
@@ -378,50 +378,16 @@ class Store:
         return int(self._exec("SELECT COALESCE(SUM(total_size), 0) FROM models")[0][0])
 
     def make_room(self, ref: ModelRef, need: int, quota: int | None, high: float, low: float) -> list[ModelInfo]:
-        """Evict least recently used, unpinned, unused models so ``need`` more bytes fit.
-
-        Eviction starts when usage would pass ``high`` x quota and goes down to ``low`` x
-        quota. Raises ``QuotaExceeded`` (before anything is fetched) when even evicting
-        every candidate would not make ``need`` fit within the quota.
-        """
-        if not quota:
-            return []
-        usage = self.usage() - self._size_of(ref)
-        if usage + need <= high * quota:
-            return []
-        candidates = [m for m in sorted(self.models(), key=lambda m: m.last_used)
-                      if not m.pinned and str(m.ref) != str(ref) and not self.in_use(m.ref)]
-        freeable = sum(m.total_size for m in candidates)
-        if usage - freeable + need > quota:
-            raise QuotaExceeded(
-                f"{ref} needs {need} bytes; the cache quota is {quota} and {usage} are in use, of which "
-                f"only {freeable} could be evicted (the rest is pinned or in use). Raise SHOAL_QUOTA, "
-                "unpin a model (`shoal unpin`) or remove one (`shoal rm`)")
-        evicted = []
-        for model in candidates:
-            if usage + need <= low * quota:
-                break
-            self.remove(model.ref)
-            usage -= model.total_size
-            evicted.append(model)
-        return evicted
+        """Evict so ``need`` more bytes fit (``agent.eviction.make_room``)."""
+        from agent.eviction import make_room
+        return make_room(self, ref, need, quota, high, low)
 
     def gc(self, quota: int | None, low: float) -> list[ModelInfo]:
-        """Evict LRU unpinned, unused models until usage is at most ``low`` x quota."""
-        if not quota:
-            return []
-        usage, evicted = self.usage(), []
-        for model in sorted(self.models(), key=lambda m: m.last_used):
-            if usage <= low * quota:
-                break
-            if model.pinned or self.in_use(model.ref):
-                continue
-            self.remove(model.ref)
-            usage -= model.total_size
-            evicted.append(model)
-        return evicted
+        """Evict down to the low watermark (``agent.eviction.gc``)."""
+        from agent.eviction import gc
+        return gc(self, quota, low)
 
-    def _size_of(self, ref: ModelRef) -> int:
+    def size_of(self, ref: ModelRef) -> int:
         rows = self._exec("SELECT total_size FROM models WHERE key=?", (str(ref),))
         return int(rows[0][0]) if rows else 0
 
@@ -537,37 +503,11 @@ class Store:
             model = None
         if model is not None:
             with model:
-                subdirs: set[str] = set()
-                for path in paths:
-                    head, _, name = path.rpartition("/")
-                    try:
-                        with model.parent_of(path)[0] as parent:
-                            parent.unlink(name, missing_ok=True)
-                            parent.unlink(name + PARTIAL_SUFFIX, missing_ok=True)
-                    except FileNotFoundError:
-                        continue
-                    while head:
-                        subdirs.add(head)
-                        head = head.rpartition("/")[0]
-                # Deepest first: a folder holding anything shoal did not put there stays.
-                for sub in sorted(subdirs, key=lambda d: d.count("/"), reverse=True):
-                    parent_rel, _, name = sub.rpartition("/")
-                    with (model.subdir(parent_rel) if parent_rel else model.subdir("")) as parent:
-                        parent.rmdir_if_empty(name)
+                delete_files(model, paths)
         for table, col in (("chunks", "model_key"), ("files", "model_key"), ("models", "key")):
             self._exec(f"DELETE FROM {table} WHERE {col}=?", (key,))
         # Then the model's own folder and, in the cache, the owner/name/ folders above it.
-        models = self.root / "models"
-        chain = [info.dir] + [p for p in info.dir.parents if models in p.parents]
-        for folder in chain:
-            if folder != info.dir and models not in folder.parents:
-                break
-            try:
-                with self.open_dir(folder.parent) as parent:
-                    if not parent.rmdir_if_empty(folder.name):
-                        break
-            except (FileNotFoundError, UnsafePath):
-                break
+        remove_empty_folders(self.open_dir, info.dir, self.root / "models")
         return info
 
     # ------------------------------------------------------- used by PartialFile
@@ -585,26 +525,6 @@ class Store:
         self._exec("UPDATE files SET complete=1 WHERE model_key=? AND path=?", (key, path))
 
 
-def model_dir(root: Path, ref: ModelRef) -> Path:
-    """Where ``ref`` lands in a cache at ``root`` unless a pull says ``--to``."""
-    return Path(root) / "models" / ref.model_id / ref.revision
-
-
-def lock_name(ref: ModelRef) -> str:
-    """The lock file of ``ref`` in ``locks/``: exclusive while pulled, shared while in use
-    (``Store.use``). Percent-encoding is injective: ``a--b/c`` and ``a/b--c`` differ."""
-    return quote(str(ref), safe="") + ".lock"
-
-
-def hold_in_use(root: Path, ref: ModelRef) -> int:
-    """Take the shared "in use" lock of ``ref`` without opening the index (for job processes);
-    returns the fd, held until closed or the process ends."""
-    with SafeDir.open(Path(root) / "locks", create=True) as locks:
-        fd = locks.open_file(lock_name(ref), os.O_RDWR | os.O_CREAT, 0o600, writing=False)
-    fcntl.flock(fd, fcntl.LOCK_SH)
-    return fd
-
-
 def _complete_on_disk(model_dir: SafeDir, path: str, size: int) -> bool:
     try:
         parent, name = model_dir.parent_of(path)
@@ -618,16 +538,3 @@ def _check_id(manifest_id: str) -> str:
     if not (len(manifest_id) == 64 and all(c in "0123456789abcdef" for c in manifest_id)):
         raise NotFound(f"{manifest_id!r} is not a manifest id")
     return manifest_id
-
-
-def open_model_file(store: "Store", info: "ModelInfo", path: str, *, partial_ok: bool = False) -> int:
-    """A read-only fd of a model's file (or, if ``partial_ok`` and it is not finished, its
-    ``.partial``), opened without following links and only if it is the store's own."""
-    with store.open_dir(info.dir) as model, model.parent_of(path)[0] as parent:
-        name = path.rpartition("/")[2]
-        try:
-            return parent.open_file(name, os.O_RDONLY)
-        except FileNotFoundError:
-            if not partial_ok:
-                raise
-            return parent.open_file(name + PARTIAL_SUFFIX, os.O_RDONLY)

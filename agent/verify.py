@@ -16,7 +16,8 @@ from agent.errors import NotFound, UnsafePath
 from agent.manifest import ModelRef, chunk_span
 from agent.progress import human_bytes
 from agent.hashing import HASH_BLOCK, blake3_hash
-from agent.store import Store, open_model_file
+from agent.store import Store
+from agent.storefiles import open_model_file
 
 
 @dataclass

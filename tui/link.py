@@ -1,4 +1,4 @@
-"""The UI's only way to the agent: the control API client, run off the UI thread.
+"""The UI's only way to the agent: an ``agent.client.AgentBackend``, run off the UI thread.
 
 ``AgentLink.connect`` finds the agent of the configured cache, or starts an embedded one
 (``shoal agent`` as a child process, stopped when the UI exits). Every call is blocking
@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from agent.client import AgentBackend
 from agent.config import Settings
 from agent.errors import ShoalError
 from agent.rpc import ControlClient
@@ -26,13 +27,14 @@ class AgentLink:
         """``env``: the environment the settings came from, for an embedded agent (default: ours)."""
         self.settings = settings
         self.env = dict(os.environ if env is None else env)
-        self.client = ControlClient(str(settings.socket_path), timeout=30)
+        # Always the agent's backend: the UI starts an embedded agent rather than work in-process.
+        self.backend = AgentBackend(settings, ControlClient(str(settings.socket_path), timeout=30))
         self.embedded: subprocess.Popen | None = None
 
     def connect(self) -> str:
         """'running' if an agent was there, 'embedded' if we started one. Blocking."""
         try:
-            self.client.call("status")
+            self.backend.call("status")
             return "running"
         except (FileNotFoundError, ConnectionRefusedError):
             pass
@@ -48,14 +50,14 @@ class AgentLink:
                 raise ShoalError(f"the embedded agent exited ({self.embedded.returncode}); "
                                  f"see {self.settings.cache_dir}/tui-agent.log")
             try:
-                self.client.call("status")
+                self.backend.call("status")
                 return "embedded"
             except (FileNotFoundError, ConnectionRefusedError):
                 time.sleep(0.1)
         raise ShoalError("the embedded agent did not start in 30 s")
 
     def call(self, method: str, params: dict | None = None, on_event=None, timeout: float | None = None):
-        return self.client.call(method, params, on_event=on_event, timeout=timeout)
+        return self.backend.call(method, params, on_event=on_event, timeout=timeout)
 
     def close(self) -> None:
         if self.embedded is not None and self.embedded.poll() is None:

@@ -273,3 +273,11 @@ def _signal_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
     except ProcessLookupError:
         pass
+
+
+def is_job_id(cache_dir, target: str) -> bool:
+    """Whether ``target`` names a job of this cache (``shoal cancel`` takes a job or a model)."""
+    try:
+        return (JobStore(cache_dir).dir(target) / "job.json").exists()
+    except NotFound:
+        return False

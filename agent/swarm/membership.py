@@ -34,7 +34,8 @@ from agent.manifest import Manifest, ModelRef
 from agent.swarm.board import Board, Boards
 from agent.swarm.node import ASK_TIMEOUT, SwarmNode
 from agent.swarm.protocol import Contact, PeerPending, SwarmAccess, encode_request, parse_answer
-from agent.swarm.session import PENDING, KeyRefused, PullSession, offer_over
+from agent.errors import KeyRefused
+from agent.swarm.session import PENDING, PullSession, offer_over
 from agent.swarm.wire import Ordinals
 
 log = logging.getLogger("shoal.swarm")
@@ -349,3 +350,29 @@ class Swarm:
         served = dict(self.node.data.served_to)
         return [{"id": p, **{k: v for k, v in i.items() if k not in ("seen", "fails")},
                  "bytes_up": served.get(p, 0)} for p, i in self.peers.items()]
+
+    def describe(self) -> dict:
+        """This swarm member as ``shoal status`` shows it."""
+        return {"peer_id": self.self_id, "addrs": self.node.addrs, "data": list(self.node.data.address),
+                "tag": self.access.tag, "open": self.access.open, "mdns": self.settings.mdns,
+                "dht": self.settings.dht, "asked": {"hello": self.node.hellos_answered, **self.node.data.asked}}
+
+    def connected_count(self) -> int:
+        return sum(1 for info in self.peers.values() if info["connected"])
+
+    def holders(self, ref: ModelRef, manifest_id: str | None) -> list[dict]:
+        """Peers known to hold some of ``ref`` (as of their last offer): id, address, chunks."""
+        found = []
+        for peer, info in list(self.peers.items()):
+            for key, held in info["holds"].items():
+                if held["chunks"] and (key == str(ref) or (manifest_id and held["manifest_id"] == manifest_id)):
+                    found.append({"id": peer, "addr": info["addr"], "chunks": held["chunks"], "of": held["of"],
+                                  "connected": info["connected"]})
+                    break
+        return found
+
+    def set_upload_rate(self, rate: int | None) -> None:
+        self.node.data.rate.set_rate(rate)
+
+    def set_upload_slots(self, slots: int) -> None:
+        self.node.data.slots = slots

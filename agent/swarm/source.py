@@ -21,7 +21,8 @@ from agent.errors import NotFound, SourceUnavailable
 from agent.manifest import ModelRef
 from agent.errors import ChunkNotHeld, PeerBusy, PeerTimedOut
 from agent.sources import ChunkRequest, ChunkSource
-from agent.swarm.datapath import DataClient, Ticket
+from agent.swarm.dataclient import DataClient
+from agent.swarm.datawire import Ticket
 from agent.swarm.view import LanView, PeerView
 
 LAN_TIMEOUT = 5.0

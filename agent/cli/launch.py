@@ -1,49 +1,38 @@
-"""The launch commands of ``shoal``: doctor, run, serve, train, jobs, logs (and job cancel)."""
+"""Launch commands: doctor, run, serve, train, jobs, logs (``shoal cancel JOB`` is in ``cache``)."""
 
 from __future__ import annotations
 
 import json
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from agent.errors import NotFound, ShoalError
-from agent.launcher.jobs import Job, JobStore
-from agent.launcher.launch import choose_engine
+from agent.cli.common import backend_of, settings_of, table
+from agent.errors import ShoalError
 from agent.manifest import ModelRef
+
+if TYPE_CHECKING:
+    from agent.launcher.jobs import Job, JobStore
+
+# The launcher's modules are imported by the commands that use them: `shoal pull` and the
+# other cache commands start without them (a classroom starts thirty at once).
 
 SERVE_START_TIMEOUT = 300.0
 POLL = 0.2
 
 
-def ensure_model(settings, ref: ModelRef, *, quiet: bool = False) -> Path:
-    """The directory of ``ref`` in the cache, pulling it first if it is missing or incomplete."""
-    from agent.cli import PullReporter, agent_client, run_until_signal
-    from agent.store import Store
-    store = Store(settings.cache_dir)
-    try:
-        try:
-            info = store.find(ref)
-            if info.state == "complete" and info.dir.is_dir():
-                store.touch(ref)
-                return info.dir
-        except NotFound:
-            pass
-    finally:
-        store.close()
-    print(f"{ref} is not in the cache yet: pulling it first", file=sys.stderr)
+def ensure_model(args, ref: ModelRef) -> Path:
+    """The folder of ``ref`` in the cache, pulled first (with a progress line) if missing."""
+    from agent.client import ensure_model as ensure
+    from agent.reporter import PullReporter
     reporter = PullReporter(ref, json_mode=False)
-    client = agent_client(settings)
-    if client is not None:
-        result = client.call("pull", {"model": str(ref)}, on_event=reporter.event, timeout=600)
-    else:
-        from agent.pull import event_to_wire, pull, result_to_wire
-        result = result_to_wire(run_until_signal(
-            lambda: pull(ref, settings, emit=lambda e: reporter.event(event_to_wire(e)))))
-    reporter.finish(result)
-    return Path(result["directory"])
+    directory, result = ensure(backend_of(args), ref, on_event=reporter.event,
+                               on_pull=lambda: print(f"{ref} is not in the cache yet: pulling it first",
+                                                     file=sys.stderr))
+    if result is not None:
+        reporter.finish(result)
+    return directory
 
 
 def _report():
@@ -105,20 +94,21 @@ def _failed(jobs: JobStore, job: Job) -> ShoalError:
 
 
 def _common(args):
-    from agent.cli import _settings
     from agent.launcher.launch import check_device
-    settings = _settings(args)
+    settings = settings_of(args)
     report = _report()
     return settings, report, check_device(args.device, report)
 
 
 def cmd_run(args) -> int:
+    from agent.launcher.jobs import JobStore
+    from agent.launcher.launch import choose_engine
     from agent.launcher.launch import chat_argv, resolve_adapter
     settings, report, device = _common(args)
     engine = choose_engine("run", report, args.engine)
     ref = ModelRef.parse(args.model)
     adapter = resolve_adapter(settings, ref, args.adapter) if args.adapter else None
-    model_dir = ensure_model(settings, ref)
+    model_dir = ensure_model(args, ref)
     argv = chat_argv(model_dir, adapter_dir=adapter, prompt=args.prompt, engine=engine, device=device,
                      max_new_tokens=args.max_new_tokens, model_type=args.model_type, template=args.template)
     jobs = JobStore(settings.cache_dir)
@@ -139,12 +129,16 @@ def cmd_run(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    import urllib.error
+    import urllib.request
+    from agent.launcher.jobs import JobStore
+    from agent.launcher.launch import choose_engine
     from agent.launcher.launch import resolve_adapter, serve_argv
     settings, report, device = _common(args)
     engine = choose_engine("serve", report, args.engine)
     ref = ModelRef.parse(args.model)
     adapter = (args.adapter, resolve_adapter(settings, ref, args.adapter)) if args.adapter else None
-    model_dir = ensure_model(settings, ref)
+    model_dir = ensure_model(args, ref)
     argv = serve_argv(model_dir, host=args.host, port=args.port, engine=engine, adapter=adapter,
                       model_type=args.model_type, template=args.template, served_name=ref.model_id)
     jobs = JobStore(settings.cache_dir)
@@ -181,6 +175,8 @@ def cmd_serve(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from agent.launcher.jobs import JobStore
+    from agent.launcher.launch import choose_engine
     from agent.launcher.launch import (TRAIN_KEYS, adapter_ref, check_adapter_free, load_train_file,
                                        read_progress, start_training, train_spec)
     settings, report, device = _common(args)
@@ -191,7 +187,7 @@ def cmd_train(args) -> int:
     spec = train_spec(values)
     target = adapter_ref(ref, spec.name)
     check_adapter_free(settings.cache_dir, ref, spec.name)
-    model_dir = ensure_model(settings, ref)
+    model_dir = ensure_model(args, ref)
     jobs = JobStore(settings.cache_dir)
     job = start_training(jobs, settings.cache_dir, ref, spec, model_dir, engine=engine, device=device,
                          model_type=args.model_type, template=args.template)
@@ -223,8 +219,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_jobs(args) -> int:
-    from agent.cli import _settings, _table
-    jobs = JobStore(_settings(args).cache_dir).list()
+    from agent.launcher.jobs import JobStore
+    jobs = JobStore(settings_of(args).cache_dir).list()
     if args.json:
         from dataclasses import asdict
         print(json.dumps([asdict(j) for j in jobs], indent=2))
@@ -237,13 +233,13 @@ def cmd_jobs(args) -> int:
         extra = j.detail.get("url") or (f"adapter {j.detail['adapter']}" if j.detail.get("adapter") else "")
         rows.append((j.id, j.kind, j.model, j.state, time.strftime("%m-%d %H:%M:%S", time.localtime(j.created)),
                      "" if j.exit_code is None else str(j.exit_code), extra))
-    _table(rows)
+    table(rows)
     return 0
 
 
 def cmd_logs(args) -> int:
-    from agent.cli import _settings
-    jobs = JobStore(_settings(args).cache_dir)
+    from agent.launcher.jobs import JobStore
+    jobs = JobStore(settings_of(args).cache_dir)
     job = jobs.get(args.job)
     path = jobs.log_path(job.id)
     with open(path, "rb") as f:
@@ -258,18 +254,7 @@ def cmd_logs(args) -> int:
             time.sleep(POLL)
 
 
-def is_job_id(settings, target: str) -> bool:
-    try:
-        return (JobStore(settings.cache_dir).dir(target) / "job.json").exists()
-    except NotFound:
-        return False
-
-
-def cancel_job(settings, job_id: str) -> Job:
-    return JobStore(settings.cache_dir).cancel(job_id)
-
-
-def add_parsers(sub) -> None:
+def register(sub) -> None:
     p = sub.add_parser("doctor", help="what device and backends this machine has, and what each command uses")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_doctor)

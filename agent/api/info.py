@@ -1,0 +1,91 @@
+"""Control API methods about the agent itself: ping, status, config_show, config_set, sources, peers."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import trio
+
+from agent import __version__
+from agent.api.table import Call, NoParams, method
+from agent.config import describe, parse_size
+from agent.cpu import snapshot as cpu_snapshot
+from agent.errors import UsageError
+
+LIVE_SETTINGS = ("download_rate", "upload_rate", "upload_slots")  # what config_set changes at run time
+
+
+@method("ping", NoParams, "Whether the agent answers: its version and pid (what clients ask first).", quiet=True)
+async def ping(agent, p: NoParams, call: Call):
+    return {"version": __version__, "pid": os.getpid()}
+
+
+@method("status", NoParams, "What the agent is doing: version, cache use, limits, pulls, swarm, peers, CPU.",
+        quiet=True)
+async def status(agent, p: NoParams, call: Call):
+    usage = await trio.to_thread.run_sync(agent.store.usage)
+    swarm = agent.swarm
+    return {"pid": os.getpid(), "version": __version__, "uptime_s": round(time.time() - agent.started, 1),
+            "cache_dir": str(agent.settings.cache_dir), "socket": str(agent.settings.socket_path),
+            "gateway": agent.gateway_url, "usage_bytes": usage, "quota_bytes": agent.settings.quota,
+            "download_rate": agent.download.rate, "upload_rate": agent.upload.rate,
+            "upload_slots": agent.upload_slots.total_tokens, "cpu": cpu_snapshot(),
+            "pulls": agent.pulls.snapshot(),
+            "sources": [s.label for s in agent.sources],
+            "swarm": None if swarm is None else swarm.describe(),
+            "peers": [] if swarm is None else swarm.snapshot()}
+
+
+def _config_rows(agent) -> list[list[str]]:
+    live = {"download_rate": agent.download.rate, "upload_rate": agent.upload.rate,
+            "upload_slots": agent.upload_slots.total_tokens}
+    return [[name, str(live[name]) if name in live and live[name] is not None else
+             ("" if name in live else value), env, key] for name, value, env, key in describe(agent.settings)]
+
+
+@method("config_show", NoParams, "Every setting: name, value (secrets masked), environment variable, TOML key.")
+async def config_show(agent, p: NoParams, call: Call):
+    return _config_rows(agent)
+
+
+@dataclass(frozen=True)
+class ConfigSetParams:
+    key: str  # one of LIVE_SETTINGS
+    value: str | int  # bytes per second ("50MB", 0 for unlimited), or a slot count
+
+
+@method("config_set", ConfigSetParams,
+        "Change `download_rate`, `upload_rate` or `upload_slots` until the agent restarts; the new settings.")
+async def config_set(agent, p: ConfigSetParams, call: Call):
+    if p.key not in LIVE_SETTINGS:
+        raise UsageError(f"{p.key!r} cannot be changed at run time; the agent takes download_rate, "
+                         "upload_rate and upload_slots (others: edit the config file and restart)")
+    try:
+        if p.key == "download_rate":
+            agent.download.set_rate(parse_size(p.value))
+        elif p.key == "upload_rate":
+            agent.upload.set_rate(parse_size(p.value))
+            if agent.swarm is not None:
+                agent.swarm.set_upload_rate(parse_size(p.value))
+        else:
+            slots = int(p.value)
+            if not 1 <= slots <= 256:
+                raise ValueError(p.value)
+            agent.upload_slots.total_tokens = slots
+            if agent.swarm is not None:
+                agent.swarm.set_upload_slots(slots)
+    except (TypeError, ValueError):
+        raise UsageError(f"{p.value!r} is not a valid value for {p.key}") from None
+    return _config_rows(agent)
+
+
+@method("sources", NoParams, "The sources a pull tries, in order: name and label.")
+async def sources(agent, p: NoParams, call: Call):
+    return [{"name": s.name, "label": s.label} for s in agent.sources]
+
+
+@method("peers", NoParams, "LAN peers: address, how found, state, RTT, what they hold, traffic, problems.")
+async def peers(agent, p: NoParams, call: Call):
+    return [] if agent.swarm is None else agent.swarm.snapshot()

@@ -1,0 +1,153 @@
+"""Cache commands: pull, ls, verify, rm, pin, unpin, gc, du, cancel.
+
+Each works with or without a running agent: it asks the backend (``agent.client``),
+which is the agent when one serves the cache and this process otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from agent.cli.common import backend_of, model_table, settings_of, table
+from agent.config import ENV_NAMES
+from agent.errors import IntegrityError, UsageError
+from agent.manifest import ModelRef
+from agent.progress import human_bytes
+
+MODEL = "OWNER/NAME[@REVISION]"
+
+
+def cmd_pull(args) -> int:
+    from agent.client import open_backend
+    from agent.reporter import PullReporter
+    settings = settings_of(args)
+    if args.no_modelscope:
+        settings = settings.with_(use_modelscope=False)
+    ref = ModelRef.parse(args.model)
+    backend = open_backend(settings)
+    if args.no_modelscope and backend.kind == "agent":
+        raise UsageError("--no-modelscope applies to in-process pulls; the agent uses its own sources "
+                         "(set SHOAL_USE_MODELSCOPE=0 in its config)")
+    reporter = PullReporter(ref, json_mode=args.json)
+    reporter.finish(backend.pull(ref, to=Path(args.to) if args.to else None, on_event=reporter.event))
+    return 0
+
+
+def cmd_ls(args) -> int:
+    models = backend_of(args).models()
+    if args.json:
+        print(json.dumps(models, indent=2))
+    elif not models:
+        print("no models in the cache yet; try `shoal pull OWNER/NAME`")
+    else:
+        model_table(models)
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from agent.verify import verify_model
+    report = verify_model(ModelRef.parse(args.model), settings_of(args))
+    for line in report.lines():
+        print(line)
+    if report.damaged:
+        raise IntegrityError(f"{report.ref}: {len(report.damaged)} file(s) damaged; the damaged chunks "
+                             f"were dropped from the index: run `shoal pull {report.ref}` to repair them")
+    return 0
+
+
+def cmd_rm(args) -> int:
+    ref = ModelRef.parse(args.model)
+    row = backend_of(args).remove(ref)
+    print(f"removed {ref} ({human_bytes(row['size'])}) from {row['dir']}")
+    return 0
+
+
+def cmd_pin(args) -> int:
+    ref, pinned = ModelRef.parse(args.model), args.command == "pin"
+    backend_of(args).set_pinned(ref, pinned)
+    print(f"{ref} is {'pinned: never evicted' if pinned else 'unpinned: evictable when the cache is full'}")
+    return 0
+
+
+def cmd_gc(args) -> int:
+    backend = backend_of(args)
+    evicted, quota = backend.gc(), backend.settings.quota
+    if not quota and not evicted:
+        print("no quota is set (SHOAL_QUOTA), so nothing is evicted; `shoal rm` removes a model")
+    for m in evicted:
+        print(f"evicted {m['model']}@{m['revision']} ({human_bytes(m['size'])})")
+    if quota and not evicted:
+        print("nothing to evict: the cache is below its low watermark (or the rest is pinned or in use)")
+    return 0
+
+
+def cmd_du(args) -> int:
+    backend = backend_of(args)
+    usage = backend.usage()
+    # The quota as this command's settings see it (the agent's own is in `shoal status`).
+    quota, models = backend.settings.quota, usage["models"]
+    total = sum(m["size"] for m in models)
+    if args.json:
+        print(json.dumps({"usage_bytes": total, "quota_bytes": quota, "models": models}, indent=2))
+        return 0
+    rows = [("MODEL", "SIZE", "PINNED", "LAST USED")]
+    for m in sorted(models, key=lambda m: -m["size"]):
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(m["last_used"])) if m["last_used"] else "-"
+        rows.append((f"{m['model']}@{m['revision']}", human_bytes(m["size"]), "yes" if m["pinned"] else "", used))
+    table(rows)
+    share = f" of {human_bytes(quota)} quota ({100 * total / quota:.0f}%)" if quota else ""
+    print(f"total {human_bytes(total)}{share}")
+    return 0
+
+
+def cmd_cancel(args) -> int:
+    from agent.launcher.jobs import JobStore, is_job_id
+    settings = settings_of(args)
+    if is_job_id(settings.cache_dir, args.target):
+        job = JobStore(settings.cache_dir).cancel(args.target)
+        print(f"job {job.id} is {job.state}")
+        return 0
+    backend_of(args, need_agent=True).call("cancel", {"model": str(ModelRef.parse(args.target))})
+    print(f"cancelled the pull of {args.target}; verified chunks are kept")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("pull", help="fetch a model revision (OSS mirror first, then ModelScope)")
+    p.add_argument("model", metavar=MODEL)
+    p.add_argument("--to", metavar="DIR", help="put the files in DIR instead of the cache's model folder")
+    p.add_argument("--json", action="store_true", help="JSON lines on stdout, for scripts")
+    p.add_argument("--concurrency", type=int, help=f"chunks in flight (${ENV_NAMES['concurrency']}, default 8)")
+    p.add_argument("--bucket", help=f"OSS mirror bucket (${ENV_NAMES['oss_bucket']})")
+    p.add_argument("--no-modelscope", action="store_true", help="never fall back to ModelScope")
+    p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("ls", help="list cached models with size and completeness")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_ls)
+
+    p = sub.add_parser("verify", help="re-hash a cached model and report any damage")
+    p.add_argument("model", metavar=MODEL)
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("rm", help="remove a cached model")
+    p.add_argument("model", metavar=MODEL)
+    p.set_defaults(func=cmd_rm)
+
+    for name, text in (("pin", "never evict a cached model"), ("unpin", "let a cached model be evicted")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("model", metavar=MODEL)
+        p.set_defaults(func=cmd_pin)
+
+    p = sub.add_parser("gc", help="evict least recently used unpinned models down to the low watermark")
+    p.set_defaults(func=cmd_gc)
+
+    p = sub.add_parser("du", help="disk use of the cache by model, against the quota")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_du)
+
+    p = sub.add_parser("cancel", help="stop a job (by id) or a pull the agent is running (by model)")
+    p.add_argument("target", metavar="JOB|OWNER/NAME[@REVISION]")
+    p.set_defaults(func=cmd_cancel)

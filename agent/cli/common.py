@@ -1,0 +1,38 @@
+"""What every command module shares: settings from the flags, the backend, tables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from agent.config import Settings, load_settings
+from agent.progress import human_bytes
+
+
+def settings_of(args) -> Settings:
+    """The settings this command runs with: the config file and environment, then flags."""
+    return load_settings(cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+                         concurrency=getattr(args, "concurrency", None),
+                         oss_bucket=getattr(args, "bucket", None))
+
+
+def backend_of(args, *, need_agent: bool = False):
+    """The backend (``agent.client``) for this command's cache."""
+    from agent.client import open_backend
+    return open_backend(settings_of(args), need_agent=need_agent)
+
+
+def table(rows: list[tuple]) -> None:
+    """Print rows as left-aligned columns; the first row is the header."""
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def model_table(models: list[dict]) -> None:
+    rows = [("MODEL", "REVISION", "SIZE", "COMPLETE", "STATE", "PINNED", "DIRECTORY")]
+    for m in models:
+        pct = 100.0 * m["have"] / m["size"] if m["size"] else 100.0
+        state = "pulling now" if m["active"] else m["state"]
+        rows.append((m["model"], m["revision"], human_bytes(m["size"]), f"{pct:.1f}%", state,
+                     "yes" if m["pinned"] else "", m["dir"]))
+    table(rows)

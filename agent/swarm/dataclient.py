@@ -1,0 +1,125 @@
+"""The client side of the LAN data port: a pull's chunk fetches, over connections kept
+per peer and reused (``agent.swarm.datapath`` describes the protocol)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import socket
+import threading
+import time
+
+from agent.errors import NotFound, PeerBusy, PeerTimedOut, SourceUnavailable
+from agent.swarm.datawire import (BUSY, MAGIC, MISSING, MODE_GET, NONCE_LEN, OK, STATUS_NAMES, HEADER, Ticket,
+                                  client_tls, read_status, recv_exact, encode_hello, encode_request)
+
+class DataClient:
+    """Blocking client with a pool of kept-alive connections per peer address and manifest.
+
+    Connections are shared between threads (taken for one request, given back after), so a
+    peer sees at most as many connections as requests in flight, never one per thread a
+    thread pool happened to use (which would fill its upload slots with idle sockets).
+
+    ``fetch`` fills ``into[:length]`` or raises: ``NotFound`` (the peer lacks the chunk),
+    ``SourceUnavailable`` (refused ticket, busy, broken connection, timeout, wrong length).
+    """
+
+    MAX_IDLE_PER_PEER = 16
+
+    def __init__(self, *, connect_timeout: float = 5.0):
+        self._connect_timeout = connect_timeout
+        self._idle: dict[tuple, list[socket.socket]] = {}
+        self._lock = threading.Lock()
+
+    def _take(self, address: tuple[str, int], ticket: Ticket, manifest_id: str, deadline: float,
+              what: str, tls: bytes | None) -> socket.socket:
+        key = (address, manifest_id, tls)
+        with self._lock:
+            pool = self._idle.get(key)
+            if pool:
+                return pool.pop()
+        conn = socket.create_connection(address, timeout=self._connect_timeout)
+        try:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn.settimeout(max(0.1, min(self._connect_timeout, deadline - time.monotonic())))
+            if tls is not None:
+                conn = client_tls().wrap_socket(conn)
+                seen = hashlib.sha256(conn.getpeercert(binary_form=True) or b"").digest()
+                if not hmac.compare_digest(seen, tls):
+                    raise SourceUnavailable(f"{what}: the peer's TLS certificate is not the one it announced "
+                                            "over the swarm; someone may be in between", transient=False)
+            opening = recv_exact(conn, len(MAGIC) + NONCE_LEN)
+            if opening is None or opening[:len(MAGIC)] != MAGIC:
+                raise SourceUnavailable(f"{what}: not a shoal data server (or an older version)", transient=False)
+            conn.sendall(encode_hello(ticket, opening[len(MAGIC):], MODE_GET, manifest_id))
+            status, message = read_status(conn)
+            if status == BUSY:
+                raise PeerBusy(f"{what}: busy: {message}")
+            if status != OK:
+                raise SourceUnavailable(f"{what}: {STATUS_NAMES.get(status, status)}: {message}", transient=False)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _give(self, key: tuple, conn: socket.socket) -> None:
+        with self._lock:
+            pool = self._idle.setdefault(key, [])
+            if len(pool) < self.MAX_IDLE_PER_PEER:
+                pool.append(conn)
+                return
+        conn.close()
+
+    def fetch(self, address: tuple[str, int], ticket: Ticket, manifest_id: str, path: str, index: int,
+              into: memoryview, length: int, deadline: float, on_connection=None, tls: bytes | None = None) -> None:
+        """``on_connection(conn)``: told the socket in use, so another thread can abort the
+        fetch by shutting it down (the endgame's losing copy). ``tls``: the certificate hash
+        the peer announced; the connection is then encrypted and must present it."""
+        what = f"peer {address[0]}:{address[1]} chunk {index} of {path}"
+        key = (address, manifest_id, tls)
+        conn = None
+        try:
+            conn = self._take(address, ticket, manifest_id, deadline, what, tls)
+            if on_connection is not None:
+                on_connection(conn)
+            conn.settimeout(max(0.1, deadline - time.monotonic()))
+            conn.sendall(encode_request(path, index))
+            header = recv_exact(conn, HEADER.size)
+            if header is None:
+                raise SourceUnavailable(f"{what}: the peer closed the connection")
+            status, size = HEADER.unpack(header)
+            if status != OK:
+                message = (recv_exact(conn, min(size, 4096)) or b"").decode(errors="replace")
+                if status in (MISSING, BUSY):
+                    self._give(key, conn)  # the connection is still good
+                    conn = None
+                    if status == BUSY:
+                        raise PeerBusy(f"{what}: busy: {message}")
+                    raise NotFound(f"{what}: {message}")
+                raise SourceUnavailable(f"{what}: {STATUS_NAMES.get(status, status)}: {message}", transient=False)
+            if size != length:
+                raise SourceUnavailable(f"{what}: sent {size} bytes for a {length}-byte chunk", transient=False)
+            got = 0
+            while got < length:
+                if time.monotonic() > deadline:
+                    raise PeerTimedOut(f"{what}: timed out after {got} of {length} bytes")
+                n = conn.recv_into(into[got:length])
+                if not n:
+                    raise SourceUnavailable(f"{what}: body truncated after {got} of {length} bytes")
+                got += n
+            self._give(key, conn)
+            conn = None
+        except socket.timeout as e:
+            raise PeerTimedOut(f"{what}: timed out ({e})") from e
+        except OSError as e:
+            raise SourceUnavailable(f"{what}: {type(e).__name__}: {e}") from e
+        finally:
+            if conn is not None:  # anything but a clean answer: this connection is done
+                conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            pools, self._idle = self._idle, {}
+        for pool in pools.values():
+            for conn in pool:
+                conn.close()
