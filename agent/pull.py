@@ -70,7 +70,7 @@ class PullResult:
     endgame_duplicates: int = 0  # chunks fetched a second time from another peer at the end
     origin_duplicate_chunks: int = 0  # chunks this pull fetched from the origin that a peer also did
     first_byte_s: float | None = None  # from the pull's start to its first verified chunk
-    timings: dict[str, float] = field(default_factory=dict)  # plan_s, room_s: when each was ready
+    timings: dict[str, float] = field(default_factory=dict)  # plan_s, room_s, first_chunk_s: when each was ready
     elapsed: float = 0.0
     troubles: list[str] = field(default_factory=list)
 
@@ -233,6 +233,8 @@ async def pull(ref: ModelRef, settings: Settings, *, to: Path | None = None,
     result.chunks_fetched = result_parts["chunks"]
     result.first_byte_s = result_parts["first_byte"]
     result.timings["plan_s"] = result_parts["plan_s"]
+    if result.first_byte_s is not None:  # kept here too: a client reports its own first byte as first_byte_s
+        result.timings["first_chunk_s"] = result.first_byte_s
     if part is not None and part.view.settled_at is not None:
         result.timings["room_s"] = round(part.view.settled_at - started, 3)
     return result

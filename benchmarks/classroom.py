@@ -115,12 +115,21 @@ def blake3_tree(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def agent_first_chunk(result: dict) -> float | None:
+    """Seconds from the agent taking the pull (asking peers first) to its first verified chunk."""
+    timings = result.get("timings") or {}
+    if timings.get("first_chunk_s") is None:
+        return None
+    return round(timings.get("offers_s", 0.0) + timings["first_chunk_s"], 3)
+
+
 class Scenario:
     """Who starts late, who is killed, and when: when the median agent is half done."""
 
     def __init__(self, args, hosts: list):
         self.late = hosts[len(hosts) - args.late_joiners:] if args.late_joiners else []
-        rest = [h for h in hosts if h not in self.late]
+        # The slow agent (the first host) stays: the scenario is about it finishing.
+        rest = [h for h in hosts if h not in self.late and not (args.slow_agent and h is hosts[0])]
         self.leavers = rest[:args.leave] if args.leave else []
         self.fired = threading.Event()
 
@@ -152,7 +161,9 @@ def run_shoal_class(lab, hosts, origin_url, root: Path, args, *, sharing: bool, 
         if args.no_multicast and first is not None:
             extra["SHOAL_SWARM_PEERS"] = first
         env = shoal_env(cache, extra)
-        log = open(cache.parent / f"{host.name}.log", "w")
+        # With --trace the agents' logs are kept beside the traces (benchmarks/out/agent-NAME.log).
+        log = open((REPO / "benchmarks" / "out" / f"agent-{host.name}.log") if args.trace
+                   else cache.parent / f"{host.name}.log", "w")
         procs[host.name] = lab.popen(host, [sys.executable, "-m", "agent.cli", "agent"], env=env, stdout=log,
                                      stderr=subprocess.STDOUT)
         envs[host.name] = env
@@ -233,6 +244,7 @@ def run_shoal_class(lab, hosts, origin_url, root: Path, args, *, sharing: bool, 
             "cpu": cpu, "peak_rss": max(c.get("peak_rss_bytes", 0) for c in cpu_after.values()),
             "first_byte_s": sorted(r.get("first_byte_s") or 0 for r in results.values()),
             "late_first_byte_s": [results[h.name].get("first_byte_s") for h in scenario.late],
+            "late_first_chunk_s": [agent_first_chunk(results[h.name]) for h in scenario.late],
             "dirs": {h.name: root / label / h.name / "models" / MODEL / "master" for h in remaining},
             "started_at": started_at, "finished": finished, "results": results, "asked": asked}
 
@@ -435,7 +447,8 @@ def main() -> int:
     firsts = shoal_run["first_byte_s"]
     lines += ["", f"shoal, time from `shoal pull` to its first verified chunk: median {statistics.median(firsts):.2f} s"
               + (f"; late joiners (peers already hold most of it): "
-                 f"{', '.join(f'{t:.2f}' for t in shoal_run['late_first_byte_s'])} s"
+                 f"{', '.join(f'{t:.2f}' for t in shoal_run['late_first_byte_s'])} s (in the agent, from taking "
+                 f"the pull: {', '.join(f'{t:.2f}' if t is not None else '-' for t in shoal_run['late_first_chunk_s'])} s)"
                  if shoal_run["late_first_byte_s"] else ""),
               origin_timeline(shoal_run, args.origin_mbit),
               "control plane (shoal, all agents, during the pulls): " + (", ".join(

@@ -71,15 +71,25 @@ class Room:
         self.members = [Member(f"peer-{i:02d}", self.manifest, self.clock, streams=streams) for i in range(size)]
         self.origin_concurrency = self.peak = 0
         self.slow: dict[str, float] = {}  # member -> how long its uploads take
+        self.deliver_every = 0.0  # how stale boards get between deliveries (a loaded machine's lag)
+        self._delivered = float("-inf")
 
     def add(self, member: Member) -> Member:
         self.members.append(member)
         return member
 
     def deliver(self) -> None:
-        """Each live member's board reaches every other member's view (a snapshot frame)."""
+        """Each live member's board reaches every other member's view (a snapshot frame);
+        a member that neither pulls nor holds anything answers "idle" instead, as its data
+        port does (the session then lists it in ``view.idle``)."""
+        idle = {m.name for m in self.members if not m.stopped and m.picker is None
+                and not m.board.pulling and not m.board.have}
+        for member in self.members:
+            for name in idle & set(member.view.peers):
+                member.view.forget(name)
+            member.view.set_idle(idle - {member.name})
         for source in self.members:
-            if source.stopped:
+            if source.stopped or source.name in idle:
                 continue
             seq, have, origin, claims, pulling = source.board.snapshot()
             message = Message("snap", seq, frozenset(have), frozenset(origin), frozenset(claims), frozenset(), pulling)
@@ -93,7 +103,9 @@ class Room:
                 member.view.apply(source.name, message)
 
     def step(self) -> None:
-        self.deliver()
+        if self.clock.now - self._delivered >= self.deliver_every:
+            self.deliver()
+            self._delivered = self.clock.now
         for member in self.members:
             if member.stopped or member.picker is None:
                 continue
@@ -156,6 +168,28 @@ def test_a_room_that_starts_together_fetches_each_chunk_from_the_origin_once(siz
     assert took < 22.5 * 1.25, took
 
 
+def test_a_room_whose_pulls_start_over_two_seconds_still_fetches_each_chunk_once():
+    """The students do not press Enter at the same instant: a peer whose pull starts a
+    second after ours answers "idle" first. The owners of the origin's chunks must not
+    change under the room as they start, even when news of a claim takes longer to arrive
+    than a claim settles (a busy machine)."""
+    room = Room(30, chunks=90, streams=4)
+    room.deliver_every = 2 * picker_module.CLAIM_SETTLE
+    starts = {m.name: room.clock.now + random.uniform(0.0, 2.0) for m in room.members}
+    for member in room.members:
+        member.board.set_pulling(False)
+    started = room.clock.now
+    while not all(m.picker is not None and len(m.board.have) == m.board.total for m in room.members):
+        assert room.clock.now - started < 600, "the room never finished"
+        for member in room.members:
+            if member.picker is None and room.clock.now >= starts[member.name]:
+                member.board.set_pulling(True)
+                member.start(room.manifest)
+        room.step()
+    assert sorted(room.origin_fetches()) == list(range(90)), "some chunk came from the origin twice or never"
+    assert room.peak <= 4
+
+
 def test_origin_streams_cap_holds_across_the_room_whatever_it_is():
     for streams in (1, 2, 6):
         room = Room(12, chunks=40, streams=streams)
@@ -216,6 +250,19 @@ def test_a_member_alone_fetches_in_file_order_at_full_concurrency_without_waitin
     assert sorted(member.running) == [0, 1, 2, 3]  # on the first tick: no settle, no cap
     room.run()
     assert member.origin_fetches == list(range(12))
+
+
+def test_a_member_alone_among_idle_machines_loses_at_most_the_idle_grace():
+    room = Room(11, chunks=40)
+    for member in room.members[1:]:
+        member.board.set_pulling(False)  # switched on, not pulling: they answer "idle"
+    member = room.members[0]
+    member.start(room.manifest, concurrency=4)
+    took = room.run([member])
+    assert sorted(member.origin_fetches) == list(range(40))
+    # Alone it takes 40 chunks / 4 at a time x 1 s = 10 s; the idle machines' shares wait
+    # out the grace (they might have been about to pull), nothing longer.
+    assert took <= 10 + picker_module.IDLE_GRACE + 1.0, took
 
 
 def test_a_chunk_stuck_at_a_slow_peer_is_duplicated_from_another_peer_never_the_origin(monkeypatch):

@@ -50,6 +50,7 @@ MANIFEST_CACHE = 32
 MAX_PREAUTH = 64
 MAX_PREAUTH_PER_ADDRESS = 8
 UPGRADE_TIMEOUT = 5.0
+YAMUX_RTT_INTERVAL = 600  # seconds between yamux's RTT pings on a connection (py-libp2p's own: 30)
 
 
 def _keypair(seed: bytes):
@@ -84,8 +85,8 @@ async def _read_all(stream, limit: int) -> bytes:
 async def _close(stream) -> None:
     try:
         await stream.close()
-    except Exception:  # already reset by the other end
-        pass
+    except Exception as e:  # libp2p raises several types for a stream the other end already reset
+        log.debug("closing a swarm stream: %s", type(e).__name__)
 
 
 class SwarmNode:
@@ -100,6 +101,12 @@ class SwarmNode:
         import multiaddr
         from libp2p import new_host
         from libp2p.network.config import ConnectionConfig
+        from libp2p.stream_muxer.yamux import yamux
+        # Yamux pings every connection each 30 s only to estimate RTT for its flow control,
+        # which the hellos' few bytes never need: with 30 peers that is a Noise-encrypted
+        # ping and pong every second, the bulk of an idle agent's libp2p traffic. The
+        # membership loop notices dropped connections on its own.
+        yamux.RTT_MEASURE_INTERVAL = max(yamux.RTT_MEASURE_INTERVAL, YAMUX_RTT_INTERVAL)
         self.store = store
         self.access = access or SwarmAccess()
         self.pulling = pulling
@@ -246,8 +253,8 @@ class SwarmNode:
                 with trio.move_on_after(1):
                     try:
                         await stream.reset()
-                    except Exception:  # already gone
-                        pass
+                    except Exception as e:  # already gone (libp2p raises several types)
+                        log.debug("resetting a refused peer's stream: %s", type(e).__name__)
                 return
             await dht.handle_stream(stream)
         table.add_peer = add_member

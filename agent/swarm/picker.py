@@ -9,11 +9,14 @@ and the room's origin policy.
    once, each finishing soon, so peers trade them while the next ones arrive. Among the
    first free chunks in that order, each has one owner, by rendezvous hashing over the
    agents pulling (this one, every live peer that says it pulls, and, for the first
-   ``ROOM_WAIT`` seconds, every connected peer that has not answered yet); only the owner
-   fetches it, after it *claims* the chunk on its board (pushed to every subscriber). While
-   the room is still forming (a peer has not answered, or who pulls changed in the last
-   ``STABLE_AFTER`` seconds) two agents may disagree on the owner, so the claim first
-   settles for ``CLAIM_SETTLE``: if a live peer with a smaller id claimed the same chunk
+   ``ROOM_WAIT`` seconds, every connected peer not heard from yet, and for ``IDLE_GRACE``
+   seconds every connected peer that answered it does not pull yet);
+   only the owner fetches it, after it *claims* the chunk on its board (pushed to every
+   subscriber). Agents that start together (nobody holds any of it yet) therefore start
+   with one list of pullers and claims go at once. Once that list has changed (a peer came or went, or the first
+   ``ROOM_WAIT`` seconds ended), two agents may disagree on the owner until every peer has
+   answered and the list has held for ``STABLE_AFTER`` seconds, so a claim first settles
+   for ``CLAIM_SETTLE``: if a live peer with a smaller id claimed the same chunk
    meanwhile, this agent lets it go.
 3. **Never twice for slowness**: a chunk a live peer holds or claims is never fetched from
    the origin by anyone else, however slow that peer is. Its claim ends when the chunk
@@ -29,6 +32,7 @@ and the room's origin policy.
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 
@@ -41,8 +45,17 @@ STABLE_AFTER = 1.0  # pullers unchanged this long (and every peer answered): no 
 # Connected peers not heard from yet count as pulling (they own their share of the origin's
 # chunks) for at most this long from the pull's start; after it, only those that said so.
 ROOM_WAIT = 5.0
+# Connected peers that answered "idle" (their pull has not started) count as pulling for
+# this long from the pull's start: a class does not press Enter at one instant. A member
+# really alone in a room of idle machines loses at most this long to chunks "owned" by them.
+IDLE_GRACE = 3.0
 ENDGAME_AFTER = 4.0  # a LAN chunk in flight this long at the end is fetched again from another holder
+log = logging.getLogger("shoal.swarm")
+
 WAIT = 0.25  # the longest a worker waits for news before looking again
+# Workers woken together by one piece of news all ask at once: one looks, the others are
+# told "nothing" from its look while nothing changed and this little time has passed.
+IDLE_LOOK = 0.05
 
 
 class SwarmPicker:
@@ -61,17 +74,26 @@ class SwarmPicker:
         self.started = clock()
         self._pullers: tuple[str, ...] = ()
         self._pullers_since = self.started
+        self._puller_sets = 0  # how many different puller lists this pull has seen
+        self._fresh: bool | None = None  # whether no peer held any of it when we first looked
         self.duplicates = 0  # endgame jobs handed out
+        self._idle_key: tuple | None = None  # the state of the last look that found nothing
+        self._idle_at = float("-inf")
 
     # --------------------------------------------------------------------- choosing
 
     def _from_lan(self, holders: dict[int, int]) -> int | None:
+        """The pending chunk held by the fewest peers (rarest first) that a free peer holds."""
+        free = self.view.free_holders()
+        if not free or not holders:
+            return None
+        holds = self.view.holds
         best, best_count = None, None
         for ordinal in self._lan_order:
             if ordinal not in self.pending:
                 continue
             count = holders.get(ordinal, 0)
-            if count and (best_count is None or count < best_count) and self.view.free_holder(ordinal):
+            if count and (best_count is None or count < best_count) and any(holds(v, ordinal) for v in free):
                 best, best_count = ordinal, count
                 if count == 1:
                     break
@@ -79,12 +101,23 @@ class SwarmPicker:
 
     def _from_origin(self, holders: dict[int, int]) -> int | None:
         view, now = self.view, self.clock()
-        pullers, others_claims, alone = view.room(count_unknown=now - self.started < ROOM_WAIT)
+        forming = now - self.started < ROOM_WAIT
+        pullers, others_claims, alone = view.room(count_unknown=forming,
+                                                  count_idle=now - self.started < IDLE_GRACE)
         if pullers != self._pullers:
             self._pullers, self._pullers_since = pullers, now
-        # Two agents can both take a chunk only when they disagree on who pulls; once every
-        # peer has answered and the pullers have not changed for a while, claims go at once.
-        stable = not view.unknown and now - self._pullers_since >= STABLE_AFTER
+            self._puller_sets += 1
+        if self._fresh is None:
+            self._fresh = not holders
+        # Two agents can both take a chunk only when they disagree on who pulls. While the
+        # room forms every connected peer counts (agent.swarm.view.LanView.room), so in a
+        # room that starts together (nobody held anything when we first looked: everyone
+        # started in the last few seconds and is forming too) the list we started with is
+        # everyone's: claims go at once. Joining a room under way, or after a change, they
+        # go once every peer has answered and the pullers have held for a while; until
+        # then they settle first.
+        stable = (forming and self._fresh and self._puller_sets == 1) or (
+            not view.unknown and now - self._pullers_since >= STABLE_AFTER)
         if alone:  # claimed all the same, for a peer that joins later to see
             for ordinal in self._order:
                 if ordinal in self.pending and ordinal not in self.settling:
@@ -131,6 +164,9 @@ class SwarmPicker:
         return None
 
     def _start(self, ordinal: int, from_origin: bool) -> Job:
+        if from_origin:  # a chunk this agent pays the outside link for: say why it is ours
+            log.info("origin chunk %d: %d pullers, %d unknown, %d idle, %.2f s into the pull", ordinal,
+                     len(self._pullers), len(self.view.unknown), len(self.view.idle), self.clock() - self.started)
         queued = self.pending.pop(ordinal)
         job = Job(queued.task, queued.index, route=ORIGINS if from_origin else PEERS)
         self.in_flight[ordinal] = [job, self.clock(), 1, False, from_origin]
@@ -139,6 +175,10 @@ class SwarmPicker:
     def pick_now(self) -> Job | None:
         """The next job, if there is one to start now (None: wait for news, or ``finished``)."""
         if self.pending:
+            now = self.clock()
+            key = (self.view.version, len(self.pending), len(self.in_flight), len(self.settling))
+            if key == self._idle_key and now - self._idle_at < IDLE_LOOK:
+                return None
             holders = self.view.holder_counts()
             ordinal = self._from_lan(holders)
             if ordinal is not None:
@@ -146,6 +186,9 @@ class SwarmPicker:
             ordinal = self._from_origin(holders)
             if ordinal is not None:
                 return self._start(ordinal, True)
+            # Taken after the look: a claim it made bumped nothing the key counts but settling.
+            self._idle_key = (self.view.version, len(self.pending), len(self.in_flight), len(self.settling))
+            self._idle_at = now
             return None
         return self._endgame()
 

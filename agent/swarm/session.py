@@ -26,10 +26,10 @@ import time
 
 import trio
 
-from agent.errors import PeerBroken, ShoalError, SourceUnavailable
+from agent.errors import KeyRefused, NotFollowed, PeerBroken, PeerRefused, ShoalError
 from agent.swarm import wire
 from agent.swarm.board import Board
-from agent.swarm.datapath import (DENIED, MAGIC, MAX_OFFER, MISSING, MODE_OFFER, MODE_SUB, NONCE_LEN, OK, STATUS_NAMES,
+from agent.swarm.datawire import (DENIED, MAGIC, MAX_OFFER, MISSING, MODE_OFFER, MODE_SUB, NONCE_LEN, OK, STATUS_NAMES,
                                   Ticket, encode_hello)
 from agent.swarm.protocol import Contact
 from agent.swarm.view import LIVENESS, LanView
@@ -39,25 +39,6 @@ log = logging.getLogger("shoal.swarm")
 PENDING = "pending"  # what ``Swarm.ask`` returns for such a peer
 RETRY = (0.5, 1.0, 2.0, 5.0, 10.0)  # rests between attempts to follow a peer that failed
 CONNECT_TIMEOUT = 5.0
-
-
-class KeyRefused(SourceUnavailable):
-    """The peer's data port no longer takes our key (renewed or revoked): say hello again."""
-
-    def __init__(self, message: str):
-        super().__init__(message, transient=False)
-
-
-class PeerRefused(PeerBroken):
-    """The peer's data port answered a mode's opening with a refusal (``status``)."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-
-
-class NotFollowed(ShoalError):
-    """The peer holds none of the manifest and does not pull it (yet)."""
 
 
 class _Reader:
@@ -215,6 +196,7 @@ class PullSession:
                     except NotFollowed:  # it holds none and does not pull it: it subscribes to us when it does
                         view.forget(peer)
                         idle.add(peer)
+                        view.set_idle(idle & (swarm.node.connected() - swarm.node.refused_by))
                         heard(peer)
                         return
             except (OSError, ShoalError, trio.TooSlowError, trio.BrokenResourceError) as e:
@@ -249,6 +231,7 @@ class PullSession:
                             view.forget(peer)
                     unknown &= candidates
                     view.set_unknown(unknown)
+                    view.set_idle(idle & candidates)
                     if not started:
                         # The picker may start at once: peers not heard from yet count as
                         # pulling (agent.swarm.picker), and those that answered before the

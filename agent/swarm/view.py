@@ -58,12 +58,16 @@ class LanView:
         self._clock = clock
         self._lock = threading.Lock()
         self._changed = trio.Event() if _in_trio() else None
+        # Bumped by every change a pick depends on (besides the clock): a picker that found
+        # nothing to do at one version need not look again until it moves.
+        self.version = 0
         self._owner_cache: dict[tuple[str, ...], dict[int, str]] = {}
         # Holder counts per chunk, rebuilt lazily after a change or when a peer's liveness
         # or rest runs out: the picker asks for every pending chunk on every pick.
         self._counts: dict[int, int] | None = None
         self._counts_until = float("inf")
         self.unknown: frozenset[str] = frozenset()  # connected peers asked, not heard from yet
+        self.idle: frozenset[str] = frozenset()  # connected peers that said they do not pull this (yet)
         self.created = clock()
         self._last_look = self.created
         self.resumed_at = float("-inf")
@@ -122,6 +126,14 @@ class LanView:
                 self.settled_at = self._clock()
             self._notify()
 
+    def set_idle(self, peers) -> None:
+        """The connected peers that answered that they neither hold nor pull this manifest
+        (set by the session; one that starts pulling subscribes to us and leaves the set)."""
+        peers = frozenset(peers)
+        if peers != self.idle:
+            self.idle = peers
+            self._notify()
+
     def unsubscribed(self, peer: str) -> None:
         """Its HAVE stream ended: it counts as gone until it is heard from again."""
         with self._lock:
@@ -140,6 +152,7 @@ class LanView:
             self._notify()
 
     def _notify(self) -> None:
+        self.version += 1
         if self._changed is not None:
             self._changed.set()
             self._changed = trio.Event()
@@ -205,32 +218,43 @@ class LanView:
     def holders_of(self, ordinal: int) -> int:
         return self.holder_counts().get(ordinal, 0)
 
-    def free_holder(self, ordinal: int) -> bool:
-        """Whether a usable holder of ``ordinal`` has a request slot free (``PER_PEER``)."""
+    def free_holders(self) -> list[PeerView]:
+        """The usable peers with a request slot free (``PER_PEER``) that did not just say
+        BUSY: the only ones a LAN chunk can start from now. One pass over the peers, so
+        that the picker's look at every pending chunk costs what the free peers hold."""
         now = self._now()
         with self._lock:
-            return any(self._usable(v, now) and v.in_flight < PER_PEER and v.busy_until <= now
-                       and ordinal in v.state.have and ordinal not in v.missing for v in self.peers.values())
+            return [v for v in self.peers.values()
+                    if v.in_flight < PER_PEER and v.busy_until <= now and self._usable(v, now)]
 
-    def room(self, count_unknown: bool = True) -> tuple[tuple[str, ...], dict[int, set[str]], bool]:
+    @staticmethod
+    def holds(view: PeerView, ordinal: int) -> bool:
+        return ordinal in view.state.have and ordinal not in view.missing
+
+    def room(self, count_unknown: bool = True, count_idle: bool = False
+             ) -> tuple[tuple[str, ...], dict[int, set[str]], bool]:
         """(the agents pulling this manifest: this one, every live peer that pulls and, with
-        ``count_unknown``, every connected peer not heard from yet, sorted; the chunks live
-        peers claim -> who claims each; whether no live peer pulls or holds anything of it
-        and every connected peer has answered).
+        ``count_unknown``, every connected peer not heard from yet and, with ``count_idle``,
+        every idle one, sorted; the chunks live peers claim -> who claims each; whether no
+        live peer pulls or holds anything of it and every connected peer has answered, and
+        none is counted idle).
 
-        Counting the peers not heard from yet as pulling is what lets a room that starts at
-        once split the origin's chunks from the first second: they all start out with the
-        same list of pullers, so each chunk has one owner, before anyone has answered."""
+        Counting every connected peer as pulling at first is what lets a room that starts
+        at once split the origin's chunks from the first second: they all start out with
+        the same list of pullers, so each chunk has one owner, whoever has answered what
+        by then (a peer whose ``shoal pull`` starts a second after ours answers "idle"
+        first, then pulls: counting it all along keeps the owners from changing under us)."""
         now = self._now()
         claims: dict[int, set[str]] = {}
-        pullers = [self.self_id, *(self.unknown if count_unknown else ())]
-        alone = not self.unknown
+        presumed = (self.unknown if count_unknown else frozenset()) | (self.idle if count_idle else frozenset())
+        pullers = {self.self_id, *presumed}
+        alone = not self.unknown and not (count_idle and self.idle)
         with self._lock:
             for v in self.peers.values():
                 if not self._alive(v, now):
                     continue
                 if v.state.pulling:
-                    pullers.append(v.peer)
+                    pullers.add(v.peer)
                 if v.state.pulling or v.state.have:
                     alone = False
                 for ordinal in v.state.claims:
@@ -264,6 +288,7 @@ class LanView:
         """The least busy usable holder of a chunk (counted in flight until ``give_back``)."""
         now = self._now()
         with self._lock:
+            self.version += 1
             candidates = [v for v in self.peers.values() if self._usable(v, now) and v.peer not in exclude
                           and ordinal in v.state.have and ordinal not in v.missing]
             if not candidates:
@@ -275,11 +300,13 @@ class LanView:
 
     def give_back(self, view: PeerView, nbytes: int = 0) -> None:
         with self._lock:
+            self.version += 1
             view.in_flight -= 1
             view.bytes_down += nbytes
 
     def lacks(self, view: PeerView, ordinal: int) -> None:
         with self._lock:
+            self.version += 1
             view.missing.add(ordinal)
             self._counts = None
 
@@ -288,15 +315,18 @@ class LanView:
         ``BUSY_REST`` (a busy holder is one that many ask: like BitTorrent's choke, it
         sends its askers to other chunks and other holders)."""
         with self._lock:
+            self.version += 1
             view.busy_until = self._clock() + BUSY_REST
 
     def stalled(self, view: PeerView) -> None:
         with self._lock:
+            self.version += 1
             view.stalled_until = self._clock() + STALLED_REST
             self._counts = None
 
     def ban(self, view: PeerView, reason: str) -> None:
         with self._lock:
+            self.version += 1
             view.banned = reason
             self._counts = None
 
