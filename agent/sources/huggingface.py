@@ -1,0 +1,161 @@
+"""A Hugging Face–compatible hub (the Hub, or a lab's hf-mirror), the origin after ModelScope.
+
+Off unless ``HF_ENDPOINT`` is set (``huggingface.endpoint``); ``HF_TOKEN`` is sent when
+set. The listing comes from the hub's API through ``huggingface_hub``
+(``HfApi.model_info(files_metadata=True)``): paths, sizes, and for LFS files (the weights)
+the SHA-256. A small file kept in git rather than LFS is listed with its git blob id only;
+shoal fetches it once at listing time (such files are under the hub's LFS threshold, a few
+MB at most; ``MAX_SMALL_FILE`` bounds it), checks it against that id and lists its SHA-256,
+so every file of the plan is verified as ModelScope's are. Bytes come by ranged GET on
+``{endpoint}/{repo}/resolve/{revision}/{path}``, following the hub's redirect to its CDN.
+
+shoal's default revision ``master`` means the hub's default branch, ``main``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from urllib.parse import quote
+
+import requests
+import urllib3
+from requests.adapters import HTTPAdapter
+
+from agent.config import Settings
+from agent.errors import ConfigError, CredentialsRejected, ManifestError, NotFound, SourceUnavailable
+from agent.manifest import Listing, ModelRef, make_listing
+from agent.sources import ChunkRequest, Origin, expect_span, read_exact
+
+_NETWORK_ERRORS = (OSError, requests.RequestException, urllib3.exceptions.HTTPError)
+MAX_SMALL_FILE = 64 * 1024 * 1024  # a non-LFS file read whole at listing time, at most
+MAX_REDIRECTS = 3
+
+
+def hub_revision(revision: str) -> str:
+    """The hub's name for a revision: shoal's default ``master`` is the hub's ``main``."""
+    return "main" if revision == "master" else revision
+
+
+class HuggingFaceSource(Origin):
+    """See module docstring."""
+
+    name = "huggingface"
+    lists_files = True
+
+    def __init__(self, settings: Settings):
+        self.endpoint = settings.hf_endpoint.rstrip("/")
+        if not self.endpoint.startswith(("http://", "https://")):
+            raise ConfigError(f"HF_ENDPOINT {settings.hf_endpoint!r} is not an http(s) URL; "
+                              "set it to the hub's address, e.g. https://hf-mirror.com")
+        self._token = settings.hf_token
+        self._timeout = (settings.connect_timeout, min(settings.chunk_timeout, 60.0))
+        self._session = requests.Session()
+        self._session.max_redirects = MAX_REDIRECTS
+        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=settings.concurrency + 4, max_retries=0)
+        self._session.mount("http://", adapter)
+        self._session.mount("https://", adapter)
+        self._session.headers["User-Agent"] = "shoal/0.1"
+        if self._token:
+            self._session.headers["Authorization"] = f"Bearer {self._token}"
+
+    def file_url(self, ref: ModelRef, path: str) -> str:
+        return (f"{self.endpoint}/{ref.model_id}/resolve/{quote(hub_revision(ref.revision), safe='')}/"
+                f"{quote(path)}")
+
+    # ------------------------------------------------------------------ listing
+
+    def list_files(self, ref: ModelRef) -> Listing:
+        """The validated listing of ``ref`` (paths, sizes, SHA-256)."""
+        try:
+            from huggingface_hub import HfApi
+            from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, RepositoryNotFoundError,
+                                                RevisionNotFoundError)
+        except ImportError:
+            raise ConfigError("HF_ENDPOINT is set but the Hugging Face client is not installed: "
+                              "pip install 'shoal[hf]' (or unset HF_ENDPOINT)") from None
+        revision = hub_revision(ref.revision)
+        what = f"listing {ref} on the Hugging Face hub ({self.endpoint})"
+        try:
+            info = HfApi(endpoint=self.endpoint, token=self._token or False).model_info(
+                ref.model_id, revision=revision, files_metadata=True, timeout=self._timeout[1])
+        except GatedRepoError as e:
+            raise CredentialsRejected(f"{what}: the hub refused the request (gated model); set HF_TOKEN "
+                                      "to a token that was granted access") from e
+        except RevisionNotFoundError as e:
+            raise NotFound(f"the Hugging Face hub has {ref.model_id} but no revision {revision}") from e
+        except RepositoryNotFoundError as e:
+            # Without a token the Hub answers a private repo as it answers a missing one.
+            hint = "" if self._token else " (or it is private: set HF_TOKEN)"
+            raise NotFound(f"the Hugging Face hub has no model {ref.model_id}{hint}") from e
+        except HfHubHTTPError as e:
+            status = e.response.status_code if e.response is not None else None
+            if status in (401, 403):
+                raise CredentialsRejected(f"{what}: the hub refused the request ({status}); check HF_TOKEN") from e
+            raise SourceUnavailable(f"{what} failed: {str(e).splitlines()[0]}") from e
+        except Exception as e:  # httpx's network errors, which huggingface_hub lets through
+            if type(e).__module__.startswith(("httpx", "httpcore")) or isinstance(e, OSError):
+                raise SourceUnavailable(f"{what} failed: cannot reach the hub ({type(e).__name__}); "
+                                        "check HF_ENDPOINT and the network") from e
+            raise
+        entries = []
+        for sibling in info.siblings or []:
+            if sibling.lfs is not None:
+                entries.append((sibling.rfilename, sibling.lfs.size, sibling.lfs.sha256))
+            else:
+                entries.append((sibling.rfilename, sibling.size, self._small_file_sha256(ref, sibling)))
+        return make_listing(ref.model_id, ref.revision, entries)
+
+    def _small_file_sha256(self, ref: ModelRef, sibling) -> str:
+        """A non-LFS file's SHA-256, from its bytes proven against the git blob id the hub listed."""
+        path, size, blob_id = sibling.rfilename, sibling.size, sibling.blob_id
+        if not isinstance(size, int) or not isinstance(blob_id, str) or len(blob_id) != 40:
+            raise ManifestError(f"the hub lists {path!r} without a size and git blob id; shoal cannot verify it")
+        if size > MAX_SMALL_FILE:
+            raise ManifestError(f"the hub lists {path!r} ({size} bytes) outside LFS, with no SHA-256; "
+                                f"shoal reads such files whole only up to {MAX_SMALL_FILE} bytes")
+        data = bytearray(size)
+        if size:
+            self.fetch(ref, ChunkRequest(path, 0, size, size), memoryview(data), _deadline(self._timeout[1]))
+        blob = hashlib.sha1(b"blob %d\0" % size + data).hexdigest()
+        if not hmac.compare_digest(blob, blob_id):
+            raise ManifestError(f"{path!r} from the hub does not match the git blob id it lists "
+                                f"({blob} != {blob_id}): a corrupt file or a lying hub")
+        return hashlib.sha256(data).hexdigest()
+
+    # ------------------------------------------------------------------- bytes
+
+    def fetch(self, ref: ModelRef, request: ChunkRequest, into: memoryview, deadline: float) -> None:
+        what = f"Hugging Face {ref.model_id}/{request.path} [{request.offset}+{request.length}]"
+        headers = {"Range": f"bytes={request.offset}-{request.offset + request.length - 1}",
+                   "Accept-Encoding": "identity"}
+        try:
+            resp = self._session.get(self.file_url(ref, request.path), headers=headers,
+                                     stream=True, timeout=self._timeout)
+        except requests.TooManyRedirects as e:
+            raise SourceUnavailable(f"{what}: more than {MAX_REDIRECTS} redirects", transient=False) from e
+        except _NETWORK_ERRORS as e:
+            raise SourceUnavailable(f"{what}: cannot reach the hub ({type(e).__name__})") from e
+        try:
+            if resp.status_code == 404:
+                raise NotFound(f"{what}: not on the hub")
+            if resp.status_code in (401, 403):
+                raise CredentialsRejected(f"{what}: the hub refused the request ({resp.status_code}); "
+                                          "set HF_TOKEN to a token that may read this model")
+            if resp.status_code >= 500 or resp.status_code in (408, 429):
+                raise SourceUnavailable(f"{what}: the hub answered {resp.status_code}")
+            length = resp.headers.get("Content-Length")
+            expect_span(resp.status_code, int(length) if length and length.isdigit() else None, request, what)
+            read_exact(resp.raw.readinto, into, request.length, deadline, what)
+        except _NETWORK_ERRORS as e:
+            raise SourceUnavailable(f"{what}: {type(e).__name__} while reading the body") from e
+        finally:
+            resp.close()
+
+    def close(self) -> None:
+        self._session.close()
+
+
+def _deadline(seconds: float) -> float:
+    import time
+    return time.monotonic() + seconds
