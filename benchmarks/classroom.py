@@ -158,6 +158,7 @@ def run_shoal_class(lab, hosts, origin_url, root: Path, args, *, sharing: bool, 
                  "SHOAL_DHT": "1" if args.no_multicast else "0", **dict(kv.split("=", 1) for kv in args.set)}
         if args.trace:
             extra["SHOAL_TRACE"] = str(REPO / "benchmarks" / "out" / f"trace-{host.name}.txt")
+            extra["SHOAL_LOG_LEVEL"] = "DEBUG"
         if args.no_multicast and first is not None:
             extra["SHOAL_SWARM_PEERS"] = first
         env = shoal_env(cache, extra)

@@ -71,10 +71,13 @@ class DataClient:
         conn.close()
 
     def fetch(self, address: tuple[str, int], ticket: Ticket, manifest_id: str, path: str, index: int,
-              into: memoryview, length: int, deadline: float, on_connection=None, tls: bytes | None = None) -> None:
+              into: memoryview, length: int, deadline: float, on_connection=None, tls: bytes | None = None,
+              idle: float | None = None) -> None:
         """``on_connection(conn)``: told the socket in use, so another thread can abort the
         fetch by shutting it down (the endgame's losing copy). ``tls``: the certificate hash
-        the peer announced; the connection is then encrypted and must present it."""
+        the peer announced; the connection is then encrypted and must present it. ``idle``:
+        the longest wait for the next bytes (``PeerTimedOut`` past it); a transfer that keeps
+        moving may take until ``deadline``, however slow the peer's link."""
         what = f"peer {address[0]}:{address[1]} chunk {index} of {path}"
         key = (address, manifest_id, tls)
         conn = None
@@ -82,7 +85,9 @@ class DataClient:
             conn = self._take(address, ticket, manifest_id, deadline, what, tls)
             if on_connection is not None:
                 on_connection(conn)
-            conn.settimeout(max(0.1, deadline - time.monotonic()))
+            wait = (lambda: max(0.1, min(idle, deadline - time.monotonic()))) if idle else (
+                lambda: max(0.1, deadline - time.monotonic()))
+            conn.settimeout(wait())
             conn.sendall(encode_request(path, index))
             header = recv_exact(conn, HEADER.size)
             if header is None:
@@ -103,6 +108,7 @@ class DataClient:
             while got < length:
                 if time.monotonic() > deadline:
                     raise PeerTimedOut(f"{what}: timed out after {got} of {length} bytes")
+                conn.settimeout(wait())
                 n = conn.recv_into(into[got:length])
                 if not n:
                     raise SourceUnavailable(f"{what}: body truncated after {got} of {length} bytes")

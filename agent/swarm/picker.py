@@ -40,7 +40,7 @@ from agent.scheduler import ORIGINS, PEERS, Job
 from agent.swarm.board import Board
 from agent.swarm.view import LanView
 
-CLAIM_SETTLE = 0.2
+CLAIM_SETTLE = 0.5  # a claim made while the room is unsettled waits this long for a rival's news
 STABLE_AFTER = 1.0  # pullers unchanged this long (and every peer answered): no settling
 # Connected peers not heard from yet count as pulling (they own their share of the origin's
 # chunks) for at most this long from the pull's start; after it, only those that said so.
@@ -53,9 +53,6 @@ ENDGAME_AFTER = 4.0  # a LAN chunk in flight this long at the end is fetched aga
 log = logging.getLogger("shoal.swarm")
 
 WAIT = 0.25  # the longest a worker waits for news before looking again
-# Workers woken together by one piece of news all ask at once: one looks, the others are
-# told "nothing" from its look while nothing changed and this little time has passed.
-IDLE_LOOK = 0.05
 
 
 class SwarmPicker:
@@ -77,8 +74,6 @@ class SwarmPicker:
         self._puller_sets = 0  # how many different puller lists this pull has seen
         self._fresh: bool | None = None  # whether no peer held any of it when we first looked
         self.duplicates = 0  # endgame jobs handed out
-        self._idle_key: tuple | None = None  # the state of the last look that found nothing
-        self._idle_at = float("-inf")
 
     # --------------------------------------------------------------------- choosing
 
@@ -126,10 +121,11 @@ class SwarmPicker:
             return None
         mine = [o for o, entry in self.in_flight.items() if entry[4]]
         free = self.origin_streams - len(others_claims) - len(mine) - len(self.settling)
-        # Claims that settled: go, unless a live peer with a smaller id claimed the same.
+        # Claims that settled: go, unless a live peer claimed the same and wins it: the
+        # chunk's owner among every puller either of us counts, else the smaller id.
         for ordinal, since in sorted(self.settling.items(), key=lambda kv: kv[1]):
             rivals = others_claims.get(ordinal, ())
-            if ordinal not in self.pending or any(peer < view.self_id for peer in rivals) or holders.get(ordinal):
+            if ordinal not in self.pending or holders.get(ordinal) or (rivals and self._yields(ordinal, rivals, pullers)):
                 del self.settling[ordinal]
                 self.board.unclaim(ordinal)
                 continue
@@ -152,6 +148,18 @@ class SwarmPicker:
                 self.settling[ordinal] = now
         return None
 
+    def _yields(self, ordinal: int, rivals, pullers: tuple[str, ...]) -> bool:
+        """Whether this agent lets a rival's claim of ``ordinal`` win. Both sides decide
+        alike whoever sees the other's claim: the owner by rendezvous hashing over the
+        pullers both count wins; if that is neither of us, the smaller id."""
+        me = self.view.self_id
+        owner = self.view.owner(ordinal, tuple(sorted(set(pullers) | set(rivals))))
+        if owner == me:
+            return False
+        if owner in rivals:
+            return True
+        return any(peer < me for peer in rivals)
+
     def _endgame(self) -> Job | None:
         now = self.clock()
         for ordinal, entry in self.in_flight.items():
@@ -165,7 +173,7 @@ class SwarmPicker:
 
     def _start(self, ordinal: int, from_origin: bool) -> Job:
         if from_origin:  # a chunk this agent pays the outside link for: say why it is ours
-            log.info("origin chunk %d: %d pullers, %d unknown, %d idle, %.2f s into the pull", ordinal,
+            log.debug("origin chunk %d: %d pullers, %d unknown, %d idle, %.2f s into the pull", ordinal,
                      len(self._pullers), len(self.view.unknown), len(self.view.idle), self.clock() - self.started)
         queued = self.pending.pop(ordinal)
         job = Job(queued.task, queued.index, route=ORIGINS if from_origin else PEERS)
@@ -175,10 +183,6 @@ class SwarmPicker:
     def pick_now(self) -> Job | None:
         """The next job, if there is one to start now (None: wait for news, or ``finished``)."""
         if self.pending:
-            now = self.clock()
-            key = (self.view.version, len(self.pending), len(self.in_flight), len(self.settling))
-            if key == self._idle_key and now - self._idle_at < IDLE_LOOK:
-                return None
             holders = self.view.holder_counts()
             ordinal = self._from_lan(holders)
             if ordinal is not None:
@@ -186,9 +190,6 @@ class SwarmPicker:
             ordinal = self._from_origin(holders)
             if ordinal is not None:
                 return self._start(ordinal, True)
-            # Taken after the look: a claim it made bumped nothing the key counts but settling.
-            self._idle_key = (self.view.version, len(self.pending), len(self.in_flight), len(self.settling))
-            self._idle_at = now
             return None
         return self._endgame()
 

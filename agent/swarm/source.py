@@ -4,9 +4,9 @@ Each chunk goes to the least busy peer whose have-map (``LanView``, refreshed wh
 pull runs) lists it, at most ``PER_PEER`` requests per peer at once. ``fetch`` names the
 peer that delivered; the scheduler hashes the bytes (once) and, if they lie, hands that
 name back to ``rejected``: the peer is dropped for the rest of the pull (and shown in
-``shoal peers``). A peer that does
-not deliver a chunk in time (``LAN_TIMEOUT`` plus what ``LAN_MIN_RATE`` allows) is put
-aside for a while and the chunk moves to another holder. A peer whose upload slots are
+``shoal peers``). A peer that sends nothing on a chunk for ``LAN_TIMEOUT``, or has not
+finished it by the chunk's deadline, is put aside for a while and the chunk moves to
+another holder; a slow but moving transfer is let finish (the endgame may race it). A peer whose upload slots are
 full is waited for briefly. A chunk no usable peer holds raises ``ChunkNotHeld`` and goes
 to the mirror or the origin.
 """
@@ -25,8 +25,11 @@ from agent.swarm.dataclient import DataClient
 from agent.swarm.datawire import Ticket
 from agent.swarm.view import LanView, PeerView
 
+# A peer that sends nothing for this long on a chunk is stalled (stopped, gone, swamped)
+# and put aside; one that keeps sending, however slowly (a student on a thin link may be
+# the only holder of a chunk), gets until the chunk's deadline: the endgame fetches a slow
+# copy again from a faster holder, and nobody pays the origin for its slowness.
 LAN_TIMEOUT = 5.0
-LAN_MIN_RATE = 1024 * 1024  # bytes/s a peer must at least manage on one chunk
 BUSY_WAIT = 0.1
 
 
@@ -70,9 +73,7 @@ class LanPeerSource(ChunkSource):
                 raise SourceUnavailable(f"LAN peers failed chunk {index} of {path}: {'; '.join(problems)[:300]}",
                                         transient=False)  # every holder was tried: no point in a retry
             got = 0
-            # One transfer must keep up LAN_MIN_RATE (after LAN_TIMEOUT to start): a holder
-            # slower than that is stalled, not waited for.
-            lan_deadline = min(deadline, time.monotonic() + LAN_TIMEOUT + request.length / LAN_MIN_RATE)
+            lan_deadline = deadline
             try:
                 key, mine = (path, index), []
 
@@ -82,7 +83,8 @@ class LanPeerSource(ChunkSource):
                         self._sockets.setdefault(key, []).append(conn)
                 try:
                     self.client.fetch(peer.data, Ticket.decode(peer.ticket), self.manifest.id, path, index, into,
-                                      request.length, lan_deadline, on_connection=register, tls=peer.tls)
+                                      request.length, lan_deadline, on_connection=register, tls=peer.tls,
+                                      idle=LAN_TIMEOUT)
                 finally:
                     with self._lock:
                         left = [c for c in self._sockets.get(key, []) if c not in mine]

@@ -58,9 +58,6 @@ class LanView:
         self._clock = clock
         self._lock = threading.Lock()
         self._changed = trio.Event() if _in_trio() else None
-        # Bumped by every change a pick depends on (besides the clock): a picker that found
-        # nothing to do at one version need not look again until it moves.
-        self.version = 0
         self._owner_cache: dict[tuple[str, ...], dict[int, str]] = {}
         # Holder counts per chunk, rebuilt lazily after a change or when a peer's liveness
         # or rest runs out: the picker asks for every pending chunk on every pick.
@@ -152,7 +149,6 @@ class LanView:
             self._notify()
 
     def _notify(self) -> None:
-        self.version += 1
         if self._changed is not None:
             self._changed.set()
             self._changed = trio.Event()
@@ -236,8 +232,8 @@ class LanView:
         """(the agents pulling this manifest: this one, every live peer that pulls and, with
         ``count_unknown``, every connected peer not heard from yet and, with ``count_idle``,
         every idle one, sorted; the chunks live peers claim -> who claims each; whether no
-        live peer pulls or holds anything of it and every connected peer has answered, and
-        none is counted idle).
+        live peer pulls or holds anything of it and no connected peer is counted as pulling
+        for want of an answer).
 
         Counting every connected peer as pulling at first is what lets a room that starts
         at once split the origin's chunks from the first second: they all start out with
@@ -248,7 +244,7 @@ class LanView:
         claims: dict[int, set[str]] = {}
         presumed = (self.unknown if count_unknown else frozenset()) | (self.idle if count_idle else frozenset())
         pullers = {self.self_id, *presumed}
-        alone = not self.unknown and not (count_idle and self.idle)
+        alone = not (count_unknown and self.unknown) and not (count_idle and self.idle)
         with self._lock:
             for v in self.peers.values():
                 if not self._alive(v, now):
@@ -288,7 +284,6 @@ class LanView:
         """The least busy usable holder of a chunk (counted in flight until ``give_back``)."""
         now = self._now()
         with self._lock:
-            self.version += 1
             candidates = [v for v in self.peers.values() if self._usable(v, now) and v.peer not in exclude
                           and ordinal in v.state.have and ordinal not in v.missing]
             if not candidates:
@@ -300,13 +295,11 @@ class LanView:
 
     def give_back(self, view: PeerView, nbytes: int = 0) -> None:
         with self._lock:
-            self.version += 1
             view.in_flight -= 1
             view.bytes_down += nbytes
 
     def lacks(self, view: PeerView, ordinal: int) -> None:
         with self._lock:
-            self.version += 1
             view.missing.add(ordinal)
             self._counts = None
 
@@ -315,18 +308,15 @@ class LanView:
         ``BUSY_REST`` (a busy holder is one that many ask: like BitTorrent's choke, it
         sends its askers to other chunks and other holders)."""
         with self._lock:
-            self.version += 1
             view.busy_until = self._clock() + BUSY_REST
 
     def stalled(self, view: PeerView) -> None:
         with self._lock:
-            self.version += 1
             view.stalled_until = self._clock() + STALLED_REST
             self._counts = None
 
     def ban(self, view: PeerView, reason: str) -> None:
         with self._lock:
-            self.version += 1
             view.banned = reason
             self._counts = None
 
