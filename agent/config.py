@@ -239,15 +239,23 @@ def load_settings(env: dict[str, str] | None = None, **overrides) -> Settings:
     env = dict(os.environ if env is None else env)
     values: dict[str, object] = {}
     path = config_path(env)
-    if path.exists():
+    # The config file, then the room file beside it (`shoal room join` writes it: its swarm
+    # keys win over the config file's; agent.room).
+    for source in (path, path.parent / "room.toml"):
+        if not source.exists():
+            continue
         try:
-            doc = tomllib.loads(path.read_text(encoding="utf-8"))
+            doc = tomllib.loads(source.read_text(encoding="utf-8"))
+        except PermissionError:
+            if source == path:
+                raise ConfigError(f"cannot read config file {path}: permission denied") from None
+            continue  # the room's secret is the agent's: a lab user's commands do without it
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-            raise ConfigError(f"cannot read config file {path}: {e}; fix or remove it") from e
+            raise ConfigError(f"cannot read config file {source}: {e}; fix or remove it") from e
         for name, (_, key, kind) in _SOURCES.items():
             raw = _lookup_toml(doc, key)
             if raw is not None:
-                values[name] = _convert(name, f"{path}: {key}", kind, raw)
+                values[name] = _convert(name, f"{source}: {key}", kind, raw)
     for name, (var, _, kind) in _SOURCES.items():
         raw = env.get(var)
         if raw not in (None, ""):

@@ -17,6 +17,10 @@ Control API handlers get the agent and read these attributes: ``settings``, ``st
 ``sources``, ``pulls``, ``download``, ``upload``, ``upload_slots``, ``swarm``, ``jobs``,
 ``chats``, ``devices``, ``gateway_url``, ``started``.
 
+Reload: SIGHUP (``systemctl reload shoal-agent``) or the control API's ``reload`` ends
+``serve``; ``shoal agent`` then starts again in the same process (same pid) with the
+settings read afresh, e.g. after ``shoal room join``.
+
 Resource handling: ``serve`` holds ``agent.lock`` in the cache directory for its whole
 life (two agents never share a store), removes its socket and ``agent.json`` on the way
 out, and SIGTERM/SIGINT cancel it like any trio task: chunks being written finish,
@@ -29,6 +33,7 @@ import fcntl
 import json
 import logging
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -74,6 +79,24 @@ class Agent:
         self.chats = ChatSessions(self.jobs)
         self.devices = DeviceProbe()
         self.gateway_url: str | None = None
+        self.reload_requested = False  # serve ends, and `shoal agent` starts again with fresh settings
+        self._nursery: trio.Nursery | None = None
+
+    def request_reload(self, why: str, *, after: float = 0.0) -> None:
+        """Stop serving (pulls are cancelled, verified chunks kept) so that ``shoal agent``
+        starts again in this process with the settings as they are now (a room joined)."""
+        async def reload() -> None:
+            await trio.sleep(after)  # the caller's answer goes out first
+            log.warning("reloading the agent's settings (%s): running pulls stop, pull again to resume", why)
+            self.reload_requested = True
+            self._nursery.cancel_scope.cancel()
+        self._nursery.start_soon(reload)
+
+    async def _reload_on_sighup(self) -> None:
+        with trio.open_signal_receiver(signal.SIGHUP) as signals:
+            async for _ in signals:
+                self.request_reload("SIGHUP")
+                return
 
     def close(self) -> None:
         self.chats.close_all()
@@ -87,6 +110,8 @@ class Agent:
         lock_fd = _take_agent_lock(Path(self.settings.cache_dir))
         try:
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._reload_on_sighup)
                 await nursery.start(self.pulls.run)
                 gateway = Gateway(self.settings, self.store, self.sources, self.pulls, self.metrics.render)
                 port = await nursery.start(serve_gateway, gateway, self.settings.gateway_port)
@@ -122,10 +147,12 @@ def _take_agent_lock(cache_dir: Path) -> int:
     return fd
 
 
-async def serve_agent(settings: Settings, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Run the agent until cancelled. See module docstring."""
+async def serve_agent(settings: Settings, *, task_status=trio.TASK_STATUS_IGNORED) -> bool:
+    """Run the agent until cancelled (False) or asked to reload its settings (True: SIGHUP,
+    or the control API's ``reload``). See module docstring."""
     agent = Agent(settings)
     try:
         await agent.serve(task_status=task_status)
     finally:
         agent.close()
+    return agent.reload_requested

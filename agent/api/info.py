@@ -1,4 +1,5 @@
-"""Control API methods about the agent itself: ping, status, config_show, config_set, sources, peers."""
+"""Control API methods about the agent itself: ping, status, config_show, config_set, reload,
+sources, peers."""
 
 from __future__ import annotations
 
@@ -79,6 +80,15 @@ async def config_set(agent, p: ConfigSetParams, call: Call):
     except (TypeError, ValueError):
         raise UsageError(f"{p.value!r} is not a valid value for {p.key}") from None
     return _config_rows(agent)
+
+
+@method("reload", NoParams, "Re-read the settings (the agent's own user or root only): running pulls stop, "
+        "the agent serves again in a moment.")
+async def reload(agent, p: NoParams, call: Call):
+    if call.uid not in (os.getuid(), 0):
+        raise UsageError(f"only the agent's own user (uid {os.getuid()}) or root may reload it")
+    agent.request_reload(f"asked by uid {call.uid}", after=0.2)
+    return {"reloading": True, "pid": os.getpid()}
 
 
 @method("sources", NoParams, "The sources a pull tries, in order: name and label.")

@@ -3,7 +3,7 @@
 Command modules, each with a ``register(subparsers)``: ``cache`` (pull, ls, verify, rm,
 pin, unpin, gc, du, cancel), ``daemon`` (agent, status, peers, config), ``launch``
 (doctor, run, serve, train, jobs, logs), ``publish`` (id, publish, mirror push),
-``tools`` (tui, demo). They reach the cache through ``agent.client``'s backend.
+``room`` (room create/join/show/leave), ``tools`` (tui, demo). They reach the cache through ``agent.client``'s backend.
 
 Exit codes (``agent.errors``): 0 ok, 1 other error, 2 usage or configuration, 3 not
 found, 4 no reachable source, 5 integrity, 6 disk full, 7 credentials rejected,
@@ -16,7 +16,8 @@ import argparse
 import json
 import sys
 
-from agent.cli import cache, daemon, launch, publish, tools
+from agent import __version__
+from agent.cli import cache, daemon, launch, publish, room, tools
 from agent.config import ENV_NAMES
 from agent.errors import ShoalError
 
@@ -28,8 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
                + ", ".join(sorted(ENV_NAMES.values())) + ". See the README.")
     parser.add_argument("--cache-dir", help=f"where models and the index live (${ENV_NAMES['cache_dir']})")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    parser.add_argument("--version", action="version", version=f"shoal {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (cache, daemon, launch, publish, tools):
+    for module in (cache, daemon, launch, publish, room, tools):
         module.register(sub)
     return parser
 

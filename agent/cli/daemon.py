@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 
 from agent.cli.common import backend_of, settings_of, table
@@ -15,21 +16,28 @@ def cmd_agent(args) -> int:
     from agent.runtime import run_until_signal
     from agent.service import serve_agent
     settings = settings_of(args)
-    logging.getLogger("shoal").setLevel(logging.INFO)
+    # SHOAL_LOG_LEVEL=DEBUG shows the swarm's decisions (each origin chunk and why it is ours).
+    level = os.environ.get("SHOAL_LOG_LEVEL", "INFO").upper()
+    logging.getLogger("shoal").setLevel(level if level in ("DEBUG", "INFO", "WARNING", "ERROR") else "INFO")
     if args.log_json:
         from agent.logs import JsonLogFormatter
         for handler in logging.getLogger().handlers:
             handler.setFormatter(JsonLogFormatter())
 
     async def main():
-        await serve_agent(settings)
+        return await serve_agent(settings)
 
     print(f"shoal agent: serving {settings.cache_dir} (socket {settings.socket_path}); "
-          "Ctrl-C or SIGTERM stops it", file=sys.stderr, flush=True)
+          "Ctrl-C or SIGTERM stops it, SIGHUP reloads its settings", file=sys.stderr, flush=True)
+    reload = False
     try:
-        run_until_signal(main)
+        reload = run_until_signal(main)
     except Terminated:
         pass
+    if reload:
+        # The same process (systemd keeps following its pid), the settings read afresh.
+        print("shoal agent: reloading its settings", file=sys.stderr, flush=True)
+        os.execv(sys.executable, [sys.executable, "-m", "agent.cli", *sys.argv[1:]])
     print("shoal agent: stopped; verified chunks are kept", file=sys.stderr)
     return 0
 

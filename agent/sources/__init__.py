@@ -103,9 +103,10 @@ class Origin(ChunkSource):
 
 
 def make_sources(settings: Settings) -> list[Origin]:
-    """The configured origins in fallback order (LAN peers are added per pull)."""
+    """The configured origins in fallback order (LAN peers are added per pull); none at all
+    only for a swarm member (a student's machine in a room pulls from the room)."""
     sources = [kind.make(settings) for kind in registry.origins(settings)]
-    if not sources:
+    if not sources and not settings.swarm:  # a room member may pull from its peers alone
         ways = "; ".join(k.how for k in registry.KINDS if k.how)
         raise UsageError(f"no source is configured: set {ways}")
     return sources
