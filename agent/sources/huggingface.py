@@ -18,16 +18,11 @@ import hashlib
 import hmac
 from urllib.parse import quote
 
-import requests
-import urllib3
-from requests.adapters import HTTPAdapter
-
 from agent.config import Settings
 from agent.errors import ConfigError, CredentialsRejected, ManifestError, NotFound, SourceUnavailable
 from agent.manifest import Listing, ModelRef, make_listing
-from agent.sources import ChunkRequest, Origin, expect_span, read_exact
-
-_NETWORK_ERRORS = (OSError, requests.RequestException, urllib3.exceptions.HTTPError)
+from agent.sources import ChunkRequest, Origin
+from agent.sources.http import hub_session, ranged_get
 MAX_SMALL_FILE = 64 * 1024 * 1024  # a non-LFS file read whole at listing time, at most
 MAX_REDIRECTS = 3
 
@@ -50,14 +45,7 @@ class HuggingFaceSource(Origin):
                               "set it to the hub's address, e.g. https://hf-mirror.com")
         self._token = settings.hf_token
         self._timeout = (settings.connect_timeout, min(settings.chunk_timeout, 60.0))
-        self._session = requests.Session()
-        self._session.max_redirects = MAX_REDIRECTS
-        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=settings.concurrency + 4, max_retries=0)
-        self._session.mount("http://", adapter)
-        self._session.mount("https://", adapter)
-        self._session.headers["User-Agent"] = "shoal/0.1"
-        if self._token:
-            self._session.headers["Authorization"] = f"Bearer {self._token}"
+        self._session = hub_session(settings.concurrency, self._token, max_redirects=MAX_REDIRECTS)
 
     def file_url(self, ref: ModelRef, path: str) -> str:
         return (f"{self.endpoint}/{ref.model_id}/resolve/{quote(hub_revision(ref.revision), safe='')}/"
@@ -126,31 +114,9 @@ class HuggingFaceSource(Origin):
     # ------------------------------------------------------------------- bytes
 
     def fetch(self, ref: ModelRef, request: ChunkRequest, into: memoryview, deadline: float) -> None:
-        what = f"Hugging Face {ref.model_id}/{request.path} [{request.offset}+{request.length}]"
-        headers = {"Range": f"bytes={request.offset}-{request.offset + request.length - 1}",
-                   "Accept-Encoding": "identity"}
-        try:
-            resp = self._session.get(self.file_url(ref, request.path), headers=headers,
-                                     stream=True, timeout=self._timeout)
-        except requests.TooManyRedirects as e:
-            raise SourceUnavailable(f"{what}: more than {MAX_REDIRECTS} redirects", transient=False) from e
-        except _NETWORK_ERRORS as e:
-            raise SourceUnavailable(f"{what}: cannot reach the hub ({type(e).__name__})") from e
-        try:
-            if resp.status_code == 404:
-                raise NotFound(f"{what}: not on the hub")
-            if resp.status_code in (401, 403):
-                raise CredentialsRejected(f"{what}: the hub refused the request ({resp.status_code}); "
-                                          "set HF_TOKEN to a token that may read this model")
-            if resp.status_code >= 500 or resp.status_code in (408, 429):
-                raise SourceUnavailable(f"{what}: the hub answered {resp.status_code}")
-            length = resp.headers.get("Content-Length")
-            expect_span(resp.status_code, int(length) if length and length.isdigit() else None, request, what)
-            read_exact(resp.raw.readinto, into, request.length, deadline, what)
-        except _NETWORK_ERRORS as e:
-            raise SourceUnavailable(f"{what}: {type(e).__name__} while reading the body") from e
-        finally:
-            resp.close()
+        ranged_get(self._session, self.file_url(ref, request.path), request, into, deadline, self._timeout,
+                   what=f"Hugging Face {ref.model_id}/{request.path} [{request.offset}+{request.length}]",
+                   hub="the hub", token_hint="set HF_TOKEN to a token that may read this model")
 
     def close(self) -> None:
         self._session.close()

@@ -9,16 +9,12 @@ session so many ranges are in flight at once. ``MODELSCOPE_ENDPOINT`` and
 
 from __future__ import annotations
 
-import requests
-import urllib3
-from requests.adapters import HTTPAdapter
-
 from agent.config import Settings
 from agent.errors import CredentialsRejected, NotFound, SourceUnavailable
 from agent.manifest import Listing, ModelRef, make_listing
-from agent.sources import ChunkRequest, Origin, expect_span, read_exact
-
-_NETWORK_ERRORS = (OSError, requests.RequestException, urllib3.exceptions.HTTPError)
+from agent.sources import ChunkRequest, Origin
+from agent.sources.http import NETWORK_ERRORS as _NETWORK_ERRORS
+from agent.sources.http import hub_session, ranged_get
 
 
 class ModelScopeSource(Origin):
@@ -31,13 +27,7 @@ class ModelScopeSource(Origin):
         self.endpoint = settings.modelscope_endpoint.rstrip("/")
         self._token = settings.modelscope_token
         self._timeout = (settings.connect_timeout, min(settings.chunk_timeout, 60.0))
-        self._session = requests.Session()
-        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=settings.concurrency + 4, max_retries=0)
-        self._session.mount("http://", adapter)
-        self._session.mount("https://", adapter)
-        self._session.headers["User-Agent"] = "shoal/0.1"
-        if self._token:
-            self._session.headers["Authorization"] = f"Bearer {self._token}"
+        self._session = hub_session(settings.concurrency, self._token)
 
     def list_files(self, ref: ModelRef) -> Listing:
         """The validated listing of ``ref`` (paths, sizes, SHA-256)."""
@@ -71,30 +61,9 @@ class ModelScopeSource(Origin):
         return get_file_download_url(ref.model_id, path, ref.revision, endpoint=self.endpoint)
 
     def fetch(self, ref: ModelRef, request: ChunkRequest, into: memoryview, deadline: float) -> None:
-        what = f"ModelScope {ref.model_id}/{request.path} [{request.offset}+{request.length}]"
-        headers = {"Range": f"bytes={request.offset}-{request.offset + request.length - 1}",
-                   "Accept-Encoding": "identity"}
-        try:
-            resp = self._session.get(self.file_url(ref, request.path), headers=headers,
-                                     stream=True, timeout=self._timeout)
-        except _NETWORK_ERRORS as e:
-            raise SourceUnavailable(f"{what}: cannot reach ModelScope ({type(e).__name__})") from e
-        try:
-            if resp.status_code == 404:
-                raise NotFound(f"{what}: not on ModelScope")
-            if resp.status_code in (401, 403):
-                raise CredentialsRejected(
-                    f"{what}: ModelScope refused the request ({resp.status_code}); "
-                    "set MODELSCOPE_API_TOKEN to a token that may read this model")
-            if resp.status_code >= 500 or resp.status_code in (408, 429):
-                raise SourceUnavailable(f"{what}: ModelScope answered {resp.status_code}")
-            length = resp.headers.get("Content-Length")
-            expect_span(resp.status_code, int(length) if length and length.isdigit() else None, request, what)
-            read_exact(resp.raw.readinto, into, request.length, deadline, what)
-        except _NETWORK_ERRORS as e:
-            raise SourceUnavailable(f"{what}: {type(e).__name__} while reading the body") from e
-        finally:
-            resp.close()
+        ranged_get(self._session, self.file_url(ref, request.path), request, into, deadline, self._timeout,
+                   what=f"ModelScope {ref.model_id}/{request.path} [{request.offset}+{request.length}]",
+                   hub="ModelScope", token_hint="set MODELSCOPE_API_TOKEN to a token that may read this model")
 
     def close(self) -> None:
         self._session.close()

@@ -30,12 +30,11 @@ import os
 import sys
 import threading
 import time
-from dataclasses import asdict
 from pathlib import Path
 from urllib.parse import parse_qs, unquote
 
-from agent.testing.faults import Fault, FaultPlan, LoggedRequest
-from agent.testing.http import LoopbackServer, body_blocks, parse_range, pread_file
+from agent.testing.faults import FaultPlan, LoggedRequest
+from agent.testing.http import LoopbackServer, fault_control, serve_file
 
 CONTROL = "/__shoal__/"
 CDN = "/__cdn__/"
@@ -228,38 +227,11 @@ class HfHubServer:
         return _json(respond, 404, {"error": "no such object"})
 
     def _bytes(self, target: Path, environ, respond, fault):
-        size = target.stat().st_size
-        rng = None if fault and fault.kind == "ignore_range" else environ.get("HTTP_RANGE")
-        try:
-            span = parse_range(rng, size) if size else None
-        except ValueError:
-            respond("416 Range Not Satisfiable", [("Content-Range", f"bytes */{size}"), ("Content-Length", "0")])
-            return [b""]
-        start, end = span if span else (0, size - 1)
-        headers = [("Content-Type", "application/octet-stream"), ("Accept-Ranges", "bytes"),
-                   ("Content-Length", str(end - start + 1 if size else 0))]
-        if span:
-            headers.append(("Content-Range", f"bytes {start}-{end}/{size}"))
-        respond("206 Partial Content" if span else "200 OK", headers)
-        if not size:
-            return [b""]
-        return body_blocks(pread_file(str(target)), start, end, fault)
+        return serve_file(str(target), target.stat().st_size, environ, respond, fault)
 
     def _control(self, environ, respond, what, method):
-        if what == "faults" and method == "POST":
-            length = int(environ.get("CONTENT_LENGTH") or 0)
-            if length > 1 << 20:
-                return _json(respond, 413, {"error": "fault list too large"})
-            rules = json.loads(environ["wsgi.input"].read(length) or b"[]")
-            for rule in rules:
-                self.faults.add(Fault(**rule))
-            return _json(respond, 200, {"added": len(rules)})
-        if what == "faults" and method == "DELETE":
-            self.faults.clear()
-            return _json(respond, 200, {"cleared": True})
-        if what == "log":
-            return _json(respond, 200, [asdict(e) for e in self.faults.log()])
-        return _json(respond, 404, {"error": what})
+        answer = fault_control(self.faults, environ, respond, what, method, _json)
+        return answer if answer is not None else _json(respond, 404, {"error": what})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -108,3 +108,44 @@ def pread_file(path: str) -> Callable[[int, int], bytes]:
         finally:
             os.close(fd)
     return read_at
+
+
+def serve_file(path: str, size: int, environ, respond, fault: Fault | None) -> list | Iterator[bytes]:
+    """A file as a hub serves it: ``Range`` honoured (206, or 416 for a bad range) unless
+    the fault says to ignore it, the body through ``body_blocks`` (so faults apply)."""
+    rng = None if fault and fault.kind == "ignore_range" else environ.get("HTTP_RANGE")
+    try:
+        span = parse_range(rng, size) if size else None
+    except ValueError:
+        respond("416 Range Not Satisfiable", [("Content-Range", f"bytes */{size}"), ("Content-Length", "0")])
+        return [b""]
+    start, end = span if span else (0, size - 1)
+    headers = [("Content-Type", "application/octet-stream"), ("Accept-Ranges", "bytes"),
+               ("Content-Length", str(end - start + 1 if size else 0))]
+    if span:
+        headers.append(("Content-Range", f"bytes {start}-{end}/{size}"))
+    respond("206 Partial Content" if span else "200 OK", headers)
+    if not size:
+        return [b""]
+    return body_blocks(pread_file(path), start, end, fault)
+
+
+def fault_control(faults, environ, respond, what: str, method: str, json_reply):
+    """The test servers' control endpoint: ``POST faults`` (a JSON list of ``Fault``
+    fields, 1 MiB at most), ``DELETE faults``, ``GET log``; None for anything else."""
+    import json
+    from dataclasses import asdict
+    if what == "faults" and method == "POST":
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+        if length > 1 << 20:
+            return json_reply(respond, 413, {"error": "fault list too large"})
+        rules = json.loads(environ["wsgi.input"].read(length) or b"[]")
+        for rule in rules:
+            faults.add(Fault(**rule))
+        return json_reply(respond, 200, {"added": len(rules)})
+    if what == "faults" and method == "DELETE":
+        faults.clear()
+        return json_reply(respond, 200, {"cleared": True})
+    if what == "log":
+        return json_reply(respond, 200, [asdict(e) for e in faults.log()])
+    return None
