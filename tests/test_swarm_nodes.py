@@ -159,8 +159,14 @@ async def test_another_secret_is_another_private_network_and_its_dht_finds_nothi
         assert (await ask(member, seed, model=REF.model_id, revision=REF.revision)) is not None
         manifest_id = seeder.find(REF).manifest_id
         assert await seed.provide(MODEL_ID, "master", manifest_id)
-        with pytest.raises(trio.TooSlowError):
+        try:
             await stranger.connect(seed.addrs[0])
+        except trio.TooSlowError:
+            pass  # the handshake never completes under another pre-shared key ...
+        except Exception:  # ... or the garbled negotiation ends it at once (either way: no connection)
+            pass
+        else:
+            raise AssertionError("a node with another swarm secret finished libp2p's handshake")
         assert seed.peer_id not in stranger.connected()
         assert await stranger.find_providers(REF) == {}
         assert seed.peer_id in await member.find_providers(REF)
