@@ -150,6 +150,11 @@ ENV_NAMES = {name: env for name, (env, _, _) in _SOURCES.items()}
 SYSTEM_CONFIG = Path("/etc/shoal/config.toml")
 
 
+def room_path(config_file: Path) -> Path:
+    """The room file (``agent.room``) beside a config file: read after it."""
+    return Path(config_file).parent / "room.toml"
+
+
 def config_path(env: dict[str, str] | None = None) -> Path:
     """``$SHOAL_CONFIG``, else the user's ``~/.config/shoal/config.toml`` if it exists, else the
     machine's ``/etc/shoal/config.toml`` (which points every user's CLI at the lab agent)."""
@@ -241,7 +246,7 @@ def load_settings(env: dict[str, str] | None = None, **overrides) -> Settings:
     path = config_path(env)
     # The config file, then the room file beside it (`shoal room join` writes it: its swarm
     # keys win over the config file's; agent.room).
-    for source in (path, path.parent / "room.toml"):
+    for source in (path, room_path(path)):
         if not source.exists():
             continue
         try:

@@ -143,10 +143,6 @@ def peer_id_of(publisher: bytes) -> str:
 
 # ----------------------------------------------------------------------------- room file
 
-def room_path(config_file: Path) -> Path:
-    return Path(config_file).parent / "room.toml"
-
-
 def _toml_str(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 

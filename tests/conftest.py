@@ -84,6 +84,17 @@ def env(tmp_path, hub, oss) -> dict[str, str]:
     }
 
 
+def wait_for(predicate, timeout: float, what: str):
+    """``predicate()``'s first truthy value, asked every 0.3 s for at most ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def run_shoal(args: list[str], env: dict[str, str], *, timeout: float = 120,
               check: bool = False) -> subprocess.CompletedProcess:
     """Run the real ``shoal`` command in a subprocess (loopback guard installed there too)."""

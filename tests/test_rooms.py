@@ -11,7 +11,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ import pytest
 from agent.errors import UsageError
 from agent.room import Room, decode_code, encode_code, new_room
 from agent.testing import netns
-from conftest import MODEL_ID, REPO, TESTS, mirror, run_shoal, tree_digest
+from conftest import MODEL_ID, REPO, TESTS, mirror, run_shoal, tree_digest, wait_for
 
 pytestmark = pytest.mark.timeout(240)
 LAB_NET = "10.78.0.0/16"
@@ -80,16 +79,6 @@ def room_agent(lab: netns.Lab, host: netns.Host, env: dict, log: Path):
     full["SHOAL_SWARM_HOST"] = host.ip
     return lab.popen(host, [sys.executable, "-m", "agent.cli", "agent"], env=full,
                      stdout=open(log, "w"), stderr=subprocess.STDOUT)
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def status(env) -> dict:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from agent.testing import netns
-from conftest import MODEL_ID, REPO, TESTS, mirror, run_shoal, tree_digest
+from conftest import MODEL_ID, REPO, TESTS, mirror, run_shoal, tree_digest, wait_for
 
 pytestmark = [pytest.mark.timeout(240),
               pytest.mark.skipif(netns.available() is not None, reason=str(netns.available()))]
@@ -36,16 +36,6 @@ def lab_agent(lab: netns.Lab, host: netns.Host, env: dict):
     return lab.popen(host, [sys.executable, "-m", "agent.cli", "agent"], env=full,
                      stdout=open(Path(env["SHOAL_CACHE_DIR"]).parent / f"{host.name}.log", "w"),
                      stderr=__import__("subprocess").STDOUT)
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def agent_up(env: dict) -> bool:

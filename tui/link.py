@@ -34,7 +34,7 @@ class AgentLink:
     def connect(self) -> str:
         """'running' if an agent was there, 'embedded' if we started one. Blocking."""
         try:
-            self.backend.call("status")
+            self.backend.call("ping")
             return "running"
         except (FileNotFoundError, ConnectionRefusedError):
             pass
@@ -50,7 +50,7 @@ class AgentLink:
                 raise ShoalError(f"the embedded agent exited ({self.embedded.returncode}); "
                                  f"see {self.settings.cache_dir}/tui-agent.log")
             try:
-                self.backend.call("status")
+                self.backend.call("ping")
                 return "embedded"
             except (FileNotFoundError, ConnectionRefusedError):
                 time.sleep(0.1)

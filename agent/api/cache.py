@@ -48,7 +48,9 @@ async def follow_wire(agent, ref: ModelRef, directory: Path | None, call: Call) 
 @method("pull", PullParams, "Pull a model (or join its running pull); the result names its folder.",
         streams=True)
 async def pull(agent, p: PullParams, call: Call):
-    return await follow_wire(agent, p.model, _target(agent, p.to, call.uid), call)
+    # The target's checks open and stat folders: off the event loop.
+    target = await trio.to_thread.run_sync(_target, agent, p.to, call.uid)
+    return await follow_wire(agent, p.model, target, call)
 
 
 @method("cancel", ModelParams, "Stop the running pull of a model; verified chunks are kept.")

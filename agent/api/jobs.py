@@ -76,7 +76,7 @@ async def jobs(agent, p: NoParams, call: Call):
 async def job_cancel(agent, p: JobParams, call: Call):
     if p.job in agent.chats.sessions:
         agent.chats.close(p.job)
-        return asdict(agent.jobs.record(p.job))
+        return asdict(await trio.to_thread.run_sync(agent.jobs.record, p.job))
     return asdict(await trio.to_thread.run_sync(agent.jobs.cancel, p.job))
 
 

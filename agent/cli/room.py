@@ -13,12 +13,11 @@ import subprocess
 from pathlib import Path
 
 from agent.cli.common import settings_of
-from agent.config import config_path
+from agent.config import config_path, room_path
 from agent.errors import UsageError
 
 
 def _room_file() -> Path:
-    from agent.room import room_path
     return room_path(config_path())
 
 
@@ -79,7 +78,7 @@ def _print_code(code: str) -> None:
 
 
 def cmd_room_create(args) -> int:
-    from agent.room import MAX_ADDRS, ROOM_PORT, new_room, write_room_file
+    from agent.room import MAX_ADDRS, ROOM_PORT, encode_code, new_room, write_room_file
     settings = settings_of(args)
     port = args.port or ROOM_PORT
     hosts = args.addr or _local_addresses()[:MAX_ADDRS]
@@ -94,7 +93,6 @@ def cmd_room_create(args) -> int:
     write_room_file(path, room, teacher=True, port=port)
     print(f"room {room.name!r} created ({path}); students run:\n\n"
           f"    shoal room join CODE        (or: sudo bootstrap/install-agent --join CODE)\n")
-    from agent.room import encode_code
     _print_code(encode_code(room))
     print(f"\nteacher key {room.publisher_id}; students dial {', '.join(f'{i}:{p}' for i, p in room.addrs)}\n"
           "publish a model for the room with `shoal publish OWNER/NAME` once it is pulled here.\n"

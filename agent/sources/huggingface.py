@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import time
 from urllib.parse import quote
 
 from agent.config import Settings
@@ -104,7 +105,7 @@ class HuggingFaceSource(Origin):
                                 f"shoal reads such files whole only up to {MAX_SMALL_FILE} bytes")
         data = bytearray(size)
         if size:
-            self.fetch(ref, ChunkRequest(path, 0, size, size), memoryview(data), _deadline(self._timeout[1]))
+            self.fetch(ref, ChunkRequest(path, 0, size, size), memoryview(data), time.monotonic() + self._timeout[1])
         blob = hashlib.sha1(b"blob %d\0" % size + data).hexdigest()
         if not hmac.compare_digest(blob, blob_id):
             raise ManifestError(f"{path!r} from the hub does not match the git blob id it lists "
@@ -120,8 +121,3 @@ class HuggingFaceSource(Origin):
 
     def close(self) -> None:
         self._session.close()
-
-
-def _deadline(seconds: float) -> float:
-    import time
-    return time.monotonic() + seconds

@@ -85,8 +85,10 @@ class DataClient:
             conn = self._take(address, ticket, manifest_id, deadline, what, tls)
             if on_connection is not None:
                 on_connection(conn)
-            wait = (lambda: max(0.1, min(idle, deadline - time.monotonic()))) if idle else (
-                lambda: max(0.1, deadline - time.monotonic()))
+            patience = idle or float("inf")
+
+            def wait() -> float:  # the socket's timeout: the next bytes, never past the deadline
+                return max(0.1, min(patience, deadline - time.monotonic()))
             conn.settimeout(wait())
             conn.sendall(encode_request(path, index))
             header = recv_exact(conn, HEADER.size)

@@ -196,8 +196,8 @@ class PullSession:
                     except NotFollowed:  # it holds none and does not pull it: it subscribes to us when it does
                         view.forget(peer)
                         idle.add(peer)
-                        view.set_idle(idle & (swarm.node.connected() - swarm.node.refused_by))
                         heard(peer)
+                        self._wake.set()  # the loop below tells the view who is idle
                         return
             except (OSError, ShoalError, trio.TooSlowError, trio.BrokenResourceError) as e:
                 log.info("following %s: %s", peer[:16], e)

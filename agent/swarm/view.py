@@ -27,6 +27,7 @@ from agent.swarm.wire import Message, Ordinals, PeerState
 
 LIVENESS = 10.0  # seconds without a frame after which a peer counts as gone
 RESUME_GAP = 3.0  # a gap this long between two looks at the clock is a pause of this process
+OWNER_LISTS = 4  # puller lists whose chunk owners are remembered (rendezvous hashes)
 STALLED_REST = 30.0  # a peer that timed out on a chunk is not asked again for this long
 BUSY_REST = 0.5  # seconds a holder that said BUSY is not chosen for a new chunk
 PER_PEER = 2  # requests in flight to one peer from this pull (its upload slots are shared)
@@ -263,8 +264,11 @@ class LanView:
             return pullers[0]
         cache = self._owner_cache.get(pullers)
         if cache is None:
-            self._owner_cache = {pullers: {}}
-            cache = self._owner_cache[pullers]
+            # A few lists at once: the room's, and the wider ones a settling claim is checked
+            # against (agent.swarm.picker), without each evicting the other's hashes.
+            while len(self._owner_cache) >= OWNER_LISTS:
+                self._owner_cache.pop(next(iter(self._owner_cache)))
+            cache = self._owner_cache[pullers] = {}
         owner = cache.get(ordinal)
         if owner is None:
             chunk = f"{self.manifest.id}|{ordinal}".encode()
@@ -285,7 +289,7 @@ class LanView:
         now = self._now()
         with self._lock:
             candidates = [v for v in self.peers.values() if self._usable(v, now) and v.peer not in exclude
-                          and ordinal in v.state.have and ordinal not in v.missing]
+                          and self.holds(v, ordinal)]
             if not candidates:
                 return None
             random.shuffle(candidates)

@@ -23,7 +23,6 @@ it prints ``{"url": ...}`` on one line once it is listening.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -34,7 +33,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, unquote
 
 from agent.testing.faults import FaultPlan, LoggedRequest
-from agent.testing.http import LoopbackServer, fault_control, serve_file
+from agent.testing.http import LoopbackServer, ServedApp, fault_control, serve_file, serve_models_main
 
 CONTROL = "/__shoal__/"
 CDN = "/__cdn__/"
@@ -56,7 +55,7 @@ def git_blob_id(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
-class HfHubServer:
+class HfHubServer(ServedApp):
     """Serves model directories under the Hugging Face Hub's API. Thread-safe."""
 
     def __init__(self, *, port: int = 0, lfs_threshold: int = 1024 * 1024, token: str | None = None):
@@ -77,23 +76,6 @@ class HfHubServer:
         """List ``path`` with a wrong LFS digest (a hub that lies)."""
         with self._lock:
             self._sha_override[(model_id, path)] = sha256
-
-    @property
-    def url(self) -> str:
-        return self._server.url
-
-    def start(self) -> "HfHubServer":
-        self._server.start()
-        return self
-
-    def close(self) -> None:
-        self._server.close()
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.close()
 
     # ---------------------------------------------------------------- helpers
 
@@ -235,24 +217,7 @@ class HfHubServer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--model", action="append", default=[], metavar="OWNER/NAME[@REV]=DIR")
-    args = parser.parse_args(argv)
-    server = HfHubServer(port=args.port)
-    for spec in args.model:
-        ident, _, directory = spec.partition("=")
-        model_id, _, revision = ident.partition("@")
-        server.add_model(model_id, directory, revision or "main")
-    server.start()
-    print(json.dumps({"url": server.url}), flush=True)
-    try:
-        threading.Event().wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.close()
-    return 0
+    return serve_models_main(HfHubServer, __doc__.splitlines()[0], "main", argv)
 
 
 if __name__ == "__main__":

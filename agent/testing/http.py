@@ -149,3 +149,52 @@ def fault_control(faults, environ, respond, what: str, method: str, json_reply):
     if what == "log":
         return json_reply(respond, 200, [asdict(e) for e in faults.log()])
     return None
+
+
+class ServedApp:
+    """The lifecycle every test server shares: a WSGI app (``__call__``) served by the
+    ``LoopbackServer`` in ``self._server``; ``start``/``close`` or ``with``."""
+
+    _server: LoopbackServer
+
+    @property
+    def url(self) -> str:
+        return self._server.url
+
+    def start(self):
+        self._server.start()
+        return self
+
+    def close(self) -> None:
+        self._server.close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def serve_models_main(server_cls, description: str, default_revision: str, argv: list[str] | None) -> int:
+    """``python -m agent.testing.<hub> --model OWNER/NAME[@REV]=DIR [--port 0]``: serve until
+    Ctrl-C, printing ``{"url": ...}`` on one line once listening."""
+    import argparse
+    import json
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--model", action="append", default=[], metavar="OWNER/NAME[@REV]=DIR")
+    args = parser.parse_args(argv)
+    server = server_cls(port=args.port)
+    for spec in args.model:
+        ident, _, directory = spec.partition("=")
+        model_id, _, revision = ident.partition("@")
+        server.add_model(model_id, directory, revision or default_revision)
+    server.start()
+    print(json.dumps({"url": server.url}), flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+    return 0

@@ -15,7 +15,6 @@ it prints ``{"url": ...}`` on one line once it is listening.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -25,7 +24,7 @@ from pathlib import Path
 from urllib.parse import parse_qs
 
 from agent.testing.faults import FaultPlan, LoggedRequest
-from agent.testing.http import LoopbackServer, fault_control, serve_file
+from agent.testing.http import LoopbackServer, ServedApp, fault_control, serve_file, serve_models_main
 
 CONTROL = "/__shoal__/"
 
@@ -42,7 +41,7 @@ def _not_found(start_response, what: str):
                                        "Success": False, "RequestId": "local"})
 
 
-class HubServer:
+class HubServer(ServedApp):
     """Serves model directories under ModelScope's API. Thread-safe; see module docstring."""
 
     def __init__(self, *, port: int = 0):
@@ -63,23 +62,6 @@ class HubServer:
         """Serve ``files`` (raw listing entries) instead of the real listing: lying hubs."""
         with self._lock:
             self._listing_override[model_id] = files
-
-    @property
-    def url(self) -> str:
-        return self._server.url
-
-    def start(self) -> "HubServer":
-        self._server.start()
-        return self
-
-    def close(self) -> None:
-        self._server.close()
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.close()
 
     # ---------------------------------------------------------------- helpers
 
@@ -190,24 +172,7 @@ class HubServer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--model", action="append", default=[], metavar="OWNER/NAME[@REV]=DIR")
-    args = parser.parse_args(argv)
-    server = HubServer(port=args.port)
-    for spec in args.model:
-        ident, _, directory = spec.partition("=")
-        model_id, _, revision = ident.partition("@")
-        server.add_model(model_id, directory, revision or "master")
-    server.start()
-    print(json.dumps({"url": server.url}), flush=True)
-    try:
-        threading.Event().wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.close()
-    return 0
+    return serve_models_main(HubServer, __doc__.splitlines()[0], "master", argv)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from moto.moto_server.werkzeug_app import create_backend_app  # noqa: E402
 from moto.s3.models import s3_backends  # noqa: E402
 
 from agent.testing.faults import Fault, FaultPlan, LoggedRequest  # noqa: E402
-from agent.testing.http import LoopbackServer, body_blocks, parse_range  # noqa: E402
+from agent.testing.http import LoopbackServer, ServedApp, body_blocks, parse_range  # noqa: E402
 
 CONTROL = "/__shoal__/"
 _FAKE_S3_AUTH = ("AWS4-HMAC-SHA256 Credential=shoal/20260101/us-east-1/s3/aws4_request, "
@@ -67,29 +67,12 @@ def _oss_error(status: int, code: str, message: str) -> bytes:
             f"<HostId>127.0.0.1</HostId></Error>").encode()
 
 
-class OssServer:
+class OssServer(ServedApp):
     """See module docstring. Buckets live in moto's process-wide backend."""
 
     def __init__(self, *, port: int = 0, host: str = "127.0.0.1"):
         self.faults = FaultPlan()
         self._server = LoopbackServer(self, host=host, port=port)
-
-    @property
-    def url(self) -> str:
-        return self._server.url
-
-    def start(self) -> "OssServer":
-        self._server.start()
-        return self
-
-    def close(self) -> None:
-        self._server.close()
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.close()
 
     def create_bucket(self, name: str) -> None:
         _backend().create_bucket(name, "us-east-1")
