@@ -150,26 +150,61 @@ def run_sdk_download(model_id: str, endpoint: str, tmp_path: Path, local_dir: Pa
 
 
 class AgentProcess:
+    """A real ``shoal agent`` subprocess. Its output goes to a file beside its cache, never
+    to a pipe: nobody reads a pipe while the agent runs, and a chatty agent blocked on a
+    full one stalls like a stopped process (and its peers rightly give up on it)."""
+
     def __init__(self, env: dict[str, str]):
         self.env = env
         self.cache = Path(env["SHOAL_CACHE_DIR"])
+        self.log_path = self.cache.parent / f"{self.cache.name}.agent.log"
         self.proc = None
         self.info = None
 
     def start(self) -> "AgentProcess":
-        self.proc = popen_shoal(["agent"], self.env)
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("OSS_", "SHOAL_", "MODELSCOPE_"))}
+        full_env.update(self.env)
+        full_env["PYTHONPATH"] = full_env.pop("SHOAL_TEST_PYTHONPATH", None) or os.pathsep.join(
+            [str(TESTS / "loopback_guard"), str(REPO)])
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "agent"], env=full_env, stdout=log,
+                                         stderr=log, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if (self.cache / "agent.json").exists():
                 self.info = json.loads((self.cache / "agent.json").read_text())
                 return self
             if self.proc.poll() is not None:
-                raise AssertionError(f"agent exited {self.proc.returncode}: {self.proc.stderr.read()}")
+                raise AssertionError(f"agent exited {self.proc.returncode}: {self.log()}")
             time.sleep(0.05)
         raise AssertionError("agent did not start in 30 s")
+
+    def log(self) -> str:
+        """Everything the agent has written to stdout and stderr so far."""
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def stop(self, sig=signal.SIGTERM) -> str:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-        _, err = self.proc.communicate(timeout=30)
-        return err
+        self.proc.wait(timeout=30)
+        return self.log()
+
+
+def scan_terminal_qr(text: str) -> list[str]:
+    """What a phone reads from a QR code drawn in a terminal (``agent.room.qr_text``: block
+    characters, two modules per cell, light on dark): the text drawn as an image, then
+    decoded by zxing-cpp, a real QR reader."""
+    import zxingcpp
+    from PIL import Image
+    cells = {"█": (1, 1), "▀": (1, 0), "▄": (0, 1), " ": (0, 0), "\xa0": (0, 0)}
+    rows = [row for row in text.split("\n") if row and set(row) <= set(cells)]
+    width, pad = max(len(row) for row in rows), 4
+    image = Image.new("L", (width + 2 * pad, 2 * len(rows) + 2 * pad), 255)
+    for y, row in enumerate(rows):
+        for x, ch in enumerate(row.ljust(width)):
+            top, bottom = cells[ch]
+            image.putpixel((x + pad, 2 * y + pad), 255 if top else 0)
+            image.putpixel((x + pad, 2 * y + 1 + pad), 255 if bottom else 0)
+    image = image.resize((image.width * 8, image.height * 8), Image.NEAREST)
+    return [found.text for found in zxingcpp.read_barcodes(image)]

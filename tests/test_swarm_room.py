@@ -25,9 +25,11 @@ ROOM = 12
 
 
 def room_env(env: dict, tmp_path: Path, name: str, **extra) -> dict:
+    """An agent of the room. Its log (beside its cache, see AgentProcess) is at DEBUG: each
+    origin chunk it takes says who it counted as pulling, for when a duplicate appears."""
     return {**env, "SHOAL_CACHE_DIR": str(tmp_path / name), "SHOAL_GATEWAY_PORT": "0", "SHOAL_SWARM": "1",
             "SHOAL_SWARM_HOST": "127.0.0.1", "SHOAL_SWARM_SECRET": "room-12", "SHOAL_DHT": "0", "SHOAL_MDNS": "0",
-            "SHOAL_CONCURRENCY": "4", "SHOAL_ORIGIN_STREAMS": "2", **extra}
+            "SHOAL_CONCURRENCY": "4", "SHOAL_ORIGIN_STREAMS": "2", "SHOAL_LOG_LEVEL": "DEBUG", **extra}
 
 
 def start_room(env, tmp_path, count: int) -> tuple[list[dict], list[AgentProcess]]:
@@ -108,7 +110,9 @@ def test_a_room_of_twelve_pulls_the_model_through_the_origin_about_once(env, oss
         assert egress <= 1.1 * size, (egress / size, twice)
         if not stop_one:
             # Nobody paid the origin twice for a chunk: every claimer lived.
-            assert twice == [] and all(r["origin_duplicate_chunks"] == 0 for r in results)
+            assert twice == [] and all(r["origin_duplicate_chunks"] == 0 for r in results), (
+                twice, [(r["origin_duplicate_chunks"], r["fetched_by_source"]) for r in results],
+                [str(a.log_path) for a in agents])
         else:
             # Fetched again only what the stopped agent had claimed (two at most:
             # SHOAL_ORIGIN_STREAMS) or held alone when it stopped, once it fell silent past
