@@ -88,16 +88,18 @@ class AgentBackend:
         """The agent serving ``settings``' cache, or None when none answers."""
         from agent.rpc import ControlClient
         path = settings.socket_path
-        if not path.exists():
-            return None
-        client = ControlClient(str(path), timeout=timeout)
         try:
+            if not path.exists():
+                return None
+            client = ControlClient(str(path), timeout=timeout)
             client.call("ping")
         except (ConnectionRefusedError, FileNotFoundError):
             return None  # a socket left behind by an agent that died
         except PermissionError:
+            # The socket, or the agent's cache directory around it (0750), is closed to us.
+            group = f"group {settings.control_group!r}" if settings.control_group else "control group"
             raise UsageError(f"you may not use the shoal agent at {path}: ask the lab admin to add you to its "
-                             "group (agent.control_group, `shoal` by default), or use a cache of your own with "
+                             f"{group} (agent.control_group), or use a cache of your own with "
                              "SHOAL_CACHE_DIR=~/.cache/shoal") from None
         return cls(settings, client)
 

@@ -147,9 +147,27 @@ def _toml_str(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def write_room_file(path: Path, room: Room, *, teacher: bool, port: int = ROOM_PORT) -> None:
-    """The agent's room settings, readable by the agent's user only (group ``shoal`` when
-    root writes it for the system agent)."""
+def qr_text(code: str) -> str:
+    """The join code as a QR code drawn with block characters (two modules per character
+    cell, dark on light), for a class to scan from a terminal or the TUI; "" without qrcode."""
+    try:
+        import qrcode
+    except ImportError:
+        return ""
+    import io
+    qr = qrcode.QRCode(border=1)
+    qr.add_data(code)
+    qr.make(fit=True)
+    out = io.StringIO()
+    qr.print_ascii(out=out, invert=True)
+    return out.getvalue()
+
+
+def write_room_file(path: Path, room: Room, *, teacher: bool, port: int = ROOM_PORT,
+                    group: str | None = None) -> None:
+    """The agent's room settings, readable by the agent's user only: when root writes it
+    for the system agent, mode 0640 with ``group`` (the agent's control group, ``shoal``
+    unless the lab named another) so the agent's user reads it."""
     lines = ["# Written by `shoal room create/join`; `shoal room leave` removes it. It holds the",
              "# room's secret: keep it readable by the agent only.",
              "[room]", f"name = {_toml_str(room.name)}", f"code = {_toml_str(encode_code(room))}",
@@ -167,10 +185,10 @@ def write_room_file(path: Path, room: Room, *, teacher: bool, port: int = ROOM_P
         if os.getuid() == 0:
             try:
                 import grp
-                os.fchown(fd, 0, grp.getgrnam("shoal").gr_gid)
+                os.fchown(fd, 0, grp.getgrnam(group or "shoal").gr_gid)
                 os.fchmod(fd, 0o640)
             except KeyError:
-                pass  # no shoal group: a per-user agent run by root reads it as root
+                pass  # no such group: a per-user agent run by root reads it as root
         os.fsync(fd)
     finally:
         os.close(fd)

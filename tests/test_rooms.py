@@ -18,7 +18,7 @@ import pytest
 from agent.errors import UsageError
 from agent.room import Room, decode_code, encode_code, new_room
 from agent.testing import netns
-from conftest import MODEL_ID, REPO, TESTS, mirror, run_shoal, tree_digest, wait_for
+from conftest import MODEL_ID, REPO, TESTS, mirror, run_shoal, scan_terminal_qr, tree_digest, wait_for
 
 pytestmark = pytest.mark.timeout(240)
 LAB_NET = "10.78.0.0/16"
@@ -51,6 +51,7 @@ def test_room_commands_write_a_private_room_file_and_never_print_the_secret_unas
     env = {"SHOAL_CONFIG": str(tmp_path / "config.toml"), "SHOAL_CACHE_DIR": str(tmp_path / "cache")}
     created = run_shoal(["room", "create", "Lab 3", "--addr", "10.0.0.5"], env, check=True)
     code = re.search(r"join code: (SHOAL-[A-Z2-7-]+)", created.stdout).group(1)
+    assert scan_terminal_qr(created.stdout) == [code]  # a phone scanning the teacher's terminal reads the code
     room_file = tmp_path / "room.toml"
     assert room_file.stat().st_mode & 0o077 == 0
     shown = run_shoal(["room", "show"], env, check=True).stdout

@@ -156,6 +156,46 @@ def test_an_invalid_training_form_says_what_is_wrong(ui_env, running_agent, tmp_
     asyncio.run(scenario())
 
 
+def test_the_room_screen_shows_the_room_and_the_join_code_as_a_qr_code_on_request(tmp_path, monkeypatch):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from agent.room import encode_code, new_room, write_room_file
+    from conftest import scan_terminal_qr
+    monkeypatch.setenv("SHOAL_CONFIG", str(tmp_path / "config.toml"))
+    room = new_room("Lab 3", Ed25519PrivateKey.generate().public_key().public_bytes_raw(), [("10.0.0.5", 7100)])
+    write_room_file(tmp_path / "room.toml", room, teacher=True)
+    code = encode_code(room)
+    app = make_app({"SHOAL_CACHE_DIR": str(tmp_path / "cache")}, auto_refresh=False)
+
+    async def scenario():
+        async with app.run_test(size=(100, 50)) as pilot:
+            await pilot.press("o")
+            await until(pilot, lambda: type(app.screen).__name__ == "RoomScreen")
+            info = await until(pilot, lambda: "Lab 3" in text_of(app.screen.query_one("#room-info"))
+                               and text_of(app.screen.query_one("#room-info")))
+            assert "teacher" in info and "10.0.0.5:7100" in info and room.publisher_id in info
+            assert code not in info  # the code admits its holder: shown only when asked
+            await pilot.click("#room-show-code")
+            shown = await until(pilot, lambda: text_of(app.screen.query_one("#room-code")))
+            assert f"join code: {code}" in shown
+            assert scan_terminal_qr(shown) == [code]  # what a student's phone reads from the screen
+            await pilot.press("escape")
+            await until(pilot, lambda: type(app.screen).__name__ != "RoomScreen")
+    asyncio.run(scenario())
+
+
+def test_the_room_screen_without_a_room_says_how_to_join(tmp_path, monkeypatch):
+    monkeypatch.setenv("SHOAL_CONFIG", str(tmp_path / "config.toml"))
+    app = make_app({"SHOAL_CACHE_DIR": str(tmp_path / "cache")}, auto_refresh=False)
+
+    async def scenario():
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.press("o")
+            await until(pilot, lambda: "Not in a room" in text_of(app.screen.query_one("#room-info")))
+            assert "shoal room join CODE" in text_of(app.screen.query_one("#room-info"))
+            assert app.screen.query_one("#room-show-code").disabled
+    asyncio.run(scenario())
+
+
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (apt-get install tmux)")
 def test_shoal_tui_in_a_real_terminal_shows_the_pulled_model(ui_env, running_agent, tmp_path):
     from conftest import run_shoal

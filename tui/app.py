@@ -17,6 +17,7 @@ from tui.messages import AgentSnapshot, PullFinished
 from tui.screens.chat import ChatScreen
 from tui.screens.detail import ModelDetailScreen
 from tui.screens.job_detail import JobDetailScreen
+from tui.screens.room import RoomScreen
 from tui.screens.settings import SettingsScreen
 from tui.screens.train_form import TrainFormScreen
 from tui.widgets.jobs_pane import JobsPane, job_rows
@@ -43,6 +44,7 @@ class ShoalApp(App):
         Binding("x", "remove", "Remove"),
         Binding("c", "cancel", "Cancel"),
         Binding("s", "settings", "Settings"),
+        Binding("o", "room", "Room"),
         Binding("r", "refresh", "Refresh", show=False),
         Binding("slash", "filter", "Filter", show=False),
         Binding("1", "tab('tab-models')", "Models", show=False),
@@ -251,6 +253,9 @@ class ShoalApp(App):
     def action_settings(self) -> None:
         if self.status is not None:
             self.push_screen(SettingsScreen(self.status))
+
+    def action_room(self) -> None:
+        self.push_screen(RoomScreen())
 
     @work(thread=True)
     def _call_quietly(self, method: str, params: dict, done: str | None = None) -> None:

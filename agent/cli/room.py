@@ -7,7 +7,6 @@ reload its settings (``reload``: the agent's own user or root; otherwise it says
 
 from __future__ import annotations
 
-import io
 import os
 import subprocess
 from pathlib import Path
@@ -64,17 +63,9 @@ def _teacher_key(settings) -> bytes:
 
 
 def _print_code(code: str) -> None:
+    from agent.room import qr_text
     print(f"join code: {code}")
-    try:
-        import qrcode
-    except ImportError:
-        return
-    qr = qrcode.QRCode(border=1)
-    qr.add_data(code)
-    qr.make(fit=True)
-    out = io.StringIO()
-    qr.print_ascii(out=out, invert=True)
-    print(out.getvalue(), end="")
+    print(qr_text(code), end="")
 
 
 def cmd_room_create(args) -> int:
@@ -90,7 +81,7 @@ def cmd_room_create(args) -> int:
         addrs.append((ip, int(p) if p else port))
     path = _room_file()
     room = new_room(args.name, _teacher_key(settings), addrs)
-    write_room_file(path, room, teacher=True, port=port)
+    write_room_file(path, room, teacher=True, port=port, group=settings.control_group)
     print(f"room {room.name!r} created ({path}); students run:\n\n"
           f"    shoal room join CODE        (or: sudo bootstrap/install-agent --join CODE)\n")
     _print_code(encode_code(room))
@@ -105,7 +96,8 @@ def cmd_room_join(args) -> int:
     from agent.room import ROOM_PORT, decode_code, write_room_file
     room = decode_code(args.code)
     path = _room_file()
-    write_room_file(path, room, teacher=False, port=args.port or ROOM_PORT)
+    write_room_file(path, room, teacher=False, port=args.port or ROOM_PORT,
+                    group=settings_of(args).control_group)
     print(f"joined room {room.name!r} ({path}); the teacher is {', '.join(f'{i}:{p}' for i, p in room.addrs)}, "
           f"models signed by {room.publisher_id[:16]}... are trusted")
     print(_reload_agent(args))
