@@ -98,6 +98,14 @@ class Agent:
                 self.request_reload("SIGHUP")
                 return
 
+    async def _exit_with_parent(self, parent: int) -> None:
+        """An embedded agent (``shoal tui`` started it) stops when its parent is gone, however
+        the parent ended (a closed terminal, SIGKILL): it is reparented, so its ppid changes."""
+        while os.getppid() == parent:
+            await trio.sleep(1.0)
+        log.warning("the process that started this embedded agent (pid %d) is gone: stopping", parent)
+        self._nursery.cancel_scope.cancel()
+
     def close(self) -> None:
         self.chats.close_all()
         for source in self.sources:
@@ -112,6 +120,9 @@ class Agent:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._reload_on_sighup)
+                parent = os.environ.get("SHOAL_EXIT_WITH_PARENT", "")
+                if parent.isdigit() and int(parent) == os.getppid():
+                    nursery.start_soon(self._exit_with_parent, int(parent))
                 await nursery.start(self.pulls.run)
                 gateway = Gateway(self.settings, self.store, self.sources, self.pulls, self.metrics.render)
                 port = await nursery.start(serve_gateway, gateway, self.settings.gateway_port)

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from agent.testing.faults import Fault
-from conftest import CHUNK, MODEL_ID, AgentProcess, mirror, popen_shoal, run_sdk_download, run_shoal, tree_digest
+from conftest import (CHUNK, MODEL_ID, REPO, TESTS, AgentProcess, mirror, popen_shoal, run_sdk_download, run_shoal,
+                      tree_digest, wait_for)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -277,3 +278,23 @@ def test_the_control_api_lists_and_cancels_jobs(agent, agent_env):
     assert cancelled["state"] == "cancelled"
     with pytest.raises(Exception, match="no job"):
         client.call("job_log", {"job": "nope"})
+
+
+def test_an_embedded_agent_stops_when_the_process_that_started_it_dies(agent_env, tmp_path):
+    """As `shoal tui` starts one: the UI killed (a closed terminal, SIGKILL) leaves no agent."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OSS_", "SHOAL_", "MODELSCOPE_"))}
+    env.update(agent_env, PYTHONPATH=os.pathsep.join([str(TESTS / "loopback_guard"), str(REPO)]))
+    code = ("import os, subprocess, sys, time\n"
+            "env = dict(os.environ, SHOAL_EXIT_WITH_PARENT=str(os.getpid()))\n"
+            "child = subprocess.Popen([sys.executable, '-m', 'agent.cli', 'agent'], env=env,\n"
+            "                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+            "print(child.pid, flush=True)\n"
+            "time.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    wait_for(lambda: (Path(agent_env["SHOAL_CACHE_DIR"]) / "agent.json").exists(), 30, "the embedded agent")
+    parent.kill()
+    parent.wait()
+    wait_for(lambda: not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2],
+             15, "the orphaned agent to stop")
+    assert not (Path(agent_env["SHOAL_CACHE_DIR"]) / "agent.json").exists()

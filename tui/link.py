@@ -40,7 +40,8 @@ class AgentLink:
             pass
         log = open(Path(self.settings.cache_dir) / "tui-agent.log", "ab") if Path(
             self.settings.cache_dir).is_dir() else subprocess.DEVNULL
-        env = {**self.env, "SHOAL_SOCKET": str(self.settings.socket_path)}
+        # The agent stops by itself if the UI dies without closing it (agent.service).
+        env = {**self.env, "SHOAL_SOCKET": str(self.settings.socket_path), "SHOAL_EXIT_WITH_PARENT": str(os.getpid())}
         self.embedded = subprocess.Popen(
             [sys.executable, "-m", "agent.cli", "--cache-dir", str(self.settings.cache_dir), "agent"],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
