@@ -39,6 +39,16 @@ class Settings:
     oss_access_key_id: str | None = field(default=None, repr=False)
     oss_access_key_secret: str | None = field(default=None, repr=False)
     oss_session_token: str | None = field(default=None, repr=False)
+    # Where OSS credentials come from (agent.sources.osscreds): "auto" (the keys above when
+    # set, else anonymous) or "chain" (the Alibaba Cloud credentials chain: environment,
+    # OIDC, the aliyun CLI profile, ~/.alibabacloud/credentials.ini, ECS RAM role, a
+    # credentials URI; STS tokens from it refresh before they expire).
+    oss_credentials: str = "auto"
+    # Archive / Cold Archive objects: ask OSS to restore them (for a later pull) when a pull
+    # meets one; the retrieval tier and how many days the restored copy stays readable.
+    oss_restore: bool = False
+    oss_restore_tier: str = "Standard"
+    oss_restore_days: int = 2
     # ModelScope origin.
     modelscope_endpoint: str = "https://www.modelscope.cn"
     modelscope_token: str | None = field(default=None, repr=False)
@@ -101,6 +111,8 @@ class Settings:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
+_OSS_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9-]{1,61}[a-z0-9]")
+
 # setting name -> (environment variable, TOML key, converter)
 _SOURCES: dict[str, tuple[str, str, object]] = {
     "cache_dir": ("SHOAL_CACHE_DIR", "cache_dir", Path),
@@ -111,6 +123,10 @@ _SOURCES: dict[str, tuple[str, str, object]] = {
     "oss_access_key_id": ("OSS_ACCESS_KEY_ID", "oss.access_key_id", str),
     "oss_access_key_secret": ("OSS_ACCESS_KEY_SECRET", "oss.access_key_secret", str),
     "oss_session_token": ("OSS_SESSION_TOKEN", "oss.session_token", str),
+    "oss_credentials": ("SHOAL_OSS_CREDENTIALS", "oss.credentials", str),
+    "oss_restore": ("SHOAL_OSS_RESTORE", "oss.restore", bool),
+    "oss_restore_tier": ("SHOAL_OSS_RESTORE_TIER", "oss.restore_tier", str),
+    "oss_restore_days": ("SHOAL_OSS_RESTORE_DAYS", "oss.restore_days", int),
     "modelscope_endpoint": ("MODELSCOPE_ENDPOINT", "modelscope.endpoint", str),
     "modelscope_token": ("MODELSCOPE_API_TOKEN", "modelscope.api_token", str),
     "use_modelscope": ("SHOAL_USE_MODELSCOPE", "modelscope.enabled", bool),
@@ -295,6 +311,20 @@ def load_settings(env: dict[str, str] | None = None, **overrides) -> Settings:
         raise ConfigError(
             f"an OSS bucket ({settings.oss_bucket}) is set but no endpoint: set OSS_ENDPOINT, "
             "e.g. https://oss-cn-hangzhou-internal.aliyuncs.com")
+    if settings.oss_bucket and not _OSS_BUCKET_NAME.fullmatch(settings.oss_bucket):
+        raise ConfigError(
+            f"{settings.oss_bucket!r} is not an OSS bucket name: 3-63 lower-case letters, digits and "
+            "hyphens, starting and ending with a letter or digit (SHOAL_OSS_BUCKET / oss.bucket)")
+    if settings.oss_credentials not in ("auto", "chain"):
+        raise ConfigError(f"oss.credentials is {settings.oss_credentials!r}: use \"auto\" (OSS_ACCESS_KEY_* "
+                          "or anonymous) or \"chain\" (the Alibaba Cloud credentials chain)")
+    if settings.oss_credentials == "chain" and settings.oss_access_key_id:
+        raise ConfigError("oss.credentials = \"chain\" and OSS_ACCESS_KEY_ID are both set: keep one "
+                          "(the chain reads ALIBABA_CLOUD_ACCESS_KEY_ID and friends itself)")
+    if settings.oss_restore_tier not in ("Expedited", "Standard", "Bulk"):
+        raise ConfigError(f"oss.restore_tier is {settings.oss_restore_tier!r}: use Expedited, Standard or Bulk")
+    if not 1 <= settings.oss_restore_days <= 365:
+        raise ConfigError(f"oss.restore_days {settings.oss_restore_days} is outside 1..365")
     if bool(settings.oss_access_key_id) != bool(settings.oss_access_key_secret):
         raise ConfigError(
             "only one of OSS_ACCESS_KEY_ID and OSS_ACCESS_KEY_SECRET is set; set both "

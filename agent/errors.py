@@ -47,6 +47,11 @@ class NotFound(ShoalError):
     title = "Not found"
 
 
+class ObjectArchived(NotFound):
+    """An OSS object in Archive / Cold Archive storage, not restored (readable) now: this
+    source lacks the file for this pull; the next source serves it."""
+
+
 class SourceUnavailable(ShoalError):
     """A source could not serve a request: network error, timeout, 5xx, truncated body.
 

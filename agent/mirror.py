@@ -18,10 +18,10 @@ from typing import Callable
 import oss2
 
 from agent.config import Settings
-from agent.errors import ShoalError, UsageError
+from agent.errors import NotFound, ShoalError, UsageError
 from agent.manifest import (FileEntry, Manifest, ModelRef, build_manifest, check_relpath,
                             default_chunk_size)
-from agent.sources.oss import file_key, make_bucket, manifest_key, translate_oss_error
+from agent.sources.oss import ARCHIVE_CLASSES, file_key, make_bucket, manifest_key, translate_oss_error
 from agent.hashing import hash_file
 
 log = logging.getLogger(__name__)
@@ -115,9 +115,47 @@ def check_push_target(settings: Settings, bucket_name: str | None) -> None:
         raise UsageError("mirror push needs a bucket: --bucket NAME or SHOAL_OSS_BUCKET")
     if not settings.oss_endpoint:
         raise UsageError("mirror push needs OSS_ENDPOINT, e.g. https://oss-cn-hangzhou.aliyuncs.com")
-    if not settings.oss_access_key_id:
+    if not settings.oss_access_key_id and settings.oss_credentials != "chain":
         raise UsageError("mirror push writes to the bucket: set OSS_ACCESS_KEY_ID and OSS_ACCESS_KEY_SECRET "
                          "(or an STS token with OSS_SESSION_TOKEN) of a key allowed to write it")
 
 
-__all__ = ["PushResult", "check_push_target", "manifest_from_dir", "push_directory", "ShoalError"]
+def mirror_status(ref: ModelRef, settings: Settings) -> list[dict]:
+    """Each file of ``ref``'s mirrored revision: its size, storage class and restore state
+    (``shoal mirror status``): one HEAD per file, nothing read."""
+    from agent.manifest import decode
+    from agent.sources.oss import OssSource
+    source = OssSource(settings)
+    try:
+        data = source.get_manifest(ref)
+        if data is None:
+            raise NotFound(f"{ref} is not in the OSS mirror (no {manifest_key(settings.oss_prefix, ref)})")
+        manifest = decode(data)
+        rows = []
+        for entry in manifest.files:
+            key = file_key(settings.oss_prefix, ref, entry.path)
+            try:
+                head = source._call(source.bucket.head_object, key)
+            except oss2.exceptions.NotFound:
+                rows.append({"path": entry.path, "size": entry.size, "storage_class": None, "restore": "missing"})
+                continue
+            except (oss2.exceptions.OssError, OSError) as e:
+                raise source._error(e, f"HEAD {key}") from e
+            storage = head.headers.get("x-oss-storage-class", "Standard")
+            restore = head.headers.get("x-oss-restore")
+            if storage not in ARCHIVE_CLASSES:
+                state = "readable"
+            elif restore is None:
+                state = "archived (not restored)"
+            elif 'ongoing-request="true"' in restore:
+                state = "restoring"
+            else:
+                state = "restored" + (f" until {restore.split('expiry-date=', 1)[1].strip(chr(34))}"
+                                      if "expiry-date=" in restore else "")
+            rows.append({"path": entry.path, "size": entry.size, "storage_class": storage, "restore": state})
+        return rows
+    finally:
+        source.close()
+
+
+__all__ = ["PushResult", "check_push_target", "manifest_from_dir", "mirror_status", "push_directory", "ShoalError"]

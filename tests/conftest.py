@@ -52,8 +52,7 @@ def _oss_server():
 @pytest.fixture
 def oss(_oss_server):
     """The session's OSS server with a fresh bucket (``oss.bucket``) and no faults."""
-    _oss_server.faults.clear()
-    _oss_server.faults.clear_log()
+    _oss_server.reset()
     _oss_server.bucket = f"lab-{uuid.uuid4().hex[:12]}"
     _oss_server.create_bucket(_oss_server.bucket)
     yield _oss_server

@@ -40,6 +40,10 @@ def test_secrets_never_show_in_repr(tmp_path):
     ({"OSS_SESSION_TOKEN": "t"}, "OSS_SESSION_TOKEN is set without"),
     ({"SHOAL_CHUNK_SIZE": "1000"}, "power of two"),
     ({"SHOAL_USE_MODELSCOPE": "perhaps"}, "not a valid bool"),
+    ({"SHOAL_OSS_BUCKET": "Lab_Models", "OSS_ENDPOINT": "http://127.0.0.1:9"}, "is not an OSS bucket name"),
+    ({"SHOAL_OSS_CREDENTIALS": "ecs"}, 'use "auto"'),
+    ({"SHOAL_OSS_CREDENTIALS": "chain", "OSS_ACCESS_KEY_ID": "i", "OSS_ACCESS_KEY_SECRET": "s"}, "keep one"),
+    ({"SHOAL_OSS_RESTORE_TIER": "Fast"}, "Expedited, Standard or Bulk"),
 ])
 def test_bad_settings_are_refused_naming_the_setting(tmp_path, env, message):
     with pytest.raises(ConfigError) as info:

@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import oss2
 import pytest
@@ -27,7 +28,8 @@ def test_oss2_reads_and_writes_objects_with_every_signature(oss, auth, tmp_path)
     elif auth == "v4":
         credentials, kwargs = oss2.AuthV4("id", "secret"), {"region": "cn-hangzhou"}
     else:
-        credentials = oss2.StsAuth("id", "secret", "token")
+        token = oss.sts.issue()
+        credentials = oss2.StsAuth(token["AccessKeyId"], token["AccessKeySecret"], token["SecurityToken"])
     bucket = oss2.Bucket(credentials, oss.url, oss.bucket, **kwargs)
     bucket.put_object("m/a.bin", b"0123456789", headers={"x-oss-meta-sha256": "feed"})
     got = bucket.get_object("m/a.bin", byte_range=(2, 5))
@@ -37,6 +39,45 @@ def test_oss2_reads_and_writes_objects_with_every_signature(oss, auth, tmp_path)
     with pytest.raises(oss2.exceptions.NoSuchKey):
         bucket.get_object("m/missing")
     assert [o.key for o in oss2.ObjectIteratorV2(bucket, prefix="m/")] == ["m/a.bin"]
+
+
+def test_the_oss_server_enforces_sts_token_life_and_archive_storage_classes(oss):
+    bucket = oss2.Bucket(oss2.Auth("id", "secret"), oss.url, oss.bucket)
+    bucket.put_object("m/cold.bin", b"frozen")
+    forged = oss2.Bucket(oss2.StsAuth("STS.x", "y", "never-issued"), oss.url, oss.bucket)
+    with pytest.raises(oss2.exceptions.ServerError) as refused:
+        forged.get_object("m/cold.bin")
+    assert refused.value.code == "InvalidSecurityToken"
+    oss.sts.configure(ttl=0.5, advertised=3600)
+    token = requests.get(f"{oss.url}/__shoal__/sts/credentials", timeout=10).json()  # as the chain asks
+    assert token["Code"] == "Success" and token["Expiration"].endswith("Z")
+    sts = oss2.Bucket(oss2.StsAuth(token["AccessKeyId"], token["AccessKeySecret"], token["SecurityToken"]),
+                      oss.url, oss.bucket)
+    assert sts.get_object("m/cold.bin").read() == b"frozen"
+    time.sleep(0.6)
+    with pytest.raises(oss2.exceptions.ServerError) as expired:
+        sts.get_object("m/cold.bin")
+    assert (expired.value.status, expired.value.code) == (403, "SecurityTokenExpired")
+
+    oss.storage.set(oss.bucket, "m/cold.bin", "ColdArchive")
+    oss.storage.restore_delay = 0.5
+    with pytest.raises(oss2.exceptions.ServerError) as archived:
+        bucket.get_object("m/cold.bin")
+    assert (archived.value.status, archived.value.code) == (403, "InvalidObjectState")
+    assert bucket.head_object("m/cold.bin").headers["x-oss-storage-class"] == "ColdArchive"
+    config = oss2.models.RestoreConfiguration(days=1, job_parameters=oss2.models.RestoreJobParameters("Bulk"))
+    assert bucket.restore_object("m/cold.bin", input=config).status == 202
+    with pytest.raises(oss2.exceptions.ServerError) as again:
+        bucket.restore_object("m/cold.bin", input=config)
+    assert again.value.code == "RestoreAlreadyInProgress"
+    assert bucket.head_object("m/cold.bin").headers["x-oss-restore"] == 'ongoing-request="true"'
+    time.sleep(0.6)
+    assert bucket.get_object("m/cold.bin").read() == b"frozen"
+    assert 'ongoing-request="false"' in bucket.head_object("m/cold.bin").headers["x-oss-restore"]
+    with pytest.raises(oss2.exceptions.ServerError) as standard:
+        bucket.put_object("m/warm.bin", b"x") and bucket.restore_object("m/warm.bin")
+    assert standard.value.code == "OperationNotSupported"
+    assert [(r["key"], r["tier"], r["days"]) for r in oss.storage.restores] == [("m/cold.bin", "Bulk", 1)] * 2
 
 
 def test_oss2_multipart_upload_and_resumable_download_round_trip(oss, tmp_path):

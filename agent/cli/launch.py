@@ -42,11 +42,18 @@ def _report():
 
 def cmd_doctor(args) -> int:
     from agent.launcher.devices import engine_for
+    from agent.sources.osscreds import describe_settings
     report = _report()
+    settings = settings_of(args)
+    mirror = None
+    if settings.oss_bucket:  # which credentials the mirror is read with, never the secret
+        mirror = {"bucket": settings.oss_bucket, "endpoint": settings.oss_endpoint,
+                  "credentials": describe_settings(settings)}
     if args.json:
         print(json.dumps({"device": report.kind, "names": report.names, "memory": report.memory,
                           "backends": report.backends,
-                          "engines": {c: engine_for(c, report) for c in ("run", "serve", "train")}}, indent=2))
+                          "engines": {c: engine_for(c, report) for c in ("run", "serve", "train")},
+                          "mirror": mirror}, indent=2))
         return 0
     print(f"device: {report.kind}")
     for i, name in enumerate(report.names):
@@ -58,6 +65,17 @@ def cmd_doctor(args) -> int:
     print("engines:")
     for command in ("run", "serve", "train"):
         print(f"  shoal {command:6} -> {engine_for(command, report) or 'none (pip install shoal[run])'}")
+    if mirror is None:
+        print("mirror: none (SHOAL_OSS_BUCKET unset): pulls go to ModelScope")
+    else:
+        creds = mirror["credentials"]
+        print(f"mirror: oss://{mirror['bucket']} at {mirror['endpoint']}")
+        if creds.get("error"):
+            print(f"  credentials: {creds['mode']}: none found ({creds['error']})")
+        else:
+            expires = f", expires {creds['expires']}" if creds.get("expires") else ""
+            print(f"  credentials: {creds['mode']}: {creds.get('source') or 'anonymous'}"
+                  f"{' (STS)' if creds.get('sts') else ''}{expires}")
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -71,6 +72,26 @@ def cmd_mirror_push(args) -> int:
     return 0
 
 
+def cmd_mirror_status(args) -> int:
+    from agent.mirror import mirror_status
+    from agent.progress import human_bytes
+    settings = settings_of(args)
+    if args.bucket:
+        settings = settings.with_(oss_bucket=args.bucket)
+    if not settings.oss_bucket:
+        raise UsageError("mirror status needs a bucket: --bucket NAME or SHOAL_OSS_BUCKET")
+    ref = ModelRef.parse(args.model)
+    rows = mirror_status(ref, settings)
+    if args.json:
+        print(json.dumps({"model": str(ref), "files": rows}, indent=2))
+        return 0
+    width = max([len(r["path"]) for r in rows] + [4])
+    print(f"{'file':<{width}}  {'size':>9}  {'class':<12}  state")
+    for r in rows:
+        print(f"{r['path']:<{width}}  {human_bytes(r['size']):>9}  {r['storage_class'] or '-':<12}  {r['restore']}")
+    return 0
+
+
 def register(sub) -> None:
     p = sub.add_parser("id", help="this agent's publisher key (give it to those who should trust what you publish)")
     p.set_defaults(func=cmd_id)
@@ -86,3 +107,8 @@ def register(sub) -> None:
     p.add_argument("--bucket", help=f"target bucket (${ENV_NAMES['oss_bucket']})")
     p.add_argument("--from-dir", metavar="DIR", help="upload this local directory instead of pulling from ModelScope")
     p.set_defaults(func=cmd_mirror_push)
+    p = msub.add_parser("status", help="each mirrored file's storage class and restore state")
+    p.add_argument("model", metavar="OWNER/NAME[@REVISION]")
+    p.add_argument("--bucket", help=f"the mirror's bucket (${ENV_NAMES['oss_bucket']})")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_mirror_status)

@@ -7,27 +7,38 @@ Layout under the configured prefix (``SHOAL_OSS_PREFIX``), one folder per model 
 
 The manifest object is written last by ``shoal mirror push``, so its presence means the
 revision is complete; it is what makes a pull from the mirror verifiable chunk by chunk.
+
+Credentials come from ``agent.sources.osscreds`` (static keys, or the Alibaba Cloud chain
+with STS tokens that refresh); a request refused for an expired token is retried once with
+fresh credentials. An object in Archive / Cold Archive storage answers GET with 403
+``InvalidObjectState`` until restored: the pull takes that file from the next source at
+once (``ObjectArchived``), and with ``oss.restore`` asks OSS to restore it for next time.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 
 import oss2
 import requests
 import urllib3
 
 from agent.config import Settings
-from agent.errors import ConfigError, CredentialsRejected, NotFound, SourceUnavailable
+from agent.errors import ConfigError, CredentialsRejected, NotFound, ObjectArchived, SourceUnavailable
 from agent.manifest import MAX_MANIFEST_BYTES, ModelRef
 from agent.sources import ChunkRequest, Origin, expect_span, read_exact
+from agent.sources.osscreds import RefreshingCredentials, make_auth
 
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.shoal"
 # Errors OSS returns for credentials it does not accept.
 _CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "SecurityTokenExpired",
-                     "InvalidSecurityToken", "AccessDenied", "InvalidObjectState"}
+                     "InvalidSecurityToken", "AccessDenied"}
+# Errors after which fresh credentials from a refreshing provider may succeed (once).
+_EXPIRED_CODES = {"SecurityTokenExpired", "InvalidSecurityToken"}
+ARCHIVE_CLASSES = {"Archive", "ColdArchive", "DeepColdArchive"}
 _NETWORK_ERRORS = (OSError, requests.RequestException, urllib3.exceptions.HTTPError)
 
 
@@ -53,15 +64,7 @@ def make_bucket(settings: Settings, bucket_name: str | None = None, *, pool_size
     name = bucket_name or settings.oss_bucket
     if not name or not settings.oss_endpoint:
         raise ConfigError("no OSS mirror configured: set SHOAL_OSS_BUCKET and OSS_ENDPOINT")
-    key_id, secret, token = (settings.oss_access_key_id, settings.oss_access_key_secret,
-                             settings.oss_session_token)
-    version = oss2.AUTH_VERSION_4 if settings.oss_region else oss2.AUTH_VERSION_1
-    if token:
-        auth = oss2.StsAuth(key_id, secret, token, auth_version=version)
-    elif key_id:
-        auth = oss2.make_auth(key_id, secret, version)
-    else:
-        auth = oss2.AnonymousAuth()
+    auth, _ = make_auth(settings)
     kwargs = {"region": settings.oss_region} if settings.oss_region else {}
     return oss2.Bucket(auth, settings.oss_endpoint, name,
                        connect_timeout=min(settings.connect_timeout, settings.chunk_timeout),
@@ -69,8 +72,11 @@ def make_bucket(settings: Settings, bucket_name: str | None = None, *, pool_size
                        app_name="shoal", **kwargs)
 
 
-def translate_oss_error(e: Exception, what: str, *, anonymous: bool) -> Exception:
+def translate_oss_error(e: Exception, what: str, *, anonymous: bool, refreshing: bool = False) -> Exception:
     """Map an oss2 or network exception onto shoal's error tree."""
+    if isinstance(e, oss2.exceptions.ServerError) and getattr(e, "code", "") == "InvalidObjectState":
+        return ObjectArchived(f"{what}: the object is in archive storage and not restored; "
+                              "`shoal mirror status` shows its state, oss.restore = true restores what a pull meets")
     if isinstance(e, oss2.exceptions.NoSuchKey):
         return NotFound(f"{what}: not in the OSS mirror")
     if isinstance(e, oss2.exceptions.NoSuchBucket):
@@ -78,10 +84,15 @@ def translate_oss_error(e: Exception, what: str, *, anonymous: bool) -> Exceptio
     if isinstance(e, oss2.exceptions.OssError):
         status, code = e.status, getattr(e, "code", "") or ""
         if status in (401, 403) or code in _CREDENTIAL_CODES:
-            hint = ("the bucket refuses anonymous reads: set OSS_ACCESS_KEY_ID and "
-                    "OSS_ACCESS_KEY_SECRET (and OSS_SESSION_TOKEN for STS)") if anonymous else (
-                    "check OSS_ACCESS_KEY_ID/OSS_ACCESS_KEY_SECRET, renew an expired "
-                    "OSS_SESSION_TOKEN, and that the key may read this bucket")
+            if refreshing:
+                hint = ("even fresh credentials from the Alibaba Cloud chain were refused: check that its "
+                        "RAM policy may read this bucket and prefix (`shoal doctor` shows the source)")
+            elif anonymous:
+                hint = ("the bucket refuses anonymous reads: set OSS_ACCESS_KEY_ID and OSS_ACCESS_KEY_SECRET, "
+                        "or oss.credentials = \"chain\" for the Alibaba Cloud credentials chain")
+            else:
+                hint = ("check OSS_ACCESS_KEY_ID/OSS_ACCESS_KEY_SECRET and that the key may read this bucket; "
+                        "an OSS_SESSION_TOKEN is never refreshed: oss.credentials = \"chain\" refreshes STS tokens")
             return CredentialsRejected(f"{what}: OSS refused the request ({status} {code or 'Forbidden'}); {hint}")
         if status == -2 or status >= 500 or status in (408, 429):
             detail = code or (str(getattr(e, "body", "") or "")[:120]) or "network error"
@@ -101,16 +112,62 @@ class OssSource(Origin):
     def __init__(self, settings: Settings):
         self.prefix = settings.oss_prefix
         self.bucket = make_bucket(settings)
-        self._anonymous = not settings.oss_access_key_id
+        provider = getattr(self.bucket.auth, "credentials_provider", None)
+        self.credentials = provider if isinstance(provider, RefreshingCredentials) else None
+        self._anonymous = not settings.oss_access_key_id and self.credentials is None
+        self._restore = (settings.oss_restore, settings.oss_restore_tier, settings.oss_restore_days)
+        self._archived_lock = threading.Lock()
+        self._archived: set[str] = set()  # keys found archived by this source (asked once each)
+        self.restores_requested: list[str] = []
 
     def _error(self, e: Exception, what: str) -> Exception:
-        return translate_oss_error(e, what, anonymous=self._anonymous)
+        return translate_oss_error(e, what, anonymous=self._anonymous, refreshing=self.credentials is not None)
+
+    def _call(self, fn, *args, **kwargs):
+        """``fn(...)``; when OSS says the STS token expired and the credentials can refresh,
+        once more with fresh ones (the failed request sent no data)."""
+        generation = self.credentials.generation if self.credentials is not None else 0
+        try:
+            return fn(*args, **kwargs)
+        except oss2.exceptions.OssError as e:
+            if self.credentials is None or getattr(e, "code", "") not in _EXPIRED_CODES:
+                raise
+            log.info("OSS refused the STS token (%s): refreshing the credentials and asking again", e.code)
+            self.credentials.refresh(generation)
+        return fn(*args, **kwargs)
+
+    def _archived_object(self, key: str) -> None:
+        """First meeting with an archived ``key``: ask OSS to restore it when the lab wants."""
+        with self._archived_lock:
+            if key in self._archived:
+                return
+            self._archived.add(key)
+        restore, tier, days = self._restore
+        if not restore:
+            log.info("OSS %s is archived; taking it from the next source (oss.restore is off)", key)
+            return
+        try:
+            head = self._call(self.bucket.head_object, key)
+            storage = head.headers.get("x-oss-storage-class", "")
+            job = oss2.models.RestoreJobParameters(tier) if storage in ("ColdArchive", "DeepColdArchive") else None
+            self._call(self.bucket.restore_object, key,
+                       input=oss2.models.RestoreConfiguration(days=days, job_parameters=job))
+            self.restores_requested.append(key)
+            log.info("OSS %s is %s: restore requested (tier %s, %d days); this pull takes it from the next source",
+                     key, storage or "archived", tier if job else "-", days)
+        except oss2.exceptions.OssError as e:
+            if getattr(e, "code", "") == "RestoreAlreadyInProgress":
+                log.info("OSS %s: a restore is already in progress", key)
+            else:
+                log.warning("OSS %s: restore request refused (%s %s)", key, e.status, getattr(e, "code", ""))
+        except _NETWORK_ERRORS as e:
+            log.warning("OSS %s: restore request failed (%s)", key, type(e).__name__)
 
     def get_manifest(self, ref: ModelRef) -> bytes | None:
         """The encoded manifest object of ``ref``, or None if the mirror lacks it."""
         key = manifest_key(self.prefix, ref)
         try:
-            result = self.bucket.get_object(key)
+            result = self._call(self.bucket.get_object, key)
             try:
                 if result.content_length is not None and result.content_length > MAX_MANIFEST_BYTES:
                     raise SourceUnavailable(f"OSS manifest {key} is {result.content_length} bytes, "
@@ -125,29 +182,38 @@ class OssSource(Origin):
 
     def list_models(self, limit: int = 50_000) -> list[tuple[str, str]]:
         """(model id, revision) of every complete revision in the mirror (a manifest object)."""
-        found, seen = [], 0
         base = normalise_prefix(self.prefix)
-        try:
-            for obj in oss2.ObjectIteratorV2(self.bucket, prefix=base, max_keys=1000):
-                seen += 1
-                if seen > limit:
+
+        def listing() -> list[tuple[str, str]]:
+            found = []
+            for seen, obj in enumerate(oss2.ObjectIteratorV2(self.bucket, prefix=base, max_keys=1000)):
+                if seen >= limit:
                     break
                 if obj.key.endswith("/" + MANIFEST_NAME):
                     parts = obj.key[len(base):].split("/")
                     if len(parts) >= 4:
                         found.append(("/".join(parts[:-2]), parts[-2]))
+            return found
+        try:
+            return self._call(listing)
         except (oss2.exceptions.OssError, *_NETWORK_ERRORS) as e:
             raise self._error(e, "listing the OSS mirror") from e
-        return found
 
     def fetch(self, ref: ModelRef, request: ChunkRequest, into: memoryview, deadline: float) -> None:
         key = file_key(self.prefix, ref, request.path)
         what = f"OSS {key} [{request.offset}+{request.length}]"
+        with self._archived_lock:
+            archived = key in self._archived
+        if archived:  # known archived: no request per chunk
+            raise ObjectArchived(f"{what}: the object is in archive storage and not restored")
         try:
-            result = self.bucket.get_object(
-                key, byte_range=(request.offset, request.offset + request.length - 1))
+            result = self._call(self.bucket.get_object, key,
+                                byte_range=(request.offset, request.offset + request.length - 1))
         except (oss2.exceptions.OssError, *_NETWORK_ERRORS) as e:
-            raise self._error(e, what) from e
+            error = self._error(e, what)
+            if isinstance(error, ObjectArchived):
+                self._archived_object(key)
+            raise error from e
         try:
             expect_span(result.status, result.content_length, request, what)
             raw = result.resp.response.raw  # urllib3 response: readinto avoids a copy

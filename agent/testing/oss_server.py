@@ -13,6 +13,18 @@ What the bridge does, and why (seen with oss2 2.19 against moto 5.2):
   the whole object for every ranged GET, which would make a 1 GiB benchmark measure moto.
 Faults (see ``agent.testing.faults``) apply before any of that.
 
+What real OSS does that labs meet, played here (``sts``, ``storage``):
+- **STS tokens that expire**: ``/__shoal__/sts/credentials`` issues a token as an
+  ``ALIBABA_CLOUD_CREDENTIALS_URI`` endpoint answers (the credentials chain reads it);
+  a request carrying a token (``x-oss-security-token``) the server did not issue gets 403
+  ``InvalidSecurityToken``, one past its life 403 ``SecurityTokenExpired``. The life it
+  enforces and the expiry it advertises are set apart (``sts.configure``), so a token can
+  die earlier than it said, as revoked ones do.
+- **Storage classes**: an object in Archive / ColdArchive / DeepColdArchive answers GET
+  with 403 ``InvalidObjectState`` until a restore was requested (``POST ?restore``) and
+  ``storage.restore_delay`` seconds have passed; HEAD shows ``x-oss-storage-class`` and
+  ``x-oss-restore``. Restore requests are recorded.
+
 Run standalone: ``python -m agent.testing.oss_server [--port 0]``; it prints
 ``{"url": ...}`` once listening. Control endpoints as in ``hub_server``.
 """
@@ -24,11 +36,13 @@ import json
 import os
 import re
 import sys
+import secrets
 import threading
+import time
 import uuid
 from dataclasses import asdict
 from email.utils import formatdate
-from urllib.parse import unquote
+from urllib.parse import parse_qs, unquote
 
 os.environ.setdefault("S3_UPLOAD_PART_MIN_SIZE", str(100 * 1024))
 os.environ.setdefault("MOTO_S3_DEFAULT_KEY_BUFFER_SIZE", str(8 * 1024 * 1024))
@@ -67,12 +81,107 @@ def _oss_error(status: int, code: str, message: str) -> bytes:
             f"<HostId>127.0.0.1</HostId></Error>").encode()
 
 
+class StsTokens:
+    """Tokens this server issued, and how long each lives (module docstring)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._tokens: dict[str, float] = {}  # token -> when it dies (monotonic)
+        self.ttl = 3600.0  # the life the server enforces
+        self.advertised = 3600.0  # the life the Expiration field says
+        self.issued = 0
+
+    def configure(self, *, ttl: float, advertised: float | None = None) -> None:
+        with self._lock:
+            self.ttl, self.advertised = ttl, ttl if advertised is None else advertised
+
+    def issue(self) -> dict:
+        token = "sts-" + secrets.token_hex(16)
+        with self._lock:
+            self._tokens[token] = time.monotonic() + self.ttl
+            self.issued += 1
+            advertised = self.advertised
+        return {"Code": "Success", "AccessKeyId": "STS." + secrets.token_hex(8),
+                "AccessKeySecret": secrets.token_hex(16), "SecurityToken": token,
+                "Expiration": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + advertised)),
+                "LastUpdated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+    def check(self, token: str) -> str | None:
+        """The OSS error code for ``token``, or None when it is good."""
+        with self._lock:
+            dies = self._tokens.get(token)
+        if dies is None:
+            return "InvalidSecurityToken"
+        return "SecurityTokenExpired" if time.monotonic() >= dies else None
+
+
+ARCHIVED = ("Archive", "ColdArchive", "DeepColdArchive")
+
+
+class StorageClasses:
+    """Each object's storage class and restore state (module docstring)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._objects: dict[tuple[str, str], dict] = {}
+        self.restore_delay = 2.0
+        self.restores: list[dict] = []  # every restore request: bucket, key, tier, days
+
+    def set(self, bucket: str, key: str, storage_class: str) -> None:
+        with self._lock:
+            self._objects[(bucket, key)] = {"class": storage_class, "ready_at": None}
+
+    def state(self, bucket: str, key: str) -> dict:
+        with self._lock:
+            return dict(self._objects.get((bucket, key)) or {"class": "Standard", "ready_at": None})
+
+    def readable(self, bucket: str, key: str) -> bool:
+        state = self.state(bucket, key)
+        return state["class"] not in ARCHIVED or (state["ready_at"] is not None
+                                                  and time.monotonic() >= state["ready_at"])
+
+    def restore(self, bucket: str, key: str, tier: str | None, days: int | None) -> int:
+        """The HTTP status OSS answers a restore request with."""
+        with self._lock:
+            state = self._objects.get((bucket, key))
+            if state is None or state["class"] not in ARCHIVED:
+                return 400
+            self.restores.append({"bucket": bucket, "key": key, "tier": tier, "days": days})
+            if state["ready_at"] is not None:
+                return 409 if time.monotonic() < state["ready_at"] else 200
+            state["ready_at"] = time.monotonic() + self.restore_delay
+            return 202
+
+    def headers(self, bucket: str, key: str) -> list[tuple[str, str]]:
+        state = self.state(bucket, key)
+        out = [("x-oss-storage-class", state["class"])]
+        if state["class"] in ARCHIVED and state["ready_at"] is not None:
+            ongoing = time.monotonic() < state["ready_at"]
+            out.append(("x-oss-restore", 'ongoing-request="true"' if ongoing else
+                        'ongoing-request="false", expiry-date="' + formatdate(time.time() + 86400, usegmt=True) + '"'))
+        return out
+
+
 class OssServer(ServedApp):
     """See module docstring. Buckets live in moto's process-wide backend."""
 
     def __init__(self, *, port: int = 0, host: str = "127.0.0.1"):
         self.faults = FaultPlan()
+        self.sts = StsTokens()
+        self.storage = StorageClasses()
         self._server = LoopbackServer(self, host=host, port=port)
+
+    def reset(self) -> None:
+        """No faults, no issued tokens, every object Standard (between tests)."""
+        self.faults.clear()
+        self.faults.clear_log()
+        self.sts = StsTokens()
+        self.storage = StorageClasses()
+
+    def _refuse(self, respond, status: int, code: str, message: str):
+        body = _oss_error(status, code, message)
+        respond(f"{status} Refused", [("Content-Type", "application/xml"), ("Content-Length", str(len(body)))])
+        return [body]
 
     def create_bucket(self, name: str) -> None:
         _backend().create_bucket(name, "us-east-1")
@@ -105,6 +214,18 @@ class OssServer(ServedApp):
             return start_response(status_line, out, exc_info)
 
         try:
+            token = environ.get("HTTP_X_OSS_SECURITY_TOKEN") or parse_qs(environ.get("QUERY_STRING", "")).get(
+                "security-token", [None])[0]
+            refused = self.sts.check(token) if token else None
+            if refused:
+                return self._refuse(respond, 403, refused, "The security token you provided is not valid now.")
+            bucket_key = self._bucket_key(path)
+            if bucket_key and method == "POST" and "restore" in parse_qs(environ.get("QUERY_STRING", ""),
+                                                                         keep_blank_values=True):
+                return self._restore(environ, respond, *bucket_key)
+            if is_data and not self.storage.readable(*bucket_key):
+                return self._refuse(respond, 403, "InvalidObjectState", "The operation is not valid for the "
+                                    "object's state (archived: restore it first)")
             if fault and fault.kind == "slow" and not is_data:
                 import time
                 time.sleep(fault.delay)
@@ -119,6 +240,27 @@ class OssServer(ServedApp):
         finally:
             self.faults.record(LoggedRequest(method, target, rng, status_holder.get("status", 0),
                                              fault.kind if fault else None))
+
+    @staticmethod
+    def _bucket_key(path: str) -> tuple[str, str] | None:
+        parts = path.lstrip("/").split("/", 1)
+        if len(parts) != 2 or not parts[1]:
+            return None
+        return unquote(parts[0]), unquote(parts[1])
+
+    def _restore(self, environ, respond, bucket: str, key: str):
+        length = min(int(environ.get("CONTENT_LENGTH") or 0), 1 << 16)
+        body = environ["wsgi.input"].read(length).decode(errors="replace") if length else ""
+        tier = re.search(r"<Tier>(\w+)</Tier>", body)
+        days = re.search(r"<Days>(\d+)</Days>", body)
+        status = self.storage.restore(bucket, key, tier.group(1) if tier else None,
+                                      int(days.group(1)) if days else None)
+        if status == 400:
+            return self._refuse(respond, 400, "OperationNotSupported", "The object is not archived")
+        if status == 409:
+            return self._refuse(respond, 409, "RestoreAlreadyInProgress", "The restore is in progress")
+        respond(f"{status} OK", [("Content-Length", "0")])
+        return [b""]
 
     @staticmethod
     def _object(path: str):
@@ -193,9 +335,12 @@ class OssServer(ServedApp):
             body = re.sub(rb"(?<!</Type>)(\s*)</Contents>", rb"<Type>Normal</Type>\1</Contents>", body)
         if environ["REQUEST_METHOD"] == "HEAD":
             length = next((v for k, v in headers if k.lower() == "content-length"), None)
-            headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
+            headers = [(k, v) for k, v in headers if k.lower() not in ("content-length", "x-amz-storage-class")]
             if length is not None:
                 headers.append(("Content-Length", length))
+            bucket_key = self._bucket_key(environ.get("PATH_INFO", ""))
+            if bucket_key and captured["status"].startswith("200"):
+                headers += self.storage.headers(*bucket_key)
             respond(captured["status"], headers)
             return [b""]
         headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
@@ -222,6 +367,13 @@ class OssServer(ServedApp):
             return reply(200, {"cleared": True})
         if what == "log":
             return reply(200, [asdict(e) for e in self.faults.log()])
+        if what == "sts/credentials" and method == "GET":
+            return reply(200, self.sts.issue())
+        if what == "sts" and method == "POST":
+            length = min(int(environ.get("CONTENT_LENGTH") or 0), 1 << 16)
+            conf = json.loads(environ["wsgi.input"].read(length) or b"{}")
+            self.sts.configure(ttl=float(conf["ttl"]), advertised=conf.get("advertised"))
+            return reply(200, {"ttl": self.sts.ttl, "advertised": self.sts.advertised})
         if what.startswith("bucket/") and method == "PUT":
             self.create_bucket(what[len("bucket/"):])
             return reply(200, {"created": what[len("bucket/"):]})
