@@ -30,7 +30,8 @@ class Backend(Protocol):
     settings: Settings
     kind: str  # "agent" or "local", for messages
 
-    def pull(self, ref: ModelRef, *, to: Path | None = None, on_event: OnEvent | None = None) -> dict: ...
+    def pull(self, ref: ModelRef, *, to: Path | None = None, on_event: OnEvent | None = None,
+             fresh: bool = False) -> dict: ...
     def models(self) -> list[dict]: ...
     def remove(self, ref: ModelRef) -> dict: ...
     def set_pinned(self, ref: ModelRef, pinned: bool) -> dict: ...
@@ -107,11 +108,14 @@ class AgentBackend:
              timeout: float | None = None):
         return self.client.call(method, params, on_event=on_event, timeout=timeout)
 
-    def pull(self, ref: ModelRef, *, to: Path | None = None, on_event: OnEvent | None = None) -> dict:
+    def pull(self, ref: ModelRef, *, to: Path | None = None, on_event: OnEvent | None = None,
+             fresh: bool = False) -> dict:
         # The agent pulls (shared with anyone else pulling the same model on this machine).
         params = {"model": str(ref)}
         if to is not None:
             params["to"] = str(Path(to).resolve())
+        if fresh:
+            params["fresh"] = True
         return self.call("pull", params, on_event=on_event, timeout=PULL_TIMEOUT)
 
     def models(self) -> list[dict]:
@@ -155,11 +159,12 @@ class LocalBackend:
                           f"(socket {self.settings.socket_path}); start one with `shoal agent` "
                           "(or `systemctl start shoal-agent`)")
 
-    def pull(self, ref: ModelRef, *, to: Path | None = None, on_event: OnEvent | None = None) -> dict:
+    def pull(self, ref: ModelRef, *, to: Path | None = None, on_event: OnEvent | None = None,
+             fresh: bool = False) -> dict:
         from agent.pull import event_to_wire, pull, result_to_wire
         from agent.runtime import run_until_signal
         emit = (lambda e: on_event(event_to_wire(e))) if on_event else (lambda e: None)
-        return result_to_wire(run_until_signal(lambda: pull(ref, self.settings, to=to, emit=emit)))
+        return result_to_wire(run_until_signal(lambda: pull(ref, self.settings, to=to, emit=emit, fresh=fresh)))
 
     def models(self) -> list[dict]:
         from agent.store import model_row

@@ -212,6 +212,16 @@ class Listing:
         return sum(f.size for f in self.files)
 
 
+def files_fingerprint(files) -> str:
+    """What a revision's content is, as one hex digest: SHA-256 over its sorted
+    path/size/SHA-256 lines (a listing's ``ListedFile``s or a manifest's ``FileEntry``s
+    give the same digest for the same files). The mirror's sync and staleness check
+    compare upstream with it: the modelscope SDK tells no commit id for a branch."""
+    import hashlib
+    lines = sorted(f"{f.path}\t{f.size}\t{f.sha256.hex()}" for f in files)
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
 def make_listing(model_id: str, revision: str, entries: list[tuple[object, object, object]]) -> Listing:
     """Validate ``(path, size, sha256_hex)`` triples from a hub into a ``Listing``."""
     if len(entries) > MAX_FILES:

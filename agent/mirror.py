@@ -131,9 +131,10 @@ def mirror_status(ref: ModelRef, settings: Settings) -> list[dict]:
         if data is None:
             raise NotFound(f"{ref} is not in the OSS mirror (no {manifest_key(settings.oss_prefix, ref)})")
         manifest = decode(data)
+        folder = source._folders.get(str(ref))  # a synced revision's current snapshot
         rows = []
         for entry in manifest.files:
-            key = file_key(settings.oss_prefix, ref, entry.path)
+            key = file_key(settings.oss_prefix, ref, entry.path, folder)
             try:
                 head = source._call(source.bucket.head_object, key)
             except oss2.exceptions.NotFound:

@@ -31,6 +31,7 @@ import trio
 from agent.config import Settings
 from agent.errors import DiskFull, IntegrityError, NotFound, SourceUnavailable, UnsafePath, single_error
 from agent.manifest import PARTIAL_SUFFIX, Manifest, ModelRef, chunk_span
+from agent.mirrorage import MirrorAge
 from agent.plan import Plan, plan_from_offers, plan_manifest, resolve
 from agent.ratelimit import TokenBucket
 from agent.safefs import SafeDir, overlaps
@@ -73,6 +74,26 @@ class PullResult:
     timings: dict[str, float] = field(default_factory=dict)  # plan_s, room_s, first_chunk_s: when each was ready
     elapsed: float = 0.0
     troubles: list[str] = field(default_factory=list)
+    mirror: dict | None = None  # the mirror copy's age and whether upstream moved (agent.mirrorage)
+
+
+MIRROR_AGE_GRACE = 1.0  # how long a finished pull waits for the upstream check's answer
+
+
+async def _check_mirror_age(plan: Plan, sources: list[ChunkSource], emit, checked: trio.Event) -> None:
+    """When the plan is the OSS mirror's manifest and ModelScope is a source: ask upstream
+    (one listing) beside the pull, and say how the mirror's copy compares."""
+    try:
+        oss = next((s for s in sources if s.name == "oss"), None)
+        modelscope = next((s for s in sources if s.name == "modelscope"), None)
+        if oss is None or modelscope is None or plan.origin != f"{oss.label} manifest":
+            return
+        from agent.mirrorage import check_mirror_age
+        age = await trio.to_thread.run_sync(check_mirror_age, plan, oss, modelscope, abandon_on_cancel=True)
+        if age is not None:
+            emit(age)
+    finally:
+        checked.set()
 
 
 class SwarmPart:
@@ -171,19 +192,25 @@ def check_target(to: Path, cache_dir: Path) -> Path:
 async def pull(ref: ModelRef, settings: Settings, *, to: Path | None = None,
                emit: Callable[[object], None] = lambda event: None,
                sources: list[ChunkSource] | None = None,
-               rate: TokenBucket | None = None, swarm=None, trust=None) -> PullResult:
+               rate: TokenBucket | None = None, swarm=None, trust=None, fresh: bool = False) -> PullResult:
     """Pull ``ref`` into the store (or ``to``); see module docstring. Raises ``ShoalError``s.
 
     ``swarm``: the agent's LAN swarm for this pull (an ``agent.swarm.session.PullSession``):
     what peers answered before the pull (``offers``), this agent's peer id, its boards and
     the HAVE streams. A peer's manifest becomes the plan only if ``trust`` accepts it (a
     trusted publisher's signature or a pinned id).
+
+    ``fresh``: upstream's current files, not the mirror's copy (nor peers' manifests):
+    the plan comes from the origin's listing and the OSS mirror is left out. Otherwise a
+    plan from the mirror is checked against upstream beside the pull (``agent.mirrorage``).
     """
     started = time.monotonic()
     result_parts = {"troubles": [], "by_source": {}, "chunks": 0, "first_byte": None}
     part: SwarmPart | None = None
 
     def record(event) -> None:
+        if isinstance(event, MirrorAge):
+            result_parts["mirror"] = {"made_at": event.made_at, "upstream_moved": event.upstream_moved}
         if isinstance(event, SourceTrouble):
             result_parts["troubles"].append(event.message)
         elif isinstance(event, ChunkFetched):
@@ -198,13 +225,14 @@ async def pull(ref: ModelRef, settings: Settings, *, to: Path | None = None,
 
     own_sources = sources is None
     sources = make_sources(settings) if own_sources else sources
+    used = [s for s in sources if s.name != "oss"] if fresh else sources
     store = await trio.to_thread.run_sync(Store, settings.cache_dir)
     try:
-        offers = swarm.offers if swarm is not None else []
+        offers = swarm.offers if swarm is not None and not fresh else []
         plan, refused = plan_from_offers(ref, offers, trust) if offers and trust else (None, [])
         if plan is None:
             try:
-                plan = await resolve(ref, sources, record, settings.chunk_size)
+                plan = await resolve(ref, used, record, settings.chunk_size)
             except (NotFound, SourceUnavailable) as e:
                 if refused:  # the only answer came from peers we may not believe: say so
                     raise refused[0] from e
@@ -215,8 +243,15 @@ async def pull(ref: ModelRef, settings: Settings, *, to: Path | None = None,
         directory = check_target(Path(to), settings.cache_dir) if to else store.default_dir(ref)
         await trio.to_thread.run_sync(store.lock, ref)
         try:
-            result = await _run(plan, directory, store, [part.source, *sources] if part else sources, settings,
-                                record, rate if rate is not None else TokenBucket(settings.download_rate), part)
+            async with trio.open_nursery() as nursery:
+                checked = trio.Event()
+                if not fresh:
+                    nursery.start_soon(_check_mirror_age, plan, used, record, checked)
+                result = await _run(plan, directory, store, [part.source, *used] if part else used, settings,
+                                    record, rate if rate is not None else TokenBucket(settings.download_rate), part)
+                with trio.move_on_after(MIRROR_AGE_GRACE):  # a moment for the answer; never more
+                    await checked.wait()
+                nursery.cancel_scope.cancel()
         finally:
             store.unlock(ref)
     finally:
@@ -232,6 +267,7 @@ async def pull(ref: ModelRef, settings: Settings, *, to: Path | None = None,
     result.fetched_by_source = result_parts["by_source"]
     result.chunks_fetched = result_parts["chunks"]
     result.first_byte_s = result_parts["first_byte"]
+    result.mirror = result_parts.get("mirror")
     result.timings["plan_s"] = result_parts["plan_s"]
     if result.first_byte_s is not None:  # kept here too: a client reports its own first byte as first_byte_s
         result.timings["first_chunk_s"] = result.first_byte_s
@@ -334,6 +370,9 @@ def event_to_wire(event) -> dict:
         return {"type": "trouble", "source": event.source, "message": event.message}
     if isinstance(event, Evicted):
         return {"type": "evicted", "model": event.model, "size": event.size}
+    if isinstance(event, MirrorAge):
+        return {"type": "mirror_age", "made_at": event.made_at, "upstream_moved": event.upstream_moved,
+                "message": event.message}
     raise TypeError(f"not a pull event: {event!r}")
 
 
@@ -342,5 +381,5 @@ def result_to_wire(result: PullResult) -> dict:
             "total_bytes": result.total_size, "fetched_by_source": result.fetched_by_source,
             "chunks_fetched": result.chunks_fetched, "endgame_duplicates": result.endgame_duplicates,
             "origin_duplicate_chunks": result.origin_duplicate_chunks, "first_byte_s": result.first_byte_s,
-            "timings": result.timings,
+            "timings": result.timings, "mirror_copy": result.mirror,
             "elapsed_s": round(result.elapsed, 3), "troubles": result.troubles}

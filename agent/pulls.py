@@ -39,6 +39,7 @@ class ActivePull:
 
     ref: ModelRef
     directory: Path | None
+    fresh: bool = False  # from upstream, not the mirror (agent.pull)
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     done: trio.Event = field(default_factory=trio.Event)
     subscribers: set = field(default_factory=set)
@@ -107,8 +108,9 @@ class PullCoordinator:
     def snapshot(self) -> list[dict]:
         return [p.snapshot() for p in self.pulls.values()]
 
-    def start(self, ref: ModelRef, directory: Path | None) -> ActivePull:
-        """The running pull of ``ref``, or a new one. Follow it (``follow``) to hold it."""
+    def start(self, ref: ModelRef, directory: Path | None, *, fresh: bool = False) -> ActivePull:
+        """The running pull of ``ref``, or a new one (``fresh``: from upstream, not the
+        mirror; a running pull is joined as it is). Follow it (``follow``) to hold it."""
         key = str(ref)
         active = self.pulls.get(key)
         if active is not None:
@@ -116,7 +118,7 @@ class PullCoordinator:
                 raise StoreLocked(f"{ref} is being pulled into {active.directory} already; "
                                   "wait for it, or cancel it with `shoal cancel`")
             return active
-        active = ActivePull(ref, directory)
+        active = ActivePull(ref, directory, fresh)
         self.pulls[key] = active
         self._nursery.start_soon(self._run, active)
         return active
@@ -138,7 +140,8 @@ class PullCoordinator:
                 if is_manifest_id(active.ref.revision):  # MODEL@<manifest-id>: the person vouches for it
                     trust = TrustPolicy(trust.publishers, frozenset({active.ref.revision}))
                 result = await pull(active.ref, self.settings, to=active.directory, emit=emit,
-                                    sources=self.sources, rate=self.rate, swarm=session, trust=trust)
+                                    sources=self.sources, rate=self.rate, swarm=session, trust=trust,
+                                    fresh=active.fresh)
                 result.timings["offers_s"] = offers_s  # before the pull's own clock starts
                 active.result = result_to_wire(result)
                 self._completed()

@@ -58,6 +58,12 @@ class PullReporter:
                 self._json(event="evicted", model=event["model"], size=event["size"])
             else:
                 self._say(f"evicted {event['model']} ({human_bytes(event['size'])}) to stay within the cache quota")
+        elif kind == "mirror_age":
+            if self.json_mode:
+                self._json(event="mirror_age", made_at=event["made_at"], upstream_moved=event["upstream_moved"],
+                           message=event["message"])
+            else:
+                self._say(("! " if event["upstream_moved"] else "") + event["message"])
         elif kind == "trouble" and event["message"] not in self._seen_troubles:
             self._seen_troubles.add(event["message"])
             if self.json_mode:

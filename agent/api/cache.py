@@ -20,6 +20,7 @@ from agent.store import model_row
 class PullParams:
     model: ModelRef
     to: str | None = None  # an absolute folder; only the agent's own user or root
+    fresh: bool = False  # upstream's current files, not the mirror's copy (agent.pull)
 
 
 def _target(agent, to: str | None, uid: int) -> Path | None:
@@ -38,11 +39,11 @@ def _target(agent, to: str | None, uid: int) -> Path | None:
     return check_target(Path(to), agent.settings.cache_dir)
 
 
-async def follow_wire(agent, ref: ModelRef, directory: Path | None, call: Call) -> dict:
+async def follow_wire(agent, ref: ModelRef, directory: Path | None, call: Call, *, fresh: bool = False) -> dict:
     """Start or join the pull of ``ref`` and stream its events to the caller."""
     async def send(event) -> None:
         await call.send_event(event_to_wire(event))
-    return await agent.pulls.follow(agent.pulls.start(ref, directory), send)
+    return await agent.pulls.follow(agent.pulls.start(ref, directory, fresh=fresh), send)
 
 
 @method("pull", PullParams, "Pull a model (or join its running pull); the result names its folder.",
@@ -50,7 +51,7 @@ async def follow_wire(agent, ref: ModelRef, directory: Path | None, call: Call) 
 async def pull(agent, p: PullParams, call: Call):
     # The target's checks open and stat folders: off the event loop.
     target = await trio.to_thread.run_sync(_target, agent, p.to, call.uid)
-    return await follow_wire(agent, p.model, target, call)
+    return await follow_wire(agent, p.model, target, call, fresh=p.fresh)
 
 
 @method("cancel", ModelParams, "Stop the running pull of a model; verified chunks are kept.")

@@ -27,11 +27,14 @@ def cmd_pull(args) -> int:
         settings = settings.with_(use_modelscope=False)
     ref = ModelRef.parse(args.model)
     backend = open_backend(settings)
+    if args.fresh and args.no_modelscope:
+        raise UsageError("--fresh takes upstream's files from ModelScope: it cannot go with --no-modelscope")
     if args.no_modelscope and backend.kind == "agent":
         raise UsageError("--no-modelscope applies to in-process pulls; the agent uses its own sources "
                          "(set SHOAL_USE_MODELSCOPE=0 in its config)")
     reporter = PullReporter(ref, json_mode=args.json)
-    reporter.finish(backend.pull(ref, to=Path(args.to) if args.to else None, on_event=reporter.event))
+    reporter.finish(backend.pull(ref, to=Path(args.to) if args.to else None, on_event=reporter.event,
+                                 fresh=args.fresh))
     return 0
 
 
@@ -122,6 +125,8 @@ def register(sub) -> None:
     p.add_argument("--concurrency", type=int, help=f"chunks in flight (${ENV_NAMES['concurrency']}, default 8)")
     p.add_argument("--bucket", help=f"OSS mirror bucket (${ENV_NAMES['oss_bucket']})")
     p.add_argument("--no-modelscope", action="store_true", help="never fall back to ModelScope")
+    p.add_argument("--fresh", action="store_true",
+                   help="upstream's current files (ModelScope's listing), not the OSS mirror's copy")
     p.set_defaults(func=cmd_pull)
 
     p = sub.add_parser("ls", help="list cached models with size and completeness")

@@ -92,6 +92,71 @@ def cmd_mirror_status(args) -> int:
     return 0
 
 
+def cmd_mirror_sync(args) -> int:
+    from agent.mirrorsync import read_sync_file, run_sync
+    from agent.progress import human_bytes
+    settings = settings_of(args)
+    if args.bucket:
+        settings = settings.with_(oss_bucket=args.bucket)
+    from agent.mirror import check_push_target
+    check_push_target(settings, None)
+    plan = read_sync_file(Path(args.file))
+
+    def say(outcome) -> None:
+        if args.json:
+            return
+        if outcome.status == "failed":
+            print(f"{outcome.model}: FAILED: {outcome.error}", file=sys.stderr)
+            return
+        detail = (f"{len(outcome.uploaded)} uploaded ({human_bytes(outcome.uploaded_bytes)}), "
+                  f"{len(outcome.copied)} copied inside OSS, {len(outcome.kept)} already there"
+                  if outcome.status != "unchanged" else "upstream unchanged")
+        dropped = f"; removed {', '.join(outcome.deleted)}" if outcome.deleted else ""
+        print(f"{outcome.model}: {outcome.status} -> {outcome.snapshot} ({detail}){dropped}")
+    outcomes = run_sync(plan, settings, on_outcome=say)
+    if args.json:
+        print(json.dumps([dataclasses.asdict(o) for o in outcomes], indent=2))
+    failed = [o for o in outcomes if o.status == "failed"]
+    if not args.json:
+        print(f"{len(outcomes)} models: {sum(o.status in ('new', 'updated') for o in outcomes)} synced, "
+              f"{sum(o.status == 'unchanged' for o in outcomes)} unchanged, {len(failed)} failed")
+    return 4 if failed else 0
+
+
+def cmd_mirror_policy(args) -> int:
+    from agent.mirrorsync import read_only_policy
+    settings = settings_of(args)
+    bucket = args.bucket or settings.oss_bucket
+    if not bucket:
+        raise UsageError("mirror policy needs the bucket: --bucket NAME or SHOAL_OSS_BUCKET")
+    print(json.dumps(read_only_policy(bucket, settings.oss_prefix, restore=args.restore), indent=2))
+    return 0
+
+
+def cmd_mirror_lifecycle(args) -> int:
+    from agent.mirrorsync import lifecycle_rules
+    from agent.mirror import check_push_target
+    from agent.sources.oss import make_bucket, translate_oss_error
+    import oss2
+    settings = settings_of(args)
+    if args.bucket:
+        settings = settings.with_(oss_bucket=args.bucket)
+    check_push_target(settings, None)
+    rules = lifecycle_rules(settings.oss_prefix, args.ia_after, args.archive_after)
+    bucket = make_bucket(settings)
+    try:
+        bucket.put_bucket_lifecycle(oss2.models.BucketLifecycle(rules))
+    except (oss2.exceptions.OssError, OSError) as e:
+        raise translate_oss_error(e, "setting the bucket's lifecycle rules",
+                                  anonymous=not settings.oss_access_key_id) from e
+    finally:
+        bucket.session.session.close()
+    archive = f", Archive after {args.archive_after} days" if args.archive_after else ""
+    print(f"oss://{settings.oss_bucket}/{settings.oss_prefix}: superseded snapshots move to IA after "
+          f"{args.ia_after} days{archive}; the current snapshot of each model stays Standard")
+    return 0
+
+
 def register(sub) -> None:
     p = sub.add_parser("id", help="this agent's publisher key (give it to those who should trust what you publish)")
     p.set_defaults(func=cmd_id)
@@ -112,3 +177,21 @@ def register(sub) -> None:
     p.add_argument("--bucket", help=f"the mirror's bucket (${ENV_NAMES['oss_bucket']})")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_mirror_status)
+    p = msub.add_parser("sync", help="the daily job: bring every model of a sync file up to date with ModelScope",
+                        description="FILE (TOML): keep = 3, then one [[model]] table per model: id = \"OWNER/NAME\", "
+                                    "revision = \"master\". Only changed files are downloaded and uploaded; "
+                                    "the last KEEP synced copies of each are kept.")
+    p.add_argument("file", metavar="FILE.toml")
+    p.add_argument("--bucket", help=f"the mirror's bucket (${ENV_NAMES['oss_bucket']})")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_mirror_sync)
+    p = msub.add_parser("policy", help="print the RAM policy that lets students' STS role read the mirror")
+    p.add_argument("--read-only", action="store_true", required=True, help="read the mirror prefix and nothing else")
+    p.add_argument("--restore", action="store_true", help="also restore archived objects (oss.restore)")
+    p.add_argument("--bucket", help=f"the mirror's bucket (${ENV_NAMES['oss_bucket']})")
+    p.set_defaults(func=cmd_mirror_policy)
+    p = msub.add_parser("lifecycle", help="move superseded synced snapshots to cheaper storage classes")
+    p.add_argument("--ia-after", type=int, default=30, metavar="DAYS")
+    p.add_argument("--archive-after", type=int, default=180, metavar="DAYS")
+    p.add_argument("--bucket", help=f"the mirror's bucket (${ENV_NAMES['oss_bucket']})")
+    p.set_defaults(func=cmd_mirror_lifecycle)

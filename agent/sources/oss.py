@@ -7,6 +7,10 @@ Layout under the configured prefix (``SHOAL_OSS_PREFIX``), one folder per model 
 
 The manifest object is written last by ``shoal mirror push``, so its presence means the
 revision is complete; it is what makes a pull from the mirror verifiable chunk by chunk.
+``shoal mirror sync`` (``agent.mirrorsync``) keeps several synced copies of a revision in
+snapshot folders ``{revision}~{16 hex}`` laid out the same way, and a pointer
+``{revision}/current.json`` naming the current one, written last; a pull follows the
+pointer when there is one, else reads the folder itself.
 
 Credentials come from ``agent.sources.osscreds`` (static keys, or the Alibaba Cloud chain
 with STS tokens that refresh); a request refused for an expired token is retried once with
@@ -17,6 +21,7 @@ once (``ObjectArchived``), and with ``oss.restore`` asks OSS to restore it for n
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 
@@ -55,8 +60,25 @@ def manifest_key(prefix: str, ref: ModelRef) -> str:
     return revision_prefix(prefix, ref) + MANIFEST_NAME
 
 
-def file_key(prefix: str, ref: ModelRef, path: str) -> str:
-    return revision_prefix(prefix, ref) + "files/" + path
+def file_key(prefix: str, ref: ModelRef, path: str, folder: str | None = None) -> str:
+    """The object of ``path``; ``folder`` (a snapshot) instead of the revision's own."""
+    if folder is None:
+        return revision_prefix(prefix, ref) + "files/" + path
+    return f"{normalise_prefix(prefix)}{ref.model_id}/{folder}/files/{path}"
+
+
+POINTER_NAME = "current.json"
+MAX_POINTER_BYTES = 64 * 1024
+
+
+def pointer_key(prefix: str, ref: ModelRef) -> str:
+    return revision_prefix(prefix, ref) + POINTER_NAME
+
+
+def is_snapshot_of(folder: str, revision: str) -> bool:
+    """Whether ``folder`` names a snapshot of ``revision`` (never a path elsewhere)."""
+    head, sep, tail = folder.rpartition("~")
+    return bool(sep) and head == revision and len(tail) == 16 and all(c in "0123456789abcdef" for c in tail)
 
 
 def make_bucket(settings: Settings, bucket_name: str | None = None, *, pool_size: int | None = None) -> oss2.Bucket:
@@ -119,6 +141,7 @@ class OssSource(Origin):
         self._archived_lock = threading.Lock()
         self._archived: set[str] = set()  # keys found archived by this source (asked once each)
         self.restores_requested: list[str] = []
+        self._folders: dict[str, str] = {}  # str(ref) -> the snapshot folder its manifest came from
 
     def _error(self, e: Exception, what: str) -> Exception:
         return translate_oss_error(e, what, anonymous=self._anonymous, refreshing=self.credentials is not None)
@@ -163,22 +186,68 @@ class OssSource(Origin):
         except _NETWORK_ERRORS as e:
             log.warning("OSS %s: restore request failed (%s)", key, type(e).__name__)
 
-    def get_manifest(self, ref: ModelRef) -> bytes | None:
-        """The encoded manifest object of ``ref``, or None if the mirror lacks it."""
-        key = manifest_key(self.prefix, ref)
+    def _read_small(self, key: str, limit: int, what: str) -> bytes | None:
+        """A whole small object (at most ``limit`` bytes), or None when there is none."""
         try:
             result = self._call(self.bucket.get_object, key)
             try:
-                if result.content_length is not None and result.content_length > MAX_MANIFEST_BYTES:
-                    raise SourceUnavailable(f"OSS manifest {key} is {result.content_length} bytes, "
-                                            f"more than {MAX_MANIFEST_BYTES}", transient=False)
-                return result.read()
+                if result.content_length is not None and result.content_length > limit:
+                    raise SourceUnavailable(f"OSS {what} {key} is {result.content_length} bytes, "
+                                            f"more than {limit}", transient=False)
+                return result.read(limit + 1)[:limit]
             finally:
                 result.close()
         except oss2.exceptions.NoSuchKey:
             return None
         except (oss2.exceptions.OssError, *_NETWORK_ERRORS) as e:
-            raise self._error(e, f"reading manifest of {ref} from OSS") from e
+            raise self._error(e, f"reading {what} {key} from OSS") from e
+
+    def current_snapshot(self, ref: ModelRef) -> dict | None:
+        """The sync pointer of ``ref`` (``agent.mirrorsync``), checked, or None."""
+        data = self._read_small(pointer_key(self.prefix, ref), MAX_POINTER_BYTES, "sync pointer")
+        if data is None:
+            return None
+        try:
+            pointer = json.loads(data)
+        except ValueError:
+            pointer = None
+        if not isinstance(pointer, dict) or not is_snapshot_of(str(pointer.get("snapshot", "")), ref.revision):
+            raise SourceUnavailable(f"the mirror's sync pointer {pointer_key(self.prefix, ref)} is malformed; "
+                                    "run `shoal mirror sync` again", transient=False)
+        return pointer
+
+    def made_at(self, ref: ModelRef) -> str | None:
+        """When the mirror's copy of ``ref`` was made: its sync time, or its manifest's
+        upload time for a revision `mirror push` wrote (UTC, ISO 8601)."""
+        pointer = self.current_snapshot(ref)
+        if pointer is not None:
+            return str(pointer.get("synced_at") or "") or None
+        try:
+            head = self._call(self.bucket.head_object, manifest_key(self.prefix, ref))
+        except oss2.exceptions.NotFound:
+            return None
+        except (oss2.exceptions.OssError, *_NETWORK_ERRORS) as e:
+            raise self._error(e, f"reading the manifest of {ref}") from e
+        import time
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(head.last_modified)) if head.last_modified else None
+
+    def get_manifest(self, ref: ModelRef) -> bytes | None:
+        """The encoded manifest object of ``ref`` (through its sync pointer if it has one),
+        or None if the mirror lacks it."""
+        pointer = self.current_snapshot(ref)
+        folder = pointer["snapshot"] if pointer else None
+        key = manifest_key(self.prefix, ref) if folder is None else \
+            f"{normalise_prefix(self.prefix)}{ref.model_id}/{folder}/{MANIFEST_NAME}"
+        data = self._read_small(key, MAX_MANIFEST_BYTES, "manifest")
+        if data is not None:
+            # The files of this manifest are in its folder: a pull keeps reading there even
+            # when a sync moves the pointer meanwhile (old snapshots are kept).
+            with self._archived_lock:
+                if folder is None:
+                    self._folders.pop(str(ref), None)
+                else:
+                    self._folders[str(ref)] = folder
+        return data
 
     def list_models(self, limit: int = 50_000) -> list[tuple[str, str]]:
         """(model id, revision) of every complete revision in the mirror (a manifest object)."""
@@ -189,18 +258,20 @@ class OssSource(Origin):
             for seen, obj in enumerate(oss2.ObjectIteratorV2(self.bucket, prefix=base, max_keys=1000)):
                 if seen >= limit:
                     break
-                if obj.key.endswith("/" + MANIFEST_NAME):
+                if obj.key.endswith(("/" + MANIFEST_NAME, "/" + POINTER_NAME)):
                     parts = obj.key[len(base):].split("/")
-                    if len(parts) >= 4:
+                    if len(parts) >= 4 and "~" not in parts[-2]:  # snapshots are reached by pointers
                         found.append(("/".join(parts[:-2]), parts[-2]))
-            return found
+            return list(dict.fromkeys(found))
         try:
             return self._call(listing)
         except (oss2.exceptions.OssError, *_NETWORK_ERRORS) as e:
             raise self._error(e, "listing the OSS mirror") from e
 
     def fetch(self, ref: ModelRef, request: ChunkRequest, into: memoryview, deadline: float) -> None:
-        key = file_key(self.prefix, ref, request.path)
+        with self._archived_lock:
+            folder = self._folders.get(str(ref))
+        key = file_key(self.prefix, ref, request.path, folder)
         what = f"OSS {key} [{request.offset}+{request.length}]"
         with self._archived_lock:
             archived = key in self._archived

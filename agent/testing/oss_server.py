@@ -24,6 +24,8 @@ What real OSS does that labs meet, played here (``sts``, ``storage``):
   with 403 ``InvalidObjectState`` until a restore was requested (``POST ?restore``) and
   ``storage.restore_delay`` seconds have passed; HEAD shows ``x-oss-storage-class`` and
   ``x-oss-restore``. Restore requests are recorded.
+- **Lifecycle rules**: ``PUT/GET/DELETE ?lifecycle`` keep the XML as sent
+  (``lifecycles``); nothing is moved by them.
 
 Run standalone: ``python -m agent.testing.oss_server [--port 0]``; it prints
 ``{"url": ...}`` once listening. Control endpoints as in ``hub_server``.
@@ -169,6 +171,7 @@ class OssServer(ServedApp):
         self.faults = FaultPlan()
         self.sts = StsTokens()
         self.storage = StorageClasses()
+        self.lifecycles: dict[str, str] = {}  # bucket -> the lifecycle XML last put
         self._server = LoopbackServer(self, host=host, port=port)
 
     def reset(self) -> None:
@@ -177,6 +180,7 @@ class OssServer(ServedApp):
         self.faults.clear_log()
         self.sts = StsTokens()
         self.storage = StorageClasses()
+        self.lifecycles = {}
 
     def _refuse(self, respond, status: int, code: str, message: str):
         body = _oss_error(status, code, message)
@@ -195,7 +199,10 @@ class OssServer(ServedApp):
         if path.startswith(CONTROL):
             return self._control(environ, start_response, path[len(CONTROL):], method)
         target = path + ("?" + environ["QUERY_STRING"] if environ.get("QUERY_STRING") else "")
-        is_data = method == "GET" and self._object(path) is not None
+        # An object's bytes; a sub-resource of it (?tagging, ?acl, ...) goes to moto.
+        subresource = bool(set(parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True))
+                           & {"tagging", "acl", "symlink", "objectMeta", "uploadId", "uploads", "restore"})
+        is_data = method == "GET" and not subresource and self._object(path) is not None
         fault = self.faults.take(target, data_request=is_data)
         status_holder = {}
         request_id = uuid.uuid4().hex.upper()[:24]
@@ -220,9 +227,11 @@ class OssServer(ServedApp):
             if refused:
                 return self._refuse(respond, 403, refused, "The security token you provided is not valid now.")
             bucket_key = self._bucket_key(path)
-            if bucket_key and method == "POST" and "restore" in parse_qs(environ.get("QUERY_STRING", ""),
-                                                                         keep_blank_values=True):
+            query = parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True)
+            if bucket_key and method == "POST" and "restore" in query:
                 return self._restore(environ, respond, *bucket_key)
+            if bucket_key is None and "lifecycle" in query:
+                return self._lifecycle(environ, respond, path.strip("/"), method)
             if is_data and not self.storage.readable(*bucket_key):
                 return self._refuse(respond, 403, "InvalidObjectState", "The operation is not valid for the "
                                     "object's state (archived: restore it first)")
@@ -261,6 +270,23 @@ class OssServer(ServedApp):
             return self._refuse(respond, 409, "RestoreAlreadyInProgress", "The restore is in progress")
         respond(f"{status} OK", [("Content-Length", "0")])
         return [b""]
+
+    def _lifecycle(self, environ, respond, bucket: str, method: str):
+        """Lifecycle rules are kept as sent (OSS's XML) and recorded, not enforced."""
+        if method == "PUT":
+            length = min(int(environ.get("CONTENT_LENGTH") or 0), 1 << 20)
+            self.lifecycles[bucket] = environ["wsgi.input"].read(length).decode(errors="replace")
+            respond("200 OK", [("Content-Length", "0")])
+            return [b""]
+        if method == "GET" and bucket in self.lifecycles:
+            body = self.lifecycles[bucket].encode()
+            respond("200 OK", [("Content-Type", "application/xml"), ("Content-Length", str(len(body)))])
+            return [body]
+        if method == "DELETE":
+            self.lifecycles.pop(bucket, None)
+            respond("204 No Content", [("Content-Length", "0")])
+            return [b""]
+        return self._refuse(respond, 404, "NoSuchLifecycle", "No lifecycle rules")
 
     @staticmethod
     def _object(path: str):
@@ -311,8 +337,8 @@ class OssServer(ServedApp):
         for name in list(env):
             if name.startswith("HTTP_X_OSS_META_"):
                 env["HTTP_X_AMZ_META_" + name[len("HTTP_X_OSS_META_"):]] = env.pop(name)
-            elif name == "HTTP_X_OSS_COPY_SOURCE":
-                env["HTTP_X_AMZ_COPY_SOURCE"] = env.pop(name)
+            elif name in ("HTTP_X_OSS_COPY_SOURCE", "HTTP_X_OSS_COPY_SOURCE_RANGE", "HTTP_X_OSS_METADATA_DIRECTIVE"):
+                env["HTTP_X_AMZ_" + name[len("HTTP_X_OSS_"):]] = env.pop(name)
         qs = env.get("QUERY_STRING", "")
         if qs:
             env["QUERY_STRING"] = "&".join(p for p in qs.split("&") if p != "continuation-token=")
