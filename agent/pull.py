@@ -252,6 +252,8 @@ async def pull(ref: ModelRef, settings: Settings, *, to: Path | None = None,
                 with trio.move_on_after(MIRROR_AGE_GRACE):  # a moment for the answer; never more
                     await checked.wait()
                 nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:  # the pull's own error, not the nursery's wrapping
+            raise single_error(group) from None
         finally:
             store.unlock(ref)
     finally:

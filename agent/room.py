@@ -104,6 +104,10 @@ def decode_code(code: str) -> Room:
         raise UsageError(f"this join code has a typo (a character missing or one too many); {retype}") from None
     if len(body) < 1 + SECRET_LEN + KEY_LEN + 2 + CHECK_LEN:
         raise UsageError(f"this join code is too short: part of it is missing; {retype}")
+    if base64.b32encode(body).decode().rstrip("=") != text:
+        # The last character carries bits no byte uses: a typo there would otherwise read
+        # as the same code. Only the one spelling the teacher's screen shows is accepted.
+        raise UsageError(f"this join code has a typo (its last character); {retype}")
     payload, check = body[:-CHECK_LEN], body[-CHECK_LEN:]
     if blake3_hash(payload)[:CHECK_LEN] != check:
         raise UsageError(f"this join code has a typo (its check does not match); {retype}")

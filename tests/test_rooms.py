@@ -35,6 +35,13 @@ def test_a_join_code_carries_the_room_and_refuses_typos():
     flipped = code[:20] + ("A" if code[20] != "A" else "B") + code[21:]
     with pytest.raises(UsageError, match="typo"):
         decode_code(flipped)
+    # Every one-character typo is refused, the last character too (its spare bits included).
+    letters = [i for i, c in enumerate(code) if i >= len("SHOAL-") and c != "-"]
+    for i in letters:
+        for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567":
+            if c != code[i]:
+                with pytest.raises(UsageError, match="typo|malformed|short"):
+                    decode_code(code[:i] + c + code[i + 1:])
     with pytest.raises(UsageError, match="too short|missing"):
         decode_code(code[:30])
     with pytest.raises(UsageError, match="typo"):

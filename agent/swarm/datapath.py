@@ -167,6 +167,11 @@ class DataServer:
         self.planning = planning  # whether a pull of this agent has not planned yet
         self.on_subscribed = on_subscribed  # (peer, manifest id): told of every subscription taken
         self._subscribers: Counter = Counter()  # by address, None: in all
+        # The live subscription of each (peer, manifest): a new one from the same peer takes
+        # its place (the old one is dead on the peer's side: it gave up on it, e.g. while
+        # this agent was stopped, and its thread here would hold a slot until it noticed).
+        self._subscription_of: dict[tuple[str, str], socket.socket] = {}
+        self._subscription_conns: set[socket.socket] = set()
         # With encryption: the TLS context, and the certificate hash offers carry.
         self._tls, self.fingerprint = make_tls() if encrypt else (None, None)
         self.rate = ThreadTokenBucket(rate)  # the upload cap (SHOAL_UPLOAD_RATE), shared by all connections
@@ -356,11 +361,26 @@ class DataServer:
         if board.pulling or self.planning():  # pulling it too: its pull follows the subscriber
             self.on_subscribed(peer, manifest_id)
         with self._lock:
+            previous = self._subscription_of.pop((peer, manifest_id), None)
+        if previous is not None:
+            try:
+                previous.shutdown(socket.SHUT_RDWR)  # its thread's next send fails: the slot frees
+            except OSError:
+                pass
+            deadline = time.monotonic() + 1.0
+            while time.monotonic() < deadline:
+                with self._lock:
+                    if previous not in self._subscription_conns:
+                        break
+                time.sleep(0.02)
+        with self._lock:
             admitted = (self._subscribers[None] < MAX_SUBSCRIBERS
                         and self._subscribers[address] < MAX_SUBSCRIBERS_PER_ADDRESS)
             if admitted:
                 self._subscribers[None] += 1
                 self._subscribers[address] += 1
+                self._subscription_of[(peer, manifest_id)] = conn
+                self._subscription_conns.add(conn)
         if not admitted:
             reply(conn, BUSY, b"too many subscriptions")
             return
@@ -393,6 +413,9 @@ class DataServer:
                 self._subscribers[address] -= 1
                 if self._subscribers[address] <= 0:
                     del self._subscribers[address]
+                self._subscription_conns.discard(conn)
+                if self._subscription_of.get((peer, manifest_id)) is conn:
+                    del self._subscription_of[(peer, manifest_id)]
 
     def _serve_requests(self, conn: socket.socket, peer: str, manifest_id: str) -> None:
         while True:

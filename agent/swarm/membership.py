@@ -42,6 +42,9 @@ log = logging.getLogger("shoal.swarm")
 
 MAX_PEERS = 256
 OFFER_TIMEOUT = 0.75  # a pull waits this long at most for its peers' first answers (the rest: asked again)
+# ... and this long after the first offer: a late joiner starts on what the first answers
+# say (the session follows every peer anyway), instead of waiting for the slowest one.
+OFFER_SETTLE = 0.15
 CONTACT_REFRESH = 1200.0  # a peer's key lasts an hour: say hello again well before
 HELLOS_AT_ONCE = 16
 HELLO_RETRY = 10.0
@@ -308,9 +311,12 @@ class Swarm:
             "of": sum(len(f.chunks) for f in m.files), "pulling": answer.pulling}
         return answer
 
-    async def _ask_all(self, peers, timeout: float, answered: set[str], **kwargs) -> list:
+    async def _ask_all(self, peers, timeout: float, answered: set[str], *, settle: float | None = None,
+                       **kwargs) -> list:
         """Ask ``peers`` at once (for at most ``timeout``): their offers; those that gave a
-        definite answer (an offer, or none held) are added to ``answered``."""
+        definite answer (an offer, or none held) are added to ``answered``. With ``settle``,
+        stop that long after the first offer arrives: one offer is enough to plan and
+        start, and the pull's session asks the rest again."""
         answers: list = []
 
         async def one(peer: str) -> None:
@@ -319,9 +325,11 @@ class Swarm:
                 return
             if answer is not None:
                 answers.append(answer)
+                if settle is not None and len(answers) == 1:
+                    scope.deadline = min(scope.deadline, trio.current_time() + settle)
             if answer is not None or not self.peers.get(peer, {}).get("error"):
                 answered.add(peer)
-        with trio.move_on_after(timeout):
+        with trio.move_on_after(timeout) as scope:
             async with trio.open_nursery() as nursery:
                 for peer in peers:
                     nursery.start_soon(one, peer)
@@ -333,7 +341,7 @@ class Swarm:
         when none has it. The session asks the others again."""
         connected = self.node.connected() - self.node.refused_by
         answered: set[str] = set()
-        answers = await self._ask_all(connected, OFFER_TIMEOUT, answered, ref=ref)
+        answers = await self._ask_all(connected, OFFER_TIMEOUT, answered, settle=OFFER_SETTLE, ref=ref)
         if answers or answered != connected or self.node.dht is None:
             return answers, answered
         found = await self.node.find_providers(ref)

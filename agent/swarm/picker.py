@@ -173,8 +173,10 @@ class SwarmPicker:
 
     def _start(self, ordinal: int, from_origin: bool) -> Job:
         if from_origin:  # a chunk this agent pays the outside link for: say why it is ours
-            log.debug("origin chunk %d: %d pullers, %d unknown, %d idle, %.2f s into the pull", ordinal,
-                     len(self._pullers), len(self.view.unknown), len(self.view.idle), self.clock() - self.started)
+            uncounted = sorted(p[:12] for p in set(self.view.peers) - set(self._pullers))
+            log.debug("origin chunk %d: %d pullers, %d unknown, %d idle, %.2f s into the pull; peers in view "
+                      "not counted: %s", ordinal, len(self._pullers), len(self.view.unknown), len(self.view.idle),
+                      self.clock() - self.started, ",".join(uncounted[:4]) or "none")
         queued = self.pending.pop(ordinal)
         job = Job(queued.task, queued.index, route=ORIGINS if from_origin else PEERS)
         self.in_flight[ordinal] = [job, self.clock(), 1, False, from_origin]

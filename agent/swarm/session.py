@@ -39,6 +39,9 @@ log = logging.getLogger("shoal.swarm")
 PENDING = "pending"  # what ``Swarm.ask`` returns for such a peer
 RETRY = (0.5, 1.0, 2.0, 5.0, 10.0)  # rests between attempts to follow a peer that failed
 CONNECT_TIMEOUT = 5.0
+# A stream's first frame may wait for the peer's plan (agent.swarm.datapath.SUB_PLAN_WAIT);
+# after it, the view's liveness rule applies.
+FIRST_FRAME_WAIT = 5.0
 
 
 class _Reader:
@@ -227,7 +230,10 @@ class PullSession:
                                 unknown.add(peer)
                             nursery.start_soon(follow_one, peer)
                     for peer in list(view.peers):
-                        if peer not in candidates:
+                        # A peer still followed stays: its HAVE stream is a connection of
+                        # its own, and the libp2p one may flap (two dials crossing). A
+                        # forgotten peer's frames would be dropped while it is followed.
+                        if peer not in candidates and peer not in busy:
                             view.forget(peer)
                     unknown &= candidates
                     view.set_unknown(unknown)
@@ -266,6 +272,7 @@ class PullSession:
                 raise
         async with stream:
             length = None
+            opened, first = trio.current_time(), True
             while True:
                 with trio.move_on_after(1.0):
                     if length is None:
@@ -274,6 +281,11 @@ class PullSession:
                     length = None
                     view.apply(peer, frame)
                     heard(peer)
+                    first = False
+                    continue
+                if first:  # its snapshot may wait for its plan; a stopped peer sends none
+                    if trio.current_time() - opened > FIRST_FRAME_WAIT:
+                        raise trio.TooSlowError(f"no first HAVE frame from {peer[:16]} in {FIRST_FRAME_WAIT:.0f} s")
                     continue
                 # Nothing for a second: gone only once the view says so (silent past
                 # LIVENESS, with a fresh allowance after a pause of our own).

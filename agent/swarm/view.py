@@ -94,8 +94,11 @@ class LanView:
             view = self.peers.get(peer)
             if view is None:
                 view = self.peers[peer] = PeerView(peer, contact.data, contact.key, contact.tls)
+                view.heard = self._now()  # its stream's first frame is due (it holds nothing until then)
+            # A peer followed again keeps the time it was last heard from: asking again is
+            # not hearing (a stopped peer's kernel still accepts the connection), so a
+            # silent peer cannot look alive, and keep its claims, by being asked.
             view.data, view.ticket, view.tls = contact.data, contact.key, contact.tls
-            view.heard = self._now()  # its stream's first frame is due (it holds nothing until then)
             self._counts = None
 
     def apply(self, peer: str, message: Message) -> None:
