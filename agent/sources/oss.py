@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 
 import oss2
 import requests
@@ -44,6 +45,7 @@ _CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "SecurityTok
 # Errors after which fresh credentials from a refreshing provider may succeed (once).
 _EXPIRED_CODES = {"SecurityTokenExpired", "InvalidSecurityToken"}
 ARCHIVE_CLASSES = {"Archive", "ColdArchive", "DeepColdArchive"}
+ARCHIVED_RECHECK = 600.0  # seconds an object found archived is taken from the next source without asking
 _NETWORK_ERRORS = (OSError, requests.RequestException, urllib3.exceptions.HTTPError)
 
 
@@ -139,7 +141,9 @@ class OssSource(Origin):
         self._anonymous = not settings.oss_access_key_id and self.credentials is None
         self._restore = (settings.oss_restore, settings.oss_restore_tier, settings.oss_restore_days)
         self._archived_lock = threading.Lock()
-        self._archived: set[str] = set()  # keys found archived by this source (asked once each)
+        # Keys found archived -> when: not asked again for a while (a restore takes minutes
+        # to hours; an agent runs for days, so it asks again after ARCHIVED_RECHECK).
+        self._archived: dict[str, float] = {}
         self.restores_requested: list[str] = []
         self._folders: dict[str, str] = {}  # str(ref) -> the snapshot folder its manifest came from
 
@@ -162,9 +166,10 @@ class OssSource(Origin):
     def _archived_object(self, key: str) -> None:
         """First meeting with an archived ``key``: ask OSS to restore it when the lab wants."""
         with self._archived_lock:
-            if key in self._archived:
+            seen = self._archived.get(key)
+            if seen is not None and time.monotonic() - seen < ARCHIVED_RECHECK:
                 return
-            self._archived.add(key)
+            self._archived[key] = time.monotonic()
         restore, tier, days = self._restore
         if not restore:
             log.info("OSS %s is archived; taking it from the next source (oss.restore is off)", key)
@@ -228,7 +233,6 @@ class OssSource(Origin):
             return None
         except (oss2.exceptions.OssError, *_NETWORK_ERRORS) as e:
             raise self._error(e, f"reading the manifest of {ref}") from e
-        import time
         return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(head.last_modified)) if head.last_modified else None
 
     def get_manifest(self, ref: ModelRef) -> bytes | None:
@@ -274,8 +278,8 @@ class OssSource(Origin):
         key = file_key(self.prefix, ref, request.path, folder)
         what = f"OSS {key} [{request.offset}+{request.length}]"
         with self._archived_lock:
-            archived = key in self._archived
-        if archived:  # known archived: no request per chunk
+            seen = self._archived.get(key)
+        if seen is not None and time.monotonic() - seen < ARCHIVED_RECHECK:  # known archived: no request per chunk
             raise ObjectArchived(f"{what}: the object is in archive storage and not restored")
         try:
             result = self._call(self.bucket.get_object, key,
