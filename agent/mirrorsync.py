@@ -49,7 +49,7 @@ from agent.hashing import blake3_hash
 from agent.manifest import FileEntry, Listing, ModelRef, build_manifest, chunk_count, chunk_span, \
     decode, default_chunk_size, files_fingerprint
 from agent.sources import ChunkRequest
-from agent.sources.oss import (MANIFEST_NAME, file_key, is_snapshot_of, make_bucket,
+from agent.sources.oss import (MANIFEST_NAME, file_key, is_snapshot_of, make_bucket, manifest_key,
                                normalise_prefix, pointer_key, translate_oss_error)
 
 log = logging.getLogger(__name__)
@@ -225,6 +225,12 @@ class MirrorSync:
         self._put_json(pointer_at, {"snapshot": folder, "synced_at": now, "checked_at": now,
                                     "fingerprint": fp, "manifest_id": manifest.id,
                                     "upstream": self.settings.modelscope_endpoint})
+        # A manifest `mirror push` left in the revision's own folder would win over the
+        # pointer (pulls read it first): the sync owns this revision now.
+        stale = manifest_key(self.settings.oss_prefix, ref)
+        if self._head(stale) is not None:
+            self._oss(f"deleting {stale}", self.bucket.delete_object, stale)
+            log.info("%s: removed the manifest `mirror push` wrote; pulls follow the sync's pointer now", ref)
         self._retain(ref, folder, outcome)
         return outcome
 

@@ -238,11 +238,17 @@ class OssSource(Origin):
     def get_manifest(self, ref: ModelRef) -> bytes | None:
         """The encoded manifest object of ``ref`` (through its sync pointer if it has one),
         or None if the mirror lacks it."""
-        pointer = self.current_snapshot(ref)
-        folder = pointer["snapshot"] if pointer else None
-        key = manifest_key(self.prefix, ref) if folder is None else \
-            f"{normalise_prefix(self.prefix)}{ref.model_id}/{folder}/{MANIFEST_NAME}"
-        data = self._read_small(key, MAX_MANIFEST_BYTES, "manifest")
+        # The folder's own manifest first (what `mirror push` writes: one request for the
+        # common case); a synced revision has none there (the sync removes it), only a pointer.
+        folder = None
+        data = self._read_small(manifest_key(self.prefix, ref), MAX_MANIFEST_BYTES, "manifest")
+        if data is None:
+            pointer = self.current_snapshot(ref)
+            if pointer is None:
+                return None
+            folder = pointer["snapshot"]
+            data = self._read_small(f"{normalise_prefix(self.prefix)}{ref.model_id}/{folder}/{MANIFEST_NAME}",
+                                    MAX_MANIFEST_BYTES, "manifest")
         if data is not None:
             # The files of this manifest are in its folder: a pull keeps reading there even
             # when a sync moves the pointer meanwhile (old snapshots are kept).

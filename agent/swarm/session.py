@@ -204,7 +204,7 @@ class PullSession:
                         return
             except (OSError, ShoalError, trio.TooSlowError, trio.BrokenResourceError) as e:
                 log.info("following %s: %s", peer[:16], e)
-                view.unsubscribed(peer)
+                view.unsubscribed(peer, silent=isinstance(e, trio.TooSlowError))
                 failures[peer] = failures.get(peer, 0) + 1
                 rest(peer, RETRY[min(failures[peer], len(RETRY)) - 1])
                 heard(peer)

@@ -42,6 +42,7 @@ class PeerView:
     state: PeerState = field(default_factory=PeerState)
     heard: float = 0.0  # when it last said anything (an answer, a frame, a heartbeat)
     subscribed: bool = False  # its HAVE stream is open
+    silent: bool = False  # its stream went quiet past LIVENESS: asking again does not revive it
     in_flight: int = 0
     stalled_until: float = 0.0
     busy_until: float = 0.0  # it said all its upload slots were taken: new chunks go elsewhere meanwhile
@@ -94,11 +95,12 @@ class LanView:
             view = self.peers.get(peer)
             if view is None:
                 view = self.peers[peer] = PeerView(peer, contact.data, contact.key, contact.tls)
-                view.heard = self._now()  # its stream's first frame is due (it holds nothing until then)
-            # A peer followed again keeps the time it was last heard from: asking again is
-            # not hearing (a stopped peer's kernel still accepts the connection), so a
-            # silent peer cannot look alive, and keep its claims, by being asked.
             view.data, view.ticket, view.tls = contact.data, contact.key, contact.tls
+            # Its stream's first frame is due: it counts as alive meanwhile (its claims hold),
+            # unless it fell silent: asking again is not hearing (a stopped peer's kernel
+            # still accepts the connection), so a silent peer stays gone until it speaks.
+            if not view.silent:
+                view.heard = self._now()
             self._counts = None
 
     def apply(self, peer: str, message: Message) -> None:
@@ -109,6 +111,7 @@ class LanView:
                 return
             view.heard = self._clock()
             view.subscribed = True
+            view.silent = False
             if view.state.apply(message) and message.kind != "beat":
                 view.missing -= view.state.have
                 self._counts = None
@@ -135,12 +138,14 @@ class LanView:
             self.idle = peers
             self._notify()
 
-    def unsubscribed(self, peer: str) -> None:
-        """Its HAVE stream ended: it counts as gone until it is heard from again."""
+    def unsubscribed(self, peer: str, *, silent: bool = False) -> None:
+        """Its HAVE stream ended: it counts as gone until it is heard from again (``silent``:
+        it went quiet, and following it again does not count as hearing from it)."""
         with self._lock:
             view = self.peers.get(peer)
             if view is not None:
                 view.subscribed = False
+                view.silent = view.silent or silent
                 view.heard = 0.0
                 self._counts = None
         self._notify()
