@@ -256,3 +256,16 @@ def test_a_pull_from_the_mirror_says_how_old_its_copy_is_and_fresh_takes_upstrea
     events = pull_events(env, tmp_path / "slow-hub")
     assert events[-1]["event"] == "done" and events[-1]["mirror_copy"] is None
     assert set(events[-1]["fetched_by_source"]) == {"oss"}
+
+
+def test_a_sync_takes_over_a_revision_that_mirror_push_wrote(env, oss, hub, model_dir, tmp_path):
+    from conftest import mirror
+    mirror(env, model_dir)  # `mirror push` wrote master/manifest.shoal and its files
+    v2 = upstream_version(model_dir, tmp_path, 2)
+    hub.add_model(MODEL_ID, v2)
+    assert sync(env, sync_file(tmp_path, keep=2))["status"] == "new"
+    bucket = oss2.Bucket(oss2.Auth("id", "secret"), oss.url, oss.bucket)
+    with pytest.raises(oss2.exceptions.NoSuchKey):  # pulls would read it before the pointer
+        bucket.get_object(f"{MODEL_ID}/master/manifest.shoal")
+    done, tree = pulled(env, tmp_path / "student")
+    assert set(done["fetched_by_source"]) == {"oss"} and tree == tree_digest(v2)

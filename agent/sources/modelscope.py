@@ -9,12 +9,28 @@ session so many ranges are in flight at once. ``MODELSCOPE_ENDPOINT`` and
 
 from __future__ import annotations
 
+import threading
+
 from agent.config import Settings
 from agent.errors import CredentialsRejected, NotFound, SourceUnavailable
 from agent.manifest import Listing, ModelRef, make_listing
 from agent.sources import ChunkRequest, Origin
 from agent.sources.http import NETWORK_ERRORS as _NETWORK_ERRORS
 from agent.sources.http import hub_session, ranged_get
+
+
+_SDK_IMPORT = threading.Lock()
+
+
+def _sdk():
+    """The SDK's parts this source uses, imported once under a lock: the SDK is slow to
+    import (only when needed), and two threads importing its modules at once (a listing
+    and a chunk's URL, say) can deadlock on its circular imports (``_DeadlockError``)."""
+    with _SDK_IMPORT:
+        from modelscope.hub.api import HubApi
+        from modelscope.hub.file_download import get_file_download_url
+        from modelscope_hub.errors import HubError, NotExistError
+    return HubApi, get_file_download_url, HubError, NotExistError
 
 
 class ModelScopeSource(Origin):
@@ -31,8 +47,7 @@ class ModelScopeSource(Origin):
 
     def list_files(self, ref: ModelRef) -> Listing:
         """The validated listing of ``ref`` (paths, sizes, SHA-256)."""
-        from modelscope.hub.api import HubApi  # the SDK is slow-ish to import; only when needed
-        from modelscope_hub.errors import HubError, NotExistError
+        HubApi, _, HubError, NotExistError = _sdk()
 
         what = f"listing {ref} on ModelScope ({self.endpoint})"
         try:
@@ -57,7 +72,7 @@ class ModelScopeSource(Origin):
         return make_listing(ref.model_id, ref.revision, entries)
 
     def file_url(self, ref: ModelRef, path: str) -> str:
-        from modelscope.hub.file_download import get_file_download_url
+        get_file_download_url = _sdk()[1]
         return get_file_download_url(ref.model_id, path, ref.revision, endpoint=self.endpoint)
 
     def fetch(self, ref: ModelRef, request: ChunkRequest, into: memoryview, deadline: float) -> None:
