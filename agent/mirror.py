@@ -131,17 +131,12 @@ def mirror_status(ref: ModelRef, settings: Settings) -> list[dict]:
         if data is None:
             raise NotFound(f"{ref} is not in the OSS mirror (no {manifest_key(settings.oss_prefix, ref)})")
         manifest = decode(data)
-        folder = source._folders.get(str(ref))  # a synced revision's current snapshot
         rows = []
         for entry in manifest.files:
-            key = file_key(settings.oss_prefix, ref, entry.path, folder)
-            try:
-                head = source._call(source.bucket.head_object, key)
-            except oss2.exceptions.NotFound:
+            head = source.head_file(ref, entry.path)
+            if head is None:
                 rows.append({"path": entry.path, "size": entry.size, "storage_class": None, "restore": "missing"})
                 continue
-            except (oss2.exceptions.OssError, OSError) as e:
-                raise source._error(e, f"HEAD {key}") from e
             storage = head.headers.get("x-oss-storage-class", "Standard")
             restore = head.headers.get("x-oss-restore")
             if storage not in ARCHIVE_CLASSES:

@@ -205,7 +205,7 @@ class MirrorSync:
         if pointer and pointer.get("snapshot") == folder:
             self._put_json(pointer_at, {**pointer, "checked_at": now})
             outcome = SyncOutcome(str(ref), "unchanged", folder, fp)
-            self._retain(ref, folder, outcome)
+            self._retain(ref, folder, outcome, self._snapshots(ref))
             return outcome
         outcome = SyncOutcome(str(ref), "updated" if pointer else "new", folder, fp)
         older = self._snapshots(ref)
@@ -231,7 +231,7 @@ class MirrorSync:
         if self._head(stale) is not None:
             self._oss(f"deleting {stale}", self.bucket.delete_object, stale)
             log.info("%s: removed the manifest `mirror push` wrote; pulls follow the sync's pointer now", ref)
-        self._retain(ref, folder, outcome)
+        self._retain(ref, folder, outcome, older)
         return outcome
 
     def _reusable(self, ref: ModelRef, older: list[tuple[str, dict]], chunk_size: int) -> dict[bytes, tuple]:
@@ -340,11 +340,11 @@ class MirrorSync:
                     raise
                 time.sleep(min(8.0, 0.5 * 2 ** attempt))
 
-    def _retain(self, ref: ModelRef, current: str, outcome: SyncOutcome) -> None:
+    def _retain(self, ref: ModelRef, current: str, outcome: SyncOutcome, snapshots: list) -> None:
         """Delete snapshots beyond the newest ``keep`` (never ``current``); tag the
-        superseded ones that stay, for the lifecycle rules."""
-        snapshots = [folder for folder, _ in self._snapshots(ref)]
-        ordered = [current] + [f for f in snapshots if f != current]
+        superseded ones that stay, for the lifecycle rules. ``snapshots``: as
+        ``_snapshots`` listed them, newest first (listed once per sync)."""
+        ordered = [current] + [f for f, _ in snapshots if f != current]
         for folder in ordered[self.keep:]:
             self._delete_folder(ref, folder)
             outcome.deleted.append(folder)

@@ -1,9 +1,7 @@
-"""Running trio work from a blocking command: SIGTERM stops it as Ctrl-C does; the
-long-running agent's memory settings."""
+"""Running trio work from a blocking command: SIGTERM stops it as Ctrl-C does."""
 
 from __future__ import annotations
 
-import os
 import signal
 
 from agent.errors import Terminated, single_error
@@ -33,20 +31,3 @@ def run_until_signal(async_fn):
         return outcome["value"]
     return trio.run(main)
 
-
-M_ARENA_MAX = -8  # glibc's mallopt parameter number
-
-
-def limit_malloc_arenas(arenas: int = 2) -> bool:
-    """Cap glibc's malloc arenas (as MALLOC_ARENA_MAX does) before threads start. The agent
-    runs many short-lived worker threads (chunk reads and writes, uploads); by default
-    each may get an arena of its own, and their free but unreturned memory adds tens of
-    MB to a 30-peer agent's resident size for no speed the benchmark can see. False where
-    this is not glibc."""
-    if os.environ.get("MALLOC_ARENA_MAX"):
-        return False  # the person chose
-    try:
-        import ctypes
-        return bool(ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, arenas))
-    except (OSError, AttributeError):
-        return False

@@ -207,3 +207,40 @@ def scan_terminal_qr(text: str) -> list[str]:
             image.putpixel((x + pad, 2 * y + 1 + pad), 255 if bottom else 0)
     image = image.resize((image.width * 8, image.height * 8), Image.NEAREST)
     return [found.text for found in zxingcpp.read_barcodes(image)]
+
+
+class Tmux:
+    """A command in a detached tmux terminal (120x40) the test reads as a person sees it."""
+
+    def __init__(self, name: str, command: str):
+        self.session = f"{name}-{os.getpid()}"
+        subprocess.run(["tmux", "new-session", "-d", "-s", self.session, "-x", "120", "-y", "40", command],
+                       check=True)
+
+    def screen(self) -> str:
+        return subprocess.run(["tmux", "capture-pane", "-p", "-t", self.session], capture_output=True,
+                              text=True).stdout
+
+    def wait_for(self, *texts: str, timeout: float = 60) -> str:
+        """The screen once it shows every one of ``texts`` (or as it is when time is up)."""
+        deadline = time.monotonic() + timeout
+        screen = self.screen()
+        while not all(t in screen for t in texts) and time.monotonic() < deadline:
+            time.sleep(0.3)
+            screen = self.screen()
+        return screen
+
+    def keys(self, *keys: str) -> None:
+        for key in keys:
+            subprocess.run(["tmux", "send-keys", "-t", self.session, key], check=True)
+
+    def quit(self, key: str = "q", timeout: float = 10) -> None:
+        """Press ``key`` and wait for the program to end its session."""
+        self.keys(key)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and subprocess.run(
+                ["tmux", "has-session", "-t", self.session], capture_output=True).returncode == 0:
+            time.sleep(0.2)
+
+    def close(self) -> None:
+        subprocess.run(["tmux", "kill-session", "-t", self.session], capture_output=True)

@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 
 from agent.testing.tiny_llm import make_tiny_llm
-from conftest import MODEL_ID, REPO, TESTS, run_shoal, tree_digest
+from conftest import MODEL_ID, REPO, TESTS, Tmux, run_shoal, tree_digest
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -170,30 +170,17 @@ def test_tui_as_installed_shows_the_models_tab(installed, hub, tmp_path):
                         MODELSCOPE_DOWNLOAD_INTRA_CLOUD="false")
     proc = shoal(installed, ["pull", MODEL_ID], env, tmp_path)
     assert proc.returncode == 0, proc.stderr
-    session = f"shoal-installed-{os.getpid()}"
     exports = " ".join(f"{k}={json.dumps(v)}" for k, v in env.items()
                        if k.startswith(("SHOAL_", "MODELSCOPE_", "PYTHONPATH", "TERM", "HOME", "PATH")))
     # Textual draws on stderr: the pane shows a traceback if there is one.
-    command = f"cd {tmp_path} && env -i {exports} {installed / 'bin' / 'shoal'} tui"
-    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "120", "-y", "40", command], check=True)
+    term = Tmux("shoal-installed", f"cd {tmp_path} && env -i {exports} {installed / 'bin' / 'shoal'} tui")
     try:
-        deadline = time.monotonic() + 60
-        screen = ""
-        while time.monotonic() < deadline:
-            screen = subprocess.run(["tmux", "capture-pane", "-p", "-t", session], capture_output=True,
-                                    text=True).stdout
-            if MODEL_ID in screen:
-                break
-            time.sleep(0.5)
+        screen = term.wait_for(MODEL_ID)
         assert "Models" in screen and MODEL_ID in screen, screen
         assert "Traceback" not in screen and "Error" not in screen, screen
-        subprocess.run(["tmux", "send-keys", "-t", session, "q"], check=True)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and subprocess.run(
-                ["tmux", "has-session", "-t", session], capture_output=True).returncode == 0:
-            time.sleep(0.2)
+        term.quit()
     finally:
-        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+        term.close()
 
 
 # ------------------------------------------------------------- install-agent, for real

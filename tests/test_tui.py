@@ -11,7 +11,6 @@ import asyncio
 import json
 import os
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
@@ -200,39 +199,21 @@ def test_the_room_screen_without_a_room_says_how_to_join(tmp_path, monkeypatch):
 def test_shoal_tui_in_a_real_terminal_shows_the_pulled_model(ui_env, running_agent, tmp_path):
     from conftest import run_shoal
     run_shoal(["pull", MODEL_ID], ui_env, check=True)
-    session = f"shoal-tui-{os.getpid()}"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OSS_", "SHOAL_", "MODELSCOPE_"))}
     env.update(ui_env, PYTHONPATH=os.pathsep.join([str(TESTS / "loopback_guard"), str(REPO)]), TERM="xterm-256color")
     exports = " ".join(f"{k}={json.dumps(v)}" for k, v in env.items()
                        if k.startswith(("SHOAL_", "OSS_", "MODELSCOPE_", "PYTHONPATH", "TERM")))
     import sys
-    command = f"env {exports} {sys.executable} -m agent.cli tui"
-    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "120", "-y", "40", command], check=True)
+    from conftest import Tmux
+    term = Tmux("shoal-tui", f"env {exports} {sys.executable} -m agent.cli tui")
     try:
-        deadline = time.monotonic() + 60
-        screen = ""
-        while time.monotonic() < deadline:
-            screen = subprocess.run(["tmux", "capture-pane", "-p", "-t", session], capture_output=True,
-                                    text=True).stdout
-            if MODEL_ID in screen and "100%" in screen:
-                break
-            time.sleep(0.5)
+        screen = term.wait_for(MODEL_ID, "100%")
         assert MODEL_ID in screen and "100%" in screen and "cache" in screen, screen
-        subprocess.run(["tmux", "send-keys", "-t", session, "Enter"], check=True)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            screen = subprocess.run(["tmux", "capture-pane", "-p", "-t", session], capture_output=True,
-                                    text=True).stdout
-            if "model-00001-of-00002.safetensors" in screen:
-                break
-            time.sleep(0.3)
+        term.keys("Enter")
+        screen = term.wait_for("model-00001-of-00002.safetensors", timeout=20)
         assert "manifest" in screen and "model-00001-of-00002.safetensors" in screen, screen
         (tmp_path / "tmux-detail.txt").write_text(screen)
-        subprocess.run(["tmux", "send-keys", "-t", session, "Escape"], check=True)
-        subprocess.run(["tmux", "send-keys", "-t", session, "q"], check=True)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and subprocess.run(
-                ["tmux", "has-session", "-t", session], capture_output=True).returncode == 0:
-            time.sleep(0.2)
+        term.keys("Escape")
+        term.quit()
     finally:
-        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+        term.close()

@@ -13,8 +13,7 @@ from agent.progress import human_bytes
 
 
 def cmd_agent(args) -> int:
-    from agent.runtime import limit_malloc_arenas, run_until_signal
-    limit_malloc_arenas()
+    from agent.runtime import run_until_signal
     from agent.service import serve_agent
     settings = settings_of(args)
     # SHOAL_LOG_LEVEL=DEBUG shows the swarm's decisions (each origin chunk and why it is ours).

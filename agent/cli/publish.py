@@ -72,14 +72,24 @@ def cmd_mirror_push(args) -> int:
     return 0
 
 
+def _mirror_settings(args, command: str, *, writes: bool = False):
+    """The settings with ``--bucket`` applied; a clear error when there is no bucket (and,
+    for a command that writes, no endpoint or write credentials)."""
+    settings = settings_of(args)
+    if getattr(args, "bucket", None):
+        settings = settings.with_(oss_bucket=args.bucket)
+    if writes:
+        from agent.mirror import check_push_target
+        check_push_target(settings, None)
+    elif not settings.oss_bucket:
+        raise UsageError(f"mirror {command} needs a bucket: --bucket NAME or SHOAL_OSS_BUCKET")
+    return settings
+
+
 def cmd_mirror_status(args) -> int:
     from agent.mirror import mirror_status
     from agent.progress import human_bytes
-    settings = settings_of(args)
-    if args.bucket:
-        settings = settings.with_(oss_bucket=args.bucket)
-    if not settings.oss_bucket:
-        raise UsageError("mirror status needs a bucket: --bucket NAME or SHOAL_OSS_BUCKET")
+    settings = _mirror_settings(args, "status")
     ref = ModelRef.parse(args.model)
     rows = mirror_status(ref, settings)
     if args.json:
@@ -95,11 +105,7 @@ def cmd_mirror_status(args) -> int:
 def cmd_mirror_sync(args) -> int:
     from agent.mirrorsync import read_sync_file, run_sync
     from agent.progress import human_bytes
-    settings = settings_of(args)
-    if args.bucket:
-        settings = settings.with_(oss_bucket=args.bucket)
-    from agent.mirror import check_push_target
-    check_push_target(settings, None)
+    settings = _mirror_settings(args, "sync", writes=True)
     plan = read_sync_file(Path(args.file))
 
     def say(outcome) -> None:
@@ -125,23 +131,16 @@ def cmd_mirror_sync(args) -> int:
 
 def cmd_mirror_policy(args) -> int:
     from agent.mirrorsync import read_only_policy
-    settings = settings_of(args)
-    bucket = args.bucket or settings.oss_bucket
-    if not bucket:
-        raise UsageError("mirror policy needs the bucket: --bucket NAME or SHOAL_OSS_BUCKET")
-    print(json.dumps(read_only_policy(bucket, settings.oss_prefix, restore=args.restore), indent=2))
+    settings = _mirror_settings(args, "policy")
+    print(json.dumps(read_only_policy(settings.oss_bucket, settings.oss_prefix, restore=args.restore), indent=2))
     return 0
 
 
 def cmd_mirror_lifecycle(args) -> int:
     from agent.mirrorsync import lifecycle_rules
-    from agent.mirror import check_push_target
     from agent.sources.oss import make_bucket, translate_oss_error
     import oss2
-    settings = settings_of(args)
-    if args.bucket:
-        settings = settings.with_(oss_bucket=args.bucket)
-    check_push_target(settings, None)
+    settings = _mirror_settings(args, "lifecycle", writes=True)
     rules = lifecycle_rules(settings.oss_prefix, args.ia_after, args.archive_after)
     bucket = make_bucket(settings)
     try:

@@ -259,6 +259,19 @@ class OssSource(Origin):
                     self._folders[str(ref)] = folder
         return data
 
+    def head_file(self, ref: ModelRef, path: str):
+        """The HEAD of ``path`` of ``ref`` where its last manifest read (``get_manifest``)
+        says its files are, or None when there is no such object."""
+        with self._archived_lock:
+            folder = self._folders.get(str(ref))
+        key = file_key(self.prefix, ref, path, folder)
+        try:
+            return self._call(self.bucket.head_object, key)
+        except oss2.exceptions.NotFound:
+            return None
+        except (oss2.exceptions.OssError, *_NETWORK_ERRORS) as e:
+            raise self._error(e, f"HEAD {key}") from e
+
     def list_models(self, limit: int = 50_000) -> list[tuple[str, str]]:
         """(model id, revision) of every complete revision in the mirror (a manifest object)."""
         base = normalise_prefix(self.prefix)

@@ -179,7 +179,6 @@ def serve_models_main(server_cls, description: str, default_revision: str, argv:
     """``python -m agent.testing.<hub> --model OWNER/NAME[@REV]=DIR [--port 0]``: serve until
     Ctrl-C, printing ``{"url": ...}`` on one line once listening."""
     import argparse
-    import json
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--model", action="append", default=[], metavar="OWNER/NAME[@REV]=DIR")
@@ -189,6 +188,12 @@ def serve_models_main(server_cls, description: str, default_revision: str, argv:
         ident, _, directory = spec.partition("=")
         model_id, _, revision = ident.partition("@")
         server.add_model(model_id, directory, revision or default_revision)
+    return serve_until_interrupted(server)
+
+
+def serve_until_interrupted(server) -> int:
+    """Start ``server``, print ``{"url": ...}`` on one line, serve until Ctrl-C."""
+    import json
     server.start()
     print(json.dumps({"url": server.url}), flush=True)
     try:

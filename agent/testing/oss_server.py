@@ -54,7 +54,8 @@ from moto.moto_server.werkzeug_app import create_backend_app  # noqa: E402
 from moto.s3.models import s3_backends  # noqa: E402
 
 from agent.testing.faults import Fault, FaultPlan, LoggedRequest  # noqa: E402
-from agent.testing.http import LoopbackServer, ServedApp, body_blocks, parse_range  # noqa: E402
+from agent.testing.http import (LoopbackServer, ServedApp, body_blocks, parse_range,  # noqa: E402
+                                serve_until_interrupted)
 
 CONTROL = "/__shoal__/"
 _FAKE_S3_AUTH = ("AWS4-HMAC-SHA256 Credential=shoal/20260101/us-east-1/s3/aws4_request, "
@@ -414,15 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     server = OssServer(port=args.port)
     for bucket in args.bucket:
         server.create_bucket(bucket)
-    server.start()
-    print(json.dumps({"url": server.url}), flush=True)
-    try:
-        threading.Event().wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.close()
-    return 0
+    return serve_until_interrupted(server)
 
 
 if __name__ == "__main__":
