@@ -2,7 +2,11 @@
 
 With ``MODELSCOPE_ENDPOINT=http://127.0.0.1:PORT`` (the agent prints PORT; default 8790),
 unmodified ``modelscope download``, ``snapshot_download`` and ms-swift's ``--model``
-fetch through the agent: a listing comes from the cached manifest (or, for a model not
+fetch through the agent; so do datasets (``MsDataset.load``, ``snapshot_download(...,
+repo_type="dataset")``, ms-swift's ``--dataset``) through the dataset endpoints the SDK
+calls: ``/api/v1/datasets/{o}/{n}`` (info: ``Id`` and ``Type``, ``compat/hub_api.py:
+get_dataset_id_and_type``), ``.../revisions``, ``.../repo/tree`` (paged,
+``agent.hubtree``) and ``.../repo?FilePath=`` (bytes). a listing comes from the cached manifest (or, for a model not
 cached yet, from the same plan a pull would use: the OSS manifest or the hub's listing),
 and file content is served from the cache, with Range. A file that is not cached yet
 starts (or joins) a pull of the whole revision and is served once it is verified, so
@@ -34,6 +38,7 @@ import trio
 
 from agent.access import refusal, tcp_peer_uid, uid_allowed
 from agent.errors import NotFound, ShoalError, SourceUnavailable, UnsafePath, UsageError, single_error
+from agent.hubtree import tree_page
 from agent.httprange import parse_range
 from agent.manifest import ModelRef, check_relpath
 from agent.metrics import CONTENT_TYPE as METRICS_TYPE
@@ -52,6 +57,7 @@ BLOCK = 1024 * 1024
 PLAN_TTL = 60.0  # seconds a resolved listing of an uncached model is reused
 MANIFEST_CACHE = 16
 NOT_FOUND_CODE = 10010205001  # what ModelScope answers for a missing model
+DATASET_TYPE_GENERAL = 4  # modelscope.utils.constant.DatasetFormations.general
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 
 
@@ -251,16 +257,23 @@ class Gateway:
             return _Response(200, [("Content-Type", METRICS_TYPE)], body)
         if parts == ["api", "v1", "repos", "internalAccelerationInfo"]:
             return _error(404, "no intra-cloud acceleration behind the shoal gateway")
-        if len(parts) < 5 or parts[:3] not in (["api", "v1", "models"], ["openapi", "v1", "models"]):
+        if len(parts) < 5 or parts[0] not in ("api", "openapi") or parts[1] != "v1" \
+                or parts[2] not in ("models", "datasets"):
             return _error(404, f"{url.path} is not an endpoint of the shoal gateway")
+        dataset = parts[2] == "datasets"
         try:
-            ref = ModelRef.parse(f"{parts[3]}/{parts[4]}@{(query.get('Revision') or ['master'])[0]}")
+            ref = ModelRef.parse(f"{parts[3]}/{parts[4]}@{(query.get('Revision') or ['master'])[0]}",
+                                 dataset=dataset)
         except UsageError as e:
             return _error(400, str(e))
         rest = parts[5:]
         try:
             if rest == []:
                 await self.listing(ref)
+                if dataset:  # the SDK builds later URLs from Id; Type 4 is a "general" dataset
+                    return _json(200, {"Code": 200, "Success": True, "Data": {
+                        "Id": f"{parts[3]}/{parts[4]}", "Name": parts[4], "Namespace": parts[3],
+                        "Owner": parts[3], "Type": DATASET_TYPE_GENERAL, "Revision": ref.revision}})
                 return _json(200, {"Code": 200, "Success": True, "Data": {
                     "Id": ref.model_id, "ModelId": ref.model_id, "Name": parts[4], "Path": parts[3],
                     "Revision": ref.revision}})
@@ -269,8 +282,11 @@ class Gateway:
                                     if m.model_id == ref.model_id} | {"master"})
                 return _json(200, {"Code": 200, "Success": True, "Data": {"RevisionMap": {
                     "Branches": [{"Revision": r} for r in revisions], "Tags": []}}})
-            if rest == ["repo", "files"]:
+            if rest == ["repo", "files"] and not dataset:
                 return _json(200, {"Code": 200, "Success": True, "Data": {"Files": await self.listing(ref)}})
+            if rest == ["repo", "tree"] and dataset:
+                return _json(200, {"Code": 200, "Success": True,
+                                   "Data": {"Files": tree_page(await self.listing(ref), query)}})
             if rest == ["repo"]:
                 path = (query.get("FilePath") or [""])[0]
                 return await self.file(ref, path, request, uid, conn, stream)

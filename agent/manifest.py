@@ -49,6 +49,13 @@ HASH_LEN = 32
 # OWNER/NAME, or OWNER/NAME+lora/ADAPTER for a LoRA adapter trained on OWNER/NAME.
 _MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*"
                        r"(\+lora/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+# A dataset repository is a cache entry like a model; its id is ``datasets/OWNER/NAME``
+# (ModelScope's own URL spelling). The kind is thus part of every identity built from the
+# id: the manifest, the store's folder and index key, the DHT key, the swarm's offers and
+# the mirror's layout. A model may not be owned by "datasets", so the two never collide.
+DATASET_PREFIX = "datasets/"
 _REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -87,12 +94,37 @@ def check_chunk_size(chunk_size: int) -> int:
 # ------------------------------------------------------------------------- identifiers
 
 def check_model_id(model_id: object) -> str:
+    """A cache entry's id: ``OWNER/NAME``, ``OWNER/NAME+lora/ADAPTER`` or ``datasets/OWNER/NAME``."""
+    if isinstance(model_id, str) and model_id.startswith(DATASET_PREFIX):
+        if len(model_id) > MAX_ID_CHARS or not _HUB_ID.match(model_id[len(DATASET_PREFIX):]):
+            raise UsageError(f"{model_id!r} is not a dataset id of the form datasets/OWNER/NAME (letters, "
+                             "digits, '.', '_', '-'), e.g. datasets/AI-ModelScope/alpaca-gpt4-data-zh "
+                             "(or --dataset OWNER/NAME); 'datasets' is no model owner")
+        return model_id
     if not isinstance(model_id, str) or len(model_id) > MAX_ID_CHARS or not _MODEL_ID.match(model_id):
         raise UsageError(
             f"model id {model_id!r} is not of the form OWNER/NAME "
             "(letters, digits, '.', '_', '-'), e.g. qwen/Qwen2.5-0.5B-Instruct, "
             "or OWNER/NAME+lora/ADAPTER for an adapter")
     return model_id
+
+
+def is_dataset(model_id: str) -> bool:
+    """Whether a cache entry's id names a dataset repository (``datasets/OWNER/NAME``)."""
+    return model_id.startswith(DATASET_PREFIX)
+
+
+def hub_repo(model_id: str) -> tuple[str, str]:
+    """(kind, OWNER/NAME) as a hub names the entry: ``("dataset", "o/n")`` or ``("model", "o/n")``."""
+    if is_dataset(model_id):
+        return "dataset", model_id[len(DATASET_PREFIX):]
+    return "model", model_id
+
+
+def display_name(model_id: str) -> str:
+    """How a person reads the id: a dataset says so."""
+    kind, repo = hub_repo(model_id)
+    return f"dataset {repo}" if kind == "dataset" else model_id
 
 
 def check_revision(revision: object) -> str:
@@ -116,9 +148,17 @@ class ModelRef:
     revision: str = "master"
 
     @classmethod
-    def parse(cls, text: str) -> "ModelRef":
+    def parse(cls, text: str, *, dataset: bool = False) -> "ModelRef":
+        """``OWNER/NAME[@REV]``; with ``dataset``, the dataset of that name (``datasets/``
+        may be written or left out)."""
         model_id, _, revision = text.partition("@")
+        if dataset and not model_id.startswith(DATASET_PREFIX):
+            model_id = DATASET_PREFIX + model_id
         return cls(check_model_id(model_id), check_revision(revision or "master"))
+
+    @property
+    def is_dataset(self) -> bool:
+        return is_dataset(self.model_id)
 
     def __str__(self) -> str:
         return f"{self.model_id}@{self.revision}"

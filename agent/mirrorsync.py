@@ -99,23 +99,25 @@ def read_sync_file(path: Path) -> SyncPlan:
     keep = doc.get("keep", 3)
     if not isinstance(keep, int) or isinstance(keep, bool) or not 1 <= keep <= MAX_KEEP:
         raise ConfigError(f"{path}: keep = {keep!r}; it must be a whole number in 1..{MAX_KEEP}")
-    models = doc.get("model", [])
-    if not isinstance(models, list) or not models:
-        raise ConfigError(f"{path}: no [[model]] tables; add one per model (id = \"OWNER/NAME\")")
-    if len(models) > MAX_MODELS:
-        raise ConfigError(f"{path}: {len(models)} models, more than {MAX_MODELS}")
+    models, datasets = doc.get("model", []), doc.get("dataset", [])
+    if not isinstance(models, list) or not isinstance(datasets, list) or not models + datasets:
+        raise ConfigError(f"{path}: no [[model]] or [[dataset]] tables; add one per repository "
+                          "(id = \"OWNER/NAME\")")
+    if len(models) + len(datasets) > MAX_MODELS:
+        raise ConfigError(f"{path}: {len(models) + len(datasets)} repositories, more than {MAX_MODELS}")
     entries = []
-    for i, item in enumerate(models, 1):
-        if not isinstance(item, dict) or not isinstance(item.get("id"), str):
-            raise ConfigError(f"{path}: model #{i} has no id = \"OWNER/NAME\"")
-        revision = item.get("revision", "master")
-        if not isinstance(revision, str) or "~" in revision:
-            raise ConfigError(f"{path}: model #{i} ({item['id']}): revision must be a branch or tag name")
-        try:
-            ref = ModelRef.parse(f"{item['id']}@{revision}")
-        except ShoalError as e:
-            raise ConfigError(f"{path}: model #{i}: {e}") from e
-        entries.append(SyncEntry(ref))
+    for kind, items in (("model", models), ("dataset", datasets)):
+        for i, item in enumerate(items, 1):
+            if not isinstance(item, dict) or not isinstance(item.get("id"), str):
+                raise ConfigError(f"{path}: {kind} #{i} has no id = \"OWNER/NAME\"")
+            revision = item.get("revision", "master")
+            if not isinstance(revision, str) or "~" in revision:
+                raise ConfigError(f"{path}: {kind} #{i} ({item['id']}): revision must be a branch or tag name")
+            try:
+                ref = ModelRef.parse(f"{item['id']}@{revision}", dataset=kind == "dataset")
+            except ShoalError as e:
+                raise ConfigError(f"{path}: {kind} #{i}: {e}") from e
+            entries.append(SyncEntry(ref))
     return SyncPlan(keep, tuple(entries))
 
 

@@ -5,6 +5,7 @@ Layout under the cache directory (``SHOAL_CACHE_DIR``)::
     index.sqlite                          models, files, verified chunks (WAL mode)
     manifests/{manifest-id}.shoal         manifests of complete pulls (served to peers later)
     models/{owner}/{name}/{revision}/     a plain model directory tools load directly
+    datasets/{owner}/{name}/{revision}/   a dataset repository, the same way
     locks/                                one lock file per model revision being pulled
 
 A file being fetched is ``{path}.partial`` in its model directory, preallocated to its
@@ -35,10 +36,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.errors import DiskFull, NotFound, StoreLocked, UnsafePath, disk_error as _disk_error
-from agent.manifest import MAX_MANIFEST_BYTES, PARTIAL_SUFFIX, Manifest, ModelRef, chunk_count, decode
+from agent.manifest import MAX_MANIFEST_BYTES, PARTIAL_SUFFIX, Manifest, ModelRef, chunk_count, decode, hub_repo
 from agent.partial import PartialFile
 from agent.safefs import SafeDir, overlaps
-from agent.storefiles import delete_files, hold_in_use, lock_name, model_dir, remove_empty_folders
+from agent.storefiles import delete_files, hold_in_use, kind_folder, lock_name, model_dir, remove_empty_folders
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS models (
@@ -91,7 +92,8 @@ class ModelInfo:
 
 def model_row(m: ModelInfo, active: bool) -> dict:
     """A model as the control API and ``--json`` listings show it."""
-    return {"model": m.model_id, "revision": m.revision, "size": m.total_size, "have": m.have_bytes,
+    return {"model": m.model_id, "kind": hub_repo(m.model_id)[0], "revision": m.revision,
+            "size": m.total_size, "have": m.have_bytes,
             "state": m.state, "dir": str(m.dir), "manifest_id": m.manifest_id, "pinned": m.pinned,
             "last_used": m.last_used, "active": active}
 
@@ -507,7 +509,7 @@ class Store:
         for table, col in (("chunks", "model_key"), ("files", "model_key"), ("models", "key")):
             self._exec(f"DELETE FROM {table} WHERE {col}=?", (key,))
         # Then the model's own folder and, in the cache, the owner/name/ folders above it.
-        remove_empty_folders(self.open_dir, info.dir, self.root / "models")
+        remove_empty_folders(self.open_dir, info.dir, kind_folder(self.root, ref))
         return info
 
     # ------------------------------------------------------- used by PartialFile

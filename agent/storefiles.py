@@ -1,4 +1,4 @@
-"""Where a cache keeps a model and how its files are reached without the index: the
+"""Where a cache keeps a model (or a dataset) and how its files are reached without the index: the
 model folder, the per-revision lock file (``hold_in_use`` for job processes), and a
 read-only fd of a model's file opened without following links (the gateway, the data
 port, ``shoal verify``)."""
@@ -12,16 +12,22 @@ from typing import TYPE_CHECKING, Callable
 from urllib.parse import quote
 
 from agent.errors import UnsafePath
-from agent.manifest import PARTIAL_SUFFIX, ModelRef
+from agent.manifest import PARTIAL_SUFFIX, ModelRef, hub_repo
 from agent.safefs import SafeDir
 
 if TYPE_CHECKING:
     from agent.store import ModelInfo, Store
 
 
+def kind_folder(root: Path, ref: ModelRef) -> Path:
+    """The cache's folder for ``ref``'s kind: ``models/`` or ``datasets/``."""
+    return Path(root) / ("datasets" if ref.is_dataset else "models")
+
+
 def model_dir(root: Path, ref: ModelRef) -> Path:
-    """Where ``ref`` lands in a cache at ``root`` unless a pull says ``--to``."""
-    return Path(root) / "models" / ref.model_id / ref.revision
+    """Where ``ref`` lands in a cache at ``root`` unless a pull says ``--to``:
+    ``models/OWNER/NAME/REV`` or, for a dataset, ``datasets/OWNER/NAME/REV``."""
+    return kind_folder(root, ref) / hub_repo(ref.model_id)[1] / ref.revision
 
 
 def lock_name(ref: ModelRef) -> str:

@@ -36,6 +36,13 @@ def model_dir(tmp_path_factory) -> Path:
                       shards=2, seed="tests")
 
 
+@pytest.fixture(scope="session")
+def tiny_llm(tmp_path_factory) -> Path:
+    """A real (tiny, random) Qwen2 model ms-swift and transformers load."""
+    from agent.testing.tiny_llm import make_tiny_llm
+    return make_tiny_llm(tmp_path_factory.mktemp("tiny-llm") / "model")
+
+
 @pytest.fixture
 def hub(model_dir):
     with HubServer() as server:

@@ -12,18 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from agent.testing.tiny_llm import make_tiny_llm, write_chat_dataset
+from agent.testing.tiny_llm import write_chat_dataset
 from conftest import REPO, TESTS, run_shoal
 
 pytestmark = pytest.mark.timeout(300)
 
 TINY = "lab/tiny-chat"
 SWIFT_FLAGS = ["--model-type", "qwen2", "--template", "qwen"]
-
-
-@pytest.fixture(scope="session")
-def tiny_llm(tmp_path_factory) -> Path:
-    return make_tiny_llm(tmp_path_factory.mktemp("tiny-llm") / "model")
 
 
 @pytest.fixture

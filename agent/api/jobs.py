@@ -161,7 +161,7 @@ async def chat_close(agent, p: ChatCloseParams, call: Call):
 @dataclass(frozen=True)
 class TrainParams:
     model: ModelRef
-    dataset: str  # JSONL chat records, a path on the agent's machine
+    dataset: str  # JSONL chat records, a path on the agent's machine; or a dataset OWNER/NAME[@REV]
     name: str  # the adapter's name
     tuner: str | None = None
     target_modules: str | None = None
@@ -178,8 +178,13 @@ class TrainParams:
 @method("train_start", TrainParams, "Start LoRA training of a model (pulled first if needed); the job.",
         streams=True)
 async def train_start(agent, p: TrainParams, call: Call):
-    from agent.launcher.launch import TRAIN_KEYS, check_adapter_free, start_training, train_spec
+    from agent.launcher.launch import (TRAIN_KEYS, check_adapter_free, dataset_ref, require_model, start_training,
+                                       train_spec, training_file)
+    require_model(p.model, "train")
     values = {k: getattr(p, k) for k in TRAIN_KEYS if getattr(p, k) is not None}
+    data = dataset_ref(values["dataset"])
+    if data is not None:  # a dataset repository: pulled first, its events streamed
+        values["dataset"] = training_file(await ensure_model(agent, data, call), data)
     spec = await trio.to_thread.run_sync(train_spec, values)
     check_adapter_free(agent.settings.cache_dir, p.model, spec.name)
     engine, device = await agent.devices.engine("train", p.engine)

@@ -10,13 +10,11 @@ import json
 import time
 from pathlib import Path
 
-from agent.cli.common import backend_of, model_table, settings_of, table
+from agent.cli.common import add_ref_argument, backend_of, model_table, ref_of, settings_of, table
 from agent.config import ENV_NAMES
 from agent.errors import IntegrityError, UsageError
-from agent.manifest import ModelRef
 from agent.progress import human_bytes
 
-MODEL = "OWNER/NAME[@REVISION]"
 
 
 def cmd_pull(args) -> int:
@@ -25,7 +23,7 @@ def cmd_pull(args) -> int:
     settings = settings_of(args)
     if args.no_modelscope:
         settings = settings.with_(use_modelscope=False)
-    ref = ModelRef.parse(args.model)
+    ref = ref_of(args)
     backend = open_backend(settings)
     if args.fresh and args.no_modelscope:
         raise UsageError("--fresh takes upstream's files from ModelScope: it cannot go with --no-modelscope")
@@ -40,10 +38,13 @@ def cmd_pull(args) -> int:
 
 def cmd_ls(args) -> int:
     models = backend_of(args).models()
+    if args.datasets or args.models:
+        models = [m for m in models if (m.get("kind") == "dataset") == bool(args.datasets)]
     if args.json:
         print(json.dumps(models, indent=2))
     elif not models:
-        print("no models in the cache yet; try `shoal pull OWNER/NAME`")
+        print("nothing in the cache yet; try `shoal pull OWNER/NAME` (a model) or "
+              "`shoal pull --dataset OWNER/NAME`")
     else:
         model_table(models)
     return 0
@@ -51,7 +52,7 @@ def cmd_ls(args) -> int:
 
 def cmd_verify(args) -> int:
     from agent.verify import verify_model
-    report = verify_model(ModelRef.parse(args.model), settings_of(args))
+    report = verify_model(ref_of(args), settings_of(args))
     for line in report.lines():
         print(line)
     if report.damaged:
@@ -61,14 +62,14 @@ def cmd_verify(args) -> int:
 
 
 def cmd_rm(args) -> int:
-    ref = ModelRef.parse(args.model)
+    ref = ref_of(args)
     row = backend_of(args).remove(ref)
     print(f"removed {ref} ({human_bytes(row['size'])}) from {row['dir']}")
     return 0
 
 
 def cmd_pin(args) -> int:
-    ref, pinned = ModelRef.parse(args.model), args.command == "pin"
+    ref, pinned = ref_of(args), args.command == "pin"
     backend_of(args).set_pinned(ref, pinned)
     print(f"{ref} is {'pinned: never evicted' if pinned else 'unpinned: evictable when the cache is full'}")
     return 0
@@ -112,14 +113,15 @@ def cmd_cancel(args) -> int:
         job = JobStore(settings.cache_dir).cancel(args.target)
         print(f"job {job.id} is {job.state}")
         return 0
-    backend_of(args, need_agent=True).call("cancel", {"model": str(ModelRef.parse(args.target))})
+    backend_of(args, need_agent=True).call("cancel", {"model": str(ref_of(args, "target"))})
     print(f"cancelled the pull of {args.target}; verified chunks are kept")
     return 0
 
 
 def register(sub) -> None:
-    p = sub.add_parser("pull", help="fetch a model revision (OSS mirror first, then ModelScope)")
-    p.add_argument("model", metavar=MODEL)
+    p = sub.add_parser("pull", help="fetch a model (or --dataset) revision: the room, the OSS mirror, "
+                                    "then ModelScope")
+    add_ref_argument(p)
     p.add_argument("--to", metavar="DIR", help="put the files in DIR instead of the cache's model folder")
     p.add_argument("--json", action="store_true", help="JSON lines on stdout, for scripts")
     p.add_argument("--concurrency", type=int, help=f"chunks in flight (${ENV_NAMES['concurrency']}, default 8)")
@@ -129,21 +131,24 @@ def register(sub) -> None:
                    help="upstream's current files (ModelScope's listing), not the OSS mirror's copy")
     p.set_defaults(func=cmd_pull)
 
-    p = sub.add_parser("ls", help="list cached models with size and completeness")
+    p = sub.add_parser("ls", help="list cached models and datasets with size and completeness")
     p.add_argument("--json", action="store_true")
+    only = p.add_mutually_exclusive_group()
+    only.add_argument("--datasets", action="store_true", help="only datasets")
+    only.add_argument("--models", action="store_true", help="only models")
     p.set_defaults(func=cmd_ls)
 
-    p = sub.add_parser("verify", help="re-hash a cached model and report any damage")
-    p.add_argument("model", metavar=MODEL)
+    p = sub.add_parser("verify", help="re-hash a cached model (or --dataset) and report any damage")
+    add_ref_argument(p)
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("rm", help="remove a cached model")
-    p.add_argument("model", metavar=MODEL)
+    p = sub.add_parser("rm", help="remove a cached model (or --dataset)")
+    add_ref_argument(p)
     p.set_defaults(func=cmd_rm)
 
     for name, text in (("pin", "never evict a cached model"), ("unpin", "let a cached model be evicted")):
         p = sub.add_parser(name, help=text)
-        p.add_argument("model", metavar=MODEL)
+        add_ref_argument(p)
         p.set_defaults(func=cmd_pin)
 
     p = sub.add_parser("gc", help="evict least recently used unpinned models down to the low watermark")
@@ -154,5 +159,5 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_du)
 
     p = sub.add_parser("cancel", help="stop a job (by id) or a pull the agent is running (by model)")
-    p.add_argument("target", metavar="JOB|OWNER/NAME[@REVISION]")
+    add_ref_argument(p, "target", "JOB|OWNER/NAME[@REVISION]")
     p.set_defaults(func=cmd_cancel)

@@ -21,6 +21,20 @@ def backend_of(args, *, need_agent: bool = False):
     return open_backend(settings_of(args), need_agent=need_agent)
 
 
+def add_ref_argument(p, name: str = "model", metavar: str = "OWNER/NAME[@REVISION]") -> None:
+    """The positional OWNER/NAME[@REV] of a command that takes one cache entry, and its
+    ``--dataset`` flag (the dataset of that name; ``datasets/OWNER/NAME`` also works)."""
+    p.add_argument(name, metavar=metavar)
+    p.add_argument("--dataset", action="store_true",
+                   help="the name is a dataset repository's, not a model's (or write datasets/OWNER/NAME)")
+
+
+def ref_of(args, name: str = "model"):
+    """The ``ModelRef`` the command was given (see ``add_ref_argument``)."""
+    from agent.manifest import ModelRef
+    return ModelRef.parse(getattr(args, name), dataset=getattr(args, "dataset", False))
+
+
 def table(rows: list[tuple]) -> None:
     """Print rows as left-aligned columns; the first row is the header."""
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
@@ -29,10 +43,12 @@ def table(rows: list[tuple]) -> None:
 
 
 def model_table(models: list[dict]) -> None:
-    rows = [("MODEL", "REVISION", "SIZE", "COMPLETE", "STATE", "PINNED", "DIRECTORY")]
+    rows = [("NAME", "KIND", "REVISION", "SIZE", "COMPLETE", "STATE", "PINNED", "DIRECTORY")]
     for m in models:
         pct = 100.0 * m["have"] / m["size"] if m["size"] else 100.0
         state = "pulling now" if m["active"] else m["state"]
-        rows.append((m["model"], m["revision"], human_bytes(m["size"]), f"{pct:.1f}%", state,
+        kind = m.get("kind", "model")
+        name = m["model"].removeprefix("datasets/") if kind == "dataset" else m["model"]
+        rows.append((name, kind, m["revision"], human_bytes(m["size"]), f"{pct:.1f}%", state,
                      "yes" if m["pinned"] else "", m["dir"]))
     table(rows)

@@ -121,10 +121,10 @@ def _common(args):
 def cmd_run(args) -> int:
     from agent.launcher.jobs import JobStore
     from agent.launcher.launch import choose_engine
-    from agent.launcher.launch import chat_argv, resolve_adapter
+    from agent.launcher.launch import chat_argv, require_model, resolve_adapter
     settings, report, device = _common(args)
     engine = choose_engine("run", report, args.engine)
-    ref = ModelRef.parse(args.model)
+    ref = require_model(ModelRef.parse(args.model), "run")
     adapter = resolve_adapter(settings, ref, args.adapter) if args.adapter else None
     model_dir = ensure_model(args, ref)
     argv = chat_argv(model_dir, adapter_dir=adapter, prompt=args.prompt, engine=engine, device=device,
@@ -151,10 +151,10 @@ def cmd_serve(args) -> int:
     import urllib.request
     from agent.launcher.jobs import JobStore
     from agent.launcher.launch import choose_engine
-    from agent.launcher.launch import resolve_adapter, serve_argv
+    from agent.launcher.launch import require_model, resolve_adapter, serve_argv
     settings, report, device = _common(args)
     engine = choose_engine("serve", report, args.engine)
-    ref = ModelRef.parse(args.model)
+    ref = require_model(ModelRef.parse(args.model), "serve")
     adapter = (args.adapter, resolve_adapter(settings, ref, args.adapter)) if args.adapter else None
     model_dir = ensure_model(args, ref)
     argv = serve_argv(model_dir, host=args.host, port=args.port, engine=engine, adapter=adapter,
@@ -195,13 +195,18 @@ def cmd_serve(args) -> int:
 def cmd_train(args) -> int:
     from agent.launcher.jobs import JobStore
     from agent.launcher.launch import choose_engine
-    from agent.launcher.launch import (TRAIN_KEYS, adapter_ref, check_adapter_free, load_train_file,
-                                       read_progress, start_training, train_spec)
+    from agent.launcher.launch import (TRAIN_KEYS, adapter_ref, check_adapter_free, dataset_ref, load_train_file,
+                                       read_progress, require_model, start_training, train_spec,
+                                       training_file)
     settings, report, device = _common(args)
     engine = choose_engine("train", report, args.engine)
-    ref = ModelRef.parse(args.model)
+    ref = require_model(ModelRef.parse(args.model), "train")
     values = load_train_file(Path(args.config)) if args.config else {}
     values.update({k: getattr(args, k) for k in TRAIN_KEYS if getattr(args, k) is not None})
+    data = dataset_ref(values.get("dataset") or "")
+    if data is not None:  # a dataset repository: pulled (room, mirror, ModelScope) and verified first
+        values["dataset"] = training_file(ensure_model(args, data), data)
+        print(f"training on {data.model_id.removeprefix('datasets/')}: {values['dataset']}", file=sys.stderr)
     spec = train_spec(values)
     target = adapter_ref(ref, spec.name)
     check_adapter_free(settings.cache_dir, ref, spec.name)
@@ -303,7 +308,8 @@ def register(sub) -> None:
 
     p = sub.add_parser("train", help="LoRA fine-tuning on this machine (ms-swift sft, or transformers+peft)")
     p.add_argument("model", metavar="OWNER/NAME[@REVISION]")
-    p.add_argument("--dataset", help="JSONL chat records: {\"messages\": [{\"role\", \"content\"}, ...]}")
+    p.add_argument("--dataset", help="a JSONL file of chat records ({\"messages\": [{\"role\", \"content\"}, ...]}), "
+                                     "or a dataset repository OWNER/NAME[@REV], pulled first")
     p.add_argument("--name", help="the adapter's name: it becomes OWNER/NAME+lora/ADAPTER in the cache")
     p.add_argument("--config", help="a YAML or JSON file with these settings (flags win)")
     p.add_argument("--tuner", choices=["lora", "qlora"])

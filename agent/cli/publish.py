@@ -7,10 +7,9 @@ import json
 import sys
 from pathlib import Path
 
-from agent.cli.common import settings_of
+from agent.cli.common import add_ref_argument, ref_of, settings_of
 from agent.config import ENV_NAMES
 from agent.errors import UsageError
-from agent.manifest import ModelRef
 
 
 def cmd_id(args) -> int:
@@ -25,7 +24,7 @@ def cmd_publish(args) -> int:
     from agent.store import Store
     from agent.swarm.trust import Identity
     settings = settings_of(args)
-    ref = ModelRef.parse(args.model)
+    ref = ref_of(args)
     identity = Identity.load_or_create(Path(settings.cache_dir) / "identity.key")
     store = Store(settings.cache_dir)
     try:
@@ -45,7 +44,7 @@ def cmd_mirror_push(args) -> int:
     from agent.mirror import check_push_target, manifest_from_dir, push_directory
     settings = settings_of(args)
     check_push_target(settings, args.bucket)
-    ref = ModelRef.parse(args.model)
+    ref = ref_of(args)
     if args.from_dir:
         directory = Path(args.from_dir)
         print(f"hashing {directory} ...", file=sys.stderr)
@@ -90,7 +89,7 @@ def cmd_mirror_status(args) -> int:
     from agent.mirror import mirror_status
     from agent.progress import human_bytes
     settings = _mirror_settings(args, "status")
-    ref = ModelRef.parse(args.model)
+    ref = ref_of(args)
     rows = mirror_status(ref, settings)
     if args.json:
         print(json.dumps({"model": str(ref), "files": rows}, indent=2))
@@ -161,24 +160,24 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_id)
 
     p = sub.add_parser("publish", help="sign a cached model's manifest with this agent's key")
-    p.add_argument("model", metavar="OWNER/NAME[@REVISION]")
+    add_ref_argument(p)
     p.set_defaults(func=cmd_publish)
 
     mirror = sub.add_parser("mirror", help="manage the lab's OSS mirror")
     msub = mirror.add_subparsers(dest="mirror_command", required=True, metavar="COMMAND")
     p = msub.add_parser("push", help="upload a model revision and its manifest to the mirror")
-    p.add_argument("model", metavar="OWNER/NAME[@REVISION]")
+    add_ref_argument(p)
     p.add_argument("--bucket", help=f"target bucket (${ENV_NAMES['oss_bucket']})")
     p.add_argument("--from-dir", metavar="DIR", help="upload this local directory instead of pulling from ModelScope")
     p.set_defaults(func=cmd_mirror_push)
     p = msub.add_parser("status", help="each mirrored file's storage class and restore state")
-    p.add_argument("model", metavar="OWNER/NAME[@REVISION]")
+    add_ref_argument(p)
     p.add_argument("--bucket", help=f"the mirror's bucket (${ENV_NAMES['oss_bucket']})")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_mirror_status)
     p = msub.add_parser("sync", help="the daily job: bring every model of a sync file up to date with ModelScope",
-                        description="FILE (TOML): keep = 3, then one [[model]] table per model: id = \"OWNER/NAME\", "
-                                    "revision = \"master\". Only changed files are downloaded and uploaded; "
+                        description="FILE (TOML): keep = 3, then one [[model]] table per model (or [[dataset]] per "
+                                    "dataset): id = \"OWNER/NAME\", revision = \"master\". Only changed files are downloaded and uploaded; "
                                     "the last KEEP synced copies of each are kept.")
     p.add_argument("file", metavar="FILE.toml")
     p.add_argument("--bucket", help=f"the mirror's bucket (${ENV_NAMES['oss_bucket']})")

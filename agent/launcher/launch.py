@@ -59,7 +59,7 @@ def train_spec(values: dict) -> TrainSpec:
     """A checked ``TrainSpec`` from settings (flags plus a config file, or the UI's form).
     Blocking: it reads the dataset through."""
     if not values.get("dataset") or not values.get("name"):
-        raise UsageError("training needs a dataset (--dataset FILE) and an adapter name (--name NAME)")
+        raise UsageError("training needs a dataset (--dataset FILE or OWNER/NAME) and an adapter name (--name NAME)")
     try:
         spec = TrainSpec(**{**values, "dataset": Path(str(values["dataset"]))})
     except TypeError as e:
@@ -77,6 +77,7 @@ def check_adapter_free(cache_dir: Path, ref: ModelRef, name: str) -> None:
 def start_training(jobs, cache_dir: Path, ref: ModelRef, spec: TrainSpec, model_dir: Path, *, engine: str,
                    device: str, model_type: str | None, template: str | None):
     """Start the training job; its supervisor registers the adapter when it succeeds."""
+    require_model(ref, "train")
     check_adapter_free(cache_dir, ref, spec.name)
     return jobs.start(
         "train", str(ref), [], detail={"engine": engine, "device": device, "adapter": spec.name},
@@ -107,6 +108,47 @@ def load_train_file(path: Path) -> dict:
     if not isinstance(data, dict):
         raise UsageError(f"{path} must hold a mapping of training settings")
     return data
+
+
+def dataset_ref(value: str) -> ModelRef | None:
+    """The dataset repository a training ``--dataset`` names (``OWNER/NAME[@REV]`` or
+    ``datasets/OWNER/NAME``), or None when it is a file (one that exists, or that looks
+    like a file: ``.jsonl``/``.json``, or a path starting with ``/``, ``.`` or ``~``)."""
+    text = str(value)
+    if Path(text).expanduser().exists() or text.startswith(("/", ".", "~")) or text.endswith((".jsonl", ".json")):
+        return None
+    try:
+        return ModelRef.parse(text, dataset=True)
+    except UsageError:
+        return None
+
+
+def training_file(directory: Path, ref: ModelRef) -> Path:
+    """The JSONL file of a pulled dataset repository to train on: its only one, else its
+    only ``train*`` one; otherwise a clear error naming the choices."""
+    directory = Path(directory)
+    found = sorted(p for p in directory.rglob("*.jsonl")
+                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(directory).parts))
+    if len(found) == 1:
+        return found[0]
+    trains = [p for p in found if p.name.startswith("train")]
+    if len(trains) == 1:
+        return trains[0]
+    name = ref.model_id.removeprefix("datasets/")
+    if not found:
+        raise UsageError(f"dataset {name} holds no .jsonl file; shoal trains on JSONL chat records "
+                         "(swift sft --dataset takes other formats through the gateway)")
+    listed = ", ".join(p.relative_to(directory).as_posix() for p in found[:8])
+    raise UsageError(f"dataset {name} holds {len(found)} JSONL files ({listed}); train on one of them: "
+                     f"--dataset {directory}/FILE")
+
+
+def require_model(ref: ModelRef, command: str) -> ModelRef:
+    """Refuse a dataset where a command needs a model."""
+    if ref.is_dataset:
+        raise UsageError(f"{ref} is a dataset; `shoal {command}` takes a model "
+                         "(train on a dataset with `shoal train MODEL --dataset OWNER/NAME`)")
+    return ref
 
 
 def validate_dataset(path: Path) -> int:

@@ -63,6 +63,9 @@ class HuggingFaceSource(Origin):
         except ImportError:
             raise ConfigError("HF_ENDPOINT is set but the Hugging Face client is not installed: "
                               "pip install 'shoal[hf]' (or unset HF_ENDPOINT)") from None
+        if ref.is_dataset:  # the next source (ModelScope, the mirror, peers) may have it
+            raise NotFound(f"shoal takes datasets from the mirror, the room and ModelScope, not yet from "
+                           f"the Hugging Face hub: {ref} is not fetched from {self.endpoint}")
         revision = hub_revision(ref.revision)
         what = f"listing {ref} on the Hugging Face hub ({self.endpoint})"
         try:

@@ -182,12 +182,16 @@ def serve_models_main(server_cls, description: str, default_revision: str, argv:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--model", action="append", default=[], metavar="OWNER/NAME[@REV]=DIR")
+    if hasattr(server_cls, "add_dataset"):
+        parser.add_argument("--dataset", action="append", default=[], metavar="OWNER/NAME[@REV]=DIR")
     args = parser.parse_args(argv)
     server = server_cls(port=args.port)
-    for spec in args.model:
-        ident, _, directory = spec.partition("=")
-        model_id, _, revision = ident.partition("@")
-        server.add_model(model_id, directory, revision or default_revision)
+    for adder, specs in ((server.add_model, args.model), (getattr(server, "add_dataset", None),
+                                                          getattr(args, "dataset", []))):
+        for spec in specs:
+            ident, _, directory = spec.partition("=")
+            repo_id, _, revision = ident.partition("@")
+            adder(repo_id, directory, revision or default_revision)
     return serve_until_interrupted(server)
 
 

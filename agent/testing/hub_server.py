@@ -1,15 +1,21 @@
 """A ModelScope-compatible hub on loopback, serving the endpoints the modelscope SDK calls.
 
-Endpoints (as modelscope 1.40 / modelscope_hub calls them):
+Endpoints (as modelscope 1.40 / modelscope_hub 0.5 calls them; ``{kind}`` is ``models`` or
+``datasets``):
 - ``GET /api/v1/models/{owner}/{name}/repo/files?Revision=..&Recursive=True`` listing with SHA-256
-- ``GET /api/v1/models/{owner}/{name}/revisions``                               branches and tags
-- ``GET /api/v1/models/{owner}/{name}/repo?Revision=..&FilePath=..``          bytes, honouring Range
-- ``GET /api/v1/models/{owner}/{name}`` and ``/openapi/v1/models/{owner}/{name}``  model info
+- ``GET /api/v1/datasets/{owner}/{name}/repo/tree?Revision=..&Recursive=True&PageNumber=..&PageSize=..``
+  the dataset listing, paged (``modelscope_hub/_legacy_api.py: list_dataset_files_paginated``)
+- ``GET /api/v1/{kind}/{owner}/{name}/revisions``                               branches and tags
+- ``GET /api/v1/{kind}/{owner}/{name}/repo?Revision=..&FilePath=..``          bytes, honouring Range
+- ``GET /api/v1/{kind}/{owner}/{name}`` and ``/openapi/v1/{kind}/{owner}/{name}``  repo info; a
+  dataset's says ``Id`` = OWNER/NAME and ``Type`` 4 ("general": ``MsDataset.load`` then reads it
+  with the ``datasets`` library through the same endpoints, ``compat/hub_api.py:
+  get_dataset_id_and_type``)
 - ``GET /api/v1/repos/internalAccelerationInfo``                               404, as off-cloud
 Control (tests and standalone use): ``POST /__shoal__/faults`` (JSON list of ``Fault``
 fields), ``DELETE /__shoal__/faults``, ``GET /__shoal__/log``.
 
-Run standalone: ``python -m agent.testing.hub_server --model OWNER/NAME=DIR [--port 0]``;
+Run standalone: ``python -m agent.testing.hub_server --model OWNER/NAME=DIR [--dataset OWNER/NAME=DIR] [--port 0]``;
 it prints ``{"url": ...}`` on one line once it is listening.
 """
 
@@ -23,6 +29,7 @@ import threading
 from pathlib import Path
 from urllib.parse import parse_qs
 
+from agent.hubtree import tree_page
 from agent.testing.faults import FaultPlan, LoggedRequest
 from agent.testing.http import LoopbackServer, ServedApp, fault_control, serve_file, serve_models_main
 
@@ -41,13 +48,18 @@ def _not_found(start_response, what: str):
                                        "Success": False, "RequestId": "local"})
 
 
+KINDS = {"models": "model", "datasets": "dataset"}  # URL segment -> repo kind
+DATASET_TYPE_GENERAL = 4  # modelscope.utils.constant.DatasetFormations.general
+
+
 class HubServer(ServedApp):
-    """Serves model directories under ModelScope's API. Thread-safe; see module docstring."""
+    """Serves model and dataset directories under ModelScope's API. Thread-safe; see module
+    docstring."""
 
     def __init__(self, *, port: int = 0):
         self.faults = FaultPlan()
-        self._models: dict[str, dict[str, Path]] = {}
-        self._listing_override: dict[str, list[dict]] = {}
+        self._repos: dict[tuple[str, str], dict[str, Path]] = {}  # (kind, OWNER/NAME) -> revisions
+        self._listing_override: dict[tuple[str, str], list[dict]] = {}
         self._sha_cache: dict[tuple[str, int, int], str] = {}
         self._lock = threading.Lock()
         self._server = LoopbackServer(self, port=port)
@@ -56,12 +68,16 @@ class HubServer(ServedApp):
 
     def add_model(self, model_id: str, directory: str | os.PathLike, revision: str = "master") -> None:
         with self._lock:
-            self._models.setdefault(model_id, {})[revision] = Path(directory)
+            self._repos.setdefault(("model", model_id), {})[revision] = Path(directory)
 
-    def override_listing(self, model_id: str, files: list[dict]) -> None:
+    def add_dataset(self, dataset_id: str, directory: str | os.PathLike, revision: str = "master") -> None:
+        with self._lock:
+            self._repos.setdefault(("dataset", dataset_id), {})[revision] = Path(directory)
+
+    def override_listing(self, model_id: str, files: list[dict], *, kind: str = "model") -> None:
         """Serve ``files`` (raw listing entries) instead of the real listing: lying hubs."""
         with self._lock:
-            self._listing_override[model_id] = files
+            self._listing_override[(kind, model_id)] = files
 
     # ---------------------------------------------------------------- helpers
 
@@ -80,9 +96,9 @@ class HubServer(ServedApp):
             self._sha_cache[key] = h.hexdigest()
         return h.hexdigest()
 
-    def _listing(self, model_id: str, root: Path) -> list[dict]:
+    def _listing(self, key: tuple[str, str], root: Path) -> list[dict]:
         with self._lock:
-            override = self._listing_override.get(model_id)
+            override = self._listing_override.get(key)
         if override is not None:
             return override
         entries = []
@@ -93,9 +109,9 @@ class HubServer(ServedApp):
                             "Revision": "local", "CommitId": "local", "IsLFS": True})
         return entries
 
-    def _resolve(self, model_id: str, revision: str) -> Path | None:
+    def _resolve(self, key: tuple[str, str], revision: str) -> Path | None:
         with self._lock:
-            return self._models.get(model_id, {}).get(revision)
+            return self._repos.get(key, {}).get(revision)
 
     # -------------------------------------------------------------------- wsgi
 
@@ -132,33 +148,45 @@ class HubServer(ServedApp):
         parts = [p for p in path.split("/") if p]
         if parts[:3] == ["api", "v1", "repos"] and parts[3:] == ["internalAccelerationInfo"]:
             return _not_found(respond, "acceleration info")
-        if len(parts) >= 5 and parts[:3] in (["api", "v1", "models"], ["openapi", "v1", "models"]):
-            model_id = f"{parts[3]}/{parts[4]}"
-            rest = parts[5:]
-            revision = (query.get("Revision") or ["master"])[0]
+        if len(parts) < 5 or parts[0] not in ("api", "openapi") or parts[1] != "v1" or parts[2] not in KINDS:
+            return _not_found(respond, path)
+        kind = KINDS[parts[2]]
+        repo_id = f"{parts[3]}/{parts[4]}"
+        key = (kind, repo_id)
+        rest = parts[5:]
+        revision = (query.get("Revision") or ["master"])[0]
+        with self._lock:
+            known = key in self._repos
+        if not known:
+            return _not_found(respond, f"{kind} {repo_id}")
+        if rest == []:
+            info = {"Id": 1, "Name": parts[4], "Path": parts[3], "ModelId": repo_id, "id": repo_id,
+                    "Revision": "master"}
+            if kind == "dataset":  # the SDK puts Id into later URLs: datasets/{Id}/repo/tree
+                info = {"Id": repo_id, "Name": parts[4], "Namespace": parts[3], "Owner": parts[3],
+                        "Type": DATASET_TYPE_GENERAL, "Revision": "master"}
+            return _json(respond, 200, {"Code": 200, "Success": True, "Data": info})
+        if rest == ["revisions"]:
             with self._lock:
-                known = model_id in self._models
-            if not known:
-                return _not_found(respond, f"model {model_id}")
-            if rest == []:
-                return _json(respond, 200, {"Code": 200, "Success": True, "Data": {
-                    "Id": 1, "Name": parts[4], "Path": parts[3], "ModelId": model_id,
-                    "id": model_id, "Revision": "master"}})
-            if rest == ["revisions"]:
-                with self._lock:
-                    revs = sorted(self._models[model_id])
-                return _json(respond, 200, {"Code": 200, "Success": True, "Data": {"RevisionMap": {
-                    "Branches": [{"Revision": r} for r in revs], "Tags": []}}})
-            root = self._resolve(model_id, revision)
-            if root is None:
-                return _not_found(respond, f"revision {revision} of {model_id}")
-            if rest == ["repo", "files"]:
-                return _json(respond, 200, {"Code": 200, "Success": True,
-                                            "Data": {"Files": self._listing(model_id, root)}})
-            if rest == ["repo"]:
-                rel = (query.get("FilePath") or [""])[0]
-                return self._file(root, rel, environ, respond, fault)
+                revs = sorted(self._repos[key])
+            return _json(respond, 200, {"Code": 200, "Success": True, "Data": {"RevisionMap": {
+                "Branches": [{"Revision": r} for r in revs], "Tags": []}}})
+        root = self._resolve(key, revision)
+        if root is None:
+            return _not_found(respond, f"revision {revision} of {repo_id}")
+        if rest == ["repo", "files"] and kind == "model":
+            return _json(respond, 200, {"Code": 200, "Success": True,
+                                        "Data": {"Files": self._listing(key, root)}})
+        if rest == ["repo", "tree"] and kind == "dataset":
+            return _json(respond, 200, {"Code": 200, "Success": True,
+                                        "Data": {"Files": self._tree(key, root, query)}})
+        if rest == ["repo"]:
+            rel = (query.get("FilePath") or [""])[0]
+            return self._file(root, rel, environ, respond, fault)
         return _not_found(respond, path)
+
+    def _tree(self, key, root: Path, query) -> list[dict]:
+        return tree_page(self._listing(key, root), query)
 
     def _file(self, root: Path, rel: str, environ, respond, fault):
         target = (root / rel).resolve()

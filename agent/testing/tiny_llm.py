@@ -70,5 +70,16 @@ def write_chat_dataset(path: str | Path, rows: int = 16) -> Path:
     return path
 
 
+def make_chat_dataset(directory: str | Path, rows: int = 16) -> Path:
+    """A dataset repository as ModelScope holds one: a README and ``train.jsonl`` of chat
+    records (``rows`` of them; 2000 rows are ~140 KB, several test-sized chunks)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "README.md").write_text("---\nlicense: apache-2.0\n---\n# tiny chat data\n"
+                                         "What shoal verifies, as chat records for a LoRA demo.\n")
+    write_chat_dataset(directory / "train.jsonl", rows=rows)
+    return directory
+
+
 if __name__ == "__main__":
     print(make_tiny_llm(sys.argv[1]))
