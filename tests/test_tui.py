@@ -73,15 +73,15 @@ def test_pull_a_model_from_the_models_tab_and_see_it_in_the_cache(ui_env, runnin
         async with app.run_test(size=(120, 40)) as pilot:
             await until(pilot, lambda: app.query_one("#models-table").row_count)
             row = table_rows(app, "#models-table")[0]
-            assert (row[0], row[3], row[6]) == (MODEL_ID, "mirror", "master")
+            assert (row[0], row[1], row[4], row[7]) == (MODEL_ID, "model", "mirror", "master")
             await pilot.press("p")
             await until(pilot, lambda: app.query_one("#tabs").active == "tab-transfers")
             await until(pilot, lambda: any(m["state"] == "complete" for m in app._models()))
             app.show_tab("tab-models")
             await pilot.press("r")
-            await until(pilot, lambda: table_rows(app, "#models-table")[0][1] == "100%")
+            await until(pilot, lambda: table_rows(app, "#models-table")[0][2] == "100%")
             row = table_rows(app, "#models-table")[0]
-            assert row[3] == "cache+mirror" and row[2] == "2.1 MB"
+            assert row[4] == "cache+mirror" and row[3] == "2.1 MB"
             await pilot.press("enter")
             await until(pilot, lambda: type(app.screen).__name__ == "ModelDetailScreen")
             assert "complete" in text_of(app.screen.query_one("#detail-head"))
@@ -128,7 +128,9 @@ def test_chat_with_a_tiny_model_gets_a_reply(ui_env, running_agent, hub, tmp_pat
     asyncio.run(scenario())
 
 
-def test_an_invalid_training_form_says_what_is_wrong(ui_env, running_agent, tmp_path):
+def test_an_invalid_training_form_says_what_is_wrong(ui_env, running_agent, hub, tmp_path):
+    from agent.testing.tiny_llm import make_chat_dataset
+    hub.add_dataset("lab/chat-data", make_chat_dataset(tmp_path / "chat-data"))
     app = make_app(ui_env, launch_flags=FLAGS)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "not a chat"}\n')
@@ -136,9 +138,27 @@ def test_an_invalid_training_form_says_what_is_wrong(ui_env, running_agent, tmp_
     async def scenario():
         async with app.run_test(size=(100, 34)) as pilot:
             await until(pilot, lambda: app.query_one("#models-table").row_count)
+            # A dataset typed in the filter is pulled and listed as one; it is not trained.
+            await pilot.press("slash")
+            await pilot.press(*"datasets/lab/chat-data", "enter")
+            await until(pilot, lambda: any(m["kind"] == "dataset" and m["state"] == "complete" for m in app._models()))
+            app.show_tab("tab-models")
+            app.query_one("#model-filter").value = "datasets/"
+            await until(pilot, lambda: [r[:3] for r in table_rows(app, "#models-table")] ==
+                        [["lab/chat-data", "dataset", "100%"]])
+            await pilot.press("t")
+            await pilot.pause(0.3)
+            assert type(app.screen).__name__ != "TrainFormScreen"
+            app.query_one("#model-filter").value = ""
+            await until(pilot, lambda: app.query_one("#models-table").row_count == 2)
+            app.query_one("#models-table").move_cursor(
+                row=[r[1] for r in table_rows(app, "#models-table")].index("model"))
             await pilot.press("t")
             await until(pilot, lambda: type(app.screen).__name__ == "TrainFormScreen")
             form = app.screen
+            pick = form.query_one("#train-dataset-pick")  # the cached datasets are offered
+            pick.value = "lab/chat-data@master"
+            await until(pilot, lambda: form.query_one("#train-dataset").value == "lab/chat-data@master")
             form.query_one("#train-dataset").value = str(bad)
             form.query_one("#train-name").value = "mine"
             form.query_one("#train-rank").value = "eight"

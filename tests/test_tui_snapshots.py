@@ -21,6 +21,11 @@ MODELS = [
     {"model": "qwen/Qwen2.5-7B-Instruct", "revision": "master", "size": 15_230_000_000, "have": 6_100_000_000,
      "state": "pulling", "dir": "/var/cache/shoal/models/qwen/Qwen2.5-7B-Instruct/master", "manifest_id": None,
      "pinned": False, "last_used": T0, "active": True},
+    {"model": "datasets/AI-ModelScope/alpaca-gpt4-data-zh", "kind": "dataset", "revision": "master",
+     "size": 41_000_000, "have": 41_000_000, "state": "complete",
+     "dir": "/var/cache/shoal/datasets/AI-ModelScope/alpaca-gpt4-data-zh/master",
+     "manifest_id": "5f1e0d7c2b3a49586f7e8d9c0b1a2f3e4d5c6b7a8f9e0d1c2b3a4f5e6d7c8b9a", "pinned": False,
+     "last_used": T0, "active": False},
 ]
 MIRROR = [{"model": "qwen/Qwen2.5-0.5B-Instruct", "revision": "master"},
           {"model": "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "revision": "master"}]
@@ -113,7 +118,8 @@ async def detail(pilot):
 async def train_form(pilot):
     from tui.screens.train_form import TrainFormScreen
     loaded(pilot.app)
-    await pilot.app.push_screen(TrainFormScreen("qwen/Qwen2.5-0.5B-Instruct@master"))
+    await pilot.app.push_screen(TrainFormScreen("qwen/Qwen2.5-0.5B-Instruct@master", None,
+                                                ["AI-ModelScope/alpaca-gpt4-data-zh@master"]))
     pilot.app.screen.query_one("#train-rank").value = "-3"
     pilot.app.screen.query_one("#train-start").press()
     await pilot.pause()

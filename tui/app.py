@@ -207,8 +207,17 @@ class ShoalApp(App):
     def open_job(self, event: DataTable.RowSelected) -> None:
         self.push_screen(JobDetailScreen(event.row_key.value))
 
+    def _launchable(self, model: str | None, what: str) -> str | None:
+        """The selected model, or None (and a word why) when it is a dataset."""
+        if model is not None and model.startswith("datasets/"):
+            self.notify(f"{model} is a dataset: select a model to {what}" +
+                        (" (its training form lists the cached datasets)" if what == "train" else ""),
+                        title="A dataset is selected", severity="warning")
+            return None
+        return model
+
     def action_chat(self) -> None:
-        if (model := self._model()) is not None:
+        if (model := self._launchable(self._model(), "chat with")) is not None:
             base, _, adapter = model.partition("+lora/")
             adapter = adapter.split("@")[0] or None
             self.push_screen(ChatScreen(base if adapter else model, adapter, self.launch_flags))
@@ -217,13 +226,15 @@ class ShoalApp(App):
         self._call_quietly("chat_close", {"session": session})
 
     def action_train(self) -> None:
-        if (model := self._model()) is not None:
+        if (model := self._launchable(self._model(), "train")) is not None:
             def started(job: dict | None) -> None:
                 if job:
                     self.notify(f"training job {job['id']} started", title="Training")
                     self.show_tab("tab-jobs")
                     self.action_refresh()
-            self.push_screen(TrainFormScreen(model, self.launch_flags), started)
+            datasets = [f"{m['model'].removeprefix('datasets/')}@{m['revision']}" for m in self._models()
+                        if m.get("kind") == "dataset" and m["state"] == "complete"]
+            self.push_screen(TrainFormScreen(model, self.launch_flags, datasets), started)
 
     def action_pin(self) -> None:
         if (model := self._model()) is not None:

@@ -1,4 +1,6 @@
-"""The LoRA training form, validated here and by the agent before any job starts."""
+"""The LoRA training form, validated here and by the agent before any job starts. The
+dataset is a JSONL file on the agent's machine or a dataset repository (OWNER/NAME, pulled
+first); the cached datasets are offered in a list under the fields."""
 
 from __future__ import annotations
 
@@ -7,10 +9,10 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Grid, Horizontal, Vertical
 from textual.screen import ModalScreen
-from textual.widgets import Button, Input, Label, Static
+from textual.widgets import Button, Input, Label, Select, Static
 
 FIELDS = [  # (id, label, default, kind)
-    ("dataset", "Dataset (JSONL chat records)", "", str),
+    ("dataset", "Dataset (OWNER/NAME or file)", "", str),
     ("name", "Adapter name", "", str),
     ("rank", "LoRA rank", "8", int),
     ("alpha", "LoRA alpha", "32", int),
@@ -45,9 +47,10 @@ def validate(values: dict[str, str]) -> tuple[dict, str | None]:
 class TrainFormScreen(ModalScreen):
     BINDINGS = [Binding("escape", "dismiss_form", "Cancel")]
 
-    def __init__(self, model: str, extra: dict | None = None):
+    def __init__(self, model: str, extra: dict | None = None, datasets: list[str] | None = None):
         super().__init__()
         self.model, self.extra = model, extra or {}
+        self.datasets = datasets or []  # cached datasets, as OWNER/NAME@REV
 
     def compose(self) -> ComposeResult:
         with Vertical(id="train-form"):
@@ -56,10 +59,21 @@ class TrainFormScreen(ModalScreen):
                 for key, label, default, _ in FIELDS:
                     yield Label(label)
                     yield Input(value=default, id=f"train-{key}")
+                    if key == "dataset":
+                        yield Label("  or a cached dataset")
+                        if self.datasets:
+                            yield Select([(name, name) for name in self.datasets], id="train-dataset-pick",
+                                         prompt=f"pick one of {len(self.datasets)}", compact=True)
+                        else:
+                            yield Static("none yet: type OWNER/NAME to pull one", id="train-dataset-pick")
             yield Static("", id="form-error")
             with Horizontal(id="train-buttons"):
                 yield Button("Start training", variant="primary", id="train-start")
                 yield Button("Cancel", id="train-cancel")
+
+    def on_select_changed(self, event: Select.Changed) -> None:
+        if event.value is not Select.BLANK:
+            self.query_one("#train-dataset", Input).value = str(event.value)
 
     def values(self) -> dict[str, str]:
         return {key: self.query_one(f"#train-{key}", Input).value for key, *_ in FIELDS}
