@@ -19,6 +19,8 @@ from pathlib import Path
 import trio
 
 DEMO_MODEL = "shoal-demo/tiny-chat"
+DEMO_DATASET = "shoal-demo/chat-data"
+DEMO_LLM = "shoal-demo/tiny-qwen2"  # a real (tiny, random) LLM the LoRA step trains
 DEMO_BUCKET = "shoal-demo-mirror"
 
 
@@ -94,10 +96,43 @@ def _all_connected(peers: list[dict]) -> bool:
     return bool(peers) and all(p["connected"] for p in peers)
 
 
+def _tiny_llm(out: Path) -> Path | None:
+    """A tiny real LLM for the LoRA step, or None without ``shoal[run]`` (torch, ms-swift)."""
+    import importlib.util
+    if importlib.util.find_spec("swift") is None:  # the trainer the step uses
+        return None
+    try:
+        from agent.testing.tiny_llm import make_tiny_llm
+        return make_tiny_llm(out)
+    except ImportError:
+        return None
+
+
+def _lora_step(shoal, student: tuple[str, dict], llm: Path | None) -> None:
+    """``shoal train`` on the student's machine: the LLM and the dataset from the teacher."""
+    import json
+    say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
+    name, env = student
+    if llm is None:
+        say("\n[5/6] skipped: a LoRA run needs the launcher (pip install 'shoal[run]': torch and ms-swift)")
+        return
+    say(f"\n[5/6] {name} trains a LoRA adapter for 3 steps on the dataset, offline: "
+        f"shoal train {DEMO_LLM} --dataset {DEMO_DATASET} --max-steps 3")
+    proc = shoal(["train", DEMO_LLM, "--dataset", DEMO_DATASET, "--name", "classroom", "--max-steps", "3",
+                  "--rank", "4", "--alpha", "16", "--lr", "0.01", "--model-type", "qwen2", "--template", "qwen",
+                  "--json"], env)
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    for step in (line for line in lines if "step" in line):
+        say(f"      step {step['step']}/{step.get('max_steps', 3)}  loss {step['loss']:.3f}")
+    say(f"      adapter {lines[-1].get('adapter')} is in {name}'s cache (shoal run {DEMO_LLM} --adapter classroom)")
+
+
 def run_lan_demo(*, size_mb: int = 128, workdir: Path | None = None, keep: bool = False) -> int:
-    """``shoal demo --lan``: a classroom on loopback. A teacher's agent pulls a model from
-    the local mirror and publishes it; two students' agents, with the mirror and the hub out
-    of reach, pull it from the teacher over the LAN swarm, trusting the teacher's key."""
+    """``shoal demo --lan``: a classroom on loopback. A teacher's agent pulls a model and a
+    dataset from the local mirror and publishes them; two students' agents, with the mirror
+    and the hub out of reach, pull them from the teacher over the LAN swarm, trusting the
+    teacher's key, and one trains a LoRA adapter for 3 steps on the dataset (with
+    ``shoal[run]`` installed: a tiny real LLM, also from the teacher)."""
     import json
     import signal
     import socket
@@ -106,6 +141,7 @@ def run_lan_demo(*, size_mb: int = 128, workdir: Path | None = None, keep: bool 
     from agent.testing.hub_server import HubServer
     from agent.testing.oss_server import OssServer
     from agent.testing.models import make_model
+    from agent.testing.tiny_llm import make_chat_dataset
 
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="shoal-lan-demo-"))
     say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
@@ -134,23 +170,31 @@ def run_lan_demo(*, size_mb: int = 128, workdir: Path | None = None, keep: bool 
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}"
     try:
-        say(f"[1/5] generating a {size_mb} MB model in {root / 'origin'}")
+        say(f"[1/6] generating a {size_mb} MB model and a chat dataset in {root / 'origin'}")
         origin = make_model(root / "origin", weights_bytes=size_mb * 1024 * 1024, shards=2, seed="lan-demo")
+        dataset = make_chat_dataset(root / "origin-data", rows=2000)
+        llm = _tiny_llm(root / "origin-llm")
         with HubServer() as hub, OssServer() as oss:
             hub.add_model(DEMO_MODEL, origin)
+            hub.add_dataset(DEMO_DATASET, dataset)
             oss.create_bucket(DEMO_BUCKET)
             base = {k: v for k, v in os.environ.items() if not k.startswith(("OSS_", "SHOAL_", "MODELSCOPE_"))}
             base.update(SHOAL_CONFIG=str(root / "no-config.toml"), SHOAL_GATEWAY_PORT="0", SHOAL_SWARM="1",
                         SHOAL_SWARM_HOST="127.0.0.1", SHOAL_MDNS="0", OSS_ACCESS_KEY_ID="demo", OSS_ACCESS_KEY_SECRET="demo")
             teacher = {**base, "SHOAL_CACHE_DIR": str(root / "teacher"), "OSS_ENDPOINT": oss.url,
                        "SHOAL_OSS_BUCKET": DEMO_BUCKET, "MODELSCOPE_ENDPOINT": hub.url}
-            shoal(["mirror", "push", DEMO_MODEL, "--from-dir", str(origin)], teacher)
-            say("[2/5] the teacher's machine pulls it from the lab mirror and publishes it")
-            shoal(["pull", DEMO_MODEL], teacher)
-            key = shoal(["publish", DEMO_MODEL], teacher).stdout.split("SHOAL_TRUSTED_PUBLISHERS=")[1].strip()
+            repos = [([DEMO_MODEL], origin), (["--dataset", DEMO_DATASET], dataset)]
+            if llm is not None:
+                repos.append(([DEMO_LLM], llm))
+            for name, folder in repos:
+                shoal(["mirror", "push", *name, "--from-dir", str(folder)], teacher)
+            say("[2/6] the teacher's machine pulls them from the lab mirror and publishes them")
+            for name, _ in repos:
+                shoal(["pull", *name], teacher)
+                key = shoal(["publish", *name], teacher).stdout.split("SHOAL_TRUSTED_PUBLISHERS=")[1].strip()
             address = start_agent(teacher)["swarm"]["addrs"][0]
             say(f"      teacher's agent: {address}\n      teacher's key:   {key}")
-            say("[3/5] two students' agents start with the mirror and the hub unreachable (an offline classroom)")
+            say("[3/6] two students' agents start with the mirror and the hub unreachable (an offline classroom)")
             students = []
             for name in ("student-1", "student-2"):
                 env = {**base, "SHOAL_CACHE_DIR": str(root / name), "OSS_ENDPOINT": dead,
@@ -164,15 +208,17 @@ def run_lan_demo(*, size_mb: int = 128, workdir: Path | None = None, keep: bool 
                     if time.monotonic() > deadline:
                         raise SystemExit(f"{name} could not reach the teacher's agent")
                     time.sleep(0.2)
-            say("[4/5] each student runs: shoal pull " + DEMO_MODEL)
+            say(f"[4/6] each student runs: shoal pull {DEMO_MODEL}; shoal pull --dataset {DEMO_DATASET}")
             for name, env in students:
-                proc = shoal(["pull", DEMO_MODEL], env)
-                say(f"--- {name}\n{proc.stderr.strip()}")
+                for args in ([DEMO_MODEL], ["--dataset", DEMO_DATASET]):
+                    proc = shoal(["pull", *args], env)
+                    say(f"--- {name}\n{proc.stderr.strip()}")
             say(f"\nThe mirror served {len(oss.faults.data_requests())} ranged GETs (all to the teacher) and the "
                 f"hub {len(hub.faults.data_requests())}; the students got every byte from the LAN, each chunk "
                 "verified against the manifest the teacher signed.")
+            _lora_step(shoal, students[0], llm)
 
-            say("\n[5/5] another room: two agents that know only each other start pulling at once from the "
+            say("\n[6/6] another room: two agents that know only each other start pulling at once from the "
                 "mirror, made slow like a lab's outside link")
             from agent.testing.faults import Fault
             oss.faults.add(Fault("slow", match="/files/", delay=0.25))  # 0.25 s per MiB per request

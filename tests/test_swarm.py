@@ -262,10 +262,13 @@ def test_endgame_fetches_a_slow_peers_last_chunks_again_from_another_peer(env, o
 def test_the_lan_demo_runs_end_to_end(tmp_path):
     """`shoal demo --lan` (what ./bootstrap/demo runs second): real agents on loopback."""
     proc = run_shoal(["demo", "--lan", "--size-mb", "16"], {"SHOAL_CONFIG": str(tmp_path / "none.toml")},
-                     timeout=200)
+                     timeout=280)
     assert proc.returncode == 0, proc.stderr
     assert "the students got every byte from the LAN" in proc.stderr
-    assert proc.stderr.count("LAN ") >= 4 and "Together they fetched" in proc.stderr
+    assert proc.stderr.count("fetched LAN ") >= 4 and "Together they fetched" in proc.stderr
+    # The dataset came from the teacher too, and a student trained 3 steps on it, offline.
+    assert proc.stderr.count("done: datasets/shoal-demo/chat-data@master") == 2
+    assert "step 3/3  loss" in proc.stderr and "adapter shoal-demo/tiny-qwen2+lora/classroom" in proc.stderr
 
 
 def test_a_student_finds_the_teacher_through_the_dht_via_a_peer_both_know(env, oss, model_dir, tmp_path):
