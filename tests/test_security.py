@@ -216,14 +216,18 @@ def test_the_gateway_admits_only_the_agents_users(env, oss, hub, model_dir, atta
     mirror(env, model_dir)
     run_shoal(["pull", MODEL_ID], env, check=True)
     hub.add_model("lab/uncached", model_dir)
+    hub.add_dataset("lab/uncached-data", model_dir)
     agent = AgentProcess(env).start()
     try:
         gateway = agent.info["gateway"]
         cached = f"{gateway}/api/v1/models/{MODEL_ID}/repo?Revision=master&FilePath=config.json"
         uncached = f"{gateway}/api/v1/models/lab/uncached/repo?Revision=master&FilePath=config.json"
+        data = f"{gateway}/api/v1/datasets/lab/uncached-data"
         oss.faults.clear_log()
         hub.faults.clear_log()
-        for url, method in ((cached, "GET"), (f"{gateway}/metrics", "GET"), (uncached, "HEAD"), (uncached, "GET")):
+        for url, method in ((cached, "GET"), (f"{gateway}/metrics", "GET"), (uncached, "HEAD"), (uncached, "GET"),
+                            (data, "GET"), (f"{data}/repo/tree?Revision=master", "GET"),
+                            (f"{data}/repo?Revision=master&FilePath=config.json", "GET")):
             out = as_nobody(GET, url, method, attacker_path=attacker_path).stdout
             assert out.startswith("403") and (method == "HEAD" or "uid 65534 may not use this agent" in out), out
         status = json.loads(run_shoal(["status", "--json"], env, check=True).stdout)
