@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from agent.testing.tiny_llm import make_chat_dataset
-from conftest import CHUNK, MODEL_ID, REPO, TESTS, AgentProcess, run_shoal, tree_digest
+from conftest import MODEL_ID, REPO, TESTS, AgentProcess, run_shoal, tree_digest
 from test_swarm import agent_env as swarm_env
 from test_swarm import offline, wait_connected
 

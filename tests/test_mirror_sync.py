@@ -166,7 +166,7 @@ def test_a_big_unchanged_file_is_copied_inside_oss_in_parts(env, oss, monkeypatc
 def test_a_bad_sync_file_is_refused_clearly(env, tmp_path):
     bad = tmp_path / "bad.toml"
     for text, message in [("keep = 0\n[[model]]\nid = \"a/b\"\n", "keep = 0"),
-                          ("keep = 2\n", "no [[model]] tables"),
+                          ("keep = 2\n", "no [[model]] or [[dataset]] tables"),
                           ("[[model]]\nid = \"../etc\"\n", "model #1"),
                           ("[[model]]\nid = \"a/b\"\nrevision = \"master~1\"\n", "branch or tag")]:
         bad.write_text(text)

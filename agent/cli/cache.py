@@ -43,7 +43,7 @@ def cmd_ls(args) -> int:
     if args.json:
         print(json.dumps(models, indent=2))
     elif not models:
-        print("nothing in the cache yet; try `shoal pull OWNER/NAME` (a model) or "
+        print("no models or datasets in the cache yet; try `shoal pull OWNER/NAME` (a model) or "
               "`shoal pull --dataset OWNER/NAME`")
     else:
         model_table(models)

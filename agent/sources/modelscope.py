@@ -1,13 +1,18 @@
-"""ModelScope, the origin: file listings through the modelscope SDK, bytes by ranged GET.
+"""ModelScope, the origin: file listings through the modelscope SDK's hub client, bytes by
+ranged GET.
 
-The listing comes from ``HubApi.list_repo_files`` (it carries each file's SHA-256); the
-bytes come from the same endpoint's ``/api/v1/models/{id}/repo?Revision=&FilePath=``
-URL (built by the SDK's ``get_file_download_url``), read with a pooled ``requests``
-session so many ranges are in flight at once. A dataset (``datasets/OWNER/NAME``) is
-listed the same way with ``repo_type="dataset"`` (the SDK pages
-``/api/v1/datasets/{id}/repo/tree``) and read from ``/api/v1/datasets/{id}/repo?...``
-(``modelscope_hub/_legacy_api.py: get_download_url``). ``MODELSCOPE_ENDPOINT`` and
-``MODELSCOPE_API_TOKEN`` are honoured as the SDK honours them.
+The listing comes from ``modelscope_hub``'s ``LegacyClient.list_repo_files`` (it carries
+each file's SHA-256), the client that ``modelscope.hub.api.HubApi`` itself wraps; the bytes
+come from ``/api/v1/models/{id}/repo?Revision=&FilePath=`` (the URL the SDK's
+``get_file_download_url`` builds), read with a pooled ``requests`` session so many ranges
+are in flight at once. A dataset (``datasets/OWNER/NAME``) is listed the same way with
+``repo_type="dataset"`` (the SDK pages ``/api/v1/datasets/{id}/repo/tree``) and read from
+``/api/v1/datasets/{id}/repo?...`` (``modelscope_hub/_legacy_api.py: get_download_url``).
+``MODELSCOPE_ENDPOINT`` and ``MODELSCOPE_API_TOKEN`` are honoured as the SDK honours them.
+
+Why not ``modelscope.hub.api``: importing the ``modelscope`` package imports torch, ~200 MB
+of resident memory in a long-running agent for nothing (measured: 40 MB with
+``modelscope_hub`` alone, 237 MB through ``modelscope.hub.api``).
 """
 
 from __future__ import annotations
@@ -29,16 +34,15 @@ _SDK_IMPORT = threading.Lock()
 
 
 def _sdk():
-    """The SDK's parts this source uses, imported once under a lock: the SDK is slow to
-    import (only when needed), and two threads importing its modules at once (a listing
-    and a chunk's URL, say) can deadlock on its circular imports (``_DeadlockError``)."""
+    """The hub client's parts this source uses, imported once under a lock: the SDK is slow
+    to import (only when needed), and two threads importing its modules at once (a listing
+    and a chunk's URL, say) could deadlock on its circular imports (``_DeadlockError``)."""
     with _SDK_IMPORT:
-        from modelscope.hub.api import HubApi
-        from modelscope.hub.file_download import get_file_download_url
+        from modelscope_hub._legacy_api import LegacyClient
         from modelscope_hub.errors import HubError, NotExistError
         if not os.environ.get("MODELSCOPE_LOG_LEVEL"):  # its INFO lines ("Listing ...") would cut
             logging.getLogger("modelscope_hub").setLevel(logging.WARNING)  # through the progress line
-    return HubApi, get_file_download_url, HubError, NotExistError
+    return LegacyClient, HubError, NotExistError
 
 
 class ModelScopeSource(Origin):
@@ -55,14 +59,14 @@ class ModelScopeSource(Origin):
 
     def list_files(self, ref: ModelRef) -> Listing:
         """The validated listing of ``ref`` (paths, sizes, SHA-256)."""
-        HubApi, _, HubError, NotExistError = _sdk()
+        LegacyClient, HubError, NotExistError = _sdk()
 
         kind, repo = hub_repo(ref.model_id)
         what = f"listing {ref} on ModelScope ({self.endpoint})"
         try:
-            api = HubApi(endpoint=self.endpoint, token=self._token,
-                         timeout=int(self._timeout[1]), max_retries=1)
-            files = api.list_repo_files(repo, kind, revision=ref.revision)
+            client = LegacyClient(token=self._token, endpoint=self.endpoint, timeout=int(self._timeout[1]),
+                                  max_retries=1)
+            files = client.list_repo_files(repo_id=repo, repo_type=kind, revision=ref.revision, recursive=True)
         except NotExistError as e:
             raise NotFound(f"ModelScope has no {kind} {repo} at revision {ref.revision}: "
                            "check the spelling (OWNER/NAME, case matters) and the revision") from e
@@ -76,17 +80,18 @@ class ModelScopeSource(Origin):
         except _NETWORK_ERRORS as e:
             raise SourceUnavailable(f"{what} failed: cannot reach the hub ({type(e).__name__}); "
                                     "check MODELSCOPE_ENDPOINT and the network") from e
-        entries = [(f.path, f.size, f.sha256) for f in files
-                   if (getattr(f, "type", "blob") or "blob") == "blob"]
+        if not isinstance(files, list):
+            raise SourceUnavailable(f"{what}: the hub answered something that is no file listing")
+        entries = [(f.get("Path") or f.get("path") or f.get("Name"), f.get("Size", f.get("size")),
+                    f.get("Sha256") or f.get("sha256")) for f in files
+                   if isinstance(f, dict) and (f.get("Type") or f.get("type") or "blob") == "blob"]
         return make_listing(ref.model_id, ref.revision, entries)
 
     def file_url(self, ref: ModelRef, path: str) -> str:
+        """The URL the SDK's own downloads build (``get_file_download_url``, ``get_download_url``)."""
         kind, repo = hub_repo(ref.model_id)
-        if kind == "dataset":  # the URL the SDK's own dataset download builds
-            return (f"{self.endpoint}/api/v1/datasets/{repo}/repo?Revision={quote_plus(ref.revision)}"
-                    f"&FilePath={quote_plus(path)}")
-        get_file_download_url = _sdk()[1]
-        return get_file_download_url(repo, path, ref.revision, endpoint=self.endpoint)
+        return (f"{self.endpoint}/api/v1/{kind}s/{repo}/repo?Revision={quote_plus(ref.revision)}"
+                f"&FilePath={quote_plus(path)}")
 
     def fetch(self, ref: ModelRef, request: ChunkRequest, into: memoryview, deadline: float) -> None:
         ranged_get(self._session, self.file_url(ref, request.path), request, into, deadline, self._timeout,
