@@ -71,7 +71,9 @@ class PullResult:
     endgame_duplicates: int = 0  # chunks fetched a second time from another peer at the end
     origin_duplicate_chunks: int = 0  # chunks this pull fetched from the origin that a peer also did
     first_byte_s: float | None = None  # from the pull's start to its first verified chunk
-    timings: dict[str, float] = field(default_factory=dict)  # plan_s, room_s, first_chunk_s: when each was ready
+    # plan_s, room_s, first_request_s (bytes start moving), first_chunk_s: when each was ready
+    timings: dict[str, float] = field(default_factory=dict)
+    first_request_at: float | None = None  # monotonic time of the first chunk request
     elapsed: float = 0.0
     troubles: list[str] = field(default_factory=list)
     mirror: dict | None = None  # the mirror copy's age and whether upstream moved (agent.mirrorage)
@@ -271,6 +273,8 @@ async def pull(ref: ModelRef, settings: Settings, *, to: Path | None = None,
     result.first_byte_s = result_parts["first_byte"]
     result.mirror = result_parts.get("mirror")
     result.timings["plan_s"] = result_parts["plan_s"]
+    if result.first_request_at is not None:
+        result.timings["first_request_s"] = round(result.first_request_at - started, 3)
     if result.first_byte_s is not None:  # kept here too: a client reports its own first byte as first_byte_s
         result.timings["first_chunk_s"] = result.first_byte_s
     if part is not None and part.view.settled_at is not None:
@@ -326,8 +330,11 @@ async def _fetch_all(plan: Plan, model: SafeDir, store: Store, sources: list[Chu
             tasks.append(FileTask(pf, f.chunks, check_sha256=pf.track_sha256))
         emit(PlanReady(plan, directory, already))
         states = [SourceState(s) for s in sources]
+        first_request_at = None
         for round_ in range(MAX_ROUNDS):
-            outcome = await Scheduler(ref, states, settings, emit, rate, picker).run(tasks)
+            scheduler = Scheduler(ref, states, settings, emit, rate, picker)
+            outcome = await scheduler.run(tasks)
+            first_request_at = first_request_at or scheduler.first_request_at
             if not outcome.mismatched:
                 break
             tasks = []
@@ -351,7 +358,7 @@ async def _fetch_all(plan: Plan, model: SafeDir, store: Store, sources: list[Chu
             task.file.close()
     manifest = plan.manifest() if plan.trusted else await trio.to_thread.run_sync(plan_manifest, plan, store)
     manifest_id = await trio.to_thread.run_sync(store.complete, ref, manifest)
-    return PullResult(ref, directory, manifest_id, plan.total_size)
+    return PullResult(ref, directory, manifest_id, plan.total_size, first_request_at=first_request_at)
 
 
 def event_to_wire(event) -> dict:

@@ -215,6 +215,7 @@ class Scheduler:
         self.rate = rate
         self.picker = picker
         self._limiter = trio.CapacityLimiter(settings.concurrency)
+        self.first_request_at: float | None = None  # monotonic time of the first chunk request
         # Endgame: which chunks have been written, and the fetches of each still running.
         self._written: set[tuple[str, int]] = set()
         self._written_lock = threading.Lock()
@@ -323,6 +324,8 @@ class Scheduler:
                 deadline = time.monotonic() + self.settings.chunk_timeout
                 try:
                     async with self._limiter:
+                        if self.first_request_at is None:  # when bytes start moving (timings)
+                            self.first_request_at = time.monotonic()
                         # An endgame copy is abandoned when the other fetch wins; a first
                         # fetch is not (SIGTERM lets it finish), its source aborts it instead.
                         written = await trio.to_thread.run_sync(

@@ -115,12 +115,13 @@ def blake3_tree(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def agent_first_chunk(result: dict) -> float | None:
-    """Seconds from the agent taking the pull (asking peers first) to its first verified chunk."""
+def agent_first_chunk(result: dict, what: str = "first_chunk_s") -> float | None:
+    """Seconds from the agent taking the pull (asking peers first) to its first verified
+    chunk (or, with ``first_request_s``, to its first chunk request: bytes moving)."""
     timings = result.get("timings") or {}
-    if timings.get("first_chunk_s") is None:
+    if timings.get(what) is None:
         return None
-    return round(timings.get("offers_s", 0.0) + timings["first_chunk_s"], 3)
+    return round(timings.get("offers_s", 0.0) + timings[what], 3)
 
 
 class Scenario:
@@ -246,6 +247,7 @@ def run_shoal_class(lab, hosts, origin_url, root: Path, args, *, sharing: bool, 
             "first_byte_s": sorted(r.get("first_byte_s") or 0 for r in results.values()),
             "late_first_byte_s": [results[h.name].get("first_byte_s") for h in scenario.late],
             "late_first_chunk_s": [agent_first_chunk(results[h.name]) for h in scenario.late],
+            "late_first_request_s": [agent_first_chunk(results[h.name], "first_request_s") for h in scenario.late],
             "dirs": {h.name: root / label / h.name / "models" / MODEL / "master" for h in remaining},
             "started_at": started_at, "finished": finished, "results": results, "asked": asked}
 
@@ -449,7 +451,9 @@ def main() -> int:
     lines += ["", f"shoal, time from `shoal pull` to its first verified chunk: median {statistics.median(firsts):.2f} s"
               + (f"; late joiners (peers already hold most of it): "
                  f"{', '.join(f'{t:.2f}' for t in shoal_run['late_first_byte_s'])} s (in the agent, from taking "
-                 f"the pull: {', '.join(f'{t:.2f}' if t is not None else '-' for t in shoal_run['late_first_chunk_s'])} s)"
+                 f"the pull: {', '.join(f'{t:.2f}' if t is not None else '-' for t in shoal_run['late_first_chunk_s'])} s;"
+                 f" its first chunk request, bytes moving: "
+                 f"{', '.join(f'{t:.2f}' if t is not None else '-' for t in shoal_run['late_first_request_s'])} s)"
                  if shoal_run["late_first_byte_s"] else ""),
               origin_timeline(shoal_run, args.origin_mbit),
               "control plane (shoal, all agents, during the pulls): " + (", ".join(
