@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -203,6 +204,23 @@ def test_train_and_swift_sft_take_a_dataset_id(env, hub, tiny_llm, dataset_dir, 
 
     agent = AgentProcess(l_env).start()
     try:
+        # Through the agent (the TUI's training form): a dataset id, pulled by the agent first.
+        from agent.client import open_backend
+        from agent.config import load_settings
+        backend = open_backend(load_settings(env=l_env), need_agent=True)
+        backend.call("remove", {"model": f"datasets/{DATASET}@master"})
+        events: list[dict] = []
+        job = backend.call("train_start", {"model": TINY, "dataset": DATASET, "name": "via-agent", "max_steps": 1,
+                                           "model_type": "qwen2", "template": "qwen"},
+                           on_event=events.append, timeout=240)
+        assert any(e.get("type") == "chunk" for e in events)  # the dataset was pulled for it
+        wait_until = time.monotonic() + 200
+        while (state := next(j for j in backend.call("jobs") if j["id"] == job["id"])["state"]) in ("starting",
+                                                                                                  "running"):
+            assert time.monotonic() < wait_until, "the training job did not end"
+            time.sleep(0.5)
+        assert state == "done"
+        assert f"{TINY}+lora/via-agent" in {m["model"] for m in backend.call("list")}
         out = tmp_path / "swift-out"
         proc = subprocess.run(
             [sys.executable, "-m", "swift.cli.sft", "--model", listed[TINY]["dir"], "--dataset", DATASET,
