@@ -170,8 +170,20 @@ class Job:
 def chunk_buffer(size: int) -> mmap.mmap:
     """A worker's chunk buffer: anonymous memory, mapped at once and touched only as a chunk
     fills it (a ``bytearray`` would zero every page up front, in the event loop's thread,
-    for every worker at a pull's start), and handed back to the system when dropped."""
-    return mmap.mmap(-1, max(size, 1))
+    for every worker at a pull's start), and handed back to the system when dropped. Private:
+    a shared anonymous map (``mmap``'s default) keeps its pages in shmem after
+    ``release_pages``, only unmapped."""
+    return mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+
+
+def release_pages(buffer: mmap.mmap) -> None:
+    """Give a worker's buffer pages back between chunks (they come back zeroed as the next
+    chunk fills them): a worker waiting for its next job holds no chunk's worth of memory,
+    so the agent's resident size follows the chunks actually in flight."""
+    try:
+        buffer.madvise(mmap.MADV_DONTNEED)
+    except (AttributeError, OSError):  # no madvise here: the pages stay, as before
+        pass
 
 
 class Picker(Protocol):
@@ -262,6 +274,8 @@ class Scheduler:
             if outcome_ == ABANDONED:
                 # The thread of the cancelled fetch may still be filling the old buffer.
                 buffer = chunk_buffer(len(buffer))
+            else:
+                release_pages(buffer)
             if outcome_ != WRITTEN:
                 continue  # the other fetch of this chunk wrote it
             task.remaining -= 1
