@@ -4,7 +4,6 @@ and a hostile peer: connection floods, trickled handshakes, stolen and replayed 
 
 from __future__ import annotations
 
-import os
 import socket
 import struct
 import threading
@@ -195,51 +194,6 @@ def test_sends_beyond_the_upload_slots_are_told_busy_and_idle_connections_hold_n
     finally:
         for c in (*idle, client):
             c.close()
-
-
-def test_a_peer_never_served_gets_the_newcomer_slot_when_all_are_taken(served):
-    """A late joiner's first chunk is not told BUSY by a holder whose slots are all taken:
-    one more send is kept for a peer this holder has not served that manifest yet. Once
-    served, it queues like everybody; one newcomer send at a time."""
-    store, manifest, tickets, server, model = served  # two slots
-    big = max(manifest.files, key=lambda f: f.size)
-    first = (model / manifest.files[0].path).read_bytes()
-    release = threading.Event()
-    send = server._send_chunk
-
-    def held_send(conn, fd, offset, length):  # sends of the big file wait for `release`
-        if os.readlink(f"/proc/self/fd/{fd}").endswith(big.path):
-            release.wait(20)
-        return send(conn, fd, offset, length)
-    server._send_chunk = held_send
-
-    def fetch_big(peer: str, index: int) -> threading.Thread:
-        thread = threading.Thread(target=DataClient().fetch, args=(
-            server.address, tickets.issue(peer, HERE), manifest.id, big.path, index, memoryview(bytearray(CHUNK)),
-            CHUNK, time.monotonic() + 20))
-        thread.start()
-        return thread
-    sending = [fetch_big("c", 0), fetch_big("c", 1)]
-    wait_until = time.monotonic() + 5
-    while server._active < 2 and time.monotonic() < wait_until:
-        time.sleep(0.01)
-    newcomer, other = DataClient(), DataClient()
-    try:
-        assert fetch_first(server, tickets.issue("late", HERE), manifest, newcomer) == first
-        with pytest.raises(SourceUnavailable, match="busy"):  # served now: it waits its turn
-            fetch_first(server, tickets.issue("late", HERE), manifest, newcomer)
-        sending.append(fetch_big("late-2", 2))  # a newcomer whose send is held: the newcomer slot is taken
-        while server._active < 3 and time.monotonic() < wait_until:
-            time.sleep(0.01)
-        with pytest.raises(SourceUnavailable, match="busy"):
-            fetch_first(server, tickets.issue("late-3", HERE), manifest, other)
-    finally:
-        release.set()
-        for thread in sending:
-            thread.join(20)
-        newcomer.close()
-        other.close()
-    assert fetch_first(server, tickets.issue("late-3", HERE), manifest) == first
 
 
 def _connect_from(source: str, address) -> socket.socket:

@@ -51,10 +51,7 @@ connections per address and in all.
 Upload slots are chunk *sends* at once, not connections: a request that finds them all
 taken waits in line for up to ``SLOT_WAIT``, then is answered ``BUSY`` (the connection
 stays usable) and the peer asks another holder. Few slots serve a room best, as BitTorrent's unchoke slots do: each copy leaves
-at a good share of the uplink and its receiver can pass it on sooner. One more send at once
-(``NEWCOMER_SLOTS``) is kept for a peer this port has not yet sent a chunk of that manifest
-(BitTorrent's optimistic unchoke, for the same reason): a late joiner in a room whose slots
-are all taken gets its first chunk at once instead of a round of BUSY answers.
+at a good share of the uplink and its receiver can pass it on sooner.
 """
 
 from __future__ import annotations
@@ -93,8 +90,6 @@ RATE_SLICE = 256 * 1024
 TLS_BLOCK = 1024 * 1024
 SUB_PLAN_WAIT = 3.0
 SLOT_WAIT = 0.3  # how long a chunk request waits for an upload slot before it is told BUSY
-NEWCOMER_SLOTS = 1  # sends at once beyond `slots`, for peers not yet sent a chunk of the manifest
-MAX_SERVED_PAIRS = 4096  # (peer, manifest) pairs remembered as served
 HEARTBEAT = 3.0  # a subscriber hears at least this often (agent.swarm.view.LIVENESS is over 3 times it)
 COALESCE = 0.05  # changes this close together go in one frame
 SUB_SEND_TIMEOUT = 10.0  # a subscriber that takes no frame this long is dropped
@@ -195,7 +190,6 @@ class DataServer:
         self._closed = False
         self.bytes_served = 0
         self.served_to: dict[str, int] = {}  # peer id -> bytes sent to it
-        self._served_pairs: OrderedDict[tuple[str, str], None] = OrderedDict()  # sent a chunk of manifest
         self.refused = 0  # connections closed for a cap or a bad handshake
         # What peers asked of this port (connections by mode, chunk requests answered busy):
         # the control plane's cost as `shoal status` shows it.
@@ -445,9 +439,7 @@ class DataServer:
                 reply(conn, MISSING, b"chunk not held here")
                 continue
             with self._slot_free:  # a request that finds every slot taken waits a little, in line
-                newcomer = (peer, manifest_id) not in self._served_pairs
-                limit = self.slots + (NEWCOMER_SLOTS if newcomer else 0)
-                slot = self._slot_free.wait_for(lambda: self._closed or self._active < limit, SLOT_WAIT)
+                slot = self._slot_free.wait_for(lambda: self._closed or self._active < self.slots, SLOT_WAIT)
                 slot = slot and not self._closed
                 if slot:
                     self._active += 1
@@ -472,10 +464,6 @@ class DataServer:
             with self._lock:
                 self.bytes_served += length
                 self.served_to[peer] = self.served_to.get(peer, 0) + length
-                self._served_pairs[(peer, manifest_id)] = None
-                self._served_pairs.move_to_end((peer, manifest_id))
-                while len(self._served_pairs) > MAX_SERVED_PAIRS:
-                    self._served_pairs.popitem(last=False)
 
     def _send_chunk(self, conn: socket.socket, fd: int, offset: int, length: int) -> int:
         # socket.sendfile is os.sendfile plus the waiting a socket with a timeout
