@@ -6,11 +6,12 @@ fetch through the agent; so do datasets (``MsDataset.load``, ``snapshot_download
 repo_type="dataset")``, ms-swift's ``--dataset``) through the dataset endpoints the SDK
 calls: ``/api/v1/datasets/{o}/{n}`` (info: ``Id`` and ``Type``, ``compat/hub_api.py:
 get_dataset_id_and_type``), ``.../revisions``, ``.../repo/tree`` (paged,
-``agent.hubtree``) and ``.../repo?FilePath=`` (bytes). a listing comes from the cached manifest (or, for a model not
-cached yet, from the same plan a pull would use: the OSS manifest or the hub's listing),
-and file content is served from the cache, with Range. A file that is not cached yet
-starts (or joins) a pull of the whole revision and is served once it is verified, so
-the tool only ever receives proven bytes. Also serves Prometheus metrics at ``/metrics``.
+``agent.hubtree``) and ``.../repo?FilePath=`` (bytes). A listing comes from the cached
+manifest (or, for one not cached yet, from the same plan a pull would use: a trusted LAN
+peer's manifest, the OSS manifest or the hub's listing), and file content is served from
+the cache, with Range. A file that is not cached yet starts (or joins) a pull of the
+whole revision and is served once it is verified, so the tool only ever receives proven
+bytes. Also serves Prometheus metrics at ``/metrics``.
 
 Who may use it: the same people as the control socket (``agent.access``): the agent's
 user, root and the control group. The caller's uid is read from the kernel (the owner of
@@ -304,7 +305,9 @@ class Gateway:
             if cached and time.monotonic() - cached[0] < PLAN_TTL:
                 return cached[1]
             from agent.plan import resolve
-            plan = await resolve(ref, self.sources, lambda event: None, self.settings.chunk_size)
+            # The room first (a trusted peer's manifest: an offline classroom), then the sources.
+            plan = await self.pulls.room_plan(ref) or await resolve(ref, self.sources, lambda event: None,
+                                                                     self.settings.chunk_size)
             files = [(f.path, f.size, f.sha256) for f in plan.files]
         entries = [{"Name": p.rsplit("/", 1)[-1], "Path": p, "Type": "blob", "Size": s, "Sha256": h.hex(),
                     "Revision": ref.revision} for p, s, h in files]

@@ -123,6 +123,17 @@ class PullCoordinator:
         self._nursery.start_soon(self._run, active)
         return active
 
+    async def room_plan(self, ref: ModelRef):
+        """What ``ref`` is made of as a trusted LAN peer's manifest says (``plan.Plan``), or
+        None (no swarm, nobody holds it, or no offer this agent may trust): the gateway's
+        listing of a model or dataset not cached yet, in an offline room."""
+        swarm = self._swarm()
+        if swarm is None:
+            return None
+        from agent.plan import plan_from_offers
+        answers, _ = await swarm.offers(ref)
+        return plan_from_offers(ref, answers, self.trust)[0] if answers else None
+
     async def _run(self, active: ActivePull) -> None:
         key = str(active.ref)
         try:

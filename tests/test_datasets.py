@@ -165,10 +165,30 @@ def test_a_student_gets_a_dataset_from_the_teacher_with_the_hub_unreachable(env,
         student = AgentProcess(s_env).start()
         wait_connected(s_env)
         hub.faults.clear_log()
-        out = lines(run_shoal(["pull", "--dataset", DATASET, "--json"], s_env, check=True).stdout)
+        # The unmodified SDK on the student's machine, through its own agent's gateway: the
+        # listing is the teacher's signed manifest, the bytes come from the teacher.
+        student_gateway = json.loads(run_shoal(["status", "--json"], s_env, check=True).stdout)["gateway"]
+        proc = subprocess.run([sys.executable, "-c", SDK_CODE, DATASET, str(tmp_path / "snap")],
+                              env=sdk_env(student_gateway, tmp_path), capture_output=True, text=True,
+                              timeout=180, stdin=subprocess.DEVNULL)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert lines(proc.stdout)[0]["rows"] == 2000
+        assert tree_digest(tmp_path / "snap") == tree_digest(dataset_dir)
+        assert tree_digest(tmp_path / "student" / "datasets" / DATASET / "master") == tree_digest(dataset_dir)
+        [row] = json.loads(run_shoal(["ls", "--json"], s_env, check=True).stdout)
+        assert row["kind"] == "dataset" and row["state"] == "complete"
+        assert hub.faults.data_requests() == []
+        # The CLI on a second student: the same, from the LAN.
+        s2_env = offline(swarm_env(base, tmp_path, "student-2", SHOAL_SWARM_PEERS=addr,
+                                   SHOAL_TRUSTED_PUBLISHERS=key, SHOAL_DHT="0"))
+        student_2 = AgentProcess(s2_env).start()
+        try:
+            wait_connected(s2_env)
+            out = lines(run_shoal(["pull", "--dataset", DATASET, "--json"], s2_env, check=True).stdout)
+        finally:
+            student_2.stop()
         assert out[0]["plan"].startswith("LAN peer manifest, signed by")
         assert set(out[-1]["fetched_by_source"]) == {"lan"} and out[-1]["chunks_fetched"] >= 3
-        assert tree_digest(tmp_path / "student" / "datasets" / DATASET / "master") == tree_digest(dataset_dir)
         assert hub.faults.data_requests() == []
         # The model of the same name is not what the teacher offers for it.
         proc = run_shoal(["pull", DATASET], s_env)
