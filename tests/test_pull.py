@@ -142,14 +142,16 @@ def test_kill_9_halfway_then_pull_again_refetches_only_what_was_in_flight(env, h
 def test_ctrl_c_keeps_verified_chunks_and_exits_130(env, hub, oss, model_dir):
     mirror(env, model_dir)
     env["SHOAL_CONCURRENCY"] = "1"
-    oss.faults.add(Fault("slow", match="files/", delay=0.05))
+    oss.faults.clear_log()
+    oss.faults.add(Fault("slow", match="files/", delay=0.15))  # 34 chunks, one at a time: 5 s at least
     proc = popen_shoal(["pull", MODEL_ID], env)
     deadline = time.monotonic() + 60
-    while len(oss.faults.data_requests()) < 10 and time.monotonic() < deadline:
+    while len(oss.faults.data_requests(f"/{oss.bucket}/")) < 10 and time.monotonic() < deadline:
         time.sleep(0.02)
+    assert proc.poll() is None, f"the pull ended before it was interrupted: {proc.communicate()}"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 130
+    assert proc.returncode == 130, err
     assert "run the same command to resume" in err
     oss.faults.clear()
     run_shoal(["pull", MODEL_ID], env, check=True)
