@@ -121,12 +121,6 @@ def hub_repo(model_id: str) -> tuple[str, str]:
     return "model", model_id
 
 
-def display_name(model_id: str) -> str:
-    """How a person reads the id: a dataset says so."""
-    kind, repo = hub_repo(model_id)
-    return f"dataset {repo}" if kind == "dataset" else model_id
-
-
 def check_revision(revision: object) -> str:
     if not isinstance(revision, str) or not _REVISION.match(revision):
         raise UsageError(
