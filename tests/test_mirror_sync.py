@@ -268,3 +268,29 @@ def test_a_sync_takes_over_a_revision_that_mirror_push_wrote(env, oss, hub, mode
         bucket.get_object(f"{MODEL_ID}/master/manifest.shoal")
     done, tree = pulled(env, tmp_path / "student")
     assert set(done["fetched_by_source"]) == {"oss"} and tree == tree_digest(v2)
+
+
+def test_a_sync_file_keeps_a_dataset_beside_the_model_of_the_same_name(env, oss, hub, model_dir, tmp_path):
+    """[[dataset]] tables: the dataset is synced from ModelScope's dataset API into its own
+    folder of the mirror, next to the model of the same name; a student pulls each back."""
+    from agent.testing.tiny_llm import make_chat_dataset
+    data = make_chat_dataset(tmp_path / "data", rows=500)
+    hub.add_dataset(MODEL_ID, data)
+    plan = tmp_path / "mirror-sync.toml"
+    plan.write_text(f'keep = 2\n[[model]]\nid = "{MODEL_ID}"\n[[dataset]]\nid = "{MODEL_ID}"\n')
+    proc = run_shoal(["mirror", "sync", str(plan), "--json"], env, timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    model, dataset = json.loads(proc.stdout)
+    assert model["status"] == dataset["status"] == "new"
+    assert sorted(dataset["uploaded"]) == ["README.md", "train.jsonl"]
+    assert all("/api/v1/datasets/" in e.path for e in hub.faults.data_requests() if "train.jsonl" in e.path)
+    bucket = oss2.Bucket(oss2.Auth("id", "secret"), oss.url, oss.bucket)
+    assert json.loads(bucket.get_object(f"datasets/{MODEL_ID}/master/current.json").read())["snapshot"] == \
+        dataset["snapshot"]
+    student = {**env, "SHOAL_CACHE_DIR": str(tmp_path / "student"), "MODELSCOPE_ENDPOINT": "http://127.0.0.1:9"}
+    done = json.loads(run_shoal(["pull", "--dataset", MODEL_ID, "--json", "--no-modelscope"], student,
+                                check=True).stdout.splitlines()[-1])
+    assert set(done["fetched_by_source"]) == {"oss"}
+    assert tree_digest(tmp_path / "student" / "datasets" / MODEL_ID / "master") == tree_digest(data)
+    _, tree = pulled({**student, "SHOAL_USE_MODELSCOPE": "0"}, tmp_path / "student")
+    assert tree == tree_digest(model_dir)
