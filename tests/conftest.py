@@ -115,13 +115,20 @@ def run_shoal(args: list[str], env: dict[str, str], *, timeout: float = 120,
     return proc
 
 
-def popen_shoal(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+def _interruptible() -> None:
+    """In the child before exec: SIGINT's default action, unblocked, as a terminal gives it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+def popen_shoal(args: list[str], env: dict[str, str], *, interruptible: bool = False) -> subprocess.Popen:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("OSS_", "SHOAL_", "MODELSCOPE_"))}
     full_env.update(env)
     full_env["PYTHONPATH"] = full_env.pop("SHOAL_TEST_PYTHONPATH", None) or os.pathsep.join(
         [str(TESTS / "loopback_guard"), str(REPO)])
     return subprocess.Popen([sys.executable, "-m", "agent.cli", *args], env=full_env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+                            preexec_fn=_interruptible if interruptible else None)
 
 
 def mirror(env: dict[str, str], model_dir: Path, *, only: set[str] | None = None) -> None:

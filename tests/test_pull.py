@@ -144,14 +144,17 @@ def test_ctrl_c_keeps_verified_chunks_and_exits_130(env, hub, oss, model_dir):
     env["SHOAL_CONCURRENCY"] = "1"
     oss.faults.clear_log()
     oss.faults.add(Fault("slow", match="files/", delay=0.15))  # 34 chunks, one at a time: 5 s at least
-    proc = popen_shoal(["pull", MODEL_ID], env)
+    # What a terminal gives a command: Ctrl-C's default action and not blocked, whatever
+    # this test process inherited or was left with (the child inherits both across exec).
+    parent = (signal.getsignal(signal.SIGINT), signal.pthread_sigmask(signal.SIG_BLOCK, []))
+    proc = popen_shoal(["pull", MODEL_ID], env, interruptible=True)
     deadline = time.monotonic() + 60
     while len(oss.faults.data_requests(f"/{oss.bucket}/")) < 10 and time.monotonic() < deadline:
         time.sleep(0.02)
     assert proc.poll() is None, f"the pull ended before it was interrupted: {proc.communicate()}"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 130, err
+    assert proc.returncode == 130, f"{err}\n(this test process: SIGINT handler, blocked signals = {parent})"
     assert "run the same command to resume" in err
     oss.faults.clear()
     run_shoal(["pull", MODEL_ID], env, check=True)
