@@ -39,7 +39,7 @@ import trio
 
 from agent.access import refusal, tcp_peer_uid, uid_allowed
 from agent.errors import NotFound, ShoalError, SourceUnavailable, UnsafePath, UsageError, single_error
-from agent.hubtree import tree_page
+from agent.hubtree import dataset_info, tree_page
 from agent.httprange import parse_range
 from agent.manifest import ModelRef, check_relpath
 from agent.metrics import CONTENT_TYPE as METRICS_TYPE
@@ -58,7 +58,6 @@ BLOCK = 1024 * 1024
 PLAN_TTL = 60.0  # seconds a resolved listing of an uncached model is reused
 MANIFEST_CACHE = 16
 NOT_FOUND_CODE = 10010205001  # what ModelScope answers for a missing model
-DATASET_TYPE_GENERAL = 4  # modelscope.utils.constant.DatasetFormations.general
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 
 
@@ -271,10 +270,9 @@ class Gateway:
         try:
             if rest == []:
                 await self.listing(ref)
-                if dataset:  # the SDK builds later URLs from Id; Type 4 is a "general" dataset
-                    return _json(200, {"Code": 200, "Success": True, "Data": {
-                        "Id": f"{parts[3]}/{parts[4]}", "Name": parts[4], "Namespace": parts[3],
-                        "Owner": parts[3], "Type": DATASET_TYPE_GENERAL, "Revision": ref.revision}})
+                if dataset:
+                    return _json(200, {"Code": 200, "Success": True,
+                                       "Data": dataset_info(parts[3], parts[4], ref.revision)})
                 return _json(200, {"Code": 200, "Success": True, "Data": {
                     "Id": ref.model_id, "ModelId": ref.model_id, "Name": parts[4], "Path": parts[3],
                     "Revision": ref.revision}})

@@ -29,8 +29,7 @@ def check_mirror_age(plan, oss, modelscope) -> MirrorAge | None:
     try:
         listing = modelscope.list_files(ref)
     except ShoalError as e:
-        reason = "not reachable" if "Connection failed" in str(e) or "cannot reach" in str(e) else \
-            str(e).split(": ", 1)[-1][:100]
+        reason = "not reachable" if "cannot reach" in str(e) else str(e).split(": ", 1)[-1][:100]
         return MirrorAge(made_at, None, f"{made}; ModelScope could not say whether it moved since ({reason})")
     if files_fingerprint(listing.files) == files_fingerprint(plan.files):
         return MirrorAge(made_at, False, f"{made}; upstream (ModelScope) has the same files")

@@ -50,7 +50,7 @@ from agent.manifest import FileEntry, Listing, ModelRef, build_manifest, chunk_c
     decode, default_chunk_size, files_fingerprint
 from agent.sources import ChunkRequest
 from agent.sources.oss import (MANIFEST_NAME, file_key, is_snapshot_of, make_bucket, manifest_key,
-                               normalise_prefix, pointer_key, translate_oss_error)
+                               normalise_prefix, pointer_key, revision_prefix, translate_oss_error)
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ class MirrorSync:
                   headers={"Content-Type": "application/json"})
 
     def _folder(self, ref: ModelRef, folder: str) -> str:
-        return f"{self.base}{ref.model_id}/{folder}/"
+        return revision_prefix(self.settings.oss_prefix, ref, folder)
 
     def _snapshots(self, ref: ModelRef) -> list[tuple[str, dict]]:
         """(folder, its sync record) of every complete snapshot of ``ref``, newest first."""
@@ -240,7 +240,7 @@ class MirrorSync:
         """SHA-256 -> (key, chunk hashes or None) of files older snapshots hold."""
         reuse: dict[bytes, tuple] = {}
         for folder, _ in older:
-            key = self._folder(ref, folder) + MANIFEST_NAME
+            key = manifest_key(self.settings.oss_prefix, ref, folder)
             try:
                 manifest = decode(self.bucket.get_object(key).read())
             except (oss2.exceptions.OssError, OSError, ShoalError):

@@ -147,13 +147,19 @@ def tree_digest(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def run_sdk_download(model_id: str, endpoint: str, tmp_path: Path, local_dir: Path) -> subprocess.CompletedProcess:
-    """An unmodified tool: the modelscope SDK's snapshot_download in its own process
-    (the SDK keeps its endpoint in process-wide state)."""
+def sdk_env(endpoint: str, tmp_path: Path) -> dict[str, str]:
+    """The environment of an unmodified ModelScope tool (the SDK, ms-swift) in its own
+    process, pointed at ``endpoint`` (the SDK keeps its endpoint in process-wide state)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OSS_", "SHOAL_", "MODELSCOPE_"))}
     env.update(MODELSCOPE_ENDPOINT=endpoint, MODELSCOPE_CACHE=str(tmp_path / "ms-cache"),
                MODELSCOPE_HOME=str(tmp_path / "ms-home"), MODELSCOPE_DOWNLOAD_INTRA_CLOUD="false",
                MODELSCOPE_LOG_LEVEL="40", PYTHONPATH=str(TESTS / "loopback_guard") + os.pathsep + str(REPO))
+    return env
+
+
+def run_sdk_download(model_id: str, endpoint: str, tmp_path: Path, local_dir: Path) -> subprocess.CompletedProcess:
+    """An unmodified tool: the modelscope SDK's snapshot_download in its own process."""
+    env = sdk_env(endpoint, tmp_path)
     code = ("import sys\nfrom modelscope.hub.snapshot_download import snapshot_download\n"
             "try:\n    print(snapshot_download(sys.argv[1], local_dir=sys.argv[2]))\n"
             "except Exception as e:\n    print(f'{type(e).__module__}.{type(e).__name__}: {e}', file=sys.stderr)\n"

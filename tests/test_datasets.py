@@ -7,7 +7,6 @@ by ``shoal train --dataset OWNER/NAME``."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from agent.testing.tiny_llm import make_chat_dataset
-from conftest import MODEL_ID, REPO, TESTS, AgentProcess, run_shoal, tree_digest
+from conftest import MODEL_ID, AgentProcess, run_shoal, sdk_env, tree_digest
 from test_swarm import agent_env as swarm_env
 from test_swarm import offline, wait_connected
 
@@ -34,14 +33,6 @@ def dataset_dir(tmp_path_factory) -> Path:
 
 def lines(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
-
-
-def sdk_env(endpoint: str, tmp_path: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OSS_", "SHOAL_", "MODELSCOPE_"))}
-    env.update(MODELSCOPE_ENDPOINT=endpoint, MODELSCOPE_CACHE=str(tmp_path / "ms-cache"),
-               MODELSCOPE_HOME=str(tmp_path / "ms-home"), MODELSCOPE_DOWNLOAD_INTRA_CLOUD="false",
-               MODELSCOPE_LOG_LEVEL="40", PYTHONPATH=os.pathsep.join([str(TESTS / "loopback_guard"), str(REPO)]))
-    return env
 
 
 SDK_CODE = """
@@ -145,7 +136,7 @@ def test_a_hostile_dataset_listing_is_refused(env, hub, dataset_dir, tmp_path, e
     proc = run_shoal(["pull", "--dataset", DATASET], local)
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr
     assert hub.faults.data_requests() == []  # not one byte was asked for
-    assert not (tmp_path / "escape.jsonl").exists() and not (Path(local["SHOAL_CACHE_DIR"]) / "datasets").exists()
+    assert not list(tmp_path.rglob("escape.jsonl")) and not (Path(local["SHOAL_CACHE_DIR"]) / "datasets").exists()
 
 
 def test_a_student_gets_a_dataset_from_the_teacher_with_the_hub_unreachable(env, hub, dataset_dir, tmp_path):

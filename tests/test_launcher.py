@@ -192,7 +192,7 @@ def test_ms_swift_given_a_hub_model_id_fetches_it_through_the_gateway(launch_env
     pulls the model (verified) and serves it; swift loads it and generates."""
     import subprocess
     import sys
-    from conftest import AgentProcess
+    from conftest import AgentProcess, sdk_env
     agent_env = dict(launch_env, SHOAL_GATEWAY_PORT="0")
     agent = AgentProcess(agent_env).start()
     try:
@@ -201,11 +201,8 @@ def test_ms_swift_given_a_hub_model_id_fetches_it_through_the_gateway(launch_env
                 "r = e.infer([InferRequest(messages=[{'role': 'user', 'content': 'hi'}])],"
                 " RequestConfig(max_tokens=4, temperature=0))\n"
                 "print('REPLY', len(r[0].choices[0].message.content))\n")
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("OSS_", "SHOAL_", "MODELSCOPE_"))}
-        env.update(MODELSCOPE_ENDPOINT=agent.info["gateway"], MODELSCOPE_CACHE=str(tmp_path / "msc"),
-                   MODELSCOPE_HOME=str(tmp_path / "msh"), MODELSCOPE_DOWNLOAD_INTRA_CLOUD="false",
-                   PYTHONPATH=os.pathsep.join([str(TESTS / "loopback_guard"), str(REPO)]))
-        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240)
+        proc = subprocess.run([sys.executable, "-c", code], env=sdk_env(agent.info["gateway"], tmp_path),
+                              capture_output=True, text=True, timeout=240)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert "REPLY" in proc.stdout
         assert hub.faults.data_requests()  # the agent fetched it from the origin, verified

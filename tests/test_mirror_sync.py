@@ -283,7 +283,8 @@ def test_a_sync_file_keeps_a_dataset_beside_the_model_of_the_same_name(env, oss,
     model, dataset = json.loads(proc.stdout)
     assert model["status"] == dataset["status"] == "new"
     assert sorted(dataset["uploaded"]) == ["README.md", "train.jsonl"]
-    assert all("/api/v1/datasets/" in e.path for e in hub.faults.data_requests() if "train.jsonl" in e.path)
+    fetched = [e.path for e in hub.faults.data_requests() if "train.jsonl" in e.path]
+    assert fetched and all("/api/v1/datasets/" in path for path in fetched)
     bucket = oss2.Bucket(oss2.Auth("id", "secret"), oss.url, oss.bucket)
     assert json.loads(bucket.get_object(f"datasets/{MODEL_ID}/master/current.json").read())["snapshot"] == \
         dataset["snapshot"]

@@ -13,6 +13,7 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.widgets import DataTable, Footer, Header, Input, TabbedContent, TabPane
 
+from agent.manifest import hub_repo, is_dataset
 from tui.messages import AgentSnapshot, PullFinished
 from tui.screens.chat import ChatScreen
 from tui.screens.detail import ModelDetailScreen
@@ -209,7 +210,7 @@ class ShoalApp(App):
 
     def _launchable(self, model: str | None, what: str) -> str | None:
         """The selected model, or None (and a word why) when it is a dataset."""
-        if model is not None and model.startswith("datasets/"):
+        if model is not None and is_dataset(model):
             self.notify(f"{model} is a dataset: select a model to {what}" +
                         (" (its training form lists the cached datasets)" if what == "train" else ""),
                         title="A dataset is selected", severity="warning")
@@ -232,8 +233,8 @@ class ShoalApp(App):
                     self.notify(f"training job {job['id']} started", title="Training")
                     self.show_tab("tab-jobs")
                     self.action_refresh()
-            datasets = [f"{m['model'].removeprefix('datasets/')}@{m['revision']}" for m in self._models()
-                        if m.get("kind") == "dataset" and m["state"] == "complete"]
+            datasets = [f"{hub_repo(m['model'])[1]}@{m['revision']}" for m in self._models()
+                        if is_dataset(m["model"]) and m["state"] == "complete"]
             self.push_screen(TrainFormScreen(model, self.launch_flags, datasets), started)
 
     def action_pin(self) -> None:

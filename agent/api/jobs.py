@@ -182,9 +182,11 @@ async def train_start(agent, p: TrainParams, call: Call):
                                        train_spec, training_file)
     require_model(p.model, "train")
     values = {k: getattr(p, k) for k in TRAIN_KEYS if getattr(p, k) is not None}
-    data = dataset_ref(values["dataset"])
+    # Both look at the disk (is it a file? which file of the repository?): not on the event loop.
+    data = await trio.to_thread.run_sync(dataset_ref, values["dataset"])
     if data is not None:  # a dataset repository: pulled first, its events streamed
-        values["dataset"] = training_file(await ensure_model(agent, data, call), data)
+        folder = await ensure_model(agent, data, call)
+        values["dataset"] = await trio.to_thread.run_sync(training_file, folder, data)
     spec = await trio.to_thread.run_sync(train_spec, values)
     check_adapter_free(agent.settings.cache_dir, p.model, spec.name)
     engine, device = await agent.devices.engine("train", p.engine)

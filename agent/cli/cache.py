@@ -16,7 +16,6 @@ from agent.errors import IntegrityError, UsageError
 from agent.progress import human_bytes
 
 
-
 def cmd_pull(args) -> int:
     from agent.client import open_backend
     from agent.reporter import PullReporter

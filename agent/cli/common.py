@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from agent.config import Settings, load_settings
+from agent.manifest import hub_repo
 from agent.progress import human_bytes
 
 
@@ -47,8 +48,7 @@ def model_table(models: list[dict]) -> None:
     for m in models:
         pct = 100.0 * m["have"] / m["size"] if m["size"] else 100.0
         state = "pulling now" if m["active"] else m["state"]
-        kind = m.get("kind", "model")
-        name = m["model"].removeprefix("datasets/") if kind == "dataset" else m["model"]
+        kind, name = hub_repo(m["model"])
         rows.append((name, kind, m["revision"], human_bytes(m["size"]), f"{pct:.1f}%", state,
                      "yes" if m["pinned"] else "", m["dir"]))
     table(rows)

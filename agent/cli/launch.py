@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from agent.cli.common import backend_of, settings_of, table
 from agent.errors import ShoalError
-from agent.manifest import ModelRef
+from agent.manifest import ModelRef, hub_repo
 
 if TYPE_CHECKING:
     from agent.launcher.jobs import Job, JobStore
@@ -206,7 +206,7 @@ def cmd_train(args) -> int:
     data = dataset_ref(values.get("dataset") or "")
     if data is not None:  # a dataset repository: pulled (room, mirror, ModelScope) and verified first
         values["dataset"] = training_file(ensure_model(args, data), data)
-        print(f"training on {data.model_id.removeprefix('datasets/')}: {values['dataset']}", file=sys.stderr)
+        print(f"training on {hub_repo(data.model_id)[1]}: {values['dataset']}", file=sys.stderr)
     spec = train_spec(values)
     target = adapter_ref(ref, spec.name)
     check_adapter_free(settings.cache_dir, ref, spec.name)

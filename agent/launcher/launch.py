@@ -18,7 +18,7 @@ from pathlib import Path
 from agent.config import Settings
 from agent.errors import NotFound, ShoalError, UsageError
 from agent.launcher.devices import MISSING, DeviceReport, engine_for
-from agent.manifest import ModelRef, check_relpath
+from agent.manifest import ModelRef, check_relpath, hub_repo
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin",
                  "additional_config.json", "README.md")
@@ -134,7 +134,7 @@ def training_file(directory: Path, ref: ModelRef) -> Path:
     trains = [p for p in found if p.name.startswith("train")]
     if len(trains) == 1:
         return trains[0]
-    name = ref.model_id.removeprefix("datasets/")
+    name = hub_repo(ref.model_id)[1]
     if not found:
         raise UsageError(f"dataset {name} holds no .jsonl file; shoal trains on JSONL chat records "
                          "(swift sft --dataset takes other formats through the gateway)")

@@ -34,9 +34,9 @@ _SDK_IMPORT = threading.Lock()
 
 
 def _sdk():
-    """The hub client's parts this source uses, imported once under a lock: the SDK is slow
-    to import (only when needed), and two threads importing its modules at once (a listing
-    and a chunk's URL, say) could deadlock on its circular imports (``_DeadlockError``)."""
+    """The hub client's parts this source uses, imported once under a lock: only when needed,
+    and two threads importing its modules at once (a pull's listing and the upstream check's,
+    say) could deadlock on circular imports (``_DeadlockError``; seen with the full SDK)."""
     with _SDK_IMPORT:
         from modelscope_hub._legacy_api import LegacyClient
         from modelscope_hub.errors import HubError, NotExistError
@@ -70,6 +70,9 @@ class ModelScopeSource(Origin):
         except NotExistError as e:
             raise NotFound(f"ModelScope has no {kind} {repo} at revision {ref.revision}: "
                            "check the spelling (OWNER/NAME, case matters) and the revision") from e
+        except _NETWORK_ERRORS as e:  # the client's NetworkError ("Connection failed") is an OSError too
+            raise SourceUnavailable(f"{what} failed: cannot reach the hub ({type(e).__name__}); "
+                                    "check MODELSCOPE_ENDPOINT and the network") from e
         except HubError as e:
             status = getattr(e, "status_code", None) or getattr(e, "status", None)
             if status in (401, 403):
@@ -77,9 +80,6 @@ class ModelScopeSource(Origin):
                     f"{what}: ModelScope refused the request ({status}); set MODELSCOPE_API_TOKEN "
                     f"to a token that may read this {kind}") from e
             raise SourceUnavailable(f"{what} failed: {str(e).splitlines()[0]}") from e
-        except _NETWORK_ERRORS as e:
-            raise SourceUnavailable(f"{what} failed: cannot reach the hub ({type(e).__name__}); "
-                                    "check MODELSCOPE_ENDPOINT and the network") from e
         if not isinstance(files, list):
             raise SourceUnavailable(f"{what}: the hub answered something that is no file listing")
         entries = [(f.get("Path") or f.get("path") or f.get("Name"), f.get("Size", f.get("size")),

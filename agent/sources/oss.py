@@ -54,19 +54,18 @@ def normalise_prefix(prefix: str) -> str:
     return prefix + "/" if prefix else ""
 
 
-def revision_prefix(prefix: str, ref: ModelRef) -> str:
-    return f"{normalise_prefix(prefix)}{ref.model_id}/{ref.revision}/"
+def revision_prefix(prefix: str, ref: ModelRef, folder: str | None = None) -> str:
+    """The revision's own folder, or ``folder`` (a synced snapshot ``{rev}~{hex}``) of ``ref``."""
+    return f"{normalise_prefix(prefix)}{ref.model_id}/{folder or ref.revision}/"
 
 
-def manifest_key(prefix: str, ref: ModelRef) -> str:
-    return revision_prefix(prefix, ref) + MANIFEST_NAME
+def manifest_key(prefix: str, ref: ModelRef, folder: str | None = None) -> str:
+    return revision_prefix(prefix, ref, folder) + MANIFEST_NAME
 
 
 def file_key(prefix: str, ref: ModelRef, path: str, folder: str | None = None) -> str:
     """The object of ``path``; ``folder`` (a snapshot) instead of the revision's own."""
-    if folder is None:
-        return revision_prefix(prefix, ref) + "files/" + path
-    return f"{normalise_prefix(prefix)}{ref.model_id}/{folder}/files/{path}"
+    return revision_prefix(prefix, ref, folder) + "files/" + path
 
 
 POINTER_NAME = "current.json"
@@ -163,11 +162,16 @@ class OssSource(Origin):
             self.credentials.refresh(generation)
         return fn(*args, **kwargs)
 
+    def _known_archived(self, key: str) -> bool:
+        """Whether ``key`` was found archived less than ``ARCHIVED_RECHECK`` ago (call with
+        ``_archived_lock`` held)."""
+        seen = self._archived.get(key)
+        return seen is not None and time.monotonic() - seen < ARCHIVED_RECHECK
+
     def _archived_object(self, key: str) -> None:
         """First meeting with an archived ``key``: ask OSS to restore it when the lab wants."""
         with self._archived_lock:
-            seen = self._archived.get(key)
-            if seen is not None and time.monotonic() - seen < ARCHIVED_RECHECK:
+            if self._known_archived(key):
                 return
             self._archived[key] = time.monotonic()
         restore, tier, days = self._restore
@@ -247,8 +251,7 @@ class OssSource(Origin):
             if pointer is None:
                 return None
             folder = pointer["snapshot"]
-            data = self._read_small(f"{normalise_prefix(self.prefix)}{ref.model_id}/{folder}/{MANIFEST_NAME}",
-                                    MAX_MANIFEST_BYTES, "manifest")
+            data = self._read_small(manifest_key(self.prefix, ref, folder), MAX_MANIFEST_BYTES, "manifest")
         if data is not None:
             # The files of this manifest are in its folder: a pull keeps reading there even
             # when a sync moves the pointer meanwhile (old snapshots are kept).
@@ -297,8 +300,8 @@ class OssSource(Origin):
         key = file_key(self.prefix, ref, request.path, folder)
         what = f"OSS {key} [{request.offset}+{request.length}]"
         with self._archived_lock:
-            seen = self._archived.get(key)
-        if seen is not None and time.monotonic() - seen < ARCHIVED_RECHECK:  # known archived: no request per chunk
+            archived = self._known_archived(key)
+        if archived:  # known archived: no request per chunk
             raise ObjectArchived(f"{what}: the object is in archive storage and not restored")
         try:
             result = self._call(self.bucket.get_object, key,

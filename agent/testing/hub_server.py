@@ -29,7 +29,7 @@ import threading
 from pathlib import Path
 from urllib.parse import parse_qs
 
-from agent.hubtree import tree_page
+from agent.hubtree import dataset_info, tree_page
 from agent.testing.faults import FaultPlan, LoggedRequest
 from agent.testing.http import LoopbackServer, ServedApp, fault_control, serve_file, serve_models_main
 
@@ -49,7 +49,6 @@ def _not_found(start_response, what: str):
 
 
 KINDS = {"models": "model", "datasets": "dataset"}  # URL segment -> repo kind
-DATASET_TYPE_GENERAL = 4  # modelscope.utils.constant.DatasetFormations.general
 
 
 class HubServer(ServedApp):
@@ -67,12 +66,14 @@ class HubServer(ServedApp):
     # ------------------------------------------------------------------ setup
 
     def add_model(self, model_id: str, directory: str | os.PathLike, revision: str = "master") -> None:
-        with self._lock:
-            self._repos.setdefault(("model", model_id), {})[revision] = Path(directory)
+        self._add("model", model_id, directory, revision)
 
     def add_dataset(self, dataset_id: str, directory: str | os.PathLike, revision: str = "master") -> None:
+        self._add("dataset", dataset_id, directory, revision)
+
+    def _add(self, kind: str, repo_id: str, directory: str | os.PathLike, revision: str) -> None:
         with self._lock:
-            self._repos.setdefault(("dataset", dataset_id), {})[revision] = Path(directory)
+            self._repos.setdefault((kind, repo_id), {})[revision] = Path(directory)
 
     def override_listing(self, model_id: str, files: list[dict], *, kind: str = "model") -> None:
         """Serve ``files`` (raw listing entries) instead of the real listing: lying hubs."""
@@ -160,11 +161,8 @@ class HubServer(ServedApp):
         if not known:
             return _not_found(respond, f"{kind} {repo_id}")
         if rest == []:
-            info = {"Id": 1, "Name": parts[4], "Path": parts[3], "ModelId": repo_id, "id": repo_id,
-                    "Revision": "master"}
-            if kind == "dataset":  # the SDK puts Id into later URLs: datasets/{Id}/repo/tree
-                info = {"Id": repo_id, "Name": parts[4], "Namespace": parts[3], "Owner": parts[3],
-                        "Type": DATASET_TYPE_GENERAL, "Revision": "master"}
+            info = dataset_info(parts[3], parts[4], "master") if kind == "dataset" else {
+                "Id": 1, "Name": parts[4], "Path": parts[3], "ModelId": repo_id, "id": repo_id, "Revision": "master"}
             return _json(respond, 200, {"Code": 200, "Success": True, "Data": info})
         if rest == ["revisions"]:
             with self._lock:
@@ -179,14 +177,11 @@ class HubServer(ServedApp):
                                         "Data": {"Files": self._listing(key, root)}})
         if rest == ["repo", "tree"] and kind == "dataset":
             return _json(respond, 200, {"Code": 200, "Success": True,
-                                        "Data": {"Files": self._tree(key, root, query)}})
+                                        "Data": {"Files": tree_page(self._listing(key, root), query)}})
         if rest == ["repo"]:
             rel = (query.get("FilePath") or [""])[0]
             return self._file(root, rel, environ, respond, fault)
         return _not_found(respond, path)
-
-    def _tree(self, key, root: Path, query) -> list[dict]:
-        return tree_page(self._listing(key, root), query)
 
     def _file(self, root: Path, rel: str, environ, respond, fault):
         target = (root / rel).resolve()
