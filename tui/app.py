@@ -11,6 +11,7 @@ import time
 from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
+from textual.css.query import NoMatches
 from textual.widgets import DataTable, Footer, Header, Input, TabbedContent, TabPane
 
 from agent.manifest import hub_repo, is_dataset
@@ -124,7 +125,11 @@ class ShoalApp(App):
         if snapshot.mirror is not None:
             self.mirror = snapshot.mirror
         active = {p["model"] for p in snapshot.status.get("pulls", [])}
-        self.query_one(ModelsPane).show(model_rows(snapshot.models, self.mirror, active))
+        try:
+            models_pane = self.query_one(ModelsPane)
+        except NoMatches:  # a fetch that was in flight when the app began to close: nothing to show
+            return
+        models_pane.show(model_rows(snapshot.models, self.mirror, active))
         self.query_one(TransfersPane).show(snapshot.status.get("pulls", []), now)
         self.query_one(JobsPane).show(job_rows(snapshot.jobs))
         self.query_one(PeersPane).show(snapshot.status.get("peers", []))
