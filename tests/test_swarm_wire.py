@@ -5,6 +5,7 @@ a subscriber that falls behind."""
 from __future__ import annotations
 
 import threading
+import time
 
 import msgpack
 import pytest
@@ -12,7 +13,7 @@ from hypothesis import given, settings, strategies as st
 
 from agent.errors import PeerBroken
 from agent.manifest import FileEntry, Manifest
-from agent.swarm.board import MAX_LOG, Board
+from agent.swarm.board import MAX_LOG, Board, Boards
 from agent.swarm.wire import (MAX_FRAME, MAX_LIST, Ordinals, PeerState, decode, encode_beat, encode_delta,
                               encode_snapshot, frame_length)
 
@@ -146,3 +147,27 @@ def test_a_subscriber_too_far_behind_gets_a_snapshot_and_a_waiter_wakes():
     waiter.join(5)
     assert woke == [True]
     assert board.wait(board.seq, 0.05) is False
+
+
+def test_a_subscriber_and_the_pull_making_a_board_at_once_share_one():
+    """Subscriptions arriving as the pull plans each ask for the board while the store
+    already holds the pull's row: however the threads interleave, all of them, and the
+    pull, get the same board, so what the pull records reaches every subscriber (it once
+    left a peer looking idle and empty to most of a room for a whole pull)."""
+    m = manifest()
+
+    def from_store(manifest_id: str) -> Board:
+        time.sleep(0.05)  # the store's queries release the GIL: others get in meanwhile
+        return Board(m)
+    boards = Boards(from_store)
+    got: list[Board] = []
+    threads = [threading.Thread(target=lambda: got.append(boards.wait_for(m.id, 1.0, lambda: True)))
+               for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    pulls = boards.get(m.id) or boards.adopt(Board(m))  # what the pull's session does (Swarm.board)
+    for thread in threads:
+        thread.join(5)
+    assert len(got) == 8 and all(board is pulls for board in got)
+    pulls.set_pulling(True)
+    assert all(board.pulling for board in got)

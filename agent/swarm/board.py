@@ -115,9 +115,11 @@ class Board:
             if not self._log or self._log[0][0] > seq + 1:
                 return None
             have, origin, claim, unclaim, pulling = set(), set(), set(), set(), None
-            for entry_seq, kind, ordinal in self._log:
-                if entry_seq <= seq:
-                    continue
+            # The log's sequence numbers are consecutive: read only the entries after
+            # ``seq``, from the end (a board of thousands of chunks has a long log).
+            log = self._log
+            for position in range(len(log) - (self._seq - seq), len(log)):
+                _, kind, ordinal = log[position]
                 if kind in (HAVE, ORIGIN):
                     have.add(ordinal)
                     if kind == ORIGIN:
@@ -146,11 +148,14 @@ class Boards:
 
     def put(self, board: Board) -> None:
         with self._lock:
-            self._boards[board.manifest.id] = board
-            self._boards.move_to_end(board.manifest.id)
-            while len(self._boards) > MAX_BOARDS:
-                self._boards.popitem(last=False)
-            self._added.notify_all()
+            self._put(board)
+
+    def _put(self, board: Board) -> None:  # with the lock held
+        self._boards[board.manifest.id] = board
+        self._boards.move_to_end(board.manifest.id)
+        while len(self._boards) > MAX_BOARDS:
+            self._boards.popitem(last=False)
+        self._added.notify_all()
 
     def wait_for(self, manifest_id: str, timeout: float, keep_waiting: Callable[[], bool]) -> Board | None:
         """The board for ``manifest_id``, waiting up to ``timeout`` for it to appear while
@@ -173,8 +178,20 @@ class Boards:
         if board is None:
             board = self._from_store(manifest_id)
             if board is not None:
-                self.put(board)
+                board = self.adopt(board)
         return board
+
+    def adopt(self, board: Board) -> Board:
+        """``board``, kept, unless one for its manifest is kept already: then that one.
+        Two threads can make a board for one manifest at once (a subscription arriving as
+        the pull plans); both must end up with the same board, or a subscriber would be
+        served one that never changes (the room would see that peer hold nothing, ever)."""
+        with self._lock:
+            kept = self._boards.get(board.manifest.id)
+            if kept is not None:
+                return kept
+            self._put(board)
+            return board
 
     def drop(self, manifest_id: str) -> None:
         with self._lock:

@@ -133,8 +133,7 @@ class Swarm:
         """This agent's board for ``manifest`` (made from the store when there is none yet)."""
         board = self.boards.get(manifest.id)
         if board is None:
-            board = Board(manifest)
-            self.boards.put(board)
+            board = self.boards.adopt(Board(manifest))
         return board
 
     def planning(self) -> bool:
