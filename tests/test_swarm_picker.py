@@ -12,6 +12,8 @@ import random
 from types import SimpleNamespace
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from agent.manifest import FileEntry, Manifest
 from agent.scheduler import ORIGINS, PEERS, Job
@@ -303,3 +305,47 @@ def test_a_member_paused_itself_does_not_take_the_room_for_gone_when_it_resumes(
     if job is not None and job.route == ORIGINS:
         held = {o for m in room.members for o in m.board.have}
         assert paused.board.ordinals.of(*job.key) not in held, "fetched from the origin what peers hold"
+
+
+@settings(max_examples=300, deadline=None)
+@example([(0, 1, 0, 1)] + [(9, 0, 0, 3)] * 4 + [(4, 1, 0, 0)])  # silent past liveness, then a heartbeat
+@given(st.lists(st.tuples(st.integers(0, 12), st.integers(0, 5), st.integers(0, 59), st.integers(0, 40)),
+                min_size=1, max_size=60))
+def test_the_views_kept_room_is_always_the_one_it_would_work_out_afresh(ops):
+    """``LanView.room`` is kept between changes (the picker asks on every look): whatever
+    frames, answers, silences and clock jumps come, the kept answer equals a fresh one."""
+    clock = Clock()
+    m = manifest(60)
+    view = LanView(m, "peer-me", clock=clock)
+    contact = Contact(("127.0.0.1", 1), b"k" * 32, None)
+    seqs: dict[str, int] = {}
+    names = [f"peer-{i}" for i in range(6)]
+    for op, who, ordinal, amount in ops:
+        peer = names[who % 3]  # few peers, so that one falls silent and speaks again
+        if op == 0:
+            view.offered(peer, SimpleNamespace(have={}, pulling=bool(amount % 2)), contact)
+        elif op == 1:
+            view.following(peer, contact)
+        elif op in (2, 3, 4):  # a frame: delta (a claim, a have, an unclaim) or a heartbeat
+            seqs[peer] = seqs.get(peer, 0) + 1
+            kind = "beat" if op == 4 else "delta"
+            claim = frozenset({ordinal}) if op == 2 else frozenset()
+            have = frozenset({ordinal}) if op == 3 and amount % 2 else frozenset()
+            unclaim = frozenset({ordinal}) if op == 3 and not amount % 2 else frozenset()
+            view.apply(peer, Message(kind, seqs[peer], have, frozenset(), claim, unclaim,
+                                     bool(amount % 3) if kind == "delta" else None))
+        elif op == 5:
+            view.set_unknown(set(names[:who]))
+        elif op == 6:
+            view.set_idle(set(names[who:who + 2]))
+        elif op == 7:
+            view.unsubscribed(peer, silent=bool(amount % 2))
+        elif op == 8:
+            view.forget(peer)
+        else:
+            # Steps under the pause rule (peers fall silent one by one), now and then one over it.
+            clock.now += 10.0 if amount > 36 else 2.0 + (amount % 4) / 4
+        every = ((True, False), (False, False), (False, True), (True, True))
+        kept = [view.room(*flags) for flags in every]
+        view._rooms.clear()
+        assert kept == [view.room(*flags) for flags in every], f"after op {op}: the kept room is stale"

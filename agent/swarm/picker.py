@@ -36,6 +36,8 @@ import logging
 import random
 import time
 
+import trio
+
 from agent.scheduler import ORIGINS, PEERS, Job
 from agent.swarm.board import Board
 from agent.swarm.view import LanView
@@ -74,6 +76,7 @@ class SwarmPicker:
         self._puller_sets = 0  # how many different puller lists this pull has seen
         self._fresh: bool | None = None  # whether no peer held any of it when we first looked
         self.duplicates = 0  # endgame jobs handed out
+        self._taking = trio.Lock()  # held by the one worker looking for a job (``take``)
 
     # --------------------------------------------------------------------- choosing
 
@@ -173,7 +176,7 @@ class SwarmPicker:
 
     def _start(self, ordinal: int, from_origin: bool) -> Job:
         if from_origin:  # a chunk this agent pays the outside link for: say why it is ours
-            uncounted = sorted(p[:12] for p in set(self.view.peers) - set(self._pullers))
+            uncounted = sorted(self.view.describe(p) for p in set(self.view.peers) - set(self._pullers))
             log.debug("origin chunk %d: %d pullers, %d unknown, %d idle, %.2f s into the pull; peers in view "
                       "not counted: %s", ordinal, len(self._pullers), len(self.view.unknown), len(self.view.idle),
                       self.clock() - self.started, ",".join(uncounted[:4]) or "none")
@@ -201,13 +204,18 @@ class SwarmPicker:
         return not self.pending and all(entry[3] for entry in self.in_flight.values())
 
     async def take(self) -> Job | None:
-        while True:
-            job = self.pick_now()
-            if job is not None:
-                return job
-            if self.finished:
-                return None
-            await self.view.wait_changed(CLAIM_SETTLE if self.settling else WAIT)
+        # One worker at a time looks and waits for news; the others queue on the lock
+        # (first come, first served). A change in the room then costs one look, plus one
+        # per job it makes startable, instead of a look by every idle worker: with 30
+        # peers pushing HAVE frames that was the largest part of an agent's CPU.
+        async with self._taking:
+            while True:
+                job = self.pick_now()
+                if job is not None:
+                    return job
+                if self.finished:
+                    return None
+                await self.view.wait_changed(CLAIM_SETTLE if self.settling else WAIT)
 
     def done(self, job: Job) -> None:
         ordinal = self.board.ordinals.of(*job.key)
@@ -218,6 +226,9 @@ class SwarmPicker:
         if entry[2] > 0:
             return
         del self.in_flight[ordinal]
+        # A slot of ours came free (an origin stream, a request to a peer): the worker
+        # waiting in ``take`` looks again now, not at its next timeout.
+        self.view.nudge()
         if ordinal in self.board.have:
             return
         if entry[4]:

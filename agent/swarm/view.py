@@ -65,6 +65,8 @@ class LanView:
         # or rest runs out: the picker asks for every pending chunk on every pick.
         self._counts: dict[int, int] | None = None
         self._counts_until = float("inf")
+        # ``room`` likewise, by the flags it was asked with; dropped with ``_counts``.
+        self._rooms: dict[tuple[bool, bool], tuple] = {}
         self.unknown: frozenset[str] = frozenset()  # connected peers asked, not heard from yet
         self.idle: frozenset[str] = frozenset()  # connected peers that said they do not pull this (yet)
         self.created = clock()
@@ -86,7 +88,7 @@ class LanView:
             if not view.subscribed:
                 view.state.have = {self.ordinals.of(path, i) for path, held in answer.have.items() for i in held}
                 view.state.pulling = answer.pulling
-            self._counts = None
+            self._dirty()
         self._notify()
 
     def following(self, peer: str, contact) -> None:
@@ -101,7 +103,7 @@ class LanView:
             # still accepts the connection), so a silent peer stays gone until it speaks.
             if not view.silent:
                 view.heard = self._now()
-            self._counts = None
+            self._dirty()
 
     def apply(self, peer: str, message: Message) -> None:
         """A frame of the peer's HAVE stream."""
@@ -109,15 +111,19 @@ class LanView:
             view = self.peers.get(peer)
             if view is None:
                 return
-            view.heard = self._clock()
+            now = self._clock()
+            revived = not self._alive(view, now)
+            view.heard = now
             view.subscribed = True
             view.silent = False
             if view.state.apply(message) and message.kind != "beat":
                 view.missing -= view.state.have
-                self._counts = None
+                self._dirty()
                 changed = True
             else:
-                changed = False
+                changed = revived  # a peer gone silent speaks again: it counts again
+                if revived:
+                    self._dirty()
         if changed:
             self._notify()
 
@@ -126,6 +132,7 @@ class LanView:
         peers = frozenset(peers)
         if peers != self.unknown:
             self.unknown = peers
+            self._rooms.clear()
             if not peers and self.settled_at is None:
                 self.settled_at = self._clock()
             self._notify()
@@ -136,6 +143,7 @@ class LanView:
         peers = frozenset(peers)
         if peers != self.idle:
             self.idle = peers
+            self._rooms.clear()
             self._notify()
 
     def unsubscribed(self, peer: str, *, silent: bool = False) -> None:
@@ -147,15 +155,24 @@ class LanView:
                 view.subscribed = False
                 view.silent = view.silent or silent
                 view.heard = 0.0
-                self._counts = None
+                self._dirty()
         self._notify()
 
     def forget(self, peer: str) -> None:
         with self._lock:
             gone = self.peers.pop(peer, None)
-            self._counts = None
+            self._dirty()
         if gone is not None:
             self._notify()
+
+    def _dirty(self) -> None:
+        """What peers hold, claim or do changed: the cached counts and rooms go."""
+        self._counts = None
+        self._rooms.clear()
+
+    def nudge(self) -> None:
+        """Wake whoever waits in ``wait_changed`` (the pull's own state changed)."""
+        self._notify()
 
     def _notify(self) -> None:
         if self._changed is not None:
@@ -179,7 +196,7 @@ class LanView:
         now = self._clock()
         if now - self._last_look > RESUME_GAP:
             self.resumed_at = now
-            self._counts = None
+            self._dirty()
         self._last_look = now
         return now
 
@@ -198,6 +215,17 @@ class LanView:
 
     def _usable(self, view: PeerView, now: float) -> bool:
         return self._alive(view, now) and view.stalled_until <= now
+
+    def describe(self, peer: str) -> str:
+        """A peer as this view sees it, for the debug log: why it does or does not count."""
+        now = self._clock()
+        with self._lock:
+            v = self.peers.get(peer)
+            if v is None:
+                return f"{peer[:12]} (not in view)"
+            return (f"{peer[:12]} (heard {now - v.heard:.1f} s ago, {'subscribed' if v.subscribed else 'no stream'}"
+                    f"{', silent' if v.silent else ''}{', banned' if v.banned else ''}, "
+                    f"{'pulling' if v.state.pulling else 'not pulling'}, holds {len(v.state.have)})")
 
     def holder_counts(self) -> dict[int, int]:
         """ordinal -> how many usable peers hold it (chunks nobody holds are absent).
@@ -248,23 +276,34 @@ class LanView:
         at once split the origin's chunks from the first second: they all start out with
         the same list of pullers, so each chunk has one owner, whoever has answered what
         by then (a peer whose ``shoal pull`` starts a second after ours answers "idle"
-        first, then pulls: counting it all along keeps the owners from changing under us)."""
+        first, then pulls: counting it all along keeps the owners from changing under us).
+
+        Kept until something it depends on changes (read-only for the caller): the picker
+        asks on every look."""
         now = self._now()
+        key = (count_unknown, count_idle)
+        cached = self._rooms.get(key)
+        if cached is not None and now < cached[0]:
+            return cached[1]
         claims: dict[int, set[str]] = {}
         presumed = (self.unknown if count_unknown else frozenset()) | (self.idle if count_idle else frozenset())
         pullers = {self.self_id, *presumed}
         alone = not (count_unknown and self.unknown) and not (count_idle and self.idle)
+        until = float("inf")  # the answer holds until a peer counted alive could fall silent
         with self._lock:
             for v in self.peers.values():
                 if not self._alive(v, now):
                     continue
+                until = min(until, max(v.heard, self.resumed_at) + LIVENESS)
                 if v.state.pulling:
                     pullers.add(v.peer)
                 if v.state.pulling or v.state.have:
                     alone = False
                 for ordinal in v.state.claims:
                     claims.setdefault(ordinal, set()).add(v.peer)
-        return tuple(sorted(pullers)), claims, alone
+            answer = tuple(sorted(pullers)), claims, alone
+            self._rooms[key] = (until, answer)
+        return answer
 
     def owner(self, ordinal: int, pullers: tuple[str, ...]) -> str:
         """The agent among ``pullers`` that fetches ``ordinal`` from the origin (rendezvous hashing)."""
@@ -313,7 +352,7 @@ class LanView:
     def lacks(self, view: PeerView, ordinal: int) -> None:
         with self._lock:
             view.missing.add(ordinal)
-            self._counts = None
+            self._dirty()
 
     def said_busy(self, view: PeerView) -> None:
         """It answered BUSY: the picker starts no new chunk that only it could give for
@@ -325,12 +364,12 @@ class LanView:
     def stalled(self, view: PeerView) -> None:
         with self._lock:
             view.stalled_until = self._clock() + STALLED_REST
-            self._counts = None
+            self._dirty()
 
     def ban(self, view: PeerView, reason: str) -> None:
         with self._lock:
             view.banned = reason
-            self._counts = None
+            self._dirty()
 
     def busy(self, view: PeerView) -> bool:
         return view.in_flight >= PER_PEER
