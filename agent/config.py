@@ -294,8 +294,9 @@ def load_settings(env: dict[str, str] | None = None, **overrides) -> Settings:
                           f"(low {settings.quota_low}, high {settings.quota_high})")
     if not 0 <= settings.gateway_port <= 65535:
         raise ConfigError(f"gateway port {settings.gateway_port} is not a TCP port")
-    from agent.swarm.trust import parse_publishers
-    parse_publishers(settings.trusted_publishers)  # refuses a malformed key now, naming it
+    if settings.trusted_publishers:  # (the trust module imports cryptography: not for every command)
+        from agent.swarm.trust import parse_publishers
+        parse_publishers(settings.trusted_publishers)  # refuses a malformed key now, naming it
     if not 1 <= settings.origin_streams <= 64:
         raise ConfigError(f"origin streams {settings.origin_streams} is outside 1..64")
     if not 1 <= settings.upload_slots <= 256:

@@ -456,7 +456,7 @@ class SwarmNode:
             except Exception as write_error:  # the peer may be gone; nothing to tell it
                 log.debug("telling %s its hello failed: %s", peer[:16], write_error)
         except Exception as e:  # a bad peer must not take the node down
-            log.warning("answering %s failed: %s", peer[:16], e)
+            log.warning("answering %s failed: %s: %s", peer[:16], type(e).__name__, e)
         finally:
             await _close(stream)
         if refuse:  # outside the swarm: hang up the connection too
