@@ -192,7 +192,9 @@ def run_shoal_class(lab, hosts, origin_url, root: Path, args, *, sharing: bool, 
     pulls, finished, results = {}, {}, {}
 
     def start_pull(host) -> None:
-        pulls[host.name] = subprocess.Popen([sys.executable, "-m", "agent.cli", "pull", MODEL, "--json"],
+        # /usr/bin/time: what each `shoal pull` client costs (they share the machine's cores too).
+        pulls[host.name] = subprocess.Popen(["/usr/bin/time", "-f", "client-cpu %U %S",
+                                             sys.executable, "-m", "agent.cli", "pull", MODEL, "--json"],
                                             env=envs[host.name], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                             text=True)
     for host in hosts:
@@ -221,6 +223,8 @@ def run_shoal_class(lab, hosts, origin_url, root: Path, args, *, sharing: bool, 
                 continue
             raise SystemExit(f"{name}'s pull failed ({pull.returncode}): {err}")
         results[name] = json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
+        cpu_line = [line.split()[1:] for line in err.splitlines() if line.startswith("client-cpu ")]
+        results[name]["client_cpu_s"] = sum(map(float, cpu_line[-1])) if cpu_line else None
     if profiler is not None:
         profiler.wait()
     status_after = {name: json.loads(shoal(["status", "--json"], env).stdout or "{}")
@@ -239,6 +243,9 @@ def run_shoal_class(lab, hosts, origin_url, root: Path, args, *, sharing: bool, 
     remaining = [h for h in hosts if h not in scenario.leavers]
     cpu = {name: {k: cpu_after[name].get(k, 0) - cpu_before[name].get(k, 0)
                   for k in ("control_s", "data_s", "other_s", "total_s")} for name in cpu_after}
+    for name in cpu:  # the data plane by part: recv, hash, write, send
+        before, after = (s.get(name, {}).get("data_by_part_s", {}) for s in (cpu_before, cpu_after))
+        cpu[name]["data_by_part_s"] = {k: after.get(k, 0) - before.get(k, 0) for k in after}
     return {"system": "shoal" if sharing else "shoal, sharing off",
             "last_done_s": max(finished[h.name] for h in remaining),
             "delivered": sum(sum(r["fetched_by_source"].values()) for r in results.values()),
@@ -439,7 +446,12 @@ def main() -> int:
         if "control_s" in next(iter(run["cpu"].values()), {}):
             control = sum(c["control_s"] for c in run["cpu"].values()) / gib
             data = sum(c["data_s"] for c in run["cpu"].values()) / gib
-            split = f" (control {control:.1f}, data {data:.1f})"
+            parts = {}
+            for c in run["cpu"].values():
+                for k, v in c.get("data_by_part_s", {}).items():
+                    parts[k] = parts.get(k, 0) + v / gib
+            split = f" (control {control:.1f}, data {data:.1f}: " + ", ".join(
+                f"{k} {v:.1f}" for k, v in parts.items()) + ")" if parts else f" (control {control:.1f}, data {data:.1f})"
         lan = f"{100 * run['from_lan'] / run['delivered']:.0f}%" if run.get("from_lan") is not None else "-"
         dups = run["origin_dup_chunks"] if run["origin_dup_chunks"] is not None else "-"
         lines.append(f"| {run['system']} | {run['last_done_s']:.1f} | {t_min:.1f} | {run['last_done_s'] / t_min:.2f} | "
@@ -456,6 +468,8 @@ def main() -> int:
                  f"{', '.join(f'{t:.2f}' if t is not None else '-' for t in shoal_run['late_first_request_s'])} s)"
                  if shoal_run["late_first_byte_s"] else ""),
               origin_timeline(shoal_run, args.origin_mbit),
+              "`shoal pull` clients (not in the agents' CPU above): "
+              f"{sum(r.get('client_cpu_s') or 0 for r in shoal_run['results'].values()):.1f} CPU s in all",
               "control plane (shoal, all agents, during the pulls): " + (", ".join(
                   f"{n} {kind}" for kind, n in shoal_run["asked"].items()) or "-")
               + " (hello: over libp2p; offer, sub: data-port connections; get: chunk connections; "
