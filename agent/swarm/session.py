@@ -204,6 +204,7 @@ class PullSession:
                 for attempt in range(2):
                     contact = await swarm.contact(peer, fresh=attempt > 0)
                     if contact is None:  # it cannot or will not say hello: rest, then try again
+                        log.debug("following %s: no contact (no hello answer)", peer[:16])
                         failures[peer] = failures.get(peer, 0) + 1
                         rest(peer, RETRY[min(failures[peer], len(RETRY)) - 1])
                         heard(peer)
@@ -217,7 +218,8 @@ class PullSession:
                         return
                     except KeyRefused:
                         continue  # our key was renewed or revoked meanwhile: hello again, once
-                    except NotFollowed:  # it holds none and does not pull it: it subscribes to us when it does
+                    except NotFollowed as e:  # it holds none and does not pull it: it subscribes to us when it does
+                        log.debug("not following %s: %s", peer[:16], e)
                         view.forget(peer)
                         idle.add(peer)
                         heard(peer)
@@ -255,6 +257,7 @@ class PullSession:
                         # its own, and the libp2p one may flap (two dials crossing). A
                         # forgotten peer's frames would be dropped while it is followed.
                         if peer not in candidates and peer not in busy:
+                            log.debug("forgetting %s: no libp2p connection and no HAVE stream", peer[:16])
                             view.forget(peer)
                     unknown &= candidates
                     view.set_unknown(unknown)
