@@ -321,3 +321,51 @@ def test_answers_round_trip(model_dir):
     with pytest.raises(PeerBroken, match="no manifest"):
         parse_answer(short)
     assert parse_request(encode_request(manifest_id=manifest.id, known=True)).known
+
+
+async def test_a_connection_that_carries_no_hello_is_closed_and_dialled_afresh(tmp_path, monkeypatch):
+    """A libp2p connection one side no longer serves (two dials that crossed, a reset under
+    load) made hellos time out for a whole pull in a 30-room: the asker kept it, so that
+    peer stayed out of its view. Now a failed hello closes it and the peer is dialled again."""
+    from agent.config import Settings
+    from agent.swarm import membership, node as node_module
+    monkeypatch.setattr(node_module, "ASK_TIMEOUT", 1.0)
+    answer = SwarmNode._answer
+    hang = {"on": False}
+
+    async def answer_or_hang(self, stream):
+        if hang["on"] and self is swarms[0].node:
+            await trio.sleep_forever()
+        await answer(self, stream)
+    monkeypatch.setattr(SwarmNode, "_answer", answer_or_hang)
+
+    def make(name: str, peers: str = "") -> membership.Swarm:
+        settings = Settings(cache_dir=tmp_path / name, swarm=True, swarm_host="127.0.0.1", swarm_secret="lab",
+                            swarm_peers=peers, mdns=False, dht=False)
+        (tmp_path / name).mkdir()
+        return membership.Swarm(settings, Store(tmp_path / name), lambda: [])
+
+    async def until(predicate, what: str, timeout: float = 15.0) -> None:
+        with trio.fail_after(timeout):
+            while not predicate():
+                await trio.sleep(0.05)
+
+    swarms: list[membership.Swarm] = []
+    async with trio.open_nursery() as nursery:
+        swarms.append(make("a"))
+        await nursery.start(swarms[0].run)
+        a = swarms[0].self_id
+        swarms.append(make("b", swarms[0].node.addrs[0]))
+        await nursery.start(swarms[1].run)
+        b = swarms[1]
+        await until(lambda: a in b.node.connected(), "b to dial a")
+        assert await b.contact(a, fresh=True) is not None
+
+        hang["on"] = True  # a's side of the connection no longer answers
+        assert await b.contact(a, fresh=True) is None
+        assert a not in b.node.connected(), "the connection that carried no hello was kept"
+
+        hang["on"] = False
+        await until(lambda: a in b.node.connected(), "b to dial a again")
+        assert await b.contact(a, fresh=True) is not None
+        nursery.cancel_scope.cancel()

@@ -42,6 +42,7 @@ from agent.swarm.protocol import (BAD_REQUEST, MAX_ADDR, MAX_PEX, MAX_REQUEST, N
 log = logging.getLogger("shoal.swarm")
 
 ASK_TIMEOUT = 5.0
+DROP_TIMEOUT = 2.0
 MAX_DISCOVERED = 1024
 MANIFEST_CACHE = 32
 # Connections that have not finished libp2p's secure handshake: per remote address and in
@@ -482,6 +483,16 @@ class SwarmNode:
 
     def connected(self) -> set[str]:
         return {str(p) for p in self.host.get_network().connections}
+
+    async def drop(self, peer: str) -> None:
+        """Close the libp2p connection to ``peer`` (bounded): the membership loop dials it
+        afresh (or it dials us), which mends a connection one side no longer serves."""
+        from libp2p.peer.id import ID
+        with trio.move_on_after(DROP_TIMEOUT):
+            try:
+                await self.host.disconnect(ID.from_base58(peer))
+            except Exception as e:  # already gone
+                log.debug("dropping %s: %s", peer[:16], e)
 
     async def hello(self, peer: str) -> Contact:
         """The peer's contact for its data port (a hello over libp2p). Raises ``PeerBroken``,
