@@ -359,3 +359,41 @@ def test_an_encrypting_server_serves_only_clients_that_pin_its_certificate(serve
             fetch_first(server, ticket, manifest)
     finally:
         server.close()
+
+
+def test_a_peer_trickling_a_chunk_below_the_read_mark_is_progress_not_a_stall():
+    """LAN reads wake once 256 KiB are queued (fewer wake-ups in a busy room), but a very
+    slow peer's chunk trickles in below that: as long as bytes keep coming within ``idle``
+    it is progress, never a stall (the fetch gets the whole chunk)."""
+    import socket
+    import threading
+
+    from agent.swarm.datawire import HEADER, OK, Ticket
+
+    body = bytes(range(256)) * 256  # 64 KiB, sent 2 KiB every 50 ms: ~1.6 s in all
+    listener = socket.create_server((HERE, 0))
+
+    def trickle():
+        conn, _ = listener.accept()
+        with conn:
+            conn.sendall(MAGIC + b"n" * NONCE_LEN)
+            conn.recv(4096)  # the hello: this stand-in takes any key
+            conn.sendall(HEADER.pack(OK, 0))
+            conn.recv(4096)  # the request
+            conn.sendall(HEADER.pack(OK, len(body)))
+            for at in range(0, len(body), 2048):
+                conn.sendall(body[at:at + 2048])
+                time.sleep(0.05)
+            conn.recv(1)  # until the client is done with it
+    server = threading.Thread(target=trickle, daemon=True)
+    server.start()
+    buffer = bytearray(len(body))
+    client = DataClient()
+    try:
+        client.fetch(listener.getsockname()[:2], Ticket(b"i" * 16, b"s" * 32), "m" * 64, "f", 0,
+                     memoryview(buffer), len(body), time.monotonic() + 20, idle=0.5)
+    finally:
+        client.close()
+        listener.close()
+    assert bytes(buffer) == body
+    server.join(5)

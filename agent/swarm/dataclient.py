@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import socket
+import ssl
 import threading
 import time
 
@@ -111,16 +112,30 @@ class DataClient:
                 raise SourceUnavailable(f"{what}: {STATUS_NAMES.get(status, status)}: {message}", transient=False)
             if size != length:
                 raise SourceUnavailable(f"{what}: sent {size} bytes for a {length}-byte chunk", transient=False)
-            got = 0
+            got, lowat = 0, RECV_LOWAT
             try:
                 while got < length:
                     if time.monotonic() > deadline:
                         raise PeerTimedOut(f"{what}: timed out after {got} of {length} bytes")
                     # Wake when a good piece has arrived, not for every segment: a chunk is
                     # then a few dozen reads, not hundreds (CPU a busy room lacks).
-                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, max(1, min(RECV_LOWAT, length - got)))
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, max(1, min(lowat, length - got)))
                     conn.settimeout(wait())
-                    n = conn.recv_into(into[got:length])
+                    try:
+                        n = conn.recv_into(into[got:length])
+                    except socket.timeout:
+                        if lowat == 1:
+                            raise
+                        # Not a piece within ``idle``, but a very slow peer may still be
+                        # sending: any byte is progress, so look once more at what came,
+                        # and wake for every byte for the rest of this chunk.
+                        lowat = 1
+                        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+                        conn.settimeout(0.0)
+                        try:
+                            n = conn.recv_into(into[got:length])
+                        except (BlockingIOError, ssl.SSLWantReadError):
+                            raise socket.timeout(f"no byte in {patience:.1f} s") from None
                     if not n:
                         raise SourceUnavailable(f"{what}: body truncated after {got} of {length} bytes")
                     got += n
