@@ -10,14 +10,16 @@ import blake3
 HASH_BLOCK = 8 * 1024 * 1024  # SHA-256 is fed in blocks this size (hashlib drops the GIL on large ones)
 
 
-THREADED_FROM = 64 * 1024 * 1024  # below this, one thread: a chunk hashes in ~1 ms anyway
+THREADED_FROM = 64 * 1024 * 1024  # a pull's chunks below this hash on one thread (~1 ms per 4 MiB)
 
 
-def blake3_hash(data) -> bytes:
-    # The thread pool only pays off on large buffers of an idle machine; on a busy one
-    # (a classroom, a training job) its threads compete for the cores, and the time they
-    # spend is not the calling thread's (the CPU ledger saw "hash 0.0").
-    threads = blake3.blake3.AUTO if len(data) >= THREADED_FROM else 1
+def blake3_hash(data, *, parallel: bool = False) -> bytes:
+    """BLAKE3 of ``data``. ``parallel``: use blake3's thread pool (a person's one-off
+    ``verify`` or manifest build on an otherwise idle machine). A pull's chunks hash on the
+    calling thread unless very large: on a busy machine (a classroom, a training job) the
+    pool's threads compete for the cores, and their time is not the calling thread's (the
+    CPU ledger saw "hash 0.0")."""
+    threads = blake3.blake3.AUTO if parallel or len(data) >= THREADED_FROM else 1
     return blake3.blake3(data, max_threads=threads).digest()
 
 
@@ -30,6 +32,6 @@ def hash_file(path: Path, chunk_size: int) -> tuple[list[bytes], bytes]:
             data = f.read(chunk_size)
             if not data:
                 break
-            chunks.append(blake3_hash(data))
+            chunks.append(blake3_hash(data, parallel=True))
             sha.update(data)
     return chunks, sha.digest()

@@ -297,7 +297,7 @@ class MirrorSync:
             if len(data) != length:
                 raise SourceUnavailable(f"OSS {key}: {len(data)} bytes for a {length}-byte range")
             sha.update(data)
-            chunks.append(blake3_hash(data))
+            chunks.append(blake3_hash(data, parallel=True))
         if sha.digest() != listed.sha256:
             raise IntegrityError(f"OSS {key} does not hash like ModelScope's {listed.path}; "
                                  "delete it and run the sync again")
@@ -316,7 +316,7 @@ class MirrorSync:
                     view = memoryview(buffer)[:length]
                     self._fetch_chunk(ref, ChunkRequest(listed.path, offset, length, listed.size), view)
                     sha.update(view)
-                    chunks.append(blake3_hash(bytes(view)))
+                    chunks.append(blake3_hash(bytes(view), parallel=True))
                     out.write(view)
             if sha.digest() != listed.sha256:
                 raise IntegrityError(f"ModelScope's {ref.model_id}/{listed.path} does not match the SHA-256 it "

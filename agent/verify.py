@@ -66,7 +66,7 @@ def verify_model(ref: ModelRef, settings: Settings) -> VerifyReport:
                     data = os.pread(fd, length, offset)
                     for start in range(0, len(data), HASH_BLOCK):
                         sha.update(data[start:start + HASH_BLOCK])
-                    if blake3_hash(data) != expected:
+                    if blake3_hash(data, parallel=True) != expected:
                         bad.append(index)
             report.bytes += entry.size
             if bad or sha.digest() != entry.sha256:
