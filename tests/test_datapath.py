@@ -365,9 +365,6 @@ def test_a_peer_trickling_a_chunk_below_the_read_mark_is_progress_not_a_stall():
     """LAN reads wake once 256 KiB are queued (fewer wake-ups in a busy room), but a very
     slow peer's chunk trickles in below that: as long as bytes keep coming within ``idle``
     it is progress, never a stall (the fetch gets the whole chunk)."""
-    import socket
-    import threading
-
     from agent.swarm.datawire import HEADER, OK, Ticket
 
     body = bytes(range(256)) * 256  # 64 KiB, sent 2 KiB every 50 ms: ~1.6 s in all

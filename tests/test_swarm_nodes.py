@@ -346,9 +346,11 @@ async def test_a_connection_that_carries_no_hello_is_closed_and_dialled_afresh(t
         return membership.Swarm(settings, Store(tmp_path / name), lambda: [])
 
     async def until(predicate, what: str, timeout: float = 15.0) -> None:
-        with trio.fail_after(timeout):
+        with trio.move_on_after(timeout):
             while not predicate():
                 await trio.sleep(0.05)
+            return
+        pytest.fail(f"waited {timeout:.0f} s for {what}")
 
     swarms: list[membership.Swarm] = []
     async with trio.open_nursery() as nursery:

@@ -112,38 +112,7 @@ class DataClient:
                 raise SourceUnavailable(f"{what}: {STATUS_NAMES.get(status, status)}: {message}", transient=False)
             if size != length:
                 raise SourceUnavailable(f"{what}: sent {size} bytes for a {length}-byte chunk", transient=False)
-            got, lowat = 0, RECV_LOWAT
-            try:
-                while got < length:
-                    if time.monotonic() > deadline:
-                        raise PeerTimedOut(f"{what}: timed out after {got} of {length} bytes")
-                    # Wake when a good piece has arrived, not for every segment: a chunk is
-                    # then a few dozen reads, not hundreds (CPU a busy room lacks).
-                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, max(1, min(lowat, length - got)))
-                    conn.settimeout(wait())
-                    try:
-                        n = conn.recv_into(into[got:length])
-                    except socket.timeout:
-                        if lowat == 1:
-                            raise
-                        # Not a piece within ``idle``, but a very slow peer may still be
-                        # sending: any byte is progress, so look once more at what came,
-                        # and wake for every byte for the rest of this chunk.
-                        lowat = 1
-                        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
-                        conn.settimeout(0.0)
-                        try:
-                            n = conn.recv_into(into[got:length])
-                        except (BlockingIOError, ssl.SSLWantReadError):
-                            raise socket.timeout(f"no byte in {patience:.1f} s") from None
-                    if not n:
-                        raise SourceUnavailable(f"{what}: body truncated after {got} of {length} bytes")
-                    got += n
-            finally:  # back to "any byte" for the next answer's header (a BUSY is a few bytes)
-                try:
-                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
-                except OSError:
-                    pass  # a broken connection: closed below, never reused
+            _read_body(conn, into, length, deadline, wait, what)
             self._give(key, conn)
             conn = None
         except socket.timeout as e:
@@ -160,3 +129,44 @@ class DataClient:
         for pool in pools.values():
             for conn in pool:
                 conn.close()
+
+
+def _read_body(conn: socket.socket, into: memoryview, length: int, deadline: float, wait, what: str) -> None:
+    """Fill ``into[:length]`` from ``conn``. Reads wake once ``RECV_LOWAT`` is queued (or the
+    chunk's rest), not for every segment: a chunk is then a few dozen reads, not hundreds
+    (CPU a busy room lacks). A peer trickling below that mark within ``wait()`` is still
+    progress: what came is read, and the rest of the chunk wakes for every byte. Leaves the
+    mark at one byte for the next answer's header (a BUSY is a few bytes)."""
+    got, lowat, mark = 0, RECV_LOWAT, 1
+    try:
+        while got < length:
+            if time.monotonic() > deadline:
+                raise PeerTimedOut(f"{what}: timed out after {got} of {length} bytes")
+            want = max(1, min(lowat, length - got))
+            if want != mark:  # a syscall: only when the mark moves
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, want)
+                mark = want
+            timeout = wait()
+            conn.settimeout(timeout)
+            try:
+                n = conn.recv_into(into[got:length])
+            except socket.timeout:
+                if lowat == 1:
+                    raise
+                lowat = mark = 1
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+                conn.settimeout(0.0)
+                try:
+                    n = conn.recv_into(into[got:length])
+                except (BlockingIOError, ssl.SSLWantReadError):
+                    raise socket.timeout(f"no byte in {timeout:.1f} s") from None
+            if not n:
+                raise SourceUnavailable(f"{what}: body truncated after {got} of {length} bytes")
+            got += n
+    finally:
+        if mark != 1:
+            try:
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+            except OSError:
+                pass  # a broken connection: closed by the caller, never reused
+

@@ -192,18 +192,16 @@ class Swarm:
             except Exception as e:  # PeerBroken, a timeout, a reset: a peer that cannot answer is left out
                 info["error"] = str(e)[:200] or type(e).__name__
                 self._contact_at[peer] = time.monotonic() - CONTACT_REFRESH + HELLO_RETRY
-                failed = True
-            else:
-                failed = False
-        if failed:
-            if peer in self.node.connected():
-                # A connection that carries no hello is one the peer no longer serves (two
-                # dials that crossed, a reset under load): seen in a 30-room, where it kept
-                # a pulling peer out of some agents' views for the whole pull and made them
-                # disagree on who fetches what. Closing it gets a fresh one within seconds.
-                log.info("no hello from %s (%s): closing its connection to dial it afresh", peer[:16], info["error"])
-                await self.node.drop(peer)
-            return None
+                if peer in self.node.connected():
+                    # A connection that carries no hello is one the peer no longer serves
+                    # (two dials that crossed, a reset under load): seen in a 30-room, where
+                    # it kept a pulling peer out of some agents' views for the whole pull and
+                    # made them disagree on who fetches what. Closing it (bounded) gets a
+                    # fresh one within seconds.
+                    log.info("no hello from %s (%s): closing its connection to dial it afresh", peer[:16],
+                             info["error"])
+                    await self.node.drop(peer)
+                return None
         info["rtt_ms"] = round((time.monotonic() - started) * 1000, 1)
         info["error"] = None
         self.contacts[peer] = contact

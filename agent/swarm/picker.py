@@ -175,7 +175,7 @@ class SwarmPicker:
         return None
 
     def _start(self, ordinal: int, from_origin: bool) -> Job:
-        if from_origin:  # a chunk this agent pays the outside link for: say why it is ours
+        if from_origin and log.isEnabledFor(logging.DEBUG):  # a chunk this agent pays the outside link for: why ours
             uncounted = sorted(self.view.describe(p) for p in set(self.view.peers) - set(self._pullers))
             log.debug("origin chunk %d: %d pullers, %d unknown, %d idle, %.2f s into the pull; peers in view "
                       "not counted: %s", ordinal, len(self._pullers), len(self.view.unknown), len(self.view.idle),
