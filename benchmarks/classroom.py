@@ -33,6 +33,7 @@ at the end, also on failure or Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import os
 import shutil
@@ -370,6 +371,10 @@ def main() -> int:
         raise SystemExit("libtorrent is not installed for the system Python: apt-get install python3-libtorrent "
                          "(or pass --no-libtorrent)")
     from agent.testing.models import make_model
+    # Bytecode compiled once, as installing a wheel does: otherwise, in a shell with
+    # PYTHONDONTWRITEBYTECODE set, each of the room's agents and `shoal pull` clients
+    # compiles every module it imports, the pull's first ones included, on the shared cores.
+    compileall.compile_dir(str(REPO / "agent"), quiet=1)
     out_dir = REPO / "benchmarks" / "out"
     out_dir.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
