@@ -117,7 +117,8 @@ class SwarmPart:
 
     def picker(self, jobs: list[Job]) -> Picker:
         from agent.swarm.picker import SwarmPicker
-        self.pickers.append(SwarmPicker(self.view, self.board, jobs, origin_streams=self.settings.origin_streams))
+        self.pickers.append(SwarmPicker(self.view, self.board, jobs, origin_streams=self.settings.origin_streams,
+                                        workers=min(self.settings.concurrency, len(jobs))))
         return self.pickers[-1]
 
     def on_event(self, event) -> None:

@@ -59,7 +59,8 @@ class Member:
         task_of = {f.path: SimpleNamespace(file=SimpleNamespace(rel=f.path)) for f in m.files}
         jobs = [Job(task_of[f.path], i) for f in m.files for i in range(len(f.chunks))
                 if self.board.ordinals.of(f.path, i) not in self.board.have]
-        self.picker = SwarmPicker(self.view, self.board, jobs, origin_streams=self.streams, clock=self.clock)
+        self.picker = SwarmPicker(self.view, self.board, jobs, origin_streams=self.streams, workers=concurrency,
+                                  clock=self.clock)
         self.concurrency = concurrency
 
 
@@ -168,6 +169,24 @@ def test_a_room_that_starts_together_fetches_each_chunk_from_the_origin_once(siz
     assert room.peak <= 4, f"{room.peak} origin fetches at once across the room, cap 4"
     # The link was kept busy: 90 chunks of 1 s each, 4 at a time, is 22.5 s at best.
     assert took < 22.5 * 1.25, took
+
+
+def test_an_owner_busy_with_lan_fetches_starts_its_origin_chunk_at_once():
+    """A loaded room: LAN copies take seconds, so every member's workers could all be on
+    LAN fetches when an origin chunk becomes its to fetch. One worker stays for the origin,
+    so the outside link stays busy: the origin phase ends as it would with fast LAN copies
+    (90 chunks of 1 s, 4 at a time: 22.5 s at best), not seconds per chunk later."""
+    room = Room(30, chunks=90, streams=4, lan_s=3.0)
+    for member in room.members:
+        member.start(room.manifest, concurrency=8)
+    started, origin_done = room.clock.now, None
+    while not all(len(m.board.have) == m.board.total for m in room.members):
+        assert room.clock.now - started < 600, "the room never finished"
+        room.step()
+        if origin_done is None and len(room.origin_fetches()) == 90 and room.origin_concurrency == 0:
+            origin_done = room.clock.now - started
+    assert sorted(room.origin_fetches()) == list(range(90)), "some chunk came from the origin twice or never"
+    assert origin_done < 22.5 * 1.25, f"the origin's chunks took {origin_done:.1f} s to come in"
 
 
 def test_a_room_whose_pulls_start_over_two_seconds_still_fetches_each_chunk_once():

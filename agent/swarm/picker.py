@@ -17,7 +17,9 @@ and the room's origin policy.
    ``ROOM_WAIT`` seconds ended), two agents may disagree on the owner until every peer has
    answered and the list has held for ``STABLE_AFTER`` seconds, so a claim first settles
    for ``CLAIM_SETTLE``: if a live peer with a smaller id claimed the same chunk
-   meanwhile, this agent lets it go.
+   meanwhile, this agent lets it go. While any chunk still has to come from the origin, LAN
+   fetches take all the scheduler's workers but one, so the owner starts its chunk when its
+   turn comes, not when a LAN fetch ends.
 3. **Never twice for slowness**: a chunk a live peer holds or claims is never fetched from
    the origin by anyone else, however slow that peer is. Its claim ends when the chunk
    verifies there, when the peer gives up (``unclaim``: its fetch failed), or when the peer
@@ -59,9 +61,14 @@ WAIT = 0.25  # the longest a worker waits for news before looking again
 
 class SwarmPicker:
     def __init__(self, view: LanView, board: Board, jobs: list[Job], *, origin_streams: int = 4,
-                 clock=time.monotonic):
+                 workers: int | None = None, clock=time.monotonic):
         self.view, self.board = view, board
         self.origin_streams = origin_streams
+        # LAN fetches take at most all workers but one while the room still needs the origin:
+        # a chunk that becomes this agent's to fetch from the origin then starts at once,
+        # instead of when one of its LAN fetches ends (seconds in a busy room), with the
+        # outside link short of a stream meanwhile.
+        self.lan_limit = workers - 1 if workers and workers > 1 else None
         self.clock = clock
         ordinals = board.ordinals
         self.pending: dict[int, Job] = {ordinals.of(*job.key): job for job in jobs}
@@ -185,11 +192,18 @@ class SwarmPicker:
         self.in_flight[ordinal] = [job, self.clock(), 1, False, from_origin]
         return job
 
+    def _lan_full(self, holders: dict[int, int]) -> bool:
+        """Whether the worker left must wait for an origin chunk rather than take a LAN one."""
+        if self.lan_limit is None:
+            return False
+        lan = sum(entry[2] for entry in self.in_flight.values() if not entry[4])
+        return lan >= self.lan_limit and any(not holders.get(ordinal) for ordinal in self.pending)
+
     def pick_now(self) -> Job | None:
         """The next job, if there is one to start now (None: wait for news, or ``finished``)."""
         if self.pending:
             holders = self.view.holder_counts()
-            ordinal = self._from_lan(holders)
+            ordinal = None if self._lan_full(holders) else self._from_lan(holders)
             if ordinal is not None:
                 return self._start(ordinal, False)
             ordinal = self._from_origin(holders)
