@@ -31,7 +31,8 @@ Wire format::
     or, mode "sub" (a subscription to this agent's HAVE stream for the manifest), until either
     side closes, frames of ``agent.swarm.wire`` from server to client: a snapshot, then a
     delta when the board changes (coalesced over ``COALESCE``) or a heartbeat every
-    ``HEARTBEAT`` seconds.
+    ``HEARTBEAT`` seconds, pushed to all of a board's subscribers by one thread
+    (``agent.swarm.publisher``).
 
 Encryption (``swarm.encrypt_data``, off by default): the data server speaks TLS 1.3 with a
 certificate made when the agent starts; its SHA-256 travels in the offer answer, over the
@@ -72,6 +73,7 @@ from agent.manifest import chunk_span
 # The wire format and keys live in datawire, the client in dataclient; both are named here
 # too, as the whole protocol is described above.
 from agent.swarm.dataclient import DataClient
+from agent.swarm.publisher import BoardPublisher
 from agent.swarm.datawire import (BAD_REQUEST, BUSY, DENIED, MAGIC, MAX_OFFER, MAX_REQUEST, MISSING, MODE_GET,
                                   MODE_OFFER, MODE_SUB, NONCE_LEN, OK, STATUS_NAMES, HEADER, Ticket, TicketBook,
                                   recv_exact, reply, decode_hello, decode_request, encode_hello, encode_request,
@@ -90,9 +92,7 @@ RATE_SLICE = 256 * 1024
 TLS_BLOCK = 1024 * 1024
 SUB_PLAN_WAIT = 3.0
 SLOT_WAIT = 0.3  # how long a chunk request waits for an upload slot before it is told BUSY
-HEARTBEAT = 3.0  # a subscriber hears at least this often (agent.swarm.view.LIVENESS is over 3 times it)
-COALESCE = 0.05  # changes this close together go in one frame
-SUB_SEND_TIMEOUT = 10.0  # a subscriber that takes no frame this long is dropped
+SUB_SEND_TIMEOUT = 10.0  # an offer's answer or a subscription's snapshot not taken this long: the peer is dropped
 MAX_SUBSCRIBERS = 256
 MAX_SUBSCRIBERS_PER_ADDRESS = 16
 
@@ -172,6 +172,7 @@ class DataServer:
         # this agent was stopped, and its thread here would hold a slot until it noticed).
         self._subscription_of: dict[tuple[str, str], socket.socket] = {}
         self._subscription_conns: set[socket.socket] = set()
+        self._publishers: dict[object, BoardPublisher] = {}  # by board: one pushing thread each
         # With encryption: the TLS context, and the certificate hash offers carry.
         self._tls, self.fingerprint = make_tls() if encrypt else (None, None)
         self.rate = ThreadTokenBucket(rate)  # the upload cap (SHOAL_UPLOAD_RATE), shared by all connections
@@ -212,6 +213,9 @@ class DataServer:
             self._closed = True
             self._slot_free.notify_all()
             conns = list(self._conns)
+            publishers, self._publishers = list(self._publishers.values()), {}
+        for publisher in publishers:
+            publisher.close()
         try:
             self._listener.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -364,9 +368,14 @@ class DataServer:
             previous = self._subscription_of.pop((peer, manifest_id), None)
         if previous is not None:
             try:
-                previous.shutdown(socket.SHUT_RDWR)  # its thread's next send fails: the slot frees
+                previous.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+            with self._lock:
+                publishers = list(self._publishers.values())
+            for publisher in publishers:  # its thread ends: the slot frees
+                if publisher.drop(previous):
+                    break
             deadline = time.monotonic() + 1.0
             while time.monotonic() < deadline:
                 with self._lock:
@@ -387,26 +396,20 @@ class DataServer:
         try:
             reply(conn, OK, b"")
             conn.settimeout(SUB_SEND_TIMEOUT)
-            frames = 1
             seq, have, origin, claims, pulling = board.snapshot()
-            conn.sendall(wire.encode_snapshot(frames, have, origin, claims, pulling, board.total))
-            while not self._closed:
-                if board.wait(seq, HEARTBEAT):
-                    time.sleep(COALESCE)  # let a burst of changes go out as one frame
+            conn.sendall(wire.encode_snapshot(1, have, origin, claims, pulling, board.total))
+            with self._lock:  # (close() closes every publisher under this lock's guard)
                 if self._closed:
                     return
-                changes = board.changes_since(seq)
-                frames += 1
-                if changes is None:  # fell behind the board's log: start over from a snapshot
-                    seq, have, origin, claims, pulling = board.snapshot()
-                    conn.sendall(wire.encode_snapshot(frames, have, origin, claims, pulling, board.total))
-                elif changes.seq == seq:
-                    conn.sendall(wire.encode_beat(frames))
-                else:
-                    seq = changes.seq
-                    conn.sendall(wire.encode_delta(frames, have=changes.have, origin=changes.origin,
-                                                   claim=changes.claim, unclaim=changes.unclaim,
-                                                   pulling=changes.pulling))
+                for gone in [b for b, p in self._publishers.items() if p.idle]:
+                    del self._publishers[gone]
+                publisher = self._publishers.get(board)
+                if publisher is None:
+                    publisher = self._publishers[board] = BoardPublisher(board)
+                subscriber = publisher.add(conn, seq, frames=1)
+            # The board's publisher pushes from here on; this thread keeps the connection's
+            # place in the counts (no CPU) until the publisher drops it or the server closes.
+            subscriber.done.wait()
         finally:
             with self._lock:
                 self._subscribers[None] -= 1

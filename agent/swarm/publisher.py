@@ -1,0 +1,127 @@
+"""A board's HAVE stream to every subscriber, pushed from one thread (the data port's mode
+"sub", ``agent.swarm.datapath``).
+
+Why one thread per board: in a room of 30 each board has 29 subscribers, and a thread per
+subscriber meant 29 threads woken (and as many hand-overs of the interpreter lock) for
+each chunk verified, to send each a few bytes. The publisher wakes once, reads the board's
+changes once per distinct point its subscribers were told up to (usually one), and writes
+each subscriber its frame. Frames keep each subscriber's own numbering (``agent.swarm.wire``:
+the snapshot the connection's thread sent first, then deltas from what that subscriber
+was last told, and a heartbeat when nothing changed for ``HEARTBEAT``).
+
+Bounded: a subscriber gets at most ``SEND_STALL`` seconds to take a frame, else it is
+dropped (its connection is closed; it subscribes again and gets a snapshot). Frames are a
+few bytes, so only a reader stopped for a long time fills its socket buffers: one stalled
+peer delays the others' frames by at most that, once.
+
+Resource handling: the thread starts with the first subscriber and ends when the last one
+is gone or ``close`` is called; each subscriber's ``done`` event is set when it is dropped,
+so the connection's own thread (which keeps its place in the server's counts) ends too.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+from agent.swarm import wire
+
+HEARTBEAT = 3.0  # a subscriber hears at least this often (agent.swarm.view.LIVENESS is over 3 times it)
+COALESCE = 0.05  # changes this close together go in one frame
+SEND_STALL = 1.0  # the longest a subscriber may take to accept one frame
+WAKE = 0.5  # the publisher looks at least this often (heartbeats, close)
+
+
+class Subscriber:
+    def __init__(self, conn: socket.socket, seq: int, frames: int):
+        self.conn = conn
+        self.seq = seq  # the board's sequence number this subscriber was last told up to
+        self.frames = frames  # frames sent to it so far (the wire's per-connection number)
+        self.sent_at = time.monotonic()
+        self.done = threading.Event()
+
+
+class BoardPublisher:
+    def __init__(self, board):
+        self.board = board
+        self._lock = threading.Lock()
+        self._subs: dict[socket.socket, Subscriber] = {}
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    @property
+    def idle(self) -> bool:
+        """No subscriber and no thread: the server may forget this publisher."""
+        with self._lock:
+            return not self._subs and self._thread is None
+
+    def add(self, conn: socket.socket, seq: int, frames: int) -> Subscriber:
+        """Push to ``conn`` from now on; it was sent ``frames`` frames, the board up to ``seq``."""
+        conn.settimeout(SEND_STALL)
+        sub = Subscriber(conn, seq, frames)
+        with self._lock:
+            if self._closed:
+                sub.done.set()
+                return sub
+            self._subs[conn] = sub
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="shoal-have-push", daemon=True)
+                self._thread.start()
+        return sub
+
+    def drop(self, conn: socket.socket) -> bool:
+        """Stop pushing to ``conn`` (its thread ends); whether it was a subscriber here."""
+        with self._lock:
+            sub = self._subs.pop(conn, None)
+        if sub is not None:
+            sub.done.set()
+        return sub is not None
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            subs, self._subs = list(self._subs.values()), {}
+        for sub in subs:
+            sub.done.set()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                if self._closed or not self._subs:
+                    self._thread = None
+                    return
+                subs = list(self._subs.values())
+            if self.board.wait(min(sub.seq for sub in subs), WAKE):
+                time.sleep(COALESCE)  # let a burst of changes go out as one frame
+            self._push(subs)
+
+    def _push(self, subs: list[Subscriber]) -> None:
+        board, now = self.board, time.monotonic()
+        changes_since: dict[int, object] = {}
+        snapshot = None
+        for sub in subs:
+            if sub.done.is_set():
+                continue
+            if sub.seq not in changes_since:
+                changes_since[sub.seq] = board.changes_since(sub.seq)
+            changes = changes_since[sub.seq]
+            number = sub.frames + 1
+            if changes is None:  # it fell behind the board's log: start it over from a snapshot
+                snapshot = snapshot or board.snapshot()
+                seq, have, origin, claims, pulling = snapshot
+                data = wire.encode_snapshot(number, have, origin, claims, pulling, board.total)
+            elif changes.seq == sub.seq:
+                if now - sub.sent_at < HEARTBEAT:
+                    continue
+                seq, data = sub.seq, wire.encode_beat(number)
+            else:
+                seq = changes.seq
+                data = wire.encode_delta(number, have=changes.have, origin=changes.origin, claim=changes.claim,
+                                         unclaim=changes.unclaim, pulling=changes.pulling)
+            try:
+                sub.conn.sendall(data)
+            except OSError:  # gone, reset, or stalled past SEND_STALL (socket.timeout)
+                self.drop(sub.conn)
+                continue
+            sub.seq, sub.frames, sub.sent_at = seq, number, now
