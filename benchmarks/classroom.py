@@ -177,12 +177,17 @@ def run_shoal_class(lab, hosts, origin_url, root: Path, args, *, sharing: bool, 
         wait_for(lambda: (Path(env["SHOAL_CACHE_DIR"]) / "agent.json").exists(), 90, "the agents to start")
     if sharing:
         def all_connected() -> bool:
+            # Connected and past the hello (a key to the peer's data port, its RTT measured),
+            # as a class's agents are by the time the teacher says "pull": agents started in
+            # the same second still redial crossed connections and say hello again for a
+            # while, and those hellos would otherwise land in the pulls' first seconds.
             for env in envs.values():
                 peers = json.loads(shoal(["peers", "--json"], env).stdout or "[]")
-                if sum(1 for p in peers if p["connected"]) < len(hosts) - 1:
+                ready = [p for p in peers if p["connected"] and p.get("rtt_ms") is not None and not p.get("error")]
+                if len(ready) < len(hosts) - 1:
                     return False
             return True
-        wait_for(all_connected, 180, "discovery to connect every agent to every other")
+        wait_for(all_connected, 180, "discovery to connect every agent to every other and say hello")
     watched = procs[hosts[1].name].pid
     if args.profile:  # one agent of the room, idle with its peers connected
         profile(watched, args.profile, "idle").wait()
