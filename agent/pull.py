@@ -115,10 +115,10 @@ class SwarmPart:
         self.trace_to = os.environ.get("SHOAL_TRACE")
         self.arrivals: list[tuple[float, int, str]] = []
 
-    def picker(self, jobs: list[Job]) -> Picker:
+    def picker(self, jobs: list[Job], workers: int) -> Picker:
         from agent.swarm.picker import SwarmPicker
         self.pickers.append(SwarmPicker(self.view, self.board, jobs, origin_streams=self.settings.origin_streams,
-                                        workers=min(self.settings.concurrency, len(jobs))))
+                                        workers=workers))
         return self.pickers[-1]
 
     def on_event(self, event) -> None:

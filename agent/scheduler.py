@@ -218,8 +218,8 @@ class FifoPicker:
 
     duplicates = 0
 
-    def __init__(self, jobs: list[Job]):
-        self.pending = list(reversed(jobs))
+    def __init__(self, jobs: list[Job], workers: int = 1):
+        self.pending = list(reversed(jobs))  # (every worker takes from the one list)
 
     async def take(self) -> Job | None:
         return self.pending.pop() if self.pending else None
@@ -231,12 +231,13 @@ class FifoPicker:
 class Scheduler:
     """Fetches the missing chunks of a set of files. One instance per pull round.
 
-    ``picker``: makes the ``Picker`` workers ask for their next chunk (``FifoPicker`` by default).
+    ``picker``: makes the ``Picker`` workers ask for their next chunk (``FifoPicker`` by
+    default), from the jobs and how many workers will ask.
     """
 
     def __init__(self, ref: ModelRef, sources: list[SourceState], settings: Settings,
                  emit: Callable[[Event], None], rate: TokenBucket | None = None,
-                 picker: Callable[[list[Job]], Picker] = FifoPicker):
+                 picker: Callable[[list[Job], int], Picker] = FifoPicker):
         self.ref, self.sources, self.settings, self.emit = ref, sources, settings, emit
         self.rate = rate
         self.picker = picker
@@ -264,7 +265,8 @@ class Scheduler:
             jobs.extend(Job(task, i) for i in missing)
         chunk_size = max((t.file.chunk_size for t in tasks), default=0)
         outcome = Outcome([])
-        picker = self.picker(jobs)
+        workers = min(self.settings.concurrency, len(jobs))
+        picker = self.picker(jobs, workers)
         try:
             async with trio.open_nursery() as nursery:
                 # Files already complete on entry (all chunks present after a crash) are
@@ -272,7 +274,7 @@ class Scheduler:
                 for task in tasks:
                     if task.remaining == 0:
                         nursery.start_soon(self._finish_file, task, outcome)
-                for _ in range(min(self.settings.concurrency, len(jobs))):
+                for _ in range(workers):
                     nursery.start_soon(self._worker, picker, chunk_buffer(chunk_size), nursery, outcome)
         except BaseExceptionGroup as group:
             raise single_error(group) from None

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from agent.manifest import FileEntry, Manifest  # noqa: E402
 from agent.swarm import wire  # noqa: E402
 from agent.swarm.board import Board  # noqa: E402
-from agent.swarm.publisher import COALESCE, HEARTBEAT, BoardPublisher  # noqa: E402
+from agent.swarm.publisher import COALESCE, HEARTBEAT, BoardPublisher, greet  # noqa: E402
 
 
 def thread_per_subscriber(board: Board, conn: socket.socket, stop: threading.Event) -> None:
@@ -73,9 +73,7 @@ def measure(design: str, args) -> float:
     publisher = BoardPublisher(board)
     for ours, _ in pairs:
         if design == "publisher":
-            seq, have, origin, claims, pulling = board.snapshot()
-            ours.sendall(wire.encode_snapshot(1, have, origin, claims, pulling, board.total))
-            publisher.add(ours, seq, frames=1)
+            publisher.add(ours, greet(ours, board))
         else:
             threads.append(threading.Thread(target=thread_per_subscriber, args=(board, ours, stop), daemon=True))
     for thread in threads:

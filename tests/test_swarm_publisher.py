@@ -58,7 +58,7 @@ def test_one_thread_pushes_every_change_to_every_subscriber_and_drops_a_stalled_
     for _ in range(12):
         ours, theirs = socket.socketpair()
         pairs.append((ours, theirs))
-        subs.append(pub.add(ours, board.seq, frames=1))
+        subs.append(pub.add(ours, board.seq))
     # A subscriber that stopped reading long ago: its socket buffers are full.
     stalled_ours, stalled_theirs = socket.socketpair()
     pairs.append((stalled_ours, stalled_theirs))
@@ -68,13 +68,13 @@ def test_one_thread_pushes_every_change_to_every_subscriber_and_drops_a_stalled_
             stalled_ours.send(b"\0" * 65536)
     except BlockingIOError:
         pass
-    stalled = pub.add(stalled_ours, board.seq, frames=1)
+    stalled = pub.add(stalled_ours, board.seq)
     assert len(pushers()) == 1, "one pushing thread for the board, not one per subscriber"
 
     started = time.monotonic()
     board.add_have(5, from_origin=False)
     board.claim(7)
-    for (_, theirs), _sub in zip(pairs[:12], subs):
+    for _, theirs in pairs[:12]:
         frame = read_frame(theirs)
         assert frame.kind == DELTA and frame.seq == 2  # each connection numbers its own frames
         assert frame.have == {5} and frame.claim == {7}
@@ -104,11 +104,11 @@ def test_a_quiet_board_sends_heartbeats_and_a_gone_subscriber_is_dropped(pairs, 
     pub = BoardPublisher(board)
     ours, theirs = socket.socketpair()
     pairs.append((ours, theirs))
-    sub = pub.add(ours, board.seq, frames=1)
+    sub = pub.add(ours, board.seq)
     assert read_frame(theirs).kind == BEAT and read_frame(theirs).kind == BEAT
     theirs.close()  # the subscriber went away: the next frame fails and drops it
     assert sub.done.wait(3.0)
     pub.close()
     late_ours, late_theirs = socket.socketpair()
     pairs.append((late_ours, late_theirs))
-    assert pub.add(late_ours, board.seq, frames=1).done.is_set(), "a closed publisher takes nobody"
+    assert pub.add(late_ours, board.seq).done.is_set(), "a closed publisher takes nobody"

@@ -73,11 +73,11 @@ from agent.manifest import chunk_span
 # The wire format and keys live in datawire, the client in dataclient; both are named here
 # too, as the whole protocol is described above.
 from agent.swarm.dataclient import DataClient
-from agent.swarm.publisher import BoardPublisher
 from agent.swarm.datawire import (BAD_REQUEST, BUSY, DENIED, MAGIC, MAX_OFFER, MAX_REQUEST, MISSING, MODE_GET,
                                   MODE_OFFER, MODE_SUB, NONCE_LEN, OK, STATUS_NAMES, HEADER, Ticket, TicketBook,
                                   recv_exact, reply, decode_hello, decode_request, encode_hello, encode_request,
                                   make_tls)
+from agent.swarm.publisher import BoardPublisher, greet
 
 __all__ = ["BAD_REQUEST", "BUSY", "DENIED", "MAGIC", "MAX_OFFER", "MAX_REQUEST", "MISSING", "MODE_GET", "MODE_OFFER",
            "MODE_SUB", "NONCE_LEN", "OK", "STATUS_NAMES", "ChunkLocator", "DataClient", "DataServer", "StoreLocator",
@@ -357,7 +357,6 @@ class DataServer:
         Takes no upload slot (it moves a few bytes a second); capped on its own. While a
         pull of this agent is still planning (a room that starts at once), the subscriber
         waits up to ``SUB_PLAN_WAIT`` for the board rather than asking again and again."""
-        from agent.swarm import wire
         board = self.boards.wait_for(manifest_id, SUB_PLAN_WAIT, self.planning) if self.boards is not None else None
         if board is None:
             reply(conn, MISSING, b"no such manifest here")
@@ -396,9 +395,10 @@ class DataServer:
         try:
             reply(conn, OK, b"")
             conn.settimeout(SUB_SEND_TIMEOUT)
-            seq, have, origin, claims, pulling = board.snapshot()
-            conn.sendall(wire.encode_snapshot(1, have, origin, claims, pulling, board.total))
-            with self._lock:  # (close() closes every publisher under this lock's guard)
+            seq = greet(conn, board)
+            # Added under the lock close() takes, so close() closes every publisher that
+            # has a subscriber; idle ones (no subscriber, no thread) are forgotten here.
+            with self._lock:
                 if self._closed:
                     return
                 for gone in [b for b, p in self._publishers.items() if p.idle]:
@@ -406,7 +406,7 @@ class DataServer:
                 publisher = self._publishers.get(board)
                 if publisher is None:
                     publisher = self._publishers[board] = BoardPublisher(board)
-                subscriber = publisher.add(conn, seq, frames=1)
+                subscriber = publisher.add(conn, seq)
             # The board's publisher pushes from here on; this thread keeps the connection's
             # place in the counts (no CPU) until the publisher drops it or the server closes.
             subscriber.done.wait()

@@ -42,6 +42,15 @@ class Subscriber:
         self.done = threading.Event()
 
 
+def greet(conn: socket.socket, board) -> int:
+    """Send a new subscriber its first frame, the board's snapshot (on the caller's thread,
+    within the socket's own timeout); the board's sequence number it tells up to, for
+    ``BoardPublisher.add``."""
+    seq, have, origin, claims, pulling = board.snapshot()
+    conn.sendall(wire.encode_snapshot(1, have, origin, claims, pulling, board.total))
+    return seq
+
+
 class BoardPublisher:
     def __init__(self, board):
         self.board = board
@@ -56,10 +65,10 @@ class BoardPublisher:
         with self._lock:
             return not self._subs and self._thread is None
 
-    def add(self, conn: socket.socket, seq: int, frames: int) -> Subscriber:
-        """Push to ``conn`` from now on; it was sent ``frames`` frames, the board up to ``seq``."""
+    def add(self, conn: socket.socket, seq: int) -> Subscriber:
+        """Push to ``conn`` from now on: it was told the board up to ``seq`` in frame 1 (``greet``)."""
         conn.settimeout(SEND_STALL)
-        sub = Subscriber(conn, seq, frames)
+        sub = Subscriber(conn, seq, frames=1)
         with self._lock:
             if self._closed:
                 sub.done.set()
