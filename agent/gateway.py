@@ -393,7 +393,7 @@ class Gateway:
         if path not in await self._paths(info.manifest_id):
             raise NotFound(f"{path} is not a file of {ref}")
         try:
-            fd = await trio.to_thread.run_sync(lambda: open_model_file(self.store, info, path))
+            fd = await trio.to_thread.run_sync(lambda: open_model_file(self.store, info.dir, path))
         except FileNotFoundError:
             raise NotFound(f"{path} of {ref} is missing from the cache; `shoal verify {ref}` repairs it") from None
         except UnsafePath as e:

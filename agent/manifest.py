@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import blake3
 import msgpack
@@ -309,8 +310,10 @@ class Manifest:
     def encode(self) -> bytes:
         return encode(self)
 
-    @property
+    @cached_property
     def id(self) -> str:
+        # Kept once worked out (the manifest is frozen): the swarm names chunks and
+        # connections by it on every request and pick.
         return manifest_id(self.encode())
 
 

@@ -410,6 +410,16 @@ class Store:
     def manifest(self, manifest_id: str) -> Manifest:
         return decode(self.manifest_bytes(manifest_id))
 
+    def chunk_hash(self, ref: ModelRef, path: str, index: int) -> bytes | None:
+        """The verified BLAKE3 of one chunk, or None: one row (LAN peers ask per chunk)."""
+        rows = self._exec("SELECT hash FROM chunks WHERE model_key=? AND path=? AND idx=?", (str(ref), path, index))
+        return rows[0][0] if rows else None
+
+    def model_dir(self, ref: ModelRef) -> Path | None:
+        """Where ``ref``'s files are, or None: one row, without ``find``'s byte counts."""
+        rows = self._exec("SELECT dir FROM models WHERE key=?", (str(ref),))
+        return Path(rows[0][0]) if rows else None
+
     def chunk_hashes(self, ref: ModelRef, path: str) -> dict[int, bytes]:
         return {i: h for i, h in self._exec(
             "SELECT idx, hash FROM chunks WHERE model_key=? AND path=?", (str(ref), path))}

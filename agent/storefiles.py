@@ -16,7 +16,7 @@ from agent.manifest import PARTIAL_SUFFIX, ModelRef, hub_repo
 from agent.safefs import SafeDir
 
 if TYPE_CHECKING:
-    from agent.store import ModelInfo, Store
+    from agent.store import Store
 
 
 def kind_folder(root: Path, ref: ModelRef) -> Path:
@@ -45,10 +45,11 @@ def hold_in_use(root: Path, ref: ModelRef) -> int:
     return fd
 
 
-def open_model_file(store: "Store", info: "ModelInfo", path: str, *, partial_ok: bool = False) -> int:
-    """A read-only fd of a model's file (or, if ``partial_ok`` and it is not finished, its
-    ``.partial``), opened without following links and only if it is the store's own."""
-    with store.open_dir(info.dir) as model, model.parent_of(path)[0] as parent:
+def open_model_file(store: "Store", directory: Path, path: str, *, partial_ok: bool = False) -> int:
+    """A read-only fd of a file of the model in ``directory`` (or, if ``partial_ok`` and it is
+    not finished, its ``.partial``), opened without following links and only if it is the
+    store's own."""
+    with store.open_dir(directory) as model, model.parent_of(path)[0] as parent:
         name = path.rpartition("/")[2]
         try:
             return parent.open_file(name, os.O_RDONLY)

@@ -48,7 +48,7 @@ def verify_model(ref: ModelRef, settings: Settings) -> VerifyReport:
         for entry in manifest.files:
             report.files += 1
             try:
-                fd = open_model_file(store, info, entry.path)
+                fd = open_model_file(store, info.dir, entry.path)
             except (FileNotFoundError, UnsafePath) as e:
                 report.damaged[entry.path] = "missing" if isinstance(e, FileNotFoundError) else str(e)
                 store.mark_damaged(ref, entry.path, list(range(len(entry.chunks))))

@@ -103,8 +103,9 @@ class ChunkLocator(Protocol):
 
 
 class StoreLocator:
-    """Finds verified chunks in a ``Store`` (complete files and ``.partial`` ones): one row
-    looked up per request, so a removed model is gone at once."""
+    """Finds verified chunks in a ``Store`` (complete files and ``.partial`` ones): a few
+    one-row lookups per request (the manifest itself is kept), so a removed model is gone
+    at once."""
 
     MANIFESTS = 16
 
@@ -134,11 +135,14 @@ class StoreLocator:
         entry = next((f for f in manifest.files if f.path == path), None)
         if entry is None or not 0 <= index < len(entry.chunks):
             return None
-        if self.store.chunk_hashes(ref, path).get(index) != entry.chunks[index]:
+        if self.store.chunk_hash(ref, path, index) != entry.chunks[index]:
             return None  # not verified here (yet)
         offset, length = chunk_span(entry.size, manifest.chunk_size, index)
+        directory = self.store.model_dir(ref)
+        if directory is None:
+            return None  # removed meanwhile
         try:
-            fd = open_model_file(self.store, self.store.find(ref), path, partial_ok=True)
+            fd = open_model_file(self.store, directory, path, partial_ok=True)
         except (FileNotFoundError, UnsafePath):
             return None
         return fd, offset, length

@@ -17,7 +17,10 @@ and the room's origin policy.
    ``ROOM_WAIT`` seconds ended), two agents may disagree on the owner until every peer has
    answered and the list has held for ``STABLE_AFTER`` seconds, so a claim first settles
    for ``CLAIM_SETTLE``: if a live peer with a smaller id claimed the same chunk
-   meanwhile, this agent lets it go. While any chunk still has to come from the origin, LAN
+   meanwhile, this agent lets it go. While every chunk of that first stretch waits for a
+   peer that has not started pulling yet and no stream is under way, an agent that has
+   started takes one chunk of its own from further down (one at a time), so the outside
+   link is busy from the first pull on. While any chunk still has to come from the origin, LAN
    fetches take all the scheduler's workers but one, so the owner starts its chunk when its
    turn comes, not when a LAN fetch ends.
 3. **Never twice for slowness**: a chunk a live peer holds or claims is never fetched from
@@ -92,13 +95,11 @@ class SwarmPicker:
         free = self.view.free_holders()
         if not free or not holders:
             return None
-        holds = self.view.holds
+        held = self.view.held_by(free)
         best, best_count = None, None
         for ordinal in self._lan_order:
-            if ordinal not in self.pending:
-                continue
-            count = holders.get(ordinal, 0)
-            if count and (best_count is None or count < best_count) and any(holds(v, ordinal) for v in free):
+            count = holders.get(ordinal)
+            if count and (best_count is None or count < best_count) and ordinal in held and ordinal in self.pending:
                 best, best_count = ordinal, count
                 if count == 1:
                     break
@@ -106,9 +107,8 @@ class SwarmPicker:
 
     def _from_origin(self, holders: dict[int, int]) -> int | None:
         view, now = self.view, self.clock()
-        forming = now - self.started < ROOM_WAIT
-        pullers, others_claims, alone = view.room(count_unknown=forming,
-                                                  count_idle=now - self.started < IDLE_GRACE)
+        forming, grace = now - self.started < ROOM_WAIT, now - self.started < IDLE_GRACE
+        pullers, others_claims, alone = view.room(count_unknown=forming, count_idle=grace)
         if pullers != self._pullers:
             self._pullers, self._pullers_since = pullers, now
             self._puller_sets += 1
@@ -144,19 +144,45 @@ class SwarmPicker:
                 return ordinal
         if free <= 0:
             return None
-        for ordinal in self._order:
-            if free <= 0:
-                break
-            if ordinal not in self.pending or ordinal in self.settling or holders.get(ordinal) \
-                    or ordinal in others_claims:
-                continue
-            free -= 1
-            if view.owner(ordinal, pullers) == view.self_id:
+        # The window: the first ``free`` chunks in the room's order that nobody holds or
+        # claims; this agent fetches those it owns. Peers counted among the pullers only
+        # for want of an answer (not heard from yet, or idle for now) own their share, and
+        # while every chunk of the window waits for such a peer and the outside link carries
+        # nothing this agent knows of, it takes one chunk of its own from further down,
+        # one at a time: the link is busy from the first pull on, not from when the owners
+        # of the first few chunks start theirs. (Each chunk still has one owner, so this
+        # never fetches a chunk twice; only agents that start within one claim's way to
+        # each other may each take one at once.)
+        presumed = (view.unknown if forming else frozenset()) | (view.idle if grace else frozenset())
+        stalled = True
+        unclaimed = self._origin_candidates(holders, others_claims)  # one pass: the window, then beyond it
+        for ordinal in unclaimed:
+            owner = view.owner(ordinal, pullers)
+            stalled = stalled and owner in presumed
+            if owner == view.self_id:
                 self.board.claim(ordinal)
                 if stable:
                     return ordinal
                 self.settling[ordinal] = now
+            free -= 1
+            if free <= 0:
+                break
+        if stalled and not others_claims and not mine and not self.settling:
+            for ordinal in unclaimed:
+                if view.owner(ordinal, pullers) == view.self_id:
+                    self.board.claim(ordinal)
+                    if stable:
+                        return ordinal
+                    self.settling[ordinal] = now
+                    break
         return None
+
+    def _origin_candidates(self, holders: dict[int, int], others_claims):
+        """The pending chunks, in the room's order, that nobody holds or claims."""
+        for ordinal in self._order:
+            if ordinal in self.pending and ordinal not in self.settling and not holders.get(ordinal) \
+                    and ordinal not in others_claims:
+                yield ordinal
 
     def _yields(self, ordinal: int, rivals, pullers: tuple[str, ...]) -> bool:
         """Whether this agent lets a rival's claim of ``ordinal`` win. Both sides decide
