@@ -359,12 +359,14 @@ def test_a_member_paused_itself_does_not_take_the_room_for_gone_when_it_resumes(
 @settings(max_examples=300, deadline=None)
 @example([(0, 1, 0, 1)] + [(9, 0, 0, 3)] * 4 + [(4, 1, 0, 0)])  # silent past liveness, then a heartbeat
 @example([(0, 1, 0, 1), (3, 1, 4, 1), (10, 1, 5, 0), (3, 1, 5, 1)])  # it said it lacks a chunk, then has it
+@example([(0, 1, 0, 1), (3, 1, 4, 1), (11, 1, 4, 0)] + [(9, 0, 0, 3), (4, 1, 0, 0)] * 12)  # its stall runs out
 @given(st.lists(st.tuples(st.integers(0, 12), st.integers(0, 5), st.integers(0, 59), st.integers(0, 40)),
                 min_size=1, max_size=60))
 def test_the_views_kept_room_and_counts_are_always_the_ones_it_would_work_out_afresh(ops):
-    """``LanView.room`` and ``holder_counts`` are kept between changes (the picker asks on
-    every look; a delta updates the counts in place): whatever frames, answers, silences,
-    stalls and clock jumps come, the kept answers equal fresh ones."""
+    """``LanView.room``, ``holder_counts`` and the usable peers behind ``free_holders`` are
+    kept between changes (the picker asks on every look; a delta updates the counts in
+    place): whatever frames, answers, silences, stalls and clock jumps come, the kept
+    answers equal fresh ones."""
     clock = Clock()
     m = manifest(60)
     view = LanView(m, "peer-me", clock=clock)
@@ -403,5 +405,7 @@ def test_the_views_kept_room_and_counts_are_always_the_ones_it_would_work_out_af
         view._rooms.clear()
         assert kept == [view.room(*flags) for flags in every], f"after op {op}: the kept room is stale"
         counts = dict(view.holder_counts())  # kept, and updated in place by deltas
+        free = {v.peer for v in view.free_holders()}  # from the kept usable peers
         view._counts = None
         assert counts == view.holder_counts(), f"after op {op}: the kept holder counts are stale"
+        assert free == {v.peer for v in view.free_holders()}, f"after op {op}: the kept usable peers are stale"

@@ -112,3 +112,50 @@ def test_a_quiet_board_sends_heartbeats_and_a_gone_subscriber_is_dropped(pairs, 
     late_ours, late_theirs = socket.socketpair()
     pairs.append((late_ours, late_theirs))
     assert pub.add(late_ours, board.seq).done.is_set(), "a closed publisher takes nobody"
+
+
+def test_a_subscriber_is_not_told_of_chunks_it_holds_already_but_always_of_origin_ones(pairs, monkeypatch):
+    """In a room each chunk verified anywhere was a frame to every member, though half of
+    them held it by then (their own streams had said so). Such a chunk is left out of their
+    deltas (no frame at all when nothing else changed, and a heartbeat still comes in
+    time); a chunk fetched from the origin is always told (the room counts origin bytes
+    paid twice from it), and so are claims."""
+    monkeypatch.setattr(publisher_module, "HEARTBEAT", 0.6)
+    board = Board(manifest(), pulling=True)
+    held = {"peer-a": {1, 2, 3}, "peer-b": set()}
+    pub = BoardPublisher(board, holdings=held.get)
+    links = {}
+    for peer in ("peer-a", "peer-b", None):  # None: a subscriber whose stream we do not follow
+        ours, theirs = socket.socketpair()
+        pairs.append((ours, theirs))
+        pub.add(ours, board.seq, peer)
+        links[peer] = theirs
+
+    board.add_have(2, from_origin=False)  # peer-a holds it: nothing for peer-a
+    for peer in ("peer-b", None):
+        frame = read_frame(links[peer])
+        assert frame.kind == DELTA and frame.have == {2}
+    board.add_have(4, from_origin=False)
+    board.add_have(3, from_origin=False)  # peer-a holds 3: it hears of 4 and of the claim only
+    board.claim(7)
+
+    def told(link) -> tuple[set[int], set[int], list[int]]:
+        have, claim, seqs = set(), set(), []
+        while 7 not in claim:
+            frame = read_frame(link)
+            if frame.kind == DELTA:
+                have |= frame.have
+                claim |= frame.claim
+                seqs.append(frame.seq)
+        return have, claim, seqs
+    have, claim, seqs = told(links["peer-a"])
+    assert have == {4} and seqs[0] == 2 and seqs == list(range(2, 2 + len(seqs))), (have, seqs)
+    for peer in ("peer-b", None):
+        assert told(links[peer])[0] == {3, 4}
+    board.add_have(1, from_origin=True)  # from the origin: everyone hears of it
+    for peer in ("peer-a", "peer-b", None):
+        frame = read_frame(links[peer])
+        assert frame.have == {1} and frame.origin == {1}, (peer, frame)
+    # Nothing changes for a while: peer-a still hears a heartbeat in time.
+    assert read_frame(links["peer-a"], timeout=2.0).kind == BEAT
+    pub.close()

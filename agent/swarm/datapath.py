@@ -57,6 +57,7 @@ at a good share of the uplink and its receiver can pass it on sooner.
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 import socket
@@ -163,13 +164,15 @@ class DataServer:
                  port: int = 0, slots: int = 8, idle_timeout: float = IDLE_TIMEOUT, rate: int | None = None,
                  handshake_timeout: float = HANDSHAKE_TIMEOUT, encrypt: bool = False, boards=None, offers=None,
                  planning: Callable[[], bool] = lambda: False,
-                 on_subscribed: Callable[[str, str], None] = lambda peer, manifest_id: None):
+                 on_subscribed: Callable[[str, str], None] = lambda peer, manifest_id: None,
+                 peer_holds: Callable[[str, str], set | None] = lambda manifest_id, peer: None):
         from agent.ratelimit import ThreadTokenBucket
         self.locator, self.tickets = locator, tickets
         self.boards = boards  # agent.swarm.board.Boards: what subscribers are told
         self.offers = offers  # (peer, request bytes) -> answer bytes, for mode "offer"
         self.planning = planning  # whether a pull of this agent has not planned yet
         self.on_subscribed = on_subscribed  # (peer, manifest id): told of every subscription taken
+        self.peer_holds = peer_holds  # (manifest id, peer): what it holds, as its own stream says, or None
         self._subscribers: Counter = Counter()  # by address, None: in all
         # The live subscription of each (peer, manifest): a new one from the same peer takes
         # its place (the old one is dead on the peer's side: it gave up on it, e.g. while
@@ -409,8 +412,9 @@ class DataServer:
                     del self._publishers[gone]
                 publisher = self._publishers.get(board)
                 if publisher is None:
-                    publisher = self._publishers[board] = BoardPublisher(board)
-                subscriber = publisher.add(conn, seq)
+                    publisher = self._publishers[board] = BoardPublisher(
+                        board, holdings=functools.partial(self.peer_holds, manifest_id))
+                subscriber = publisher.add(conn, seq, peer)
             # The board's publisher pushes from here on; this thread keeps the connection's
             # place in the counts (no CPU) until the publisher drops it or the server closes.
             subscriber.done.wait()

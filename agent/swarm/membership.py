@@ -86,7 +86,7 @@ class Swarm:
                               listen_host=settings.swarm_host, listen_port=settings.swarm_port,
                               slots=settings.upload_slots, upload_rate=settings.upload_rate,
                               mdns=settings.mdns, dht=settings.dht, encrypt=settings.encrypt_data,
-                              boards=self.boards, on_interest=self._interest)
+                              boards=self.boards, on_interest=self._interest, peer_holds=self._peer_holds)
         self.bootstrap = [a.strip() for a in settings.swarm_peers.split(",") if a.strip()]
         self.contacts: dict[str, Contact] = {}  # peer -> how to reach its data port (from its hello)
         self._contact_at: dict[str, float] = {}
@@ -148,6 +148,15 @@ class Swarm:
             session.interest(peer)
         elif len(self._early_interest) < MAX_PEERS:
             self._early_interest.setdefault(key, set()).add(peer)
+
+    def _peer_holds(self, manifest_id: str, peer: str) -> set[int] | None:
+        """What ``peer`` holds of ``manifest_id`` as its HAVE stream to our pull of it says
+        (None: we do not follow it). Read by the data port's publisher thread: the set is
+        only ever read whole (one C-level operation under the interpreter lock)."""
+        session = self.sessions.get(manifest_id)
+        view = session.view if session is not None else None
+        followed = view.peers.get(peer) if view is not None else None
+        return followed.state.have if followed is not None else None
 
     def take_early_interest(self, *keys: str) -> set[str]:
         """Peers that asked about any of ``keys`` before their pull followed anyone."""

@@ -98,7 +98,8 @@ class SwarmNode:
                  listen_host: str = "127.0.0.1",
                  listen_port: int = 0, data_host: str | None = None, slots: int = 16,
                  upload_rate: int | None = None, mdns: bool = False, dht: bool = False, encrypt: bool = False,
-                 boards=None, on_interest: Callable[[str, str], None] = lambda peer, manifest_id: None):
+                 boards=None, on_interest: Callable[[str, str], None] = lambda peer, manifest_id: None,
+                 peer_holds: Callable[[str, str], set | None] = lambda manifest_id, peer: None):
         import multiaddr
         from libp2p import new_host
         from libp2p.network.config import ConnectionConfig
@@ -114,7 +115,7 @@ class SwarmNode:
         self.tickets = TicketBook()
         self.data = DataServer(StoreLocator(store), self.tickets, host=data_host or listen_host, slots=slots,
                                rate=upload_rate, encrypt=encrypt, boards=boards, offers=self.offer,
-                               planning=planning, on_subscribed=self._interest)
+                               planning=planning, on_subscribed=self._interest, peer_holds=peer_holds)
         self._trio_token = None  # for the data port's threads to reach the event loop
         self.on_interest = on_interest  # told (peer, manifest id) when a peer asks about what we pull
         # One connection per peer: py-libp2p waits ~250 ms per connect otherwise (docs/design.md).

@@ -34,8 +34,8 @@ WAKE = 0.5  # the publisher looks at least this often (heartbeats, close)
 
 
 class Subscriber:
-    def __init__(self, conn: socket.socket, seq: int, frames: int):
-        self.conn = conn
+    def __init__(self, conn: socket.socket, seq: int, frames: int, peer: str | None = None):
+        self.conn, self.peer = conn, peer
         self.seq = seq  # the board's sequence number this subscriber was last told up to
         self.frames = frames  # frames sent to it so far (the wire's per-connection number)
         self.sent_at = time.monotonic()
@@ -52,8 +52,11 @@ def greet(conn: socket.socket, board) -> int:
 
 
 class BoardPublisher:
-    def __init__(self, board):
+    def __init__(self, board, holdings=lambda peer: None):
         self.board = board
+        # peer -> the chunks this agent knows it holds (its own HAVE stream to us), or None:
+        # a chunk a subscriber already holds is left out of the deltas it is sent.
+        self.holdings = holdings
         self._lock = threading.Lock()
         self._subs: dict[socket.socket, Subscriber] = {}
         self._thread: threading.Thread | None = None
@@ -65,10 +68,11 @@ class BoardPublisher:
         with self._lock:
             return not self._subs and self._thread is None
 
-    def add(self, conn: socket.socket, seq: int) -> Subscriber:
-        """Push to ``conn`` from now on: it was told the board up to ``seq`` in frame 1 (``greet``)."""
+    def add(self, conn: socket.socket, seq: int, peer: str | None = None) -> Subscriber:
+        """Push to ``conn`` (``peer``'s subscription) from now on: it was told the board up to
+        ``seq`` in frame 1 (``greet``)."""
         conn.settimeout(SEND_STALL)
-        sub = Subscriber(conn, seq, frames=1)
+        sub = Subscriber(conn, seq, frames=1, peer=peer)
         with self._lock:
             if self._closed:
                 sub.done.set()
@@ -125,8 +129,18 @@ class BoardPublisher:
                     continue
                 seq, data = sub.seq, wire.encode_beat(number)
             else:
-                seq = changes.seq
-                data = wire.encode_delta(number, have=changes.have, origin=changes.origin, claim=changes.claim,
+                seq, have = changes.seq, changes.have
+                theirs = self.holdings(sub.peer) if sub.peer is not None else None
+                if theirs and have:
+                    # What it holds already, it needs to hear of from nobody: in a room each
+                    # chunk verified anywhere was a frame to every member, and half of them
+                    # had it by then. Chunks fetched from the origin are always told (the
+                    # room counts origin bytes paid twice from them).
+                    have = (have - theirs) | changes.origin
+                    if not (have or changes.claim or changes.unclaim or changes.pulling is not None):
+                        sub.seq = seq  # nothing for it: no frame (a heartbeat comes in time)
+                        continue
+                data = wire.encode_delta(number, have=have, origin=changes.origin, claim=changes.claim,
                                          unclaim=changes.unclaim, pulling=changes.pulling)
             try:
                 sub.conn.sendall(data)

@@ -143,6 +143,7 @@ class PullSession:
         self.ref_obj, self.ref = ref, str(ref)  # the pull's ModelRef (its interest key is str(ref))
         self.asked = set(asked)  # peers that answered before the pull planned (without an offer: none held)
         self.board: Board | None = None
+        self.view: LanView | None = None  # set while it follows peers
         self._interested: set[str] = set()
         self._wake = trio.Event()
 
@@ -175,6 +176,7 @@ class PullSession:
         that have not, and the picker counts them among the pullers for a while
         (``agent.swarm.picker.ROOM_WAIT``)."""
         swarm, manifest = self.swarm, view.manifest
+        self.view = view
         board.set_pulling(True)
         swarm.sessions[self.ref] = swarm.sessions[manifest.id] = self
         self._interested |= swarm.take_early_interest(self.ref, manifest.id)

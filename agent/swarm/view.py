@@ -64,6 +64,7 @@ class LanView:
         # Holder counts per chunk, rebuilt lazily after a change or when a peer's liveness
         # or rest runs out: the picker asks for every pending chunk on every pick.
         self._counts: dict[int, int] | None = None
+        self._usable_peers: list[PeerView] = []  # kept with the counts
         self._counts_until = float("inf")
         # ``room`` likewise, by the flags it was asked with; dropped with ``_counts``.
         self._rooms: dict[tuple[bool, bool], tuple] = {}
@@ -250,33 +251,41 @@ class LanView:
         delta updates it in place; anything else rebuilds it on the next call."""
         now = self._now()
         with self._lock:
-            if self._counts is None or now >= self._counts_until:
-                counts: dict[int, int] = {}
-                until = float("inf")
-                for v in self.peers.values():
-                    if self._alive(v, now):
-                        until = min(until, max(v.heard, self.resumed_at) + LIVENESS)
-                    if v.stalled_until > now:
-                        until = min(until, v.stalled_until)
-                    if not self._usable(v, now):
-                        continue
-                    for ordinal in v.state.have:
-                        if ordinal not in v.missing:
-                            counts[ordinal] = counts.get(ordinal, 0) + 1
-                self._counts, self._counts_until = counts, until
+            self._refresh(now)
             return self._counts
+
+    def _refresh(self, now: float) -> None:
+        """Rebuild the kept holder counts and usable peers if a change or the clock (a
+        peer's liveness or rest running out) made them stale. Under the lock."""
+        if self._counts is not None and now < self._counts_until:
+            return
+        counts: dict[int, int] = {}
+        usable: list[PeerView] = []
+        until = float("inf")
+        for v in self.peers.values():
+            if self._alive(v, now):
+                until = min(until, max(v.heard, self.resumed_at) + LIVENESS)
+            if v.stalled_until > now:
+                until = min(until, v.stalled_until)
+            if not self._usable(v, now):
+                continue
+            usable.append(v)
+            for ordinal in v.state.have:
+                if ordinal not in v.missing:
+                    counts[ordinal] = counts.get(ordinal, 0) + 1
+        self._counts, self._usable_peers, self._counts_until = counts, usable, until
 
     def holders_of(self, ordinal: int) -> int:
         return self.holder_counts().get(ordinal, 0)
 
     def free_holders(self) -> list[PeerView]:
         """The usable peers with a request slot free (``PER_PEER``) that did not just say
-        BUSY: the only ones a LAN chunk can start from now. One pass over the peers, so
-        that the picker's look at every pending chunk costs what the free peers hold."""
+        BUSY: the only ones a LAN chunk can start from now. From the kept usable peers, so
+        that a pick costs a look at each one's slots, not at its liveness."""
         now = self._now()
         with self._lock:
-            return [v for v in self.peers.values()
-                    if v.in_flight < PER_PEER and v.busy_until <= now and self._usable(v, now)]
+            self._refresh(now)
+            return [v for v in self._usable_peers if v.in_flight < PER_PEER and v.busy_until <= now]
 
     @staticmethod
     def held_by(views: list[PeerView]) -> set[int]:
