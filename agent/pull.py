@@ -286,26 +286,37 @@ async def pull(ref: ModelRef, settings: Settings, *, to: Path | None = None,
 async def _run(plan: Plan, directory: Path, store: Store, sources: list[ChunkSource],
                settings: Settings, emit, rate: TokenBucket, part: SwarmPart | None) -> PullResult:
     ref = plan.ref
-    await trio.to_thread.run_sync(store.check_dir_free, ref, directory)
-    # Check the space before the pull, not in the middle of it: preallocation would
-    # fail on the first file that does not fit. Nothing is created before these checks.
-    need = await trio.to_thread.run_sync(_bytes_needed, store, directory, plan)
-    evicted = await trio.to_thread.run_sync(
-        store.make_room, ref, need, settings.quota, settings.quota_high, settings.quota_low)
+
+    # Each step below is a blocking call, made in a worker thread; they go in two hops,
+    # not one each: a pull's first request waits on them, and on a busy machine (a room of
+    # agents starting at once) every hop waits for a time slice.
+    def check_space() -> tuple[int, list, int]:
+        # Check the space before the pull, not in the middle of it: preallocation would
+        # fail on the first file that does not fit. Nothing is created before these checks.
+        store.check_dir_free(ref, directory)
+        need = _bytes_needed(store, directory, plan)
+        evicted = store.make_room(ref, need, settings.quota, settings.quota_high, settings.quota_low)
+        return need, evicted, _free_bytes(directory)
+    need, evicted, free = await trio.to_thread.run_sync(check_space)
     for gone in evicted:
         emit(Evicted(str(gone.ref), gone.total_size))
-    free = _free_bytes(directory)
     if need > free:
         raise DiskFull(f"{ref} needs {need} more bytes in {directory} and only {free} are free: "
                        "free some space (`shoal rm` a model you no longer need) and pull again")
-    model = await trio.to_thread.run_sync(lambda: store.open_dir(directory, create=True))
-    try:
-        # Only a pull that passed the checks above is recorded in the index.
-        await trio.to_thread.run_sync(store.begin, ref, model.path, plan.chunk_size,
-                                      [(f.path, f.size, f.sha256) for f in plan.files])
-        if plan.trusted:  # LAN peers may fetch what this pull has verified while it runs
-            await trio.to_thread.run_sync(store.expect, ref, plan.manifest())
 
+    def record() -> SafeDir:
+        # Only a pull that passed the checks above is recorded in the index.
+        model = store.open_dir(directory, create=True)
+        try:
+            store.begin(ref, model.path, plan.chunk_size, [(f.path, f.size, f.sha256) for f in plan.files])
+            if plan.trusted:  # LAN peers may fetch what this pull has verified while it runs
+                store.expect(ref, plan.manifest())
+        except BaseException:
+            model.close()
+            raise
+        return model
+    model = await trio.to_thread.run_sync(record)
+    try:
         async def fetch() -> PullResult:
             return await _fetch_all(plan, model, store, sources, settings, emit, rate,
                                     part.picker if part else FifoPicker)
@@ -319,16 +330,18 @@ async def _fetch_all(plan: Plan, model: SafeDir, store: Store, sources: list[Chu
     ref, directory = plan.ref, model.path
     tasks: list[FileTask] = []
     try:
-        already = 0
-        for f in plan.files:
-            pf = await trio.to_thread.run_sync(
-                store.open_file, ref, model, f.path, f.size, f.sha256, plan.chunk_size, f.chunks)
-            if pf is None:
-                already += f.size
-                continue
-            already += sum(chunk_span(f.size, plan.chunk_size, i)[1] for i in pf.have)
-            pf.track_sha256 = not plan.trusted or settings.always_sha256
-            tasks.append(FileTask(pf, f.chunks, check_sha256=pf.track_sha256))
+        def open_files() -> int:  # in one thread hop for them all (see _run); what is held already
+            already = 0
+            for f in plan.files:
+                pf = store.open_file(ref, model, f.path, f.size, f.sha256, plan.chunk_size, f.chunks)
+                if pf is None:
+                    already += f.size
+                    continue
+                already += sum(chunk_span(f.size, plan.chunk_size, i)[1] for i in pf.have)
+                pf.track_sha256 = not plan.trusted or settings.always_sha256
+                tasks.append(FileTask(pf, f.chunks, check_sha256=pf.track_sha256))
+            return already
+        already = await trio.to_thread.run_sync(open_files)
         emit(PlanReady(plan, directory, already))
         states = [SourceState(s) for s in sources]
         first_request_at = None
