@@ -20,9 +20,11 @@ and the room's origin policy.
    meanwhile, this agent lets it go. While every chunk of that first stretch waits for a
    peer that has not started pulling yet and no stream is under way, an agent that has
    started takes one chunk of its own from further down (one at a time), so the outside
-   link is busy from the first pull on. While any chunk still has to come from the origin, LAN
-   fetches take all the scheduler's workers but one, so the owner starts its chunk when its
-   turn comes, not when a LAN fetch ends.
+   link is busy from the first pull on (agents that start before each other's claims reach
+   them may each take one, so the cap can be passed by those few, for one chunk each).
+   While any chunk still has to come from the origin, LAN fetches take all the scheduler's
+   workers but one, so the owner starts its chunk when its turn comes, not when a LAN
+   fetch ends.
 3. **Never twice for slowness**: a chunk a live peer holds or claims is never fetched from
    the origin by anyone else, however slow that peer is. Its claim ends when the chunk
    verifies there, when the peer gives up (``unclaim``: its fetch failed), or when the peer

@@ -15,8 +15,10 @@ Frames: ``u32 length`` + a msgpack map, at most ``MAX_FRAME`` bytes::
      "unclaim": [...], "pulling": bool}    what changed since the frame before
     {"t": "beat",  "seq": n}               nothing changed (a liveness heartbeat)
 
-- ``have``: chunks the peer holds, verified; ``origin``: those it fetched from the origin
-  itself (so a room can count origin bytes paid twice);
+- ``have``: chunks the peer holds, verified (a delta leaves out those the subscriber
+  holds already, as the subscriber's own stream told the peer: nobody needs to hear of a
+  chunk it has); ``origin``: those it fetched from the origin itself (always told, so a
+  room can count origin bytes paid twice);
 - ``claims``: chunks the peer is fetching from the origin right now. Nobody else fetches a
   claimed chunk from the origin while the claimer is alive (``agent.swarm.picker``);
 - ``pulling``: whether the peer is pulling this manifest (it shares the origin's work).
