@@ -50,7 +50,7 @@ class Member:
         self.board = Board(m, have=have, pulling=pulling)
         self.view = LanView(m, name, clock=clock)
         self.picker: SwarmPicker | None = None
-        self.running: dict[int, list[tuple]] = {}  # ordinal -> fetches (job, ends, from, holder)
+        self.running: dict[int, list[tuple]] = {}  # ordinal -> fetches (job, ends, from, holder, transfer token)
         self.stopped = False
         self.streams = streams
         self.origin_fetches: list[int] = []
@@ -121,9 +121,10 @@ class Room:
                 from_origin = first[2] == "origin"
                 self.origin_concurrency -= sum(1 for f in fetches if f[2] == "origin")
                 member.board.add_have(ordinal, from_origin)
-                for job, _, _, holder in fetches:
+                for job, _, _, holder, sending in fetches:
                     if holder is not None:
                         member.view.give_back(holder)
+                        member.view.transfer_ended(ordinal, sending)
                     member.picker.done(job)
             while sum(len(f) for f in member.running.values()) < member.concurrency:
                 job = member.picker.pick_now()
@@ -135,14 +136,15 @@ class Room:
                     assert ordinal not in member.running
                     member.origin_fetches.append(ordinal)
                     self.origin_concurrency += 1
-                    member.running[ordinal] = [(job, self.clock.now + self.origin_s, "origin", None)]
+                    member.running[ordinal] = [(job, self.clock.now + self.origin_s, "origin", None, None)]
                     continue
                 assert job.route == PEERS and not job.duplicate or ordinal in member.running
                 busy = {f[2] for f in member.running.get(ordinal, ())}
                 holder = member.view.take_holder(ordinal, busy)
                 assert holder is not None, "the picker chose a LAN chunk nobody usable holds"
                 took = self.slow.get(holder.peer, self.lan_s)
-                member.running.setdefault(ordinal, []).append((job, self.clock.now + took, holder.peer, holder))
+                sending = member.view.transfer_started(ordinal)  # a holder answers at once here (as the source tells)
+                member.running.setdefault(ordinal, []).append((job, self.clock.now + took, holder.peer, holder, sending))
         self.peak = max(self.peak, self.origin_concurrency)
         self.clock.now += TICK
 
@@ -331,6 +333,38 @@ def test_a_chunk_stuck_at_a_slow_peer_is_duplicated_from_another_peer_never_the_
     assert puller.picker.duplicates >= 1
     assert took < 30, "a 60 s upload held the pull up: the endgame did not duplicate it"
     assert fast.board.total == slow.board.total == 20
+
+
+def test_the_endgame_copies_a_slow_transfer_not_a_fetch_waiting_for_a_free_slot():
+    """A busy room's last seconds: a fetch whose holders' upload slots are all taken waits
+    (BUSY answers) however long; a second copy of it would only queue too. The endgame
+    copies a chunk once its bytes have been coming for ``ENDGAME_AFTER``, and not before."""
+    full = set(range(4))
+    room = Room(0, chunks=4)
+    for name in ("peer-a", "peer-b"):
+        room.add(Member(name, room.manifest, room.clock, streams=4, have=full, pulling=False))
+    puller = room.add(Member("peer-pull", room.manifest, room.clock, streams=4))
+    puller.board.add_have(0, False)
+    puller.board.add_have(1, False)
+    puller.board.add_have(2, False)  # the last chunk is all it still needs
+    room.deliver()
+    puller.start(room.manifest, concurrency=4)
+    job = puller.picker.pick_now()
+    assert job is not None and job.route == PEERS
+    ordinal = puller.board.ordinals.of(*job.key)
+    room.clock.now += 3 * ENDGAME_AFTER  # told BUSY all along: nothing sent yet
+    room.deliver()
+    assert puller.picker.pick_now() is None, "a fetch waiting for a free slot was copied"
+    sending = puller.view.transfer_started(ordinal)  # a slot came free: bytes are coming
+    room.clock.now += ENDGAME_AFTER / 2
+    room.deliver()
+    assert puller.picker.pick_now() is None, "a transfer under way for less than the bound was copied"
+    room.clock.now += ENDGAME_AFTER
+    room.deliver()
+    copy = puller.picker.pick_now()
+    assert copy is not None and copy.duplicate and copy.key == job.key
+    puller.view.transfer_ended(ordinal, sending)
+    assert puller.view.transferring_since(ordinal) is None
 
 
 def test_a_member_paused_itself_does_not_take_the_room_for_gone_when_it_resumes():

@@ -78,9 +78,10 @@ class DataClient:
 
     def fetch(self, address: tuple[str, int], ticket: Ticket, manifest_id: str, path: str, index: int,
               into: memoryview, length: int, deadline: float, on_connection=None, tls: bytes | None = None,
-              idle: float | None = None) -> None:
+              idle: float | None = None, on_transfer=None) -> None:
         """``on_connection(conn)``: told the socket in use, so another thread can abort the
-        fetch by shutting it down (the endgame's losing copy). ``tls``: the certificate hash
+        fetch by shutting it down (the endgame's losing copy). ``on_transfer()``: told when
+        the peer's answer says the bytes are coming (a slot was free). ``tls``: the certificate hash
         the peer announced; the connection is then encrypted and must present it. ``idle``:
         the longest wait for the next bytes (``PeerTimedOut`` past it); a transfer that keeps
         moving may take until ``deadline``, however slow the peer's link."""
@@ -112,6 +113,8 @@ class DataClient:
                 raise SourceUnavailable(f"{what}: {STATUS_NAMES.get(status, status)}: {message}", transient=False)
             if size != length:
                 raise SourceUnavailable(f"{what}: sent {size} bytes for a {length}-byte chunk", transient=False)
+            if on_transfer is not None:
+                on_transfer()
             _read_body(conn, into, length, deadline, wait, what)
             self._give(key, conn)
             conn = None

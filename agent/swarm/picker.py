@@ -32,8 +32,9 @@ and the room's origin policy.
    then does the chunk's ownership move on.
 4. **Alone** (no live peer pulls or holds the manifest): every chunk in file order, as many
    at once as the scheduler runs, no claim needed.
-5. **Endgame**: once nothing is left to start, a chunk in flight from a peer for over
-   ``ENDGAME_AFTER`` seconds that another live peer holds is fetched a second time from it
+5. **Endgame**: once nothing is left to start, a chunk whose bytes have been coming from a
+   peer for over ``ENDGAME_AFTER`` seconds (a slow transfer, not one waiting for a free
+   upload slot) that another live peer holds is fetched a second time from it
    (LAN only); the first copy to verify is written, the other fetch is cancelled.
 """
 
@@ -58,7 +59,7 @@ ROOM_WAIT = 5.0
 # this long from the pull's start: a class does not press Enter at one instant. A member
 # really alone in a room of idle machines loses at most this long to chunks "owned" by them.
 IDLE_GRACE = 3.0
-ENDGAME_AFTER = 4.0  # a LAN chunk in flight this long at the end is fetched again from another holder
+ENDGAME_AFTER = 4.0  # a LAN chunk sending this long at the end is fetched again from another holder
 log = logging.getLogger("shoal.swarm")
 
 WAIT = 0.25  # the longest a worker waits for news before looking again
@@ -201,8 +202,15 @@ class SwarmPicker:
     def _endgame(self) -> Job | None:
         now = self.clock()
         for ordinal, entry in self.in_flight.items():
-            job, since, _, duplicated, from_origin = entry
-            if not duplicated and not from_origin and now - since > ENDGAME_AFTER and self.view.holders_of(ordinal):
+            job, _, _, duplicated, from_origin = entry
+            if duplicated or from_origin:
+                continue
+            # Slow is a transfer crawling for ENDGAME_AFTER since its bytes began to come, not
+            # a fetch that waits for a holder's free slot: in a busy room's last seconds most
+            # fetches wait, and a second copy of each only added to the queue (129 copies in
+            # one 30-room, 30 in a quicker one).
+            sending = self.view.transferring_since(ordinal)
+            if sending is not None and now - sending > ENDGAME_AFTER and self.view.holders_of(ordinal):
                 entry[2] += 1
                 entry[3] = True
                 self.duplicates += 1

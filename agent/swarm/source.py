@@ -74,6 +74,7 @@ class LanPeerSource(ChunkSource):
                                         transient=False)  # every holder was tried: no point in a retry
             got = 0
             lan_deadline = deadline
+            started: list[float] = []  # this attempt's transfer clock (agent.swarm.picker's endgame)
             try:
                 key, mine = (path, index), []
 
@@ -84,7 +85,8 @@ class LanPeerSource(ChunkSource):
                 try:
                     self.client.fetch(peer.data, Ticket.decode(peer.ticket), self.manifest.id, path, index, into,
                                       request.length, lan_deadline, on_connection=register, tls=peer.tls,
-                                      idle=LAN_TIMEOUT)
+                                      idle=LAN_TIMEOUT,
+                                      on_transfer=lambda: started.append(self.view.transfer_started(ordinal)))
                 finally:
                     with self._lock:
                         left = [c for c in self._sockets.get(key, []) if c not in mine]
@@ -115,6 +117,8 @@ class LanPeerSource(ChunkSource):
                 continue
             finally:
                 self.view.give_back(peer, got)
+                for token in started:
+                    self.view.transfer_ended(ordinal, token)
             return peer  # the scheduler hashes the bytes once, and names this peer if they lie
 
     def rejected(self, token: object, reason: str) -> str:

@@ -68,6 +68,9 @@ class LanView:
         self._counts_until = float("inf")
         # ``room`` likewise, by the flags it was asked with; dropped with ``_counts``.
         self._rooms: dict[tuple[bool, bool], tuple] = {}
+        # ordinal -> when each of its LAN transfers now under way began sending bytes
+        # (the endgame's clock: a chunk waiting for a holder's free slot is not slow)
+        self._transfers: dict[int, list[float]] = {}
         self.unknown: frozenset[str] = frozenset()  # connected peers asked, not heard from yet
         self.idle: frozenset[str] = frozenset()  # connected peers that said they do not pull this (yet)
         self.created = clock()
@@ -378,6 +381,28 @@ class LanView:
             best = min(candidates, key=lambda v: v.in_flight)
             best.in_flight += 1
             return best
+
+    def transfer_started(self, ordinal: int) -> float:
+        """A holder began sending ``ordinal`` (its answer came): the token for ``transfer_ended``."""
+        with self._lock:
+            started = self._clock()
+            self._transfers.setdefault(ordinal, []).append(started)
+            return started
+
+    def transfer_ended(self, ordinal: int, token: float) -> None:
+        with self._lock:
+            running = self._transfers.get(ordinal)
+            if running and token in running:
+                running.remove(token)
+                if not running:
+                    del self._transfers[ordinal]
+
+    def transferring_since(self, ordinal: int) -> float | None:
+        """When the oldest transfer of ``ordinal`` under way began sending, or None (none
+        is: its fetch waits for a holder's free slot, or has not begun)."""
+        with self._lock:
+            running = self._transfers.get(ordinal)
+            return min(running) if running else None
 
     def give_back(self, view: PeerView, nbytes: int = 0) -> None:
         with self._lock:
