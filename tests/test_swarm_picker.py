@@ -156,6 +156,22 @@ class Room:
             self.step()
         return self.clock.now - started
 
+    def run_staggered(self, starts: dict[str, float], after_step=lambda elapsed: None,
+                      limit_s: float = 600.0) -> None:
+        """Run the room with each member's pull starting at ``starts[name]`` (until then it
+        answers "idle", as a switched-on machine does); ``after_step(seconds in)``."""
+        for member in self.members:
+            member.board.set_pulling(False)
+        started = self.clock.now
+        while not all(m.picker is not None and len(m.board.have) == m.board.total for m in self.members):
+            assert self.clock.now - started < limit_s, "the room never finished"
+            for member in self.members:
+                if member.picker is None and self.clock.now >= starts[member.name]:
+                    member.board.set_pulling(True)
+                    member.start(self.manifest)
+            self.step()
+            after_step(self.clock.now - started)
+
     def origin_fetches(self) -> list[int]:
         return [o for m in self.members for o in m.origin_fetches]
 
@@ -199,16 +215,7 @@ def test_a_room_whose_pulls_start_over_two_seconds_still_fetches_each_chunk_once
     room = Room(30, chunks=90, streams=4)
     room.deliver_every = 2 * picker_module.CLAIM_SETTLE
     starts = {m.name: room.clock.now + random.uniform(0.0, 2.0) for m in room.members}
-    for member in room.members:
-        member.board.set_pulling(False)
-    started = room.clock.now
-    while not all(m.picker is not None and len(m.board.have) == m.board.total for m in room.members):
-        assert room.clock.now - started < 600, "the room never finished"
-        for member in room.members:
-            if member.picker is None and room.clock.now >= starts[member.name]:
-                member.board.set_pulling(True)
-                member.start(room.manifest)
-        room.step()
+    room.run_staggered(starts)
     assert sorted(room.origin_fetches()) == list(range(90)), "some chunk came from the origin twice or never"
     # While the window's owners have not started, a member that sees no stream in the room
     # takes one chunk of its own out of turn; those that start before any claim can reach
@@ -224,20 +231,10 @@ def test_the_outside_link_is_busy_from_the_first_pull_whoever_owns_the_first_chu
     chunks start theirs; still each chunk once, and at most the cap at a time once claims
     reach everyone."""
     room = Room(30, chunks=90, streams=4)
-    order = list(room.members)
-    starts = {m.name: room.clock.now + 0.1 * i for i, m in enumerate(order)}  # one every 0.1 s
-    for member in room.members:
-        member.board.set_pulling(False)
-    started, first_fetch = room.clock.now, None
-    while not all(m.picker is not None and len(m.board.have) == m.board.total for m in room.members):
-        assert room.clock.now - started < 600, "the room never finished"
-        for member in room.members:
-            if member.picker is None and room.clock.now >= starts[member.name]:
-                member.board.set_pulling(True)
-                member.start(room.manifest)
-        room.step()
-        if first_fetch is None and room.origin_concurrency:
-            first_fetch = room.clock.now - started
+    starts = {m.name: room.clock.now + 0.1 * i for i, m in enumerate(room.members)}  # one every 0.1 s
+    fetching_at: list[float] = []
+    room.run_staggered(starts, after_step=lambda elapsed: room.origin_concurrency and fetching_at.append(elapsed))
+    first_fetch = fetching_at[0] if fetching_at else None
     assert first_fetch is not None and first_fetch <= 2 * TICK, f"the first origin fetch began {first_fetch} s in"
     assert sorted(room.origin_fetches()) == list(range(90)), "some chunk came from the origin twice or never"
     assert room.peak <= 4, room.peak
