@@ -232,9 +232,13 @@ def test_the_outside_link_is_busy_from_the_first_pull_whoever_owns_the_first_chu
     reach everyone."""
     room = Room(30, chunks=90, streams=4)
     starts = {m.name: room.clock.now + 0.1 * i for i, m in enumerate(room.members)}  # one every 0.1 s
-    fetching_at: list[float] = []
-    room.run_staggered(starts, after_step=lambda elapsed: room.origin_concurrency and fetching_at.append(elapsed))
-    first_fetch = fetching_at[0] if fetching_at else None
+    first_fetch = None
+
+    def note_first_fetch(elapsed: float) -> None:
+        nonlocal first_fetch
+        if first_fetch is None and room.origin_concurrency:
+            first_fetch = elapsed
+    room.run_staggered(starts, after_step=note_first_fetch)
     assert first_fetch is not None and first_fetch <= 2 * TICK, f"the first origin fetch began {first_fetch} s in"
     assert sorted(room.origin_fetches()) == list(range(90)), "some chunk came from the origin twice or never"
     assert room.peak <= 4, room.peak

@@ -162,23 +162,24 @@ class SwarmPicker:
         for ordinal in unclaimed:
             owner = view.owner(ordinal, pullers)
             stalled = stalled and owner in presumed
-            if owner == view.self_id:
-                self.board.claim(ordinal)
-                if stable:
-                    return ordinal
-                self.settling[ordinal] = now
+            if owner == view.self_id and self._claim(ordinal, stable, now):
+                return ordinal
             free -= 1
             if free <= 0:
                 break
         if stalled and not others_claims and not mine and not self.settling:
-            for ordinal in unclaimed:
-                if view.owner(ordinal, pullers) == view.self_id:
-                    self.board.claim(ordinal)
-                    if stable:
-                        return ordinal
-                    self.settling[ordinal] = now
-                    break
+            mine_further = next((o for o in unclaimed if view.owner(o, pullers) == view.self_id), None)
+            if mine_further is not None and self._claim(mine_further, stable, now):
+                return mine_further
         return None
+
+    def _claim(self, ordinal: int, stable: bool, now: float) -> bool:
+        """Claim ``ordinal`` on the board; whether to fetch it now (the room agrees on its
+        owner), else it settles first (``CLAIM_SETTLE``)."""
+        self.board.claim(ordinal)
+        if not stable:
+            self.settling[ordinal] = now
+        return stable
 
     def _origin_candidates(self, holders: dict[int, int], others_claims):
         """The pending chunks, in the room's order, that nobody holds or claims."""
