@@ -100,10 +100,13 @@ class Agent:
 
     async def _exit_with_parent(self, parent: int) -> None:
         """An embedded agent (``shoal tui`` started it) stops when its parent is gone, however
-        the parent ended (a closed terminal, SIGKILL): it is reparented, so its ppid changes."""
+        the parent ended (a closed terminal, an ssh drop, SIGKILL): it is reparented, so its
+        ppid changes. Checked from the first moment, a reload's re-exec included: an agent
+        that finds its parent gone already (it died while this one started) stops at once."""
         while os.getppid() == parent:
             await trio.sleep(1.0)
         log.warning("the process that started this embedded agent (pid %d) is gone: stopping", parent)
+        self.reload_requested = False
         self._nursery.cancel_scope.cancel()
 
     def close(self) -> None:
@@ -121,7 +124,7 @@ class Agent:
                 self._nursery = nursery
                 nursery.start_soon(self._reload_on_sighup)
                 parent = os.environ.get("SHOAL_EXIT_WITH_PARENT", "")
-                if parent.isdigit() and int(parent) == os.getppid():
+                if parent.isdigit():
                     nursery.start_soon(self._exit_with_parent, int(parent))
                 await nursery.start(self.pulls.run)
                 gateway = Gateway(self.settings, self.store, self.sources, self.pulls, self.metrics.render)

@@ -20,6 +20,17 @@ from agent.errors import ShoalError
 from agent.rpc import ControlClient
 
 START_TIMEOUT = 30.0
+LOG_KEEP = 4 * 1024 * 1024  # the embedded agent's log is rotated past this, one old copy kept
+
+
+def _open_log(path: Path):
+    """The embedded agent's log, appended to; rotated (``.1``) when it has grown past ``LOG_KEEP``."""
+    try:
+        if path.stat().st_size > LOG_KEEP:
+            path.replace(path.with_name(path.name + ".1"))
+    except FileNotFoundError:
+        pass
+    return open(path, "ab")
 
 
 class AgentLink:
@@ -38,13 +49,15 @@ class AgentLink:
             return "running"
         except (FileNotFoundError, ConnectionRefusedError):
             pass
-        log = open(Path(self.settings.cache_dir) / "tui-agent.log", "ab") if Path(
+        log = _open_log(Path(self.settings.cache_dir) / "tui-agent.log") if Path(
             self.settings.cache_dir).is_dir() else subprocess.DEVNULL
-        # The agent stops by itself if the UI dies without closing it (agent.service).
+        # The agent stops by itself if the UI dies without closing it (agent.service). It runs
+        # in a session of its own: a closed terminal's SIGHUP (and a Ctrl-C) is the UI's,
+        # not a "reload" of the agent's settings; the UI's end is what stops it.
         env = {**self.env, "SHOAL_SOCKET": str(self.settings.socket_path), "SHOAL_EXIT_WITH_PARENT": str(os.getpid())}
         self.embedded = subprocess.Popen(
             [sys.executable, "-m", "agent.cli", "--cache-dir", str(self.settings.cache_dir), "agent"],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, start_new_session=True)
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if self.embedded.poll() is not None:

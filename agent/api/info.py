@@ -46,7 +46,7 @@ def _config_rows(agent) -> list[list[str]]:
              ("" if name in live else value), env, key] for name, value, env, key in describe(agent.settings)]
 
 
-@method("config_show", NoParams, "Every setting: name, value (secrets masked), environment variable, TOML key.")
+@method("config_show", NoParams, "Every setting: name, value (secrets masked), environment variable, TOML key.", quiet=True)
 async def config_show(agent, p: NoParams, call: Call):
     return _config_rows(agent)
 
@@ -91,11 +91,11 @@ async def reload(agent, p: NoParams, call: Call):
     return {"reloading": True, "pid": os.getpid()}
 
 
-@method("sources", NoParams, "The sources a pull tries, in order: name and label.")
+@method("sources", NoParams, "The sources a pull tries, in order: name and label.", quiet=True)
 async def sources(agent, p: NoParams, call: Call):
     return [{"name": s.name, "label": s.label} for s in agent.sources]
 
 
-@method("peers", NoParams, "LAN peers: address, how found, state, RTT, what they hold, traffic, problems.")
+@method("peers", NoParams, "LAN peers: address, how found, state, RTT, what they hold, traffic, problems.", quiet=True)
 async def peers(agent, p: NoParams, call: Call):
     return [] if agent.swarm is None else agent.swarm.snapshot()

@@ -67,7 +67,7 @@ class JobLogParams:
     bytes: int = 64 * 1024  # at most MAX_LOG_TAIL
 
 
-@method("jobs", NoParams, "Launched jobs (chats, runs, servers, training) and their state.")
+@method("jobs", NoParams, "Launched jobs (chats, runs, servers, training) and their state.", quiet=True)
 async def jobs(agent, p: NoParams, call: Call):
     return [asdict(j) for j in await trio.to_thread.run_sync(agent.jobs.list)]
 
@@ -80,7 +80,7 @@ async def job_cancel(agent, p: JobParams, call: Call):
     return asdict(await trio.to_thread.run_sync(agent.jobs.cancel, p.job))
 
 
-@method("job_log", JobLogParams, "The last `bytes` of a job's log.")
+@method("job_log", JobLogParams, "The last `bytes` of a job's log.", quiet=True)
 async def job_log(agent, p: JobLogParams, call: Call):
     if not 0 < p.bytes <= MAX_LOG_TAIL:
         raise UsageError("'bytes' is at most 512 KiB")
@@ -96,7 +96,7 @@ async def job_log(agent, p: JobLogParams, call: Call):
         raise NotFound(f"no job {p.job!r}") from None
 
 
-@method("job_progress", JobParams, "A training job's record, its logged steps and final metrics.")
+@method("job_progress", JobParams, "A training job's record, its logged steps and final metrics.", quiet=True)
 async def job_progress(agent, p: JobParams, call: Call):
     from agent.launcher.launch import read_progress
     job = await trio.to_thread.run_sync(agent.jobs.get, p.job)

@@ -27,7 +27,7 @@ class Method:
     handler: Callable[[Any, Any, Call], Awaitable[Any]]
     doc: str
     streams: bool = False  # sends event frames before its result
-    quiet: bool = False  # logged at DEBUG: polled often (status, list)
+    quiet: bool = False  # logged at DEBUG: read-only and polled (the UI asks status, list, jobs every second)
 
 
 METHODS: dict[str, Method] = {}
