@@ -31,7 +31,9 @@ class Backend(Protocol):
     kind: str  # "agent" or "local", for messages
 
     def pull(self, ref: ModelRef, *, to: Path | None = None, on_event: OnEvent | None = None,
-             fresh: bool = False) -> dict: ...
+             fresh: bool = False, offline: bool = False) -> dict: ...
+    def import_dir(self, ref: ModelRef, source: Path, *, move: bool = False,
+                   on_event: OnEvent | None = None) -> dict: ...
     def models(self) -> list[dict]: ...
     def remove(self, ref: ModelRef) -> dict: ...
     def set_pinned(self, ref: ModelRef, pinned: bool) -> dict: ...
@@ -109,14 +111,21 @@ class AgentBackend:
         return self.client.call(method, params, on_event=on_event, timeout=timeout)
 
     def pull(self, ref: ModelRef, *, to: Path | None = None, on_event: OnEvent | None = None,
-             fresh: bool = False) -> dict:
+             fresh: bool = False, offline: bool = False) -> dict:
         # The agent pulls (shared with anyone else pulling the same model on this machine).
         params = {"model": str(ref)}
         if to is not None:
             params["to"] = str(Path(to).resolve())
         if fresh:
             params["fresh"] = True
+        if offline:
+            params["offline"] = True
         return self.call("pull", params, on_event=on_event, timeout=PULL_TIMEOUT)
+
+    def import_dir(self, ref: ModelRef, source: Path, *, move: bool = False,
+                   on_event: OnEvent | None = None) -> dict:
+        params = {"model": str(ref), "dir": str(Path(source).resolve()), "move": move}
+        return self.call("import", params, on_event=on_event, timeout=PULL_TIMEOUT)
 
     def models(self) -> list[dict]:
         return self.call("list")
@@ -160,11 +169,22 @@ class LocalBackend:
                           "(or `systemctl start shoal-agent`)")
 
     def pull(self, ref: ModelRef, *, to: Path | None = None, on_event: OnEvent | None = None,
-             fresh: bool = False) -> dict:
+             fresh: bool = False, offline: bool = False) -> dict:
         from agent.pull import event_to_wire, pull, result_to_wire
         from agent.runtime import run_until_signal
         emit = (lambda e: on_event(event_to_wire(e))) if on_event else (lambda e: None)
-        return result_to_wire(run_until_signal(lambda: pull(ref, self.settings, to=to, emit=emit, fresh=fresh)))
+        settings = self.settings.with_(offline=True) if offline else self.settings
+        return result_to_wire(run_until_signal(lambda: pull(ref, settings, to=to, emit=emit, fresh=fresh)))
+
+    def import_dir(self, ref: ModelRef, source: Path, *, move: bool = False,
+                   on_event: OnEvent | None = None) -> dict:
+        from agent.adopt import check_source
+        from agent.pull import event_to_wire, pull, result_to_wire
+        from agent.runtime import run_until_signal
+        emit = (lambda e: on_event(event_to_wire(e))) if on_event else (lambda e: None)
+        folder = check_source(source)
+        return result_to_wire(run_until_signal(lambda: pull(ref, self.settings, emit=emit, adopt_from=folder,
+                                                            move=move)))
 
     def models(self) -> list[dict]:
         from agent.store import model_row
@@ -189,9 +209,8 @@ class LocalBackend:
                                                store.gc(self.settings.quota, self.settings.quota_low)])
 
     def usage(self) -> dict:
-        models = self.models()
-        return {"usage_bytes": sum(m["size"] for m in models), "quota_bytes": self.settings.quota,
-                "models": models}
+        from agent.store import du_rows
+        return self._with_store(lambda store: {**du_rows(store, active=set()), "quota_bytes": self.settings.quota})
 
     def config(self) -> list[list[str]]:
         from agent.config import describe

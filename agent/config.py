@@ -67,6 +67,9 @@ class Settings:
     # With a trusted manifest every chunk is proven by BLAKE3; SHA-256 of whole files is
     # then only re-checked when this is set (it costs ~5 s of CPU per GB here).
     always_sha256: bool = False
+    # Never ask an origin (the OSS mirror, ModelScope, a Hugging Face hub): pulls take what
+    # the cache and the room hold. A complete model pulls without them in any case.
+    offline: bool = False
     # Cache limits (None: no quota). Eviction starts above high x quota, stops at low x quota.
     quota: int | None = None
     quota_high: float = 0.9
@@ -138,6 +141,7 @@ _SOURCES: dict[str, tuple[str, str, object]] = {
     "retries": ("SHOAL_RETRIES", "retries", int),
     "chunk_size": ("SHOAL_CHUNK_SIZE", "chunk_size", int),
     "always_sha256": ("SHOAL_ALWAYS_SHA256", "always_sha256", bool),
+    "offline": ("SHOAL_OFFLINE", "offline", bool),
     "quota": ("SHOAL_QUOTA", "cache.quota", "size"),
     "quota_high": ("SHOAL_QUOTA_HIGH", "cache.high_watermark", float),
     "quota_low": ("SHOAL_QUOTA_LOW", "cache.low_watermark", float),

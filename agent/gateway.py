@@ -43,7 +43,7 @@ from agent.hubtree import dataset_info, tree_page
 from agent.httprange import parse_range
 from agent.manifest import ModelRef, check_relpath
 from agent.metrics import CONTENT_TYPE as METRICS_TYPE
-from agent.storefiles import open_model_file
+from agent.store.folders import open_model_file
 
 log = logging.getLogger("shoal.gateway")
 
@@ -91,6 +91,12 @@ async def serve_gateway(gateway: "Gateway", port: int, *, task_status=trio.TASK_
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, gateway.handle, listeners)
         task_status.started(bound)
+
+
+def parse_target(target: bytes) -> tuple[str, list[str], dict[str, list[str]]]:
+    """A request target as the routes read it: (path, its decoded segments, the query). Pure."""
+    url = urlsplit(target.decode("latin-1"))
+    return url.path, [unquote(p) for p in url.path.split("/") if p], parse_qs(url.query)
 
 
 class Gateway:
@@ -247,9 +253,7 @@ class Gateway:
         refused = self._refused_origin(request)
         if refused is not None:
             return refused
-        url = urlsplit(request.target.decode("latin-1"))
-        query = parse_qs(url.query)
-        parts = [unquote(p) for p in url.path.split("/") if p]
+        path, parts, query = parse_target(request.target)
         if request.method not in (b"GET", b"HEAD"):
             return _error(405, "the shoal gateway is read-only")
         if parts == ["metrics"]:
@@ -259,7 +263,7 @@ class Gateway:
             return _error(404, "no intra-cloud acceleration behind the shoal gateway")
         if len(parts) < 5 or parts[0] not in ("api", "openapi") or parts[1] != "v1" \
                 or parts[2] not in ("models", "datasets"):
-            return _error(404, f"{url.path} is not an endpoint of the shoal gateway")
+            return _error(404, f"{path} is not an endpoint of the shoal gateway")
         dataset = parts[2] == "datasets"
         try:
             ref = ModelRef.parse(f"{parts[3]}/{parts[4]}@{(query.get('Revision') or ['master'])[0]}",
@@ -291,7 +295,7 @@ class Gateway:
                 return await self.file(ref, path, request, uid, conn, stream)
         except NotFound as e:
             return _error(404, str(e), NOT_FOUND_CODE)
-        return _error(404, f"{url.path} is not an endpoint of the shoal gateway")
+        return _error(404, f"{path} is not an endpoint of the shoal gateway")
 
     async def listing(self, ref: ModelRef) -> list[dict]:
         info = await self._complete(ref)

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import oss2
 
+from agent import crashpoints
 from agent.config import Settings
 from agent.errors import ConfigError, IntegrityError, ShoalError, SourceUnavailable, UsageError
 from agent.hashing import blake3_hash
@@ -213,7 +214,10 @@ class MirrorSync:
         older = self._snapshots(ref)
         chunk_size = self.settings.chunk_size or default_chunk_size(listing.total_size)
         reuse = self._reusable(ref, older, chunk_size)
-        entries = [self._file(ref, folder, f, chunk_size, reuse, outcome) for f in listing.files]
+        entries = []
+        for listed in listing.files:
+            entries.append(self._file(ref, folder, listed, chunk_size, reuse, outcome))
+            crashpoints.reached("sync:file")
         manifest = build_manifest(ref.model_id, ref.revision, chunk_size, entries)
         prefix = self._folder(ref, folder)
         self._oss(f"writing {prefix}{MANIFEST_NAME}", self.bucket.put_object, prefix + MANIFEST_NAME,
@@ -223,6 +227,7 @@ class MirrorSync:
             "upstream": {"endpoint": self.settings.modelscope_endpoint, "fingerprint": fp,
                          "files": len(listing.files), "bytes": listing.total_size},
             "manifest_id": manifest.id, "uploaded": outcome.uploaded, "copied": outcome.copied})
+        crashpoints.reached("sync:manifest")
         # The switch, last: until here pulls read the previous snapshot.
         self._put_json(pointer_at, {"snapshot": folder, "synced_at": now, "checked_at": now,
                                     "fingerprint": fp, "manifest_id": manifest.id,

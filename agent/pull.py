@@ -30,7 +30,7 @@ import trio
 
 from agent.config import Settings
 from agent.errors import DiskFull, IntegrityError, NotFound, SourceUnavailable, UnsafePath, single_error
-from agent.manifest import PARTIAL_SUFFIX, Manifest, ModelRef, chunk_span
+from agent.manifest import PARTIAL_SUFFIX, Manifest, ModelRef, chunk_span, is_manifest_id
 from agent.mirrorage import MirrorAge
 from agent.plan import Plan, plan_from_offers, plan_manifest, resolve
 from agent.ratelimit import TokenBucket
@@ -49,7 +49,18 @@ class PlanReady:
 
     plan: Plan
     directory: Path
-    already: int  # bytes verified before this run
+    already: int  # bytes verified before this run (those taken from the cache included)
+    reused: int = 0  # of those, bytes the cache held under another model or revision: no fetch
+
+
+@dataclass(frozen=True)
+class Imported:
+    """Event: files of a folder being imported (``shoal import``) that matched the plan and
+    are the cache's now, and those that did not (fetched instead)."""
+
+    kept: int
+    kept_bytes: int
+    refused: dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -66,6 +77,8 @@ class PullResult:
     directory: Path
     manifest_id: str
     total_size: int
+    reused_bytes: int = 0  # held by content under another model or revision: linked or copied, not fetched
+    imported_bytes: int = 0  # of those, what a folder being imported held (shoal import)
     fetched_by_source: dict[str, int] = field(default_factory=dict)
     chunks_fetched: int = 0
     endgame_duplicates: int = 0  # chunks fetched a second time from another peer at the end
@@ -133,7 +146,8 @@ class SwarmPart:
 
     async def run(self, fetch):
         """Follow the peers while ``fetch()`` runs; its result."""
-        self.board = self.session.board_for(self.view.manifest)
+        # The board starts from what the store holds (SQLite): off the event loop.
+        self.board = await trio.to_thread.run_sync(self.session.board_for, self.view.manifest)
         try:
             async with trio.open_nursery() as nursery:
                 # The peers' first answers (and stream frames) come before any chunk is chosen.
@@ -152,6 +166,40 @@ class SwarmPart:
                 f.writelines(f"{t:.3f} {ordinal} {source}\n" for t, ordinal, source in self.arrivals)
 
 
+def _first_line(error: Exception) -> str:
+    text = str(error)
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def cached_plan(store: Store, ref: ModelRef, partial_ok: bool = False) -> tuple[Plan, bool] | None:
+    """The plan of ``ref`` from the cache's own manifest, and whether it needs no origin at
+    all (True: pinned by manifest id; False: a complete model that a reachable origin may
+    still update, for a branch or tag; with ``partial_ok`` also one partly pulled under a
+    trusted manifest, which an offline pull finishes from the room). None when the cache
+    cannot say what ``ref`` is."""
+    if is_manifest_id(ref.revision):
+        try:
+            manifest = store.manifest(ref.revision)
+        except (FileNotFoundError, NotFound, UnsafePath):
+            return None
+        if manifest.model_id != ref.model_id:
+            return None
+        return Plan(ref, manifest.chunk_size, manifest.files, trusted=True,
+                    origin="the cache's manifest (pinned by id)", revision=manifest.revision), True
+    found = store.holding(model_id=ref.model_id, revision=ref.revision)
+    if found is None:
+        return None
+    try:
+        info = store.find(ref)
+        manifest = store.manifest(found[1])
+    except (FileNotFoundError, NotFound, UnsafePath):
+        return None
+    if info.state != "complete" and not partial_ok:
+        return None
+    where = "the cache (complete)" if info.state == "complete" else "the cache's manifest"
+    return Plan(ref, manifest.chunk_size, manifest.files, trusted=True, origin=where), False
+
+
 def _free_bytes(directory: Path) -> int:
     probe = directory
     while not probe.exists():
@@ -159,27 +207,33 @@ def _free_bytes(directory: Path) -> int:
     return shutil.disk_usage(probe).free
 
 
-def _bytes_needed(store: Store, directory: Path, plan: Plan) -> int:
-    """Bytes the pull still has to allocate in ``directory`` (files not complete, less the
-    space their partials already hold)."""
+def _bytes_needed(store: Store, directory: Path, plan: Plan, held=frozenset()) -> tuple[int, int]:
+    """(bytes the pull still has to allocate in ``directory``: files not complete nor
+    ``held`` by content, less the space their partials already hold; the full size of those
+    files, what the cache grows by)."""
     try:
         model = store.open_dir(directory)
     except FileNotFoundError:
-        return plan.total_size
-    need = 0
+        grow = sum(f.size for f in plan.files if f.path not in held)
+        return grow, grow
+    need = grow = 0
     with model:
         for f in plan.files:
+            if f.path in held:
+                continue
             try:
                 parent, name = model.parent_of(f.path)
             except FileNotFoundError:
                 need += f.size
+                grow += f.size
                 continue
             with parent:
                 if parent.is_own_file(name, f.size):
                     continue
                 partial = parent.stat(name + PARTIAL_SUFFIX)
                 need += max(0, f.size - (partial.st_blocks * 512 if partial is not None else 0))
-    return need
+                grow += f.size
+    return need, grow
 
 
 def check_target(to: Path, cache_dir: Path) -> Path:
@@ -195,7 +249,8 @@ def check_target(to: Path, cache_dir: Path) -> Path:
 async def pull(ref: ModelRef, settings: Settings, *, to: Path | None = None,
                emit: Callable[[object], None] = lambda event: None,
                sources: list[ChunkSource] | None = None,
-               rate: TokenBucket | None = None, swarm=None, trust=None, fresh: bool = False) -> PullResult:
+               rate: TokenBucket | None = None, swarm=None, trust=None, fresh: bool = False,
+               adopt_from: Path | None = None, move: bool = False) -> PullResult:
     """Pull ``ref`` into the store (or ``to``); see module docstring. Raises ``ShoalError``s.
 
     ``swarm``: the agent's LAN swarm for this pull (an ``agent.swarm.session.PullSession``):
@@ -206,6 +261,10 @@ async def pull(ref: ModelRef, settings: Settings, *, to: Path | None = None,
     ``fresh``: upstream's current files, not the mirror's copy (nor peers' manifests):
     the plan comes from the origin's listing and the OSS mirror is left out. Otherwise a
     plan from the mirror is checked against upstream beside the pull (``agent.mirrorage``).
+
+    ``adopt_from``: a folder holding (some of) the files already (``shoal import``): each
+    that matches the plan becomes the cache's (``agent.adopt``; ``move`` moves it there)
+    and only the rest is fetched.
     """
     started = time.monotonic()
     result_parts = {"troubles": [], "by_source": {}, "chunks": 0, "first_byte": None}
@@ -227,19 +286,33 @@ async def pull(ref: ModelRef, settings: Settings, *, to: Path | None = None,
         emit(event)
 
     own_sources = sources is None
-    sources = make_sources(settings) if own_sources else sources
-    used = [s for s in sources if s.name != "oss"] if fresh else sources
+    sources = ([] if settings.offline else make_sources(settings)) if own_sources else sources
+    used = [] if settings.offline else [s for s in sources if s.name != "oss"] if fresh else sources
     store = await trio.to_thread.run_sync(Store, settings.cache_dir)
     try:
         offers = swarm.offers if swarm is not None and not fresh else []
         plan, refused = plan_from_offers(ref, offers, trust) if offers and trust else (None, [])
+        cached = None if plan is not None else await trio.to_thread.run_sync(cached_plan, store, ref,
+                                                                               settings.offline)
+        if cached is not None and (cached[1] or settings.offline):
+            plan = cached[0]  # a revision pinned by manifest id, or offline: no origin is asked
         if plan is None:
             try:
                 plan = await resolve(ref, used, record, settings.chunk_size)
             except (NotFound, SourceUnavailable) as e:
                 if refused:  # the only answer came from peers we may not believe: say so
                     raise refused[0] from e
-                raise
+                if cached is not None and cached[1] is False and isinstance(e, SourceUnavailable):
+                    # Complete here; upstream unreachable: what the hub's client does offline.
+                    record(SourceTrouble("cache", f"upstream could not be checked ({_first_line(e)}); using "
+                                         f"the complete copy in the cache"))
+                    plan = cached[0]
+                elif settings.offline:
+                    raise NotFound(f"{ref} is not in the cache and the room has no copy this agent trusts; "
+                                   "offline (SHOAL_OFFLINE / --offline) no origin is asked: pull it once "
+                                   "online, or from a room that holds it") from e
+                else:
+                    raise
         result_parts["plan_s"] = round(time.monotonic() - started, 3)
         if swarm is not None and plan.trusted:
             part = SwarmPart(swarm, plan.manifest(), settings)
@@ -250,8 +323,15 @@ async def pull(ref: ModelRef, settings: Settings, *, to: Path | None = None,
                 checked = trio.Event()
                 if not fresh:
                     nursery.start_soon(_check_mirror_age, plan, used, record, checked)
+                if adopt_from is not None:
+                    from agent.adopt import adopt
+                    found = await trio.to_thread.run_sync(adopt, store, plan.files, plan.chunk_size, plan.trusted,
+                                                          Path(adopt_from), move)
+                    result_parts["imported"] = found.bytes
+                    record(Imported(len(found.kept), found.bytes, found.refused))
                 result = await _run(plan, directory, store, [part.source, *used] if part else used, settings,
-                                    record, rate if rate is not None else TokenBucket(settings.download_rate), part)
+                                    record, rate if rate is not None else TokenBucket(settings.download_rate), part,
+                                    found.chunks if adopt_from is not None else None)
                 with trio.move_on_after(MIRROR_AGE_GRACE):  # a moment for the answer; never more
                     await checked.wait()
                 nursery.cancel_scope.cancel()
@@ -273,6 +353,7 @@ async def pull(ref: ModelRef, settings: Settings, *, to: Path | None = None,
     result.chunks_fetched = result_parts["chunks"]
     result.first_byte_s = result_parts["first_byte"]
     result.mirror = result_parts.get("mirror")
+    result.imported_bytes = result_parts.get("imported", 0)
     result.timings["plan_s"] = result_parts["plan_s"]
     if result.first_request_at is not None:
         result.timings["first_request_s"] = round(result.first_request_at - started, 3)
@@ -284,69 +365,81 @@ async def pull(ref: ModelRef, settings: Settings, *, to: Path | None = None,
 
 
 async def _run(plan: Plan, directory: Path, store: Store, sources: list[ChunkSource],
-               settings: Settings, emit, rate: TokenBucket, part: SwarmPart | None) -> PullResult:
+               settings: Settings, emit, rate: TokenBucket, part: SwarmPart | None,
+               hashed: dict | None = None) -> PullResult:
     ref = plan.ref
 
     # Each step below is a blocking call, made in a worker thread; they go in two hops,
     # not one each: a pull's first request waits on them, and on a busy machine (a room of
     # agents starting at once) every hop waits for a time slice.
-    def check_space() -> tuple[int, list, int]:
+    def check_space() -> tuple[int, list, int, dict, list[str]]:
         # Check the space before the pull, not in the middle of it: preallocation would
         # fail on the first file that does not fit. Nothing is created before these checks.
+        # What the cache holds by content under another model or revision is linked, not
+        # fetched, and takes no new space (agent.store.content).
         store.check_dir_free(ref, directory)
-        need = _bytes_needed(store, directory, plan)
-        evicted = store.make_room(ref, need, settings.quota, settings.quota_high, settings.quota_low)
-        return need, evicted, _free_bytes(directory)
-    need, evicted, free = await trio.to_thread.run_sync(check_space)
+        held, notes = store.held(ref, plan.files, plan.chunk_size, plan.trusted, hashed)
+        need, grow = _bytes_needed(store, directory, plan, held)
+        evicted = store.make_room(ref, grow, settings.quota, settings.quota_high, settings.quota_low,
+                                  kept=frozenset(h.sha256 for h in held.values()))
+        return need, evicted, _free_bytes(directory), held, notes
+    need, evicted, free, held, notes = await trio.to_thread.run_sync(check_space)
+    for note in notes:
+        emit(SourceTrouble("cache", note))
     for gone in evicted:
         emit(Evicted(str(gone.ref), gone.total_size))
     if need > free:
         raise DiskFull(f"{ref} needs {need} more bytes in {directory} and only {free} are free: "
                        "free some space (`shoal rm` a model you no longer need) and pull again")
 
-    def record() -> SafeDir:
+    def record() -> tuple[SafeDir, int]:
         # Only a pull that passed the checks above is recorded in the index.
         model = store.open_dir(directory, create=True)
         try:
             store.begin(ref, model.path, plan.chunk_size, [(f.path, f.size, f.sha256) for f in plan.files])
             if plan.trusted:  # LAN peers may fetch what this pull has verified while it runs
                 store.expect(ref, plan.manifest())
+            linked = store.link_held(ref, model, held)
         except BaseException:
             model.close()
             raise
-        return model
-    model = await trio.to_thread.run_sync(record)
+        return model, linked
+    model, linked = await trio.to_thread.run_sync(record)
     try:
         async def fetch() -> PullResult:
             return await _fetch_all(plan, model, store, sources, settings, emit, rate,
-                                    part.picker if part else FifoPicker)
+                                    part.picker if part else FifoPicker, linked)
         return await (part.run(fetch) if part else fetch())
     finally:
         model.close()
 
 
 async def _fetch_all(plan: Plan, model: SafeDir, store: Store, sources: list[ChunkSource],
-                     settings: Settings, emit, rate: TokenBucket, picker) -> PullResult:
+                     settings: Settings, emit, rate: TokenBucket, picker, linked: int = 0) -> PullResult:
     ref, directory = plan.ref, model.path
     tasks: list[FileTask] = []
+    reused = linked
     try:
         def open_files() -> int:  # in one thread hop for them all (see _run); what is held already
+            nonlocal reused
             already = 0
             for f in plan.files:
                 pf = store.open_file(ref, model, f.path, f.size, f.sha256, plan.chunk_size, f.chunks)
                 if pf is None:
                     already += f.size
                     continue
+                if plan.trusted and pf.missing:  # chunks this cache verified under another file
+                    reused += store.reuse_chunks(pf, f.chunks)
                 already += sum(chunk_span(f.size, plan.chunk_size, i)[1] for i in pf.have)
                 pf.track_sha256 = not plan.trusted or settings.always_sha256
                 tasks.append(FileTask(pf, f.chunks, check_sha256=pf.track_sha256))
             return already
         already = await trio.to_thread.run_sync(open_files)
-        emit(PlanReady(plan, directory, already))
+        emit(PlanReady(plan, directory, already, reused))
         states = [SourceState(s) for s in sources]
         first_request_at = None
         for round_ in range(MAX_ROUNDS):
-            scheduler = Scheduler(ref, states, settings, emit, rate, picker)
+            scheduler = Scheduler(ref, states, settings, emit, rate, picker, finish=store.finish_files)
             outcome = await scheduler.run(tasks)
             first_request_at = first_request_at or scheduler.first_request_at
             if not outcome.mismatched:
@@ -372,7 +465,8 @@ async def _fetch_all(plan: Plan, model: SafeDir, store: Store, sources: list[Chu
             task.file.close()
     manifest = plan.manifest() if plan.trusted else await trio.to_thread.run_sync(plan_manifest, plan, store)
     manifest_id = await trio.to_thread.run_sync(store.complete, ref, manifest)
-    return PullResult(ref, directory, manifest_id, plan.total_size, first_request_at=first_request_at)
+    return PullResult(ref, directory, manifest_id, plan.total_size, reused_bytes=reused,
+                      first_request_at=first_request_at)
 
 
 def event_to_wire(event) -> dict:
@@ -381,6 +475,7 @@ def event_to_wire(event) -> dict:
         plan = event.plan
         return {"type": "plan", "model": str(plan.ref), "plan": plan.origin, "trusted": plan.trusted,
                 "files": len(plan.files), "total_bytes": plan.total_size, "already_bytes": event.already,
+                "reused_bytes": event.reused,
                 "chunk_size": plan.chunk_size, "directory": str(event.directory)}
     if isinstance(event, ChunkFetched):
         return {"type": "chunk", "path": event.path, "index": event.index, "nbytes": event.nbytes,
@@ -393,6 +488,8 @@ def event_to_wire(event) -> dict:
         return {"type": "trouble", "source": event.source, "message": event.message}
     if isinstance(event, Evicted):
         return {"type": "evicted", "model": event.model, "size": event.size}
+    if isinstance(event, Imported):
+        return {"type": "imported", "files": event.kept, "bytes": event.kept_bytes, "refused": event.refused}
     if isinstance(event, MirrorAge):
         return {"type": "mirror_age", "made_at": event.made_at, "upstream_moved": event.upstream_moved,
                 "message": event.message}
@@ -401,7 +498,9 @@ def event_to_wire(event) -> dict:
 
 def result_to_wire(result: PullResult) -> dict:
     return {"model": str(result.ref), "directory": str(result.directory), "manifest_id": result.manifest_id,
-            "total_bytes": result.total_size, "fetched_by_source": result.fetched_by_source,
+            "total_bytes": result.total_size, "reused_bytes": result.reused_bytes,
+            "imported_bytes": result.imported_bytes,
+            "fetched_by_source": result.fetched_by_source,
             "chunks_fetched": result.chunks_fetched, "endgame_duplicates": result.endgame_duplicates,
             "origin_duplicate_chunks": result.origin_duplicate_chunks, "first_byte_s": result.first_byte_s,
             "timings": result.timings, "mirror_copy": result.mirror,

@@ -40,6 +40,9 @@ class ActivePull:
     ref: ModelRef
     directory: Path | None
     fresh: bool = False  # from upstream, not the mirror (agent.pull)
+    offline: bool = False  # no origin asked (agent.pull)
+    adopt_from: Path | None = None  # a folder being imported (agent.adopt)
+    move: bool = False
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     done: trio.Event = field(default_factory=trio.Event)
     subscribers: set = field(default_factory=set)
@@ -108,9 +111,11 @@ class PullCoordinator:
     def snapshot(self) -> list[dict]:
         return [p.snapshot() for p in self.pulls.values()]
 
-    def start(self, ref: ModelRef, directory: Path | None, *, fresh: bool = False) -> ActivePull:
+    def start(self, ref: ModelRef, directory: Path | None, *, fresh: bool = False,
+              offline: bool = False, adopt_from: Path | None = None, move: bool = False) -> ActivePull:
         """The running pull of ``ref``, or a new one (``fresh``: from upstream, not the
-        mirror; a running pull is joined as it is). Follow it (``follow``) to hold it."""
+        mirror; ``offline``: from no origin; a running pull is joined as it is). Follow it
+        (``follow``) to hold it."""
         key = str(ref)
         active = self.pulls.get(key)
         if active is not None:
@@ -118,7 +123,7 @@ class PullCoordinator:
                 raise StoreLocked(f"{ref} is being pulled into {active.directory} already; "
                                   "wait for it, or cancel it with `shoal cancel`")
             return active
-        active = ActivePull(ref, directory, fresh)
+        active = ActivePull(ref, directory, fresh, offline, adopt_from=adopt_from, move=move)
         self.pulls[key] = active
         self._nursery.start_soon(self._run, active)
         return active
@@ -150,9 +155,10 @@ class PullCoordinator:
                 trust = self.trust
                 if is_manifest_id(active.ref.revision):  # MODEL@<manifest-id>: the person vouches for it
                     trust = TrustPolicy(trust.publishers, frozenset({active.ref.revision}))
-                result = await pull(active.ref, self.settings, to=active.directory, emit=emit,
+                settings = self.settings.with_(offline=True) if active.offline else self.settings
+                result = await pull(active.ref, settings, to=active.directory, emit=emit,
                                     sources=self.sources, rate=self.rate, swarm=session, trust=trust,
-                                    fresh=active.fresh)
+                                    fresh=active.fresh, adopt_from=active.adopt_from, move=active.move)
                 result.timings["offers_s"] = offers_s  # before the pull's own clock starts
                 active.result = result_to_wire(result)
                 self._completed()

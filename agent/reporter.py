@@ -42,6 +42,8 @@ class PullReporter:
                 self._say(f"{self.ref}: {human_bytes(event['total_bytes'])} in {event['files']} files "
                           f"(from the {event['plan']}"
                           + (f"; {human_bytes(event['already_bytes'])} already here" if event["already_bytes"] else "")
+                          + (f", {human_bytes(event['reused_bytes'])} of it held under another model or revision"
+                             if event.get("reused_bytes") else "")
                           + ")")
         elif kind == "chunk" and self.progress is not None:
             if self.first_byte_s is None:
@@ -58,6 +60,14 @@ class PullReporter:
                 self._json(event="evicted", model=event["model"], size=event["size"])
             else:
                 self._say(f"evicted {event['model']} ({human_bytes(event['size'])}) to stay within the cache quota")
+        elif kind == "imported":
+            if self.json_mode:
+                self._json(event="imported", files=event["files"], bytes=event["bytes"], refused=event["refused"])
+            else:
+                self._say(f"imported {event['files']} file(s), {human_bytes(event['bytes'])}, from the folder "
+                          "(hashed: they match the origin)")
+                for path, why in sorted(event["refused"].items()):
+                    self._say(f"  not imported, fetched instead: {path}: {why}")
         elif kind == "mirror_age":
             if self.json_mode:
                 self._json(event="mirror_age", made_at=event["made_at"], upstream_moved=event["upstream_moved"],
@@ -122,4 +132,6 @@ class PullReporter:
                       f"  {human_bytes(result['total_bytes'])} verified; fetched "
                       f"{split or 'nothing (already complete)'} in {elapsed:.1f} s"
                       + (f" ({human_bytes(speed)}/s)" if split else "")
+                      + (f"; {human_bytes(result['reused_bytes'])} taken from the cache (held under another "
+                         "model or revision, not fetched)" if result.get("reused_bytes") else "")
                       + f"\n  manifest {result['manifest_id']}")

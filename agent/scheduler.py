@@ -27,13 +27,13 @@ import trio
 
 from agent.config import Settings
 from agent.cpu import LEDGER
-from agent.errors import (ChunkFailed, ChunkNotHeld, CredentialsRejected, IntegrityError, NotFound,
+from agent.errors import (Cancelled, ChunkFailed, ChunkNotHeld, CredentialsRejected, IntegrityError, NotFound,
                           SourceUnavailable, single_error)
 from agent.manifest import ModelRef, chunk_span
 from agent.ratelimit import TokenBucket
 from agent.sources import ChunkRequest, ChunkSource
 from agent.hashing import blake3_hash
-from agent.partial import PartialFile
+from agent.store.partial import PartialFile
 
 # Every chunk in flight (default 8) failing at once is a pattern, not a blip.
 FAILURES_BEFORE_COOLDOWN = 8
@@ -228,20 +228,65 @@ class FifoPicker:
         pass
 
 
+class Finisher:
+    """Finishes proven files in batches: whoever asks while a batch is being finished joins
+    the next one, so a burst of small files costs one sync and one index transaction per
+    batch, not a sync of every file and of its folder (``Store.finish_files``)."""
+
+    MAX_BATCH = 256
+
+    def __init__(self, finish: Callable[[list[PartialFile]], None], limiter: trio.CapacityLimiter | None = None):
+        self._finish = finish
+        self._limiter = limiter
+        self._queue: list[tuple[PartialFile, trio.Event, list]] = []
+        self._running = False
+
+    async def finish(self, pf: PartialFile) -> None:
+        done, outcome = trio.Event(), []
+        self._queue.append((pf, done, outcome))
+        if not self._running:
+            self._running = True
+            batch: list = []
+            try:
+                while self._queue:
+                    batch, self._queue = self._queue[:self.MAX_BATCH], self._queue[self.MAX_BATCH:]
+                    try:
+                        await trio.to_thread.run_sync(self._finish, [f for f, _, _ in batch], limiter=self._limiter)
+                        error = None
+                    except Exception as e:  # every file of the batch gets the batch's error
+                        error = e
+                    for _, event, out in batch:
+                        out.append(error)
+                        event.set()
+                    batch = []
+            finally:
+                self._running = False
+                for _, event, out in batch + self._queue:  # this task was cancelled: nobody is left to
+                    out.append(Cancelled("the pull stopped before this file was finished"))  # finish these
+                    event.set()
+                self._queue = []
+        await done.wait()
+        if outcome and outcome[0] is not None:
+            raise outcome[0]
+
+
 class Scheduler:
     """Fetches the missing chunks of a set of files. One instance per pull round.
 
     ``picker``: makes the ``Picker`` workers ask for their next chunk (``FifoPicker`` by
-    default), from the jobs and how many workers will ask.
+    default), from the jobs and how many workers will ask. ``finish``: makes a batch of
+    proven files durable and records them (``Store.finish_files``), in a worker thread.
     """
 
     def __init__(self, ref: ModelRef, sources: list[SourceState], settings: Settings,
                  emit: Callable[[Event], None], rate: TokenBucket | None = None,
-                 picker: Callable[[list[Job], int], Picker] = FifoPicker):
+                 picker: Callable[[list[Job], int], Picker] = FifoPicker, *,
+                 finish: Callable[[list[PartialFile]], None]):
         self.ref, self.sources, self.settings, self.emit = ref, sources, settings, emit
         self.rate = rate
         self.picker = picker
         self._limiter = trio.CapacityLimiter(settings.concurrency)
+        self._finisher = Finisher(finish)
         self.first_request_at: float | None = None  # monotonic time of the first chunk request
         # Endgame: which chunks have been written, and the fetches of each still running.
         self._written: set[tuple[str, int]] = set()
@@ -416,5 +461,5 @@ class Scheduler:
             if not ok:
                 outcome.mismatched.append(task)
                 return
-        await trio.to_thread.run_sync(pf.finish)
+        await self._finisher.finish(pf)
         self.emit(FileDone(pf.rel, pf.size))

@@ -52,6 +52,9 @@ from agent.swarm.trust import TrustPolicy, parse_publishers
 
 log = logging.getLogger("shoal.agent")
 
+LAG_TICK = 0.25
+LAG_WINDOW = 10.0
+
 
 class Agent:
     """See module docstring."""
@@ -80,6 +83,7 @@ class Agent:
         self.devices = DeviceProbe()
         self.gateway_url: str | None = None
         self.reload_requested = False  # serve ends, and `shoal agent` starts again with fresh settings
+        self.loop_lag_s = 0.0  # the event loop's worst lateness over the last LAG_WINDOW (status, the soak run)
         self._nursery: trio.Nursery | None = None
 
     def request_reload(self, why: str, *, after: float = 0.0) -> None:
@@ -91,6 +95,17 @@ class Agent:
             self.reload_requested = True
             self._nursery.cancel_scope.cancel()
         self._nursery.start_soon(reload)
+
+    async def _watch_loop_lag(self) -> None:
+        """How late the event loop wakes a sleeper (blocking work on it shows here): the
+        worst over the last ``LAG_WINDOW`` seconds, for `shoal status` and the soak run."""
+        worst, window = 0.0, trio.current_time()
+        while True:
+            asked = trio.current_time()
+            await trio.sleep(LAG_TICK)
+            worst = max(worst, trio.current_time() - asked - LAG_TICK)
+            if trio.current_time() - window >= LAG_WINDOW:
+                self.loop_lag_s, worst, window = worst, 0.0, trio.current_time()
 
     async def _reload_on_sighup(self) -> None:
         with trio.open_signal_receiver(signal.SIGHUP) as signals:
@@ -123,9 +138,15 @@ class Agent:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._reload_on_sighup)
+                nursery.start_soon(self._watch_loop_lag)
                 parent = os.environ.get("SHOAL_EXIT_WITH_PARENT", "")
                 if parent.isdigit():
                     nursery.start_soon(self._exit_with_parent, int(parent))
+                # What a kill left half-done (a file linked but not recorded, a blob no model
+                # links, a name being made): set right before anything is served.
+                swept = await trio.to_thread.run_sync(self.store.sweep)
+                if any(swept.values()):
+                    log.info("the cache after the last stop: %s", swept)
                 await nursery.start(self.pulls.run)
                 gateway = Gateway(self.settings, self.store, self.sources, self.pulls, self.metrics.render)
                 port = await nursery.start(serve_gateway, gateway, self.settings.gateway_port)

@@ -3,6 +3,8 @@
 Every chunk is re-hashed with BLAKE3 against the model's manifest and every file with
 SHA-256 against the origin's. A damaged file goes back to ``.partial`` with its bad
 chunks dropped from the index, so the next ``shoal pull`` fetches only those chunks.
+When the damaged bytes were a file other models share (one blob), they lose it too and
+link the repaired one on their next pull (``agent.store.content``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from agent.manifest import ModelRef, chunk_span
 from agent.progress import human_bytes
 from agent.hashing import HASH_BLOCK, blake3_hash
 from agent.store import Store
-from agent.storefiles import open_model_file
+from agent.store.folders import open_model_file
 
 
 @dataclass
@@ -26,10 +28,15 @@ class VerifyReport:
     files: int = 0
     bytes: int = 0
     damaged: dict[str, str] = field(default_factory=dict)  # path -> what is wrong
+    shared: dict[str, list[str]] = field(default_factory=dict)  # path -> other models that linked the damaged bytes
 
     def lines(self) -> list[str]:
         out = [f"{self.ref}: checked {self.files} files, {human_bytes(self.bytes)}"]
-        out += [f"  DAMAGED {path}: {why}" for path, why in sorted(self.damaged.items())]
+        for path, why in sorted(self.damaged.items()):
+            out.append(f"  DAMAGED {path}: {why}")
+            if self.shared.get(path):
+                out.append(f"    the same bytes were {', '.join(self.shared[path])}'s too: they take the repaired "
+                           "file on their next pull (fetched once)")
         out.append("  all files match their manifest and SHA-256" if not self.damaged else
                    f"  {len(self.damaged)} damaged file(s)")
         return out
@@ -72,7 +79,7 @@ def verify_model(ref: ModelRef, settings: Settings) -> VerifyReport:
             if bad or sha.digest() != entry.sha256:
                 what = f"{len(bad)} bad chunk(s) {bad[:8]}" if bad else "SHA-256 mismatch"
                 report.damaged[entry.path] = what
-                store.mark_damaged(ref, entry.path, bad or list(range(len(entry.chunks))))
+                report.shared[entry.path] = store.mark_damaged(ref, entry.path, bad or list(range(len(entry.chunks))))
         return report
     finally:
         store.close()

@@ -3,6 +3,7 @@ rate cap, the ModelScope gateway, metrics, SIGTERM and bad control frames."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -155,11 +156,14 @@ def test_malformed_and_oversized_frames_get_an_error_and_the_agent_keeps_running
     assert json.loads(run_shoal(["status", "--json"], agent_env, check=True).stdout)["pid"] == agent.info["pid"]
 
 
-def test_quota_evicts_the_least_recently_used_unpinned_model_never_a_pinned_or_busy_one(env, hub, oss, model_dir):
+def test_quota_evicts_the_least_recently_used_unpinned_model_never_a_pinned_or_busy_one(env, hub, oss, tmp_path):
+    from agent.testing.models import make_model
     del env["SHOAL_OSS_BUCKET"]
-    for name in ("a", "b", "c"):
-        hub.add_model(f"lab/{name}", model_dir)
-    size = sum(p.stat().st_size for p in model_dir.rglob("*") if p.is_file())
+    dirs = {}
+    for name in ("a", "b", "c"):  # three models of other weights (the cache keeps shared files once)
+        dirs[name] = make_model(tmp_path / f"origin-{name}", weights_bytes=2 * 1024 * 1024 + 12345, seed=name)
+        hub.add_model(f"lab/{name}", dirs[name])
+    size = sum(p.stat().st_size for p in dirs["a"].rglob("*") if p.is_file())
     env["SHOAL_QUOTA"] = str(int(size * 2.5))  # two models fit, three do not
     run_shoal(["pull", "lab/a"], env, check=True)
     run_shoal(["pin", "lab/a"], env, check=True)
@@ -182,7 +186,10 @@ def test_quota_evicts_the_least_recently_used_unpinned_model_never_a_pinned_or_b
         store.close()
     assert not (Path(env["SHOAL_CACHE_DIR"]) / "models" / "lab" / "b").exists()
     du = json.loads(run_shoal(["du", "--json"], env, check=True).stdout)
-    assert du["usage_bytes"] == 2 * size and du["quota_bytes"] == int(size * 2.5)
+    # Bytes on disk, counted once: lab/a and lab/c share their tokenizer and generation config.
+    distinct = {hashlib.sha256(p.read_bytes()).hexdigest(): p.stat().st_size
+                for name in ("a", "c") for p in dirs[name].rglob("*") if p.is_file()}
+    assert du["usage_bytes"] == sum(distinct.values()) < 2 * size and du["quota_bytes"] == int(size * 2.5)
 
 
 def test_a_capped_pull_stays_near_its_rate(agent_env, oss, model_dir):

@@ -147,7 +147,7 @@ def test_only_verified_chunks_of_a_partial_file_are_served(served, tmp_path):
     store, manifest, tickets, server, model = served
     big = max(manifest.files, key=lambda f: f.size)
     # Drop the claim on chunk 1: as if that chunk had not arrived yet.
-    store._forget_chunks(str(REF), big.path, [1])
+    store.index.forget_chunks(str(REF), big.path, [1])
     ticket = tickets.issue("peer-b", HERE)
     buffer = memoryview(bytearray(CHUNK))
     client = DataClient()

@@ -254,7 +254,7 @@ def test_train_and_swift_sft_take_a_dataset_id(env, hub, tiny_llm, dataset_dir, 
 def test_dataset_ids_parse_and_never_meet_model_ids(tmp_path):
     from agent.errors import UsageError
     from agent.manifest import ModelRef, check_model_id, hub_repo
-    from agent.storefiles import model_dir
+    from agent.store.folders import model_dir
     data = ModelRef.parse("lab/x@v1", dataset=True)
     assert data == ModelRef.parse("datasets/lab/x@v1") == ModelRef.parse("datasets/lab/x@v1", dataset=True)
     assert data.is_dataset and hub_repo(data.model_id) == ("dataset", "lab/x")

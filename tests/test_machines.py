@@ -94,7 +94,8 @@ async def run(tmp_path, sources, trusted=True, retries=2):
     store, task, model = plan_task(tmp_path, trusted)
     events = []
     try:
-        await Scheduler(REF, [SourceState(s) for s in sources], settings, events.append).run([task])
+        await Scheduler(REF, [SourceState(s) for s in sources], settings, events.append,
+                        finish=store.finish_files).run([task])
     finally:
         model.close()
         store.close()

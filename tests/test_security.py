@@ -417,7 +417,7 @@ def test_a_model_name_cannot_forge_a_log_line(env):
 
 def test_lock_names_are_one_to_one():
     from agent.manifest import ModelRef
-    from agent.storefiles import lock_name
+    from agent.store.folders import lock_name
     refs = [ModelRef("a--b/c"), ModelRef("a/b--c"), ModelRef("a/b", "c--d"), ModelRef("a/b--c", "d"),
             ModelRef("a/b+lora/c"), ModelRef("a/b-lora-c"), ModelRef("a/b", "master")]
     names = [lock_name(r) for r in refs]

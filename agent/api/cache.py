@@ -21,6 +21,7 @@ class PullParams:
     model: ModelRef
     to: str | None = None  # an absolute folder; only the agent's own user or root
     fresh: bool = False  # upstream's current files, not the mirror's copy (agent.pull)
+    offline: bool = False  # ask no origin: the cache and the room only
 
 
 def _target(agent, to: str | None, uid: int) -> Path | None:
@@ -39,11 +40,12 @@ def _target(agent, to: str | None, uid: int) -> Path | None:
     return check_target(Path(to), agent.settings.cache_dir)
 
 
-async def follow_wire(agent, ref: ModelRef, directory: Path | None, call: Call, *, fresh: bool = False) -> dict:
+async def follow_wire(agent, ref: ModelRef, directory: Path | None, call: Call, *, fresh: bool = False,
+                      offline: bool = False) -> dict:
     """Start or join the pull of ``ref`` and stream its events to the caller."""
     async def send(event) -> None:
         await call.send_event(event_to_wire(event))
-    return await agent.pulls.follow(agent.pulls.start(ref, directory, fresh=fresh), send)
+    return await agent.pulls.follow(agent.pulls.start(ref, directory, fresh=fresh, offline=offline), send)
 
 
 @method("pull", PullParams, "Pull a model (or join its running pull); the result names its folder.",
@@ -51,7 +53,34 @@ async def follow_wire(agent, ref: ModelRef, directory: Path | None, call: Call, 
 async def pull(agent, p: PullParams, call: Call):
     # The target's checks open and stat folders: off the event loop.
     target = await trio.to_thread.run_sync(_target, agent, p.to, call.uid)
-    return await follow_wire(agent, p.model, target, call, fresh=p.fresh)
+    return await follow_wire(agent, p.model, target, call, fresh=p.fresh, offline=p.offline)
+
+
+@dataclass(frozen=True)
+class ImportParams:
+    model: ModelRef
+    dir: str  # an absolute folder holding (some of) the files; only the agent's own user or root
+    move: bool = False  # move matching files into the cache instead of linking or copying them
+
+
+@method("import", ImportParams, "Adopt a folder's files that match the plan (`shoal import`), then fetch the rest.",
+        streams=True)
+async def import_dir(agent, p: ImportParams, call: Call):
+    from agent.adopt import check_source
+    # Reading a folder of the caller's choosing is for the agent's own user and root, as
+    # --to is: the agent may read what the caller may not.
+    if call.uid not in (os.getuid(), 0):
+        raise UsageError(f"only the agent's own user (uid {os.getuid()}) or root may import a folder; run "
+                         "`shoal import` as that user, or copy the folder somewhere it can read")
+    if not os.path.isabs(p.dir) or "\0" in p.dir:
+        raise UsageError("'dir' must be an absolute directory path")
+    if str(p.model) in agent.pulls:
+        raise StoreLocked(f"{p.model} is being pulled; wait for it (or `shoal cancel {p.model}`) and import again")
+    source = await trio.to_thread.run_sync(check_source, Path(p.dir))
+
+    async def send(event) -> None:
+        await call.send_event(event_to_wire(event))
+    return await agent.pulls.follow(agent.pulls.start(p.model, None, adopt_from=source, move=p.move), send)
 
 
 @method("cancel", ModelParams, "Stop the running pull of a model; verified chunks are kept.")
@@ -97,14 +126,14 @@ async def gc(agent, p: NoParams, call: Call):
     return [model_row(m, False) for m in evicted]
 
 
-@method("du", NoParams, "Disk use by model, with the quota.")
+@method("du", NoParams, "Disk use (each file once) and, per model, what removing it would free; the quota.", quiet=True)
 async def du(agent, p: NoParams, call: Call):
-    models = await trio.to_thread.run_sync(agent.store.models)
-    return {"usage_bytes": sum(m.total_size for m in models), "quota_bytes": agent.settings.quota,
-            "models": [model_row(m, str(m.ref) in agent.pulls) for m in models]}
+    from agent.store import du_rows
+    report = await trio.to_thread.run_sync(lambda: du_rows(agent.store, active=set(agent.pulls)))
+    return {**report, "quota_bytes": agent.settings.quota}
 
 
-@method("model_detail", ModelParams, "One model: its row, its files' chunk maps, the LAN peers holding it.")
+@method("model_detail", ModelParams, "One model: its row, its files' chunk maps, the LAN peers holding it.", quiet=True)
 async def model_detail(agent, p: ModelParams, call: Call):
     info = await trio.to_thread.run_sync(agent.store.find, p.model)
     files = await trio.to_thread.run_sync(agent.store.chunk_map, p.model)
@@ -112,7 +141,7 @@ async def model_detail(agent, p: ModelParams, call: Call):
             "peers": agent.swarm.holders(info.ref, info.manifest_id) if agent.swarm is not None else []}
 
 
-@method("mirror_models", NoParams, "Models the OSS mirror holds (empty without a mirror).")
+@method("mirror_models", NoParams, "Models the OSS mirror holds (empty without a mirror).", quiet=True)
 async def mirror_models(agent, p: NoParams, call: Call):
     oss = next((s for s in agent.sources if s.name == "oss"), None)
     if oss is None:

@@ -33,6 +33,7 @@ async def status(agent, p: NoParams, call: Call):
             "gateway": agent.gateway_url, "usage_bytes": usage, "quota_bytes": agent.settings.quota,
             "download_rate": agent.download.rate, "upload_rate": agent.upload.rate,
             "upload_slots": agent.upload_slots.total_tokens, "cpu": cpu_snapshot(),
+            "loop_lag_ms": round(agent.loop_lag_s * 1000, 1),
             "pulls": agent.pulls.snapshot(),
             "sources": [s.label for s in agent.sources],
             "swarm": None if swarm is None else swarm.describe(),

@@ -30,8 +30,24 @@ def cmd_pull(args) -> int:
         raise UsageError("--no-modelscope applies to in-process pulls; the agent uses its own sources "
                          "(set SHOAL_USE_MODELSCOPE=0 in its config)")
     reporter = PullReporter(ref, json_mode=args.json)
+    if args.fresh and args.offline:
+        raise UsageError("--fresh asks upstream for its current files: it cannot go with --offline")
     reporter.finish(backend.pull(ref, to=Path(args.to) if args.to else None, on_event=reporter.event,
-                                 fresh=args.fresh))
+                                 fresh=args.fresh, offline=args.offline))
+    return 0
+
+
+def cmd_import(args) -> int:
+    from agent.client import open_backend
+    from agent.reporter import PullReporter
+    from agent.manifest import ModelRef
+    settings = settings_of(args)
+    ref = ModelRef.parse(args.as_, dataset=args.dataset)
+    source = Path(args.dir)
+    if not source.is_dir():
+        raise UsageError(f"{source} is not a folder to import from")
+    reporter = PullReporter(ref, json_mode=args.json)
+    reporter.finish(open_backend(settings).import_dir(ref, source.resolve(), move=args.move, on_event=reporter.event))
     return 0
 
 
@@ -91,17 +107,21 @@ def cmd_du(args) -> int:
     usage = backend.usage()
     # The quota as this command's settings see it (the agent's own is in `shoal status`).
     quota, models = backend.settings.quota, usage["models"]
-    total = sum(m["size"] for m in models)
+    total = usage["usage_bytes"]  # on disk, each file once however many models link it
     if args.json:
-        print(json.dumps({"usage_bytes": total, "quota_bytes": quota, "models": models}, indent=2))
+        print(json.dumps({**usage, "quota_bytes": quota}, indent=2))
         return 0
-    rows = [("MODEL", "SIZE", "PINNED", "LAST USED")]
+    rows = [("MODEL", "SIZE", "OWN", "PINNED", "LAST USED")]
     for m in sorted(models, key=lambda m: -m["size"]):
         used = time.strftime("%Y-%m-%d %H:%M", time.localtime(m["last_used"])) if m["last_used"] else "-"
-        rows.append((f"{m['model']}@{m['revision']}", human_bytes(m["size"]), "yes" if m["pinned"] else "", used))
+        rows.append((f"{m['model']}@{m['revision']}", human_bytes(m["size"]), human_bytes(m.get("unique", m["size"])),
+                     "yes" if m["pinned"] else "", used))
     table(rows)
     share = f" of {human_bytes(quota)} quota ({100 * total / quota:.0f}%)" if quota else ""
-    print(f"total {human_bytes(total)}{share}")
+    shared = usage.get("logical_bytes", total) - total
+    print(f"total {human_bytes(total)} on disk{share}"
+          + (f"; {human_bytes(shared)} more is shared between models (kept once)" if shared > 0 else ""))
+    print("OWN: what removing the model would free (files no other model or revision shares)")
     return 0
 
 
@@ -128,7 +148,20 @@ def register(sub) -> None:
     p.add_argument("--no-modelscope", action="store_true", help="never fall back to ModelScope")
     p.add_argument("--fresh", action="store_true",
                    help="upstream's current files (ModelScope's listing), not the OSS mirror's copy")
+    p.add_argument("--offline", action="store_true",
+                   help=f"ask no origin (mirror, hub): the cache and the room only (${ENV_NAMES['offline']}=1)")
     p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("import", help="adopt a folder's files (a hub cache snapshot, any copy) as a model or "
+                                      "--dataset: each is hashed, what matches the origin is kept, the rest fetched")
+    p.add_argument("dir", metavar="DIR", help="the folder holding the files (symbolic links are followed)")
+    p.add_argument("--as", dest="as_", metavar="OWNER/NAME[@REVISION]", required=True,
+                   help="the model (or dataset) the folder holds")
+    p.add_argument("--dataset", action="store_true", help="the folder is a dataset repository")
+    p.add_argument("--move", action="store_true", help="move matching files into the cache (default: hard-link "
+                                                      "them where the cache's file system can, else copy)")
+    p.add_argument("--json", action="store_true", help="JSON lines on stdout, for scripts")
+    p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("ls", help="list cached models and datasets with size and completeness")
     p.add_argument("--json", action="store_true")

@@ -69,7 +69,7 @@ def train_spec(values: dict) -> TrainSpec:
 
 def check_adapter_free(cache_dir: Path, ref: ModelRef, name: str) -> None:
     """Refuse a name an adapter of this model already has (before pulling or training)."""
-    from agent.storefiles import model_dir
+    from agent.store.folders import model_dir
     if model_dir(cache_dir, adapter_ref(ref, name)).exists():
         raise UsageError(f"an adapter named {name!r} for {ref.model_id} exists already; pick another name")
 

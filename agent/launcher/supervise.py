@@ -26,7 +26,7 @@ def main(job_dir: str) -> int:
         return 0
     # The model (and the adapter, if any) stay "in use" while the job runs: never evicted.
     from agent.manifest import ModelRef
-    from agent.storefiles import hold_in_use
+    from agent.store.folders import hold_in_use
     held = [hold_in_use(directory.parent.parent, ModelRef.parse(job.model))]
     if job.detail.get("adapter") and job.kind != "train":
         base = ModelRef.parse(job.model)

@@ -43,6 +43,8 @@ KINDS: tuple[SourceKind, ...] = (
                "agent.sources.huggingface:HuggingFaceSource", "hf_endpoint", "HF_ENDPOINT for a Hugging Face hub"),
     # Files shoal registered itself (a LoRA adapter it trained).
     SourceKind("local", "local files", "local", "grey50"),
+    # Bytes the cache held under another model, dataset or revision (agent.store.content).
+    SourceKind("cache", "the cache", "cache", "medium_purple"),
 )
 MISSING_COLOUR = "grey30"
 _BY_NAME = {k.name: k for k in KINDS}

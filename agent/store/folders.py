@@ -1,7 +1,8 @@
-"""Where a cache keeps a model (or a dataset) and how its files are reached without the index: the
-model folder, the per-revision lock file (``hold_in_use`` for job processes), and a
-read-only fd of a model's file opened without following links (the gateway, the data
-port, ``shoal verify``)."""
+"""Model folders: where a cache keeps a model (or a dataset) and how its files are reached
+without the index: the folder, the per-revision lock file (``hold_in_use`` for job
+processes), a read-only fd of a model's file opened without following links (the gateway,
+the data port, ``shoal verify``), and the removal of a folder's files. A complete file in
+a folder is a hard link of its blob (``agent.store.blobs``): a plain file to every tool."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from agent.manifest import PARTIAL_SUFFIX, ModelRef, hub_repo
 from agent.safefs import SafeDir
 
 if TYPE_CHECKING:
-    from agent.store import Store
+    from agent.store.store import Store
 
 
 def kind_folder(root: Path, ref: ModelRef) -> Path:
@@ -49,7 +50,12 @@ def open_model_file(store: "Store", directory: Path, path: str, *, partial_ok: b
     """A read-only fd of a file of the model in ``directory`` (or, if ``partial_ok`` and it is
     not finished, its ``.partial``), opened without following links and only if it is the
     store's own."""
-    with store.open_dir(directory) as model, model.parent_of(path)[0] as parent:
+    return open_fd(store.open_dir, directory, path, partial_ok=partial_ok)
+
+
+def open_fd(open_dir: Callable[[Path], SafeDir], directory, path: str, *, partial_ok: bool = False) -> int:
+    """``open_model_file`` with the folder opener given (``Store.open_dir``)."""
+    with open_dir(Path(directory)) as model, model.parent_of(path)[0] as parent:
         name = path.rpartition("/")[2]
         try:
             return parent.open_file(name, os.O_RDONLY)

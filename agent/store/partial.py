@@ -1,9 +1,11 @@
-"""One file being filled chunk by chunk: its ``.partial``, the running SHA-256, the rename.
+"""One file being filled chunk by chunk: its ``.partial`` and the running SHA-256.
 
 The file is ``rel`` below an open model-directory handle (``agent.safefs.SafeDir``), written
-as ``rel.partial`` at chunk offsets and renamed into place when proven. Every verified
-chunk is recorded in the store's index (``Store._record_chunk``) only after its bytes are in
-the file, which is what makes the store's invariant hold (see ``agent.store``).
+as ``rel.partial`` at chunk offsets. Every verified chunk is recorded through the
+``ChunkLog`` it was given (the store's index) only after its bytes are in the file, which
+is what makes the store's invariant hold (see ``agent.store``). Finishing a proven file
+(sync, link into the blobs, rename, record) is the store's (``agent.store.content``): this
+module knows no index, no blob and no store.
 """
 
 from __future__ import annotations
@@ -12,15 +14,23 @@ import errno
 import hashlib
 import os
 import threading
-from typing import TYPE_CHECKING
+from typing import Protocol
 
+from agent import crashpoints
 from agent.errors import disk_error as _disk_error
 from agent.hashing import blake3_hash
 from agent.manifest import PARTIAL_SUFFIX, chunk_count, chunk_span
 from agent.safefs import SafeDir
 
-if TYPE_CHECKING:
-    from agent.store import Store
+
+class ChunkLog(Protocol):
+    """Where a partial file records what it verified (the store's index, for one model)."""
+
+    key: str  # the model's key (OWNER/NAME@REV)
+
+    def record(self, path: str, index: int, digest: bytes, source: str) -> None: ...
+
+    def forget(self, path: str, indices: list[int]) -> None: ...
 
 
 class PartialFile:
@@ -32,9 +42,9 @@ class PartialFile:
     origin check of a finished file costs only what was not hashed during the transfer.
     """
 
-    def __init__(self, store: "Store", model_key: str, model_dir: SafeDir, rel: str, size: int,
+    def __init__(self, log: ChunkLog, model_dir: SafeDir, rel: str, size: int,
                  sha256: bytes, chunk_size: int, have: dict[int, bytes]):
-        self.store, self.model_key = store, model_key
+        self.log, self.model_key = log, log.key
         self.model_dir, self.rel = model_dir, rel
         self.final_path = model_dir.path / rel
         self.size, self.sha256, self.chunk_size = size, sha256, chunk_size
@@ -49,6 +59,7 @@ class PartialFile:
         # The running SHA-256 costs a re-read of every chunk: only a file that will be proven
         # by the origin's SHA-256 (a listing plan, or always_sha256) keeps it.
         self.track_sha256 = True
+        self.sha256_checked = False  # its SHA-256 was computed over its bytes and matched
 
     @property
     def partial_name(self) -> str:
@@ -81,6 +92,9 @@ class PartialFile:
             raise _disk_error(e, where) from e
         if existed and self.have:
             self._recheck_claimed()
+        elif self.have:  # the claimed chunks were in a .partial that is gone: none are here
+            lost, self.have = sorted(self.have), {}
+            self.log.forget(self.rel, lost)
 
     def _recheck_claimed(self) -> None:
         lost = []
@@ -91,7 +105,7 @@ class PartialFile:
         if lost:
             for index in lost:
                 del self.have[index]
-            self.store._forget_chunks(self.model_key, self.rel, lost)
+            self.log.forget(self.rel, lost)
 
     # -- writing
 
@@ -118,8 +132,9 @@ class PartialFile:
                 written += os.pwrite(self._fd, view[written:], offset + written)
         except OSError as e:
             raise _disk_error(e, self.final_path) from e
+        crashpoints.reached("chunk:written")
         # Only now, with the bytes in the file, may the index claim the chunk.
-        self.store._record_chunk(self.model_key, self.rel, index, digest, source)
+        self.log.record(self.rel, index, digest, source)
         with self._lock:
             self.have[index] = digest
         if self.track_sha256:
@@ -142,7 +157,7 @@ class PartialFile:
             for i in indices:
                 self.have.pop(i, None)
             self._sha, self._sha_next = hashlib.sha256(), 0
-        self.store._forget_chunks(self.model_key, self.rel, indices)
+        self.log.forget(self.rel, indices)
 
     def _advance_sha(self) -> None:
         # Whoever holds the digest lock hashes every contiguous chunk it can see; a thread
@@ -173,24 +188,22 @@ class PartialFile:
                 offset, length = chunk_span(self.size, self.chunk_size, self._sha_next)
                 self._sha.update(os.pread(self._fd, length, offset))
                 self._sha_next += 1
-            return self._sha.digest() == self.sha256
+            # A blob made of this file is then proven by its SHA-256 (agent.store.content).
+            self.sha256_checked = self._sha.digest() == self.sha256
+            return self.sha256_checked
 
-    # -- finishing
+    # -- finishing (the store's, agent.store.content)
 
-    def finish(self) -> None:
-        """Make the bytes durable, rename into place and mark the file complete."""
+    @property
+    def fd(self) -> int | None:
+        return self._fd
+
+    def sync(self) -> None:
+        """Make the written bytes durable (before the file is renamed into place)."""
         try:
             os.fsync(self._fd)
-            parent, name = self.model_dir.parent_of(self.rel)
-            try:
-                parent.rename(self.partial_name, name)
-                parent.fsync()
-            finally:
-                parent.close()
         except OSError as e:
             raise _disk_error(e, self.final_path) from e
-        self.close()
-        self.store._mark_file_complete(self.model_key, self.rel)
 
     def close(self) -> None:
         if self._fd is not None:

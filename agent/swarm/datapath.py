@@ -74,13 +74,15 @@ from agent.manifest import chunk_span
 # The wire format and keys live in datawire, the client in dataclient; both are named here
 # too, as the whole protocol is described above.
 from agent.swarm.dataclient import DataClient
-from agent.swarm.datawire import (BAD_REQUEST, BUSY, DENIED, MAGIC, MAX_OFFER, MAX_REQUEST, MISSING, MODE_GET,
-                                  MODE_OFFER, MODE_SUB, NONCE_LEN, OK, STATUS_NAMES, HEADER, Ticket, TicketBook,
+from agent.swarm.datawire import (BAD_REQUEST, BUSY, DENIED, MAGIC, MAX_CONTENT_ASK, MAX_OFFER, MAX_REQUEST, MISSING,
+                                  MODE_CONTENT, MODE_GET, MODE_OFFER, MODE_SUB, NONCE_LEN, OK, STATUS_NAMES, HEADER,
+                                  Ticket, TicketBook,
                                   recv_exact, reply, decode_hello, decode_request, encode_hello, encode_request,
                                   make_tls)
 from agent.swarm.publisher import BoardPublisher, greet
 
-__all__ = ["BAD_REQUEST", "BUSY", "DENIED", "MAGIC", "MAX_OFFER", "MAX_REQUEST", "MISSING", "MODE_GET", "MODE_OFFER",
+__all__ = ["BAD_REQUEST", "BUSY", "DENIED", "MAGIC", "MAX_OFFER", "MAX_REQUEST", "MISSING", "MODE_CONTENT",
+           "MODE_GET", "MODE_OFFER",
            "MODE_SUB", "NONCE_LEN", "OK", "STATUS_NAMES", "ChunkLocator", "DataClient", "DataServer", "StoreLocator",
            "Ticket", "TicketBook", "decode_hello", "decode_request", "encode_hello", "encode_request"]
 
@@ -95,6 +97,7 @@ SUB_PLAN_WAIT = 3.0
 SLOT_WAIT = 0.3  # how long a chunk request waits for an upload slot before it is told BUSY
 SUB_SEND_TIMEOUT = 10.0  # an offer's answer or a subscription's snapshot not taken this long: the peer is dropped
 MAX_SUBSCRIBERS = 256
+MAX_CONTENT_ASKS = 4  # content asks answered at once (each looks up every chunk of a manifest)
 MAX_SUBSCRIBERS_PER_ADDRESS = 16
 
 
@@ -106,14 +109,34 @@ class ChunkLocator(Protocol):
 class StoreLocator:
     """Finds verified chunks in a ``Store`` (complete files and ``.partial`` ones): a few
     one-row lookups per request (the manifest itself is kept), so a removed model is gone
-    at once."""
+    at once. For a manifest a content ask brought (``remember``), a chunk is found by its
+    BLAKE3 wherever the store verified it."""
 
     MANIFESTS = 16
 
     def __init__(self, store):
         self.store = store
         self._manifests: OrderedDict[str, object] = OrderedDict()
+        self._foreign: OrderedDict[str, object] = OrderedDict()
         self._lock = threading.Lock()
+
+    def remember(self, manifest) -> None:
+        """A manifest peers may ask chunks of by content (bounded, the oldest forgotten)."""
+        with self._lock:
+            self._foreign[manifest.id] = manifest
+            self._foreign.move_to_end(manifest.id)
+            while len(self._foreign) > self.MANIFESTS:
+                self._foreign.popitem(last=False)
+
+    def _by_content(self, manifest_id: str, path: str, index: int) -> tuple[int, int, int] | None:
+        with self._lock:
+            manifest = self._foreign.get(manifest_id)
+        entry = next((f for f in manifest.files if f.path == path), None) if manifest is not None else None
+        if entry is None or not 0 <= index < len(entry.chunks):
+            return None
+        length = chunk_span(entry.size, manifest.chunk_size, index)[1]
+        found = self.store.open_chunk_by_content(entry.chunks[index], length)
+        return (found[0], found[1], length) if found is not None else None
 
     def _manifest(self, manifest_id: str):
         with self._lock:
@@ -127,10 +150,10 @@ class StoreLocator:
         return manifest
 
     def open_chunk(self, manifest_id: str, path: str, index: int) -> tuple[int, int, int] | None:
-        from agent.storefiles import open_model_file
+        from agent.store.folders import open_model_file
         found = self.store.holding(manifest_id=manifest_id)
         if found is None:
-            return None
+            return self._by_content(manifest_id, path, index)
         ref, _ = found
         manifest = self._manifest(manifest_id)
         entry = next((f for f in manifest.files if f.path == path), None)
@@ -163,6 +186,7 @@ class DataServer:
     def __init__(self, locator: ChunkLocator, tickets: TicketBook, *, host: str = "127.0.0.1",
                  port: int = 0, slots: int = 8, idle_timeout: float = IDLE_TIMEOUT, rate: int | None = None,
                  handshake_timeout: float = HANDSHAKE_TIMEOUT, encrypt: bool = False, boards=None, offers=None,
+                 content: Callable[[str, str, bytes], bytes] | None = None,
                  planning: Callable[[], bool] = lambda: False,
                  on_subscribed: Callable[[str, str], None] = lambda peer, manifest_id: None,
                  peer_holds: Callable[[str, str], set | None] = lambda manifest_id, peer: None):
@@ -170,6 +194,8 @@ class DataServer:
         self.locator, self.tickets = locator, tickets
         self.boards = boards  # agent.swarm.board.Boards: what subscribers are told
         self.offers = offers  # (peer, request bytes) -> answer bytes, for mode "offer"
+        self.content = content  # (peer, manifest id, manifest bytes) -> answer bytes, for mode "content"
+        self._content_asks = threading.BoundedSemaphore(MAX_CONTENT_ASKS)
         self.planning = planning  # whether a pull of this agent has not planned yet
         self.on_subscribed = on_subscribed  # (peer, manifest id): told of every subscription taken
         self.peer_holds = peer_holds  # (manifest id, peer): what it holds, as its own stream says, or None
@@ -201,7 +227,7 @@ class DataServer:
         self.refused = 0  # connections closed for a cap or a bad handshake
         # What peers asked of this port (connections by mode, chunk requests answered busy):
         # the control plane's cost as `shoal status` shows it.
-        self.asked = {MODE_OFFER: 0, MODE_SUB: 0, MODE_GET: 0, "busy": 0}
+        self.asked = {MODE_OFFER: 0, MODE_SUB: 0, MODE_GET: 0, MODE_CONTENT: 0, "busy": 0}
 
     @property
     def address(self) -> tuple[str, int]:
@@ -305,6 +331,13 @@ class DataServer:
             if request is None:
                 reply(conn, BAD_REQUEST, b"no offer request")
                 return None
+        elif mode == MODE_CONTENT:  # the manifest comes within the same deadline too
+            head = recv_exact(conn, 4, deadline)
+            length = struct.unpack(">I", head)[0] if head else MAX_CONTENT_ASK + 1
+            request = recv_exact(conn, length, deadline) if length <= MAX_CONTENT_ASK else None
+            if request is None:
+                reply(conn, BAD_REQUEST, b"no manifest, or one too large")
+                return None
         return peer, mode, scope, request
 
     def _serve(self, conn: socket.socket, address: str) -> None:
@@ -331,6 +364,9 @@ class DataServer:
             if mode == MODE_OFFER:
                 self._offer(conn, peer, request)
                 return
+            if mode == MODE_CONTENT:
+                self._content(conn, peer, manifest_id, request)
+                return
             if mode == MODE_SUB:
                 self._subscription(conn, peer, address, manifest_id)
                 return
@@ -355,6 +391,19 @@ class DataServer:
 
     def _offer(self, conn: socket.socket, peer: str, request: bytes) -> None:
         answer = self.offers(peer, request) if self.offers is not None else b""
+        reply(conn, OK, b"")
+        conn.settimeout(SUB_SEND_TIMEOUT)
+        conn.sendall(struct.pack(">I", len(answer)) + answer)
+
+    def _content(self, conn: socket.socket, peer: str, manifest_id: str, manifest: bytes) -> None:
+        # Each ask looks up every chunk of a manifest: a few at once, the rest told busy.
+        if self.content is None or not self._content_asks.acquire(blocking=False):
+            reply(conn, BUSY, b"too many content asks at once; ask again shortly")
+            return
+        try:
+            answer = self.content(peer, manifest_id, manifest)
+        finally:
+            self._content_asks.release()
         reply(conn, OK, b"")
         conn.settimeout(SUB_SEND_TIMEOUT)
         conn.sendall(struct.pack(">I", len(answer)) + answer)

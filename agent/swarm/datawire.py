@@ -33,8 +33,10 @@ STATUS_NAMES = {OK: "ok", DENIED: "denied", MISSING: "missing", BAD_REQUEST: "ba
 HEADER = struct.Struct(">BQ")
 MAX_TICKETS = 4096
 TICKET_TTL = 3600.0
-MODE_OFFER, MODE_GET, MODE_SUB = "offer", "get", "sub"
+MODE_OFFER, MODE_GET, MODE_SUB, MODE_CONTENT = "offer", "get", "sub", "content"
+MODES = (MODE_OFFER, MODE_GET, MODE_SUB, MODE_CONTENT)
 MAX_OFFER = 8 * 1024 * 1024  # agent.swarm.protocol.MAX_ANSWER
+MAX_CONTENT_ASK = 8 * 1024 * 1024  # the manifest a content ask carries
 _DOMAIN = b"shoal-data-v2|"
 
 
@@ -78,7 +80,7 @@ def decode_hello(body: bytes) -> tuple[bytes, str, str, bytes]:
     except Exception as e:  # msgpack raises several unrelated types; any is a bad hello
         raise DataPathError(f"undecodable hello ({type(e).__name__})") from e
     if (not isinstance(ticket_id, bytes) or len(ticket_id) != TICKET_ID_LEN or not isinstance(mac, bytes)
-            or len(mac) != 32 or mode not in (MODE_OFFER, MODE_GET, MODE_SUB) or not isinstance(scope, str)
+            or len(mac) != 32 or mode not in MODES or not isinstance(scope, str)
             or (mode == MODE_OFFER and scope != "")
             or (mode != MODE_OFFER and (len(scope) != 2 * HASH_LEN or any(c not in "0123456789abcdef"
                                                                           for c in scope)))):

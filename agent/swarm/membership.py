@@ -51,6 +51,11 @@ HELLO_RETRY = 10.0
 KEEP_INTERVAL = 1.0
 BOOTSTRAP_RETRY = 10.0
 ANNOUNCE_INTERVAL = 30.0
+# Files a peer may look for by content through the DHT (agent.swarm.node.blob_key): the
+# largest held, so the records stay few; small files travel with the manifest's other holders.
+BLOB_ANNOUNCE_MIN = 1024 * 1024
+BLOB_ANNOUNCE_MAX = 256
+CONTENT_LOOKUPS = 4  # a pull's largest files looked up by content in the DHT
 
 
 def check_open_swarm(settings: Settings, access: SwarmAccess) -> None:
@@ -273,18 +278,49 @@ class Swarm:
     # -------------------------------------------------------------- announcing
 
     async def _announce(self) -> None:
-        """Keep DHT provider records for every complete model; drop them on eviction."""
+        """Keep DHT provider records for every complete model and its largest files (by
+        content, for pulls of other models that share them); drop them on eviction."""
+        from agent.swarm.node import blob_key
         if self.node.dht is None:
             return
+        provided_blobs: set[str] = set()
         while True:
             held = await trio.to_thread.run_sync(self.store.complete_manifests)
+            blobs = {blob_key(sha) for sha in await trio.to_thread.run_sync(
+                self.store.largest_blobs, BLOB_ANNOUNCE_MIN, BLOB_ANNOUNCE_MAX)}
             for key in held - self._provided:
                 if await self.node.provide(*key):
                     self._provided.add(key)
             for key in self._provided - held:
                 self.node.unprovide(*key)
                 self._provided.discard(key)
-            await trio.sleep(ANNOUNCE_INTERVAL if self._provided >= held else 2.0)
+            for key in blobs - provided_blobs:
+                if await self.node.provide_key(key):
+                    provided_blobs.add(key)
+            for key in provided_blobs - blobs:
+                self.node.unprovide_key(key)
+                provided_blobs.discard(key)
+            done = self._provided >= held and provided_blobs >= blobs
+            await trio.sleep(ANNOUNCE_INTERVAL if done else 2.0)
+
+    async def find_by_content(self, manifest: Manifest) -> int:
+        """Dial the peers the DHT says hold the manifest's largest files by content (under
+        whatever model): the pull's session then asks them what they hold. Peers dialled."""
+        from agent.swarm.node import blob_key
+        if self.node.dht is None:
+            return 0
+        connected = self.node.connected()
+        largest = sorted(manifest.files, key=lambda f: -f.size)[:CONTENT_LOOKUPS]
+        dialled = 0
+        async with trio.open_nursery() as nursery:
+            for entry in largest:
+                for peer, addrs in (await self.node.find_key(blob_key(entry.sha256))).items():
+                    self.peer_info(peer, addrs[0] if addrs else None, "dht")
+                    if peer not in connected and addrs and peer not in self.node.refused_by:
+                        connected = connected | {peer}
+                        dialled += 1
+                        nursery.start_soon(self._dial, peer, addrs[0], "dht")
+        return dialled
 
     # ------------------------------------------------------------------ asking
 

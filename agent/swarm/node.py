@@ -37,7 +37,8 @@ from agent.hashing import blake3_hash
 from agent.swarm.datapath import DataServer, StoreLocator, TicketBook
 from agent.swarm.protocol import (BAD_REQUEST, MAX_ADDR, MAX_PEX, MAX_REQUEST, NOT_HELD, NOT_IN_SWARM, PENDING,
                                   PROTOCOL, Contact, SwarmAccess, encode_answer, encode_contact, encode_error,
-                                  encode_hello_request, parse_contact, parse_hello_request, parse_request)
+                                  encode_hello_request, encode_request, parse_contact, parse_hello_request,
+                                  parse_request)
 
 log = logging.getLogger("shoal.swarm")
 
@@ -66,6 +67,11 @@ def model_key(model_id: str, revision: str) -> str:
 
 def manifest_key(manifest_id: str) -> str:
     return blake3_hash(f"shoal-manifest:{manifest_id}".encode()).hex()
+
+
+def blob_key(sha256: bytes) -> str:
+    """DHT key of the holders of a file by its content (its SHA-256), whatever model it is in."""
+    return blake3_hash(b"shoal-blob:" + sha256).hex()
 
 
 async def _read_all(stream, limit: int) -> bytes:
@@ -113,8 +119,11 @@ class SwarmNode:
         self.access = access or SwarmAccess()
         self.pulling = pulling
         self.tickets = TicketBook()
-        self.data = DataServer(StoreLocator(store), self.tickets, host=data_host or listen_host, slots=slots,
+        self.locator = StoreLocator(store)
+        self.boards = boards
+        self.data = DataServer(self.locator, self.tickets, host=data_host or listen_host, slots=slots,
                                rate=upload_rate, encrypt=encrypt, boards=boards, offers=self.offer,
+                               content=self.content_offer,
                                planning=planning, on_subscribed=self._interest, peer_holds=peer_holds)
         self._trio_token = None  # for the data port's threads to reach the event loop
         self.on_interest = on_interest  # told (peer, manifest id) when a peer asks about what we pull
@@ -329,37 +338,49 @@ class SwarmNode:
         """Peers that hello answers told us about (peer id -> addresses) for the agent to dial."""
         return {peer: list(addrs) for peer, addrs in self.exchanged.items()}
 
-    async def provide(self, model_id: str, revision: str, manifest_id: str) -> bool:
-        """Publish DHT provider records for a held model revision and its manifest."""
+    async def provide_key(self, key: str) -> bool:
+        """Publish a DHT provider record under ``key`` (hex), bounded in time."""
         if self.dht is None:
             return False
-        ok = True
-        for key in (model_key(model_id, revision), manifest_key(manifest_id)):
-            with trio.move_on_after(ASK_TIMEOUT * 2):
-                ok = await self.dht.provide(key) and ok
-        return ok
+        with trio.move_on_after(ASK_TIMEOUT * 2):
+            return await self.dht.provide(key)
+        return False
 
-    def unprovide(self, model_id: str, revision: str, manifest_id: str) -> None:
-        """Stop announcing (on eviction): no re-publish, so remote records expire."""
+    def unprovide_key(self, key: str) -> None:
         if self.dht is None:
             return
-        for key in (model_key(model_id, revision), manifest_key(manifest_id)):
-            raw = bytes.fromhex(key)
-            self.dht.provider_store.providing_keys.discard(raw)
-            self.dht.provider_store.providers.get(raw, {}).pop(self.peer_id, None)
+        raw = bytes.fromhex(key)
+        self.dht.provider_store.providing_keys.discard(raw)
+        self.dht.provider_store.providers.get(raw, {}).pop(self.peer_id, None)
 
-    async def find_providers(self, ref: ModelRef) -> dict[str, list[str]]:
-        """Peers the DHT says hold ``ref`` (by manifest id when pinned): id -> multiaddrs."""
-        if self.dht is None:
-            return {}
-        key = manifest_key(ref.revision) if is_manifest_id(ref.revision) else model_key(ref.model_id, ref.revision)
+    async def find_key(self, key: str, count: int = 20) -> dict[str, list[str]]:
+        """Peers the DHT says provide ``key``: id -> multiaddrs."""
         found: dict[str, list[str]] = {}
+        if self.dht is None:
+            return found
         with trio.move_on_after(ASK_TIMEOUT * 2):
-            for info in await self.dht.find_providers(key, count=20):
+            for info in await self.dht.find_providers(key, count=count):
                 peer = str(info.peer_id)
                 if peer != self.peer_id:
                     found[peer] = [f"{a}/p2p/{peer}" for a in info.addrs]
         return found
+
+    async def provide(self, model_id: str, revision: str, manifest_id: str) -> bool:
+        """Publish DHT provider records for a held model revision and its manifest."""
+        ok = True
+        for key in (model_key(model_id, revision), manifest_key(manifest_id)):
+            ok = await self.provide_key(key) and ok
+        return ok
+
+    def unprovide(self, model_id: str, revision: str, manifest_id: str) -> None:
+        """Stop announcing (on eviction): no re-publish, so remote records expire."""
+        for key in (model_key(model_id, revision), manifest_key(manifest_id)):
+            self.unprovide_key(key)
+
+    async def find_providers(self, ref: ModelRef) -> dict[str, list[str]]:
+        """Peers the DHT says hold ``ref`` (by manifest id when pinned): id -> multiaddrs."""
+        return await self.find_key(manifest_key(ref.revision) if is_manifest_id(ref.revision)
+                                   else model_key(ref.model_id, ref.revision))
 
     async def add_to_routing(self, peer: str) -> None:
         if self.dht is not None:
@@ -410,6 +431,13 @@ class SwarmNode:
             self._interest(peer, str(ref))
         return encode_answer(manifest, None if request.known else manifest_bytes,
                              self.store.signature(manifest_id), have, pulling)
+
+    def content_offer(self, peer: str, manifest_id: str, data: bytes) -> bytes:
+        """The answer to a content ask (``agent.swarm.content``), in a data-port thread."""
+        from agent.swarm.content import content_answer
+        if self.store.holding(manifest_id=manifest_id) is not None:  # held by name after all
+            return self.offer(peer, encode_request(manifest_id=manifest_id, known=True))
+        return content_answer(self.store, self.boards, self.locator, manifest_id, data)
 
     def _interest(self, peer: str, ref: str) -> None:
         """Tell the agent (from a data-port thread) that ``peer`` asked about ``ref`` (a model

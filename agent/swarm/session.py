@@ -29,9 +29,9 @@ import trio
 from agent.errors import KeyRefused, NotFollowed, PeerBroken, PeerRefused, ShoalError
 from agent.swarm import wire
 from agent.swarm.board import Board
-from agent.swarm.datawire import (DENIED, MAGIC, MAX_OFFER, MISSING, MODE_OFFER, MODE_SUB, NONCE_LEN, OK, STATUS_NAMES,
-                                  Ticket, encode_hello)
-from agent.swarm.protocol import Contact
+from agent.swarm.datawire import (DENIED, MAGIC, MAX_OFFER, MISSING, MODE_CONTENT, MODE_OFFER, MODE_SUB, NONCE_LEN, OK,
+                                  STATUS_NAMES, Ticket, encode_hello)
+from agent.swarm.protocol import Contact, parse_answer
 from agent.swarm.view import LIVENESS, LanView
 
 log = logging.getLogger("shoal.swarm")
@@ -42,6 +42,10 @@ CONNECT_TIMEOUT = 5.0
 # A stream's first frame may wait for the peer's plan (agent.swarm.datapath.SUB_PLAN_WAIT);
 # after it, the view's liveness rule applies.
 FIRST_FRAME_WAIT = 5.0
+# How long the pull's first pick waits for the content asks of peers that hold none of its
+# manifest by name (one round trip each on a LAN): a peer holding its files under another
+# model must be in the view before the picker sends those chunks to the origin.
+CONTENT_WAIT = 0.5
 
 
 class _Reader:
@@ -109,7 +113,8 @@ async def open_keyed(contact: Contact, mode: str, scope: str = "", request: byte
         opening = await reader.exactly(len(MAGIC) + NONCE_LEN)
         if opening[:len(MAGIC)] != MAGIC:
             raise PeerBroken("not a shoal data port (or an older version)")
-        extra = len(request).to_bytes(2, "big") + request if mode == MODE_OFFER else b""
+        extra = (len(request).to_bytes(2, "big") + request if mode == MODE_OFFER else
+                 len(request).to_bytes(4, "big") + request if mode == MODE_CONTENT else b"")
         await stream.send_all(encode_hello(Ticket.decode(contact.key), opening[len(MAGIC):], mode, scope) + extra)
         status, size = int.from_bytes(await reader.exactly(1), "big"), int.from_bytes(await reader.exactly(8), "big")
         message = (await reader.exactly(min(size, 4096))).decode(errors="replace") if size else ""
@@ -132,6 +137,25 @@ async def offer_over(contact: Contact, request: bytes, timeout: float) -> bytes:
             if length > MAX_OFFER:
                 raise PeerBroken(f"an offer of {length} bytes exceeds {MAX_OFFER}")
             return await reader.exactly(length)
+
+
+async def content_over(contact: Contact, manifest, timeout: float):
+    """A content ask (``agent.swarm.datapath``): which chunks of ``manifest`` the peer holds
+    under any model, by BLAKE3. Its offer (``protocol.Answer``), or None when it holds none
+    or cannot say now."""
+    try:
+        with trio.fail_after(timeout):
+            stream, reader = await open_keyed(contact, MODE_CONTENT, manifest.id, manifest.encode())
+            async with stream:
+                length = int.from_bytes(await reader.exactly(4), "big")
+                if length > MAX_OFFER:
+                    raise PeerBroken(f"a content answer of {length} bytes exceeds {MAX_OFFER}")
+                return parse_answer(await reader.exactly(length), known=manifest)
+    except LookupError:  # it holds none of it
+        return None
+    except (OSError, ShoalError, trio.TooSlowError, trio.BrokenResourceError) as e:
+        log.debug("content ask: %s", e)
+        return None
 
 
 class PullSession:
@@ -189,6 +213,9 @@ class PullSession:
         unknown: set[str] = set()  # not heard from yet (pending, or asked for the first time)
         retry_at: dict[str, float] = {}
         failures: dict[str, int] = {}
+        content_asked: set[str] = set()  # peers asked what they hold of it by content
+        probing: set[str] = set()  # ... whose answer has not come yet
+        began = time.monotonic()
 
         def heard(peer: str) -> None:
             unknown.discard(peer)
@@ -221,6 +248,20 @@ class PullSession:
                     except KeyRefused:
                         continue  # our key was renewed or revoked meanwhile: hello again, once
                     except NotFollowed as e:  # it holds none and does not pull it: it subscribes to us when it does
+                        # ... by name. It may hold some of it by content (another repository
+                        # with the same files, the revision before this one): ask once.
+                        if peer not in content_asked:
+                            content_asked.add(peer)
+                            offer = await content_over(contact, manifest, CONNECT_TIMEOUT)
+                            if offer is not None:
+                                log.debug("following %s by content: %d chunks", peer[:16],
+                                          sum(len(v) for v in offer.have.values()))
+                                view.offered(peer, offer, contact)
+                                try:
+                                    await self._subscribe(peer, contact, view, heard)
+                                    return
+                                except NotFollowed:
+                                    pass
                         log.debug("not following %s: %s", peer[:16], e)
                         view.forget(peer)
                         idle.add(peer)
@@ -236,8 +277,31 @@ class PullSession:
             finally:
                 busy.discard(peer)
 
+        async def probe_content(peer: str) -> None:
+            # Ask a peer that holds none of the manifest by name what it holds by content;
+            # follow it (its board for the manifest exists now) when that is something.
+            try:
+                contact = await swarm.contact(peer)
+                offer = await content_over(contact, manifest, CONNECT_TIMEOUT) if contact is not None else None
+            finally:
+                busy.discard(peer)
+                probing.discard(peer)
+                self._wake.set()
+            if offer is None:
+                heard(peer)
+                return
+            log.debug("%s holds %d chunks of it by content: following it", peer[:16],
+                      sum(len(v) for v in offer.have.values()))
+            idle.discard(peer)
+            view.offered(peer, offer, contact)
+            known[peer] = offer
+            busy.add(peer)
+            await follow_one(peer)
+
         try:
             async with trio.open_nursery() as nursery:
+                if getattr(swarm.node, "dht", None) is not None:
+                    nursery.start_soon(self._find_by_content, manifest)  # holders under other names
                 started = False
                 while True:
                     now = time.monotonic()
@@ -254,6 +318,13 @@ class PullSession:
                             if peer not in view.peers:
                                 unknown.add(peer)
                             nursery.start_soon(follow_one, peer)
+                        elif peer in idle and peer not in content_asked:
+                            # It said it holds none of this by name: it may by content.
+                            content_asked.add(peer)
+                            busy.add(peer)
+                            unknown.add(peer)
+                            probing.add(peer)  # the first pick waits for its answer (CONTENT_WAIT)
+                            nursery.start_soon(probe_content, peer)
                     for peer in list(view.peers):
                         # A peer still followed stays: its HAVE stream is a connection of
                         # its own, and the libp2p one may flap (two dials crossing). A
@@ -264,10 +335,10 @@ class PullSession:
                     unknown &= candidates
                     view.set_unknown(unknown)
                     view.set_idle(idle & candidates)
-                    if not started:
+                    if not started and (not probing or time.monotonic() - began > CONTENT_WAIT):
                         # The picker may start at once: peers not heard from yet count as
                         # pulling (agent.swarm.picker), and those that answered before the
-                        # plan are in the view already.
+                        # plan are in the view already (content asks: a moment).
                         task_status.started()
                         started = True
                     view.tick()
@@ -285,6 +356,15 @@ class PullSession:
                 info["bytes_down"] += summary["bytes_down"]
                 if summary["banned"]:
                     info["dropped"] = summary["banned"]
+
+    async def _find_by_content(self, manifest) -> None:
+        try:
+            dialled = await self.swarm.find_by_content(manifest)
+            if dialled:
+                log.info("pull %s: dialled %d peers the DHT says hold its files by content", self.ref, dialled)
+                self._wake.set()
+        except Exception as e:  # a DHT that cannot answer leaves the room as it is
+            log.debug("looking up %s's files by content: %s: %s", self.ref, type(e).__name__, e)
 
     async def _subscribe(self, peer: str, contact: Contact, view: LanView, heard) -> None:
         """Read the peer's HAVE stream into ``view`` until it breaks."""

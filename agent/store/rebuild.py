@@ -1,0 +1,109 @@
+"""Rebuild a missing or damaged index from what the cache's files prove.
+
+Every manifest the cache kept (``manifests/``: complete pulls, and trusted plans of pulls
+under way) names a model revision and its default folder; each file there (or its
+``.partial``) is re-hashed chunk by chunk against the manifest, and only what matches is
+recorded. A model whose every file matches is complete again. What cannot be known is
+said: models pulled into ``--to`` folders outside the cache are no longer listed.
+Blocking; called by ``Store`` while it holds the cache's open lock.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from agent.errors import ManifestError, UnsafePath
+from agent.hashing import blake3_hash
+from agent.manifest import PARTIAL_SUFFIX, ModelRef, chunk_span, decode
+from agent.store.index import LINKED, NOT_LINKED
+
+if TYPE_CHECKING:
+    from agent.store.store import Store
+
+
+def rebuild(store: "Store", *, why: str) -> dict:
+    manifests = store._dirs["manifests"]
+    found = []
+    for name in os.listdir(manifests.fd):
+        if not name.endswith(".shoal") or len(name) != 70:
+            continue
+        try:
+            manifest = decode(manifests.read_bytes(name))
+        except (ManifestError, UnsafePath, OSError):
+            continue
+        st = manifests.stat(name)
+        found.append((st.st_mtime if st else 0, manifest))
+    complete = partly = hashed = 0
+    seen: set[str] = set()
+    for _, manifest in sorted(found, key=lambda pair: -pair[0]):  # the newest manifest of a revision wins
+        ref = ModelRef(manifest.model_id, manifest.revision)
+        if str(ref) in seen:
+            continue
+        folder = store.default_dir(ref)
+        try:
+            model = store.open_dir(folder)
+        except (FileNotFoundError, UnsafePath, NotADirectoryError):
+            continue
+        seen.add(str(ref))
+        key = str(ref)
+        store.index.begin_model(key, ref.model_id, ref.revision, str(folder), manifest.chunk_size,
+                                [(f.path, f.size, f.sha256) for f in manifest.files])
+        whole = True
+        with model:
+            for entry in manifest.files:
+                good = _verified_chunks(store, model, entry, manifest.chunk_size)
+                hashed += 1
+                if good is None:
+                    whole = False
+                    continue
+                name, indices = good
+                for index in indices:
+                    store.index.record_chunk(key, entry.path, index, entry.chunks[index], "local")
+                if name == entry.path.rpartition("/")[2] and len(indices) == len(entry.chunks):
+                    parent = model.parent_of(entry.path)[0]
+                    with parent:
+                        linked = LINKED if store.blobs.is_blob(entry.sha256, parent.stat(name)) else NOT_LINKED
+                    store.index.set_file(key, entry.path, complete=True, linked=linked)
+                    if linked == LINKED:
+                        store.index.add_blob(entry.sha256, entry.size, False)
+                else:
+                    whole = False
+        if whole:
+            store.index.set_complete(key, manifest.id)
+            complete += 1
+        else:
+            store.index.set_manifest(key, manifest.id)
+            partly += 1
+    swept = store.content.sweep()
+    store.content.link_unlinked()
+    return {"why": why, "complete": complete, "partial": partly, "files_hashed": hashed, **swept,
+            "message": (f"the cache index was damaged or missing ({why}): rebuilt from the files it could verify: "
+                        f"{complete} model(s) complete, {partly} partly held, {hashed} file(s) re-hashed; models "
+                        "pulled into --to folders outside the cache are no longer listed (pull them again)")}
+
+
+def _verified_chunks(store, model, entry, chunk_size: int) -> tuple[str, list[int]] | None:
+    """(the name the bytes are under, the chunk indices whose BLAKE3 matches) for one file."""
+    try:
+        parent, name = model.parent_of(entry.path)
+    except (FileNotFoundError, UnsafePath, NotADirectoryError):
+        return None
+    with parent:
+        for candidate in (name, name + PARTIAL_SUFFIX):
+            try:
+                fd = parent.open_file(candidate, os.O_RDONLY)
+            except (FileNotFoundError, UnsafePath):
+                continue
+            try:
+                if os.fstat(fd).st_size != entry.size:
+                    continue
+                good = []
+                for index, digest in enumerate(entry.chunks):
+                    offset, length = chunk_span(entry.size, chunk_size, index)
+                    if blake3_hash(os.pread(fd, length, offset), parallel=True) == digest:
+                        good.append(index)
+                return candidate, good
+            finally:
+                os.close(fd)
+    return None
