@@ -155,6 +155,9 @@ def _into_blobs(store, entry: FileEntry, real: Path, tmp: str | None, move: bool
             if tmp is not None:
                 blobs.tmp.unlink(tmp, missing_ok=True)
             return "linked"
+        # The row first: a kill before the file leaves a row without a blob, which the sweep
+        # drops; a blob without a row would be held by the folder's link (the source file).
+        store.index.add_blob(entry.sha256, entry.size, True)
         if tmp is not None:
             os.rename(tmp, name, src_dir_fd=blobs.tmp.fd, dst_dir_fd=blobs.dir.fd)
             how = "copied"
@@ -166,5 +169,4 @@ def _into_blobs(store, entry: FileEntry, real: Path, tmp: str | None, move: bool
             how = "linked"
         crashpoints.reached("import:placed")
         blobs.fsync()
-        store.index.add_blob(entry.sha256, entry.size, True)
         return how

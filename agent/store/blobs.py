@@ -130,6 +130,8 @@ class Blobs:
         blob is gone."""
         if self.stat(sha256) is None:
             raise FileNotFoundError(f"no blob {blob_name(sha256)}")
+        if self.is_blob(sha256, folder.stat(name)):
+            return  # there already (a kill came before its record)
         tmp = self.tmp_name("link")
         try:
             os.link(blob_name(sha256), tmp, src_dir_fd=self.dir.fd, dst_dir_fd=self.tmp.fd, follow_symlinks=False)
@@ -139,6 +141,8 @@ class Blobs:
             raise
         try:
             os.rename(tmp, name, src_dir_fd=self.tmp.fd, dst_dir_fd=folder.fd)
+            # A rename onto another link of the same file does nothing, and leaves ``tmp``.
+            self.tmp.unlink(tmp, missing_ok=True)
         except OSError as e:
             self.tmp.unlink(tmp, missing_ok=True)
             if e.errno == errno.EXDEV:

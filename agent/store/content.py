@@ -43,6 +43,7 @@ from agent.hashing import HASH_BLOCK, blake3_hash
 from agent.manifest import FileEntry, chunk_count, chunk_span
 from agent.safefs import SafeDir
 from agent.store.blobs import Blobs, Unlinkable, same_file
+from agent.store.folders import open_fd
 from agent.store.index import LINKED, NOT_LINKED, UNLINKABLE, Index
 from agent.store.partial import PartialFile
 
@@ -219,7 +220,6 @@ class Content:
         return copied
 
     def _read_chunk(self, folder: str, path: str, complete: bool, idx: int, chunk_size: int) -> bytes | None:
-        from agent.store.folders import open_fd
         try:
             fd = open_fd(self.open_dir, folder, path, partial_ok=not complete)
         except (FileNotFoundError, UnsafePath, NotADirectoryError):
@@ -230,6 +230,29 @@ class Content:
             return os.pread(fd, min(chunk_size, max(0, size - offset)), offset) if offset < size else None
         finally:
             os.close(fd)
+
+    def held_by_content(self, manifest) -> dict[str, set[int]]:
+        """Which chunks of ``manifest`` the cache holds verified under any model, by BLAKE3."""
+        have: dict[str, set[int]] = {}
+        for f in manifest.files:
+            got = {i for i, digest in enumerate(f.chunks) if self.index.chunk_located(digest)}
+            if got:
+                have[f.path] = got
+        return have
+
+    def open_chunk(self, digest: bytes, length: int) -> tuple[int, int] | None:
+        """(an open fd, offset) of a verified chunk of that BLAKE3 and length, wherever the
+        cache holds it; the caller closes the fd."""
+        for _, path, idx, chunk_size, folder, complete in self.index.chunk_located(digest):
+            try:
+                fd = open_fd(self.open_dir, folder, path, partial_ok=not complete)
+            except (FileNotFoundError, UnsafePath, NotADirectoryError):
+                continue
+            offset = idx * chunk_size
+            if os.fstat(fd).st_size >= offset + length:
+                return fd, offset
+            os.close(fd)
+        return None
 
     # ------------------------------------------------------------------- finishing
 
@@ -345,10 +368,10 @@ class Content:
         return {"rows_dropped": dropped, "blobs_removed": removed, "stale_removed": stale, "recorded": recorded}
 
     def _record_pending(self, sha256: bytes) -> int:
-        """A blob some folder links but the index does not know of: a kill between a
-        file's link into the blobs and its record (``finish``). Such a file was proven
-        (only proven files become blobs) and every chunk of it is recorded already: record
-        it complete (a ``.partial`` still by that name is renamed into place first)."""
+        """A blob some folder links but the index does not count: a kill between a file's
+        link and its record (``finish``, ``link``). Such a file was proven (only proven
+        files become blobs): record it complete (a ``.partial`` still by that name is
+        renamed into place first)."""
         found = 0
         for row in self.index.files_pending(sha256):
             model = self.index.model(row.model_key)
@@ -363,7 +386,19 @@ class Content:
                         continue
             except (FileNotFoundError, UnsafePath, NotADirectoryError):
                 continue
+            # A finished file has every chunk recorded; a linked one (``link``) records them
+            # with the file: hash them here when a kill came first.
+            rows = self.index.chunk_hashes(row.model_key, row.path)
+            count = chunk_count(row.size, model.chunk_size)
+            if len(rows) != count:
+                fd = self.blobs.open(sha256)
+                try:
+                    chunks, _ = hash_fd(fd, row.size, model.chunk_size, sha256=False)
+                finally:
+                    os.close(fd)
             with self.index.transaction():
+                if len(rows) != count:
+                    self.index.record_chunks(row.model_key, row.path, list(chunks), CACHE_SOURCE)
                 self.index.set_file(row.model_key, row.path, complete=True, linked=LINKED)
                 self.index.add_blob(sha256, row.size, False)
             found += 1

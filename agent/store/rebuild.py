@@ -1,4 +1,5 @@
-"""Rebuild a missing or damaged index from what the cache's files prove.
+"""Opening a cache's index: migrating an older one, rebuilding a missing or damaged one
+from what the cache's files prove (``rebuild``), finishing removals a kill interrupted.
 
 Every manifest the cache kept (``manifests/``: complete pulls, and trusted plans of pulls
 under way) names a model revision and its default folder; each file there (or its
@@ -10,16 +11,61 @@ Blocking; called by ``Store`` while it holds the cache's open lock.
 
 from __future__ import annotations
 
+import fcntl
+import logging
 import os
+import time
 from typing import TYPE_CHECKING
 
 from agent.errors import ManifestError, UnsafePath
 from agent.hashing import blake3_hash
 from agent.manifest import PARTIAL_SUFFIX, ModelRef, chunk_span, decode
-from agent.store.index import LINKED, NOT_LINKED
+from agent.store.content import Content
+from agent.store.index import LINKED, NOT_LINKED, Index, IndexCorrupt
 
 if TYPE_CHECKING:
     from agent.store.store import Store
+
+log = logging.getLogger("shoal.store")
+INDEX_FILES = ("index.sqlite", "index.sqlite-wal", "index.sqlite-shm")
+
+
+def open_index(store: "Store") -> tuple[Index, Content, dict | None]:
+    """The store's index and content, opened under the cache's open lock (so two processes
+    starting at once do not both migrate): a damaged index is kept aside and rebuilt, a
+    missing one with content on disk is rebuilt, a schema-1 one migrated (its files linked
+    into blobs); then interrupted removals are finished. The third value says what a
+    rebuild found (None: none was needed)."""
+    root, locks = store.root_dir, store._dirs["locks"]
+    lock_fd = locks.open_file("open.lock", os.O_RDWR | os.O_CREAT, 0o600, writing=False)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        damaged = None
+        try:
+            store.index = Index(store.root / "index.sqlite")
+        except IndexCorrupt as e:
+            damaged = str(e)
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            for name in INDEX_FILES:
+                if root.stat(name) is not None:
+                    root.rename(name, f"{name}.damaged-{stamp}")
+            store.index = Index(store.root / "index.sqlite")
+        store.content = Content(store.index, store.blobs, store.open_dir)
+        rebuilt = None
+        has_content = bool(os.listdir(store._dirs["manifests"].fd)) or bool(store.blobs.names())
+        if damaged is not None or (store.index.migrated == 0 and has_content):
+            rebuilt = rebuild(store, why=damaged or "the index was missing")
+            log.warning("%s", rebuilt["message"])
+        elif store.index.migrated == 1:
+            linked = store.content.link_unlinked()
+            log.info("the cache index was migrated to content addressing: %d files linked into blobs", linked)
+        else:
+            store.content.link_unlinked()
+        for row in store.index.models("removing"):
+            store.finish_removal(row)
+        return store.index, store.content, rebuilt
+    finally:
+        os.close(lock_fd)
 
 
 def rebuild(store: "Store", *, why: str) -> dict:

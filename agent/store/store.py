@@ -7,26 +7,25 @@ this module. Every method blocks: call them from a worker thread in async code.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from agent import crashpoints
 from agent.errors import NotFound, UnsafePath, disk_error as _disk_error
-from agent.manifest import MAX_MANIFEST_BYTES, PARTIAL_SUFFIX, FileEntry, Manifest, ModelRef, chunk_count, decode, \
-    hub_repo
+from agent.manifest import PARTIAL_SUFFIX, FileEntry, Manifest, ModelRef, chunk_count, hub_repo
 from agent.safefs import SafeDir, overlaps
-from agent.store.blobs import Blobs
-from agent.store.content import Content, Held
-from agent.store.folders import delete_files, kind_folder, model_dir, remove_empty_folders
-from agent.store.index import LINKED, NOT_LINKED, Index, IndexCorrupt, ModelRow
-from agent.store.locks import ModelLocks
 from agent.store import quota as quota_rules
+from agent.store.blobs import Blobs
+from agent.store.content import Held
+from agent.store.folders import delete_files, kind_folder, model_dir, remove_empty_folders
+from agent.store.index import LINKED, NOT_LINKED, Index, ModelRow
+from agent.store.locks import ModelLocks
+from agent.store.manifests import ManifestShelf
 from agent.store.partial import PartialFile
+from agent.store.rebuild import open_index
 
 log = logging.getLogger("shoal.store")
 
@@ -91,52 +90,19 @@ class Store:
             for sub in ("manifests", "models", "locks"):
                 self._dirs[sub] = self._root.subdir(sub, create=True)
             self.locks = ModelLocks(self.root, self._dirs["locks"])
+            self.manifests = ManifestShelf(self._dirs["manifests"])
             for name in ("index.sqlite", "index.sqlite-wal", "index.sqlite-shm"):
                 if self._root.stat(name) is not None and not self._root.is_own_file(name):
                     raise UnsafePath(f"{self.root / name} is not a file of this user (a link, or another "
                                      "user's); move it away and start again")
             self.blobs = Blobs(self._root)
-            self._open_index()
+            self.index, self.content, self.rebuilt = open_index(self)
         except OSError as e:
             self.close()
             raise _disk_error(e, self.root) from e
         except BaseException:
             self.close()
             raise
-
-    def _open_index(self) -> None:
-        """Open (and, under the cache's open lock, migrate or rebuild) the index."""
-        lock_fd = self._dirs["locks"].open_file("open.lock", os.O_RDWR | os.O_CREAT, 0o600, writing=False)
-        try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX)
-            path = self.root / "index.sqlite"
-            damaged = None
-            try:
-                self.index = Index(path)
-            except IndexCorrupt as e:
-                damaged = str(e)
-                stamp = time.strftime("%Y%m%d-%H%M%S")
-                for name in ("index.sqlite", "index.sqlite-wal", "index.sqlite-shm"):
-                    if self._root.stat(name) is not None:
-                        self._root.rename(name, f"{name}.damaged-{stamp}")
-                self.index = Index(path)
-            self.content = Content(self.index, self.blobs, self.open_dir)
-            if damaged is not None or (self.index.migrated == 0 and self._has_content()):
-                from agent.store.rebuild import rebuild
-                self.rebuilt = rebuild(self, why=damaged or "the index was missing")
-                log.warning("%s", self.rebuilt["message"])
-            elif self.index.migrated == 1:
-                linked = self.content.link_unlinked()
-                log.info("the cache index was migrated to content addressing: %d files linked into blobs", linked)
-            else:
-                self.content.link_unlinked()
-            for row in self.index.models("removing"):
-                self._finish_removal(row)
-        finally:
-            os.close(lock_fd)
-
-    def _has_content(self) -> bool:
-        return bool(os.listdir(self._dirs["manifests"].fd)) or bool(self.blobs.names())
 
     def _close_dirs(self) -> None:
         for handle in self._dirs.values():
@@ -280,25 +246,14 @@ class Store:
         """Durable, linked into the blobs, renamed into place, recorded: a batch of proven files."""
         self.content.finish(files)
 
-    def _keep_manifest(self, manifest: Manifest) -> str:
-        mid = manifest.id
-        manifests = self._dirs["manifests"]
-        if manifests.is_own_file(f"{mid}.shoal"):
-            return mid
-        try:
-            manifests.write_atomic(f"{mid}.shoal", manifest.encode())
-        except OSError as e:
-            raise _disk_error(e, manifests.path / f"{mid}.shoal") from e
-        return mid
-
     def expect(self, ref: ModelRef, manifest: Manifest) -> None:
         """A pull of ``ref`` follows this trusted manifest: keep it and name it in the index
         now, so LAN peers can ask for the chunks verified so far (state stays 'pulling')."""
-        self.index.set_manifest(str(ref), self._keep_manifest(manifest))
+        self.index.set_manifest(str(ref), self.manifests.keep(manifest))
 
     def complete(self, ref: ModelRef, manifest: Manifest) -> str:
         """Mark ``ref`` complete and keep its manifest; return the manifest id."""
-        mid = self._keep_manifest(manifest)
+        mid = self.manifests.keep(manifest)
         self.index.set_complete(str(ref), mid)
         return mid
 
@@ -356,20 +311,16 @@ class Store:
 
     def save_signature(self, manifest_id: str, envelope: bytes) -> None:
         """Keep a publisher's signature of a manifest beside it (served to peers with it)."""
-        self._dirs["manifests"].write_atomic(f"{_check_id(manifest_id)}.sig", envelope)
+        self.manifests.save_signature(manifest_id, envelope)
 
     def signature(self, manifest_id: str) -> bytes | None:
-        try:
-            return self._dirs["manifests"].read_bytes(f"{_check_id(manifest_id)}.sig", limit=4096)
-        except FileNotFoundError:
-            return None
+        return self.manifests.signature(manifest_id)
 
     def manifest_bytes(self, manifest_id: str) -> bytes:
-        """The canonical encoding, as kept (what peers are sent)."""
-        return self._dirs["manifests"].read_bytes(f"{_check_id(manifest_id)}.shoal", limit=MAX_MANIFEST_BYTES)
+        return self.manifests.encoded(manifest_id)
 
     def manifest(self, manifest_id: str) -> Manifest:
-        return decode(self.manifest_bytes(manifest_id))
+        return self.manifests.read(manifest_id)
 
     def chunk_hash(self, ref: ModelRef, path: str, index: int) -> bytes | None:
         """The verified BLAKE3 of one chunk, or None: one row (LAN peers ask per chunk)."""
@@ -409,14 +360,9 @@ class Store:
         return (ModelRef(found[0], found[1]), found[2]) if found else None
 
     def held_by_content(self, manifest: Manifest) -> dict[str, set[int]]:
-        """Which chunks of ``manifest`` (a model this cache may not hold by name) it holds
-        verified under any model: path -> chunk indices, by BLAKE3."""
-        have: dict[str, set[int]] = {}
-        for f in manifest.files:
-            got = {i for i, digest in enumerate(f.chunks) if self.index.chunk_located(digest)}
-            if got:
-                have[f.path] = got
-        return have
+        """Which chunks of ``manifest`` (a model this cache may hold none of by name) it
+        holds verified under any model: path -> chunk indices, by BLAKE3."""
+        return self.content.held_by_content(manifest)
 
     def largest_blobs(self, min_size: int, limit: int) -> list[bytes]:
         """The SHA-256 of the largest blobs (at least ``min_size`` bytes, ``limit`` of them)."""
@@ -426,17 +372,7 @@ class Store:
     def open_chunk_by_content(self, digest: bytes, length: int) -> tuple[int, int] | None:
         """(an open fd, offset) of a verified chunk of that BLAKE3 and length, wherever the
         cache holds it; the caller closes the fd."""
-        from agent.store.folders import open_fd
-        for key, path, idx, chunk_size, folder, complete in self.index.chunk_located(digest):
-            try:
-                fd = open_fd(self.open_dir, folder, path, partial_ok=not complete)
-            except (FileNotFoundError, UnsafePath, NotADirectoryError):
-                continue
-            offset = idx * chunk_size
-            if os.fstat(fd).st_size >= offset + length:
-                return fd, offset
-            os.close(fd)
-        return None
+        return self.content.open_chunk(digest, length)
 
     def models(self) -> list[ModelInfo]:
         have = self.index.verified_bytes()
@@ -487,10 +423,10 @@ class Store:
         info = self.find(ref)
         self.index.set_state(str(ref), "removing")
         crashpoints.reached("remove:marked")
-        self._finish_removal(self.index.model(str(ref)))
+        self.finish_removal(self.index.model(str(ref)))
         return info
 
-    def _finish_removal(self, row: ModelRow) -> None:
+    def finish_removal(self, row: ModelRow) -> None:
         files = self.index.files(row.key)
         try:
             model = self.open_dir(Path(row.dir))
@@ -535,9 +471,3 @@ def du_rows(store: Store, active: set[str]) -> dict:
         row["unique"] = unique.get(str(m.ref), 0)
         rows.append(row)
     return {"usage_bytes": store.usage(), "logical_bytes": sum(r["size"] for r in rows), "models": rows}
-
-
-def _check_id(manifest_id: str) -> str:
-    if not (len(manifest_id) == 64 and all(c in "0123456789abcdef" for c in manifest_id)):
-        raise NotFound(f"{manifest_id!r} is not a manifest id")
-    return manifest_id
