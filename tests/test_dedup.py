@@ -122,6 +122,25 @@ def test_trusted_manifests_share_by_their_chunk_hashes(env, hub, oss, model_dir,
     assert tree_digest(folder(env, "lab/copy")) == tree_digest(copy)
 
 
+def test_a_partly_changed_file_reuses_its_matching_chunks(env, hub, oss, model_dir, tmp_path):
+    """A shard whose last bytes changed (a fine-tune's head, an appended tensor): with
+    trusted manifests every chunk the cache verified elsewhere is copied, not fetched."""
+    changed = variant(model_dir, tmp_path / "changed", {})
+    shard = changed / shards(model_dir)[1]
+    data = bytearray(shard.read_bytes())
+    data[-100:] = bytes(b ^ 0x5A for b in data[-100:])
+    shard.write_bytes(bytes(data))
+    mirror_as(env, model_dir, MODEL_ID)
+    mirror_as(env, changed, "lab/changed")
+    pull(env, MODEL_ID)
+    oss.faults.clear_log()
+    done = pull(env, "lab/changed")
+    last_chunk = len(data) - (len(data) - 1) // CHUNK * CHUNK
+    assert oss.faults.data_bytes("/files/") == last_chunk  # one chunk of the changed shard, nothing else
+    assert done["reused_bytes"] == size(changed) - last_chunk
+    assert tree_digest(folder(env, "lab/changed")) == tree_digest(changed)
+
+
 def test_a_shared_file_survives_rm_of_one_model_and_goes_with_the_last(origin_only, hub, model_dir, tmp_path):
     env = origin_only
     copy = variant(model_dir, tmp_path / "copy", {"config.json": "{}"})
