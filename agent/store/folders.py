@@ -65,17 +65,18 @@ def open_fd(open_dir: Callable[[Path], SafeDir], directory, path: str, *, partia
             return parent.open_file(name + PARTIAL_SUFFIX, os.O_RDONLY)
 
 
-def delete_files(model: SafeDir, paths: list[str]) -> None:
-    """Delete ``paths`` (and their ``.partial``) in the model folder ``model``, then the
-    subfolders left empty, deepest first: a folder holding anything shoal did not put there
-    stays. No link is followed."""
+def delete_files(model: SafeDir, paths: list[str], *, partials: bool = True) -> None:
+    """Delete ``paths`` (and, with ``partials``, their ``.partial``) in the model folder
+    ``model``, then the subfolders left empty, deepest first: a folder holding anything
+    shoal did not put there stays. No link is followed."""
     subdirs: set[str] = set()
     for path in paths:
         head, _, name = path.rpartition("/")
         try:
             with model.parent_of(path)[0] as parent:
                 parent.unlink(name, missing_ok=True)
-                parent.unlink(name + PARTIAL_SUFFIX, missing_ok=True)
+                if partials:
+                    parent.unlink(name + PARTIAL_SUFFIX, missing_ok=True)
         except FileNotFoundError:
             continue
         while head:

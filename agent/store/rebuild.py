@@ -121,12 +121,75 @@ def rebuild(store: "Store", *, why: str) -> dict:
         else:
             store.index.set_manifest(key, manifest.id)
             partly += 1
+    unknown, dropped = _unknown_folders(store, seen)
+    for sha in store.blobs.names():  # a blob is a proven file: its row comes back as is
+        st = store.blobs.stat(sha)
+        if st is not None:
+            store.index.add_blob(sha, st.st_size, False)
     swept = store.content.sweep()
     store.content.link_unlinked()
-    return {"why": why, "complete": complete, "partial": partly, "files_hashed": hashed, **swept,
+    return {"why": why, "complete": complete, "partial": partly, "files_hashed": hashed,
+            "unknown_folders": unknown, "unverifiable_removed": dropped, **swept,
             "message": (f"the cache index was damaged or missing ({why}): rebuilt from the files it could verify: "
-                        f"{complete} model(s) complete, {partly} partly held, {hashed} file(s) re-hashed; models "
-                        "pulled into --to folders outside the cache are no longer listed (pull them again)")}
+                        f"{complete} model(s) complete, {partly} partly held, {hashed} file(s) re-hashed"
+                        + (f", {unknown} folder(s) no kept manifest describes kept by their files' blobs, "
+                           f"{dropped} file(s) nothing could verify removed" if unknown or dropped else "")
+                        + "; models pulled into --to folders outside the cache are no longer listed (pull them "
+                        "again)")}
+
+
+def _unknown_folders(store: "Store", seen: set[str]) -> tuple[int, int]:
+    """Model folders no kept manifest describes (a pull from a listing, cut short): their
+    files that are blobs (proven) are recorded, by the folder's name, as a model partly held
+    (the next pull links them); ``.partial`` files and other files nothing can verify
+    without the manifest are removed. (folders, files removed)."""
+    from agent.errors import ShoalError
+    from agent.manifest import default_chunk_size
+    from agent.store.content import hash_fd
+    from agent.store.folders import delete_files, remove_empty_folders
+    by_inode = {}
+    for sha in store.blobs.names():
+        st = store.blobs.stat(sha)
+        if st is not None:
+            by_inode[(st.st_dev, st.st_ino)] = (sha, st.st_size)
+    folders = dropped = 0
+    for kind, prefix in (("models", ""), ("datasets", "datasets/")):
+        base = store.root / kind
+        for folder in sorted(p for p in base.glob("*/*/*") if p.is_dir() and not p.is_symlink()):
+            owner, name, revision = folder.relative_to(base).parts
+            try:
+                ref = ModelRef.parse(f"{prefix}{owner}/{name}@{revision}")
+            except ShoalError:
+                continue
+            if str(ref) in seen or store.index.model(str(ref)) is not None:
+                continue
+            kept, doomed = [], []
+            for path in sorted(p for p in folder.rglob("*") if p.is_file() or p.is_symlink()):
+                rel = path.relative_to(folder).as_posix()
+                st = os.lstat(path)
+                blob = by_inode.get((st.st_dev, st.st_ino)) if not path.is_symlink() else None
+                (kept if blob is not None and not rel.endswith(PARTIAL_SUFFIX) else doomed).append((rel, blob))
+            with store.open_dir(folder) as model:
+                delete_files(model, [rel for rel, _ in doomed], partials=False)
+            dropped += len(doomed)
+            folders += 1
+            if not kept:
+                remove_empty_folders(store.open_dir, folder, base)
+                continue
+            chunk_size = default_chunk_size(sum(size for _, (_, size) in kept))
+            key = str(ref)
+            store.index.begin_model(key, ref.model_id, ref.revision, str(folder), chunk_size,
+                                    [(rel, size, sha) for rel, (sha, size) in kept])
+            for rel, (sha, size) in kept:
+                fd = store.blobs.open(sha)
+                try:
+                    chunks, _ = hash_fd(fd, size, chunk_size, sha256=False)
+                finally:
+                    os.close(fd)
+                store.index.record_chunks(key, rel, list(chunks), "local")
+                store.index.set_file(key, rel, complete=True, linked=LINKED)
+                store.index.add_blob(sha, size, False)
+    return folders, dropped
 
 
 def _verified_chunks(store, model, entry, chunk_size: int) -> tuple[str, list[int]] | None:
