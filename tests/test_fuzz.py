@@ -16,8 +16,18 @@ CORPUS = Path(__file__).parent / "fuzz_corpus"
 
 
 def found_inputs() -> list[tuple[str, Path]]:
-    return [(target.name, path) for target in sorted(CORPUS.iterdir()) if target.is_dir()
-            for path in sorted(target.iterdir())]
+    """Every kept input, by target; a folder named after no target is a mistake, not a skip."""
+    found = []
+    for folder in sorted(p for p in CORPUS.iterdir() if p.is_dir()):
+        assert folder.name in TARGETS, f"tests/fuzz_corpus/{folder.name}/ names no fuzz target"
+        found += [(folder.name, path) for path in sorted(folder.iterdir())]
+    return found
+
+
+def test_the_corpus_folder_is_in_the_checkout():
+    """Git keeps no empty folder: the README keeps this one in a clean clone (CI once failed
+    at collection for want of it)."""
+    assert (CORPUS / "README.md").is_file()
 
 
 @pytest.mark.parametrize("name", sorted(TARGETS))
