@@ -105,6 +105,9 @@ class Settings:
     # Discovery besides the bootstrap list: mDNS on the LAN, the Kademlia DHT across subnets.
     mdns: bool = True
     dht: bool = True
+    # Peer exchange: hello answers name other members this agent is connected to, and the
+    # members they name are dialled. Off: it neither tells nor follows (the DHT still finds).
+    peer_exchange: bool = True
 
     @property
     def socket_path(self) -> Path:
@@ -163,6 +166,7 @@ _SOURCES: dict[str, tuple[str, str, object]] = {
     "origin_streams": ("SHOAL_ORIGIN_STREAMS", "swarm.origin_streams", int),
     "mdns": ("SHOAL_MDNS", "swarm.mdns", bool),
     "dht": ("SHOAL_DHT", "swarm.dht", bool),
+    "peer_exchange": ("SHOAL_PEER_EXCHANGE", "swarm.peer_exchange", bool),
 }
 ENV_NAMES = {name: env for name, (env, _, _) in _SOURCES.items()}
 

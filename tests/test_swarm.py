@@ -276,6 +276,7 @@ def test_a_student_finds_the_teacher_through_the_dht_via_a_peer_both_know(env, o
     routed subnets, where multicast does not pass). The teacher provides the model in the
     DHT; the student's pull looks it up, dials the teacher and pulls from it."""
     mirror(env, model_dir)
+    env = {**env, "SHOAL_PEER_EXCHANGE": "0"}  # else the rendezvous may name the teacher first (pex)
     hub_env = agent_env(env, tmp_path, "rendezvous")
     hub_agent = AgentProcess(hub_env).start()
     rendezvous = json.loads(run_shoal(["status", "--json"], hub_env, check=True).stdout)["swarm"]["addrs"][0]

@@ -91,6 +91,7 @@ class Swarm:
                               listen_host=settings.swarm_host, listen_port=settings.swarm_port,
                               slots=settings.upload_slots, upload_rate=settings.upload_rate,
                               mdns=settings.mdns, dht=settings.dht, encrypt=settings.encrypt_data,
+                              peer_exchange=settings.peer_exchange,
                               boards=self.boards, on_interest=self._interest, peer_holds=self._peer_holds)
         self.bootstrap = [a.strip() for a in settings.swarm_peers.split(",") if a.strip()]
         self.contacts: dict[str, Contact] = {}  # peer -> how to reach its data port (from its hello)

@@ -104,6 +104,7 @@ class SwarmNode:
                  listen_host: str = "127.0.0.1",
                  listen_port: int = 0, data_host: str | None = None, slots: int = 16,
                  upload_rate: int | None = None, mdns: bool = False, dht: bool = False, encrypt: bool = False,
+                 peer_exchange: bool = True,
                  boards=None, on_interest: Callable[[str, str], None] = lambda peer, manifest_id: None,
                  peer_holds: Callable[[str, str], set | None] = lambda manifest_id, peer: None):
         import multiaddr
@@ -142,6 +143,7 @@ class SwarmNode:
         # it), passed on in hello answers; and what other peers' answers told us.
         self.listen_addrs: OrderedDict[str, str] = OrderedDict()
         self.exchanged: OrderedDict[str, list[str]] = OrderedDict()
+        self.peer_exchange = peer_exchange  # off: hello answers name nobody, and names heard are not dialled
         self._discovered_lock = threading.Lock()
         self.refused: dict[str, float] = {}  # peer id -> when we last refused it (outside the swarm)
         self.refused_by: set[str] = set()  # peers that told us we are outside their swarm
@@ -330,12 +332,16 @@ class SwarmNode:
 
     def exchange_for(self, asker: str) -> list[str]:
         """Addresses of connected peers (other than ``asker``) to pass on in a hello answer."""
+        if not self.peer_exchange:
+            return []
         connected = self.connected()
         known = [a for p, a in self.listen_addrs.items() if p in connected and p != asker]
         return random.sample(known, min(MAX_PEX, len(known)))
 
     def take_exchanged(self) -> dict[str, list[str]]:
         """Peers that hello answers told us about (peer id -> addresses) for the agent to dial."""
+        if not self.peer_exchange:
+            return {}
         return {peer: list(addrs) for peer, addrs in self.exchanged.items()}
 
     async def provide_key(self, key: str) -> bool:
