@@ -56,6 +56,9 @@ class Settings:
     # A Hugging Face-compatible hub (a lab's hf-mirror), after ModelScope; off unless set.
     hf_endpoint: str | None = None
     hf_token: str | None = field(default=None, repr=False)
+    # The gateway's Hugging Face face: which shoal id a Hugging Face id is, where they differ
+    # ("HF_ID=SHOAL_ID,...": e.g. the same model on ModelScope; see agent.gateway.hub).
+    hf_names: str = ""
     # Transfer tuning.
     concurrency: int = 8
     chunk_timeout: float = 60.0
@@ -138,6 +141,7 @@ _SOURCES: dict[str, tuple[str, str, object]] = {
     "use_modelscope": ("SHOAL_USE_MODELSCOPE", "modelscope.enabled", bool),
     "hf_endpoint": ("HF_ENDPOINT", "huggingface.endpoint", str),
     "hf_token": ("HF_TOKEN", "huggingface.token", str),
+    "hf_names": ("SHOAL_HF_NAMES", "huggingface.names", "map"),
     "concurrency": ("SHOAL_CONCURRENCY", "concurrency", int),
     "chunk_timeout": ("SHOAL_CHUNK_TIMEOUT", "chunk_timeout", float),
     "connect_timeout": ("SHOAL_CONNECT_TIMEOUT", "connect_timeout", float),
@@ -214,10 +218,33 @@ def parse_size(value: object) -> int | None:
     return int(number) or None
 
 
+def hf_name_map(text: str) -> dict[str, str]:
+    """``huggingface.names`` as kept (``"HF_ID=SHOAL_ID,..."``) → {Hugging Face id: shoal id}.
+    A Hugging Face id is ``OWNER/NAME``, ``NAME`` or ``datasets/...``; each shoal id is
+    checked as ``shoal pull`` checks it (a dataset's gets its ``datasets/``)."""
+    from agent.errors import UsageError
+    from agent.manifest import ModelRef
+    names: dict[str, str] = {}
+    for item in filter(None, (i.strip() for i in text.split(","))):
+        hf_id, eq, shoal_id = (part.strip() for part in item.partition("="))
+        if not eq or not hf_id or not shoal_id:
+            raise UsageError(f"entry {item!r} is not HF_ID=SHOAL_ID")
+        if not re.fullmatch(r"(datasets/)?([A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*", hf_id):
+            raise UsageError(f"{hf_id!r} is not a Hugging Face repository id")
+        names[hf_id] = ModelRef.parse(shoal_id, dataset=hf_id.startswith("datasets/")).model_id
+    return names
+
+
 def _convert(name: str, where: str, kind, value: object):
     try:
         if kind == "size":
             return parse_size(value)
+        if kind == "map":  # a TOML table or "KEY=VALUE,..." , kept as the latter
+            if isinstance(value, dict):
+                return ",".join(f"{k}={v}" for k, v in value.items())
+            if not isinstance(value, str):
+                raise ValueError(value)
+            return value
         if kind == "list":  # a TOML list or a comma-separated string, kept as the latter
             return ",".join(str(v) for v in value) if isinstance(value, list) else str(value)
         if kind is bool:
@@ -233,7 +260,8 @@ def _convert(name: str, where: str, kind, value: object):
             raise ValueError(value)
         return kind(value)
     except (TypeError, ValueError):
-        kind_name = "size such as 50GB or 10MB" if kind == "size" else kind.__name__
+        kind_name = {"size": "size such as 50GB or 10MB", "map": "table of names", "list": "list"}.get(
+            kind, getattr(kind, "__name__", str(kind)))
         raise ConfigError(f"{where} = {value!r} is not a valid {kind_name} for {name}") from None
 
 
@@ -261,6 +289,32 @@ def describe(settings: Settings) -> list[tuple[str, str, str, str]]:
             shown = "" if value is None else str(value)
         rows.append((name, shown, env, key))
     return rows
+
+
+def points_at_gateway(url: str | None, port: int) -> bool:
+    """Whether ``url`` is a loopback address on the gateway's ``port``."""
+    from urllib.parse import urlsplit
+    try:
+        parts = urlsplit(url or "")
+        return parts.hostname in ("127.0.0.1", "localhost", "::1") and parts.port == port
+    except ValueError:
+        return False
+
+
+def _not_through_own_gateway(settings: Settings) -> Settings:
+    """A shell set up for tools (``eval "$(shoal env)"``) points ``HF_ENDPOINT`` and
+    ``MODELSCOPE_ENDPOINT`` at this machine's gateway; an agent or a local pull started from
+    it must not take them as its origins (it would ask itself). Such an origin is dropped:
+    the Hugging Face one is off, ModelScope's is the public hub's (the agent says so when it
+    starts)."""
+    changes = {}
+    if points_at_gateway(settings.hf_endpoint, settings.gateway_port):
+        changes["hf_endpoint"] = None
+    if points_at_gateway(settings.modelscope_endpoint, settings.gateway_port):
+        changes["modelscope_endpoint"] = Settings.modelscope_endpoint
+    if changes:
+        settings = dataclasses.replace(settings, **changes)
+    return settings
 
 
 def load_settings(env: dict[str, str] | None = None, **overrides) -> Settings:
@@ -292,7 +346,7 @@ def load_settings(env: dict[str, str] | None = None, **overrides) -> Settings:
     for name, raw in overrides.items():
         if raw is not None:
             values[name] = raw
-    settings = Settings(**values)
+    settings = _not_through_own_gateway(Settings(**values))
     if not 1 <= settings.concurrency <= MAX_CONCURRENCY:
         raise ConfigError(
             f"concurrency {settings.concurrency} is outside 1..{MAX_CONCURRENCY}; "
@@ -305,6 +359,11 @@ def load_settings(env: dict[str, str] | None = None, **overrides) -> Settings:
     if settings.trusted_publishers:  # (the trust module imports cryptography: not for every command)
         from agent.swarm.trust import parse_publishers
         parse_publishers(settings.trusted_publishers)  # refuses a malformed key now, naming it
+    if settings.hf_names:
+        try:
+            hf_name_map(settings.hf_names)
+        except ShoalError as e:
+            raise ConfigError(f"{ENV_NAMES['hf_names']} / huggingface.names: {e}") from None
     if not 1 <= settings.origin_streams <= 64:
         raise ConfigError(f"origin streams {settings.origin_streams} is outside 1..64")
     if not 1 <= settings.upload_slots <= 256:

@@ -40,7 +40,7 @@ from pathlib import Path
 import trio
 
 from agent import __version__
-from agent.config import Settings
+from agent.config import Settings, points_at_gateway
 from agent.errors import AgentRunning
 from agent.metrics import Metrics
 from agent.pulls import PullCoordinator
@@ -144,6 +144,11 @@ class Agent:
                     nursery.start_soon(self._exit_with_parent, int(parent))
                 # What a kill left half-done (a file linked but not recorded, a blob no model
                 # links, a name being made): set right before anything is served.
+                for var in ("HF_ENDPOINT", "MODELSCOPE_ENDPOINT"):
+                    if points_at_gateway(os.environ.get(var), self.settings.gateway_port):
+                        log.info("%s points at this machine's shoal gateway (a tool's setting, e.g. from `shoal env`): "
+                                 "not used as an origin; set the agent's origins in its config file "
+                                 "(huggingface.endpoint, modelscope.endpoint)", var)
                 swept = await trio.to_thread.run_sync(self.store.sweep)
                 if any(swept.values()):
                     log.info("the cache after the last stop: %s", swept)

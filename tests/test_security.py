@@ -225,9 +225,14 @@ def test_the_gateway_admits_only_the_agents_users(env, oss, hub, model_dir, atta
         data = f"{gateway}/api/v1/datasets/lab/uncached-data"
         oss.faults.clear_log()
         hub.faults.clear_log()
+        hf = (f"{gateway}/{MODEL_ID}/resolve/main/config.json", f"{gateway}/lab/uncached/resolve/main/config.json",
+              f"{gateway}/api/models/lab/uncached", f"{gateway}/api/models/lab/uncached/tree/main",
+              f"{gateway}/datasets/lab/uncached-data/resolve/main/config.json")
         for url, method in ((cached, "GET"), (f"{gateway}/metrics", "GET"), (uncached, "HEAD"), (uncached, "GET"),
                             (data, "GET"), (f"{data}/repo/tree?Revision=master", "GET"),
-                            (f"{data}/repo?Revision=master&FilePath=config.json", "GET")):
+                            (f"{data}/repo?Revision=master&FilePath=config.json", "GET"),
+                            (hf[0], "GET"), (hf[1], "HEAD"), (hf[1], "GET"), (hf[2], "GET"), (hf[3], "GET"),
+                            (hf[4], "GET")):
             out = as_nobody(GET, url, method, attacker_path=attacker_path).stdout
             assert out.startswith("403") and (method == "HEAD" or "uid 65534 may not use this agent" in out), out
         status = json.loads(run_shoal(["status", "--json"], env, check=True).stdout)
@@ -254,16 +259,17 @@ def test_the_gateway_refuses_other_host_names_and_web_pages(env, oss, model_dir)
     run_shoal(["pull", MODEL_ID], env, check=True)
     agent = AgentProcess(env).start()
     try:
-        url = f"{agent.info['gateway']}/api/v1/models/{MODEL_ID}/repo?Revision=master&FilePath=config.json"
-        for headers in ({"Host": "evil.example"}, {"Host": "evil.example:8790"}, {"Origin": "http://evil.example"},
-                        {"Host": "127.0.0.1.nip.io"}):
-            with pytest.raises(urllib.error.HTTPError) as refused:
-                urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10)
-            assert refused.value.code == 403
-        port = agent.info["gateway"].rsplit(":", 1)[1]
-        for host in (f"localhost:{port}", f"127.0.0.1:{port}", "localhost"):
-            with urllib.request.urlopen(urllib.request.Request(url, headers={"Host": host}), timeout=10) as r:
-                assert r.status == 200
+        for url in (f"{agent.info['gateway']}/api/v1/models/{MODEL_ID}/repo?Revision=master&FilePath=config.json",
+                    f"{agent.info['gateway']}/{MODEL_ID}/resolve/main/config.json"):  # ModelScope's and the Hub's
+            for headers in ({"Host": "evil.example"}, {"Host": "evil.example:8790"}, {"Origin": "http://evil.example"},
+                            {"Host": "127.0.0.1.nip.io"}):
+                with pytest.raises(urllib.error.HTTPError) as refused:
+                    urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10)
+                assert refused.value.code == 403
+            port = agent.info["gateway"].rsplit(":", 1)[1]
+            for host in (f"localhost:{port}", f"127.0.0.1:{port}", "localhost"):
+                with urllib.request.urlopen(urllib.request.Request(url, headers={"Host": host}), timeout=10) as r:
+                    assert r.status == 200 and r.read() == (model_dir / "config.json").read_bytes()
     finally:
         agent.stop()
 
@@ -271,12 +277,16 @@ def test_the_gateway_refuses_other_host_names_and_web_pages(env, oss, model_dir)
 def test_head_starts_nothing_and_a_client_that_hangs_up_releases_its_pull(env, oss, model_dir):
     env = {**env, "SHOAL_GATEWAY_PORT": "0"}
     mirror(env, model_dir)
-    oss.faults.add(Fault("slow", match="/files/", delay=0.5))
+    oss.faults.add(Fault("slow", match="/files/", delay=3.0))  # no proven byte before the client gives up
     agent = AgentProcess(env).start()
     try:
         url = f"{agent.info['gateway']}/api/v1/models/{MODEL_ID}/repo?Revision=master&FilePath=config.json"
         with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=10) as r:
             assert r.status == 200 and int(r.headers["Content-Length"]) == (model_dir / "config.json").stat().st_size
+        hf_url = f"{agent.info['gateway']}/{MODEL_ID}/resolve/main/config.json"  # the Hub's HEAD, as hf_hub_download
+        with urllib.request.urlopen(urllib.request.Request(hf_url, method="HEAD"), timeout=10) as r:
+            assert r.status == 200 and int(r.headers["X-Linked-Size"]) == (model_dir / "config.json").stat().st_size
+            assert len(r.headers["X-Repo-Commit"]) == 40 and len(r.headers["ETag"].strip('"')) == 64
         time.sleep(0.5)
         assert json.loads(run_shoal(["status", "--json"], env, check=True).stdout)["pulls"] == []
         assert oss.faults.data_requests() == []

@@ -14,6 +14,11 @@ from agent.sources import ChunkRequest, expect_span, read_exact
 NETWORK_ERRORS = (OSError, requests.RequestException, urllib3.exceptions.HTTPError)
 
 
+# What shoal's origin requests say they are; a shoal gateway refuses them (an agent whose
+# origin endpoint points at a gateway would ask itself in a loop: agent.gateway.server).
+USER_AGENT = "shoal-agent/0.1"
+
+
 def hub_session(concurrency: int, token: str | None, *, max_redirects: int = 30) -> requests.Session:
     """A session with a connection per chunk in flight (and a few spare), no retries of its
     own (the scheduler retries), the token as a bearer header when there is one."""
@@ -22,7 +27,7 @@ def hub_session(concurrency: int, token: str | None, *, max_redirects: int = 30)
     adapter = HTTPAdapter(pool_connections=4, pool_maxsize=concurrency + 4, max_retries=0)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
-    session.headers["User-Agent"] = "shoal/0.1"
+    session.headers["User-Agent"] = USER_AGENT
     if token:
         session.headers["Authorization"] = f"Bearer {token}"
     return session

@@ -69,7 +69,8 @@ class HuggingFaceSource(Origin):
         revision = hub_revision(ref.revision)
         what = f"listing {ref} on the Hugging Face hub ({self.endpoint})"
         try:
-            info = HfApi(endpoint=self.endpoint, token=self._token or False).model_info(
+            info = HfApi(endpoint=self.endpoint, token=self._token or False, library_name="shoal-agent",
+                         library_version="0.1").model_info(
                 ref.model_id, revision=revision, files_metadata=True, timeout=self._timeout[1])
         except GatedRepoError as e:
             raise CredentialsRejected(f"{what}: the hub refused the request (gated model); set HF_TOKEN "
@@ -84,7 +85,8 @@ class HuggingFaceSource(Origin):
             status = e.response.status_code if e.response is not None else None
             if status in (401, 403):
                 raise CredentialsRejected(f"{what}: the hub refused the request ({status}); check HF_TOKEN") from e
-            raise SourceUnavailable(f"{what} failed: {str(e).splitlines()[0]}") from e
+            said = f" ({e.server_message.strip()[:300]})" if getattr(e, "server_message", None) else ""
+            raise SourceUnavailable(f"{what} failed: {str(e).splitlines()[0]}{said}") from e
         except Exception as e:  # httpx's network errors, which huggingface_hub lets through
             if type(e).__module__.startswith(("httpx", "httpcore")) or isinstance(e, OSError):
                 raise SourceUnavailable(f"{what} failed: cannot reach the hub ({type(e).__name__}); "

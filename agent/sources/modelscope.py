@@ -27,7 +27,7 @@ from agent.errors import CredentialsRejected, NotFound, SourceUnavailable
 from agent.manifest import Listing, ModelRef, hub_repo, make_listing
 from agent.sources import ChunkRequest, Origin
 from agent.sources.http import NETWORK_ERRORS as _NETWORK_ERRORS
-from agent.sources.http import hub_session, ranged_get
+from agent.sources.http import USER_AGENT, hub_session, ranged_get
 
 
 _SDK_IMPORT = threading.Lock()
@@ -65,7 +65,7 @@ class ModelScopeSource(Origin):
         what = f"listing {ref} on ModelScope ({self.endpoint})"
         try:
             client = LegacyClient(token=self._token, endpoint=self.endpoint, timeout=int(self._timeout[1]),
-                                  max_retries=1)
+                                  max_retries=1, user_agent=USER_AGENT)
             files = client.list_repo_files(repo_id=repo, repo_type=kind, revision=ref.revision, recursive=True)
         except NotExistError as e:
             raise NotFound(f"ModelScope has no {kind} {repo} at revision {ref.revision}: "

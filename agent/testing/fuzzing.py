@@ -104,6 +104,20 @@ def _gateway_request(data: bytes) -> None:
         parse_range(rest.decode("latin-1"), 1 << 20)
     except ValueError:  # documented: unsatisfiable (the gateway answers 416)
         pass
+    # The Hub face: its path split, and a paths-info body (form or JSON) against a revision.
+    from agent.gateway.hub import HubFace, _paths_info, _tree
+    from agent.gateway.serve import MissingFile, Revision
+    face = HubFace.__new__(HubFace)
+    face.names = {"gpt2": "openai-community/gpt2"}
+    face._split(parts)
+    revision = Revision(ModelRef("lab/fuzz"), (("a.json", 3, b"\x01" * 32), ("d/b.bin", 5, b"\x02" * 32)), "c" * 40,
+                        True)
+    for content_type in ("application/json", "application/x-www-form-urlencoded"):
+        _paths_info(revision, rest, content_type)
+    try:
+        _tree(revision, path, recursive=bool(rest[:1] == b"r"))
+    except MissingFile:
+        pass
 
 
 # name -> (target, errors it may raise)
