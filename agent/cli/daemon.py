@@ -1,4 +1,4 @@
-"""The agent and what only it can tell: agent, status, peers, config."""
+"""The agent and what only it can tell: agent, status, env, peers, config."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 import sys
 
 from agent.cli.common import backend_of, settings_of, table
-from agent.errors import Terminated
+from agent.errors import AgentNeeded, Terminated
 from agent.progress import human_bytes
 
 
@@ -52,7 +52,7 @@ def cmd_status(args) -> int:
     print(f"shoal agent {status['version']} pid {status['pid']}, up {status['uptime_s']:.0f} s\n"
           f"  cache {status['cache_dir']}: {human_bytes(status['usage_bytes'])} used, quota {quota}\n"
           f"  control socket {status['socket']}\n"
-          f"  ModelScope gateway {status['gateway']}  (MODELSCOPE_ENDPOINT={status['gateway']})\n"
+          f"  gateway {status['gateway']}  (MODELSCOPE_ENDPOINT and HF_ENDPOINT; `shoal env`)\n"
           f"  download cap {rate(status['download_rate'])}, upload cap {rate(status['upload_rate'])}, "
           f"{status['upload_slots']} upload slots\n"
           f"  sources: {', '.join(status['sources'])}")
@@ -95,6 +95,37 @@ def cmd_config(args) -> int:
     return 0
 
 
+def gateway_url(args) -> tuple[str | None, bool]:
+    """(the gateway's URL, whether its agent runs): the running agent's, else the one the
+    settings give an agent started now (None if its port is chosen at start, 0)."""
+    from agent.client import AgentBackend
+    settings = settings_of(args)
+    backend = AgentBackend.connect(settings)
+    if backend is not None:
+        return backend.call("status")["gateway"], True
+    return (f"http://127.0.0.1:{settings.gateway_port}" if settings.gateway_port else None), False
+
+
+def cmd_env(args) -> int:
+    from agent.toolenv import tool_env
+    gateway, running = gateway_url(args)
+    if gateway is None:
+        raise AgentNeeded("no shoal agent is running and its gateway port is chosen when it starts "
+                          "(SHOAL_GATEWAY_PORT=0): start the agent, then run `shoal env` again")
+    lines = tool_env(gateway)
+    if args.json:
+        print(json.dumps({var: value for var, value, _ in lines}, indent=2))
+        return 0
+    if not running:
+        print(f"# no shoal agent is running yet: start it (`shoal agent`, `systemctl start shoal-agent`); "
+              f"its gateway will be {gateway}", file=sys.stderr)
+    print(f"# hub tools through the shoal agent's gateway: eval \"$(shoal env)\", or paste into ~/.bashrc")
+    for var, value, why in lines:
+        print(f"export {var}={value}  # {why}")
+    print("unset HF_HUB_OFFLINE TRANSFORMERS_OFFLINE  # the gateway works offline; with these set tools never ask it")
+    return 0
+
+
 def register(sub) -> None:
     p = sub.add_parser("agent", help="run the background agent (control socket, gateway, metrics)")
     p.add_argument("--log-json", action="store_true", help="log one JSON object per line (for journald)")
@@ -103,6 +134,10 @@ def register(sub) -> None:
     p = sub.add_parser("status", help="what the running agent is doing")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("env", help="the lines that point hub tools (Hugging Face, ModelScope) at the agent's gateway")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_env)
 
     p = sub.add_parser("peers", help="the agent's LAN peers")
     p.add_argument("--json", action="store_true")

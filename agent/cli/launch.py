@@ -49,11 +49,12 @@ def cmd_doctor(args) -> int:
     if settings.oss_bucket:  # which credentials the mirror is read with, never the secret
         mirror = {"bucket": settings.oss_bucket, "endpoint": settings.oss_endpoint,
                   "credentials": describe_settings(settings)}
+    gateway = _gateway_check(args)
     if args.json:
         print(json.dumps({"device": report.kind, "names": report.names, "memory": report.memory,
                           "backends": report.backends,
                           "engines": {c: engine_for(c, report) for c in ("run", "serve", "train")},
-                          "mirror": mirror}, indent=2))
+                          "mirror": mirror, "gateway": gateway}, indent=2))
         return 0
     print(f"device: {report.kind}")
     for i, name in enumerate(report.names):
@@ -76,7 +77,24 @@ def cmd_doctor(args) -> int:
             expires = f", expires {creds['expires']}" if creds.get("expires") else ""
             print(f"  credentials: {creds['mode']}: {creds.get('source') or 'anonymous'}"
                   f"{' (STS)' if creds.get('sts') else ''}{expires}")
+    if gateway["url"] is None:
+        print("gateway: chosen when the agent starts (SHOAL_GATEWAY_PORT=0); start it, then `shoal env`")
+    else:
+        print(f"gateway: {gateway['url']} ({'agent running' if gateway['running'] else 'no agent running'})")
+        for problem in gateway["problems"]:
+            print(f"  {problem}")
+        if not gateway["problems"]:
+            print("  this shell's Hugging Face and ModelScope tools download through it")
     return 0
+
+
+def _gateway_check(args) -> dict:
+    """Where the gateway is, and what in this shell keeps tools from using it (agent.toolenv)."""
+    import os
+    from agent.cli.daemon import gateway_url
+    from agent.toolenv import shell_problems
+    url, running = gateway_url(args)
+    return {"url": url, "running": running, "problems": shell_problems(dict(os.environ), url) if url else []}
 
 
 def _wait_final(jobs: JobStore, job: Job, *, on_tick=None) -> Job:
