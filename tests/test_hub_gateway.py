@@ -98,6 +98,16 @@ def test_huggingface_hub_gets_a_model_through_the_gateway_and_names_what_is_miss
         # The cache holds one copy, listed under the shoal id.
         [row] = json.loads(run_shoal(["ls", "--json"], agent.env, check=True).stdout)
         assert row["model"] == MODEL_ID and row["state"] == "complete"
+        # `shoal env` gives the lines for a shell; `shoal doctor` in such a shell finds nothing amiss.
+        lines = json.loads(run_shoal(["env", "--json"], agent.env, check=True).stdout)
+        assert lines["HF_ENDPOINT"] == lines["MODELSCOPE_ENDPOINT"] == gateway
+        before = json.loads(run_shoal(["doctor", "--json"], agent.env, check=True).stdout)["gateway"]
+        assert before["running"] and len(before["problems"]) == 2, before
+        after = json.loads(run_shoal(["doctor", "--json"], {**agent.env, **lines}, check=True).stdout)["gateway"]
+        assert after["url"] == gateway and after["problems"] == [], after
+        offline = {**agent.env, **lines, "HF_HUB_OFFLINE": "1"}
+        assert "HF_HUB_OFFLINE" in json.loads(run_shoal(["doctor", "--json"], offline, check=True).stdout)[
+            "gateway"]["problems"][0]
     finally:
         agent.stop()
 
