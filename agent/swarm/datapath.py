@@ -65,20 +65,21 @@ import ssl
 import struct
 import threading
 import time
-from collections import Counter, OrderedDict
-from typing import Callable, Protocol
+from collections import Counter
+from typing import Callable
 
 from agent.cpu import LEDGER
-from agent.errors import DataPathError, UnsafePath
-from agent.manifest import chunk_span
+from agent.errors import DataPathError
 # The wire format and keys live in datawire, the client in dataclient; both are named here
 # too, as the whole protocol is described above.
 from agent.swarm.dataclient import DataClient
 from agent.swarm.datawire import (BAD_REQUEST, BUSY, DENIED, MAGIC, MAX_CONTENT_ASK, MAX_OFFER, MAX_REQUEST, MISSING,
-                                  MODE_CONTENT, MODE_GET, MODE_OFFER, MODE_SUB, NONCE_LEN, OK, STATUS_NAMES, HEADER,
+                                  MAX_ROOM_ASK, MODE_CONTENT, MODE_GET, MODE_OFFER, MODE_ROOM, MODE_SUB, NONCE_LEN, OK,
+                                  STATUS_NAMES, HEADER,
                                   Ticket, TicketBook,
                                   recv_exact, reply, decode_hello, decode_request, encode_hello, encode_request,
                                   make_tls)
+from agent.swarm.locator import ChunkLocator, StoreLocator
 from agent.swarm.publisher import BoardPublisher, greet
 
 __all__ = ["BAD_REQUEST", "BUSY", "DENIED", "MAGIC", "MAX_OFFER", "MAX_REQUEST", "MISSING", "MODE_CONTENT",
@@ -101,78 +102,11 @@ MAX_CONTENT_ASKS = 4  # content asks answered at once (each looks up every chunk
 MAX_SUBSCRIBERS_PER_ADDRESS = 16
 
 
-class ChunkLocator(Protocol):
-    def open_chunk(self, manifest_id: str, path: str, index: int) -> tuple[int, int, int] | None:
-        """(an open fd, offset, length) of a *verified* chunk, or None. The caller closes the fd."""
-
-
-class StoreLocator:
-    """Finds verified chunks in a ``Store`` (complete files and ``.partial`` ones): a few
-    one-row lookups per request (the manifest itself is kept), so a removed model is gone
-    at once. For a manifest a content ask brought (``remember``), a chunk is found by its
-    BLAKE3 wherever the store verified it."""
-
-    MANIFESTS = 16
-
-    def __init__(self, store):
-        self.store = store
-        self._manifests: OrderedDict[str, object] = OrderedDict()
-        self._foreign: OrderedDict[str, object] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def remember(self, manifest) -> None:
-        """A manifest peers may ask chunks of by content (bounded, the oldest forgotten)."""
-        with self._lock:
-            self._foreign[manifest.id] = manifest
-            self._foreign.move_to_end(manifest.id)
-            while len(self._foreign) > self.MANIFESTS:
-                self._foreign.popitem(last=False)
-
-    def _by_content(self, manifest_id: str, path: str, index: int) -> tuple[int, int, int] | None:
-        with self._lock:
-            manifest = self._foreign.get(manifest_id)
-        entry = next((f for f in manifest.files if f.path == path), None) if manifest is not None else None
-        if entry is None or not 0 <= index < len(entry.chunks):
-            return None
-        length = chunk_span(entry.size, manifest.chunk_size, index)[1]
-        found = self.store.open_chunk_by_content(entry.chunks[index], length)
-        return (found[0], found[1], length) if found is not None else None
-
-    def _manifest(self, manifest_id: str):
-        with self._lock:
-            manifest = self._manifests.get(manifest_id)
-        if manifest is None:
-            manifest = self.store.manifest(manifest_id)
-            with self._lock:
-                self._manifests[manifest_id] = manifest
-                while len(self._manifests) > self.MANIFESTS:
-                    self._manifests.popitem(last=False)
-        return manifest
-
-    def open_chunk(self, manifest_id: str, path: str, index: int) -> tuple[int, int, int] | None:
-        from agent.store.folders import open_model_file
-        found = self.store.holding(manifest_id=manifest_id)
-        if found is None:
-            return self._by_content(manifest_id, path, index)
-        ref, _ = found
-        manifest = self._manifest(manifest_id)
-        entry = next((f for f in manifest.files if f.path == path), None)
-        if entry is None or not 0 <= index < len(entry.chunks):
-            return None
-        if self.store.chunk_hash(ref, path, index) != entry.chunks[index]:
-            return None  # not verified here (yet)
-        offset, length = chunk_span(entry.size, manifest.chunk_size, index)
-        directory = self.store.model_dir(ref)
-        if directory is None:
-            return None  # removed meanwhile
-        try:
-            fd = open_model_file(self.store, directory, path, partial_ok=True)
-        except (FileNotFoundError, UnsafePath):
-            return None
-        return fd, offset, length
-
-
 # ------------------------------------------------------------------------------- server
+
+# mode -> (bytes of the request's length, its largest size): modes with one request after the hello
+_REQUESTS = {MODE_OFFER: (2, MAX_REQUEST), MODE_ROOM: (2, MAX_ROOM_ASK), MODE_CONTENT: (4, MAX_CONTENT_ASK)}
+
 
 class DataServer:
     """Serves chunks to ticket holders. Threads with blocking sockets, so ``os.sendfile``
@@ -194,6 +128,7 @@ class DataServer:
         self.locator, self.tickets = locator, tickets
         self.boards = boards  # agent.swarm.board.Boards: what subscribers are told
         self.offers = offers  # (peer, request bytes) -> answer bytes, for mode "offer"
+        self.room = None  # (peer, request bytes) -> answer bytes, for mode "room" (agent.assign), once set
         self.content = content  # (peer, manifest id, manifest bytes) -> answer bytes, for mode "content"
         self._content_asks = threading.BoundedSemaphore(MAX_CONTENT_ASKS)
         self.planning = planning  # whether a pull of this agent has not planned yet
@@ -227,7 +162,7 @@ class DataServer:
         self.refused = 0  # connections closed for a cap or a bad handshake
         # What peers asked of this port (connections by mode, chunk requests answered busy):
         # the control plane's cost as `shoal status` shows it.
-        self.asked = {MODE_OFFER: 0, MODE_SUB: 0, MODE_GET: 0, MODE_CONTENT: 0, "busy": 0}
+        self.asked = {MODE_OFFER: 0, MODE_SUB: 0, MODE_GET: 0, MODE_CONTENT: 0, MODE_ROOM: 0, "busy": 0}
 
     @property
     def address(self) -> tuple[str, int]:
@@ -324,19 +259,14 @@ class DataServer:
             reply(conn, DENIED, b"unknown, expired or misused key; say hello to the peer again")
             return None
         request = None
-        if mode == MODE_OFFER:  # the one request comes within the same deadline
-            head = recv_exact(conn, 2, deadline)
-            length = struct.unpack(">H", head)[0] if head else MAX_REQUEST + 1
-            request = recv_exact(conn, length, deadline) if length <= MAX_REQUEST else None
+        framing = _REQUESTS.get(mode)
+        if framing is not None:  # the one request (an offer's, a room ask, a manifest) comes within the same deadline
+            size, limit = framing
+            head = recv_exact(conn, size, deadline)
+            length = int.from_bytes(head, "big") if head else limit + 1
+            request = recv_exact(conn, length, deadline) if length <= limit else None
             if request is None:
-                reply(conn, BAD_REQUEST, b"no offer request")
-                return None
-        elif mode == MODE_CONTENT:  # the manifest comes within the same deadline too
-            head = recv_exact(conn, 4, deadline)
-            length = struct.unpack(">I", head)[0] if head else MAX_CONTENT_ASK + 1
-            request = recv_exact(conn, length, deadline) if length <= MAX_CONTENT_ASK else None
-            if request is None:
-                reply(conn, BAD_REQUEST, b"no manifest, or one too large")
+                reply(conn, BAD_REQUEST, f"no {mode} request, or one too large".encode())
                 return None
         return peer, mode, scope, request
 
@@ -367,6 +297,9 @@ class DataServer:
             if mode == MODE_CONTENT:
                 self._content(conn, peer, manifest_id, request)
                 return
+            if mode == MODE_ROOM:
+                self._room(conn, peer, request)
+                return
             if mode == MODE_SUB:
                 self._subscription(conn, peer, address, manifest_id)
                 return
@@ -391,6 +324,19 @@ class DataServer:
 
     def _offer(self, conn: socket.socket, peer: str, request: bytes) -> None:
         answer = self.offers(peer, request) if self.offers is not None else b""
+        reply(conn, OK, b"")
+        conn.settimeout(SUB_SEND_TIMEOUT)
+        conn.sendall(struct.pack(">I", len(answer)) + answer)
+
+    def _room(self, conn: socket.socket, peer: str, request: bytes) -> None:
+        if self.room is None:
+            reply(conn, MISSING, b"this agent keeps no room's assignments")
+            return
+        try:
+            answer = self.room(peer, request)
+        except DataPathError as e:
+            reply(conn, BAD_REQUEST, str(e).encode()[:200])
+            return
         reply(conn, OK, b"")
         conn.settimeout(SUB_SEND_TIMEOUT)
         conn.sendall(struct.pack(">I", len(answer)) + answer)

@@ -33,8 +33,11 @@ STATUS_NAMES = {OK: "ok", DENIED: "denied", MISSING: "missing", BAD_REQUEST: "ba
 HEADER = struct.Struct(">BQ")
 MAX_TICKETS = 4096
 TICKET_TTL = 3600.0
-MODE_OFFER, MODE_GET, MODE_SUB, MODE_CONTENT = "offer", "get", "sub", "content"
-MODES = (MODE_OFFER, MODE_GET, MODE_SUB, MODE_CONTENT)
+MODE_OFFER, MODE_GET, MODE_SUB, MODE_CONTENT, MODE_ROOM = "offer", "get", "sub", "content", "room"
+MODES = (MODE_OFFER, MODE_GET, MODE_SUB, MODE_CONTENT, MODE_ROOM)
+ASKS = (MODE_OFFER, MODE_ROOM)  # one request with the hello, one answer; no scope
+MAX_ROOM_ASK = 24 * 1024  # agent.assign.wire.MAX_ASK
+MAX_ROOM_ANSWER = 256 * 1024  # agent.assign.wire.MAX_ANSWER
 MAX_OFFER = 8 * 1024 * 1024  # agent.swarm.protocol.MAX_ANSWER
 MAX_CONTENT_ASK = 8 * 1024 * 1024  # the manifest a content ask carries
 _DOMAIN = b"shoal-data-v2|"
@@ -81,9 +84,9 @@ def decode_hello(body: bytes) -> tuple[bytes, str, str, bytes]:
         raise DataPathError(f"undecodable hello ({type(e).__name__})") from e
     if (not isinstance(ticket_id, bytes) or len(ticket_id) != TICKET_ID_LEN or not isinstance(mac, bytes)
             or len(mac) != 32 or mode not in MODES or not isinstance(scope, str)
-            or (mode == MODE_OFFER and scope != "")
-            or (mode != MODE_OFFER and (len(scope) != 2 * HASH_LEN or any(c not in "0123456789abcdef"
-                                                                          for c in scope)))):
+            or (mode in ASKS and scope != "")
+            or (mode not in ASKS and (len(scope) != 2 * HASH_LEN or any(c not in "0123456789abcdef"
+                                                                        for c in scope)))):
         raise DataPathError("malformed hello")
     return ticket_id, mode, scope, mac
 

@@ -34,7 +34,7 @@ from agent.manifest import Manifest, ModelRef
 from agent.swarm.board import Board, Boards
 from agent.swarm.node import ASK_TIMEOUT, SwarmNode
 from agent.swarm.protocol import Contact, PeerPending, SwarmAccess, encode_request, parse_answer
-from agent.errors import KeyRefused
+from agent.errors import KeyRefused, PeerRefused
 from agent.swarm.session import PENDING, PullSession, offer_over
 from agent.swarm.wire import Ordinals
 
@@ -364,6 +364,22 @@ class Swarm:
             "manifest_id": m.id, "chunks": sum(len(v) for v in answer.have.values()),
             "of": sum(len(f.chunks) for f in m.files), "pulling": answer.pulling}
         return answer
+
+    async def room_ask(self, peer: str, request: bytes, timeout: float) -> bytes | None:
+        """A room ask (``agent.assign.wire``) on the peer's data port: its answer, or None when
+        it cannot answer (no key to its port, it keeps no room)."""
+        from agent.swarm.session import room_over
+        for attempt in range(2):
+            contact = await self.contact(peer, fresh=attempt > 0)
+            if contact is None:
+                return None
+            try:
+                return await room_over(contact, request, timeout)
+            except KeyRefused:
+                continue  # our key was renewed or revoked meanwhile: hello again, once
+            except PeerRefused:
+                return None
+        return None
 
     async def _ask_all(self, peers, timeout: float, answered: set[str], *, settle: float | None = None,
                        **kwargs) -> list:

@@ -29,7 +29,8 @@ import trio
 from agent.errors import KeyRefused, NotFollowed, PeerBroken, PeerRefused, ShoalError
 from agent.swarm import wire
 from agent.swarm.board import Board
-from agent.swarm.datawire import (DENIED, MAGIC, MAX_OFFER, MISSING, MODE_CONTENT, MODE_OFFER, MODE_SUB, NONCE_LEN, OK,
+from agent.swarm.datawire import (ASKS, DENIED, MAGIC, MAX_OFFER, MAX_ROOM_ANSWER, MISSING, MODE_CONTENT, MODE_OFFER,
+                                  MODE_ROOM, MODE_SUB, NONCE_LEN, OK,
                                   STATUS_NAMES, Ticket, encode_hello)
 from agent.swarm.protocol import Contact, parse_answer
 from agent.swarm.view import LIVENESS, LanView
@@ -113,7 +114,7 @@ async def open_keyed(contact: Contact, mode: str, scope: str = "", request: byte
         opening = await reader.exactly(len(MAGIC) + NONCE_LEN)
         if opening[:len(MAGIC)] != MAGIC:
             raise PeerBroken("not a shoal data port (or an older version)")
-        extra = (len(request).to_bytes(2, "big") + request if mode == MODE_OFFER else
+        extra = (len(request).to_bytes(2, "big") + request if mode in ASKS else
                  len(request).to_bytes(4, "big") + request if mode == MODE_CONTENT else b"")
         await stream.send_all(encode_hello(Ticket.decode(contact.key), opening[len(MAGIC):], mode, scope) + extra)
         status, size = int.from_bytes(await reader.exactly(1), "big"), int.from_bytes(await reader.exactly(8), "big")
@@ -136,6 +137,17 @@ async def offer_over(contact: Contact, request: bytes, timeout: float) -> bytes:
             length = int.from_bytes(await reader.exactly(4), "big")
             if length > MAX_OFFER:
                 raise PeerBroken(f"an offer of {length} bytes exceeds {MAX_OFFER}")
+            return await reader.exactly(length)
+
+
+async def room_over(contact: Contact, request: bytes, timeout: float) -> bytes:
+    """One room ask (``agent.assign.wire``) on the peer's data port, and its answer."""
+    with trio.fail_after(timeout):
+        stream, reader = await open_keyed(contact, MODE_ROOM, "", request)
+        async with stream:
+            length = int.from_bytes(await reader.exactly(4), "big")
+            if length > MAX_ROOM_ANSWER:
+                raise PeerBroken(f"a room answer of {length} bytes exceeds {MAX_ROOM_ANSWER}")
             return await reader.exactly(length)
 
 

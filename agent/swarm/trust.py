@@ -84,6 +84,10 @@ class Identity:
         """What a teacher hands out: the public key in hex."""
         return self.public_key.hex()
 
+    def sign_bytes(self, data: bytes) -> bytes:
+        """A raw Ed25519 signature of ``data`` (callers put a domain of their own in front)."""
+        return self._key.sign(data)
+
     def sign_manifest(self, manifest_id: str) -> bytes:
         signature = self._key.sign(DOMAIN + manifest_id.encode())
         return msgpack.packb([ENVELOPE_VERSION, manifest_id, self.public_key, signature], use_bin_type=True)
