@@ -127,6 +127,9 @@ class AgentBackend:
         params = {"model": str(ref), "dir": str(Path(source).resolve()), "move": move}
         return self.call("import", params, on_event=on_event, timeout=PULL_TIMEOUT)
 
+    def import_bundle(self, source: Path) -> dict:
+        return self.call("bundle_import", {"dir": str(Path(source).resolve())}, timeout=PULL_TIMEOUT)
+
     def models(self) -> list[dict]:
         return self.call("list")
 
@@ -185,6 +188,34 @@ class LocalBackend:
         folder = check_source(source)
         return result_to_wire(run_until_signal(lambda: pull(ref, self.settings, emit=emit, adopt_from=folder,
                                                             move=move)))
+
+    def import_bundle(self, source: Path) -> dict:
+        """``agent.bundle`` without an agent: checked, then pulled here from the bundle alone."""
+        from agent.assign import record as rec
+        from agent.bundle import check_bundle
+        from agent.pull import pull, result_to_wire
+        from agent.runtime import run_until_signal
+        from agent.swarm.trust import TrustPolicy, parse_publishers
+        settings = self.settings.with_(offline=True)
+        trust = TrustPolicy(parse_publishers(settings.trusted_publishers))
+        items, assignment = check_bundle(Path(source), trust)
+        assigned: set[str] = set()
+        if assignment is not None and settings.swarm_secret:
+            try:
+                signed = rec.accept(assignment, room=rec.room_id(settings.swarm_secret), trusted=trust.publishers,
+                                    newest={})
+                assigned = {str(i.ref) for i in signed.record.items}
+            except rec.AssignmentRefused:
+                pass
+        done = []
+        for item in items:
+            result = result_to_wire(run_until_signal(lambda item=item: pull(
+                item.ref, settings, adopt_from=item.folder, trust=trust, offers=(item.offer(),))))
+            if str(item.ref) in assigned:
+                self.set_pinned(item.ref, True)
+            done.append({"ref": str(item.ref), "kind": item.kind, "manifest_id": result["manifest_id"],
+                         "imported_bytes": result.get("imported_bytes", 0), "pinned": str(item.ref) in assigned})
+        return {"items": done, "assignment": assignment is not None}
 
     def models(self) -> list[dict]:
         from agent.store import model_row

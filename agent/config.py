@@ -19,6 +19,7 @@ from pathlib import Path
 
 from agent.errors import ConfigError, ShoalError
 from agent.manifest import check_chunk_size
+from agent.units import parse_size  # noqa: F401  (settings' sizes; re-exported)
 
 MAX_CONCURRENCY = 64
 
@@ -80,6 +81,10 @@ class Settings:
     # Bandwidth caps in bytes per second (None: unlimited) and upload slots.
     download_rate: int | None = None
     upload_rate: int | None = None
+    # Of the downloads, what may come from outside the room (the OSS mirror, the origins), and
+    # the caps by time of day (agent.schedule: "HH:MM-HH:MM CAP=SIZE ...; ...").
+    outside_download_rate: int | None = None
+    rate_schedule: str = ""
     upload_slots: int = 4
     # The agent: control socket (default: agent.sock in the cache dir), a Unix group whose
     # members may use it besides the agent's own user, and the localhost gateway port.
@@ -111,6 +116,12 @@ class Settings:
     # Peer exchange: hello answers name other members this agent is connected to, and the
     # members they name are dialled. Off: it neither tells nor follows (the DHT still finds).
     peer_exchange: bool = True
+    # A room's assignments (agent.assign): act on the teacher's (or take none), keep this many
+    # other members' complete copies of each assigned revision before evicting ours, and the
+    # links the room's status measures its ETA against (Mbit/s each machine's switch port gives).
+    room_accept_assignments: bool = True
+    room_keep_copies: int = 2
+    room_link_mbit: float = 1000.0
 
     @property
     def socket_path(self) -> Path:
@@ -154,6 +165,8 @@ _SOURCES: dict[str, tuple[str, str, object]] = {
     "quota_low": ("SHOAL_QUOTA_LOW", "cache.low_watermark", float),
     "download_rate": ("SHOAL_DOWNLOAD_RATE", "limits.download_rate", "size"),
     "upload_rate": ("SHOAL_UPLOAD_RATE", "limits.upload_rate", "size"),
+    "outside_download_rate": ("SHOAL_OUTSIDE_DOWNLOAD_RATE", "limits.outside_download_rate", "size"),
+    "rate_schedule": ("SHOAL_RATE_SCHEDULE", "limits.schedule", "schedule"),
     "upload_slots": ("SHOAL_UPLOAD_SLOTS", "limits.upload_slots", int),
     "socket": ("SHOAL_SOCKET", "agent.socket", Path),
     "control_group": ("SHOAL_CONTROL_GROUP", "agent.control_group", str),
@@ -171,6 +184,9 @@ _SOURCES: dict[str, tuple[str, str, object]] = {
     "mdns": ("SHOAL_MDNS", "swarm.mdns", bool),
     "dht": ("SHOAL_DHT", "swarm.dht", bool),
     "peer_exchange": ("SHOAL_PEER_EXCHANGE", "swarm.peer_exchange", bool),
+    "room_accept_assignments": ("SHOAL_ROOM_ASSIGNMENTS", "room.accept_assignments", bool),
+    "room_keep_copies": ("SHOAL_ROOM_KEEP_COPIES", "room.keep_copies", int),
+    "room_link_mbit": ("SHOAL_ROOM_LINK_MBIT", "room.link_mbit", float),
 }
 ENV_NAMES = {name: env for name, (env, _, _) in _SOURCES.items()}
 
@@ -195,29 +211,6 @@ def config_path(env: dict[str, str] | None = None) -> Path:
     return user if user.exists() or not SYSTEM_CONFIG.exists() else SYSTEM_CONFIG
 
 
-_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000 ** 2, "mb": 1000 ** 2,
-          "mib": 1024 ** 2, "g": 1000 ** 3, "gb": 1000 ** 3, "gib": 1024 ** 3, "t": 1000 ** 4,
-          "tb": 1000 ** 4, "tib": 1024 ** 4}
-
-
-def parse_size(value: object) -> int | None:
-    """'50GB', '20GiB', '10MB/s', '1500000' -> bytes; 0, '', 'none', 'unlimited' -> None."""
-    if isinstance(value, bool):
-        raise ValueError(value)
-    if isinstance(value, (int, float)):
-        number = float(value)
-    else:
-        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)(?:/s)?\s*", str(value))
-        if str(value).strip().lower() in ("", "none", "unlimited", "off"):
-            return None
-        if not m or m.group(2).lower() not in _UNITS:
-            raise ValueError(value)
-        number = float(m.group(1)) * _UNITS[m.group(2).lower()]
-    if number < 0:
-        raise ValueError(value)
-    return int(number) or None
-
-
 def hf_name_map(text: str) -> dict[str, str]:
     """``huggingface.names`` as kept (``"HF_ID=SHOAL_ID,..."``) → {Hugging Face id: shoal id}.
     A Hugging Face id is ``OWNER/NAME``, ``NAME`` or ``datasets/...``; each shoal id is
@@ -239,6 +232,11 @@ def _convert(name: str, where: str, kind, value: object):
     try:
         if kind == "size":
             return parse_size(value)
+        if kind == "schedule":  # [[limits.schedule]] tables or the kept form (agent.schedule)
+            from agent.schedule import from_toml, parse
+            text = from_toml(value) if isinstance(value, list) else str(value)
+            parse(text)
+            return text
         if kind == "map":  # a TOML table or "KEY=VALUE,..." , kept as the latter
             if isinstance(value, dict):
                 return ",".join(f"{k}={v}" for k, v in value.items())
@@ -259,6 +257,8 @@ def _convert(name: str, where: str, kind, value: object):
         if kind in (int, float) and isinstance(value, bool):
             raise ValueError(value)
         return kind(value)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
     except (TypeError, ValueError):
         kind_name = {"size": "size such as 50GB or 10MB", "map": "table of names", "list": "list"}.get(
             kind, getattr(kind, "__name__", str(kind)))
@@ -364,6 +364,10 @@ def load_settings(env: dict[str, str] | None = None, **overrides) -> Settings:
             hf_name_map(settings.hf_names)
         except ShoalError as e:
             raise ConfigError(f"{ENV_NAMES['hf_names']} / huggingface.names: {e}") from None
+    if not 0 <= settings.room_keep_copies <= 100:
+        raise ConfigError(f"room.keep_copies {settings.room_keep_copies} is outside 0..100")
+    if not 0 < settings.room_link_mbit <= 1_000_000:
+        raise ConfigError(f"room.link_mbit {settings.room_link_mbit} is not a link speed in Mbit/s")
     if not 1 <= settings.origin_streams <= 64:
         raise ConfigError(f"origin streams {settings.origin_streams} is outside 1..64")
     if not 1 <= settings.upload_slots <= 256:

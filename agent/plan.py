@@ -102,7 +102,8 @@ def plan_from_offers(ref: ModelRef, offers: list, trust) -> tuple[Plan | None, l
         except (UntrustedManifest, ManifestError) as e:
             refused.append(e)
             continue
-        return Plan(ref, manifest.chunk_size, manifest.files, trusted=True, origin=f"LAN peer manifest, {why}",
+        return Plan(ref, manifest.chunk_size, manifest.files, trusted=True,
+                    origin=f"{getattr(offer, 'where', 'LAN peer')} manifest, {why}",
                     revision=manifest.revision), refused
     return None, refused
 

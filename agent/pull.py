@@ -250,7 +250,7 @@ async def pull(ref: ModelRef, settings: Settings, *, to: Path | None = None,
                emit: Callable[[object], None] = lambda event: None,
                sources: list[ChunkSource] | None = None,
                rate: TokenBucket | None = None, swarm=None, trust=None, fresh: bool = False,
-               adopt_from: Path | None = None, move: bool = False) -> PullResult:
+               adopt_from: Path | None = None, move: bool = False, offers: tuple = ()) -> PullResult:
     """Pull ``ref`` into the store (or ``to``); see module docstring. Raises ``ShoalError``s.
 
     ``swarm``: the agent's LAN swarm for this pull (an ``agent.swarm.session.PullSession``):
@@ -265,6 +265,9 @@ async def pull(ref: ModelRef, settings: Settings, *, to: Path | None = None,
     ``adopt_from``: a folder holding (some of) the files already (``shoal import``): each
     that matches the plan becomes the cache's (``agent.adopt``; ``move`` moves it there)
     and only the rest is fetched.
+
+    ``offers``: manifests offered besides the peers' (``protocol.Answer``s: a bundle's,
+    ``agent.bundle``), trusted under the same rule.
     """
     started = time.monotonic()
     result_parts = {"troubles": [], "by_source": {}, "chunks": 0, "first_byte": None}
@@ -290,7 +293,7 @@ async def pull(ref: ModelRef, settings: Settings, *, to: Path | None = None,
     used = [] if settings.offline else [s for s in sources if s.name != "oss"] if fresh else sources
     store = await trio.to_thread.run_sync(Store, settings.cache_dir)
     try:
-        offers = swarm.offers if swarm is not None and not fresh else []
+        offers = [*offers, *(swarm.offers if swarm is not None and not fresh else [])]
         plan, refused = plan_from_offers(ref, offers, trust) if offers and trust else (None, [])
         cached = None if plan is not None else await trio.to_thread.run_sync(cached_plan, store, ref,
                                                                                settings.offline)

@@ -43,6 +43,8 @@ class ActivePull:
     offline: bool = False  # no origin asked (agent.pull)
     adopt_from: Path | None = None  # a folder being imported (agent.adopt)
     move: bool = False
+    background: bool = False  # a room assignment's: a person's pull goes first (agent.assign.keeper)
+    offers: tuple = ()  # manifests offered besides the peers' (a bundle's: agent.bundle)
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     done: trio.Event = field(default_factory=trio.Event)
     subscribers: set = field(default_factory=set)
@@ -72,7 +74,7 @@ class ActivePull:
         total = self.plan.plan.total_size if self.plan else 0
         done = (self.plan.already if self.plan else 0) + self.fetched
         return {"model": str(self.ref), "done_bytes": min(done, total), "total_bytes": total,
-                "clients": self.holders, "by_source": dict(self.by_source)}
+                "clients": self.holders, "by_source": dict(self.by_source), "background": self.background}
 
 
 class PullCoordinator:
@@ -112,18 +114,22 @@ class PullCoordinator:
         return [p.snapshot() for p in self.pulls.values()]
 
     def start(self, ref: ModelRef, directory: Path | None, *, fresh: bool = False,
-              offline: bool = False, adopt_from: Path | None = None, move: bool = False) -> ActivePull:
+              offline: bool = False, adopt_from: Path | None = None, move: bool = False,
+              background: bool = False, offers: tuple = ()) -> ActivePull:
         """The running pull of ``ref``, or a new one (``fresh``: from upstream, not the
-        mirror; ``offline``: from no origin; a running pull is joined as it is). Follow it
-        (``follow``) to hold it."""
+        mirror; ``offline``: from no origin; a running pull is joined as it is; ``background``:
+        nobody waits for it, a room assignment's). Follow it (``follow``) to hold it."""
         key = str(ref)
         active = self.pulls.get(key)
         if active is not None:
+            if not background:
+                active.background = False  # a person joined it: it is theirs now
             if directory is not None and active.directory is not None and directory != active.directory:
                 raise StoreLocked(f"{ref} is being pulled into {active.directory} already; "
                                   "wait for it, or cancel it with `shoal cancel`")
             return active
-        active = ActivePull(ref, directory, fresh, offline, adopt_from=adopt_from, move=move)
+        active = ActivePull(ref, directory, fresh, offline, adopt_from=adopt_from, move=move, background=background,
+                            offers=tuple(offers))
         self.pulls[key] = active
         self._nursery.start_soon(self._run, active)
         return active
@@ -158,7 +164,8 @@ class PullCoordinator:
                 settings = self.settings.with_(offline=True) if active.offline else self.settings
                 result = await pull(active.ref, settings, to=active.directory, emit=emit,
                                     sources=self.sources, rate=self.rate, swarm=session, trust=trust,
-                                    fresh=active.fresh, adopt_from=active.adopt_from, move=active.move)
+                                    fresh=active.fresh, adopt_from=active.adopt_from, move=active.move,
+                                    offers=active.offers)
                 result.timings["offers_s"] = offers_s  # before the pull's own clock starts
                 active.result = result_to_wire(result)
                 self._completed()

@@ -32,7 +32,8 @@ class TokenBucket:
             self._tokens = min(float(burst), self._tokens + (now - self._stamp) * self._rate)
         self._stamp = now
 
-    async def take(self, nbytes: int) -> None:
+    async def take(self, nbytes: int, *, outside: bool = False) -> None:
+        """Charge ``nbytes`` (``outside`` is for ``DownloadRates``: one bucket caps every link)."""
         if not self._rate:
             return
         self._refill(trio.current_time())
@@ -42,6 +43,28 @@ class TokenBucket:
         while self._rate and -self._tokens / self._rate > 0.001:
             await trio.sleep(min(0.25, -self._tokens / self._rate))
             self._refill(trio.current_time())
+
+
+class DownloadRates:
+    """The download caps of an agent: every byte (``total``: the LAN and the outside link),
+    and on top, what comes from outside the room (``outside``: the OSS mirror and the
+    origins), so a class's LAN stays fast while the school's link is spared."""
+
+    def __init__(self, total: int | None, outside: int | None = None):
+        self.total = TokenBucket(total)
+        self.outside = TokenBucket(outside)
+
+    @property
+    def rate(self) -> int | None:
+        return self.total.rate
+
+    def set_rate(self, rate: int | None) -> None:
+        self.total.set_rate(rate)
+
+    async def take(self, nbytes: int, *, outside: bool = False) -> None:
+        await self.total.take(nbytes)
+        if outside:
+            await self.outside.take(nbytes)
 
 
 class ThreadTokenBucket:

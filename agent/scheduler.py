@@ -394,8 +394,9 @@ class Scheduler:
         for state in self._pick_order(task, route):
             source = state.source
             for attempt in range(self.settings.retries + 1):
-                if self.rate is not None:
-                    await self.rate.take(chunk_span(task.file.size, task.file.chunk_size, index)[1])
+                if self.rate is not None:  # the LAN is "lan"; the mirror and the origins are outside
+                    await self.rate.take(chunk_span(task.file.size, task.file.chunk_size, index)[1],
+                                         outside=source.name != "lan")
                 deadline = time.monotonic() + self.settings.chunk_timeout
                 try:
                     async with self._limiter:

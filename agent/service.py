@@ -44,7 +44,8 @@ from agent.config import Settings, points_at_gateway
 from agent.errors import AgentRunning
 from agent.metrics import Metrics
 from agent.pulls import PullCoordinator
-from agent.ratelimit import TokenBucket
+from agent.ratelimit import DownloadRates, TokenBucket
+from agent.schedule import parse as parse_schedule
 from agent.safefs import SafeDir
 from agent.sources import make_sources
 from agent.store import Store
@@ -67,10 +68,18 @@ class Agent:
         self.started = time.time()
         self.store = Store(settings.cache_dir)
         self.sources = make_sources(settings)
-        self.download = TokenBucket(settings.download_rate)
+        self.download = DownloadRates(settings.download_rate, settings.outside_download_rate)
         self.upload = TokenBucket(settings.upload_rate)
+        # The caps as set (the settings, `shoal config set`); a rule of the rate schedule
+        # overrides them in its hours (agent.schedule); ``caps_hours``: the rule in force.
+        self.base_caps = {"download_rate": settings.download_rate,
+                          "outside_download_rate": settings.outside_download_rate,
+                          "upload_rate": settings.upload_rate}
+        self.rate_rules = parse_schedule(settings.rate_schedule)
+        self.caps_hours: str | None = None
         self.upload_slots = trio.CapacityLimiter(settings.upload_slots)
         self.swarm = None  # agent.swarm.membership.Swarm once serving, when settings.swarm
+        self.room = None  # agent.assign.keeper.RoomWork with the swarm: the room's assignments
         self.metrics = Metrics(cache_bytes=self.store.usage, quota_bytes=lambda: settings.quota or 0,
                                active_pulls=lambda: len(self.pulls),
                                peers=lambda: 0 if self.swarm is None else self.swarm.connected_count())
@@ -95,6 +104,23 @@ class Agent:
             self.reload_requested = True
             self._nursery.cancel_scope.cancel()
         self._nursery.start_soon(reload)
+
+    def apply_caps(self, caps: dict, hours: str | None) -> None:
+        """Put ``caps`` in force (the rate schedule's rule of ``hours``, or the base caps)."""
+        self.download.total.set_rate(caps["download_rate"])
+        self.download.outside.set_rate(caps["outside_download_rate"])
+        self.upload.set_rate(caps["upload_rate"])
+        if self.swarm is not None:
+            self.swarm.set_upload_rate(caps["upload_rate"])
+        if hours != self.caps_hours:
+            log.info("rate caps: %s (%s)", ", ".join(f"{k} {v or 'unlimited'}" for k, v in caps.items()),
+                     f"the schedule's rule {hours}" if hours else "the settings")
+        self.caps_hours = hours
+
+    def caps_now(self) -> dict:
+        """The caps in force and whence (`shoal status`, `shoal config show`, the TUI)."""
+        return {"download_rate": self.download.total.rate, "outside_download_rate": self.download.outside.rate,
+                "upload_rate": self.upload.rate, "rule": self.caps_hours}
 
     async def _watch_loop_lag(self) -> None:
         """How late the event loop wakes a sleeper (blocking work on it shows here): the
@@ -139,6 +165,9 @@ class Agent:
                 self._nursery = nursery
                 nursery.start_soon(self._reload_on_sighup)
                 nursery.start_soon(self._watch_loop_lag)
+                if self.rate_rules:
+                    from agent.schedule import follow
+                    nursery.start_soon(follow, self.rate_rules, lambda: self.base_caps, self.apply_caps, time.time)
                 parent = os.environ.get("SHOAL_EXIT_WITH_PARENT", "")
                 if parent.isdigit():
                     nursery.start_soon(self._exit_with_parent, int(parent))
@@ -157,9 +186,13 @@ class Agent:
                 port = await nursery.start(serve_gateway, gateway, self.settings.gateway_port)
                 self.gateway_url = f"http://127.0.0.1:{port}"
                 if self.settings.swarm:
+                    from agent.assign.keeper import RoomWork
                     from agent.swarm.membership import Swarm
                     self.swarm = Swarm(self.settings, self.store, pulls=lambda: self.pulls)
                     await nursery.start(self.swarm.run)
+                    self.room = RoomWork(self.settings, self.store, self.pulls, lambda: self.swarm)
+                    await nursery.start(self.room.run)
+                    self.swarm.node.data.room = self.room.answer
                 control = ControlServer(self, self.settings.control_group)
                 await nursery.start(control.serve, self.settings.socket_path)
                 info = {"pid": os.getpid(), "socket": str(self.settings.socket_path),

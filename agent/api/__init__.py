@@ -11,13 +11,14 @@ record at the boundary: an unknown key, a missing field or a wrong type is a
 ``python -m agent.api`` prints the table as Markdown (the README's "Control API").
 
 Modules: ``table`` (the table, its records and checks), ``cache`` (pulls and the store),
-``info`` (status, config, peers, sources), ``jobs`` (jobs, chats, training).
+``info`` (status, config, peers, sources), ``jobs`` (jobs, chats, training), ``room`` (a
+room's assignments).
 """
 
 from __future__ import annotations
 
-from agent.api import cache, info, jobs
+from agent.api import cache, info, jobs, room
 from agent.api.table import METHODS, Call, Method, describe, lookup, markdown, method, parse_params
 
-HANDLER_MODULES = (cache, info, jobs)  # each declares its methods on import
+HANDLER_MODULES = (cache, info, jobs, room)  # each declares its methods on import
 __all__ = ["METHODS", "Call", "Method", "describe", "lookup", "markdown", "method", "parse_params"]

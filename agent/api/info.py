@@ -15,7 +15,7 @@ from agent.config import describe, parse_size
 from agent.cpu import snapshot as cpu_snapshot
 from agent.errors import UsageError
 
-LIVE_SETTINGS = ("download_rate", "upload_rate", "upload_slots")  # what config_set changes at run time
+LIVE_SETTINGS = ("download_rate", "outside_download_rate", "upload_rate", "upload_slots")  # what config_set changes at run time
 
 
 @method("ping", NoParams, "Whether the agent answers: its version and pid (what clients ask first).", quiet=True)
@@ -31,7 +31,7 @@ async def status(agent, p: NoParams, call: Call):
     return {"pid": os.getpid(), "version": __version__, "uptime_s": round(time.time() - agent.started, 1),
             "cache_dir": str(agent.settings.cache_dir), "socket": str(agent.settings.socket_path),
             "gateway": agent.gateway_url, "usage_bytes": usage, "quota_bytes": agent.settings.quota,
-            "download_rate": agent.download.rate, "upload_rate": agent.upload.rate,
+            "download_rate": agent.download.rate, "upload_rate": agent.upload.rate, "caps": agent.caps_now(),
             "upload_slots": agent.upload_slots.total_tokens, "cpu": cpu_snapshot(),
             "loop_lag_ms": round(agent.loop_lag_s * 1000, 1),
             "pulls": agent.pulls.snapshot(),
@@ -41,8 +41,9 @@ async def status(agent, p: NoParams, call: Call):
 
 
 def _config_rows(agent) -> list[list[str]]:
-    live = {"download_rate": agent.download.rate, "upload_rate": agent.upload.rate,
-            "upload_slots": agent.upload_slots.total_tokens}
+    caps = agent.caps_now()
+    live = {"download_rate": caps["download_rate"], "outside_download_rate": caps["outside_download_rate"],
+            "upload_rate": caps["upload_rate"], "upload_slots": agent.upload_slots.total_tokens}
     return [[name, str(live[name]) if name in live and live[name] is not None else
              ("" if name in live else value), env, key] for name, value, env, key in describe(agent.settings)]
 
@@ -59,18 +60,17 @@ class ConfigSetParams:
 
 
 @method("config_set", ConfigSetParams,
-        "Change `download_rate`, `upload_rate` or `upload_slots` until the agent restarts; the new settings.")
+        "Change `download_rate`, `outside_download_rate`, `upload_rate` or `upload_slots` until the agent restarts "
+        "(a rule of the rate schedule still wins in its hours); the new settings.")
 async def config_set(agent, p: ConfigSetParams, call: Call):
     if p.key not in LIVE_SETTINGS:
-        raise UsageError(f"{p.key!r} cannot be changed at run time; the agent takes download_rate, "
-                         "upload_rate and upload_slots (others: edit the config file and restart)")
+        raise UsageError(f"{p.key!r} cannot be changed at run time; the agent takes {', '.join(LIVE_SETTINGS)} "
+                         "(others: edit the config file and restart)")
     try:
-        if p.key == "download_rate":
-            agent.download.set_rate(parse_size(p.value))
-        elif p.key == "upload_rate":
-            agent.upload.set_rate(parse_size(p.value))
-            if agent.swarm is not None:
-                agent.swarm.set_upload_rate(parse_size(p.value))
+        if p.key in ("download_rate", "upload_rate", "outside_download_rate"):
+            agent.base_caps[p.key] = parse_size(p.value)  # a rule of the rate schedule still wins in its hours
+            from agent.schedule import caps_at, minute_of_day
+            agent.apply_caps(*caps_at(agent.rate_rules, agent.base_caps, minute_of_day(time.time())))
         else:
             slots = int(p.value)
             if not 1 <= slots <= 256:

@@ -3,7 +3,8 @@
 Command modules, each with a ``register(subparsers)``: ``cache`` (pull, ls, verify, rm,
 pin, unpin, gc, du, cancel), ``daemon`` (agent, status, peers, config), ``launch``
 (doctor, run, serve, train, jobs, logs), ``publish`` (id, publish, mirror push),
-``room`` (room create/join/show/leave), ``tools`` (tui, demo). They reach the cache through ``agent.client``'s backend.
+``room`` (room create/join/show/leave), ``assign`` (room push/retract/assignments/refuse/status,
+bundle export/import), ``tools`` (tui, demo). They reach the cache through ``agent.client``'s backend.
 
 Exit codes (``agent.errors``): 0 ok, 1 other error, 2 usage or configuration, 3 not
 found, 4 no reachable source, 5 integrity, 6 disk full, 7 credentials rejected,
@@ -17,7 +18,7 @@ import json
 import sys
 
 from agent import __version__
-from agent.cli import cache, daemon, launch, publish, room, tools
+from agent.cli import assign, cache, daemon, launch, publish, room, tools
 from agent.config import ENV_NAMES
 from agent.errors import ShoalError
 
@@ -31,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
     parser.add_argument("--version", action="version", version=f"shoal {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (cache, daemon, launch, publish, room, tools):
+    for module in (cache, daemon, launch, publish, room, assign, tools):
         module.register(sub)
     return parser
 

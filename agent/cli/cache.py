@@ -122,6 +122,9 @@ def cmd_du(args) -> int:
     print(f"total {human_bytes(total)} on disk{share}"
           + (f"; {human_bytes(shared)} more is shared between models (kept once)" if shared > 0 else ""))
     print("OWN: what removing the model would free (files no other model or revision shares)")
+    for m in models:
+        if m.get("room"):  # agent.assign.keeper: the room's copies
+            print(f"{m['model']}@{m['revision']}: {m['room']}")
     return 0
 
 

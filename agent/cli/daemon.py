@@ -91,7 +91,14 @@ def cmd_config(args) -> int:
         backend_of(args, need_agent=True).call("config_set", {"key": args.key, "value": args.value})
         print(f"{args.key} = {args.value} (until the agent restarts; put it in the config file to keep it)")
         return 0
-    table([("SETTING", "VALUE", "ENVIRONMENT", "TOML KEY")] + [tuple(r) for r in backend_of(args).config()])
+    backend = backend_of(args)
+    table([("SETTING", "VALUE", "ENVIRONMENT", "TOML KEY")] + [tuple(r) for r in backend.config()])
+    from agent.client import AgentBackend
+    if isinstance(backend, AgentBackend):  # what the running agent has in force now
+        caps = backend.call("status")["caps"]
+        shown = ", ".join(f"{k} {human_bytes(v) + '/s' if v else 'unlimited'}" for k, v in caps.items() if k != "rule")
+        whence = f"the rate schedule's rule {caps['rule']}" if caps["rule"] else "the settings (no rule of the schedule holds now)"
+        print(f"caps in force: {shown} ({whence})")
     return 0
 
 
@@ -119,7 +126,7 @@ def cmd_env(args) -> int:
     if not running:
         print(f"# no shoal agent is running yet: start it (`shoal agent`, `systemctl start shoal-agent`); "
               f"its gateway will be {gateway}", file=sys.stderr)
-    print(f"# hub tools through the shoal agent's gateway: eval \"$(shoal env)\", or paste into ~/.bashrc")
+    print("# hub tools through the shoal agent's gateway: eval \"$(shoal env)\", or paste into ~/.bashrc")
     for var, value, why in lines:
         print(f"export {var}={value}  # {why}")
     print("unset HF_HUB_OFFLINE TRANSFORMERS_OFFLINE  # the gateway works offline; with these set tools never ask it")
@@ -147,7 +154,8 @@ def register(sub) -> None:
     csub = config.add_subparsers(dest="config_command", required=True, metavar="COMMAND")
     p = csub.add_parser("show", help="every setting, its value (secrets masked) and where to set it")
     p.set_defaults(func=cmd_config)
-    p = csub.add_parser("set", help="change download_rate, upload_rate or upload_slots in the running agent")
-    p.add_argument("key", choices=["download_rate", "upload_rate", "upload_slots"])
+    p = csub.add_parser("set", help="change download_rate, outside_download_rate, upload_rate or upload_slots in "
+                                    "the running agent")
+    p.add_argument("key", choices=["download_rate", "outside_download_rate", "upload_rate", "upload_slots"])
     p.add_argument("value", help="bytes per second (e.g. 50MB, 0 for unlimited), or a slot count")
     p.set_defaults(func=cmd_config)

@@ -152,4 +152,6 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_room_show)
     p = rsub.add_parser("leave", help="leave the room, and reload the agent")
     p.set_defaults(func=cmd_room_leave)
+    from agent.cli.assign import register_room
+    register_room(rsub)
 

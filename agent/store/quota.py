@@ -18,6 +18,7 @@ def holdings(store: "Store", keep: ModelRef | None) -> list[eviction.Holding]:
     blobs, own = store.index.model_blobs(), store.index.own_bytes()
     return [eviction.Holding(row.key, row.last_used,
                              not row.pinned and (keep is None or row.key != str(keep))
+                             and row.key not in store.room_keeps
                              and not store.in_use(ModelRef(row.model_id, row.revision)),
                              own.get(row.key, 0), frozenset(blobs.get(row.key, ())))
             for row in store.index.models() if row.state != "removing"]

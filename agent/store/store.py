@@ -68,6 +68,9 @@ class _ModelLog:
         self.index.forget_chunks(self.key, path, indices)
 
 
+_ROOM_KEEPS: dict[str, dict[str, str]] = {}  # cache root -> Store.room_keeps
+
+
 class Store:
     """The cache at ``root``. Opening it migrates an index of the older layout in place,
     rebuilds one that is missing or damaged from the files it can verify (``rebuilt`` says
@@ -103,6 +106,17 @@ class Store:
         except BaseException:
             self.close()
             raise
+
+    @property
+    def room_keeps(self) -> dict[str, str]:
+        """str(ref) -> why: assigned revisions the room needs this copy of (``agent.assign.keeper``
+        sets it); eviction leaves them alone, `shoal du` says why. Shared by every ``Store`` of
+        this cache in the process (the agent's and each pull's)."""
+        return _ROOM_KEEPS.get(str(self.root), {})
+
+    @room_keeps.setter
+    def room_keeps(self, keeps: dict[str, str]) -> None:
+        _ROOM_KEEPS[str(self.root)] = dict(keeps)  # replaced whole, never edited: readers need no lock
 
     def _close_dirs(self) -> None:
         for handle in self._dirs.values():
@@ -469,5 +483,7 @@ def du_rows(store: Store, active: set[str]) -> dict:
     for m in store.models():
         row = model_row(m, str(m.ref) in active)
         row["unique"] = unique.get(str(m.ref), 0)
+        if str(m.ref) in store.room_keeps:
+            row["room"] = store.room_keeps[str(m.ref)]
         rows.append(row)
     return {"usage_bytes": store.usage(), "logical_bytes": sum(r["size"] for r in rows), "models": rows}

@@ -250,6 +250,7 @@ class Answer:
     have: dict[str, set[int]]
     pulling: bool
     peer: str = ""  # set by the asker: who answered
+    where: str = "LAN peer"  # what holds it, for people: a LAN peer, or a bundle (agent.bundle)
 
 
 def _raise_error(message: dict) -> None:
