@@ -73,6 +73,10 @@ def test_a_push_reaches_every_member_pinned_and_a_late_one_catches_up(room, mode
     assert {m["online"] for m in view["members"]} == {True} and view["stuck"] == []
     assert all(a["percent"] == 100.0 for a in view["assignments"]) and view["bound"]["done"] == 1.0
     assert set(view["assignments"][0]["by_source"]) == {"lan"}
+    from tui.screens.room import render_assignments, render_room_status  # the TUI's room screen, live
+    shown = render_room_status(view)
+    assert f"{MODEL_ID}@master: 2/2 complete, 100%" in shown and shown.count("complete 100%") == 2 * 2
+    assert f"{MODEL_ID}@master: complete 100%" in render_assignments(assignments(s1.env))
     # A machine that was off when the teacher pushed catches up from anyone in the room.
     s3 = room["student"]("s3")
     wait_for(lambda: states(s3.env) == want, 60, "the late member to catch up")

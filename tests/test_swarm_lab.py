@@ -118,3 +118,49 @@ def test_across_routed_subnets_a_student_finds_the_teacher_through_the_dht(env, 
         assert teacher and teacher[0]["bytes_down"] > 0 and teacher[0]["via"] in ("dht", "inbound")
         assert not any(p["via"] == "mdns" for p in peers)  # multicast stayed in room A
     assert netns.leftover_namespaces(lab.tag) == []
+
+
+def test_a_room_across_two_subnets_forms_from_the_join_code_and_takes_the_teachers_push(env, oss, model_dir,
+                                                                                      tmp_path):
+    """The teacher on one subnet, three members on the other, a router between that forwards
+    no multicast: the members know only the teacher's address (as a join code gives it). The
+    room forms (mDNS among the members, the teacher's address, peer exchange) and the
+    teacher's push reaches every member, from the room alone (the mirror is out of reach)."""
+    from agent.room import new_room, write_room_file, encode_code
+    mirror(env, model_dir)
+    teacher_env = {**env, "SHOAL_CACHE_DIR": str(tmp_path / "teacher"), "SHOAL_MDNS": "1", "SHOAL_DHT": "1",
+                   "SHOAL_SWARM_PORT": "7100"}
+    run_shoal(["pull", MODEL_ID], teacher_env, check=True)
+    key = run_shoal(["id"], teacher_env, check=True).stdout.strip()
+    with netns.Lab(tag=f"shq{os.getpid() % 10000}", subnet="10.77.0", more_subnets=("10.77.1",)) as lab:
+        teacher_host = lab.add_host("teacher", segment=0)
+        # The join code a teacher's `shoal room create` prints: its secret, key and address.
+        room = new_room("Lab 2", bytes.fromhex(key), [(teacher_host.ip, 7100)])
+        assert encode_code(room)
+        teacher_env["SHOAL_SWARM_SECRET"] = room.swarm_secret
+        lab_agent(lab, teacher_host, teacher_env)
+        members = []
+        for name in ("m1", "m2", "m3"):
+            config = tmp_path / f"{name}-config"
+            config.mkdir()
+            write_room_file(config / "room.toml", room, teacher=False)  # what `shoal room join CODE` writes
+            m_env = {**env, "SHOAL_CACHE_DIR": str(tmp_path / name), "SHOAL_CONFIG": str(config / "config.toml"),
+                     "SHOAL_MDNS": "1", "SHOAL_DHT": "1", "SHOAL_RETRIES": "0"}
+            m_env.pop("SHOAL_SWARM_SECRET", None)
+            lab_agent(lab, lab.add_host(name, segment=1), {**m_env, "SHOAL_SWARM_SECRET": room.swarm_secret})
+            members.append(m_env)
+        for e in (teacher_env, *members):
+            wait_for(lambda: agent_up(e), 30, "the agents to start")
+        wait_for(lambda: sum(p["connected"] for p in peers_of(teacher_env)) >= 3, 60, "the room to form")
+        oss.faults.clear_log()
+        run_shoal(["room", "push", MODEL_ID], teacher_env, check=True)
+        for m_env in members:
+            wait_for(lambda: json.loads(run_shoal(["room", "assignments", "--json"], m_env, check=True).stdout)[
+                "items"].get(f"{MODEL_ID}@master", {}).get("state") == "complete", 90, "the push to reach the member")
+            row = json.loads(run_shoal(["ls", "--json"], m_env, check=True).stdout)[0]
+            assert row["pinned"] and tree_digest(Path(row["dir"])) == tree_digest(model_dir)
+        view = json.loads(run_shoal(["room", "status", "--json"], teacher_env, check=True).stdout)
+        assert [a["complete"] for a in view["assignments"]] == [3] and view["stuck"] == []
+        assert all(m["via"] for m in view["members"])  # how each was found
+        assert oss.faults.data_requests() == []
+    assert netns.leftover_namespaces(lab.tag) == []
