@@ -250,7 +250,8 @@ async def pull(ref: ModelRef, settings: Settings, *, to: Path | None = None,
                emit: Callable[[object], None] = lambda event: None,
                sources: list[ChunkSource] | None = None,
                rate: TokenBucket | None = None, swarm=None, trust=None, fresh: bool = False,
-               adopt_from: Path | None = None, move: bool = False, offers: tuple = ()) -> PullResult:
+               adopt_from: Path | None = None, move: bool = False, offers: tuple = (),
+               gate=None) -> PullResult:
     """Pull ``ref`` into the store (or ``to``); see module docstring. Raises ``ShoalError``s.
 
     ``swarm``: the agent's LAN swarm for this pull (an ``agent.swarm.session.PullSession``):
@@ -267,7 +268,8 @@ async def pull(ref: ModelRef, settings: Settings, *, to: Path | None = None,
     and only the rest is fetched.
 
     ``offers``: manifests offered besides the peers' (``protocol.Answer``s: a bundle's,
-    ``agent.bundle``), trusted under the same rule.
+    ``agent.bundle``), trusted under the same rule. ``gate``: a ``scheduler.Gate`` that
+    pauses the pull while closed.
     """
     started = time.monotonic()
     result_parts = {"troubles": [], "by_source": {}, "chunks": 0, "first_byte": None}
@@ -319,6 +321,9 @@ async def pull(ref: ModelRef, settings: Settings, *, to: Path | None = None,
         result_parts["plan_s"] = round(time.monotonic() - started, 3)
         if swarm is not None and plan.trusted:
             part = SwarmPart(swarm, plan.manifest(), settings)
+            if gate is not None:  # paused, it says it is not pulling: the room's origin chunks are not left to it
+                gate.on_change.append(lambda is_open, part=part: part.board is not None
+                                      and part.board.set_pulling(is_open))
         directory = check_target(Path(to), settings.cache_dir) if to else store.default_dir(ref)
         await trio.to_thread.run_sync(store.lock, ref)
         try:
@@ -334,7 +339,7 @@ async def pull(ref: ModelRef, settings: Settings, *, to: Path | None = None,
                     record(Imported(len(found.kept), found.bytes, found.refused))
                 result = await _run(plan, directory, store, [part.source, *used] if part else used, settings,
                                     record, rate if rate is not None else TokenBucket(settings.download_rate), part,
-                                    found.chunks if adopt_from is not None else None)
+                                    found.chunks if adopt_from is not None else None, gate)
                 with trio.move_on_after(MIRROR_AGE_GRACE):  # a moment for the answer; never more
                     await checked.wait()
                 nursery.cancel_scope.cancel()
@@ -369,7 +374,7 @@ async def pull(ref: ModelRef, settings: Settings, *, to: Path | None = None,
 
 async def _run(plan: Plan, directory: Path, store: Store, sources: list[ChunkSource],
                settings: Settings, emit, rate: TokenBucket, part: SwarmPart | None,
-               hashed: dict | None = None) -> PullResult:
+               hashed: dict | None = None, gate=None) -> PullResult:
     ref = plan.ref
 
     # Each step below is a blocking call, made in a worker thread; they go in two hops,
@@ -411,14 +416,15 @@ async def _run(plan: Plan, directory: Path, store: Store, sources: list[ChunkSou
     try:
         async def fetch() -> PullResult:
             return await _fetch_all(plan, model, store, sources, settings, emit, rate,
-                                    part.picker if part else FifoPicker, linked)
+                                    part.picker if part else FifoPicker, linked, gate)
         return await (part.run(fetch) if part else fetch())
     finally:
         model.close()
 
 
 async def _fetch_all(plan: Plan, model: SafeDir, store: Store, sources: list[ChunkSource],
-                     settings: Settings, emit, rate: TokenBucket, picker, linked: int = 0) -> PullResult:
+                     settings: Settings, emit, rate: TokenBucket, picker, linked: int = 0,
+                     gate=None) -> PullResult:
     ref, directory = plan.ref, model.path
     tasks: list[FileTask] = []
     reused = linked
@@ -442,7 +448,7 @@ async def _fetch_all(plan: Plan, model: SafeDir, store: Store, sources: list[Chu
         states = [SourceState(s) for s in sources]
         first_request_at = None
         for round_ in range(MAX_ROUNDS):
-            scheduler = Scheduler(ref, states, settings, emit, rate, picker, finish=store.finish_files)
+            scheduler = Scheduler(ref, states, settings, emit, rate, picker, finish=store.finish_files, gate=gate)
             outcome = await scheduler.run(tasks)
             first_request_at = first_request_at or scheduler.first_request_at
             if not outcome.mismatched:

@@ -25,6 +25,7 @@ from agent.config import Settings
 from agent.errors import Cancelled, NotFound, ShoalError, StoreLocked
 from agent.manifest import ModelRef, is_manifest_id
 from agent.pull import ChunkFetched, PlanReady, pull, result_to_wire
+from agent.scheduler import Gate
 from agent.ratelimit import TokenBucket
 from agent.swarm.trust import TrustPolicy
 
@@ -45,6 +46,7 @@ class ActivePull:
     move: bool = False
     background: bool = False  # a room assignment's: a person's pull goes first (agent.assign.keeper)
     offers: tuple = ()  # manifests offered besides the peers' (a bundle's: agent.bundle)
+    gate: Gate = field(default_factory=Gate)  # closed: the pull starts no new chunk (paused for a person's pull)
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     done: trio.Event = field(default_factory=trio.Event)
     subscribers: set = field(default_factory=set)
@@ -124,6 +126,7 @@ class PullCoordinator:
         if active is not None:
             if not background:
                 active.background = False  # a person joined it: it is theirs now
+                active.gate.open()
             if directory is not None and active.directory is not None and directory != active.directory:
                 raise StoreLocked(f"{ref} is being pulled into {active.directory} already; "
                                   "wait for it, or cancel it with `shoal cancel`")
@@ -165,7 +168,7 @@ class PullCoordinator:
                 result = await pull(active.ref, settings, to=active.directory, emit=emit,
                                     sources=self.sources, rate=self.rate, swarm=session, trust=trust,
                                     fresh=active.fresh, adopt_from=active.adopt_from, move=active.move,
-                                    offers=active.offers)
+                                    offers=active.offers, gate=active.gate)
                 result.timings["offers_s"] = offers_s  # before the pull's own clock starts
                 active.result = result_to_wire(result)
                 self._completed()

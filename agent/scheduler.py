@@ -270,6 +270,37 @@ class Finisher:
             raise outcome[0]
 
 
+class Gate:
+    """Whether a pull's workers may start new chunks: closed, the chunks in flight finish
+    and nothing new starts (no new claims on the room's origin chunks either) until it
+    opens again. A room assignment's background pull is paused so while a person's own
+    pull runs (``agent.assign.keeper``)."""
+
+    def __init__(self):
+        self._open = trio.Event()
+        self._open.set()
+        self.on_change: list[Callable[[bool], None]] = []  # told True (open) or False (closed)
+
+    @property
+    def is_open(self) -> bool:
+        return self._open.is_set()
+
+    def close(self) -> None:
+        if self._open.is_set():
+            self._open = trio.Event()
+            for tell in self.on_change:
+                tell(False)
+
+    def open(self) -> None:
+        if not self._open.is_set():
+            self._open.set()
+            for tell in self.on_change:
+                tell(True)
+
+    async def wait(self) -> None:
+        await self._open.wait()
+
+
 class Scheduler:
     """Fetches the missing chunks of a set of files. One instance per pull round.
 
@@ -281,8 +312,9 @@ class Scheduler:
     def __init__(self, ref: ModelRef, sources: list[SourceState], settings: Settings,
                  emit: Callable[[Event], None], rate: TokenBucket | None = None,
                  picker: Callable[[list[Job], int], Picker] = FifoPicker, *,
-                 finish: Callable[[list[PartialFile]], None]):
+                 finish: Callable[[list[PartialFile]], None], gate: Gate | None = None):
         self.ref, self.sources, self.settings, self.emit = ref, sources, settings, emit
+        self.gate = gate
         self.rate = rate
         self.picker = picker
         self._limiter = trio.CapacityLimiter(settings.concurrency)
@@ -326,7 +358,12 @@ class Scheduler:
         return outcome
 
     async def _worker(self, picker: Picker, buffer: mmap.mmap, nursery, outcome: Outcome) -> None:
-        while (job := await picker.take()) is not None:
+        while True:
+            if self.gate is not None:
+                await self.gate.wait()
+            job = await picker.take()
+            if job is None:
+                break
             task = job.task
             try:
                 outcome_ = await self._fetch_chunk(task, job.index, buffer, job)

@@ -217,8 +217,8 @@ def test_a_bundle_carries_the_lesson_to_a_machine_with_no_network_and_a_flipped_
 
 def test_a_persons_own_pull_goes_first(env, room, tmp_path):
     """The teacher's uplink is capped: the assignment takes a while. The person at the
-    machine pulls something else meanwhile: the background pull stops and lets it through,
-    then resumes."""
+    machine pulls something else meanwhile: the background pull pauses (its chunks in
+    flight finish, it starts no new one) and lets it through, then resumes."""
     run_shoal(["publish", "--dataset", DATASET], room["env"], check=True)
     s1 = room["student"]("s1")
     wait_connected(s1.env)
@@ -232,7 +232,8 @@ def test_a_persons_own_pull_goes_first(env, room, tmp_path):
     run_shoal(["config", "set", "upload_rate", "0"], room["env"], check=True)
     wait_for(lambda: states(s1.env).get(f"{MODEL_ID}@master") == "complete", 60, "the assignment to resume and end")
     log = s1.log()
-    assert "last client went away" in log or "cancelled" in log
+    assert "paused: a person's pull on this machine goes first" in log and "resumed" in log
+    assert log.index("paused") < log.index(f"pull datasets/{DATASET}@master finished: ok") < log.index("resumed")
 
 
 def test_the_room_keeps_copies_when_members_evict(room, model_dir, tmp_path):

@@ -62,7 +62,7 @@ STATE_FILE = "assignments.json"
 class ItemState:
     """How one assigned item stands on this machine (what the teacher's room status shows)."""
 
-    state: str = "waiting"  # waiting, queued, pulling, complete, failed, refused, released
+    state: str = "waiting"  # waiting, queued, pulling, paused, complete, failed, refused, released
     detail: str = ""
     have: int = 0
     total: int = 0
@@ -225,13 +225,25 @@ class RoomWork:
 
         with trio.CancelScope() as scope:
             async def yield_to_people() -> None:
+                """Paused while a person's pull runs (the chunks in flight finish: no origin
+                chunk the room counts on is dropped midway); stopped if no longer wanted."""
                 while True:
                     await trio.sleep(WATCH)
                     current = self.current.record if self.current else None
-                    if self._person_pulls(item.ref) or current is None or current.item(item.ref) is None \
-                            or key in self.refused or not self.accepting:
+                    if current is None or current.item(item.ref) is None or key in self.refused or not self.accepting:
                         scope.cancel()
                         return
+                    if not active.background:  # a person asked for it too: it is theirs now
+                        return
+                    if self._person_pulls(item.ref):
+                        if active.gate.is_open:
+                            active.gate.close()
+                            state.state, state.detail = "paused", "a person's pull on this machine goes first"
+                            log.info("room: %s paused: a person's pull on this machine goes first", key)
+                    elif not active.gate.is_open:
+                        active.gate.open()
+                        state.state, state.detail = "pulling", ""
+                        log.info("room: %s resumed", key)
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(yield_to_people)
@@ -251,8 +263,8 @@ class RoomWork:
                 if not isinstance(error, ShoalError):
                     raise
                 state.state, state.detail, state.retry_at = "failed", _why(error), time.time() + RETRY
-        if scope.cancelled_caught and state.state == "pulling":
-            state.state, state.detail = "queued", "stopped for a person's pull; resumes after it"
+        if scope.cancelled_caught and state.state in ("pulling", "paused"):
+            state.state, state.detail = "queued", "stopped: no longer assigned here"
 
     async def _pin(self, ref: ModelRef) -> None:
         """Pin an assigned revision, once: one the person pinned stays theirs (a retraction
