@@ -150,6 +150,16 @@ def main() -> int:
             peers = json.loads(shoal(["peers", "--json"], envs["teacher"]).stdout or "[]")
             return sum(1 for p in peers if p["connected"])
         wait_for(lambda: members_seen() >= len(online), 180, "every online member to reach the teacher")
+
+        def everyone_met() -> bool:
+            # A class's machines have been up since boot when the teacher pushes: every one
+            # connected to every other (found by mDNS on its subnet, the rest by peer exchange).
+            for name in online:
+                peers = json.loads(shoal(["peers", "--json"], envs[name]).stdout or "[]")
+                if sum(1 for p in peers if p["connected"] and p.get("rtt_ms") is not None) < len(online):
+                    return False
+            return True
+        wait_for(everyone_met, 180, "every online member to meet every other")
         busy = online[0]
         pushed_at = time.monotonic()
         proc = shoal(["room", "push", MODEL, "--dataset", DATASET, "--json"], envs["teacher"])
