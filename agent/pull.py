@@ -19,6 +19,7 @@ holds and claims as it goes (``agent.swarm.board``).
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import time
@@ -115,10 +116,10 @@ class SwarmPart:
     """The LAN side of one pull with a trusted manifest: the view of the peers, the LAN
     source, this pull's board, the pickers, and what it fetched from the origin."""
 
-    def __init__(self, session, manifest: Manifest, settings: Settings):
+    def __init__(self, session, manifest: Manifest, settings: Settings, wanted: set | None = None):
         from agent.swarm.source import LanPeerSource
         from agent.swarm.view import LanView
-        self.session, self.settings = session, settings
+        self.session, self.settings, self.wanted = session, settings, wanted
         self.view = LanView(manifest, session.self_id)
         self.source = LanPeerSource(self.view)
         self.board = None  # set once the pull is recorded (it starts from what the store holds)
@@ -131,7 +132,7 @@ class SwarmPart:
     def picker(self, jobs: list[Job], workers: int) -> Picker:
         from agent.swarm.picker import SwarmPicker
         self.pickers.append(SwarmPicker(self.view, self.board, jobs, origin_streams=self.settings.origin_streams,
-                                        workers=workers))
+                                        workers=workers, wanted=self.wanted))
         return self.pickers[-1]
 
     def on_event(self, event) -> None:
@@ -251,7 +252,7 @@ async def pull(ref: ModelRef, settings: Settings, *, to: Path | None = None,
                sources: list[ChunkSource] | None = None,
                rate: TokenBucket | None = None, swarm=None, trust=None, fresh: bool = False,
                adopt_from: Path | None = None, move: bool = False, offers: tuple = (),
-               gate=None) -> PullResult:
+               gate=None, wanted: set | None = None) -> PullResult:
     """Pull ``ref`` into the store (or ``to``); see module docstring. Raises ``ShoalError``s.
 
     ``swarm``: the agent's LAN swarm for this pull (an ``agent.swarm.session.PullSession``):
@@ -269,7 +270,8 @@ async def pull(ref: ModelRef, settings: Settings, *, to: Path | None = None,
 
     ``offers``: manifests offered besides the peers' (``protocol.Answer``s: a bundle's,
     ``agent.bundle``), trusted under the same rule. ``gate``: a ``scheduler.Gate`` that
-    pauses the pull while closed.
+    pauses the pull while closed. ``wanted``: (path, index) of chunks someone waits for
+    now (the gateway's readers), fetched first (``scheduler.FifoPicker``).
     """
     started = time.monotonic()
     result_parts = {"troubles": [], "by_source": {}, "chunks": 0, "first_byte": None}
@@ -320,7 +322,7 @@ async def pull(ref: ModelRef, settings: Settings, *, to: Path | None = None,
                     raise
         result_parts["plan_s"] = round(time.monotonic() - started, 3)
         if swarm is not None and plan.trusted:
-            part = SwarmPart(swarm, plan.manifest(), settings)
+            part = SwarmPart(swarm, plan.manifest(), settings, wanted)
             if gate is not None:  # paused, it says it is not pulling: the room's origin chunks are not left to it
                 gate.on_change.append(lambda is_open, part=part: part.board is not None
                                       and part.board.set_pulling(is_open))
@@ -339,7 +341,7 @@ async def pull(ref: ModelRef, settings: Settings, *, to: Path | None = None,
                     record(Imported(len(found.kept), found.bytes, found.refused))
                 result = await _run(plan, directory, store, [part.source, *used] if part else used, settings,
                                     record, rate if rate is not None else TokenBucket(settings.download_rate), part,
-                                    found.chunks if adopt_from is not None else None, gate)
+                                    found.chunks if adopt_from is not None else None, gate, wanted)
                 with trio.move_on_after(MIRROR_AGE_GRACE):  # a moment for the answer; never more
                     await checked.wait()
                 nursery.cancel_scope.cancel()
@@ -374,7 +376,7 @@ async def pull(ref: ModelRef, settings: Settings, *, to: Path | None = None,
 
 async def _run(plan: Plan, directory: Path, store: Store, sources: list[ChunkSource],
                settings: Settings, emit, rate: TokenBucket, part: SwarmPart | None,
-               hashed: dict | None = None, gate=None) -> PullResult:
+               hashed: dict | None = None, gate=None, wanted: set | None = None) -> PullResult:
     ref = plan.ref
 
     # Each step below is a blocking call, made in a worker thread; they go in two hops,
@@ -416,7 +418,8 @@ async def _run(plan: Plan, directory: Path, store: Store, sources: list[ChunkSou
     try:
         async def fetch() -> PullResult:
             return await _fetch_all(plan, model, store, sources, settings, emit, rate,
-                                    part.picker if part else FifoPicker, linked, gate)
+                                    part.picker if part else functools.partial(FifoPicker, wanted=wanted),
+                                    linked, gate)
         return await (part.run(fetch) if part else fetch())
     finally:
         model.close()

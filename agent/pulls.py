@@ -47,6 +47,7 @@ class ActivePull:
     background: bool = False  # a room assignment's: a person's pull goes first (agent.assign.keeper)
     offers: tuple = ()  # manifests offered besides the peers' (a bundle's: agent.bundle)
     gate: Gate = field(default_factory=Gate)  # closed: the pull starts no new chunk (paused for a person's pull)
+    wanted: set = field(default_factory=set)  # (path, index) the gateway's readers wait for: fetched first
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     done: trio.Event = field(default_factory=trio.Event)
     subscribers: set = field(default_factory=set)
@@ -168,7 +169,7 @@ class PullCoordinator:
                 result = await pull(active.ref, settings, to=active.directory, emit=emit,
                                     sources=self.sources, rate=self.rate, swarm=session, trust=trust,
                                     fresh=active.fresh, adopt_from=active.adopt_from, move=active.move,
-                                    offers=active.offers, gate=active.gate)
+                                    offers=active.offers, gate=active.gate, wanted=active.wanted)
                 result.timings["offers_s"] = offers_s  # before the pull's own clock starts
                 active.result = result_to_wire(result)
                 self._completed()

@@ -214,15 +214,27 @@ class Picker(Protocol):
 
 class FifoPicker:
     """Chunks in file order: the order without LAN peers (``agent.swarm.picker.SwarmPicker``
-    is the one with them)."""
+    is the one with them). ``wanted``: (path, index) of chunks someone waits for right now
+    (a tool reading a file through the gateway, in order; the set is the pull's, changed
+    as they read): those first."""
 
     duplicates = 0
 
-    def __init__(self, jobs: list[Job], workers: int = 1):
+    def __init__(self, jobs: list[Job], workers: int = 1, wanted: set | None = None):
         self.pending = list(reversed(jobs))  # (every worker takes from the one list)
+        self.wanted = wanted if wanted is not None else set()
+        self._waiting = {job.key: job for job in jobs}  # not taken yet, by key
 
     async def take(self) -> Job | None:
-        return self.pending.pop() if self.pending else None
+        for key in list(self.wanted):
+            job = self._waiting.pop(key, None)
+            if job is not None:
+                return job
+        while self.pending:
+            job = self.pending.pop()
+            if self._waiting.pop(job.key, None) is not None:
+                return job
+        return None
 
     def done(self, job: Job) -> None:
         pass

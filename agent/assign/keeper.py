@@ -252,8 +252,9 @@ class RoomWork:
                 await self._pin(item.ref)
                 state.state, state.detail = "complete", ""
                 log.info("room: %s is here and pinned, as the teacher assigned", key)
-            except Cancelled:
-                pass
+            except Cancelled:  # someone stopped it (`shoal cancel`): tried again later, not at once
+                state.state, state.detail, state.retry_at = "failed", "cancelled on this machine; tried again later " \
+                    "(`shoal room refuse` to keep it off)", time.time() + RETRY
             except ShoalError as e:
                 state.state, state.detail, state.retry_at = "failed", _why(e), time.time() + RETRY
                 log.warning("room: the assigned %s could not be pulled: %s (trying again in %.0f s)", key, e, RETRY)
@@ -412,15 +413,22 @@ class RoomWork:
                 if record else {}}
 
     def answer(self, peer: str, request: bytes) -> bytes:
-        """A room ask from ``peer`` (the data server's thread): a pushed record goes to the
-        event loop; the answer is ours when newer, what we hold whole, and our report."""
+        """A room ask from ``peer``, on the data server's thread: parsed there, answered on the
+        event loop (which owns this state): a pushed record is offered, what the asker holds
+        noted; the answer is our record when newer, what we hold whole, and our report."""
         seq, push, want_status, holds = wire.parse_ask(request)
+        if self._token is None:
+            return wire.encode_answer(None, [], None)
+        try:
+            return trio.from_thread.run_sync(self._answer, peer, seq, push, want_status, holds,
+                                             trio_token=self._token)
+        except (trio.RunFinishedError, RuntimeError):
+            return wire.encode_answer(None, [], None)
+
+    def _answer(self, peer: str, seq: int, push: bytes | None, want_status: bool, holds: list[str]) -> bytes:
         self._note_holds(peer, holds)
-        if push is not None and self._token is not None:
-            try:
-                trio.from_thread.run_sync(self.offer, push, f"peer {peer[:12]}…", trio_token=self._token)
-            except (trio.RunFinishedError, RuntimeError):
-                pass
+        if push is not None:
+            self.offer(push, f"peer {peer[:12]}…")
         current = self.current
         mine = current.envelope if current is not None and current.record.seq > seq else None
         return wire.encode_answer(mine, self.holds(), self.report() if want_status else None)

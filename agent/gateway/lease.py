@@ -49,6 +49,7 @@ class PullLease:
         self.error: ShoalError | None = None
         self.users = 0
         self.served = False  # some request got bytes through it
+        self.active = None  # the pull (agent.pulls.ActivePull), once started or joined
         self._idle_since = time.monotonic()
         self._changed = trio.Event()
 
@@ -57,7 +58,7 @@ class PullLease:
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Start or join the pull and follow it until it ends or the lease expires."""
         with self.scope:
-            active = self._pulls.start(self.ref, None)
+            active = self.active = self._pulls.start(self.ref, None)
             log.info("gateway: uid %d %s the pull of %s", self._uid, "joined" if active.holders else "started",
                      self.ref)
             task_status.started()
@@ -104,6 +105,11 @@ class PullLease:
         if gone and not self.served and not self.ended:
             log.info("gateway: uid %d went away while %s was pulled; let go of it", self._uid, self.ref)
             self.scope.cancel()
+
+    def want(self, path: str, index: int, wanted: bool = True) -> None:
+        """A reader waits for chunk ``index`` of ``path`` (or no more): the pull takes it first."""
+        if self.active is not None:
+            (self.active.wanted.add if wanted else self.active.wanted.discard)((path, index))
 
     @property
     def trusted(self) -> bool:

@@ -289,6 +289,9 @@ class Library:
         except BaseException:
             lease.release()
             raise
+        finally:
+            if lease.plan is not None and size:
+                lease.want(path, (span[0] if span else 0) // lease.plan.plan.chunk_size, False)
         lease.served = True
         if not streaming:  # the file is proven whole: from its folder, the lease is done with
             lease.release()
@@ -376,7 +379,9 @@ class Library:
             if lease.trusted and size:
                 index = start // lease.plan.plan.chunk_size
                 if index in lease.verified.get(path, ()) or (recheck and index in await self._verified(lease, path)):
+                    lease.want(path, index, False)
                     return True
+                lease.want(path, index)  # the pull fetches what a reader waits for first
             changed = await lease.wait_change(change)
             recheck = not changed or (lease.plan is not None and not had_plan)  # the plan came: read the store
             had_plan = lease.plan is not None
@@ -388,13 +393,17 @@ class Library:
         chunk_size = lease.plan.plan.chunk_size
         for index in range(first // chunk_size, last // chunk_size + 1):
             recheck = False
-            while True:
-                change = lease.change()
-                if index in lease.verified.get(path, ()) or lease.completed or path in lease.finished:
-                    break
-                if recheck and index in await self._verified(lease, path):
-                    break
-                recheck = not await call.until(lambda: lease.wait_change(change))
+            try:
+                while True:
+                    change = lease.change()
+                    if index in lease.verified.get(path, ()) or lease.completed or path in lease.finished:
+                        break
+                    if recheck and index in await self._verified(lease, path):
+                        break
+                    lease.want(path, index)  # the pull fetches what a reader waits for first
+                    recheck = not await call.until(lambda: lease.wait_change(change))
+            finally:
+                lease.want(path, index, False)
             offset, length = chunk_span(size, chunk_size, index)
             begin, end = max(offset, first), min(offset + length - 1, last)
             yield FileSpan(fd, begin, end - begin + 1)

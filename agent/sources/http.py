@@ -47,6 +47,7 @@ def ranged_get(session: requests.Session, url: str, request: ChunkRequest, into:
         raise SourceUnavailable(f"{what}: too many redirects", transient=False) from e
     except NETWORK_ERRORS as e:
         raise SourceUnavailable(f"{what}: cannot reach {hub} ({type(e).__name__})") from e
+    whole = False
     try:
         if resp.status_code == 404:
             raise NotFound(f"{what}: not on {hub}")
@@ -57,7 +58,11 @@ def ranged_get(session: requests.Session, url: str, request: ChunkRequest, into:
         length = resp.headers.get("Content-Length")
         expect_span(resp.status_code, int(length) if length and length.isdigit() else None, request, what)
         read_exact(resp.raw.readinto, into, request.length, deadline, what)
+        whole = getattr(resp.raw, "length_remaining", None) == 0
     except NETWORK_ERRORS as e:
         raise SourceUnavailable(f"{what}: {type(e).__name__} while reading the body") from e
     finally:
-        resp.close()
+        if whole:  # read to its end: the connection goes back to the pool (a TLS handshake saved per chunk)
+            resp.raw.release_conn()
+        else:  # anything else closes it: a half-read body must not meet the next request
+            resp.close()

@@ -67,8 +67,11 @@ WAIT = 0.25  # the longest a worker waits for news before looking again
 
 class SwarmPicker:
     def __init__(self, view: LanView, board: Board, jobs: list[Job], *, origin_streams: int = 4,
-                 workers: int | None = None, clock=time.monotonic):
+                 workers: int | None = None, clock=time.monotonic, wanted: set | None = None):
         self.view, self.board = view, board
+        # (path, index) of chunks a tool is reading through the gateway right now: taken
+        # first from the LAN, whatever their rarity (agent.gateway streams files in order).
+        self.wanted = wanted if wanted is not None else set()
         self.origin_streams = origin_streams
         # LAN fetches take at most all workers but one while the room still needs the origin:
         # a chunk that becomes this agent's to fetch from the origin then starts at once,
@@ -99,6 +102,10 @@ class SwarmPicker:
         if not free or not holders:
             return None
         held = self.view.held_by(free)
+        for key in list(self.wanted):
+            ordinal = self.board.ordinals.find(*key)
+            if ordinal is not None and ordinal in self.pending and ordinal in held:
+                return ordinal
         best, best_count = None, None
         for ordinal in self._lan_order:
             count = holders.get(ordinal)

@@ -62,6 +62,14 @@ class Ordinals:
     def of(self, path: str, index: int) -> int:
         return self.starts[path] + index
 
+    def find(self, path: str, index: int) -> int | None:
+        """``of``, or None for a chunk this manifest does not have."""
+        start = self.starts.get(path)
+        if start is None or index < 0:
+            return None
+        end = next((s for s, _ in self.spans if s > start), self.total)
+        return start + index if start + index < end else None
+
     def key(self, ordinal: int) -> tuple[str, int]:
         lo, hi = 0, len(self.spans) - 1
         while lo < hi:  # the last span starting at or before ``ordinal``
