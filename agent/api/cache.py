@@ -63,17 +63,21 @@ class ImportParams:
     move: bool = False  # move matching files into the cache instead of linking or copying them
 
 
+def callers_folder(call: Call, folder: str, command: str) -> None:
+    """Reading a folder of the caller's choosing is for the agent's own user and root, as
+    --to is: the agent may read what the caller may not."""
+    if call.uid not in (os.getuid(), 0):
+        raise UsageError(f"only the agent's own user (uid {os.getuid()}) or root may have the agent read a folder "
+                         f"of their choosing; run {command} as that user, or copy the folder somewhere it can read")
+    if not os.path.isabs(folder) or "\0" in folder:
+        raise UsageError("'dir' must be an absolute directory path")
+
+
 @method("import", ImportParams, "Adopt a folder's files that match the plan (`shoal import`), then fetch the rest.",
         streams=True)
 async def import_dir(agent, p: ImportParams, call: Call):
     from agent.adopt import check_source
-    # Reading a folder of the caller's choosing is for the agent's own user and root, as
-    # --to is: the agent may read what the caller may not.
-    if call.uid not in (os.getuid(), 0):
-        raise UsageError(f"only the agent's own user (uid {os.getuid()}) or root may import a folder; run "
-                         "`shoal import` as that user, or copy the folder somewhere it can read")
-    if not os.path.isabs(p.dir) or "\0" in p.dir:
-        raise UsageError("'dir' must be an absolute directory path")
+    callers_folder(call, p.dir, "`shoal import`")
     if str(p.model) in agent.pulls:
         raise StoreLocked(f"{p.model} is being pulled; wait for it (or `shoal cancel {p.model}`) and import again")
     source = await trio.to_thread.run_sync(check_source, Path(p.dir))

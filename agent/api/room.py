@@ -112,11 +112,8 @@ async def bundle_import(agent, p: BundleParams, call: Call):
 
     from agent.bundle import check_bundle
     from agent.pull import event_to_wire
-    if call.uid not in (os.getuid(), 0):
-        raise UsageError(f"only the agent's own user (uid {os.getuid()}) or root may import a bundle (the agent "
-                         "reads a folder of the caller's choosing); run `shoal bundle import` as that user")
-    if not os.path.isabs(p.dir) or "\0" in p.dir:
-        raise UsageError("'dir' must be an absolute directory path")
+    from agent.api.cache import callers_folder
+    callers_folder(call, p.dir, "`shoal bundle import`")
     items, assignment = await trio.to_thread.run_sync(check_bundle, Path(p.dir), agent.pulls.trust)
     assigned: set[str] = set()
     if assignment is not None and agent.room is not None:

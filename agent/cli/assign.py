@@ -14,9 +14,24 @@ def _call(args, name: str, params: dict | None = None):
     return backend_of(args, need_agent=True).call(name, params or {})
 
 
+def _add_items(p) -> None:
+    """MODEL..., --dataset, --adapter: what a push or a bundle carries."""
+    p.add_argument("model", nargs="*", metavar="OWNER/NAME[@REV]")
+
+
+def _add_kinds(p) -> None:
+    p.add_argument("--dataset", action="append", default=[], metavar="OWNER/NAME[@REV]")
+    p.add_argument("--adapter", action="append", default=[], metavar="OWNER/NAME+lora/ADAPTER")
+
+
+def _items(args) -> list[tuple[str, str]]:
+    """(ref as typed, kind) of what the command names."""
+    return ([(r, "model") for r in args.model] + [(r, "dataset") for r in args.dataset]
+            + [(r, "adapter") for r in args.adapter])
+
+
 def cmd_room_push(args) -> int:
-    items = ([{"ref": r, "kind": "model"} for r in args.model] + [{"ref": r, "kind": "dataset"} for r in args.dataset]
-             + [{"ref": r, "kind": "adapter"} for r in args.adapter])
+    items = [{"ref": ref, "kind": kind} for ref, kind in _items(args)]
     record = _call(args, "room_push", {"items": items, "at": args.at, "by": args.by})
     if args.json:
         print(json.dumps(record, indent=2))
@@ -114,9 +129,8 @@ def _print_status(view: dict) -> None:
 
 def register_room(rsub) -> None:
     p = rsub.add_parser("push", help="the teacher: assign models, datasets, adapters to every machine of the room")
-    p.add_argument("model", nargs="*", metavar="OWNER/NAME[@REV]")
-    p.add_argument("--dataset", action="append", default=[], metavar="OWNER/NAME[@REV]")
-    p.add_argument("--adapter", action="append", default=[], metavar="OWNER/NAME+lora/ADAPTER")
+    _add_items(p)
+    _add_kinds(p)
     p.add_argument("--at", metavar="HH:MM", help="members start then (the next such time)")
     p.add_argument("--by", metavar="HH:MM", help="wanted by then (room status names who is late)")
     p.add_argument("--json", action="store_true")
@@ -149,9 +163,7 @@ def cmd_bundle_export(args) -> int:
     from agent.store import Store
     from agent.swarm.trust import Identity
     settings = settings_of(args)
-    refs = ([(ModelRef.parse(r), "model") for r in args.model] + [(ModelRef.parse(r, dataset=True), "dataset")
-                                                                  for r in args.dataset]
-            + [(ModelRef.parse(r), "adapter") for r in args.adapter])
+    refs = [(ModelRef.parse(r, dataset=kind == "dataset"), kind) for r, kind in _items(args)]
     if not refs:
         from agent.errors import UsageError
         raise UsageError("name what the bundle carries: MODEL..., --dataset NAME, --adapter NAME")
@@ -204,10 +216,9 @@ def register(sub) -> None:
     bundle = sub.add_parser("bundle", help="offline bundles: a room's models on a USB stick")
     bsub = bundle.add_subparsers(dest="bundle_command", required=True, metavar="COMMAND")
     p = bsub.add_parser("export", help="write models (and the room's assignment) to a folder")
-    p.add_argument("model", nargs="*", metavar="OWNER/NAME[@REV]")
+    _add_items(p)
     p.add_argument("dir", metavar="DIR")
-    p.add_argument("--dataset", action="append", default=[], metavar="OWNER/NAME[@REV]")
-    p.add_argument("--adapter", action="append", default=[], metavar="OWNER/NAME+lora/ADAPTER")
+    _add_kinds(p)
     p.add_argument("--no-assignment", action="store_true", help="leave the room's assignment record out")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bundle_export)

@@ -9,11 +9,10 @@ Endpoints the SDK calls: ``/api/v1/datasets/{o}/{n}`` (the info ``MsDataset.load
 
 from __future__ import annotations
 
-from agent.errors import UsageError
-from agent.gateway.ms_models import listing_entries, ms_answer, ms_data, ms_error, ms_ref
+from agent.gateway.ms_models import listing_entries, ms_data, ms_route
 from agent.gateway.serve import Call, Library, Response
 from agent.hubtree import dataset_info, tree_page
-from agent.manifest import ModelRef
+from agent.manifest import ModelRef, hub_repo
 
 
 class ModelScopeDatasets:
@@ -25,27 +24,17 @@ class ModelScopeDatasets:
         self.library = library
 
     async def route(self, call: Call) -> Response | None:
-        parts = call.parts
-        if len(parts) < 5 or parts[0] not in ("api", "openapi") or parts[1] != "v1" or parts[2] != "datasets":
-            return None
-        if call.method == "POST":
-            return ms_error(405, "the shoal gateway is read-only")
-        try:
-            ref = ms_ref(call, dataset=True)
-        except UsageError as e:
-            return ms_error(400, str(e))
-
-        def routes(rest: list[str]):
+        def routes(ref: ModelRef, rest: list[str]):
             if rest == []:
-                return self._info(ref, parts[3], parts[4])
+                return self._info(ref)
             if rest == ["repo", "tree"]:
                 return self._tree(ref, call)
             return None
-        answer = await ms_answer(self.library, call, ref, parts[5:], True, routes)
-        return answer if answer is not None else ms_error(404, f"{call.path} is not an endpoint of the shoal gateway")
+        return await ms_route(self.library, call, "datasets", routes)
 
-    async def _info(self, ref: ModelRef, owner: str, name: str) -> Response:
+    async def _info(self, ref: ModelRef) -> Response:
         await self.library.revision(ref)
+        owner, name = hub_repo(ref.model_id)[1].split("/", 1)
         return ms_data(dataset_info(owner, name, ref.revision))
 
     async def _tree(self, ref: ModelRef, call: Call) -> Response:

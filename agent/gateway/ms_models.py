@@ -40,10 +40,25 @@ def ms_ref(call: Call, *, dataset: bool) -> ModelRef:
     return ModelRef.parse(f"{call.parts[3]}/{call.parts[4]}@{call.arg('Revision', 'master')}", dataset=dataset)
 
 
-async def ms_answer(library: Library, call: Call, ref: ModelRef, rest: list[str], dataset: bool,
-                    routes) -> Response | None:
-    """Answer a ModelScope route (``routes(rest)`` → a coroutine of the answer, or None) in
-    ModelScope's words for every error the library raises; the routes both faces share."""
+async def ms_route(library: Library, call: Call, kind: str, routes) -> Response | None:
+    """What both ModelScope faces do with a request under ``/api/v1/{kind}/{o}/{n}``
+    (``kind``: models or datasets; None for any other path): the revision it names, the
+    routes both have (``revisions``, a file's bytes), then ``routes(ref, rest)`` (a coroutine
+    of the answer, or None), every error the library raises in ModelScope's words."""
+    parts = call.parts
+    if len(parts) < 5 or parts[0] not in ("api", "openapi") or parts[1] != "v1" or parts[2] != kind:
+        return None
+    if call.method == "POST":
+        return ms_error(405, "the shoal gateway is read-only")
+    try:
+        ref = ms_ref(call, dataset=kind == "datasets")
+    except UsageError as e:
+        return ms_error(400, str(e))
+    answer = await _ms_answer(library, call, ref, parts[5:], lambda rest: routes(ref, rest))
+    return answer if answer is not None else ms_error(404, f"{call.path} is not an endpoint of the shoal gateway")
+
+
+async def _ms_answer(library: Library, call: Call, ref: ModelRef, rest: list[str], routes) -> Response | None:
     try:
         if rest == ["revisions"]:
             revisions = sorted(set(await library.cached_revisions(ref.model_id)) | {"master"})
@@ -73,29 +88,20 @@ class ModelScopeModels:
         self.library = library
 
     async def route(self, call: Call) -> Response | None:
-        parts = call.parts
-        if parts == ["api", "v1", "repos", "internalAccelerationInfo"]:
+        if call.parts == ["api", "v1", "repos", "internalAccelerationInfo"]:
             return ms_error(404, "no intra-cloud acceleration behind the shoal gateway")
-        if len(parts) < 5 or parts[0] not in ("api", "openapi") or parts[1] != "v1" or parts[2] != "models":
-            return None
-        if call.method == "POST":
-            return ms_error(405, "the shoal gateway is read-only")
-        try:
-            ref = ms_ref(call, dataset=False)
-        except UsageError as e:
-            return ms_error(400, str(e))
 
-        def routes(rest: list[str]):
+        def routes(ref: ModelRef, rest: list[str]):
             if rest == []:
-                return self._info(ref, parts[3], parts[4])
+                return self._info(ref)
             if rest == ["repo", "files"]:
                 return self._files(ref)
             return None
-        answer = await ms_answer(self.library, call, ref, parts[5:], False, routes)
-        return answer if answer is not None else ms_error(404, f"{call.path} is not an endpoint of the shoal gateway")
+        return await ms_route(self.library, call, "models", routes)
 
-    async def _info(self, ref: ModelRef, owner: str, name: str) -> Response:
+    async def _info(self, ref: ModelRef) -> Response:
         await self.library.revision(ref)  # a model no source has is a 404, as on ModelScope
+        owner, name = ref.model_id.split("/", 1)
         return ms_data({"Id": ref.model_id, "ModelId": ref.model_id, "Name": name, "Path": owner,
                         "Revision": ref.revision})
 

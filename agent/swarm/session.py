@@ -129,26 +129,25 @@ async def open_keyed(contact: Contact, mode: str, scope: str = "", request: byte
     return stream, reader
 
 
-async def offer_over(contact: Contact, request: bytes, timeout: float) -> bytes:
-    """One offer request on the peer's data port, and its answer (bytes, as the peer sent it)."""
+async def _ask_over(contact: Contact, mode: str, request: bytes, timeout: float, limit: int, what: str) -> bytes:
+    """One request of ``mode`` (an ask: its request goes with the hello) and its answer."""
     with trio.fail_after(timeout):
-        stream, reader = await open_keyed(contact, MODE_OFFER, "", request)
+        stream, reader = await open_keyed(contact, mode, "", request)
         async with stream:
             length = int.from_bytes(await reader.exactly(4), "big")
-            if length > MAX_OFFER:
-                raise PeerBroken(f"an offer of {length} bytes exceeds {MAX_OFFER}")
+            if length > limit:
+                raise PeerBroken(f"{what} of {length} bytes exceeds {limit}")
             return await reader.exactly(length)
+
+
+async def offer_over(contact: Contact, request: bytes, timeout: float) -> bytes:
+    """One offer request on the peer's data port, and its answer (bytes, as the peer sent it)."""
+    return await _ask_over(contact, MODE_OFFER, request, timeout, MAX_OFFER, "an offer")
 
 
 async def room_over(contact: Contact, request: bytes, timeout: float) -> bytes:
     """One room ask (``agent.assign.wire``) on the peer's data port, and its answer."""
-    with trio.fail_after(timeout):
-        stream, reader = await open_keyed(contact, MODE_ROOM, "", request)
-        async with stream:
-            length = int.from_bytes(await reader.exactly(4), "big")
-            if length > MAX_ROOM_ANSWER:
-                raise PeerBroken(f"a room answer of {length} bytes exceeds {MAX_ROOM_ANSWER}")
-            return await reader.exactly(length)
+    return await _ask_over(contact, MODE_ROOM, request, timeout, MAX_ROOM_ANSWER, "a room answer")
 
 
 async def content_over(contact: Contact, manifest, timeout: float):
