@@ -90,6 +90,25 @@ def model_dir_of(env) -> Path:
 
 # ------------------------------------------------------------------ 1. where pulls write
 
+def test_a_control_group_member_may_not_assign_to_the_room_nor_have_a_folder_read(group_env, attacker_path,
+                                                                                 tmp_path):
+    """The room's assignments are signed with the agent's key: only its own user and root may
+    make them; a bundle is a folder the agent reads: only they may name one."""
+    agent = AgentProcess(group_env).start()
+    try:
+        stick = Path(tempfile.mkdtemp(prefix="shoal-stick-"))
+        stick.chmod(0o777)
+        for method, params in (("room_push", {"items": [{"ref": MODEL_ID, "kind": "model"}]}),
+                               ("room_retract", {"refs": [MODEL_ID]}), ("bundle_import", {"dir": str(stick)})):
+            answer = call_as_nobody(group_env["SHOAL_SOCKET"], method, params, attacker_path)
+            assert "only the agent's own user" in answer.get("error", ""), (method, answer)
+        shutil.rmtree(stick)
+    finally:
+        agent.stop()
+    assert not (Path(group_env["SHOAL_CACHE_DIR"]) / "room").exists()  # nothing was recorded
+
+
+
 def test_a_control_group_member_may_not_choose_where_the_agent_writes(group_env, oss, model_dir, attacker_path,
                                                                        tmp_path):
     mirror(group_env, model_dir)
