@@ -85,3 +85,12 @@ def test_the_agent_shows_the_rule_in_force(tmp_path):
     finally:
         log = agent.stop()
     assert "rate caps:" in log and "the schedule's rule 00:00-00:00" in log
+
+
+def test_the_tui_settings_say_which_rule_is_in_force():
+    from tui.screens.settings import caps_line
+    line = caps_line({"download_rate": None, "outside_download_rate": 5_000_000, "upload_rate": None,
+                      "rule": "07:00-18:00"})
+    assert line == ("In force now: download rate unlimited, outside download rate 5.0 MB/s, upload rate unlimited "
+                    "(the rate schedule's rule 07:00-18:00)")
+    assert caps_line({"download_rate": None, "rule": None}).endswith("(the settings)")

@@ -67,7 +67,6 @@ class ItemState:
     have: int = 0
     total: int = 0
     by_source: dict = field(default_factory=dict)
-    since: float = field(default_factory=time.time)
     retry_at: float = 0.0
 
     def wire(self) -> dict:

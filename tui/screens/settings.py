@@ -1,4 +1,5 @@
-"""Settings: change the agent's download/upload caps and upload slots at run time."""
+"""Settings: change the agent's download/upload caps and upload slots at run time, and see
+the caps in force now (a rule of the rate schedule, ``agent.schedule``, or the settings)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,15 @@ from textual.widgets import Button, Input, Label, Static
 
 KEYS = [("download_rate", "Download cap (e.g. 50MB, 0 = none)"), ("upload_rate", "Upload cap"),
         ("upload_slots", "Upload slots")]
+
+
+def caps_line(caps: dict) -> str:
+    """The caps in force (``status``'s ``caps``) in one line, and which rule set them."""
+    from agent.progress import human_bytes
+    shown = ", ".join(f"{k.replace('_', ' ')} {human_bytes(v) + '/s' if v else 'unlimited'}"
+                      for k, v in caps.items() if k != "rule")
+    whence = f"the rate schedule's rule {caps['rule']}" if caps.get("rule") else "the settings"
+    return f"In force now: {shown} ({whence})"
 
 
 class SettingsScreen(ModalScreen):
@@ -28,6 +38,8 @@ class SettingsScreen(ModalScreen):
                     yield Label(label)
                     value = self.status.get(key)
                     yield Input(value="0" if value is None else str(value), id=f"set-{key}")
+            if self.status.get("caps"):
+                yield Static(caps_line(self.status["caps"]), id="settings-caps")
             yield Static("", id="settings-error")
             with Horizontal(id="settings-buttons"):
                 yield Button("Apply", variant="primary", id="settings-apply")
