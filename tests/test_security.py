@@ -380,6 +380,11 @@ def gateway_agent(tmp_path_factory):
 def test_garbage_request_heads_get_an_answer_or_a_close_and_the_gateway_stays_up(gateway_agent):
     from hypothesis import given, settings, strategies as st
     port = int(gateway_agent.info["gateway"].rsplit(":", 1)[1])
+    # Targets that once took the gateway down (tests/fuzz_corpus/gateway_request/): answered.
+    for target in ("//v[/1dpi/", "//[::1/x", "//host/api/models/a/b", "/%ff%00/..//?a=%zz#x"):
+        with socket.create_connection(("127.0.0.1", port), timeout=15) as conn:
+            conn.sendall(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode("latin-1"))
+            assert conn.recv(64).startswith(b"HTTP/1.1 4"), target
     token = st.text(st.characters(min_codepoint=0, max_codepoint=255), max_size=40)
 
     @settings(max_examples=80, deadline=None)
