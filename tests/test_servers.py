@@ -155,3 +155,38 @@ def test_the_loopback_guard_refuses_outside_addresses():
         socket.create_connection(("192.0.2.1", 80), timeout=1)
     with pytest.raises(requests.ConnectionError, match="loopback guard"):
         requests.get("https://www.modelscope.cn/api/v1/models", timeout=1)
+
+
+def test_the_keep_alive_hub_answers_many_requests_on_one_connection(model_dir):
+    """The hub the small-files benchmark uses keeps connections alive like a real hub's front
+    end; a fault that cuts a body closes that connection only, and a request body (the
+    control endpoint's JSON) is read exactly, so the next request on it parses."""
+    import http.client
+    from agent.testing.hub_server import HubServer
+    original = (model_dir / "config.json").read_bytes()
+    with HubServer(keep_alive=True) as hub:
+        hub.add_model(MODEL_ID, model_dir)
+        port = int(hub.url.rsplit(":", 1)[1])
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        path = f"/api/v1/models/{MODEL_ID}/repo?Revision=master&FilePath=config.json"
+        conn.request("GET", path, headers={"Range": "bytes=0-3"})
+        first = conn.getresponse()
+        assert (first.status, first.read()) == (206, original[:4])
+        sock = conn.sock
+        conn.request("POST", "/__shoal__/faults", body=json.dumps([]).encode(),
+                     headers={"Content-Type": "application/json"})
+        assert conn.getresponse().read()
+        conn.request("GET", path)
+        again = conn.getresponse()
+        assert (again.status, again.read()) == (200, original)
+        assert conn.sock is sock  # the same TCP connection throughout
+        hub.faults.add(Fault("reset", match="config.json", times=1))
+        conn.request("GET", path)
+        with pytest.raises((http.client.IncompleteRead, ConnectionError)):
+            conn.getresponse().read()
+        conn.close()
+        assert requests.get(f"{hub.url}{path}", timeout=5).content == original  # the server lives on
+        big = socket.create_connection(("127.0.0.1", port), timeout=5)
+        big.sendall(b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 999999999\r\n\r\n")
+        assert big.recv(100).startswith(b"HTTP/1.1 413")
+        big.close()

@@ -2,6 +2,11 @@
 
 Resource handling: ``start()`` binds 127.0.0.1 on a free port (or the one given) and
 serves from a daemon thread; ``close()`` stops it and is safe to call twice.
+
+Two servers: werkzeug's (the default: it closes the connection after every answer) and
+``KeepAliveWSGIServer`` (``keep_alive=True``), HTTP/1.1 with persistent connections as a
+real hub's front end keeps them. Per-request costs (a new TCP connection, a new server
+thread) are what a benchmark of many small files measures, so it uses the second.
 """
 
 from __future__ import annotations
@@ -11,7 +16,12 @@ import threading
 import time
 from typing import Callable, Iterator
 
-from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
+import socketserver
+import sys
+from http.server import BaseHTTPRequestHandler
+from urllib.parse import unquote
+
+from werkzeug.serving import WSGIRequestHandler, make_server
 
 from agent.httprange import parse_range  # noqa: F401  (re-exported for the servers)
 from agent.testing.faults import Fault
@@ -38,14 +48,126 @@ def _in_lab(host: str) -> bool:
     return any(ip in net for net in allowed_nets())
 
 
+MAX_REQUEST_BODY = 16 << 20   # the control endpoints take JSON; nothing larger is read
+
+
+class _BoundedInput:
+    """``wsgi.input`` limited to the request's Content-Length, so that the next request on
+    the same connection starts where this one's body ends."""
+
+    def __init__(self, rfile, length: int):
+        self._rfile, self.left = rfile, length
+
+    def read(self, size: int = -1) -> bytes:
+        size = self.left if size is None or size < 0 else min(size, self.left)
+        data = self._rfile.read(size) if size else b""
+        self.left -= len(data)
+        return data
+
+    def readline(self, size: int = -1) -> bytes:
+        size = self.left if size is None or size < 0 else min(size, self.left)
+        data = self._rfile.readline(size) if size else b""
+        self.left -= len(data)
+        return data
+
+
+class _KeepAliveHandler(BaseHTTPRequestHandler):
+    """One connection, many requests: a WSGI app's answer with a Content-Length keeps the
+    connection open; one without, or a body that raises (a fault's reset), closes it."""
+
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body are separate writes: no 40 ms delayed-ACK stall
+    timeout = 30  # an idle keep-alive connection is closed after this many seconds
+
+    def log_message(self, *args):  # the request log lives in FaultPlan
+        pass
+
+    def _serve(self):
+        path, _, query = self.path.partition("?")
+        length = int(self.headers.get("Content-Length") or 0)
+        if length < 0 or length > MAX_REQUEST_BODY:
+            self.send_error(413, "request body too large")
+            return
+        body = _BoundedInput(self.rfile, length)
+        environ = {
+            "REQUEST_METHOD": self.command, "SCRIPT_NAME": "", "PATH_INFO": unquote(path, "latin-1"),
+            "QUERY_STRING": query, "SERVER_NAME": self.server.server_address[0],
+            "SERVER_PORT": str(self.server.server_address[1]), "SERVER_PROTOCOL": self.request_version,
+            "REMOTE_ADDR": self.client_address[0], "REMOTE_PORT": str(self.client_address[1]),
+            "CONTENT_LENGTH": str(length),
+            "CONTENT_TYPE": self.headers.get("Content-Type", ""),
+            "wsgi.version": (1, 0), "wsgi.url_scheme": "http", "wsgi.input": body, "wsgi.errors": sys.stderr,
+            "wsgi.multithread": True, "wsgi.multiprocess": False, "wsgi.run_once": False,
+        }
+        for name, value in self.headers.items():
+            key = "HTTP_" + name.upper().replace("-", "_")
+            if key not in ("HTTP_CONTENT_LENGTH", "HTTP_CONTENT_TYPE"):
+                environ[key] = value
+        started: list = []
+
+        def start_response(status, headers, exc_info=None):
+            started[:] = [status, headers]
+            return self.wfile.write
+
+        result = self.server.app(environ, start_response)
+        try:
+            status, headers = started
+            self.send_response_only(int(status.split()[0]), status.split(" ", 1)[1])
+            names = {k.lower() for k, _ in headers}
+            for k, v in headers:
+                self.send_header(k, v)
+            if "content-length" not in names or self.command == "HEAD":
+                self.close_connection = True
+                self.send_header("Connection", "close")
+            self.end_headers()
+            if self.command != "HEAD":
+                for block in result:
+                    self.wfile.write(block)
+        except Exception:
+            self.close_connection = True  # mid-body: the client sees the connection drop
+            raise
+        finally:
+            if hasattr(result, "close"):
+                result.close()
+        if body.left:  # the app left some of the body unread: drain it, bounded above
+            body.read(body.left)
+
+    do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = _serve
+
+    def handle_one_request(self):
+        try:
+            super().handle_one_request()
+        except (ConnectionError, TimeoutError, OSError):
+            self.close_connection = True
+
+
+class KeepAliveWSGIServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, host: str, port: int, app: Callable):
+        import socket
+        if ":" in host:
+            self.address_family = socket.AF_INET6
+        self.app = app
+        super().__init__((host, port), _KeepAliveHandler)
+
+    @property
+    def server_port(self) -> int:
+        return self.server_address[1]
+
+
 class LoopbackServer:
-    def __init__(self, app: Callable, *, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, app: Callable, *, host: str = "127.0.0.1", port: int = 0, keep_alive: bool = False):
         if not host.startswith("127.") and host != "::1" and not _in_lab(host):
             raise ValueError(f"test servers bind loopback (or a lab namespace's subnet) only, not {host}")
         self._host = host
-        self._server: BaseWSGIServer = make_server(
-            host, port, app, threaded=True, request_handler=_QuietHandler)
-        self._server.daemon_threads = True
+        if keep_alive:
+            self._server = KeepAliveWSGIServer(host, port, app)
+        else:
+            self._server = make_server(host, port, app, threaded=True, request_handler=_QuietHandler)
+            self._server.daemon_threads = True
         self._thread: threading.Thread | None = None
 
     @property

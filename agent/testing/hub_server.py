@@ -55,13 +55,13 @@ class HubServer(ServedApp):
     """Serves model and dataset directories under ModelScope's API. Thread-safe; see module
     docstring."""
 
-    def __init__(self, *, port: int = 0):
+    def __init__(self, *, port: int = 0, keep_alive: bool = False):
         self.faults = FaultPlan()
         self._repos: dict[tuple[str, str], dict[str, Path]] = {}  # (kind, OWNER/NAME) -> revisions
         self._listing_override: dict[tuple[str, str], list[dict]] = {}
         self._sha_cache: dict[tuple[str, int, int], str] = {}
         self._lock = threading.Lock()
-        self._server = LoopbackServer(self, port=port)
+        self._server = LoopbackServer(self, port=port, keep_alive=keep_alive)
 
     # ------------------------------------------------------------------ setup
 
