@@ -36,6 +36,13 @@ class CpuLedger:
             with self._lock:
                 self._seconds[part] += spent
 
+    def add(self, **spent: float) -> None:
+        """Add CPU seconds measured by the caller (``time.thread_time`` differences) to parts:
+        the hot path's way, one lock for several parts and no context manager per part."""
+        with self._lock:
+            for part, seconds in spent.items():
+                self._seconds[part] += seconds
+
     def seconds(self) -> dict[str, float]:
         with self._lock:
             return dict(self._seconds)

@@ -435,8 +435,9 @@ async def _fetch_all(plan: Plan, model: SafeDir, store: Store, sources: list[Chu
         def open_files() -> int:  # in one thread hop for them all (see _run); what is held already
             nonlocal reused
             already = 0
-            for f in plan.files:
-                pf = store.open_file(ref, model, f.path, f.size, f.sha256, plan.chunk_size, f.chunks)
+            opened = store.open_files(ref, model, [(f.path, f.size, f.sha256, f.chunks) for f in plan.files],
+                                      plan.chunk_size)
+            for f, pf in zip(plan.files, opened):
                 if pf is None:
                     already += f.size
                     continue
@@ -444,6 +445,7 @@ async def _fetch_all(plan: Plan, model: SafeDir, store: Store, sources: list[Chu
                     reused += store.reuse_chunks(pf, f.chunks)
                 already += sum(chunk_span(f.size, plan.chunk_size, i)[1] for i in pf.have)
                 pf.track_sha256 = not plan.trusted or settings.always_sha256
+                pf.defer_claim = not plan.trusted  # no peer reads this pull's claims before it ends
                 tasks.append(FileTask(pf, f.chunks, check_sha256=pf.track_sha256))
             return already
         already = await trio.to_thread.run_sync(open_files)

@@ -282,6 +282,8 @@ class Content:
                     parent.close()
             with self.index.transaction():
                 for pf, linked in done:
+                    if pf.record_source is not None:  # a one-chunk file's claim (PartialFile.write_chunk)
+                        self.index.record_chunks(pf.model_key, pf.rel, [pf.have[0]], pf.record_source)
                     self.index.set_file(pf.model_key, pf.rel, complete=True, linked=linked)
                     if linked == LINKED:
                         self.index.add_blob(pf.sha256, pf.size, pf.sha256_checked)

@@ -60,6 +60,11 @@ class PartialFile:
         # by the origin's SHA-256 (a listing plan, or always_sha256) keeps it.
         self.track_sha256 = True
         self.sha256_checked = False  # its SHA-256 was computed over its bytes and matched
+        # A one-chunk file's claim may wait for its finish: only where nobody reads the claims
+        # while the pull runs (LAN peers are served the chunks the index claims, mid-pull, only
+        # of a trusted manifest's pull: the pull says so).
+        self.defer_claim = False
+        self.record_source: str | None = None  # the deferred claim's source, recorded at the finish
 
     @property
     def partial_name(self) -> str:
@@ -67,25 +72,31 @@ class PartialFile:
 
     # -- opening
 
-    def open(self) -> None:
+    def open(self, parent: SafeDir | None = None) -> None:
         """Create (sparse) or reopen the ``.partial`` file; re-verify claimed chunks.
+        ``parent``: the open folder that holds it, when the caller has it (not closed here).
 
         Space is reserved when the first chunk is written, so a full disk shows up on
         the file that does not fit, and files already finished are unaffected.
         """
         where = self.final_path.with_name(self.partial_name)
         try:
-            parent, _ = self.model_dir.parent_of(self.rel, create=True)
+            own = parent is None
+            if own:
+                parent, _ = self.model_dir.parent_of(self.rel, create=True)
             try:
                 existed = parent.stat(self.partial_name) is not None
                 fd = parent.open_file(self.partial_name, os.O_RDWR | os.O_CREAT, 0o644)
             finally:
-                parent.close()
+                if own:
+                    parent.close()
         except OSError as e:
             raise _disk_error(e, where) from e
         self._fd = fd
         try:
-            if os.fstat(fd).st_size != self.size:
+            # A new file of one chunk gets its size from that chunk's one write; any other
+            # is sized now (its chunks land anywhere in it).
+            if (existed or self.count > 1) and os.fstat(fd).st_size != self.size:
                 os.ftruncate(fd, self.size)
         except OSError as e:
             self.close()
@@ -133,16 +144,22 @@ class PartialFile:
         except OSError as e:
             raise _disk_error(e, self.final_path) from e
         crashpoints.reached("chunk:written")
-        # Only now, with the bytes in the file, may the index claim the chunk.
-        self.log.record(self.rel, index, digest, source)
+        # Only now, with the bytes in the file, may the index claim the chunk. A file of one
+        # chunk may leave the claim to its finish (``defer_claim``), in the batch's one
+        # transaction (a transaction per small file was a tenth of a pull of many): a kill
+        # before it loses one chunk's fetch, never a claim of bytes that are not there.
+        if self.count == 1 and self.defer_claim:
+            self.record_source = source
+        else:
+            self.log.record(self.rel, index, digest, source)
         with self._lock:
             self.have[index] = digest
         if self.track_sha256:
-            self._advance_sha()
+            self._advance_sha(index, view)
 
     def _reserve(self) -> None:
         with self._lock:
-            if self._reserved:
+            if self._reserved or self.count == 1:  # one chunk: its one write reserves it, or fails
                 return
             try:
                 os.posix_fallocate(self._fd, 0, self.size)
@@ -159,10 +176,11 @@ class PartialFile:
             self._sha, self._sha_next = hashlib.sha256(), 0
         self.log.forget(self.rel, indices)
 
-    def _advance_sha(self) -> None:
+    def _advance_sha(self, written: int | None = None, data: memoryview | None = None) -> None:
         # Whoever holds the digest lock hashes every contiguous chunk it can see; a thread
         # that cannot get the lock leaves its chunk to the holder, which re-checks before
-        # it leaves, so no chunk is skipped.
+        # it leaves, so no chunk is skipped. The chunk just written (``written``) is hashed
+        # from its buffer, not read back from the file.
         while True:
             if not self._digest_lock.acquire(blocking=False):
                 return
@@ -172,14 +190,26 @@ class PartialFile:
                         ready = self._sha_next in self.have
                     if not ready:
                         break
-                    offset, length = chunk_span(self.size, self.chunk_size, self._sha_next)
-                    self._sha.update(os.pread(self._fd, length, offset))
+                    if self._sha_next == written and data is not None:
+                        self._sha.update(data)
+                    else:
+                        offset, length = chunk_span(self.size, self.chunk_size, self._sha_next)
+                        self._sha.update(os.pread(self._fd, length, offset))
                     self._sha_next += 1
             finally:
                 self._digest_lock.release()
             with self._lock:
                 if self._sha_next not in self.have:
                     return
+
+    @property
+    def sha256_pending(self) -> int:
+        """Bytes the SHA-256 has still to read before it can be compared (0: only the compare)."""
+        with self._lock:
+            start = self._sha_next
+        if start >= self.count:
+            return 0
+        return self.size - chunk_span(self.size, self.chunk_size, start)[0]
 
     def sha256_matches(self) -> bool:
         """Finish the running SHA-256 (reading what is left) and compare with the origin's."""

@@ -220,28 +220,66 @@ class Store:
         """The ``PartialFile`` of ``path`` in ``model_dir``, or None if the file is already
         complete on disk (also one a kill caught between its link into the blobs and its
         record). ``expected``: trusted chunk hashes; claimed chunks that disagree are dropped."""
+        return self.open_files(ref, model_dir, [(path, size, sha256, expected)], chunk_size)[0]
+
+    def open_files(self, ref: ModelRef, model_dir: SafeDir,
+                   files: list[tuple[str, int, bytes, tuple[bytes, ...] | None]],
+                   chunk_size: int) -> list[PartialFile | None]:
+        """``open_file`` of many files (path, size, SHA-256, expected chunk hashes) at once:
+        the index asked twice for them all, each folder opened once. A pull of 2,000 small
+        files spent a second here before its first request, file by file."""
         key = str(ref)
-        row = self.index.file(key, path)
-        parent, name = model_dir.parent_of(path, create=True)
-        with parent:
-            if row is not None and row.complete:
-                if parent.is_own_file(name, size):
-                    return None
-                # The index says complete but the file is gone or resized: fetch it again.
-                self.index.set_file(key, path, complete=False, linked=NOT_LINKED)
-                self.index.forget_chunks(key, path, list(self.index.chunk_hashes(key, path)))
-            entry = FileEntry(path, size, sha256, expected)
+        rows = {row.path: row for row in self.index.files(key)} if len(files) > 1 else \
+            {p: r for p, r in ((files[0][0], self.index.file(key, files[0][0])),) if r is not None}
+        claimed: dict[str, dict[int, bytes]] = {}
+        if len(files) > 1:
+            for path, idx, digest, _ in self.index.held(key):
+                claimed.setdefault(path, {})[idx] = digest
+        parents: dict[str, SafeDir] = {}
+        opened: list[PartialFile | None] = []
+        try:
+            for path, size, sha256, expected in files:
+                head, _, name = path.rpartition("/")
+                parent = parents.get(head)
+                if parent is None:
+                    parent = parents[head] = model_dir.parent_of(path, create=True)[0]
+                have = claimed.get(path, {}) if len(files) > 1 else None
+                opened.append(self._open_one(key, model_dir, parent, name, rows.get(path), path, size, sha256,
+                                             chunk_size, expected, have))
+        except BaseException:
+            for pf in opened:
+                if pf is not None:
+                    pf.close()
+            raise
+        finally:
+            for parent in parents.values():
+                parent.close()
+        return opened
+
+    def _open_one(self, key: str, model_dir: SafeDir, parent: SafeDir, name: str, row, path: str, size: int,
+                  sha256: bytes, chunk_size: int, expected: tuple[bytes, ...] | None,
+                  have: dict[int, bytes] | None) -> PartialFile | None:
+        if row is not None and row.complete:
+            if parent.is_own_file(name, size):
+                return None
+            # The index says complete but the file is gone or resized: fetch it again.
+            self.index.set_file(key, path, complete=False, linked=NOT_LINKED)
+            self.index.forget_chunks(key, path, list(self.index.chunk_hashes(key, path)))
+            have = None
+        entry = FileEntry(path, size, sha256, expected)
+        st, partial = parent.stat(name), parent.stat(name + PARTIAL_SUFFIX)
+        if st is not None or partial is not None:  # (nothing on disk: nothing a kill left to recover)
             if self.content.recover(key, parent, name, entry, chunk_size, trusted=expected is not None):
                 return None
             st, partial = parent.stat(name), parent.stat(name + PARTIAL_SUFFIX)
-            if st is not None and partial is None:
-                # A file renamed into place whose record a kill cut short (one no blob could
-                # hold): its claimed chunks are re-hashed from it as a partial.
-                if parent.is_own_file(name) and st.st_nlink == 1:
-                    parent.rename(name, name + PARTIAL_SUFFIX)
-                else:
-                    parent.unlink(name)
-        have = self.index.chunk_hashes(key, path)
+        if st is not None and partial is None:
+            # A file renamed into place whose record a kill cut short (one no blob could
+            # hold): its claimed chunks are re-hashed from it as a partial.
+            if parent.is_own_file(name) and st.st_nlink == 1:
+                parent.rename(name, name + PARTIAL_SUFFIX)
+            else:
+                parent.unlink(name)
+        have = dict(have) if have is not None else self.index.chunk_hashes(key, path)
         if expected is not None:
             bad = [i for i, h in have.items() if i >= len(expected) or expected[i] != h]
             if bad:
@@ -249,7 +287,7 @@ class Store:
                 for i in bad:
                     del have[i]
         pf = PartialFile(_ModelLog(self.index, key), model_dir, path, size, sha256, chunk_size, have)
-        pf.open()
+        pf.open(parent)
         return pf
 
     def reuse_chunks(self, pf: PartialFile, expected: tuple[bytes, ...]) -> int:

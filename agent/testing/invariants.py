@@ -84,7 +84,10 @@ def check_store(cache: str | os.PathLike) -> list[str]:
                 if where.is_file():
                     st = where.stat()
                     if f.linked != 1:
-                        inodes[(st.st_dev, st.st_ino)] = st.st_size
+                        # The quota reserves a partial in full from the start; a new file of one
+                        # chunk is sized by that chunk's one write (PartialFile.open), so until
+                        # then it holds fewer bytes than it reserves.
+                        inodes[(st.st_dev, st.st_ino)] = st.st_size if f.complete else max(st.st_size, f.size)
                 elif f.linked != 1:
                     reserved += f.size
         rows = index.blobs()
