@@ -34,6 +34,9 @@ class Plan:
     trusted: bool
     origin: str  # where the plan came from, for people: "OSS mirror manifest", "ModelScope listing"
     revision: str | None = None  # the revision a manifest plan names (a pinned pull asks by id)
+    # A trusted publisher's signature that came with a peer's manifest: kept with the model,
+    # so this machine vouches for it to the next peer as the publisher's own machine does.
+    signature: bytes | None = None
 
     @property
     def total_size(self) -> int:
@@ -104,7 +107,8 @@ def plan_from_offers(ref: ModelRef, offers: list, trust) -> tuple[Plan | None, l
             continue
         return Plan(ref, manifest.chunk_size, manifest.files, trusted=True,
                     origin=f"{getattr(offer, 'where', 'LAN peer')} manifest, {why}",
-                    revision=manifest.revision), refused
+                    revision=manifest.revision,
+                    signature=offer.signature if why.startswith("signed by") else None), refused
     return None, refused
 
 

@@ -409,6 +409,8 @@ async def _run(plan: Plan, directory: Path, store: Store, sources: list[ChunkSou
             store.begin(ref, model.path, plan.chunk_size, [(f.path, f.size, f.sha256) for f in plan.files])
             if plan.trusted:  # LAN peers may fetch what this pull has verified while it runs
                 store.expect(ref, plan.manifest())
+                if plan.signature is not None:  # and learn whose it is from here too
+                    store.save_signature(plan.manifest().id, plan.signature)
             linked = store.link_held(ref, model, held)
         except BaseException:
             model.close()

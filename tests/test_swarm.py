@@ -94,6 +94,9 @@ def test_students_pull_from_the_teacher_with_no_mirror_and_no_origin(env, teache
             assert set(done["fetched_by_source"]) == {"lan"}
             assert tree_digest(Path(s_env["SHOAL_CACHE_DIR"]) / "models" / MODEL_ID / "master") == \
                 tree_digest(model_dir)
+            # The student keeps the teacher's signature: it vouches for the manifest to the next
+            # student as the teacher does (an offer from a student alone is then enough).
+            assert (Path(s_env["SHOAL_CACHE_DIR"]) / "manifests" / f"{done['manifest_id']}.sig").is_file()
         assert oss.faults.data_requests() == [] and hub.faults.data_requests() == []
         peers = json.loads(run_shoal(["peers", "--json"], students[0][0], check=True).stdout)
         assert peers[0]["connected"] and teacher["addr"].endswith(peers[0]["id"])
