@@ -50,7 +50,7 @@ def test_ranged_gets_go_direct_with_the_token_and_reuse_one_connection(origin, m
         monkeypatch.delenv(name, raising=False)
     session = hub_session(4, "secret-token")
     try:
-        assert isinstance(session, HubSession) and session._pool_for(f"{origin.url}/file") is not None
+        assert isinstance(session, HubSession) and session._direct_for(f"{origin.url}/file") is not None
         for offset in (0, 5000, 12000):
             assert _get(session, f"{origin.url}/file", offset) == DATA[offset:offset + 1000]
     finally:
@@ -118,7 +118,7 @@ def test_a_proxy_in_the_environment_is_used_and_no_proxy_is_honoured(origin, mon
         monkeypatch.delenv("no_proxy", raising=False)
         session = hub_session(4, None)
         try:
-            assert session._pool_for(f"{origin.url}/file") is None
+            assert session._direct_for(f"{origin.url}/file") is None
             assert _get(session, f"{origin.url}/file") == DATA[100:1100]
         finally:
             session.close()
@@ -133,3 +133,105 @@ def test_a_proxy_in_the_environment_is_used_and_no_proxy_is_honoured(origin, mon
         assert [p for p, _, _ in origin.seen] == ["/file"]
     finally:
         proxy.close()
+
+
+def test_a_kept_connection_the_hub_closed_is_replaced_once(tmp_path, monkeypatch):
+    """A hub that closes an idle keep-alive connection (its timeout): the next GET, which
+    finds the connection dead, is sent again on a new one and succeeds; the hub sees two
+    connections, one request each."""
+    monkeypatch.delenv("HTTP_PROXY", raising=False)
+    monkeypatch.delenv("http_proxy", raising=False)
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(10)
+    port = server.getsockname()[1]
+    served: list[str] = []
+
+    def serve():  # each connection: one answer that says keep-alive, then closed
+        for _ in range(2):
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(10)
+                request = b""
+                while b"\r\n\r\n" not in request:
+                    got = conn.recv(4096)
+                    if not got:
+                        break
+                    request += got
+                served.append(request.split(b"\r\n", 1)[0].decode())
+                body = DATA[100:1100]
+                conn.sendall(b"HTTP/1.1 206 Partial Content\r\nContent-Length: %d\r\n"
+                             b"Content-Range: bytes 100-1099/%d\r\n\r\n" % (len(body), len(DATA)) + body)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    session = hub_session(4, None)
+    try:
+        url = f"http://127.0.0.1:{port}/file"
+        assert _get(session, url) == DATA[100:1100]
+        time.sleep(0.2)  # the hub has closed the connection the session keeps
+        assert _get(session, url) == DATA[100:1100]
+    finally:
+        session.close()
+        server.close()
+        thread.join(timeout=5)
+    assert served == ["GET /file HTTP/1.1"] * 2
+
+
+def _self_signed(tmp_path):
+    """A certificate for 127.0.0.1 and its key, PEM files (cryptography, as a CA would)."""
+    import datetime
+    import ipaddress
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "shoal test hub")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = tmp_path / "hub.pem", tmp_path / "hub.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_file, key_file
+
+
+def test_https_goes_direct_with_the_ca_the_environment_names_and_refuses_a_stranger(origin, tmp_path, monkeypatch):
+    """A hub over TLS (as ModelScope is): the direct path verifies the hub's certificate
+    against the CA bundle requests would use (REQUESTS_CA_BUNDLE here); with the default
+    bundle the self-signed hub is refused, never read."""
+    import ssl
+    from agent.errors import SourceUnavailable
+    cert_file, key_file = _self_signed(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert_file, key_file)
+    inner = origin._server
+    inner.socket = context.wrap_socket(inner.socket, server_side=True)
+    url = f"https://127.0.0.1:{origin.port}/file"
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "CURL_CA_BUNDLE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(cert_file))
+    session = hub_session(4, None)
+    try:
+        assert session._direct_for(url) is not None
+        assert _get(session, url, 3000) == DATA[3000:4000]
+        assert _get(session, url, 9000) == DATA[9000:10000]
+    finally:
+        session.close()
+    assert len({port for _, _, port in origin.seen}) == 1  # one TLS connection, kept alive
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE")
+    session = hub_session(4, None)
+    try:
+        with pytest.raises(SourceUnavailable, match="cannot reach"):
+            _get(session, url)
+    finally:
+        session.close()
