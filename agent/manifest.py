@@ -161,6 +161,10 @@ class ModelRef:
 
 # -------------------------------------------------------------------------------- paths
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_DRIVE = re.compile(r"[A-Za-z]:")
+
+
 def check_relpath(path: object) -> str:
     """Return ``path`` if it is a safe relative POSIX path inside a model directory.
 
@@ -174,13 +178,13 @@ def check_relpath(path: object) -> str:
         why = "it is empty"
     elif len(path.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES:
         why = f"it is longer than {MAX_PATH_BYTES} bytes"
-    elif any(ord(c) < 0x20 or c == "\x7f" for c in path):
+    elif _CONTROL.search(path):
         why = "it contains NUL or another control character"
     elif "\\" in path:
         why = "it contains a backslash"
     elif path.startswith("/"):
         why = "it is absolute"
-    elif re.match(r"^[A-Za-z]:", path):
+    elif _DRIVE.match(path):
         why = "it starts with a drive letter"
     elif path.endswith(PARTIAL_SUFFIX):
         why = f"it ends in {PARTIAL_SUFFIX}, which shoal uses for unfinished files"

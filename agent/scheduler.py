@@ -122,35 +122,75 @@ def _backoff(attempt: int) -> float:
 
 
 def _fetch_verify_write(source: ChunkSource, ref: ModelRef, task: FileTask, index: int,
-                        buffer: mmap.mmap, deadline: float, claim: Callable[[], bool]) -> bool:
+                        buffer: mmap.mmap, deadline: float, claim: Callable[[], bool], *, account: bool = True) -> bool:
     """Runs in a worker thread: fetch into ``buffer``, verify (the chunk's one hash), write
-    at the chunk's offset. False when another fetch of the same chunk (endgame) wrote it first."""
+    at the chunk's offset. False when another fetch of the same chunk (endgame) wrote it first.
+    ``account``: charge the CPU ledger by part (a small batch charges itself as a whole: a
+    read of the thread's CPU clock is a system call, ~20 µs here, three per chunk)."""
+    clock = time.thread_time if account else _no_clock
     pf = task.file
     offset, length = chunk_span(pf.size, pf.chunk_size, index)
     view = memoryview(buffer)[:length]
-    started = time.thread_time()
+    started = clock()
     try:
         token = source.fetch(ref, ChunkRequest(pf.rel, offset, length, pf.size), view, deadline)
     finally:
-        fetched = time.thread_time()
-        LEDGER.add(recv=fetched - started)
+        fetched = clock()
+        if account:
+            LEDGER.add(recv=fetched - started)
     digest = blake3_hash(view)
-    hashed = time.thread_time()
+    hashed = clock()
     if task.expected is not None and digest != task.expected[index]:
-        LEDGER.add(hash=hashed - fetched)
+        if account:
+            LEDGER.add(hash=hashed - fetched)
         reason = f"chunk {index} of {pf.rel} whose BLAKE3 does not match the manifest; it was not written"
         raise IntegrityError(source.rejected(token, reason) or f"{source.label} sent {reason}")
     if not claim():
-        LEDGER.add(hash=hashed - fetched)
+        if account:
+            LEDGER.add(hash=hashed - fetched)
         return False
     try:
         pf.write_chunk(index, view, digest, source.name)
     finally:
-        LEDGER.add(hash=hashed - fetched, write=time.thread_time() - hashed)
+        if account:
+            LEDGER.add(hash=hashed - fetched, write=clock() - hashed)
     return True
 
 
+def _no_clock() -> float:
+    return 0.0
+
+
+def _fetch_verify_write_many(source: ChunkSource, ref: ModelRef, items: list, buffer: mmap.mmap,
+                             timeout: float) -> list[tuple[bool, object]]:
+    """Runs in a worker thread: ``_fetch_verify_write`` of several small files' chunks from
+    one source, one after the other in the one buffer; (True, written) for each, or
+    (False, the exception) for the first that failed, where it stops (the scheduler takes
+    that one the ordinary way: retries, the next source). It also stops once it has run
+    ``SMALL_BATCH_SECONDS``: a slow source's files are not held back from their finish, nor
+    the rest of the batch from the other workers (the scheduler gives those back)."""
+    results: list[tuple[bool, object]] = []
+    started = time.thread_time()
+    until = time.monotonic() + SMALL_BATCH_SECONDS
+    try:
+        for task, index, claim in items:
+            if results and time.monotonic() > until:
+                break
+            try:
+                results.append((True, _fetch_verify_write(source, ref, task, index, buffer,
+                                                          time.monotonic() + timeout, claim, account=False)))
+            except Exception as e:  # noqa: BLE001 - handed back to the scheduler's own handling
+                results.append((False, e))
+                break
+    finally:  # small files' CPU goes to "recv" whole: the request is most of it
+        LEDGER.add(recv=time.thread_time() - started)
+    return results
+
+
 ANY, PEERS, ORIGINS = "any", "peers", "origins"
+SMALL_BATCH_CHUNK = 256 * 1024  # files of one chunk up to this size are fetched several at a time:
+SMALL_BATCH_JOBS = 16           # at most this many, a fair share of what is left for each worker,
+SMALL_BATCH_SECONDS = 0.25      # and for about this long
 
 
 @dataclass(frozen=True)
@@ -221,20 +261,53 @@ class Picker(Protocol):
     def done(self, job: Job) -> None: ...
 
 
+def _job_bytes(job: Job) -> int:
+    return chunk_span(job.task.file.size, job.task.file.chunk_size, job.index)[1]
+
+
+def interleave_by_bytes(jobs: list[Job]) -> list[Job]:
+    """The small chunks (up to ``SMALL_BATCH_CHUNK``: small files) and the large ones, each in
+    file order, merged so that both advance at the same pace in bytes. Small files cost the
+    CPU (a request, a record, a finish each), large chunks the link; taken in file order, a
+    repository of many small files and one large one did all of the first and then the
+    second, one after the other (benchmarks/small_files.py)."""
+    small = [j for j in jobs if _job_bytes(j) <= SMALL_BATCH_CHUNK]
+    large = [j for j in jobs if _job_bytes(j) > SMALL_BATCH_CHUNK]
+    if not small or not large:
+        return jobs
+    small_total, large_total = sum(map(_job_bytes, small)), sum(map(_job_bytes, large))
+    merged: list[Job] = []
+    i = j = small_done = large_done = 0
+    while i < len(small) or j < len(large):
+        if j >= len(large) or (i < len(small) and small_done * large_total <= large_done * small_total):
+            merged.append(small[i])
+            small_done += _job_bytes(small[i])
+            i += 1
+        else:
+            merged.append(large[j])
+            large_done += _job_bytes(large[j])
+            j += 1
+    return merged
+
+
 class FifoPicker:
-    """Chunks in file order: the order without LAN peers (``agent.swarm.picker.SwarmPicker``
-    is the one with them). ``wanted``: (path, index) of chunks someone waits for right now
-    (a tool reading a file through the gateway, in order; the set is the pull's, changed
-    as they read): those first."""
+    """Chunks in file order, small and large ones interleaved (``interleave_by_bytes``): the
+    order without LAN peers (``agent.swarm.picker.SwarmPicker`` is the one with them).
+    ``wanted``: (path, index) of chunks someone waits for right now (a tool reading a file
+    through the gateway, in order; the set is the pull's, changed as they read): those first."""
 
     duplicates = 0
 
     def __init__(self, jobs: list[Job], workers: int = 1, wanted: set | None = None):
+        jobs = interleave_by_bytes(jobs)
         self.pending = list(reversed(jobs))  # (every worker takes from the one list)
         self.wanted = wanted if wanted is not None else set()
         self._waiting = {job.key: job for job in jobs}  # not taken yet, by key
 
     async def take(self) -> Job | None:
+        return self.take_now()
+
+    def take_now(self) -> Job | None:
         for key in list(self.wanted):
             job = self._waiting.pop(key, None)
             if job is not None:
@@ -244,6 +317,33 @@ class FifoPicker:
             if self._waiting.pop(job.key, None) is not None:
                 return job
         return None
+
+    @property
+    def left(self) -> int:
+        """Jobs not handed out yet."""
+        return len(self._waiting)
+
+    def give_back(self, jobs: list[Job]) -> None:
+        """Jobs a worker took and did not start (a small batch cut short): next in line again."""
+        for job in reversed(jobs):
+            self._waiting[job.key] = job
+            self.pending.append(job)
+
+    def take_more(self, fits: Callable[[Job], bool], limit: int) -> list[Job]:
+        """Up to ``limit`` more jobs that ``fits`` accepts, next in order, taken now (the
+        small chunks a worker fetches in one go); none while someone waits for chunks."""
+        taken: list[Job] = []
+        while len(taken) < limit and self.pending and not self.wanted:
+            job = self.pending[-1]
+            if job.key not in self._waiting:
+                self.pending.pop()  # taken already (a wanted chunk)
+                continue
+            if not fits(job):
+                break
+            self.pending.pop()
+            del self._waiting[job.key]
+            taken.append(job)
+        return taken
 
     def done(self, job: Job) -> None:
         pass
@@ -341,6 +441,7 @@ class Scheduler:
         self._limiter = trio.CapacityLimiter(settings.concurrency)
         self._finisher = Finisher(finish)
         self.first_request_at: float | None = None  # monotonic time of the first chunk request
+        self._workers = 1
         # Endgame: which chunks have been written, and the fetches of each still running.
         self._written: set[tuple[str, int]] = set()
         self._written_lock = threading.Lock()
@@ -364,6 +465,7 @@ class Scheduler:
         chunk_size = max((t.file.chunk_size for t in tasks), default=0)
         outcome = Outcome([])
         workers = min(self.settings.concurrency, len(jobs))
+        self._workers = workers
         picker = self.picker(jobs, workers)
         try:
             async with trio.open_nursery() as nursery:
@@ -385,25 +487,89 @@ class Scheduler:
             job = await picker.take()
             if job is None:
                 break
+            more = []
+            if isinstance(picker, FifoPicker) and self._batchable(job):
+                share = -(-picker.left // max(1, self._workers))  # what is left, split fairly
+                more = picker.take_more(self._batchable, min(SMALL_BATCH_JOBS, share + 1) - 1)
+            if more:
+                buffer = await self._fetch_small_batch([job, *more], picker, buffer, nursery, outcome)
+                continue
             task = job.task
             try:
                 outcome_ = await self._fetch_chunk(task, job.index, buffer, job)
             finally:
                 picker.done(job)
-            if outcome_ == ABANDONED:
-                # The thread of the cancelled fetch may still be filling the old buffer.
-                buffer = chunk_buffer(len(buffer))
-            elif chunk_span(task.file.size, task.file.chunk_size, job.index)[1] >= SMALL_CHUNK_KEPT:
-                release_pages(buffer)
-            # A small chunk's pages are kept for the next one: given back, the next small file
-            # would fault in (and the kernel zero) a whole 2 MiB huge page again; in a pull of
-            # 2,000 small files that zeroing was a tenth of the CPU (perf). A worker so holds at
-            # most SMALL_CHUNK_KEPT of touched pages (one huge page) between chunks.
-            if outcome_ != WRITTEN:
-                continue  # the other fetch of this chunk wrote it
-            task.remaining -= 1
-            if task.remaining == 0:
-                nursery.start_soon(self._finish_file, task, outcome)
+            buffer = self._after(job, outcome_, buffer, nursery, outcome)
+
+    def _after(self, job: Job, outcome_: str, buffer: mmap.mmap, nursery, outcome: Outcome) -> mmap.mmap:
+        """A fetched chunk's bookkeeping: the worker's buffer (a new one after an abandoned
+        fetch), and the file's finish once its last chunk is written."""
+        task = job.task
+        if outcome_ == ABANDONED:
+            # The thread of the cancelled fetch may still be filling the old buffer.
+            buffer = chunk_buffer(len(buffer))
+        elif chunk_span(task.file.size, task.file.chunk_size, job.index)[1] >= SMALL_CHUNK_KEPT:
+            release_pages(buffer)
+        # A small chunk's pages are kept for the next one: given back, the next small file
+        # would fault in (and the kernel zero) a whole 2 MiB huge page again; in a pull of
+        # 2,000 small files that zeroing was a tenth of the CPU (perf). A worker so holds at
+        # most SMALL_CHUNK_KEPT of touched pages (one huge page) between chunks.
+        if outcome_ != WRITTEN:
+            return buffer  # the other fetch of this chunk wrote it
+        task.remaining -= 1
+        if task.remaining == 0:
+            nursery.start_soon(self._finish_file, task, outcome)
+        return buffer
+
+    def _batchable(self, job: Job) -> bool:
+        """A small file's one chunk (a large file's chunks go one at a time, whatever their size)."""
+        return (job.route == ANY and not job.duplicate and job.task.file.count == 1
+                and job.task.file.size <= SMALL_BATCH_CHUNK)
+
+    async def _fetch_small_batch(self, jobs: list[Job], picker: Picker, buffer: mmap.mmap, nursery,
+                                 outcome: Outcome) -> mmap.mmap:
+        """Small chunks (many small files) fetched in one thread hop from their first source:
+        the event loop's work per chunk (a hop to a thread and back, the limiter, a cancel
+        scope) was a third of the CPU a pull of 2,000 small files took in Python (py-spy).
+        A chunk that fails, and those after it, go the ordinary way, the failure included
+        (``_fetch_chunk``'s ``failed``: the same retries, rejections and next sources)."""
+        first_source = {id(j): next(iter(self._pick_order(j.task)), None) for j in jobs}
+        state = first_source[id(jobs[0])]
+        together = [j for j in jobs if state is not None and first_source[id(j)] is state]
+        results: list[tuple[bool, object]] = []
+        if together:
+            if self.rate is not None:
+                await self.rate.take(sum(chunk_span(j.task.file.size, j.task.file.chunk_size, j.index)[1]
+                                         for j in together), outside=state.source.name != "lan")
+            async with self._limiter:
+                if self.first_request_at is None:
+                    self.first_request_at = time.monotonic()
+                results = await trio.to_thread.run_sync(
+                    _fetch_verify_write_many, state.source, self.ref,
+                    [(j.task, j.index, self._claim(j.key)) for j in together], buffer, self.settings.chunk_timeout)
+        done = {id(j): r for j, r in zip(together, results)}
+        untried = [j for j in together[len(results):]]
+        if untried and isinstance(picker, FifoPicker):  # cut short by time: the rest are anyone's
+            picker.give_back(untried)
+            jobs = [j for j in jobs if id(j) not in {id(u) for u in untried}]
+        for job in jobs:
+            task, result = job.task, done.get(id(job))
+            try:
+                if result is not None and result[0]:
+                    state.failures_in_row = 0
+                    state.cooldown = COOLDOWN_START
+                    outcome_ = WRITTEN if result[1] else LOST
+                    if result[1]:
+                        task.used.add(state.source.name)
+                        self.emit(ChunkFetched(task.file.rel, job.index, chunk_span(
+                            task.file.size, task.file.chunk_size, job.index)[1], state.source.name))
+                else:
+                    failed = (state, result[1]) if result is not None else None
+                    outcome_ = await self._fetch_chunk(task, job.index, buffer, job, failed=failed)
+            finally:
+                picker.done(job)
+            buffer = self._after(job, outcome_, buffer, nursery, outcome)
+        return buffer
 
     def _pick_order(self, task: FileTask, route: str = ANY) -> list[SourceState]:
         path = task.file.rel
@@ -415,7 +581,8 @@ class Scheduler:
         # it may be the only one that has this file.
         return awake + [s for s in usable if s.resting(now)]
 
-    async def _fetch_chunk(self, task: FileTask, index: int, buffer: mmap.mmap, job: Job) -> str:
+    async def _fetch_chunk(self, task: FileTask, index: int, buffer: mmap.mmap, job: Job,
+                           failed: tuple[SourceState, BaseException] | None = None) -> str:
         """Fetch one chunk; WRITTEN, LOST (another fetch of it wrote it), ABANDONED (that,
         while this one's thread was still running: its buffer is not ours any more) or
         DEFERRED (its peers failed a ``PEERS`` job: the picker has it again)."""
@@ -425,7 +592,7 @@ class Scheduler:
         with trio.CancelScope() as scope:
             self._running.setdefault(key, []).append(scope)
             try:
-                if await self._fetch_chunk_from_sources(task, index, buffer, endgame, route):
+                if await self._fetch_chunk_from_sources(task, index, buffer, endgame, route, failed):
                     others = [o for o in self._running.get(key, []) if o is not scope]
                     for other in others:
                         other.cancel()
@@ -450,17 +617,23 @@ class Scheduler:
         return ABANDONED
 
     async def _fetch_chunk_from_sources(self, task: FileTask, index: int, buffer: mmap.mmap, endgame: bool,
-                                        route: str) -> bool:
+                                        route: str, failed: tuple[SourceState, BaseException] | None = None) -> bool:
+        """``failed``: the first try from that source already happened (a small batch's) and
+        raised this: it is handled as if this loop's own first try had."""
         path = task.file.rel
         reasons: list[str] = []
         for state in self._pick_order(task, route):
             source = state.source
             for attempt in range(self.settings.retries + 1):
-                if self.rate is not None:  # the LAN is "lan"; the mirror and the origins are outside
+                already = failed[1] if failed is not None and failed[0] is state and attempt == 0 else None
+                failed = None
+                if self.rate is not None and already is None:  # the LAN is "lan"; the rest is outside
                     await self.rate.take(chunk_span(task.file.size, task.file.chunk_size, index)[1],
                                          outside=source.name != "lan")
                 deadline = time.monotonic() + self.settings.chunk_timeout
                 try:
+                    if already is not None:
+                        raise already
                     async with self._limiter:
                         if self.first_request_at is None:  # when bytes start moving (timings)
                             self.first_request_at = time.monotonic()

@@ -316,3 +316,54 @@ def test_an_origin_that_serves_wrong_bytes_everywhere_is_an_integrity_error(env,
     assert not (model_path(env) / bad).exists()
     # The other files are complete and kept.
     assert (model_path(env) / "config.json").read_bytes() == (model_dir / "config.json").read_bytes()
+
+
+def test_many_small_files_fetched_in_batches_keep_every_fault_rule(env, hub, oss, tmp_path):
+    """Small files go out 16 to a thread hop (agent.scheduler); a file that fails inside a
+    batch is handled as alone: from the mirror, a corrupt one is refused (and said so) and
+    taken from ModelScope, one the mirror lacks comes from ModelScope, a 500 is retried."""
+    from agent.config import load_settings
+    from agent.manifest import ModelRef
+    from agent.mirror import manifest_from_dir, push_directory
+    many = tmp_path / "many"
+    for i in range(60):
+        path = many / f"part-{i // 20}" / f"f{i:03d}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(bytes([i]) * (500 + 97 * i))
+    ref = ModelRef("lab/many-small", "master")
+    hub.add_model(ref.model_id, many)
+    corrupt, missing, flaky = "part-0/f007.json", "part-1/f025.json", "part-2/f043.json"
+    push_directory(ref, many, load_settings(env=env), manifest_from_dir(ref, many, CHUNK),
+                   only={p.relative_to(many).as_posix() for p in many.rglob("*.json")} - {missing})
+    oss.faults.add(Fault("corrupt", match=corrupt, times=1))
+    oss.faults.add(Fault("status", match=flaky, status=500, times=1))
+    proc = run_shoal(["pull", ref.model_id, "--json"], env, check=True)
+    got = Path(env["SHOAL_CACHE_DIR"]) / "models" / ref.model_id / "master"
+    assert tree_digest(got) == tree_digest(many)
+    seen = events(proc)
+    troubles = [e["message"] for e in seen if e["event"] == "trouble"]
+    assert len(troubles) == 1 and "does not match the manifest" in troubles[0] and corrupt in troubles[0]
+    assert [e.fault for e in oss.faults.data_requests(flaky)] == ["status", None]  # retried once
+    from_hub = {r.path.split("FilePath=")[1].split("&")[0] for r in hub.faults.data_requests()}
+    assert from_hub == {corrupt, missing}
+    assert seen[-1]["fetched_by_source"]["oss"] == sum(
+        p.stat().st_size for p in many.rglob("*.json") if p.relative_to(many).as_posix() not in (corrupt, missing))
+
+
+def test_small_and_large_chunks_are_taken_in_step_by_bytes():
+    """Without peers, a pull takes small files' chunks and large chunks in step (by bytes),
+    each kind in file order: the small files' CPU work overlaps the large file's transfer."""
+    from types import SimpleNamespace
+    from agent.scheduler import FifoPicker, Job
+    mib = 1 << 20
+    small = [SimpleNamespace(file=SimpleNamespace(rel=f"s{i}", size=100_000, chunk_size=8 * mib)) for i in range(40)]
+    large = SimpleNamespace(file=SimpleNamespace(rel="w.bin", size=4 * 8 * mib, chunk_size=8 * mib))
+    jobs = [Job(t, 0) for t in small] + [Job(large, i) for i in range(4)]
+    picker = FifoPicker(jobs)
+    order = []
+    while (job := picker.take_now()) is not None:
+        order.append(job.key)
+    assert [k for k in order if k[0] != "w.bin"] == [(f"s{i}", 0) for i in range(40)]
+    assert [k for k in order if k[0] == "w.bin"] == [("w.bin", i) for i in range(4)]
+    positions = [order.index(("w.bin", i)) for i in range(4)]
+    assert positions == [1, 12, 23, 34]  # a large chunk, then small ones to the same share of their bytes

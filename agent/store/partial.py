@@ -14,6 +14,7 @@ import errno
 import hashlib
 import os
 import threading
+from pathlib import Path
 from typing import Protocol
 
 from agent import crashpoints
@@ -46,7 +47,6 @@ class PartialFile:
                  sha256: bytes, chunk_size: int, have: dict[int, bytes]):
         self.log, self.model_key = log, log.key
         self.model_dir, self.rel = model_dir, rel
-        self.final_path = model_dir.path / rel
         self.size, self.sha256, self.chunk_size = size, sha256, chunk_size
         self.count = chunk_count(size, chunk_size)
         self.have = dict(have)  # index -> blake3 of verified chunks
@@ -67,31 +67,37 @@ class PartialFile:
         self.record_source: str | None = None  # the deferred claim's source, recorded at the finish
 
     @property
+    def final_path(self) -> Path:
+        """Where the file will be (for messages: made when asked, not for each of 2,000 files)."""
+        return self.model_dir.path / self.rel
+
+    @property
     def partial_name(self) -> str:
         return self.rel.rpartition("/")[2] + PARTIAL_SUFFIX
 
     # -- opening
 
-    def open(self, parent: SafeDir | None = None) -> None:
+    def open(self, parent: SafeDir | None = None, existed: bool | None = None) -> None:
         """Create (sparse) or reopen the ``.partial`` file; re-verify claimed chunks.
-        ``parent``: the open folder that holds it, when the caller has it (not closed here).
+        ``parent``: the open folder that holds it, when the caller has it (not closed here);
+        ``existed``: whether the caller saw the ``.partial`` there already.
 
         Space is reserved when the first chunk is written, so a full disk shows up on
         the file that does not fit, and files already finished are unaffected.
         """
-        where = self.final_path.with_name(self.partial_name)
         try:
             own = parent is None
             if own:
                 parent, _ = self.model_dir.parent_of(self.rel, create=True)
             try:
-                existed = parent.stat(self.partial_name) is not None
+                if existed is None:
+                    existed = parent.stat(self.partial_name) is not None
                 fd = parent.open_file(self.partial_name, os.O_RDWR | os.O_CREAT, 0o644)
             finally:
                 if own:
                     parent.close()
         except OSError as e:
-            raise _disk_error(e, where) from e
+            raise _disk_error(e, self.final_path.with_name(self.partial_name)) from e
         self._fd = fd
         try:
             # A new file of one chunk gets its size from that chunk's one write; any other
@@ -100,7 +106,7 @@ class PartialFile:
                 os.ftruncate(fd, self.size)
         except OSError as e:
             self.close()
-            raise _disk_error(e, where) from e
+            raise _disk_error(e, self.final_path.with_name(self.partial_name)) from e
         if existed and self.have:
             self._recheck_claimed()
         elif self.have:  # the claimed chunks were in a .partial that is gone: none are here

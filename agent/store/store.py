@@ -277,6 +277,7 @@ class Store:
             # hold): its claimed chunks are re-hashed from it as a partial.
             if parent.is_own_file(name) and st.st_nlink == 1:
                 parent.rename(name, name + PARTIAL_SUFFIX)
+                partial = st
             else:
                 parent.unlink(name)
         have = dict(have) if have is not None else self.index.chunk_hashes(key, path)
@@ -287,7 +288,7 @@ class Store:
                 for i in bad:
                     del have[i]
         pf = PartialFile(_ModelLog(self.index, key), model_dir, path, size, sha256, chunk_size, have)
-        pf.open(parent)
+        pf.open(parent, existed=partial is not None)
         return pf
 
     def reuse_chunks(self, pf: PartialFile, expected: tuple[bytes, ...]) -> int:
