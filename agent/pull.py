@@ -36,8 +36,8 @@ from agent.mirrorage import MirrorAge
 from agent.plan import Plan, plan_from_offers, plan_manifest, resolve
 from agent.ratelimit import TokenBucket
 from agent.safefs import SafeDir, overlaps
-from agent.scheduler import (ChunkFetched, ChunkRejected, FifoPicker, FileDone, FileTask, Job, Picker, Scheduler,
-                             SourceState, SourceTrouble)
+from agent.picking import FifoPicker, Job, Picker
+from agent.scheduler import ChunkFetched, ChunkRejected, FileDone, FileTask, Scheduler, SourceState, SourceTrouble
 from agent.sources import ChunkSource, make_sources
 from agent.store import Store
 
@@ -269,9 +269,9 @@ async def pull(ref: ModelRef, settings: Settings, *, to: Path | None = None,
     and only the rest is fetched.
 
     ``offers``: manifests offered besides the peers' (``protocol.Answer``s: a bundle's,
-    ``agent.bundle``), trusted under the same rule. ``gate``: a ``scheduler.Gate`` that
+    ``agent.bundle``), trusted under the same rule. ``gate``: a ``picking.Gate`` that
     pauses the pull while closed. ``wanted``: (path, index) of chunks someone waits for
-    now (the gateway's readers), fetched first (``scheduler.FifoPicker``).
+    now (the gateway's readers), fetched first (``picking.FifoPicker``).
     """
     started = time.monotonic()
     result_parts = {"troubles": [], "by_source": {}, "chunks": 0, "first_byte": None}

@@ -21,10 +21,11 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable
 
 import trio
 
+from agent.buffers import SMALL_CHUNK_KEPT, chunk_buffer, release_pages
 from agent.config import Settings
 from agent.cpu import LEDGER
 from agent.errors import (Cancelled, ChunkFailed, ChunkNotHeld, CredentialsRejected, IntegrityError, NotFound,
@@ -33,6 +34,8 @@ from agent.manifest import ModelRef, chunk_span
 from agent.ratelimit import TokenBucket
 from agent.sources import ChunkRequest, ChunkSource
 from agent.hashing import blake3_hash
+from agent.picking import (ANY, PEERS, SMALL_BATCH_CHUNK, SMALL_BATCH_JOBS, SMALL_BATCH_SECONDS, FifoPicker, Gate, Job,
+                           Picker)
 from agent.store.partial import PartialFile
 
 # Every chunk in flight (default 8) failing at once is a pattern, not a blip.
@@ -187,168 +190,6 @@ def _fetch_verify_write_many(source: ChunkSource, ref: ModelRef, items: list, bu
     return results
 
 
-ANY, PEERS, ORIGINS = "any", "peers", "origins"
-SMALL_BATCH_CHUNK = 256 * 1024  # files of one chunk up to this size are fetched several at a time:
-SMALL_BATCH_JOBS = 16           # at most this many, a fair share of what is left for each worker,
-SMALL_BATCH_SECONDS = 0.25      # and for about this long
-
-
-@dataclass(frozen=True)
-class Job:
-    """One chunk to fetch, and from where.
-
-    ``route``: ``ANY`` tries every source in order; ``PEERS`` only sources that take a
-    chunk back when they fail it (LAN peers: ``ChunkSource.endgame``), and if they all fail
-    the job goes back to the picker instead of on to an origin (a chunk a live peer holds
-    is never fetched from the origin for its slowness); ``ORIGINS`` skips the peers (the
-    picker claimed it for the origin). ``duplicate``: a second fetch of a chunk already in
-    flight (the endgame), from peers; the first copy to verify is written, the other fetch
-    is cancelled."""
-
-    task: FileTask
-    index: int
-    duplicate: bool = False
-    route: str = ANY
-
-    @property
-    def key(self) -> tuple[str, int]:
-        return self.task.file.rel, self.index
-
-
-HUGE_PAGE = 2 * 1024 * 1024
-SMALL_CHUNK_KEPT = HUGE_PAGE  # below this, a worker keeps its buffer's pages between chunks
-
-
-def chunk_buffer(size: int) -> mmap.mmap:
-    """A worker's chunk buffer: anonymous memory, mapped at once and touched only as a chunk
-    fills it (a ``bytearray`` would zero every page up front, in the event loop's thread,
-    for every worker at a pull's start), and handed back to the system when dropped. Private:
-    a shared anonymous map (``mmap``'s default) keeps its pages in shmem after
-    ``release_pages``, only unmapped.
-
-    Transparent huge pages where the system allows them (``madvise`` mode): a chunk then
-    faults in two 2 MiB pages, not a thousand 4 KiB ones, measured at 0.06 against 0.9 CPU
-    seconds per GiB for buffers given back between chunks (a virtual machine pays for every
-    fresh page)."""
-    buffer = mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if size >= HUGE_PAGE:
-        try:
-            buffer.madvise(mmap.MADV_HUGEPAGE)
-        except (AttributeError, OSError):  # no THP here: 4 KiB pages, as before
-            pass
-    return buffer
-
-
-def release_pages(buffer: mmap.mmap) -> None:
-    """Give a worker's buffer pages back between chunks (they come back zeroed as the next
-    chunk fills them): a worker waiting for its next job holds no chunk's worth of memory,
-    so the agent's resident size follows the chunks actually in flight."""
-    try:
-        buffer.madvise(mmap.MADV_DONTNEED)
-    except (AttributeError, OSError):  # no madvise here: the pages stay, as before
-        pass
-
-
-class Picker(Protocol):
-    """The order chunks are fetched in. Workers ``take`` their next job (None: nothing left
-    for this worker) and call ``done`` once the job is over, however it ended; a ``PEERS``
-    job that was not written (its peers failed it) is the picker's again, to hand out later."""
-
-    duplicates: int  # endgame jobs handed out
-
-    async def take(self) -> Job | None: ...
-
-    def done(self, job: Job) -> None: ...
-
-
-def _job_bytes(job: Job) -> int:
-    return chunk_span(job.task.file.size, job.task.file.chunk_size, job.index)[1]
-
-
-def interleave_by_bytes(jobs: list[Job]) -> list[Job]:
-    """The small chunks (up to ``SMALL_BATCH_CHUNK``: small files) and the large ones, each in
-    file order, merged so that both advance at the same pace in bytes. Small files cost the
-    CPU (a request, a record, a finish each), large chunks the link; taken in file order, a
-    repository of many small files and one large one did all of the first and then the
-    second, one after the other (benchmarks/small_files.py)."""
-    small = [j for j in jobs if _job_bytes(j) <= SMALL_BATCH_CHUNK]
-    large = [j for j in jobs if _job_bytes(j) > SMALL_BATCH_CHUNK]
-    if not small or not large:
-        return jobs
-    small_total, large_total = sum(map(_job_bytes, small)), sum(map(_job_bytes, large))
-    merged: list[Job] = []
-    i = j = small_done = large_done = 0
-    while i < len(small) or j < len(large):
-        if j >= len(large) or (i < len(small) and small_done * large_total <= large_done * small_total):
-            merged.append(small[i])
-            small_done += _job_bytes(small[i])
-            i += 1
-        else:
-            merged.append(large[j])
-            large_done += _job_bytes(large[j])
-            j += 1
-    return merged
-
-
-class FifoPicker:
-    """Chunks in file order, small and large ones interleaved (``interleave_by_bytes``): the
-    order without LAN peers (``agent.swarm.picker.SwarmPicker`` is the one with them).
-    ``wanted``: (path, index) of chunks someone waits for right now (a tool reading a file
-    through the gateway, in order; the set is the pull's, changed as they read): those first."""
-
-    duplicates = 0
-
-    def __init__(self, jobs: list[Job], workers: int = 1, wanted: set | None = None):
-        jobs = interleave_by_bytes(jobs)
-        self.pending = list(reversed(jobs))  # (every worker takes from the one list)
-        self.wanted = wanted if wanted is not None else set()
-        self._waiting = {job.key: job for job in jobs}  # not taken yet, by key
-
-    async def take(self) -> Job | None:
-        return self.take_now()
-
-    def take_now(self) -> Job | None:
-        for key in list(self.wanted):
-            job = self._waiting.pop(key, None)
-            if job is not None:
-                return job
-        while self.pending:
-            job = self.pending.pop()
-            if self._waiting.pop(job.key, None) is not None:
-                return job
-        return None
-
-    @property
-    def left(self) -> int:
-        """Jobs not handed out yet."""
-        return len(self._waiting)
-
-    def give_back(self, jobs: list[Job]) -> None:
-        """Jobs a worker took and did not start (a small batch cut short): next in line again."""
-        for job in reversed(jobs):
-            self._waiting[job.key] = job
-            self.pending.append(job)
-
-    def take_more(self, fits: Callable[[Job], bool], limit: int) -> list[Job]:
-        """Up to ``limit`` more jobs that ``fits`` accepts, next in order, taken now (the
-        small chunks a worker fetches in one go); none while someone waits for chunks."""
-        taken: list[Job] = []
-        while len(taken) < limit and self.pending and not self.wanted:
-            job = self.pending[-1]
-            if job.key not in self._waiting:
-                self.pending.pop()  # taken already (a wanted chunk)
-                continue
-            if not fits(job):
-                break
-            self.pending.pop()
-            del self._waiting[job.key]
-            taken.append(job)
-        return taken
-
-    def done(self, job: Job) -> None:
-        pass
-
-
 class Finisher:
     """Finishes proven files in batches: whoever asks while a batch is being finished joins
     the next one, so a burst of small files costs one sync and one index transaction per
@@ -389,37 +230,6 @@ class Finisher:
         await done.wait()
         if outcome and outcome[0] is not None:
             raise outcome[0]
-
-
-class Gate:
-    """Whether a pull's workers may start new chunks: closed, the chunks in flight finish
-    and nothing new starts (no new claims on the room's origin chunks either) until it
-    opens again. A room assignment's background pull is paused so while a person's own
-    pull runs (``agent.assign.keeper``)."""
-
-    def __init__(self):
-        self._open = trio.Event()
-        self._open.set()
-        self.on_change: list[Callable[[bool], None]] = []  # told True (open) or False (closed)
-
-    @property
-    def is_open(self) -> bool:
-        return self._open.is_set()
-
-    def close(self) -> None:
-        if self._open.is_set():
-            self._open = trio.Event()
-            for tell in self.on_change:
-                tell(False)
-
-    def open(self) -> None:
-        if not self._open.is_set():
-            self._open.set()
-            for tell in self.on_change:
-                tell(True)
-
-    async def wait(self) -> None:
-        await self._open.wait()
 
 
 class Scheduler:

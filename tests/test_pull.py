@@ -354,7 +354,7 @@ def test_small_and_large_chunks_are_taken_in_step_by_bytes():
     """Without peers, a pull takes small files' chunks and large chunks in step (by bytes),
     each kind in file order: the small files' CPU work overlaps the large file's transfer."""
     from types import SimpleNamespace
-    from agent.scheduler import FifoPicker, Job
+    from agent.picking import FifoPicker, Job
     mib = 1 << 20
     small = [SimpleNamespace(file=SimpleNamespace(rel=f"s{i}", size=100_000, chunk_size=8 * mib)) for i in range(40)]
     large = SimpleNamespace(file=SimpleNamespace(rel="w.bin", size=4 * 8 * mib, chunk_size=8 * mib))

@@ -16,7 +16,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from agent.manifest import FileEntry, Manifest
-from agent.scheduler import ORIGINS, PEERS, Job
+from agent.picking import ORIGINS, PEERS, Job
 from agent.swarm import picker as picker_module
 from agent.swarm.board import Board
 from agent.swarm.membership import Contact

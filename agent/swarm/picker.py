@@ -46,7 +46,7 @@ import time
 
 import trio
 
-from agent.scheduler import ORIGINS, PEERS, Job
+from agent.picking import ORIGINS, PEERS, Job
 from agent.swarm.board import Board
 from agent.swarm.view import LanView
 
