@@ -25,7 +25,7 @@ from agent.config import Settings
 from agent.errors import Cancelled, NotFound, ShoalError, StoreLocked
 from agent.manifest import ModelRef, is_manifest_id
 from agent.pull import ChunkFetched, PlanReady, pull, result_to_wire
-from agent.scheduler import Gate
+from agent.picking import Gate
 from agent.ratelimit import TokenBucket
 from agent.swarm.trust import TrustPolicy
 
@@ -93,6 +93,13 @@ class PullCoordinator:
         self._observe, self._completed, self._swarm = observe, completed, swarm
         self.pulls: dict[str, ActivePull] = {}
         self._nursery: trio.Nursery | None = None
+        # Set (and replaced) whenever a person's pull starts or ends: a room assignment's
+        # background pull steps aside at once, not at its next look (agent.assign.keeper).
+        self.people_changed = trio.Event()
+
+    def _people_changed(self) -> None:
+        self.people_changed.set()
+        self.people_changed = trio.Event()
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Host the pulls until cancelled."""
@@ -126,6 +133,8 @@ class PullCoordinator:
         active = self.pulls.get(key)
         if active is not None:
             if not background:
+                if active.background:
+                    self._people_changed()
                 active.background = False  # a person joined it: it is theirs now
                 active.gate.open()
             if directory is not None and active.directory is not None and directory != active.directory:
@@ -136,6 +145,8 @@ class PullCoordinator:
                             offers=tuple(offers))
         self.pulls[key] = active
         self._nursery.start_soon(self._run, active)
+        if not background:
+            self._people_changed()
         return active
 
     async def room_plan(self, ref: ModelRef):
@@ -184,6 +195,8 @@ class PullCoordinator:
             active.error = ShoalError(f"internal error in the pull of {key}: {type(e).__name__}: {e}")
         finally:
             self.pulls.pop(key, None)
+            if not active.background:
+                self._people_changed()
             active.done.set()
             for channel in list(active.subscribers):
                 channel.close()

@@ -227,7 +227,8 @@ class RoomWork:
                 """Paused while a person's pull runs (the chunks in flight finish: no origin
                 chunk the room counts on is dropped midway); stopped if no longer wanted."""
                 while True:
-                    await trio.sleep(WATCH)
+                    with trio.move_on_after(WATCH):  # or at once when a person's pull starts or ends
+                        await self.pulls.people_changed.wait()
                     current = self.current.record if self.current else None
                     if current is None or current.item(item.ref) is None or key in self.refused or not self.accepting:
                         scope.cancel()
