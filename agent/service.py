@@ -165,6 +165,10 @@ class Agent:
                 self._nursery = nursery
                 nursery.start_soon(self._reload_on_sighup)
                 nursery.start_soon(self._watch_loop_lag)
+                from agent import memory, memtrace
+                nursery.start_soon(memory.trim_forever)  # resident size: what is in use (agent.memory)
+                if memtrace.requested():  # a long run's memory report (benchmarks/soak.py --tracemalloc)
+                    nursery.start_soon(memtrace.follow, memtrace.requested())
                 if self.rate_rules:
                     from agent.schedule import follow
                     nursery.start_soon(follow, self.rate_rules, lambda: self.base_caps, self.apply_caps, time.time)

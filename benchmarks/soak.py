@@ -103,6 +103,9 @@ def main() -> int:
     parser.add_argument("--models", type=int, default=5)
     parser.add_argument("--model-mb", type=int, default=16)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--tracemalloc", metavar="FILE",
+                        help="trace the measured agent's Python allocations; its growth report goes to FILE "
+                             "(slower, and its RSS then includes the tracing)")
     args = parser.parse_args()
     rng = random.Random(args.seed)
     root = Path(tempfile.mkdtemp(prefix="shoal-soak-"))
@@ -122,7 +125,9 @@ def main() -> int:
                         SHOAL_SWARM_HOST="127.0.0.1", SHOAL_SWARM_SECRET="soak", SHOAL_MDNS="0", SHOAL_DHT="0",
                         SHOAL_GATEWAY_PORT="0", PYTHONPATH=str(REPO))
             size = sum(p.stat().st_size for p in origins["soak/m0"].rglob("*") if p.is_file())
-            measured = Member(root, "measured", base, SHOAL_QUOTA=str(int(size * 3.2))).start()
+            traced = {"SHOAL_TRACEMALLOC": str(Path(args.tracemalloc).resolve()),
+                      "PYTHONTRACEMALLOC": "6"} if args.tracemalloc else {}
+            measured = Member(root, "measured", base, SHOAL_QUOTA=str(int(size * 3.2)), **traced).start()
             members.append(measured)
             address = json.loads(measured.shoal("status", "--json").stdout)["swarm"]["addrs"][0]
             for i in range(1, args.room):
@@ -195,8 +200,10 @@ def main() -> int:
     print(f"\npulls correct: {counts['correct']} of {counts['pulls']}; failures: {len(failures)}")
     for failure in failures:
         print(f"  {failure}")
+    if args.tracemalloc and Path(args.tracemalloc).exists():
+        print(f"\nthe measured agent's Python allocations ({args.tracemalloc}):\n{Path(args.tracemalloc).read_text()}")
     print(f"\nreproduce: .venv/bin/python benchmarks/soak.py --minutes {args.minutes:g} --room {args.room} "
-          f"--seed {args.seed}")
+          f"--seed {args.seed}{f' --tracemalloc {args.tracemalloc}' if args.tracemalloc else ''}")
     return 1 if failures or not alive else 0
 
 

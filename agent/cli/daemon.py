@@ -13,6 +13,8 @@ from agent.progress import human_bytes
 
 
 def cmd_agent(args) -> int:
+    from agent import memory
+    memory.limit_arenas()  # before the agent starts any thread (agent.memory says why)
     from agent.runtime import run_until_signal
     from agent.service import serve_agent
     settings = settings_of(args)
