@@ -34,6 +34,15 @@ def test_a_kill_at_any_moment_loses_nothing(lab, op, point):
     assert outcome.killed, f"{op} never reached {point}: {outcome}"
 
 
+@pytest.mark.parametrize("point", POINTS["gc"])
+def test_a_kill_mid_gc_loses_nothing(lab, point):
+    """`shoal gc` over a cache past its quota (seed 2: two models, one to evict), killed
+    midway through the removal."""
+    outcome = lab.run(2, op="gc", point=point)
+    assert outcome.violations == [], outcome
+    assert outcome.killed, f"gc never reached {point}: {outcome}"
+
+
 @pytest.mark.parametrize("variant", ["index-removed", "index-damaged"])
 @pytest.mark.parametrize("seed,point", [(100, "pull:recorded"), (306, "finish:renamed:1")])
 def test_a_lost_index_after_a_kill_is_rebuilt_and_loses_nothing(lab, variant, seed, point):

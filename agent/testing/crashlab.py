@@ -166,7 +166,7 @@ class Lab:
             extra["SHOAL_QUOTA"] = str(int(self._size("lab/base@master") * 1.6))
         if op == "sync":  # a mirror of its own: each run's sync starts from nothing
             extra["SHOAL_OSS_PREFIX"] = f"run-{seed}/"
-        env = self.env(cache, **(extra if op == "gc" else {}))
+        env = self.env(cache)  # no quota yet: gc and the evicting pull then have something to remove
         for ref in setup:
             self.shoal(["pull", ref], env)
         env = self.env(cache, **extra)
