@@ -124,13 +124,14 @@ def _backoff(attempt: int) -> float:
     return min(BACKOFF_MAX, BACKOFF_BASE * 2 ** attempt) * random.uniform(0.5, 1.5)
 
 
-def _fetch_verify_write(source: ChunkSource, ref: ModelRef, task: FileTask, index: int,
-                        buffer: mmap.mmap, deadline: float, claim: Callable[[], bool], *, account: bool = True) -> bool:
+def _fetch_verify_write(source: ChunkSource, ref: ModelRef, task: FileTask, index: int, buffer: mmap.mmap,
+                        deadline: float, claim: Callable[[], bool], *,
+                        clock: Callable[[], float] = time.thread_time) -> bool:
     """Runs in a worker thread: fetch into ``buffer``, verify (the chunk's one hash), write
     at the chunk's offset. False when another fetch of the same chunk (endgame) wrote it first.
-    ``account``: charge the CPU ledger by part (a small batch charges itself as a whole: a
-    read of the thread's CPU clock is a system call, ~20 µs here, three per chunk)."""
-    clock = time.thread_time if account else _no_clock
+    ``clock``: what times each part for the CPU ledger (a small batch, which times itself as a
+    whole, passes ``_no_clock``: a read of the thread's CPU clock is a system call, ~20 µs
+    here, three per chunk)."""
     pf = task.file
     offset, length = chunk_span(pf.size, pf.chunk_size, index)
     view = memoryview(buffer)[:length]
@@ -139,24 +140,19 @@ def _fetch_verify_write(source: ChunkSource, ref: ModelRef, task: FileTask, inde
         token = source.fetch(ref, ChunkRequest(pf.rel, offset, length, pf.size), view, deadline)
     finally:
         fetched = clock()
-        if account:
-            LEDGER.add(recv=fetched - started)
+        LEDGER.add(recv=fetched - started)
     digest = blake3_hash(view)
     hashed = clock()
+    LEDGER.add(hash=hashed - fetched)
     if task.expected is not None and digest != task.expected[index]:
-        if account:
-            LEDGER.add(hash=hashed - fetched)
         reason = f"chunk {index} of {pf.rel} whose BLAKE3 does not match the manifest; it was not written"
         raise IntegrityError(source.rejected(token, reason) or f"{source.label} sent {reason}")
     if not claim():
-        if account:
-            LEDGER.add(hash=hashed - fetched)
         return False
     try:
         pf.write_chunk(index, view, digest, source.name)
     finally:
-        if account:
-            LEDGER.add(hash=hashed - fetched, write=clock() - hashed)
+        LEDGER.add(write=clock() - hashed)
     return True
 
 
@@ -181,7 +177,7 @@ def _fetch_verify_write_many(source: ChunkSource, ref: ModelRef, items: list, bu
                 break
             try:
                 results.append((True, _fetch_verify_write(source, ref, task, index, buffer,
-                                                          time.monotonic() + timeout, claim, account=False)))
+                                                          time.monotonic() + timeout, claim, clock=_no_clock)))
             except Exception as e:  # noqa: BLE001 - handed back to the scheduler's own handling
                 results.append((False, e))
                 break
@@ -336,7 +332,7 @@ class Scheduler:
         return (job.route == ANY and not job.duplicate and job.task.file.count == 1
                 and job.task.file.size <= SMALL_BATCH_CHUNK)
 
-    async def _fetch_small_batch(self, jobs: list[Job], picker: Picker, buffer: mmap.mmap, nursery,
+    async def _fetch_small_batch(self, jobs: list[Job], picker: FifoPicker, buffer: mmap.mmap, nursery,
                                  outcome: Outcome) -> mmap.mmap:
         """Small chunks (many small files) fetched in one thread hop from their first source:
         the event loop's work per chunk (a hop to a thread and back, the limiter, a cancel
@@ -358,10 +354,11 @@ class Scheduler:
                     _fetch_verify_write_many, state.source, self.ref,
                     [(j.task, j.index, self._claim(j.key)) for j in together], buffer, self.settings.chunk_timeout)
         done = {id(j): r for j, r in zip(together, results)}
-        untried = [j for j in together[len(results):]]
-        if untried and isinstance(picker, FifoPicker):  # cut short by time: the rest are anyone's
+        untried = together[len(results):]
+        if untried:  # cut short by time: the rest are anyone's
             picker.give_back(untried)
-            jobs = [j for j in jobs if id(j) not in {id(u) for u in untried}]
+            given_back = {id(j) for j in untried}
+            jobs = [j for j in jobs if id(j) not in given_back]
         for job in jobs:
             task, result = job.task, done.get(id(job))
             try:

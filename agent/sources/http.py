@@ -1,6 +1,7 @@
-"""The ranged GET every HTTP hub origin shares (ModelScope, a Hugging Face hub): one pooled
-``requests`` session per source, one chunk per request, the hub's answer mapped onto the
-``ChunkSource`` errors."""
+"""The ranged GET every HTTP hub origin shares (ModelScope, a Hugging Face hub): one
+``HubSession`` per source (kept-alive connections of its own, ``requests`` where a proxy,
+a netrc entry or a redirect needs it), one chunk per request, the hub's answer mapped onto
+the ``ChunkSource`` errors."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from agent.errors import CredentialsRejected, NotFound, SourceUnavailable
 from agent.sources import ChunkRequest, expect_span, read_exact
 
 NETWORK_ERRORS = (OSError, requests.RequestException, urllib3.exceptions.HTTPError, http.client.HTTPException)
+# What a kept connection the hub closed while it was idle raises on its next request.
+_STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
 
 
 # What shoal's origin requests say they are; a shoal gateway refuses them (an agent whose
@@ -46,24 +49,25 @@ class _Direct:
 
     def get(self, target: str, headers: dict[str, str], timeout: tuple[float, float]) -> "_DirectResponse":
         with self._lock:
-            conn = self._idle.pop() if self._idle else None
-        for reused in ((True, False) if conn is not None else (False,)):
-            if not reused:
-                conn = self._new(timeout[0])
+            idle = self._idle.pop() if self._idle else None
+        if idle is not None:
             try:
-                if conn.sock is None:
-                    conn.connect()
-                conn.sock.settimeout(timeout[1])
-                conn.request("GET", target, headers=headers)
-                return _DirectResponse(self, conn, conn.getresponse())
-            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as e:
-                conn.close()
-                if not reused:  # a fresh connection failed: the hub's answer, not a stale socket
-                    raise SourceConnectionLost(str(e)) from e
-            except BaseException:
-                conn.close()
-                raise
-        raise AssertionError("unreachable")
+                return self._send(idle, target, headers, timeout)
+            except _STALE:
+                pass  # the hub closed it while it was idle (already closed here): once more, on a new one
+        return self._send(self._new(timeout[0]), target, headers, timeout)
+
+    def _send(self, conn: http.client.HTTPConnection, target: str, headers: dict[str, str],
+              timeout: tuple[float, float]) -> "_DirectResponse":
+        try:
+            if conn.sock is None:
+                conn.connect()
+            conn.sock.settimeout(timeout[1])
+            conn.request("GET", target, headers=headers)
+            return _DirectResponse(self, conn, conn.getresponse())
+        except BaseException:
+            conn.close()
+            raise
 
     def put(self, conn: http.client.HTTPConnection) -> None:
         with self._lock:
@@ -78,10 +82,6 @@ class _Direct:
             idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
-
-
-class SourceConnectionLost(ConnectionError):
-    """A new connection to the hub was closed before it answered."""
 
 
 class _DirectResponse:
@@ -159,10 +159,11 @@ class HubSession(requests.Session):
                     self._environment[key] = known
         return dict(known, proxies=dict(known["proxies"]))
 
-    def _direct_for(self, url: str) -> _Direct | None:
-        """The direct connections to ``url``'s host, or None when requests' own path is
-        needed (a proxy, a netrc entry, a client certificate, verify=False, a redirect)."""
-        parts = urlsplit(url)
+    def _direct_for(self, url: str, parts=None) -> _Direct | None:
+        """The direct connections to ``url``'s host (``parts``: its ``urlsplit``), or None
+        when requests' own path is needed (a proxy, a netrc entry, a client certificate,
+        verify=False, a redirect)."""
+        parts = parts or urlsplit(url)
         key = (parts.scheme, parts.netloc)
         with self._environment_lock:
             if key in self._direct:
@@ -197,16 +198,17 @@ class HubSession(requests.Session):
         and a raw response to read the body from (``readinto``, ``release_conn``). Goes
         through requests (``get``) where the direct path does not apply, or when the hub
         redirects."""
-        direct = self._direct_for(url)
+        parts = urlsplit(url)
+        direct = self._direct_for(url, parts)
         if direct is not None:
             sent = dict(self.headers)
             sent.update(headers)
-            target = url[url.index("/", url.index("//") + 2):] if url.count("/") > 2 else "/"
+            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
             raw = direct.get(target, sent, timeout)
             if not (300 <= raw.status < 400 and raw.headers.get("Location")):
                 return raw.status, raw.headers, raw
             raw.close()
-            parts = urlsplit(url)  # a host that redirects (to a CDN, say) goes through requests from now on
+            # A host that redirects (to a CDN, say) goes through requests from now on.
             with self._environment_lock:
                 self._direct[(parts.scheme, parts.netloc)] = None
             direct.close()
@@ -221,7 +223,7 @@ class HubSession(requests.Session):
             direct.close()
 
 
-def hub_session(concurrency: int, token: str | None, *, max_redirects: int = 30) -> requests.Session:
+def hub_session(concurrency: int, token: str | None, *, max_redirects: int = 30) -> HubSession:
     """A session with a connection per chunk in flight (and a few spare), no retries of its
     own (the scheduler retries), the token as a bearer header when there is one."""
     session = HubSession(pool_maxsize=concurrency + 4)
@@ -235,7 +237,7 @@ def hub_session(concurrency: int, token: str | None, *, max_redirects: int = 30)
     return session
 
 
-def ranged_get(session: requests.Session, url: str, request: ChunkRequest, into: memoryview, deadline: float,
+def ranged_get(session: HubSession, url: str, request: ChunkRequest, into: memoryview, deadline: float,
                timeout: tuple[float, float], *, what: str, hub: str, token_hint: str) -> None:
     """Fill ``into[:request.length]`` with the bytes of ``request`` from ``url``.
 
@@ -244,11 +246,7 @@ def ranged_get(session: requests.Session, url: str, request: ChunkRequest, into:
     headers = {"Range": f"bytes={request.offset}-{request.offset + request.length - 1}",
                "Accept-Encoding": "identity"}
     try:
-        if isinstance(session, HubSession):
-            status, answer_headers, raw = session.ranged(url, headers, timeout)
-        else:
-            resp = session.get(url, headers=headers, stream=True, timeout=timeout)
-            status, answer_headers, raw = resp.status_code, resp.headers, resp.raw
+        status, answer_headers, raw = session.ranged(url, headers, timeout)
     except requests.TooManyRedirects as e:
         raise SourceUnavailable(f"{what}: too many redirects", transient=False) from e
     except NETWORK_ERRORS as e:

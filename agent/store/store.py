@@ -229,12 +229,8 @@ class Store:
         the index asked twice for them all, each folder opened once. A pull of 2,000 small
         files spent a second here before its first request, file by file."""
         key = str(ref)
-        rows = {row.path: row for row in self.index.files(key)} if len(files) > 1 else \
-            {p: r for p, r in ((files[0][0], self.index.file(key, files[0][0])),) if r is not None}
-        claimed: dict[str, dict[int, bytes]] = {}
-        if len(files) > 1:
-            for path, idx, digest, _ in self.index.held(key):
-                claimed.setdefault(path, {})[idx] = digest
+        rows = {row.path: row for row in self.index.files(key)}
+        claimed = self.held_chunks(ref)
         parents: dict[str, SafeDir] = {}
         opened: list[PartialFile | None] = []
         try:
@@ -243,9 +239,8 @@ class Store:
                 parent = parents.get(head)
                 if parent is None:
                     parent = parents[head] = model_dir.parent_of(path, create=True)[0]
-                have = claimed.get(path, {}) if len(files) > 1 else None
                 opened.append(self._open_one(key, model_dir, parent, name, rows.get(path), path, size, sha256,
-                                             chunk_size, expected, have))
+                                             chunk_size, expected, claimed.get(path, {})))
         except BaseException:
             for pf in opened:
                 if pf is not None:
@@ -258,14 +253,14 @@ class Store:
 
     def _open_one(self, key: str, model_dir: SafeDir, parent: SafeDir, name: str, row, path: str, size: int,
                   sha256: bytes, chunk_size: int, expected: tuple[bytes, ...] | None,
-                  have: dict[int, bytes] | None) -> PartialFile | None:
+                  have: dict[int, bytes]) -> PartialFile | None:
         if row is not None and row.complete:
             if parent.is_own_file(name, size):
                 return None
             # The index says complete but the file is gone or resized: fetch it again.
             self.index.set_file(key, path, complete=False, linked=NOT_LINKED)
-            self.index.forget_chunks(key, path, list(self.index.chunk_hashes(key, path)))
-            have = None
+            self.index.forget_chunks(key, path, list(have))
+            have = {}
         entry = FileEntry(path, size, sha256, expected)
         st, partial = parent.stat(name), parent.stat(name + PARTIAL_SUFFIX)
         if st is not None or partial is not None:  # (nothing on disk: nothing a kill left to recover)
@@ -280,7 +275,7 @@ class Store:
                 partial = st
             else:
                 parent.unlink(name)
-        have = dict(have) if have is not None else self.index.chunk_hashes(key, path)
+        have = dict(have)
         if expected is not None:
             bad = [i for i, h in have.items() if i >= len(expected) or expected[i] != h]
             if bad:

@@ -16,6 +16,7 @@ import threading
 import time
 from typing import Callable, Iterator
 
+import socket
 import socketserver
 import sys
 from http.server import BaseHTTPRequestHandler
@@ -137,7 +138,7 @@ class _KeepAliveHandler(BaseHTTPRequestHandler):
     def handle_one_request(self):
         try:
             super().handle_one_request()
-        except (ConnectionError, TimeoutError, OSError):
+        except OSError:  # the client went away, or sat idle past ``timeout``
             self.close_connection = True
 
 
@@ -147,7 +148,6 @@ class KeepAliveWSGIServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     request_queue_size = 128
 
     def __init__(self, host: str, port: int, app: Callable):
-        import socket
         if ":" in host:
             self.address_family = socket.AF_INET6
         self.app = app
