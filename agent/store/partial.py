@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import mmap
 import os
 import threading
 from pathlib import Path
@@ -199,14 +200,29 @@ class PartialFile:
                     if self._sha_next == written and data is not None:
                         self._sha.update(data)
                     else:
-                        offset, length = chunk_span(self.size, self.chunk_size, self._sha_next)
-                        self._sha.update(os.pread(self._fd, length, offset))
+                        self._hash_written(self._sha_next)
                     self._sha_next += 1
             finally:
                 self._digest_lock.release()
             with self._lock:
                 if self._sha_next not in self.have:
                     return
+
+    def _hash_written(self, index: int) -> None:
+        """Feed a chunk already in the file to the SHA-256, read through a mapping of the file.
+
+        Why not ``pread``: a chunk-sized ``bytes`` per read went to glibc's heap (its mmap
+        threshold rises to the largest block freed), where it stayed resident until a trim;
+        the long-running agent's RSS rose and fell by a chunk (benchmarks/soak.py). A mapping
+        of the page cache holds no anonymous memory, and costs less CPU than the copy
+        (MAP_POPULATE: one call maps it all, measured at 0.10 against 0.22 CPU-s per GiB)."""
+        offset, length = chunk_span(self.size, self.chunk_size, index)
+        if not length or offset % mmap.ALLOCATIONGRANULARITY or os.fstat(self._fd).st_size < offset + length:
+            self._sha.update(os.pread(self._fd, length, offset))  # cannot map it (never for our chunks)
+            return
+        with mmap.mmap(self._fd, length, offset=offset, prot=mmap.PROT_READ,
+                       flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)) as mapped:
+            self._sha.update(mapped)
 
     @property
     def sha256_pending(self) -> int:
@@ -221,8 +237,7 @@ class PartialFile:
         """Finish the running SHA-256 (reading what is left) and compare with the origin's."""
         with self._digest_lock:
             while self._sha_next < self.count:
-                offset, length = chunk_span(self.size, self.chunk_size, self._sha_next)
-                self._sha.update(os.pread(self._fd, length, offset))
+                self._hash_written(self._sha_next)
                 self._sha_next += 1
             # A blob made of this file is then proven by its SHA-256 (agent.store.content).
             self.sha256_checked = self._sha.digest() == self.sha256
