@@ -3,16 +3,16 @@ per peer and reused (``agent.swarm.datapath`` describes the protocol)."""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import socket
 import ssl
 import threading
 import time
 
 from agent.errors import NotFound, PeerBusy, PeerTimedOut, SourceUnavailable
-from agent.swarm.datawire import (BUSY, MAGIC, MISSING, MODE_GET, NONCE_LEN, OK, STATUS_NAMES, HEADER, Ticket,
-                                  client_tls, read_status, recv_exact, encode_hello, encode_request)
+from agent.swarm import handshake
+from agent.swarm.datawire import (BUSY, MISSING, MODE_GET, OK, STATUS_NAMES, HEADER, Ticket, client_tls, recv_exact,
+                                  encode_request)
+from agent.swarm.handshake import NotADataPort, certificate_matches
 
 # The socket wakes its reader once this much is queued (or the chunk's rest, if less). Small
 # enough that a slow peer still shows progress well within ``idle`` (10 Mbit/s: ~0.2 s).
@@ -50,15 +50,19 @@ class DataClient:
             conn.settimeout(max(0.1, min(self._connect_timeout, deadline - time.monotonic())))
             if tls is not None:
                 conn = client_tls().wrap_socket(conn)
-                seen = hashlib.sha256(conn.getpeercert(binary_form=True) or b"").digest()
-                if not hmac.compare_digest(seen, tls):
+                if not certificate_matches(conn.getpeercert(binary_form=True), tls):
                     raise SourceUnavailable(f"{what}: the peer's TLS certificate is not the one it announced "
                                             "over the swarm; someone may be in between", transient=False)
-            opening = recv_exact(conn, len(MAGIC) + NONCE_LEN)
-            if opening is None or opening[:len(MAGIC)] != MAGIC:
-                raise SourceUnavailable(f"{what}: not a shoal data server (or an older version)", transient=False)
-            conn.sendall(encode_hello(ticket, opening[len(MAGIC):], MODE_GET, manifest_id))
-            status, message = read_status(conn)
+
+            def read(n: int) -> bytes:
+                data = recv_exact(conn, n)
+                if data is None:
+                    raise SourceUnavailable(f"{what}: the peer closed the connection during the handshake")
+                return data
+            try:
+                status, message = handshake.drive(handshake.client(ticket, MODE_GET, manifest_id), read, conn.sendall)
+            except NotADataPort as e:
+                raise SourceUnavailable(f"{what}: {e}", transient=False) from None
             if status == BUSY:
                 raise PeerBusy(f"{what}: busy: {message}")
             if status != OK:

@@ -22,9 +22,11 @@ Wire format::
 
     server -> client   b"SHD2" + nonce (16 bytes)
     client -> server   hello = u16 length + msgpack [ticket id (16), mode, scope, mac (32)]
+                       and, modes "offer" and "room" (scope ""): u16 length + the one request,
+                       mode "content": u32 length + the manifest it asks about
     server -> client   u8 status + u64 length + message  (status 0: welcome)
-    then, mode "offer" (scope ""): one offer request and its answer (``agent.swarm.protocol``)
-    client -> server   u16 length + request;   server -> client   u32 length + answer
+    (``agent.swarm.handshake`` is this much, both sides, without I/O), then
+    for "offer", "room", "content": server -> client   u32 length + the answer (``agent.swarm.protocol``)
     or, mode "get" (scope: a manifest id), any number of
     client -> server   request = u16 length + msgpack [path, chunk index]
     server -> client   u8 status + u64 length + payload  (status 0: the chunk's bytes; else a message)
@@ -59,7 +61,6 @@ from __future__ import annotations
 
 import functools
 import os
-import secrets
 import socket
 import ssl
 import struct
@@ -73,12 +74,13 @@ from agent.errors import DataPathError
 # The wire format and keys live in datawire, the client in dataclient; both are named here
 # too, as the whole protocol is described above.
 from agent.swarm.dataclient import DataClient
-from agent.swarm.datawire import (BAD_REQUEST, BUSY, DENIED, MAGIC, MAX_CONTENT_ASK, MAX_OFFER, MAX_REQUEST, MISSING,
-                                  MAX_ROOM_ASK, MODE_CONTENT, MODE_GET, MODE_OFFER, MODE_ROOM, MODE_SUB, NONCE_LEN, OK,
+from agent.swarm import handshake
+from agent.swarm.datawire import (BAD_REQUEST, BUSY, DENIED, MAGIC, MAX_OFFER, MAX_REQUEST, MISSING, MODE_CONTENT, MODE_GET, MODE_OFFER, MODE_ROOM, MODE_SUB, NONCE_LEN, OK,
                                   STATUS_NAMES, HEADER,
                                   Ticket, TicketBook,
                                   recv_exact, reply, decode_hello, decode_request, encode_hello, encode_request,
                                   make_tls)
+from agent.swarm.handshake import Granted, Refused
 from agent.swarm.locator import ChunkLocator, StoreLocator
 from agent.swarm.publisher import BoardPublisher, greet
 
@@ -103,10 +105,6 @@ MAX_SUBSCRIBERS_PER_ADDRESS = 16
 
 
 # ------------------------------------------------------------------------------- server
-
-# mode -> (bytes of the request's length, its largest size): modes with one request after the hello
-_REQUESTS = {MODE_OFFER: (2, MAX_REQUEST), MODE_ROOM: (2, MAX_ROOM_ASK), MODE_CONTENT: (4, MAX_CONTENT_ASK)}
-
 
 class DataServer:
     """Serves chunks to ticket holders. Threads with blocking sockets, so ``os.sendfile``
@@ -232,43 +230,17 @@ class DataServer:
         wrapped.do_handshake()
         return wrapped
 
-    def _handshake_peer(self, conn: socket.socket, address: str) -> tuple[str, str, str, bytes | None] | None:
-        """(peer, mode, scope, offer request) of a valid hello within the handshake
-        deadline, else None (after telling the client why, where there is anything to tell)."""
+    def _handshake_peer(self, conn: socket.socket, address: str) -> Granted | None:
+        """The peer, mode, scope and request of a valid hello within the handshake deadline,
+        else None (after telling the client why, where there is anything to tell)."""
         deadline = time.monotonic() + self._handshake
-        nonce = secrets.token_bytes(NONCE_LEN)
         conn.settimeout(self._handshake)
-        conn.sendall(MAGIC + nonce)
-        head = recv_exact(conn, 2, deadline)
-        if head is None:
+        steps = handshake.server(lambda *hello: self.tickets.check(*hello, address))
+        outcome = handshake.drive(steps, lambda n: recv_exact(conn, n, deadline), conn.sendall)
+        if isinstance(outcome, Refused):
+            reply(conn, outcome.status, outcome.message)
             return None
-        (length,) = struct.unpack(">H", head)
-        if length > MAX_REQUEST:
-            reply(conn, BAD_REQUEST, b"hello too large")
-            return None
-        body = recv_exact(conn, length, deadline)
-        if body is None:
-            return None
-        try:
-            ticket_id, mode, scope, mac = decode_hello(body)
-        except DataPathError as e:
-            reply(conn, BAD_REQUEST, str(e).encode())
-            return None
-        peer = self.tickets.check(ticket_id, nonce, mode, scope, mac, address)
-        if peer is None:
-            reply(conn, DENIED, b"unknown, expired or misused key; say hello to the peer again")
-            return None
-        request = None
-        framing = _REQUESTS.get(mode)
-        if framing is not None:  # the one request (an offer's, a room ask, a manifest) comes within the same deadline
-            size, limit = framing
-            head = recv_exact(conn, size, deadline)
-            length = int.from_bytes(head, "big") if head else limit + 1
-            request = recv_exact(conn, length, deadline) if length <= limit else None
-            if request is None:
-                reply(conn, BAD_REQUEST, f"no {mode} request, or one too large".encode())
-                return None
-        return peer, mode, scope, request
+        return outcome
 
     def _serve(self, conn: socket.socket, address: str) -> None:
         pending = True
@@ -288,7 +260,7 @@ class DataServer:
                 with self._lock:
                     self.refused += 1
                 return
-            peer, mode, manifest_id, request = granted
+            peer, mode, manifest_id, request = granted.peer, granted.mode, granted.scope, granted.request
             with self._lock:
                 self.asked[mode] += 1
             if mode == MODE_OFFER:

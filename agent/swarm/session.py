@@ -19,19 +19,17 @@ pull ended) closes them all and tells the room this agent no longer pulls.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 import time
 
 import trio
 
 from agent.errors import KeyRefused, NotFollowed, PeerBroken, PeerRefused, ShoalError
-from agent.swarm import wire
+from agent.swarm import handshake, wire
 from agent.swarm.board import Board
-from agent.swarm.datawire import (ASKS, DENIED, MAGIC, MAX_OFFER, MAX_ROOM_ANSWER, MISSING, MODE_CONTENT, MODE_OFFER,
-                                  MODE_ROOM, MODE_SUB, NONCE_LEN, OK,
-                                  STATUS_NAMES, Ticket, encode_hello)
+from agent.swarm.datawire import (DENIED, MAX_OFFER, MAX_ROOM_ANSWER, MISSING, MODE_CONTENT, MODE_OFFER, MODE_ROOM,
+                                  MODE_SUB, OK, STATUS_NAMES, Ticket, client_tls)
+from agent.swarm.handshake import NotADataPort, certificate_matches
 from agent.swarm.protocol import Contact, parse_answer
 from agent.swarm.view import LIVENESS, LanView
 
@@ -91,15 +89,9 @@ async def _open_stream(address: tuple[str, int], tls: bytes | None):
     stream = await trio.open_tcp_stream(*address)
     if tls is None:
         return stream
-    import ssl
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.minimum_version = ssl.TLSVersion.TLSv1_3
-    context.check_hostname = False  # pinned below by the hash the peer announced over libp2p
-    context.verify_mode = ssl.CERT_NONE
-    secured = trio.SSLStream(stream, context, server_hostname=None)
+    secured = trio.SSLStream(stream, client_tls(), server_hostname=None)
     await secured.do_handshake()
-    seen = hashlib.sha256(secured.getpeercert(binary_form=True) or b"").digest()
-    if not hmac.compare_digest(seen, tls):
+    if not certificate_matches(secured.getpeercert(binary_form=True), tls):
         await secured.aclose()
         raise PeerBroken("the peer's TLS certificate is not the one it announced over the swarm")
     return secured
@@ -111,14 +103,11 @@ async def open_keyed(contact: Contact, mode: str, scope: str = "", request: byte
     stream = await _open_stream(contact.data, contact.tls)
     try:
         reader = _Reader(stream)
-        opening = await reader.exactly(len(MAGIC) + NONCE_LEN)
-        if opening[:len(MAGIC)] != MAGIC:
-            raise PeerBroken("not a shoal data port (or an older version)")
-        extra = (len(request).to_bytes(2, "big") + request if mode in ASKS else
-                 len(request).to_bytes(4, "big") + request if mode == MODE_CONTENT else b"")
-        await stream.send_all(encode_hello(Ticket.decode(contact.key), opening[len(MAGIC):], mode, scope) + extra)
-        status, size = int.from_bytes(await reader.exactly(1), "big"), int.from_bytes(await reader.exactly(8), "big")
-        message = (await reader.exactly(min(size, 4096))).decode(errors="replace") if size else ""
+        try:
+            status, message = await handshake.drive_async(
+                handshake.client(Ticket.decode(contact.key), mode, scope, request), reader.exactly, stream.send_all)
+        except NotADataPort as e:
+            raise PeerBroken(str(e)) from None
         if status == DENIED:
             raise KeyRefused(f"the peer no longer takes our key: {message}")
         if status != OK:
