@@ -1,6 +1,6 @@
 """The LAN data port's wire format and keys (``agent.swarm.datapath`` has the whole
 protocol): the hello and request codecs (pure), the key book a server checks hellos
-against, TLS material, and the blocking reads both ends share."""
+against, TLS material, and the blocking reads both ends share (the handshake itself: ``agent.swarm.handshake``)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import msgpack
 
-from agent.errors import DataPathError, SourceUnavailable
+from agent.errors import DataPathError
 from agent.manifest import HASH_LEN, MAX_PATH_BYTES
 
 MAGIC = b"SHD2"
@@ -231,14 +231,3 @@ def reply(conn: socket.socket, status: int, message: bytes) -> None:
     except OSError:
         pass
 
-
-# ------------------------------------------------------------------------------- client
-
-
-def read_status(conn: socket.socket) -> tuple[int, str]:
-    header = recv_exact(conn, HEADER.size)
-    if header is None:
-        raise SourceUnavailable("the peer closed the connection during the handshake")
-    status, size = HEADER.unpack(header)
-    message = (recv_exact(conn, min(size, 4096)) or b"").decode(errors="replace") if size else ""
-    return status, message
