@@ -73,13 +73,12 @@ from agent.cpu import LEDGER
 from agent.errors import DataPathError
 # The wire format and keys live in datawire, the client in dataclient; both are named here
 # too, as the whole protocol is described above.
-from agent.swarm.dataclient import DataClient
 from agent.swarm import handshake
-from agent.swarm.datawire import (BAD_REQUEST, BUSY, DENIED, MAGIC, MAX_OFFER, MAX_REQUEST, MISSING, MODE_CONTENT, MODE_GET, MODE_OFFER, MODE_ROOM, MODE_SUB, NONCE_LEN, OK,
-                                  STATUS_NAMES, HEADER,
-                                  Ticket, TicketBook,
-                                  recv_exact, reply, decode_hello, decode_request, encode_hello, encode_request,
-                                  make_tls)
+from agent.swarm.dataclient import DataClient
+from agent.swarm.datawire import (BAD_REQUEST, BUSY, DENIED, HEADER, MAGIC, MAX_OFFER, MAX_REQUEST, MISSING,
+                                  MODE_CONTENT, MODE_GET, MODE_OFFER, MODE_ROOM, MODE_SUB, NONCE_LEN, OK, STATUS_NAMES,
+                                  Ticket, TicketBook, decode_hello, decode_request, encode_hello, encode_request,
+                                  make_tls, recv_exact, reply)
 from agent.swarm.handshake import Granted, Refused
 from agent.swarm.locator import ChunkLocator, StoreLocator
 from agent.swarm.publisher import BoardPublisher, greet
