@@ -68,3 +68,17 @@ def test_a_file_whose_bytes_differ_from_the_origins_sha256_is_not_proven(tmp_pat
     finally:
         pf.close()
     assert os.path.exists(tmp_path / "model" / "weights.bin.partial")
+
+
+def test_a_file_system_that_cannot_map_files_is_read_instead(tmp_path, monkeypatch):
+    import mmap
+
+    def refuse(*args, **kwargs):
+        raise OSError(19, "No such device")  # ENODEV: what mmap says where a file system cannot map
+    monkeypatch.setattr(mmap, "mmap", refuse)
+    data = random.Random(2).randbytes(3 * CHUNK + 5)
+    pf = _fill(tmp_path, data, [2, 0, 3, 1], hashlib.sha256(data).digest())
+    try:
+        assert pf.sha256_matches()
+    finally:
+        pf.close()
