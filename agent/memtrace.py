@@ -29,8 +29,12 @@ def requested() -> str | None:
     return os.environ.get("SHOAL_TRACEMALLOC") or None
 
 
+def _snapshot() -> tracemalloc.Snapshot:
+    return tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(False, tracemalloc.__file__)])
+
+
 def _report(baseline: tracemalloc.Snapshot, started: float) -> str:
-    now = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(False, tracemalloc.__file__)])
+    now = _snapshot()
     current, peak = tracemalloc.get_traced_memory()
     lines = [f"after {time.monotonic() - started:.0f} s: traced {current / 1e6:.2f} MB (peak {peak / 1e6:.2f} MB)",
              f"growth since the baseline at {WARMUP:.0f} s, by allocation site:"]
@@ -42,18 +46,22 @@ def _report(baseline: tracemalloc.Snapshot, started: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _write_report(path: str, baseline: tracemalloc.Snapshot, started: float) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(_report(baseline, started))
+    os.replace(tmp, path)
+
+
 async def follow(path: str) -> None:
     """Rewrite ``path`` with the growth report every ``EVERY`` seconds, forever."""
     if not tracemalloc.is_tracing():
         tracemalloc.start(FRAMES)
     started = time.monotonic()
     await trio.sleep(WARMUP)
-    baseline = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(False, tracemalloc.__file__)])
+    # Snapshots and the file are a worker thread's: a snapshot of a large heap takes a while.
+    baseline = await trio.to_thread.run_sync(_snapshot)
     log.info("tracing memory: growth reports in %s", path)
     while True:
         await trio.sleep(EVERY)
-        text = await trio.to_thread.run_sync(_report, baseline, started)
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        await trio.to_thread.run_sync(_write_report, path, baseline, started)

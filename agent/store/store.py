@@ -275,7 +275,6 @@ class Store:
                 partial = st
             else:
                 parent.unlink(name)
-        have = dict(have)
         if expected is not None:
             bad = [i for i, h in have.items() if i >= len(expected) or expected[i] != h]
             if bad:

@@ -101,11 +101,11 @@ def client(ticket: Ticket, mode: str, scope: str = "", request: bytes = b"") -> 
     return status, message
 
 
-def server(check: Checker, nonce: bytes | None = None) -> Steps:
+def server(check: Checker) -> Steps:
     """The listening side, up to its answer; returns ``Granted`` or ``Refused``. ``check``
     finds the peer a hello's key and MAC belong to (``TicketBook.check`` with the
     connection's address)."""
-    nonce = nonce or secrets.token_bytes(NONCE_LEN)
+    nonce = secrets.token_bytes(NONCE_LEN)
     yield Send(MAGIC + nonce)
     (length,) = struct.unpack(">H", (yield Read(2)))
     if length > MAX_REQUEST:

@@ -12,14 +12,13 @@ thread) are what a benchmark of many small files measures, so it uses the second
 from __future__ import annotations
 
 import os
-import threading
-import time
-from typing import Callable, Iterator
-
 import socket
 import socketserver
 import sys
+import threading
+import time
 from http.server import BaseHTTPRequestHandler
+from typing import Callable, Iterator
 from urllib.parse import unquote
 
 from werkzeug.serving import WSGIRequestHandler, make_server
