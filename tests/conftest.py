@@ -213,11 +213,14 @@ class AgentProcess:
 def scan_terminal_qr(text: str) -> list[str]:
     """What a phone reads from a QR code drawn in a terminal (``agent.room.qr_text``: block
     characters, two modules per cell, light on dark): the text drawn as an image, then
-    decoded by zxing-cpp, a real QR reader."""
+    decoded by zxing-cpp, a real QR reader, asked for QR codes only: a QR's rows of modules
+    can read as a linear barcode (one code here decoded as an extra ITF "1269")."""
     import zxingcpp
     from PIL import Image
     cells = {"█": (1, 1), "▀": (1, 0), "▄": (0, 1), " ": (0, 0), "\xa0": (0, 0)}
     rows = [row for row in text.split("\n") if row and set(row) <= set(cells)]
+    if not rows:
+        return []
     width, pad = max(len(row) for row in rows), 4
     image = Image.new("L", (width + 2 * pad, 2 * len(rows) + 2 * pad), 255)
     for y, row in enumerate(rows):
@@ -226,7 +229,7 @@ def scan_terminal_qr(text: str) -> list[str]:
             image.putpixel((x + pad, 2 * y + pad), 255 if top else 0)
             image.putpixel((x + pad, 2 * y + 1 + pad), 255 if bottom else 0)
     image = image.resize((image.width * 8, image.height * 8), Image.NEAREST)
-    return [found.text for found in zxingcpp.read_barcodes(image)]
+    return [found.text for found in zxingcpp.read_barcodes(image, formats=zxingcpp.BarcodeFormat.QRCode)]
 
 
 class Tmux:
