@@ -116,6 +116,10 @@ class Settings:
     # Peer exchange: hello answers name other members this agent is connected to, and the
     # members they name are dialled. Off: it neither tells nor follows (the DHT still finds).
     peer_exchange: bool = True
+    # Where this machine is on a campus, widest first ("campus|building-2|room-204"; empty:
+    # its subnet): peers that share more of it are asked first, and each chunk enters a
+    # room once and the campus once (agent.swarm.location).
+    swarm_location: str = ""
     # A room's assignments (agent.assign): act on the teacher's (or take none), keep this many
     # other members' complete copies of each assigned revision before evicting ours, and the
     # links the room's status measures its ETA against (Mbit/s each machine's switch port gives).
@@ -184,6 +188,7 @@ _SOURCES: dict[str, tuple[str, str, object]] = {
     "mdns": ("SHOAL_MDNS", "swarm.mdns", bool),
     "dht": ("SHOAL_DHT", "swarm.dht", bool),
     "peer_exchange": ("SHOAL_PEER_EXCHANGE", "swarm.peer_exchange", bool),
+    "swarm_location": ("SHOAL_SWARM_LOCATION", "swarm.location", str),
     "room_accept_assignments": ("SHOAL_ROOM_ASSIGNMENTS", "room.accept_assignments", bool),
     "room_keep_copies": ("SHOAL_ROOM_KEEP_COPIES", "room.keep_copies", int),
     "room_link_mbit": ("SHOAL_ROOM_LINK_MBIT", "room.link_mbit", float),
@@ -368,6 +373,12 @@ def load_settings(env: dict[str, str] | None = None, **overrides) -> Settings:
         raise ConfigError(f"room.keep_copies {settings.room_keep_copies} is outside 0..100")
     if not 0 < settings.room_link_mbit <= 1_000_000:
         raise ConfigError(f"room.link_mbit {settings.room_link_mbit} is not a link speed in Mbit/s")
+    if settings.swarm_location:
+        from agent.swarm.location import LocationError, parse
+        try:
+            parse(settings.swarm_location)
+        except LocationError as e:
+            raise ConfigError(f"{ENV_NAMES['swarm_location']} / {e}") from None
     if not 1 <= settings.origin_streams <= 64:
         raise ConfigError(f"origin streams {settings.origin_streams} is outside 1..64")
     if not 1 <= settings.upload_slots <= 256:

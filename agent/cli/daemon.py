@@ -75,13 +75,13 @@ def cmd_peers(args) -> int:
         print("no LAN peers yet: the agent finds them by mDNS and the DHT when SHOAL_SWARM=1, or dials "
               "SHOAL_SWARM_PEERS=<multiaddr>,...")
         return 0
-    rows = [("PEER", "ADDRESS", "FOUND BY", "STATE", "RTT", "HOLDS", "DOWN", "UP", "PROBLEM")]
+    rows = [("PEER", "ADDRESS", "WHERE", "FOUND BY", "STATE", "RTT", "HOLDS", "DOWN", "UP", "PROBLEM")]
     for p in peers:
         holds = ", ".join(f"{m} {h['chunks']}/{h['of']}" for m, h in (p.get("holds") or {}).items()) or "-"
         rtt = f"{p['rtt_ms']:.0f} ms" if p.get("rtt_ms") is not None else "-"
         problem = f"dropped: {p['dropped']}" if p.get("dropped") else (p.get("error") or "")
         state = "connected" if p.get("connected") else "down"
-        rows.append((p["id"][:20], p.get("addr") or "", p.get("via") or "", state, rtt,
+        rows.append((p["id"][:20], p.get("addr") or "", p.get("location") or "-", p.get("via") or "", state, rtt,
                      holds[:50], human_bytes(p.get("bytes_down", 0)), human_bytes(p.get("bytes_up", 0)),
                      problem[:60]))
     table(rows)

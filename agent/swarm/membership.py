@@ -32,6 +32,7 @@ from agent.config import Settings
 from agent.errors import ConfigError, NotInSwarm
 from agent.manifest import Manifest, ModelRef
 from agent.swarm.board import Board, Boards
+from agent.swarm.location import default_location, format_location, parse as parse_location
 from agent.swarm.node import ASK_TIMEOUT, SwarmNode
 from agent.swarm.protocol import Contact, PeerPending, SwarmAccess, encode_request, parse_answer
 from agent.errors import KeyRefused, PeerRefused
@@ -86,12 +87,14 @@ class Swarm:
         self.sessions: dict[str, PullSession] = {}  # str(ref) and manifest id -> the pull following peers
         # str(ref) or manifest id -> peers that asked about it before its pull followed anyone
         self._early_interest: dict[str, set[str]] = {}
+        # Where this agent is (agent.swarm.location): said in every hello answer.
+        self.location = parse_location(settings.swarm_location) if settings.swarm_location else default_location()
         self.node = SwarmNode(store, identity.seed, access=self.access, pulling=lambda key: key in self._pulls(),
                               planning=self.planning,
                               listen_host=settings.swarm_host, listen_port=settings.swarm_port,
                               slots=settings.upload_slots, upload_rate=settings.upload_rate,
                               mdns=settings.mdns, dht=settings.dht, encrypt=settings.encrypt_data,
-                              peer_exchange=settings.peer_exchange,
+                              peer_exchange=settings.peer_exchange, location=self.location,
                               boards=self.boards, on_interest=self._interest, peer_holds=self._peer_holds)
         self.bootstrap = [a.strip() for a in settings.swarm_peers.split(",") if a.strip()]
         self.contacts: dict[str, Contact] = {}  # peer -> how to reach its data port (from its hello)
@@ -183,7 +186,7 @@ class Swarm:
                     del self.peers[stale]
             info = self.peers[peer] = {"addr": addr, "via": via, "connected": False, "error": None,
                                        "rtt_ms": None, "holds": {}, "bytes_down": 0, "bytes_up": 0,
-                                       "dropped": None, "seen": 0.0}
+                                       "dropped": None, "seen": 0.0, "location": None}
         if addr and not info.get("addr"):
             info["addr"] = addr
         if via and not info.get("via"):
@@ -219,6 +222,7 @@ class Swarm:
                 return None
         info["rtt_ms"] = round((time.monotonic() - started) * 1000, 1)
         info["error"] = None
+        info["location"] = format_location(contact.location) if contact.location else None
         self.contacts[peer] = contact
         self._contact_at[peer] = time.monotonic()
         return contact

@@ -104,7 +104,7 @@ class SwarmNode:
                  listen_host: str = "127.0.0.1",
                  listen_port: int = 0, data_host: str | None = None, slots: int = 16,
                  upload_rate: int | None = None, mdns: bool = False, dht: bool = False, encrypt: bool = False,
-                 peer_exchange: bool = True,
+                 peer_exchange: bool = True, location: tuple[str, ...] | None = None,
                  boards=None, on_interest: Callable[[str, str], None] = lambda peer, manifest_id: None,
                  peer_holds: Callable[[str, str], set | None] = lambda manifest_id, peer: None):
         import multiaddr
@@ -117,6 +117,7 @@ class SwarmNode:
         # membership loop notices dropped connections on its own.
         yamux.RTT_MEASURE_INTERVAL = max(yamux.RTT_MEASURE_INTERVAL, YAMUX_RTT_INTERVAL)
         self.store = store
+        self.location = location  # said in hello answers (agent.swarm.location); None: unsaid
         self.access = access or SwarmAccess()
         self.pulling = pulling
         self.tickets = TicketBook()
@@ -471,7 +472,8 @@ class SwarmNode:
                                 "and, if set, listed in SHOAL_SWARM_ALLOW)"), True
         key = self.tickets.issue(peer, address)
         self._learn_listen_addrs(peer, addrs, address)
-        return encode_contact(self.data.address, key.encode(), self.data.fingerprint, self.exchange_for(peer)), False
+        return encode_contact(self.data.address, key.encode(), self.data.fingerprint, self.exchange_for(peer),
+                              self.location), False
 
     async def _answer(self, stream) -> None:
         peer = str(stream.muxed_conn.peer_id)
@@ -549,7 +551,7 @@ class SwarmNode:
                 self._remember(self.exchanged, other, [addr])
         if contact.data[0] in ("0.0.0.0", "::", "") and remote:
             # The peer listens on every interface: its data port is on the address we reached it at.
-            contact = Contact((remote[0], contact.data[1]), contact.key, contact.tls, contact.peers)
+            contact = Contact((remote[0], contact.data[1]), contact.key, contact.tls, contact.peers, contact.location)
         return contact
 
 

@@ -40,6 +40,7 @@ import msgpack
 
 from agent.errors import NotInSwarm, PeerBroken, ShoalError
 from agent.manifest import Manifest, decode, is_manifest_id
+from agent.swarm.location import checked as checked_location
 
 PROTOCOL = "/shoal/hello/3.0.0"
 MAX_REQUEST = 4 * 1024
@@ -143,17 +144,22 @@ def parse_hello_request(data: bytes) -> tuple[bytes | None, tuple[str, ...]]:
 class Contact:
     """How to reach a peer's data port: its address, the key it gave us, its certificate;
     and other swarm members it is connected to (``peers``: their libp2p addresses), so that
-    a room told only one bootstrap address still finds everyone."""
+    a room told only one bootstrap address still finds everyone; and where it is on the
+    campus (``agent.swarm.location``; None: it did not say)."""
 
     data: tuple[str, int]
     key: bytes
     tls: bytes | None = None
     peers: tuple[str, ...] = ()
+    location: tuple[str, ...] | None = None
 
 
-def encode_contact(data: tuple[str, int], key: bytes, tls: bytes | None, peers: list[str] = ()) -> bytes:
-    return msgpack.packb({"data": [data[0], data[1]], "key": key, "tls": tls, "peers": list(peers)[:MAX_PEX]},
-                         use_bin_type=True)
+def encode_contact(data: tuple[str, int], key: bytes, tls: bytes | None, peers: list[str] = (),
+                   location: tuple[str, ...] | None = None) -> bytes:
+    message = {"data": [data[0], data[1]], "key": key, "tls": tls, "peers": list(peers)[:MAX_PEX]}
+    if location is not None:
+        message["loc"] = list(location)
+    return msgpack.packb(message, use_bin_type=True)
 
 
 def parse_contact(data: bytes) -> Contact:
@@ -169,9 +175,10 @@ def parse_contact(data: bytes) -> Contact:
                 or not isinstance(key, bytes) or len(key) != TICKET_LEN
                 or not (tls is None or (isinstance(tls, bytes) and len(tls) == 32))):
             raise ValueError("data address, key or TLS fingerprint")
-    except (KeyError, TypeError, ValueError) as e:
+        location = checked_location(message.get("loc"))
+    except (KeyError, TypeError, ValueError) as e:  # (LocationError is a ValueError)
         raise PeerBroken(f"malformed hello answer ({e})"[:300]) from e
-    return Contact((host, port), key, tls, _addresses(message.get("peers"), "peer list"))
+    return Contact((host, port), key, tls, _addresses(message.get("peers"), "peer list"), location)
 
 
 # ---------------------------------------------------------------------------- requests

@@ -1,0 +1,140 @@
+"""Where an agent is on a campus, and the one locality rule the swarm follows.
+
+A **location** is a path of segments, widest first: ``campus|building-2|room-204``
+(setting ``swarm.location`` / ``SHOAL_SWARM_LOCATION``). Without the setting it is the
+agent's subnet (the IPv4 network of the interface its default route leaves by, e.g.
+``10.0.3.0/24``): machines on one switch share it, a router's other side does not. Peers
+say theirs in the hello answer (``agent.swarm.protocol.Contact``); a peer that says nothing
+(an older agent) counts as beside us, which is what every peer was before locations.
+
+The rule (used by ``agent.swarm.view`` and ``agent.swarm.picker``, defined only here):
+
+- **Nearness** is the number of leading segments two locations share; a holder that shares
+  more is asked first (``nearness``), like Dragonfly's location-prefix score.
+- **Local** means the whole location is the same (the same room): chunks spread inside it
+  rarest first, as in a room without locations.
+- A chunk held in the campus but not in this room **enters the room once**: one agent of
+  the room fetches it (its owner among the room's pullers) from the nearest room that
+  holds it, then the room trades it; nobody else crosses the link for it.
+- A chunk nobody holds **crosses the outside link once per campus**: its owner is chosen
+  by rendezvous hashing twice, first among the locations that pull it, then among that
+  location's pullers (``owner``); an agent needs to know only which rooms pull and who
+  pulls in its own, not every machine of the campus.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+from collections.abc import Callable, Iterable
+
+from agent.hashing import blake3_hash
+
+Location = tuple[str, ...]
+
+SEPARATOR = "|"
+MAX_SEGMENTS = 8
+MAX_SEGMENT = 64
+_SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]*")
+UNPLACED: Location = ("local",)  # no setting and no interface with an IPv4 network
+
+
+class LocationError(ValueError):
+    pass
+
+
+def parse(text: str) -> Location:
+    """``campus|building-2|room-204`` -> its segments; ``LocationError`` naming what is wrong."""
+    segments = tuple(part.strip() for part in text.split(SEPARATOR))
+    if not text.strip() or len(segments) > MAX_SEGMENTS or not all(
+            len(s) <= MAX_SEGMENT and _SEGMENT.fullmatch(s) for s in segments):
+        raise LocationError(
+            f"swarm location {text[:100]!r} must be 1-{MAX_SEGMENTS} segments joined by '|', widest first, "
+            f"each 1-{MAX_SEGMENT} letters, digits or ._:/@+- (e.g. \"campus|building-2|room-204\")")
+    return segments
+
+
+def format_location(location: Location) -> str:
+    return SEPARATOR.join(location)
+
+
+def checked(value) -> Location | None:
+    """A location as a peer sent it (a list of strings), validated; None if it sent none.
+    ``LocationError`` if it is not one."""
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or not all(isinstance(s, str) for s in value):
+        raise LocationError("a location must be a list of strings")
+    return parse(SEPARATOR.join(value))
+
+
+def nearness(a: Location | None, b: Location | None) -> int:
+    """How many leading segments ``a`` and ``b`` share; a location nobody said (None) is
+    taken for the other's (beside it)."""
+    if a is None or b is None:
+        return MAX_SEGMENTS
+    shared = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        shared += 1
+    return shared
+
+
+def same_place(a: Location | None, b: Location | None) -> bool:
+    """Whether ``a`` and ``b`` are the same room (an unsaid location is beside any)."""
+    return a is None or b is None or a == b
+
+
+def _score(name: str, chunk: bytes) -> bytes:
+    return blake3_hash(name.encode() + b"|" + chunk)
+
+
+def owner(chunk: bytes, pullers: Iterable[str], place: Callable[[str], Location]) -> str:
+    """The puller that fetches ``chunk`` (the manifest id and ordinal, as bytes) from
+    outside: rendezvous hashing over the pullers' locations, then over the pullers at the
+    location chosen. With one location it is plain rendezvous hashing over the pullers."""
+    by_place: dict[Location, list[str]] = {}
+    for peer in pullers:
+        by_place.setdefault(place(peer), []).append(peer)
+    if len(by_place) > 1:
+        chosen = max(by_place, key=lambda loc: _score("@" + format_location(loc), chunk))
+        candidates = by_place[chosen]
+    else:
+        candidates = next(iter(by_place.values()))
+    return max(candidates, key=lambda p: _score(p, chunk))
+
+
+def default_location() -> Location:
+    """This machine's subnet: the IPv4 network of the interface the default route leaves by
+    (else of the first interface with one), as one segment; ``UNPLACED`` without either."""
+    import psutil  # (libp2p's multiaddr needs it too: it is always installed)
+    interfaces = psutil.net_if_addrs()
+    preferred = _default_route_interface()
+    names = ([preferred] if preferred in interfaces else []) + sorted(n for n in interfaces if n != preferred)
+    for name in names:
+        for address in interfaces[name]:
+            if address.family != socket.AF_INET or not address.netmask or address.address.startswith("127."):
+                continue
+            network = ipaddress.IPv4Network(f"{address.address}/{address.netmask}", strict=False)
+            return (str(network),)
+    return UNPLACED
+
+
+def _default_route_interface() -> str | None:
+    """The interface of the IPv4 default route (/proc/net/route), or None."""
+    try:
+        with open("/proc/net/route", encoding="ascii") as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                if len(fields) > 3 and fields[1] == "00000000" and int(fields[3], 16) & 0x2:
+                    return fields[0]
+    except (OSError, ValueError, StopIteration):
+        pass
+    return None
+
+
+__all__ = ["Location", "LocationError", "parse", "format_location", "checked", "nearness", "same_place",
+           "owner", "default_location", "UNPLACED"]
