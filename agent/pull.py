@@ -120,7 +120,7 @@ class SwarmPart:
         from agent.swarm.source import LanPeerSource
         from agent.swarm.view import LanView
         self.session, self.settings, self.wanted = session, settings, wanted
-        self.view = LanView(manifest, session.self_id)
+        self.view = LanView(manifest, session.self_id, location=session.location)
         self.source = LanPeerSource(self.view)
         self.board = None  # set once the pull is recorded (it starts from what the store holds)
         self.pickers: list[Picker] = []

@@ -64,15 +64,23 @@ log = logging.getLogger("shoal.swarm")
 
 WAIT = 0.25  # the longest a worker waits for news before looking again
 
+# How a chunk in flight is being fetched (``SwarmPicker.in_flight``): from a peer in our room,
+# from the origin (claimed), or into our room from a nearer one (claimed: its room's entry).
+IN_ROOM, FROM_ORIGIN, INTO_ROOM = None, "origin", "into-room"
+
 
 class SwarmPicker:
     def __init__(self, view: LanView, board: Board, jobs: list[Job], *, origin_streams: int = 4,
-                 workers: int | None = None, clock=time.monotonic, wanted: set | None = None):
+                 entry_streams: int | None = None, workers: int | None = None, clock=time.monotonic,
+                 wanted: set | None = None):
         self.view, self.board = view, board
         # (path, index) of chunks a tool is reading through the gateway right now: taken
         # first from the LAN, whatever their rarity (agent.gateway streams files in order).
         self.wanted = wanted if wanted is not None else set()
         self.origin_streams = origin_streams
+        # Chunks entering our room from other rooms at once (claimed, like the origin's):
+        # few, so each arrives soon and the room trades it while the next ones come.
+        self.entry_streams = entry_streams or origin_streams
         # LAN fetches take at most all workers but one while the room still needs the origin:
         # a chunk that becomes this agent's to fetch from the origin then starts at once,
         # instead of when one of its LAN fetches ends (seconds in a busy room), with the
@@ -84,7 +92,7 @@ class SwarmPicker:
         self._order = sorted(self.pending)  # the room's common origin order
         self._lan_order = list(self.pending)
         random.shuffle(self._lan_order)  # agents that start together spread their LAN asks
-        self.in_flight: dict[int, list] = {}  # ordinal -> [job, since, fetches, duplicated, from origin]
+        self.in_flight: dict[int, list] = {}  # ordinal -> [job, since, fetches, duplicated, how (IN_ROOM...)]
         self.settling: dict[int, float] = {}  # my claims not yet acted on -> when claimed
         self.started = clock()
         self._pullers: tuple[str, ...] = ()
@@ -97,8 +105,9 @@ class SwarmPicker:
     # --------------------------------------------------------------------- choosing
 
     def _from_lan(self, holders: dict[int, int]) -> int | None:
-        """The pending chunk held by the fewest peers (rarest first) that a free peer holds."""
-        free = self.view.free_holders()
+        """The pending chunk held by the fewest peers of our room (rarest first) that a
+        free peer of our room holds (``holders``: the room's counts)."""
+        free = self.view.free_holders(local=True)
         if not free or not holders:
             return None
         held = self.view.held_by(free)
@@ -115,10 +124,48 @@ class SwarmPicker:
                     break
         return best
 
+    def _into_room(self, holders: dict[int, int], local: dict[int, int]) -> int | None:
+        """A chunk held elsewhere on the campus and by nobody in our room, that this agent
+        fetches for the room (``agent.swarm.location``): the room takes such chunks in one
+        order, at most ``entry_streams`` at a time (counted from the room's claims), each by
+        its owner among the room's pullers, who claims it first; the others wait for it to
+        arrive and trade it. Claims go at once (no settling): two agents that disagree on
+        the room's pullers cost a chunk twice on the link between rooms, never the origin's."""
+        view, now = self.view, self.clock()
+        if not view.remote:
+            return None
+        pullers, claims, _ = view.room(count_unknown=now - self.started < ROOM_WAIT,
+                                       count_idle=now - self.started < IDLE_GRACE)
+        elsewhere = view.elsewhere
+        room = tuple(p for p in pullers if p not in elsewhere)
+
+        def entering(ordinal: int) -> bool:
+            claimers = claims.get(ordinal)
+            return bool(claimers) and not claimers <= elsewhere
+
+        under_way = sum(1 for o in claims if holders.get(o) and not local.get(o) and entering(o))
+        free = self.entry_streams - under_way - sum(1 for e in self.in_flight.values() if e[4] == INTO_ROOM)
+        if free <= 0:
+            return None
+        for ordinal in self._order:
+            if ordinal not in self.pending or ordinal in self.settling or not holders.get(ordinal) \
+                    or local.get(ordinal) or entering(ordinal):
+                continue
+            if view.owner(ordinal, room) == view.self_id:
+                self.board.claim(ordinal)
+                return ordinal
+            free -= 1
+            if free <= 0:
+                break
+        return None
+
     def _from_origin(self, holders: dict[int, int]) -> int | None:
         view, now = self.view, self.clock()
         forming, grace = now - self.started < ROOM_WAIT, now - self.started < IDLE_GRACE
-        pullers, others_claims, alone = view.room(count_unknown=forming, count_idle=grace)
+        pullers, claims, alone = view.room(count_unknown=forming, count_idle=grace)
+        # Claims of chunks nobody holds are origin streams under way; the others are chunks
+        # entering a room from another (``_into_room``).
+        others_claims = {o: who for o, who in claims.items() if not holders.get(o)}
         if pullers != self._pullers:
             self._pullers, self._pullers_since = pullers, now
             self._puller_sets += 1
@@ -139,7 +186,7 @@ class SwarmPicker:
                     self.board.claim(ordinal)
                     return ordinal
             return None
-        mine = [o for o, entry in self.in_flight.items() if entry[4]]
+        mine = [o for o, entry in self.in_flight.items() if entry[4] == FROM_ORIGIN]
         free = self.origin_streams - len(others_claims) - len(mine) - len(self.settling)
         # Claims that settled: go, unless a live peer claimed the same and wins it: the
         # chunk's owner among every puller either of us counts, else the smaller id.
@@ -165,7 +212,7 @@ class SwarmPicker:
         # each other may each take one at once.)
         presumed = (view.unknown if forming else frozenset()) | (view.idle if grace else frozenset())
         stalled = True
-        unclaimed = self._origin_candidates(holders, others_claims)  # one pass: the window, then beyond it
+        unclaimed = self._origin_candidates(holders, claims)  # one pass: the window, then beyond it
         for ordinal in unclaimed:
             owner = view.owner(ordinal, pullers)
             stalled = stalled and owner in presumed
@@ -210,22 +257,23 @@ class SwarmPicker:
     def _endgame(self) -> Job | None:
         now = self.clock()
         for ordinal, entry in self.in_flight.items():
-            job, _, _, duplicated, from_origin = entry
-            if duplicated or from_origin:
+            job, _, _, duplicated, how = entry
+            if duplicated or how != IN_ROOM:
                 continue
             # Slow is a transfer crawling for ENDGAME_AFTER since its bytes began to come, not
             # a fetch that waits for a holder's free slot: in a busy room's last seconds most
             # fetches wait, and a second copy of each only added to the queue (129 copies in
             # one 30-room, 30 in a quicker one).
             sending = self.view.transferring_since(ordinal)
-            if sending is not None and now - sending > ENDGAME_AFTER and self.view.holders_of(ordinal):
+            if sending is not None and now - sending > ENDGAME_AFTER and self.view.local_holder_counts().get(ordinal):
                 entry[2] += 1
                 entry[3] = True
                 self.duplicates += 1
                 return Job(job.task, job.index, duplicate=True)
         return None
 
-    def _start(self, ordinal: int, from_origin: bool) -> Job:
+    def _start(self, ordinal: int, how: str | None) -> Job:
+        from_origin = how == FROM_ORIGIN
         if from_origin and log.isEnabledFor(logging.DEBUG):  # a chunk this agent pays the outside link for: why ours
             uncounted = sorted(self.view.describe(p) for p in set(self.view.peers) - set(self._pullers))
             log.debug("origin chunk %d: %d pullers, %d unknown, %d idle, %.2f s into the pull; peers in view "
@@ -233,26 +281,30 @@ class SwarmPicker:
                       self.clock() - self.started, ",".join(uncounted[:4]) or "none")
         queued = self.pending.pop(ordinal)
         job = Job(queued.task, queued.index, route=ORIGINS if from_origin else PEERS)
-        self.in_flight[ordinal] = [job, self.clock(), 1, False, from_origin]
+        self.in_flight[ordinal] = [job, self.clock(), 1, False, how]
         return job
 
     def _lan_full(self, holders: dict[int, int]) -> bool:
-        """Whether the worker left must wait for an origin chunk rather than take a LAN one."""
+        """Whether the worker left must wait for a claimed chunk (from the origin, or into
+        our room) rather than take one from a peer of our room."""
         if self.lan_limit is None:
             return False
-        lan = sum(entry[2] for entry in self.in_flight.values() if not entry[4])
+        lan = sum(entry[2] for entry in self.in_flight.values() if entry[4] == IN_ROOM)
         return lan >= self.lan_limit and any(not holders.get(ordinal) for ordinal in self.pending)
 
     def pick_now(self) -> Job | None:
         """The next job, if there is one to start now (None: wait for news, or ``finished``)."""
         if self.pending:
-            holders = self.view.holder_counts()
-            ordinal = None if self._lan_full(holders) else self._from_lan(holders)
+            holders, local = self.view.holder_counts(), self.view.local_holder_counts()
+            ordinal = None if self._lan_full(local) else self._from_lan(local)
             if ordinal is not None:
-                return self._start(ordinal, False)
+                return self._start(ordinal, IN_ROOM)
+            ordinal = self._into_room(holders, local)
+            if ordinal is not None:
+                return self._start(ordinal, INTO_ROOM)
             ordinal = self._from_origin(holders)
             if ordinal is not None:
-                return self._start(ordinal, True)
+                return self._start(ordinal, FROM_ORIGIN)
             return None
         return self._endgame()
 
@@ -289,8 +341,8 @@ class SwarmPicker:
         self.view.nudge()
         if ordinal in self.board.have:
             return
-        if entry[4]:
-            self.board.unclaim(ordinal)  # the origin fetch failed: the room may take it over
+        if entry[4] != IN_ROOM:
+            self.board.unclaim(ordinal)  # the claimed fetch failed: the room may take it over
         # Not written: its peers failed it. It is ours to hand out again: to another holder,
         # or, once no live peer holds or claims it, to its owner for the origin.
         self.pending[ordinal] = Job(job.task, job.index)

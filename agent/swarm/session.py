@@ -175,6 +175,11 @@ class PullSession:
     def self_id(self) -> str:
         return self.swarm.self_id
 
+    @property
+    def location(self):
+        """Where this agent is on the campus (``agent.swarm.location``)."""
+        return self.swarm.location
+
     def connected(self) -> int:
         return len(self.swarm.node.connected())
 
@@ -333,6 +338,10 @@ class PullSession:
                             log.debug("forgetting %s: no libp2p connection and no HAVE stream", peer[:16])
                             view.forget(peer)
                     unknown &= candidates
+                    for peer in unknown:  # where those not heard from yet are (their hellos)
+                        contact = swarm.contacts.get(peer)
+                        if contact is not None:
+                            view.place(peer, contact.location)
                     view.set_unknown(unknown)
                     view.set_idle(idle & candidates)
                     if not started and (not probing or time.monotonic() - began > CONTENT_WAIT):

@@ -62,7 +62,7 @@ class LanPeerSource(ChunkSource):
         busy: set[str] = set()  # all its upload slots were taken just now
         problems: list[str] = []
         while True:
-            peer = self.view.take_holder(ordinal, tried | busy)
+            peer = self.view.take_holder(ordinal, tried, busy)
             if peer is None:
                 if busy and time.monotonic() + BUSY_WAIT < deadline:
                     time.sleep(BUSY_WAIT)  # every holder is sending to others: ask again in a moment

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 import trio
 
-from agent.hashing import blake3_hash
 from agent.manifest import Manifest
+from agent.swarm import location as locality
 from agent.swarm.wire import BEAT, DELTA, Message, Ordinals, PeerState
 
 LIVENESS = 10.0  # seconds without a frame after which a peer counts as gone
@@ -49,12 +49,21 @@ class PeerView:
     banned: str | None = None
     bytes_down: int = 0
     missing: set[int] = field(default_factory=set)  # asked, it said it lacks them
+    nearness: int = locality.MAX_SEGMENTS  # location segments it shares with us (agent.swarm.location)
+    local: bool = True  # in our room (the same location, or it said none)
 
 
 class LanView:
-    def __init__(self, manifest: Manifest, self_id: str, *, clock=time.monotonic):
+    def __init__(self, manifest: Manifest, self_id: str, *, clock=time.monotonic,
+                 location: locality.Location | None = None):
         self.manifest = manifest
         self.self_id = self_id
+        # Where we are, and where each peer said it is (its hello: agent.swarm.location).
+        # Peers elsewhere (``remote``) hold chunks a room fetches once, by its owner.
+        self.location = location
+        self.places: dict[str, locality.Location] = {}
+        self.elsewhere: set[str] = set()  # peers whose place is not ours (in the view or not)
+        self.remote: frozenset[str] = frozenset()  # ... of those, the peers in the view
         self.ordinals = Ordinals(manifest)
         self.peers: dict[str, PeerView] = {}
         self._clock = clock
@@ -64,6 +73,7 @@ class LanView:
         # Holder counts per chunk, rebuilt lazily after a change or when a peer's liveness
         # or rest runs out: the picker asks for every pending chunk on every pick.
         self._counts: dict[int, int] | None = None
+        self._local_counts: dict[int, int] | None = None  # the same, of holders in our room
         self._usable_peers: list[PeerView] = []  # kept with the counts
         self._counts_until = float("inf")
         # ``room`` likewise, by the flags it was asked with; dropped with ``_counts``.
@@ -89,6 +99,7 @@ class LanView:
             if view is None:
                 view = self.peers[peer] = PeerView(peer, contact.data, contact.key, contact.tls)
             view.data, view.ticket, view.tls, view.heard = contact.data, contact.key, contact.tls, now
+            self._place(view, contact)
             if not view.subscribed:
                 view.state.have = {self.ordinals.of(path, i) for path, held in answer.have.items() for i in held}
                 view.state.pulling = answer.pulling
@@ -102,6 +113,7 @@ class LanView:
             if view is None:
                 view = self.peers[peer] = PeerView(peer, contact.data, contact.key, contact.tls)
             view.data, view.ticket, view.tls = contact.data, contact.key, contact.tls
+            self._place(view, contact)
             # Its stream's first frame is due: it counts as alive meanwhile (its claims hold),
             # unless it fell silent: asking again is not hearing (a stopped peer's kernel
             # still accepts the connection), so a silent peer stays gone until it speaks.
@@ -136,6 +148,9 @@ class LanView:
                     # chunk verified anywhere; rebuilding both on each was most of a pick.
                     for ordinal in new:
                         self._counts[ordinal] = self._counts.get(ordinal, 0) + 1
+                    if view.local and self._local_counts is not self._counts:
+                        for ordinal in new:
+                            self._local_counts[ordinal] = self._local_counts.get(ordinal, 0) + 1
                     if room_changed:
                         self._rooms.clear()
                 else:
@@ -147,6 +162,37 @@ class LanView:
                     self._dirty()
         if changed:
             self._notify()
+
+    def _place(self, view: PeerView, contact) -> None:
+        """Where a peer is, from its contact. Under the lock."""
+        where = getattr(contact, "location", None)
+        self.place(view.peer, where)
+        view.nearness = locality.nearness(self.location, where)
+        local = locality.same_place(self.location, where)
+        if local != view.local:
+            view.local = local
+            self.remote = self.remote - {view.peer} if local else self.remote | {view.peer}
+            self._dirty()
+
+    def place(self, peer: str, location: locality.Location | None) -> None:
+        """Where a connected peer said it is (its hello), before it is followed: pullers
+        presumed while the room forms are owners by their place too."""
+        if location is not None and self.places.get(peer) != location:
+            self.places[peer] = location
+            if locality.same_place(self.location, location):
+                self.elsewhere.discard(peer)
+            else:
+                self.elsewhere.add(peer)
+            self._owner_cache.clear()
+            self._rooms.clear()
+
+    def where(self, peer: str) -> locality.Location | None:
+        """A peer's location (None: ours, or it never said)."""
+        return self.location if peer == self.self_id else self.places.get(peer)
+
+    def is_local(self, peer: str) -> bool:
+        """Whether ``peer`` is in our room (or never said where it is)."""
+        return peer not in self.elsewhere
 
     def set_unknown(self, peers) -> None:
         """The connected peers that have not answered yet (set by the session)."""
@@ -182,13 +228,15 @@ class LanView:
     def forget(self, peer: str) -> None:
         with self._lock:
             gone = self.peers.pop(peer, None)
+            if peer in self.remote:
+                self.remote = self.remote - {peer}
             self._dirty()
         if gone is not None:
             self._notify()
 
     def _dirty(self) -> None:
         """What peers hold, claim or do changed: the cached counts and rooms go."""
-        self._counts = None
+        self._counts = self._local_counts = None
         self._rooms.clear()
 
     def nudge(self) -> None:
@@ -257,12 +305,21 @@ class LanView:
             self._refresh(now)
             return self._counts
 
+    def local_holder_counts(self) -> dict[int, int]:
+        """As ``holder_counts``, of holders in our room only (the same dict while every peer
+        is in it)."""
+        now = self._now()
+        with self._lock:
+            self._refresh(now)
+            return self._local_counts
+
     def _refresh(self, now: float) -> None:
         """Rebuild the kept holder counts and usable peers if a change or the clock (a
         peer's liveness or rest running out) made them stale. Under the lock."""
         if self._counts is not None and now < self._counts_until:
             return
         counts: dict[int, int] = {}
+        local_counts: dict[int, int] = {} if self.remote else counts
         usable: list[PeerView] = []
         until = float("inf")
         for v in self.peers.values():
@@ -276,19 +333,23 @@ class LanView:
             for ordinal in v.state.have:
                 if ordinal not in v.missing:
                     counts[ordinal] = counts.get(ordinal, 0) + 1
-        self._counts, self._usable_peers, self._counts_until = counts, usable, until
+                    if v.local and local_counts is not counts:
+                        local_counts[ordinal] = local_counts.get(ordinal, 0) + 1
+        self._counts, self._local_counts, self._usable_peers, self._counts_until = counts, local_counts, usable, until
 
     def holders_of(self, ordinal: int) -> int:
         return self.holder_counts().get(ordinal, 0)
 
-    def free_holders(self) -> list[PeerView]:
+    def free_holders(self, local: bool = False) -> list[PeerView]:
         """The usable peers with a request slot free (``PER_PEER``) that did not just say
-        BUSY: the only ones a LAN chunk can start from now. From the kept usable peers, so
-        that a pick costs a look at each one's slots, not at its liveness."""
+        BUSY: the only ones a LAN chunk can start from now (``local``: in our room). From
+        the kept usable peers, so that a pick costs a look at each one's slots, not at its
+        liveness."""
         now = self._now()
         with self._lock:
             self._refresh(now)
-            return [v for v in self._usable_peers if v.in_flight < PER_PEER and v.busy_until <= now]
+            return [v for v in self._usable_peers if v.in_flight < PER_PEER and v.busy_until <= now
+                    and (v.local or not local)]
 
     @staticmethod
     def held_by(views: list[PeerView]) -> set[int]:
@@ -357,8 +418,12 @@ class LanView:
         owner = cache.get(ordinal)
         if owner is None:
             chunk = f"{self.manifest.id}|{ordinal}".encode()
-            owner = cache[ordinal] = max(pullers, key=lambda p: blake3_hash(p.encode() + b"|" + chunk))
+            owner = cache[ordinal] = locality.owner(chunk, pullers, self._where_or_here)
         return owner
+
+    def _where_or_here(self, peer: str) -> locality.Location | None:
+        where = self.where(peer)
+        return self.location if where is None else where
 
     def origin_duplicates(self, mine: set[int]) -> int:
         """Of the chunks this agent fetched from the origin, how many some peer fetched from
@@ -369,12 +434,20 @@ class LanView:
 
     # ------------------------------------------------------ fetching (thread side)
 
-    def take_holder(self, ordinal: int, exclude: set[str]) -> PeerView | None:
-        """The least busy usable holder of a chunk (counted in flight until ``give_back``)."""
+    def take_holder(self, ordinal: int, exclude: set[str], busy: set[str] = frozenset()) -> PeerView | None:
+        """The least busy of the nearest usable holders of a chunk (``agent.swarm.location``)
+        but those in ``exclude`` (they failed it), counted in flight until ``give_back``.
+        None while every nearest holder is ``busy`` (they said so just now): a chunk waits
+        for a holder in its room rather than cross to another room for it."""
         now = self._now()
         with self._lock:
-            candidates = [v for v in self.peers.values() if self._usable(v, now) and v.peer not in exclude
-                          and self.holds(v, ordinal)]
+            self._refresh(now)
+            candidates = [v for v in self._usable_peers if ordinal in v.state.have and v.peer not in exclude
+                          and ordinal not in v.missing]
+            if not candidates:
+                return None
+            nearest = max(v.nearness for v in candidates)
+            candidates = [v for v in candidates if v.nearness == nearest and v.peer not in busy]
             if not candidates:
                 return None
             random.shuffle(candidates)
