@@ -1,0 +1,136 @@
+"""Locality (``agent.swarm.location``): where an agent is, how peers say it, and the campus
+rule on a virtual clock (``agent.testing.campus``: the real board, view and picker over
+modelled links). What a campus's admin would check: the outside link carries each chunk
+once, each room's link about once, and a campus without locations pays several times."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.config import load_settings
+from agent.errors import ConfigError, PeerBroken
+from agent.hashing import blake3_hash
+from agent.manifest import FileEntry, Manifest
+from agent.swarm import location as locality
+from agent.swarm.protocol import Contact, encode_contact, parse_contact
+from agent.swarm.view import LanView
+from agent.swarm.wire import Message
+from agent.testing.campus import Campus, Topology
+
+KEY = b"k" * 48
+
+
+def test_a_location_is_parsed_and_a_bad_one_is_refused_by_name(tmp_path):
+    assert locality.parse("campus|building-2|room-204") == ("campus", "building-2", "room-204")
+    assert locality.parse("10.0.3.0/24") == ("10.0.3.0/24",)
+    for bad in ("", "a||b", "|a", "room 204", "x" * 65, "|".join("a" * 9)):
+        with pytest.raises(locality.LocationError, match="widest first"):
+            locality.parse(bad)
+    with pytest.raises(ConfigError, match="SHOAL_SWARM_LOCATION.*campus\\|building-2"):
+        load_settings({"SHOAL_CONFIG": str(tmp_path / "none.toml"), "SHOAL_SWARM_LOCATION": "a||b"})
+    (tmp_path / "config.toml").write_text('[swarm]\nlocation = "campus|b2|room-204"\n')
+    assert load_settings({"SHOAL_CONFIG": str(tmp_path / "config.toml")}).swarm_location == "campus|b2|room-204"
+
+
+def test_without_a_setting_an_agent_is_placed_in_its_subnet():
+    here = locality.default_location()
+    assert len(here) == 1
+    assert here == locality.UNPLACED or "/" in here[0]  # an IPv4 network, e.g. 10.0.3.0/24
+
+
+def test_nearness_counts_shared_leading_segments_and_an_unsaid_place_is_beside_us():
+    a, b, c = ("campus", "b1", "r1"), ("campus", "b1", "r2"), ("campus", "b2", "r1")
+    assert locality.nearness(a, a) == 3 and locality.nearness(a, b) == 2 and locality.nearness(a, c) == 1
+    assert locality.nearness(a, ("elsewhere",)) == 0
+    assert locality.same_place(a, None) and not locality.same_place(a, b)
+
+
+def test_the_owner_is_plain_rendezvous_in_one_room_and_a_room_first_on_a_campus():
+    chunk = b"manifest|7"
+    pullers = [f"peer-{i}" for i in range(12)]
+    # One place: the rule every agent followed before locations (a room of old and new agents agrees).
+    plain = max(pullers, key=lambda p: blake3_hash(p.encode() + b"|" + chunk))
+    assert locality.owner(chunk, pullers, lambda p: ("room",)) == plain
+    # A campus: the room is chosen first, then the owner among that room's pullers only.
+    room_of = {p: ("campus", f"r{i % 3}") for i, p in enumerate(pullers)}
+    owner = locality.owner(chunk, pullers, room_of.__getitem__)
+    chosen = max({room_of[p] for p in pullers}, key=lambda r: blake3_hash(b"@" + "|".join(r).encode() + b"|" + chunk))
+    assert room_of[owner] == chosen
+    assert owner == max((p for p in pullers if room_of[p] == chosen), key=lambda p: blake3_hash(p.encode() + b"|" + chunk))
+    # An agent of another room that knows only some of that room's pullers still agrees it is
+    # not its own chunk: only the owner's room mates, who know each other, pick the owner.
+    partial = [p for p in pullers if room_of[p] != chosen] + [owner]
+    assert room_of[locality.owner(chunk, partial, room_of.__getitem__)] == chosen
+
+
+def test_a_hello_answer_says_where_the_peer_is_and_a_malformed_place_is_a_broken_peer():
+    contact = parse_contact(encode_contact(("10.0.0.5", 7100), KEY, None, [], ("campus", "r1")))
+    assert contact.location == ("campus", "r1")
+    assert parse_contact(encode_contact(("10.0.0.5", 7100), KEY, None)).location is None  # an older agent
+    for bad in ("campus|r1", ["a", 3], ["a" * 65], ["ok"] * 9, [""]):
+        data = msgpack.packb({"data": ["10.0.0.5", 7100], "key": KEY, "tls": None, "loc": bad}, use_bin_type=True)
+        with pytest.raises(PeerBroken, match="malformed hello answer"):
+            parse_contact(data)
+
+
+def _manifest(chunks: int = 6) -> Manifest:
+    return Manifest("lab/m", "main", 1 << 16, (FileEntry("f", chunks << 16, b"\0" * 32,
+                                                         tuple(bytes([j]) * 24 for j in range(chunks))),))
+
+
+def test_the_view_counts_a_rooms_holders_apart_and_never_crosses_rooms_for_a_busy_holder():
+    here, there = ("campus", "r1"), ("campus", "r2")
+    view = LanView(_manifest(), "me", location=here)
+    for name, where, have in (("mate", here, {0, 1}), ("far-1", there, {0, 1, 2}), ("far-2", there, {2, 3})):
+        view.offered(name, SimpleNamespace(have={}, pulling=True), Contact(("10.0.0.9", 1), KEY, None, (), where))
+        view.apply(name, Message("snap", 1, frozenset(have), frozenset(), frozenset(), frozenset(), True))
+    assert view.remote == {"far-1", "far-2"} and view.is_local("mate") and not view.is_local("far-1")
+    assert view.holder_counts() == {0: 2, 1: 2, 2: 2, 3: 1}
+    assert view.local_holder_counts() == {0: 1, 1: 1}
+    assert {v.peer for v in view.free_holders(local=True)} == {"mate"}
+    # Held in our room: from there only; while our room's holder is busy, we wait for it.
+    assert view.take_holder(0, set()).peer == "mate"
+    assert view.take_holder(0, set(), busy={"mate"}) is None
+    # A holder in our room that failed it: the next nearest, in the room that has it.
+    assert view.take_holder(1, {"mate"}).peer == "far-1"
+    # Held only elsewhere: the least busy holder of the nearest room.
+    assert view.take_holder(2, set()).peer in ("far-1", "far-2")
+
+
+def _run(topology: Topology, seed: int) -> tuple[Campus, dict]:
+    campus = Campus(topology, seed=seed)
+    took = campus.run(limit_s=600)
+    return campus, campus.report(took)
+
+
+@settings(max_examples=20, deadline=None)
+@given(rooms=st.lists(st.integers(1, 5), min_size=1, max_size=4), chunks=st.integers(4, 24),
+       machine=st.sampled_from([100, 1000]), room=st.sampled_from([100, 1000]),
+       outside=st.sampled_from([50, 500]), seed=st.integers(0, 1000))
+def test_a_campus_takes_each_chunk_from_the_origin_once_and_into_each_room_once(rooms, chunks, machine, room,
+                                                                              outside, seed):
+    topology = Topology(rooms=rooms, machine_mbit=machine, room_mbit=room, outside_mbit=outside,
+                        chunk_size=1 << 20, chunks=chunks)
+    campus, report = _run(topology, seed)
+    assert all(len(a.board.have) == chunks for a in campus.agents)
+    assert sorted(campus.origin_fetches) == list(range(chunks)) and report["origin_twice"] == 0
+    assert report["outside_F"] == pytest.approx(1.0)
+    assert report["entered_twice"] == 0, "a chunk crossed into one room twice"
+    assert report["room_in_F_max"] <= 1.0 + 1e-6
+    assert report["completion_s"] >= report["bound_s"] * 0.999  # nothing beats the bound
+
+
+def test_without_locations_a_campus_pays_its_room_links_several_times():
+    """The contrast: the same campus, its agents not saying where they are (every peer beside
+    every other, as before): the outside link still carries the model once, but chunks cross
+    into rooms once per student who happens to ask a far holder."""
+    placed = _run(Topology(rooms=[4, 4, 4], room_mbit=200, outside_mbit=100, chunks=32), seed=3)[1]
+    unplaced = _run(Topology(rooms=[4, 4, 4], room_mbit=200, outside_mbit=100, chunks=32, locations=False), seed=3)[1]
+    assert placed["outside_F"] == pytest.approx(1.0) and unplaced["outside_F"] == pytest.approx(1.0)
+    assert placed["room_in_F_max"] <= 1.0 + 1e-6 < 2.0 < unplaced["room_in_F_max"]
+    assert placed["completion_s"] < unplaced["completion_s"]
