@@ -170,3 +170,63 @@ def test_a_room_across_two_subnets_forms_from_the_join_code_and_takes_the_teache
         assert len(view["members"]) >= 3
         assert oss.faults.data_requests() == []
     assert netns.leftover_namespaces(lab.tag) == []
+
+
+def test_across_three_subnets_each_chunk_enters_a_room_once(env, oss, model_dir, tmp_path):
+    """A campus in small: the teacher's machine on one subnet, three students on each of two
+    others, a router between that forwards no multicast. The students pull at once. Each
+    agent's place is its subnet (no setting): every chunk crosses the router into a room
+    about once (one student fetches it from the nearest room that has it, the room trades
+    it), not once per student as it did when every peer counted as beside us."""
+    from concurrent.futures import ThreadPoolExecutor
+    from agent.room import new_room, write_room_file
+    mirror(env, model_dir)
+    size = sum(p.stat().st_size for p in model_dir.rglob("*") if p.is_file())
+    teacher_env = {**env, "SHOAL_CACHE_DIR": str(tmp_path / "teacher"), "SHOAL_MDNS": "1", "SHOAL_DHT": "1",
+                   "SHOAL_SWARM_PORT": "7100"}
+    run_shoal(["pull", MODEL_ID], teacher_env, check=True)
+    run_shoal(["publish", MODEL_ID], teacher_env, check=True)  # signed: the room trusts its teacher's key
+    key = run_shoal(["id"], teacher_env, check=True).stdout.strip()
+    with netns.Lab(tag=f"shc{os.getpid() % 10000}", subnet="10.77.0", more_subnets=("10.77.1", "10.77.2")) as lab:
+        teacher_host = lab.add_host("teacher", segment=0)
+        room = new_room("Campus", bytes.fromhex(key), [(teacher_host.ip, 7100)])
+        teacher_env["SHOAL_SWARM_SECRET"] = room.swarm_secret
+        lab_agent(lab, teacher_host, teacher_env)
+        students = []
+        for segment in (1, 2):
+            for n in range(3):
+                name = f"s{segment}{n}"
+                config = tmp_path / f"{name}-config"
+                config.mkdir()
+                write_room_file(config / "room.toml", room, teacher=False)
+                s_env = {**env, "SHOAL_CACHE_DIR": str(tmp_path / name), "SHOAL_CONFIG": str(config / "config.toml"),
+                         "SHOAL_MDNS": "1", "SHOAL_DHT": "1", "SHOAL_RETRIES": "0"}
+                s_env.pop("SHOAL_SWARM_SECRET", None)
+                lab_agent(lab, lab.add_host(name, segment=segment), {**s_env, "SHOAL_SWARM_SECRET": room.swarm_secret})
+                students.append((segment, s_env))
+        for e in (teacher_env, *(s for _, s in students)):
+            wait_for(lambda: agent_up(e), 30, "the agents to start")
+
+        def placed(s_env):  # everyone connected, with its place known from its hello
+            peers = [p for p in peers_of(s_env) if p["connected"] and p["location"]]
+            return len(peers) >= 6 and peers
+        for segment, s_env in students:
+            peers = wait_for(lambda: placed(s_env), 90, "the campus to form")
+            assert {p["location"] for p in peers} == {"10.77.0.0/24", "10.77.1.0/24", "10.77.2.0/24"}
+        oss.faults.clear_log()
+        before = {segment: lab.into_subnet_bytes(segment) for segment in (1, 2)}
+        with ThreadPoolExecutor(len(students)) as pool:
+            pulls = list(pool.map(lambda s: run_shoal(["pull", MODEL_ID, "--json"], s[1], timeout=120), students))
+        entered = {segment: (lab.into_subnet_bytes(segment) - before[segment]) / size for segment in (1, 2)}
+        print(f"into each student subnet, in model sizes: {entered}")
+        for proc in pulls:
+            assert proc.returncode == 0, proc.stderr[-2000:]
+        for _, s_env in students:
+            assert tree_digest(Path(s_env["SHOAL_CACHE_DIR"]) / "models" / MODEL_ID / "master") == \
+                tree_digest(model_dir)
+        # Each room took the model through the router about once (chunks, HAVE frames and
+        # TCP/IP headers); three students each fetching their own copies across it would
+        # be ~2-3x.
+        assert all(f <= 1.35 for f in entered.values()), f"bytes into each student subnet, in model sizes: {entered}"
+        assert oss.faults.data_requests() == []
+    assert netns.leftover_namespaces(lab.tag) == []

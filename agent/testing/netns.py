@@ -146,6 +146,12 @@ class Lab:
         out = _ip("cat", f"/sys/class/net/{host.dev}/statistics/tx_bytes", ns=host.ns).stdout
         return int(out.strip())
 
+    def into_subnet_bytes(self, segment: int) -> int:
+        """Bytes the router has sent into subnet number ``segment`` (all that entered it
+        from the other subnets)."""
+        out = _ip("cat", f"/sys/class/net/eth{segment}/statistics/tx_bytes", ns=f"{self.tag}-rt").stdout
+        return int(out.strip())
+
     def close(self) -> None:
         if self._closed:
             return
