@@ -13,7 +13,7 @@ per agent, and the simulation's own wall time. ``--contrast`` adds the same camp
 its agents not saying where they are (every peer counted as beside every other).
 
     python benchmarks/campus.py [--rooms 10] [--per-room 30] [--size-mb 256] [--chunk-mb 4]
-        [--machine-mbit 1000] [--room-mbit 1000] [--outside-mbit 500] [--upload-slots 16]
+        [--machine-mbit 1000] [--room-mbit 1000] [--outside-mbit 500] [--upload-slots 4]
         [--seed 1] [--contrast]
 
 Targets (issue 28): outside <= 1.05 F, each room's link <= 1.2 F, completion <= 1.3x the bound.
@@ -57,7 +57,7 @@ def main() -> int:
     parser.add_argument("--machine-mbit", type=float, default=1000)
     parser.add_argument("--room-mbit", type=float, default=1000)
     parser.add_argument("--outside-mbit", type=float, default=500)
-    parser.add_argument("--upload-slots", type=int, default=16, help="a holder's uploads at once (swarm.upload_slots)")
+    parser.add_argument("--upload-slots", type=int, default=4, help="a holder's uploads at once (SHOAL_UPLOAD_SLOTS)")
     parser.add_argument("--concurrency", type=int, default=8, help="an agent's fetches at once (SHOAL_CONCURRENCY)")
     parser.add_argument("--origin-streams", type=int, default=4)
     parser.add_argument("--seed", type=int, default=1)

@@ -68,6 +68,21 @@ def test_the_owner_is_plain_rendezvous_in_one_room_and_a_room_first_on_a_campus(
     assert room_of[locality.owner(chunk, partial, room_of.__getitem__)] == chosen
 
 
+def test_each_place_fetches_an_even_share_of_the_chunks_from_outside():
+    places = (("campus", "r0"), ("campus", "r1"), ("campus", "r2"))
+    shares = locality.spread("manifest", 64, places)
+    assert len(shares) == 64 and sorted(shares.count(p) for p in places) == [21, 21, 22]
+    assert locality.spread("manifest", 64, tuple(reversed(places))) == shares  # whoever lists them
+    assert locality.spread("other", 64, places) != shares  # another manifest, another spread
+    # The owner of a chunk is in the place whose share it is in.
+    pullers = [f"peer-{i}" for i in range(9)]
+    room_of = {p: places[i % 3] for i, p in enumerate(pullers)}
+    for ordinal in range(64):
+        chosen = locality.owner(f"manifest|{ordinal}".encode(), pullers, room_of.__getitem__,
+                                lambda ps: locality.spread("manifest", 64, ps), ordinal)
+        assert room_of[chosen] == shares[ordinal]
+
+
 def test_a_hello_answer_says_where_the_peer_is_and_a_malformed_place_is_a_broken_peer():
     contact = parse_contact(encode_contact(("10.0.0.5", 7100), KEY, None, [], ("campus", "r1")))
     assert contact.location == ("campus", "r1")

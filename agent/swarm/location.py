@@ -17,9 +17,9 @@ The rule (used by ``agent.swarm.view`` and ``agent.swarm.picker``, defined only 
   the room fetches it (its owner among the room's pullers) from the nearest room that
   holds it, then the room trades it; nobody else crosses the link for it.
 - A chunk nobody holds **crosses the outside link once per campus**: its owner is chosen
-  by rendezvous hashing twice, first among the locations that pull it, then among that
-  location's pullers (``owner``); an agent needs to know only which rooms pull and who
-  pulls in its own, not every machine of the campus.
+  in two steps, first the location whose even share of the chunks it is in (``spread``),
+  then by rendezvous hashing among that location's pullers (``owner``); an agent needs to
+  know only which rooms pull and who pulls in its own, not every machine of the campus.
 """
 
 from __future__ import annotations
@@ -91,19 +91,45 @@ def _score(name: str, chunk: bytes) -> bytes:
     return blake3_hash(name.encode() + b"|" + chunk)
 
 
-def owner(chunk: bytes, pullers: Iterable[str], place: Callable[[str], Location]) -> str:
+def owner(chunk: bytes, pullers: Iterable[str], place: Callable[[str], Location],
+          shares: Callable[[tuple[Location, ...]], list[Location]] | None = None, ordinal: int = 0) -> str:
     """The puller that fetches ``chunk`` (the manifest id and ordinal, as bytes) from
-    outside: rendezvous hashing over the pullers' locations, then over the pullers at the
-    location chosen. With one location it is plain rendezvous hashing over the pullers."""
+    outside. With one location: plain rendezvous hashing over the pullers. With several:
+    first the location whose share the chunk is in (``shares(places)[ordinal]``, see
+    ``spread``; without ``shares``, rendezvous over the locations), then rendezvous over
+    the pullers there."""
     by_place: dict[Location, list[str]] = {}
     for peer in pullers:
         by_place.setdefault(place(peer), []).append(peer)
     if len(by_place) > 1:
-        chosen = max(by_place, key=lambda loc: _score("@" + format_location(loc), chunk))
+        places = tuple(sorted(by_place))
+        chosen = shares(places)[ordinal] if shares is not None else max(
+            places, key=lambda loc: _score("@" + format_location(loc), chunk))
         candidates = by_place[chosen]
     else:
         candidates = next(iter(by_place.values()))
     return max(candidates, key=lambda p: _score(p, chunk))
+
+
+def spread(manifest_id: str, total: int, places: tuple[Location, ...]) -> list[Location]:
+    """Which place fetches each chunk (by ordinal) from outside: every place an even share
+    (at most ``ceil(total / len(places))`` chunks), each chunk to the first place in its
+    rendezvous ranking whose share is not full yet, in ordinal order. Each place then sends
+    its share on to the others about once: a room that owned many more chunks than the
+    others would carry their copies out alone (64 chunks over 10 rooms by rendezvous alone:
+    one room sent 1.8 F). Any agent that knows the same places computes the same spread."""
+    cap = -(-total // len(places))
+    taken = dict.fromkeys(places, 0)
+    names = {loc: ("@" + format_location(loc)).encode() for loc in places}
+    chosen: list[Location] = []
+    for ordinal in range(total):
+        chunk = f"{manifest_id}|{ordinal}".encode()
+        for loc in sorted(places, key=lambda loc: blake3_hash(names[loc] + b"|" + chunk), reverse=True):
+            if taken[loc] < cap:
+                taken[loc] += 1
+                chosen.append(loc)
+                break
+    return chosen
 
 
 def default_location() -> Location:
@@ -137,4 +163,4 @@ def _default_route_interface() -> str | None:
 
 
 __all__ = ["Location", "LocationError", "parse", "format_location", "checked", "nearness", "same_place",
-           "owner", "default_location", "UNPLACED"]
+           "owner", "spread", "default_location", "UNPLACED"]

@@ -70,6 +70,7 @@ class LanView:
         self._lock = threading.Lock()
         self._changed = trio.Event() if _in_trio() else None
         self._owner_cache: dict[tuple[str, ...], dict[int, str]] = {}
+        self._spread_for: tuple | None = None  # (places, which place owns each chunk)
         # Holder counts per chunk, rebuilt lazily after a change or when a peer's liveness
         # or rest runs out: the picker asks for every pending chunk on every pick.
         self._counts: dict[int, int] | None = None
@@ -418,8 +419,14 @@ class LanView:
         owner = cache.get(ordinal)
         if owner is None:
             chunk = f"{self.manifest.id}|{ordinal}".encode()
-            owner = cache[ordinal] = locality.owner(chunk, pullers, self._where_or_here)
+            owner = cache[ordinal] = locality.owner(chunk, pullers, self._where_or_here, self._spread, ordinal)
         return owner
+
+    def _spread(self, places: tuple[locality.Location, ...]) -> list[locality.Location]:
+        """``locality.spread`` for these places, kept (one campus has one set of places)."""
+        if self._spread_for is None or self._spread_for[0] != places:
+            self._spread_for = (places, locality.spread(self.manifest.id, self.ordinals.total, places))
+        return self._spread_for[1]
 
     def _where_or_here(self, peer: str) -> locality.Location | None:
         where = self.where(peer)

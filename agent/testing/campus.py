@@ -125,7 +125,7 @@ class Clock:
 
 class Campus:
     def __init__(self, topology: Topology, *, seed: int = 1, concurrency: int = 8, origin_streams: int = 4,
-                 upload_slots: int = 16, dt: float = 0.02, delivery_s: float = 0.02):
+                 upload_slots: int = 4, dt: float = 0.02, delivery_s: float = 0.02):
         random.seed(seed)
         self.topology = topology
         self.clock = Clock()
