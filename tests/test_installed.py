@@ -90,10 +90,13 @@ def test_the_sdist_and_the_wheel_build_and_pass_twine_check(dist):
 @pytest.fixture(scope="module")
 def installed(dist, tmp_path_factory) -> Path:
     """A fresh virtual environment with the wheel and the extras a lab adds for the demo
-    (``servers``) and for launching (``run``), from the package index as a lab has it."""
+    (``servers``) and for launching (``run``), from the package index as a lab has it.
+    ``--no-compile``: pip's byte-compiling of torch, transformers and ms-swift was 60 % of
+    this install (368 s against 144 s here) and tests nothing of ours; Python compiles what
+    is imported when it is imported."""
     venv = tmp_path_factory.mktemp("installed") / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-    proc = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet",
+    proc = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--no-compile",
                            "--disable-pip-version-check", f"shoal[servers,run] @ {dist['wheel'].as_uri()}"],
                           capture_output=True, text=True, timeout=540)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
