@@ -458,7 +458,11 @@ class LanView:
             if not candidates:
                 return None
             random.shuffle(candidates)
-            best = min(candidates, key=lambda v: v.in_flight)
+            # Among rooms equally near, the one that fetched the chunk from outside (its share,
+            # ``locality.spread``): each room then sends out about its share once per other
+            # room, instead of the rooms that happened to take a chunk early sending it again.
+            home = self._spread_for[1][ordinal] if self._spread_for is not None and not candidates[0].local else None
+            best = min(candidates, key=lambda v: (home is not None and self.places.get(v.peer) != home, v.in_flight))
             best.in_flight += 1
             return best
 
