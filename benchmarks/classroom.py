@@ -22,11 +22,15 @@ limited to MBIT). Every remaining agent's files are checked against the origin's
 
     sudo python benchmarks/classroom.py [--agents 24] [--size-mb 128] [--agent-mbit 100]
         [--origin-mbit 50] [--late-joiners 4] [--leave 2] [--slow-agent 10] [--no-multicast]
+        [--rooms 3 --room-mbit 100]
         [--no-libtorrent] [--contrast]
 
 libtorrent: Debian's ``python3-libtorrent`` (``apt-get install python3-libtorrent``), run with
 ``/usr/bin/python3`` (``benchmarks/lt_client.py``). ``--contrast`` adds a shoal run with
-sharing off (every agent straight from the mirror). Every namespace it creates is deleted
+sharing off (every agent straight from the mirror). ``--rooms R``: a campus in small, the
+agents dealt over R subnets joined by a router (each room's link ``--room-mbit`` each way,
+multicast not routed), the origin on a subnet of its own (its link the outside link); the
+bytes into and out of each room are printed over F. Every namespace it creates is deleted
 at the end, also on failure or Ctrl-C.
 """
 
@@ -150,6 +154,8 @@ def run_shoal_class(lab, hosts, origin_url, root: Path, args, *, sharing: bool, 
     scenario = Scenario(args, hosts)
     procs, envs = {}, {}
     first = None
+    # mDNS does not cross a router: rooms find each other through the first agent and the DHT.
+    bootstrap = args.no_multicast or args.rooms > 1
     for host in hosts:
         cache = root / label / host.name
         cache.mkdir(parents=True)
@@ -157,11 +163,11 @@ def run_shoal_class(lab, hosts, origin_url, root: Path, args, *, sharing: bool, 
                  "OSS_ACCESS_KEY_SECRET": "lab", "SHOAL_SWARM": "1" if sharing else "0",
                  "SHOAL_SWARM_HOST": host.ip, "SHOAL_SWARM_PORT": "7100", "SHOAL_SWARM_SECRET": "classroom",
                  "SHOAL_CHUNK_TIMEOUT": "120", "SHOAL_MDNS": "0" if args.no_multicast else "1",
-                 "SHOAL_DHT": "1" if args.no_multicast else "0", **dict(kv.split("=", 1) for kv in args.set)}
+                 "SHOAL_DHT": "1" if bootstrap else "0", **dict(kv.split("=", 1) for kv in args.set)}
         if args.trace:
             extra["SHOAL_TRACE"] = str(REPO / "benchmarks" / "out" / f"trace-{host.name}.txt")
             extra["SHOAL_LOG_LEVEL"] = "DEBUG"
-        if args.no_multicast and first is not None:
+        if bootstrap and first is not None:
             extra["SHOAL_SWARM_PEERS"] = first
         env = shoal_env(cache, extra)
         # With --trace the agents' logs are kept beside the traces (benchmarks/out/agent-NAME.log).
@@ -170,7 +176,7 @@ def run_shoal_class(lab, hosts, origin_url, root: Path, args, *, sharing: bool, 
         procs[host.name] = lab.popen(host, [sys.executable, "-m", "agent.cli", "agent"], env=env, stdout=log,
                                      stderr=subprocess.STDOUT)
         envs[host.name] = env
-        if args.no_multicast and first is None:
+        if bootstrap and first is None:
             wait_for(lambda: (cache / "agent.json").exists(), 60, "the first agent to start")
             first = json.loads(shoal(["status", "--json"], env).stdout)["swarm"]["addrs"][0]
     for env in envs.values():
@@ -353,6 +359,9 @@ def main() -> int:
     parser.add_argument("--leave", type=int, default=0)
     parser.add_argument("--slow-agent", type=float, default=0, metavar="MBIT")
     parser.add_argument("--no-multicast", action="store_true", help="bootstrap list and DHT instead of mDNS")
+    parser.add_argument("--rooms", type=int, default=1,
+                        help="agents spread over this many subnets (rooms) behind a router; the origin on its own")
+    parser.add_argument("--room-mbit", type=float, default=0, help="each room's link to the router, each way (0: unlimited)")
     parser.add_argument("--no-libtorrent", action="store_true")
     parser.add_argument("--trace", action="store_true",
                         help="every agent writes when each chunk arrived (benchmarks/out/trace-*.txt)")
@@ -384,14 +393,19 @@ def main() -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
     runs = []
-    with tempfile.TemporaryDirectory(prefix="shoal-classroom-") as tmp, netns.Lab(tag="shcls", subnet=SUBNET) as lab:
+    rooms = [f"{SUBNET.rsplit('.', 1)[0]}.{r + 1}" for r in range(args.rooms)] if args.rooms > 1 else []
+    with tempfile.TemporaryDirectory(prefix="shoal-classroom-") as tmp, \
+            netns.Lab(tag="shcls", subnet=SUBNET, more_subnets=tuple(rooms), router_mbit=args.room_mbit or None) as lab:
         root = Path(tmp)
         os.chmod(root, 0o755)
         model = make_model(root / "model", weights_bytes=args.size_mb * 1024 * 1024, shards=4, seed="classroom")
         size = sum(p.stat().st_size for p in model.rglob("*") if p.is_file())
         truth = blake3_tree(model)
         origin = lab.add_host("origin", mbit=args.origin_mbit)
-        hosts = [lab.add_host(f"a{i}", mbit=args.slow_agent if (args.slow_agent and i == 0) else args.agent_mbit)
+        # With rooms: the origin alone on its subnet (its link is the campus's outside link),
+        # the agents dealt over the rooms' subnets.
+        hosts = [lab.add_host(f"a{i}", mbit=args.slow_agent if (args.slow_agent and i == 0) else args.agent_mbit,
+                              segment=1 + i % args.rooms if rooms else 0)
                  for i in range(args.agents)]
         server = lab.popen(origin, [sys.executable, __file__, "--serve-origin", "--host", origin.ip,
                                     "--model", str(model), *(["--chunk-mb", str(args.chunk_mb)] if args.chunk_mb else [])],
@@ -406,6 +420,7 @@ def main() -> int:
 
         for sharing in ([True, False] if args.contrast else [True]):
             origin_tx = lab.tx_bytes(origin)
+            room_bytes = [(lab.into_subnet_bytes(r), lab.out_of_subnet_bytes(r)) for r in range(1, len(rooms) + 1)]
             samples, stop = [], threading.Event()
 
             def sample() -> None:  # the origin link's bytes and the machine's CPU over time
@@ -421,6 +436,8 @@ def main() -> int:
             stop.set()
             sampler.join()
             run["origin_tx_samples"] = samples
+            run["rooms"] = [((lab.into_subnet_bytes(r) - i) / size, (lab.out_of_subnet_bytes(r) - o) / size)
+                            for r, (i, o) in enumerate(room_bytes, start=1)]
             served = origin_served()
             run.update(origin_bytes=served["bytes"], origin_dup_chunks=served["dup_chunks"],
                        origin_link_bytes=lab.tx_bytes(origin) - origin_tx, origin_requests=served["requests"])
@@ -440,10 +457,17 @@ def main() -> int:
         d_min = min(d_min, args.slow_agent * 1e6)
     n = args.agents - args.leave
     t_min = max(bits / u_s, bits / d_min, n * bits / (u_s + n * u_i))
+    if rooms and args.room_mbit:  # a room's copies through its link and its own machines' uploads
+        per_room = -(-n // args.rooms)
+        t_min = max(t_min, bits / (args.room_mbit * 1e6),
+                    per_room * bits / ((args.room_mbit + per_room * args.agent_mbit) * 1e6))
     scenario = ", ".join(filter(None, [f"{args.late_joiners} late joiners" if args.late_joiners else "",
                                        f"{args.leave} leave mid-pull" if args.leave else "",
                                        f"one agent at {args.slow_agent:.0f} Mbit/s" if args.slow_agent else "",
-                                       "no multicast" if args.no_multicast else ""])) or "all start at once"
+                                       "no multicast" if args.no_multicast else "",
+                                       f"{args.rooms} rooms behind a router" + (
+                                           f" ({args.room_mbit:.0f} Mbit/s each)" if args.room_mbit else "")
+                                       if rooms else ""])) or "all start at once"
     lines = [f"Classroom: {args.agents} agents x {args.agent_mbit:.0f} Mbit/s, origin {args.origin_mbit:.0f} Mbit/s, "
              f"model {size / 2**20:.0f} MiB (F = {size} bytes); {scenario}", "",
              "| system | last done (s) | T_min (s) | ratio | origin egress / F | origin link / F | "
@@ -469,6 +493,11 @@ def main() -> int:
                      f"{cpu:.1f}{split} | {run['peak_rss'] / 1e6:.0f} | "
                      f"{'yes' if not run['wrong'] else 'NO: ' + ', '.join(run['wrong'])} |")
     shoal_run = runs[0]
+    for run in runs:
+        if run.get("rooms"):
+            lines.append(f"{run['system']}: bytes into each room / F: "
+                         + ", ".join(f"{i:.2f}" for i, _ in run["rooms"]) + "; out of each room / F: "
+                         + ", ".join(f"{o:.2f}" for _, o in run["rooms"]))
     firsts = shoal_run["first_byte_s"]
     lines += ["", f"shoal, time from `shoal pull` to its first verified chunk: median {statistics.median(firsts):.2f} s"
               + (f"; late joiners (peers already hold most of it): "

@@ -59,7 +59,10 @@ class Host:
 
 
 class Lab:
-    def __init__(self, tag: str | None = None, subnet: str = "10.77.0", *, more_subnets: tuple[str, ...] = ()):
+    def __init__(self, tag: str | None = None, subnet: str = "10.77.0", *, more_subnets: tuple[str, ...] = (),
+                 router_mbit: float | None = None):
+        """``router_mbit``: each subnet's link to the router limited to this, each way (a
+        room's uplink on a campus)."""
         reason = available()
         if reason:
             raise LabUnavailable(reason)
@@ -72,6 +75,7 @@ class Lab:
         self._made: list[str] = []
         self._closed = False
         self._ports = 0
+        self.router_mbit = router_mbit
         try:
             self._add_ns(self.switch)
             for number in range(len(self.subnets)):
@@ -97,8 +101,11 @@ class Lab:
         router = f"{self.tag}-rt"
         self._add_ns(router)
         for number, subnet in enumerate(self.subnets):
-            self._port(router, f"eth{number}", number)
+            port = self._port(router, f"eth{number}", number)
             _ip("ip", "addr", "add", f"{subnet}.1/24", "dev", f"eth{number}", ns=router)
+            if self.router_mbit:  # into the subnet (the router's egress), out of it (the port's)
+                _shape(f"eth{number}", router, self.router_mbit)
+                _shape(port, self.switch, self.router_mbit)
         _ip("sysctl", "-qw", "net.ipv4.ip_forward=1", ns=router)
 
     def _add_ns(self, name: str) -> None:
@@ -150,6 +157,11 @@ class Lab:
         """Bytes the router has sent into subnet number ``segment`` (all that entered it
         from the other subnets)."""
         out = _ip("cat", f"/sys/class/net/eth{segment}/statistics/tx_bytes", ns=f"{self.tag}-rt").stdout
+        return int(out.strip())
+
+    def out_of_subnet_bytes(self, segment: int) -> int:
+        """Bytes the router has received from subnet number ``segment`` (all that left it)."""
+        out = _ip("cat", f"/sys/class/net/eth{segment}/statistics/rx_bytes", ns=f"{self.tag}-rt").stdout
         return int(out.strip())
 
     def close(self) -> None:
