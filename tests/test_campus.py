@@ -117,8 +117,8 @@ def test_the_view_counts_a_rooms_holders_apart_and_never_crosses_rooms_for_a_bus
     assert view.take_holder(2, set()).peer in ("far-1", "far-2")
 
 
-def _run(topology: Topology, seed: int) -> tuple[Campus, dict]:
-    campus = Campus(topology, seed=seed)
+def _run(topology: Topology, seed: int, **timing) -> tuple[Campus, dict]:
+    campus = Campus(topology, seed=seed, **timing)
     took = campus.run(limit_s=600)
     return campus, campus.report(took)
 
@@ -126,17 +126,26 @@ def _run(topology: Topology, seed: int) -> tuple[Campus, dict]:
 @settings(max_examples=20, deadline=None)
 @given(rooms=st.lists(st.integers(1, 5), min_size=1, max_size=4), chunks=st.integers(4, 24),
        machine=st.sampled_from([100, 1000]), room=st.sampled_from([100, 1000]),
-       outside=st.sampled_from([50, 500]), seed=st.integers(0, 1000))
+       outside=st.sampled_from([50, 500]), seed=st.integers(0, 1000),
+       stagger=st.sampled_from([0.0, 1.0]), answers=st.sampled_from([0.0, 0.5]))
 def test_a_campus_takes_each_chunk_from_the_origin_once_and_into_each_room_once(rooms, chunks, machine, room,
-                                                                              outside, seed):
+                                                                              outside, seed, stagger, answers):
+    """Pulls that start within a second of each other, peers whose first answers trickle in,
+    deltas that leave out what the subscriber holds (as the publisher does): every agent
+    finishes (a chunk brought into a room once left its claim standing in the other rooms'
+    views, and the origin's window stalled on it for ever)."""
     topology = Topology(rooms=rooms, machine_mbit=machine, room_mbit=room, outside_mbit=outside,
                         chunk_size=1 << 20, chunks=chunks)
-    campus, report = _run(topology, seed)
+    campus, report = _run(topology, seed, stagger_s=stagger, answer_s=answers)
     assert all(len(a.board.have) == chunks for a in campus.agents)
-    assert sorted(campus.origin_fetches) == list(range(chunks)) and report["origin_twice"] == 0
-    assert report["outside_F"] == pytest.approx(1.0)
-    assert report["entered_twice"] == 0, "a chunk crossed into one room twice"
-    assert report["room_in_F_max"] <= 1.0 + 1e-6
+    assert sorted(campus.origin_fetches) == list(range(chunks))
+    if not stagger and not answers:  # a campus that starts together agrees on every owner
+        assert report["origin_twice"] == 0 and report["outside_F"] == pytest.approx(1.0)
+        assert report["entered_twice"] == 0, "a chunk crossed into one room twice"
+        assert report["room_in_F_max"] <= 1.0 + 1e-6
+    # Staggered, what is asserted is that every agent finishes (the stall above). How often a
+    # chunk is paid twice then is measured, not bounded here: in these tiny campuses the first
+    # agent may finish before its peers' first answers arrive.
     assert report["completion_s"] >= report["bound_s"] * 0.999  # nothing beats the bound
 
 
@@ -149,3 +158,22 @@ def test_without_locations_a_campus_pays_its_room_links_several_times():
     assert placed["outside_F"] == pytest.approx(1.0) and unplaced["outside_F"] == pytest.approx(1.0)
     assert placed["room_in_F_max"] <= 1.0 + 1e-6 < 2.0 < unplaced["room_in_F_max"]
     assert placed["completion_s"] < unplaced["completion_s"]
+
+
+def test_a_claimed_chunk_from_another_room_ends_its_claim_even_for_subscribers_that_hold_it():
+    """The publisher leaves a chunk out of a subscriber's deltas when the subscriber holds it
+    already; a claim on it (a chunk brought into our room) must still end there."""
+    from agent.swarm.board import Board
+    from agent.swarm.wire import PeerState
+    board, theirs = Board(_manifest(), pulling=True), PeerState()
+    board.claim(2)
+    c = board.changes_since(0)
+    theirs.apply(Message("delta", 1, c.have, c.origin, c.claim, c.unclaim, c.pulling))
+    assert theirs.claims == {2}
+    seq = c.seq
+    board.add_have(2, from_origin=False)
+    c = board.changes_since(seq)
+    assert 2 in c.unclaim
+    # What the subscriber that holds chunk 2 is sent: the copy left out, the claim's end kept.
+    theirs.apply(Message("delta", 2, c.have - {2}, c.origin, c.claim, c.unclaim, c.pulling))
+    assert theirs.claims == set()

@@ -67,9 +67,16 @@ class Board:
             if ordinal in self.have:
                 return
             self.have.add(ordinal)
+            claimed = ordinal in self.claims
             self.claims.discard(ordinal)
             if from_origin:
                 self.origin.add(ordinal)
+            elif claimed:
+                # A claimed chunk that came from another room (agent.swarm.location): its claim
+                # ends in so many words. Subscribers that hold the chunk are not told of our
+                # copy (agent.swarm.publisher leaves it out), so the copy alone would leave our
+                # claim standing in their views for ever, counted against the origin's streams.
+                self._record(UNCLAIM, ordinal)
             self._record(ORIGIN if from_origin else HAVE, ordinal)
 
     def claim(self, ordinal: int) -> None:

@@ -100,6 +100,7 @@ class SwarmPicker:
         self._puller_sets = 0  # how many different puller lists this pull has seen
         self._fresh: bool | None = None  # whether no peer held any of it when we first looked
         self.duplicates = 0  # endgame jobs handed out
+        self._told = float("-inf")  # when the debug log last said why the origin window waits
         self._taking = trio.Lock()  # held by the one worker looking for a job (``take``)
 
     # --------------------------------------------------------------------- choosing
@@ -143,7 +144,8 @@ class SwarmPicker:
             claimers = claims.get(ordinal)
             return bool(claimers) and not claimers <= elsewhere
 
-        under_way = sum(1 for o in claims if holders.get(o) and not local.get(o) and entering(o))
+        under_way = sum(1 for o in claims if holders.get(o) and not local.get(o) and o not in self.board.have
+                        and entering(o))
         free = self.entry_streams - under_way - sum(1 for e in self.in_flight.values() if e[4] == INTO_ROOM)
         if free <= 0:
             return None
@@ -164,8 +166,9 @@ class SwarmPicker:
         forming, grace = now - self.started < ROOM_WAIT, now - self.started < IDLE_GRACE
         pullers, claims, alone = view.room(count_unknown=forming, count_idle=grace)
         # Claims of chunks nobody holds are origin streams under way; the others are chunks
-        # entering a room from another (``_into_room``).
-        others_claims = {o: who for o, who in claims.items() if not holders.get(o)}
+        # entering a room from another (``_into_room``). (Peers do not tell us of their copies
+        # of chunks we hold: a chunk we hold is held, whatever the counts say.)
+        others_claims = {o: who for o, who in claims.items() if not holders.get(o) and o not in self.board.have}
         if pullers != self._pullers:
             self._pullers, self._pullers_since = pullers, now
             self._puller_sets += 1
@@ -211,6 +214,13 @@ class SwarmPicker:
         # never fetches a chunk twice; only agents that start within one claim's way to
         # each other may each take one at once.)
         presumed = (view.unknown if forming else frozenset()) | (view.idle if grace else frozenset())
+        if log.isEnabledFor(logging.DEBUG) and now - self._told >= 2.0:  # why the window waits, now and then
+            self._told = now
+            window = list(self._origin_candidates(holders, claims))[:max(free, 0) + 2]
+            log.debug("origin window: free %d (claims of unheld %s, mine %s, settling %s); next %s; "
+                      "pending %d, in flight %s", free, {o: sorted(p[-6:] for p in w) for o, w in others_claims.items()},
+                      mine, dict(self.settling), [(o, view.owner(o, pullers)[-6:]) for o in window],
+                      len(self.pending), {o: e[4] for o, e in self.in_flight.items()})
         stalled = True
         unclaimed = self._origin_candidates(holders, claims)  # one pass: the window, then beyond it
         for ordinal in unclaimed:

@@ -110,6 +110,7 @@ class Agent:
     waiting: list[Job] = field(default_factory=list)  # LAN jobs whose holders were all busy
     uploads: int = 0
     retry_at: float = 0.0  # when the jobs waiting for a busy holder ask again
+    start_at: float = 0.0  # when its pull starts
     frames: int = 0
     done_at: float | None = None
     origin_chunks: list[int] = field(default_factory=list)
@@ -125,12 +126,20 @@ class Clock:
 
 class Campus:
     def __init__(self, topology: Topology, *, seed: int = 1, concurrency: int = 8, origin_streams: int = 4,
-                 upload_slots: int = 4, dt: float = 0.02, delivery_s: float = 0.02):
+                 upload_slots: int = 4, dt: float = 0.02, delivery_s: float = 0.02, stagger_s: float = 0.0,
+                 answer_s: float = 0.0):
         random.seed(seed)
         self.topology = topology
         self.clock = Clock()
         self.manifest = make_manifest(topology)
         self.dt, self.delivery_s = dt, delivery_s
+        # Pulls start within ``stagger_s`` of each other (a class pressing Enter); until its
+        # pull starts an agent answers "idle", as the real session sees it.
+        self.stagger_s = stagger_s
+        # How long each agent waits for each other's first answer (``answer_s``: up to this,
+        # at random), as offers and HAVE streams open one by one in a real room.
+        self.answer_s = answer_s
+        self._answer_at: dict[tuple[str, str], float] = {}
         self.concurrency, self.upload_slots = concurrency, upload_slots
         self.capacity: dict[str, float] = {"outside": topology.outside_mbit * 1e6 / 8}
         self.agents: list[Agent] = []
@@ -158,17 +167,31 @@ class Campus:
     # ------------------------------------------------------------------ set-up
 
     def start(self) -> None:
-        """Every agent learns every other's contact (its hello) and starts pulling at once."""
-        contacts = {a.name: Contact(("10.0.0.1", 1), b"k" * 48, None, (), a.view.location) for a in self.agents}
+        """Every agent learns every other's contact (its hello); each pull starts at its
+        agent's ``start_at`` (all at once without ``stagger_s``)."""
+        self._contacts = {a.name: Contact(("10.0.0.1", 1), b"k" * 48, None, (), a.view.location) for a in self.agents}
         for agent in self.agents:
+            agent.start_at = self.clock.now + (random.uniform(0, self.stagger_s) if self.stagger_s else 0.0)
+            agent.board.set_pulling(False)
+            # Connected, not heard from yet: each answers (and says where it is) with its
+            # first frame; until then the picker presumes it pulls (``ROOM_WAIT``).
+            agent.view.set_unknown({o.name for o in self.agents if o is not agent})
             for other in self.agents:
-                if other is not agent:
-                    agent.view.offered(other.name, SimpleNamespace(have={}, pulling=True), contacts[other.name])
-            tasks = {f.path: SimpleNamespace(file=SimpleNamespace(rel=f.path)) for f in self.manifest.files}
-            jobs = [Job(tasks[f.path], i) for f in self.manifest.files for i in range(len(f.chunks))]
-            agent.picker = SwarmPicker(agent.view, agent.board, jobs, origin_streams=self._origin_streams,
-                                       workers=self.concurrency, clock=self.clock)
+                if other is not agent and self.answer_s:
+                    self._answer_at[(agent.name, other.name)] = self.clock.now + random.uniform(0, self.answer_s)
             self._seqs[agent.name] = -1
+        self._begin_due()
+
+    def _begin_due(self) -> None:
+        for agent in self.agents:
+            if agent.picker is None and agent.start_at <= self.clock.now + 1e-9:
+                agent.board.set_pulling(True)
+                tasks = {f.path: SimpleNamespace(file=SimpleNamespace(rel=f.path)) for f in self.manifest.files}
+                jobs = [Job(tasks[f.path], i) for f in self.manifest.files for i in range(len(f.chunks))]
+                agent.picker = SwarmPicker(agent.view, agent.board, jobs, origin_streams=self._origin_streams,
+                                           workers=self.concurrency, clock=self.clock)
+                self._seqs[agent.name] = -1  # its first frame to everyone: a snapshot
+                self._touched.add(agent)
 
     # ------------------------------------------------------------------ the loop
 
@@ -184,6 +207,7 @@ class Campus:
             if now - began > limit_s:
                 raise AssertionError(f"the campus did not finish in {limit_s} virtual seconds: "
                                      f"{sum(a.done_at is None for a in self.agents)} agents short")
+            self._begin_due()
             # An agent looks for work when news reaches it, when a fetch of its own ends, when
             # a holder that was busy may be free (``BUSY_WAIT``), and every ``dt`` (its timers).
             if now >= next_delivery - 1e-9:
@@ -197,7 +221,7 @@ class Campus:
                 if agent.waiting and agent.retry_at <= now + 1e-9:
                     self._touched.add(agent)
             for agent in self._touched:
-                if agent.done_at is None:
+                if agent.done_at is None and agent.picker is not None:
                     self._pick(agent)
             self._touched.clear()
             if self._rates_stale:
@@ -205,7 +229,8 @@ class Campus:
             if next_delivery == float("inf") and (self._news() or now - self._beat_at >= BEAT_S):
                 next_delivery = now + self.delivery_s
             retry = min((a.retry_at for a in self.agents if a.waiting), default=float("inf"))
-            step = min([next_look - now, next_delivery - now, retry - now]
+            due = min((a.start_at for a in self.agents if a.picker is None), default=float("inf"))
+            step = min([next_look - now, next_delivery - now, retry - now, due - now]
                        + [f.left / f.rate for f in self.flows if f.rate > 0])
             self._advance(max(step, 1e-6))
             self.clock.now = now + max(step, 1e-6)
@@ -219,7 +244,15 @@ class Campus:
         beat = self.clock.now - self._beat_at >= BEAT_S
         if beat:
             self._beat_at = self.clock.now
+        # Agents whose pull has not started answer "idle": the others list them so (the
+        # picker counts them among the pullers for a moment) and follow them once they pull.
+        idle = {a.name for a in self.agents if a.picker is None}
+        for agent in self.agents:
+            agent.view.set_idle(idle - {agent.name})
+            agent.view.set_unknown(agent.view.unknown - idle)  # "idle" is an answer
         for source in self.agents:
+            if source.name in idle:
+                continue
             seq = source.board.seq
             last = self._seqs[source.name]
             if seq == last and not beat:
@@ -235,9 +268,29 @@ class Campus:
                 message = Message(DELTA, c.seq + 1, c.have, c.origin, c.claim, c.unclaim, c.pulling)
             self._seqs[source.name] = seq
             for agent in self.agents:
-                if agent is not source:
+                if agent is source:
+                    continue
+                if source.name not in agent.view.peers:  # not followed yet: its answer comes first
+                    if self.clock.now < self._answer_at.get((agent.name, source.name), 0.0):
+                        continue
+                    agent.view.offered(source.name, SimpleNamespace(have={}, pulling=True),
+                                       self._contacts[source.name])
+                    agent.view.set_unknown(agent.view.unknown - {source.name})
+                    if message.kind != SNAP:
+                        s, have, origin, claims, pulling = source.board.snapshot()
+                        agent.view.apply(source.name, Message(SNAP, message.seq, frozenset(have), frozenset(origin),
+                                                              frozenset(claims), frozenset(), pulling))
+                        agent.frames += 1
+                        continue
+                if message.kind == DELTA and message.have & agent.board.have:
+                    # As the publisher does: chunks the subscriber holds are left out of its
+                    # deltas, but for those fetched from the origin.
+                    message_for = Message(DELTA, message.seq, (message.have - agent.board.have) | message.origin,
+                                          message.origin, message.claim, message.unclaim, message.pulling)
+                    agent.view.apply(source.name, message_for)
+                else:
                     agent.view.apply(source.name, message)
-                    agent.frames += 1
+                agent.frames += 1
 
     def _advance(self, seconds: float) -> None:
         for flow in self.flows:
