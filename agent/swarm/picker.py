@@ -1,6 +1,12 @@
 """The scheduler's chunk order when LAN peers are around (an ``agent.scheduler.Picker``),
 and the room's origin policy.
 
+On a campus (peers in other places: ``agent.swarm.location``) "the LAN" below means our own
+room; a chunk held only in other rooms enters ours once, by its owner among our room's
+pullers, from the nearest room (``_into_room``, claimed like an origin chunk); a chunk
+nobody holds has one owner on the whole campus (a room's even share first, then a puller
+there). With every peer in one place this is the one-room policy below, unchanged.
+
 1. **From the LAN**: a chunk some live peer holds, rarest first (fewest holders; random
    among equals), so copies spread before the peer that has them leaves.
 2. **From the origin**, a chunk nobody holds and nobody claims. The room fetches these in
