@@ -8,17 +8,21 @@ and ``agent.swarm.picker.SwarmPicker``; what the network does is modelled here:
   where every origin byte comes in). A chunk is a flow of ``chunk_size`` bytes along its
   path (in the room: holder up, our down; between rooms: holder up, its room up, our room
   down, our down; from the origin: outside, our room down, our down). Rates are shared
-  max-min fairly, approximated in one pass (links in order of their fair share, each
-  fixing the flows it is the tightest for), recomputed whenever flows start or end.
-- **HAVE streams**: every ``delivery_s`` (the push latency) each board's changes since the
-  last delivery reach every agent that follows it, as one delta frame; a heartbeat every
-  ``BEAT_S`` otherwise. Every agent follows every other agent that pulls (as the real
-  session does today); ``frames`` counts what each agent received.
+  max-min fairly (progressive filling), recomputed whenever flows start or end; the clock
+  moves event to event.
+- **HAVE streams**: ``delivery_s`` after a board changes (the push latency) its changes
+  reach every agent that follows it, as one delta frame, leaving out the chunks the
+  subscriber holds but for those from the origin (as ``agent.swarm.publisher`` does); a
+  heartbeat every ``BEAT_S`` otherwise. Every agent follows every other agent that pulls
+  (as the real session does today); ``frames`` counts what each agent received.
+- **A class starting**: pulls may start within ``stagger_s`` of each other (an agent whose
+  pull has not started answers "idle"), and each agent's first answer from each other may
+  take up to ``answer_s``.
 - **Upload slots**: a holder sends at most ``upload_slots`` chunks at once; a request past
-  that is answered BUSY, as the data server does.
+  that is answered BUSY, as the data server does, and asked again after ``BUSY_WAIT``.
 
 Used by ``tests/test_campus.py`` (hypothesis over random campuses) and
-``benchmarks/campus.py`` (10 rooms x 30, 30 x 30). Nothing here sleeps or opens a socket.
+``benchmarks/campus.py`` (e.g. 10 rooms x 30). Nothing here sleeps or opens a socket.
 """
 
 from __future__ import annotations
