@@ -38,9 +38,16 @@ def test_a_location_is_parsed_and_a_bad_one_is_refused_by_name(tmp_path):
 
 
 def test_without_a_setting_an_agent_is_placed_in_its_subnet():
+    import ipaddress
+    import socket
+    import psutil
     here = locality.default_location()
     assert len(here) == 1
-    assert here == locality.UNPLACED or "/" in here[0]  # an IPv4 network, e.g. 10.0.3.0/24
+    if here != locality.UNPLACED:  # an IPv4 network, e.g. 10.0.3.0/24, that one of this machine's addresses is in
+        network = ipaddress.IPv4Network(here[0])
+        mine = [ipaddress.IPv4Address(a.address) for addrs in psutil.net_if_addrs().values() for a in addrs
+                if a.family == socket.AF_INET and not a.address.startswith("127.")]
+        assert any(address in network for address in mine) and network.prefixlen < 32
 
 
 def test_nearness_counts_shared_leading_segments_and_an_unsaid_place_is_beside_us():
@@ -55,17 +62,18 @@ def test_the_owner_is_plain_rendezvous_in_one_room_and_a_room_first_on_a_campus(
     pullers = [f"peer-{i}" for i in range(12)]
     # One place: the rule every agent followed before locations (a room of old and new agents agrees).
     plain = max(pullers, key=lambda p: blake3_hash(p.encode() + b"|" + chunk))
-    assert locality.owner(chunk, pullers, lambda p: ("room",)) == plain
-    # A campus: the room is chosen first, then the owner among that room's pullers only.
+    assert locality.owner(chunk, pullers, lambda p: ("room",), share_of=None) == plain
+    # A campus: the room is chosen first (the one whose share the chunk is in), then the
+    # owner among that room's pullers only.
     room_of = {p: ("campus", f"r{i % 3}") for i, p in enumerate(pullers)}
-    owner = locality.owner(chunk, pullers, room_of.__getitem__)
-    chosen = max({room_of[p] for p in pullers}, key=lambda r: blake3_hash(b"@" + "|".join(r).encode() + b"|" + chunk))
+    chosen = ("campus", "r1")
+    owner = locality.owner(chunk, pullers, room_of.__getitem__, lambda places: chosen)
     assert room_of[owner] == chosen
     assert owner == max((p for p in pullers if room_of[p] == chosen), key=lambda p: blake3_hash(p.encode() + b"|" + chunk))
     # An agent of another room that knows only some of that room's pullers still agrees it is
     # not its own chunk: only the owner's room mates, who know each other, pick the owner.
     partial = [p for p in pullers if room_of[p] != chosen] + [owner]
-    assert room_of[locality.owner(chunk, partial, room_of.__getitem__)] == chosen
+    assert room_of[locality.owner(chunk, partial, room_of.__getitem__, lambda places: chosen)] == chosen
 
 
 def test_each_place_fetches_an_even_share_of_the_chunks_from_outside():
@@ -79,7 +87,7 @@ def test_each_place_fetches_an_even_share_of_the_chunks_from_outside():
     room_of = {p: places[i % 3] for i, p in enumerate(pullers)}
     for ordinal in range(64):
         chosen = locality.owner(f"manifest|{ordinal}".encode(), pullers, room_of.__getitem__,
-                                lambda ps: locality.spread("manifest", 64, ps), ordinal)
+                                lambda ps: locality.spread("manifest", 64, ps)[ordinal])
         assert room_of[chosen] == shares[ordinal]
 
 

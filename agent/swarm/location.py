@@ -46,11 +46,14 @@ class LocationError(ValueError):
 
 def parse(text: str) -> Location:
     """``campus|building-2|room-204`` -> its segments; ``LocationError`` naming what is wrong."""
-    segments = tuple(part.strip() for part in text.split(SEPARATOR))
-    if not text.strip() or len(segments) > MAX_SEGMENTS or not all(
+    return _valid(tuple(part.strip() for part in text.split(SEPARATOR)), text)
+
+
+def _valid(segments: tuple[str, ...], shown: str) -> Location:
+    if not 1 <= len(segments) <= MAX_SEGMENTS or not all(
             len(s) <= MAX_SEGMENT and _SEGMENT.fullmatch(s) for s in segments):
         raise LocationError(
-            f"swarm location {text[:100]!r} must be 1-{MAX_SEGMENTS} segments joined by '|', widest first, "
+            f"swarm location {shown[:100]!r} must be 1-{MAX_SEGMENTS} segments joined by '|', widest first, "
             f"each 1-{MAX_SEGMENT} letters, digits or ._:/@+- (e.g. \"campus|building-2|room-204\")")
     return segments
 
@@ -66,7 +69,7 @@ def checked(value) -> Location | None:
         return None
     if not isinstance(value, (list, tuple)) or not all(isinstance(s, str) for s in value):
         raise LocationError("a location must be a list of strings")
-    return parse(SEPARATOR.join(value))
+    return _valid(tuple(value), SEPARATOR.join(value))
 
 
 def nearness(a: Location | None, b: Location | None) -> int:
@@ -92,20 +95,16 @@ def _score(name: str, chunk: bytes) -> bytes:
 
 
 def owner(chunk: bytes, pullers: Iterable[str], place: Callable[[str], Location],
-          shares: Callable[[tuple[Location, ...]], list[Location]] | None = None, ordinal: int = 0) -> str:
+          share_of: Callable[[tuple[Location, ...]], Location]) -> str:
     """The puller that fetches ``chunk`` (the manifest id and ordinal, as bytes) from
     outside. With one location: plain rendezvous hashing over the pullers. With several:
-    first the location whose share the chunk is in (``shares(places)[ordinal]``, see
-    ``spread``; without ``shares``, rendezvous over the locations), then rendezvous over
-    the pullers there."""
+    the location whose share the chunk is in (``share_of(places)``: ``spread``'s answer
+    for this chunk), then rendezvous over the pullers there."""
     by_place: dict[Location, list[str]] = {}
     for peer in pullers:
         by_place.setdefault(place(peer), []).append(peer)
     if len(by_place) > 1:
-        places = tuple(sorted(by_place))
-        chosen = shares(places)[ordinal] if shares is not None else max(
-            places, key=lambda loc: _score("@" + format_location(loc), chunk))
-        candidates = by_place[chosen]
+        candidates = by_place[share_of(tuple(sorted(by_place)))]
     else:
         candidates = next(iter(by_place.values()))
     return max(candidates, key=lambda p: _score(p, chunk))
@@ -120,11 +119,11 @@ def spread(manifest_id: str, total: int, places: tuple[Location, ...]) -> list[L
     one room sent 1.8 F). Any agent that knows the same places computes the same spread."""
     cap = -(-total // len(places))
     taken = dict.fromkeys(places, 0)
-    names = {loc: ("@" + format_location(loc)).encode() for loc in places}
+    names = {loc: "@" + format_location(loc) for loc in places}
     chosen: list[Location] = []
     for ordinal in range(total):
         chunk = f"{manifest_id}|{ordinal}".encode()
-        for loc in sorted(places, key=lambda loc: blake3_hash(names[loc] + b"|" + chunk), reverse=True):
+        for loc in sorted(places, key=lambda loc: _score(names[loc], chunk), reverse=True):
             if taken[loc] < cap:
                 taken[loc] += 1
                 chosen.append(loc)

@@ -138,11 +138,10 @@ class SwarmPicker:
         its owner among the room's pullers, who claims it first; the others wait for it to
         arrive and trade it. Claims go at once (no settling): two agents that disagree on
         the room's pullers cost a chunk twice on the link between rooms, never the origin's."""
-        view, now = self.view, self.clock()
-        if not view.remote:
+        view = self.view
+        if not view.elsewhere:
             return None
-        pullers, claims, _ = view.room(count_unknown=now - self.started < ROOM_WAIT,
-                                       count_idle=now - self.started < IDLE_GRACE)
+        pullers, claims, _ = self._room()
         elsewhere = view.elsewhere
         room = tuple(p for p in pullers if p not in elsewhere)
 
@@ -167,10 +166,16 @@ class SwarmPicker:
                 break
         return None
 
+    def _room(self):
+        """``LanView.room`` as the picker counts it now: peers not heard from yet for the first
+        ``ROOM_WAIT`` seconds, idle ones for the first ``IDLE_GRACE``."""
+        into = self.clock() - self.started
+        return self.view.room(count_unknown=into < ROOM_WAIT, count_idle=into < IDLE_GRACE)
+
     def _from_origin(self, holders: dict[int, int]) -> int | None:
         view, now = self.view, self.clock()
         forming, grace = now - self.started < ROOM_WAIT, now - self.started < IDLE_GRACE
-        pullers, claims, alone = view.room(count_unknown=forming, count_idle=grace)
+        pullers, claims, alone = self._room()
         # Claims of chunks nobody holds are origin streams under way; the others are chunks
         # entering a room from another (``_into_room``). (Peers do not tell us of their copies
         # of chunks we hold: a chunk we hold is held, whatever the counts say.)

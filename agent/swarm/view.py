@@ -59,11 +59,10 @@ class LanView:
         self.manifest = manifest
         self.self_id = self_id
         # Where we are, and where each peer said it is (its hello: agent.swarm.location).
-        # Peers elsewhere (``remote``) hold chunks a room fetches once, by its owner.
+        # Peers elsewhere hold chunks a room fetches once, by its owner.
         self.location = location
         self.places: dict[str, locality.Location] = {}
-        self.elsewhere: set[str] = set()  # peers whose place is not ours (in the view or not)
-        self.remote: frozenset[str] = frozenset()  # ... of those, the peers in the view
+        self.elsewhere: set[str] = set()  # peers whose place is not ours (followed or not)
         self.ordinals = Ordinals(manifest)
         self.peers: dict[str, PeerView] = {}
         self._clock = clock
@@ -100,7 +99,7 @@ class LanView:
             if view is None:
                 view = self.peers[peer] = PeerView(peer, contact.data, contact.key, contact.tls)
             view.data, view.ticket, view.tls, view.heard = contact.data, contact.key, contact.tls, now
-            self._place(view, contact)
+            self._place(peer, contact.location)
             if not view.subscribed:
                 view.state.have = {self.ordinals.of(path, i) for path, held in answer.have.items() for i in held}
                 view.state.pulling = answer.pulling
@@ -114,7 +113,7 @@ class LanView:
             if view is None:
                 view = self.peers[peer] = PeerView(peer, contact.data, contact.key, contact.tls)
             view.data, view.ticket, view.tls = contact.data, contact.key, contact.tls
-            self._place(view, contact)
+            self._place(peer, contact.location)
             # Its stream's first frame is due: it counts as alive meanwhile (its claims hold),
             # unless it fell silent: asking again is not hearing (a stopped peer's kernel
             # still accepts the connection), so a silent peer stays gone until it speaks.
@@ -164,20 +163,15 @@ class LanView:
         if changed:
             self._notify()
 
-    def _place(self, view: PeerView, contact) -> None:
-        """Where a peer is, from its contact. Under the lock."""
-        where = getattr(contact, "location", None)
-        self.place(view.peer, where)
-        view.nearness = locality.nearness(self.location, where)
-        local = locality.same_place(self.location, where)
-        if local != view.local:
-            view.local = local
-            self.remote = self.remote - {view.peer} if local else self.remote | {view.peer}
-            self._dirty()
-
     def place(self, peer: str, location: locality.Location | None) -> None:
-        """Where a connected peer said it is (its hello), before it is followed: pullers
-        presumed while the room forms are owners by their place too."""
+        """Where a connected peer said it is (its hello), followed or not: pullers presumed
+        while the room forms are owners by their place too."""
+        with self._lock:
+            self._place(peer, location)
+
+    def _place(self, peer: str, location: locality.Location | None) -> None:
+        """``place``, under the lock: the one place a peer's place is kept, and its view's
+        nearness and room flag with it."""
         if location is not None and self.places.get(peer) != location:
             self.places[peer] = location
             if locality.same_place(self.location, location):
@@ -186,10 +180,23 @@ class LanView:
                 self.elsewhere.add(peer)
             self._owner_cache.clear()
             self._rooms.clear()
+        view = self.peers.get(peer)
+        if view is not None:
+            where = self.places.get(peer)
+            view.nearness = locality.nearness(self.location, where)
+            local = locality.same_place(self.location, where)
+            if local != view.local:
+                view.local = local
+                self._dirty()
 
-    def where(self, peer: str) -> locality.Location | None:
-        """A peer's location (None: ours, or it never said)."""
-        return self.location if peer == self.self_id else self.places.get(peer)
+    def _place_of(self, peer: str) -> locality.Location | None:
+        """A puller's place: what it said, else ours (it said nothing: beside us)."""
+        return self.places.get(peer, self.location)
+
+    @property
+    def remote(self) -> frozenset[str]:
+        """The followed peers in other places."""
+        return frozenset(p for p, v in self.peers.items() if not v.local)
 
     def is_local(self, peer: str) -> bool:
         """Whether ``peer`` is in our room (or never said where it is)."""
@@ -229,8 +236,6 @@ class LanView:
     def forget(self, peer: str) -> None:
         with self._lock:
             gone = self.peers.pop(peer, None)
-            if peer in self.remote:
-                self.remote = self.remote - {peer}
             self._dirty()
         if gone is not None:
             self._notify()
@@ -320,7 +325,8 @@ class LanView:
         if self._counts is not None and now < self._counts_until:
             return
         counts: dict[int, int] = {}
-        local_counts: dict[int, int] = {} if self.remote else counts
+        # Our room's counts are the same dict while every peer is in our room.
+        local_counts: dict[int, int] = {} if any(not v.local for v in self.peers.values()) else counts
         usable: list[PeerView] = []
         until = float("inf")
         for v in self.peers.values():
@@ -337,9 +343,6 @@ class LanView:
                     if v.local and local_counts is not counts:
                         local_counts[ordinal] = local_counts.get(ordinal, 0) + 1
         self._counts, self._local_counts, self._usable_peers, self._counts_until = counts, local_counts, usable, until
-
-    def holders_of(self, ordinal: int) -> int:
-        return self.holder_counts().get(ordinal, 0)
 
     def free_holders(self, local: bool = False) -> list[PeerView]:
         """The usable peers with a request slot free (``PER_PEER``) that did not just say
@@ -419,7 +422,8 @@ class LanView:
         owner = cache.get(ordinal)
         if owner is None:
             chunk = f"{self.manifest.id}|{ordinal}".encode()
-            owner = cache[ordinal] = locality.owner(chunk, pullers, self._where_or_here, self._spread, ordinal)
+            owner = cache[ordinal] = locality.owner(chunk, pullers, self._place_of,
+                                                    lambda places: self._spread(places)[ordinal])
         return owner
 
     def _spread(self, places: tuple[locality.Location, ...]) -> list[locality.Location]:
@@ -427,10 +431,6 @@ class LanView:
         if self._spread_for is None or self._spread_for[0] != places:
             self._spread_for = (places, locality.spread(self.manifest.id, self.ordinals.total, places))
         return self._spread_for[1]
-
-    def _where_or_here(self, peer: str) -> locality.Location | None:
-        where = self.where(peer)
-        return self.location if where is None else where
 
     def origin_duplicates(self, mine: set[int]) -> int:
         """Of the chunks this agent fetched from the origin, how many some peer fetched from

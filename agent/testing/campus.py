@@ -117,7 +117,6 @@ class Agent:
     start_at: float = 0.0  # when its pull starts
     frames: int = 0
     done_at: float | None = None
-    origin_chunks: list[int] = field(default_factory=list)
 
 
 class Clock:
@@ -317,7 +316,6 @@ class Campus:
         if flow.source == ORIGIN:
             self.origin_fetches[ordinal] = self.origin_fetches.get(ordinal, 0) + 1
             self.origin_done = self.clock.now
-            agent.origin_chunks.append(ordinal)
         elif flow.kind == "between rooms":
             key = (agent.room, ordinal)
             self.entries[key] = self.entries.get(key, 0) + 1

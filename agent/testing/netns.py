@@ -50,6 +50,11 @@ def _shape(dev: str, ns: str, mbit: float) -> None:
         "latency", "50ms", ns=ns)
 
 
+def _counter(ns: str, dev: str, name: str) -> int:
+    """An interface's statistics counter (``tx_bytes``, ``rx_bytes``) inside a namespace."""
+    return int(_ip("cat", f"/sys/class/net/{dev}/statistics/{name}", ns=ns).stdout.strip())
+
+
 @dataclass
 class Host:
     name: str
@@ -150,19 +155,16 @@ class Lab:
 
     def tx_bytes(self, host: Host) -> int:
         """Bytes the host has sent on its lab link (its upload)."""
-        out = _ip("cat", f"/sys/class/net/{host.dev}/statistics/tx_bytes", ns=host.ns).stdout
-        return int(out.strip())
+        return _counter(host.ns, host.dev, "tx_bytes")
 
     def into_subnet_bytes(self, segment: int) -> int:
         """Bytes the router has sent into subnet number ``segment`` (all that entered it
         from the other subnets)."""
-        out = _ip("cat", f"/sys/class/net/eth{segment}/statistics/tx_bytes", ns=f"{self.tag}-rt").stdout
-        return int(out.strip())
+        return _counter(f"{self.tag}-rt", f"eth{segment}", "tx_bytes")
 
     def out_of_subnet_bytes(self, segment: int) -> int:
         """Bytes the router has received from subnet number ``segment`` (all that left it)."""
-        out = _ip("cat", f"/sys/class/net/eth{segment}/statistics/rx_bytes", ns=f"{self.tag}-rt").stdout
-        return int(out.strip())
+        return _counter(f"{self.tag}-rt", f"eth{segment}", "rx_bytes")
 
     def close(self) -> None:
         if self._closed:
