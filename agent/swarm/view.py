@@ -189,7 +189,7 @@ class LanView:
                 view.local = local
                 self._dirty()
 
-    def _place_of(self, peer: str) -> locality.Location | None:
+    def place_of(self, peer: str) -> locality.Location | None:
         """A puller's place: what it said, else ours (it said nothing: beside us)."""
         return self.places.get(peer, self.location)
 
@@ -422,7 +422,7 @@ class LanView:
         owner = cache.get(ordinal)
         if owner is None:
             chunk = f"{self.manifest.id}|{ordinal}".encode()
-            owner = cache[ordinal] = locality.owner(chunk, pullers, self._place_of,
+            owner = cache[ordinal] = locality.owner(chunk, pullers, self.place_of,
                                                     lambda places: self._spread(places)[ordinal])
         return owner
 
