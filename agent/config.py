@@ -120,6 +120,9 @@ class Settings:
     # its subnet): peers that share more of it are asked first, and each chunk enters a
     # room once and the campus once (agent.swarm.location).
     swarm_location: str = ""
+    # Peers a pull follows in each place other than its own (its whole room always): the
+    # agents of a room choose different ones, so between them they see every other room.
+    follow_per_place: int = 2
     # A room's assignments (agent.assign): act on the teacher's (or take none), keep this many
     # other members' complete copies of each assigned revision before evicting ours, and the
     # links the room's status measures its ETA against (Mbit/s each machine's switch port gives).
@@ -189,6 +192,7 @@ _SOURCES: dict[str, tuple[str, str, object]] = {
     "dht": ("SHOAL_DHT", "swarm.dht", bool),
     "peer_exchange": ("SHOAL_PEER_EXCHANGE", "swarm.peer_exchange", bool),
     "swarm_location": ("SHOAL_SWARM_LOCATION", "swarm.location", str),
+    "follow_per_place": ("SHOAL_FOLLOW_PER_PLACE", "swarm.follow_per_place", int),
     "room_accept_assignments": ("SHOAL_ROOM_ASSIGNMENTS", "room.accept_assignments", bool),
     "room_keep_copies": ("SHOAL_ROOM_KEEP_COPIES", "room.keep_copies", int),
     "room_link_mbit": ("SHOAL_ROOM_LINK_MBIT", "room.link_mbit", float),
@@ -379,6 +383,9 @@ def load_settings(env: dict[str, str] | None = None, **overrides) -> Settings:
             parse(settings.swarm_location)
         except LocationError as e:
             raise ConfigError(f"{ENV_NAMES['swarm_location']} / {e}") from None
+    if not 1 <= settings.follow_per_place <= 64:
+        raise ConfigError(f"{ENV_NAMES['follow_per_place']} / swarm.follow_per_place {settings.follow_per_place} "
+                          "is outside 1..64 (peers a pull follows in each other place)")
     if not 1 <= settings.origin_streams <= 64:
         raise ConfigError(f"origin streams {settings.origin_streams} is outside 1..64")
     if not 1 <= settings.upload_slots <= 256:

@@ -168,6 +168,46 @@ def test_without_locations_a_campus_pays_its_room_links_several_times():
     assert placed["completion_s"] < unplaced["completion_s"]
 
 
+def test_a_pull_follows_its_whole_room_and_two_of_each_other_place():
+    """Bounded neighbour sets: an agent on a campus of 300 follows its room and a few of
+    each other room, not 299 peers; the agents of a room choose different ones."""
+    from collections import Counter
+    here = ("campus", "r00")
+    places = {f"r{r:02d}-{i:02d}": ("campus", f"r{r:02d}") for r in range(10) for i in range(30)}
+    places["new"] = None  # its hello has not come yet: beside us until it says where it is
+    me = "r00-00"
+    chosen = locality.neighbours(me, here, {p: w for p, w in places.items() if p != me})
+    assert {p for p in chosen if p.startswith("r00-")} == {f"r00-{i:02d}" for i in range(1, 30)}
+    assert "new" in chosen
+    per_room = Counter(p[:3] for p in chosen if not p.startswith("r00-") and p != "new")
+    assert per_room == {f"r{r:02d}": locality.PER_PLACE for r in range(1, 10)}
+    assert len(chosen) == 29 + 1 + 2 * 9
+    # A peer that said it neither pulls nor holds the model is passed over for the next of
+    # its place (and ranked again once it starts); one of our room is followed all the same.
+    first = {p for p in chosen if p.startswith("r01-")}
+    again = locality.neighbours(me, here, {p: w for p, w in places.items() if p != me}, idle=first | {"r00-05"})
+    assert len({p for p in again if p.startswith("r01-")} - first) == 2 and "r00-05" in again
+    # Between them, room 0's agents follow every agent of room 1, none by many more than the
+    # two each that an even share would be.
+    followers = Counter(p for i in range(30) for p in locality.neighbours(
+        f"r00-{i:02d}", here, {q: w for q, w in places.items() if q != f"r00-{i:02d}"}) if p.startswith("r01-"))
+    assert len(followers) >= 25 and max(followers.values()) <= 7, followers
+
+
+def test_a_campus_that_follows_few_peers_per_room_still_pays_each_link_once():
+    """The simulator follows as the session does: each agent its room and two per other
+    room (its HAVE frames a fraction of following everyone), and the campus still takes
+    each chunk from the origin once and into each room once."""
+    topology = Topology(rooms=[6, 6, 6], room_mbit=200, outside_mbit=100, chunks=32)
+    bounded, report = _run(topology, seed=5)
+    assert all(len(a.follows) == 5 + 2 * 2 for a in bounded.agents)
+    everyone = _run(topology, seed=5, per_place=None)[1]
+    assert report["origin_twice"] == 0 and report["outside_F"] == pytest.approx(1.0)
+    assert report["entered_twice"] == 0 and report["room_in_F_max"] <= 1.0 + 1e-6
+    assert report["frames_per_agent"] < 0.75 * everyone["frames_per_agent"]
+    assert report["completion_s"] < 1.3 * everyone["completion_s"]
+
+
 def test_a_claimed_chunk_from_another_room_ends_its_claim_even_for_subscribers_that_hold_it():
     """The publisher leaves a chunk out of a subscriber's deltas when the subscriber holds it
     already; a claim on it (a chunk brought into our room) must still end there."""

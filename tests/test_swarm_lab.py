@@ -199,8 +199,10 @@ def test_across_three_subnets_each_chunk_enters_a_room_once(env, oss, model_dir,
                 config = tmp_path / f"{name}-config"
                 config.mkdir()
                 write_room_file(config / "room.toml", room, teacher=False)
+                # Each follows one student of the other room (a campus's bound on whom a pull
+                # follows, at its smallest), the two of its own, and the teacher.
                 s_env = {**env, "SHOAL_CACHE_DIR": str(tmp_path / name), "SHOAL_CONFIG": str(config / "config.toml"),
-                         "SHOAL_MDNS": "1", "SHOAL_DHT": "1", "SHOAL_RETRIES": "0"}
+                         "SHOAL_MDNS": "1", "SHOAL_DHT": "1", "SHOAL_RETRIES": "0", "SHOAL_FOLLOW_PER_PLACE": "1"}
                 s_env.pop("SHOAL_SWARM_SECRET", None)
                 lab_agent(lab, lab.add_host(name, segment=segment), {**s_env, "SHOAL_SWARM_SECRET": room.swarm_secret})
                 students.append((segment, s_env))
@@ -229,4 +231,11 @@ def test_across_three_subnets_each_chunk_enters_a_room_once(env, oss, model_dir,
         # be ~2-3x.
         assert all(f <= 1.35 for f in entered.values()), f"bytes into each student subnet, in model sizes: {entered}"
         assert oss.faults.data_requests() == []
+        # HAVE streams each room's students were asked for: two per student from its room
+        # mates and one from each student of the other room (following all three there: 15).
+        subscribed = {segment: sum(json.loads(run_shoal(["status", "--json"], s, check=True).stdout)
+                                   ["swarm"]["asked"].get("sub", 0) for seg, s in students if seg == segment)
+                      for segment in (1, 2)}
+        print(f"HAVE streams each room's students were asked for: {subscribed}")
+        assert all(n <= 12 for n in subscribed.values()), subscribed
     assert netns.leftover_namespaces(lab.tag) == []

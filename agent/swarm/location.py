@@ -20,6 +20,11 @@ The rule (used by ``agent.swarm.view`` and ``agent.swarm.picker``, defined only 
   in two steps, first the location whose even share of the chunks it is in (``spread``),
   then by rendezvous hashing among that location's pullers (``owner``); an agent needs to
   know only which rooms pull and who pulls in its own, not every machine of the campus.
+- So a pull **follows** (asks, and reads the HAVE stream of) every peer of its own room,
+  and in each other place only ``PER_PLACE`` of them, chosen by rendezvous hashing on its
+  own id among those that pull or hold the model (``neighbours``): the agents of a room
+  choose different ones, so between them they see every other room, and a 300-machine
+  campus costs each agent its room plus two per other room, not 299 streams.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ MAX_SEGMENTS = 8
 MAX_SEGMENT = 64
 _SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]*")
 UNPLACED: Location = ("local",)  # no setting and no interface with an IPv4 network
+PER_PLACE = 2  # peers a pull follows in each place other than its own
 
 
 class LocationError(ValueError):
@@ -110,6 +116,27 @@ def owner(chunk: bytes, pullers: Iterable[str], place: Callable[[str], Location]
     return max(candidates, key=lambda p: _score(p, chunk))
 
 
+def neighbours(me: str, here: Location | None, places: dict[str, Location | None],
+               idle: set[str] | frozenset[str] = frozenset(), per_place: int = PER_PLACE) -> set[str]:
+    """The peers (of ``places``: peer -> where it said it is, None if it has not said yet)
+    that ``me`` follows for a pull: every one beside it (``same_place``: a peer whose place
+    is not known yet counts as beside, and its hello tells), and in each other place the
+    ``per_place`` that rank first by rendezvous hashing on ``me`` among those not ``idle``
+    (peers that said they neither pull nor hold the model: one that starts is ranked again)."""
+    chosen: set[str] = set()
+    elsewhere: dict[Location, list[str]] = {}
+    for peer, place in places.items():
+        if same_place(here, place):
+            chosen.add(peer)
+        elif peer not in idle:
+            elsewhere.setdefault(place, []).append(peer)
+    for peers in elsewhere.values():
+        if len(peers) > per_place:
+            peers.sort(key=lambda p: _score(me, p.encode()), reverse=True)
+        chosen.update(peers[:per_place])
+    return chosen
+
+
 def spread(manifest_id: str, total: int, places: tuple[Location, ...]) -> list[Location]:
     """Which place fetches each chunk (by ordinal) from outside: every place an even share
     (at most ``ceil(total / len(places))`` chunks), each chunk to the first place in its
@@ -162,4 +189,4 @@ def _default_route_interface() -> str | None:
 
 
 __all__ = ["Location", "LocationError", "parse", "format_location", "checked", "nearness", "same_place",
-           "owner", "spread", "default_location", "UNPLACED"]
+           "owner", "spread", "neighbours", "default_location", "UNPLACED", "PER_PLACE"]

@@ -32,7 +32,7 @@ from agent.config import Settings
 from agent.errors import ConfigError, NotInSwarm
 from agent.manifest import Manifest, ModelRef
 from agent.swarm.board import Board, Boards
-from agent.swarm.location import default_location, format_location, parse as parse_location
+from agent.swarm.location import default_location, format_location, neighbours, parse as parse_location
 from agent.swarm.node import ASK_TIMEOUT, SwarmNode
 from agent.swarm.protocol import Contact, PeerPending, SwarmAccess, encode_request, parse_answer
 from agent.errors import KeyRefused, PeerRefused
@@ -411,9 +411,10 @@ class Swarm:
 
     async def offers(self, ref: ModelRef) -> tuple[list, set[str]]:
         """What peers hold of ``ref``, asked before a pull plans, and who answered (an offer,
-        or none held): the connected peers first (at most ``OFFER_TIMEOUT``); the DHT only
-        when none has it. The session asks the others again."""
-        connected = self.node.connected() - self.node.refused_by
+        or none held): the connected peers first (our room, and a few in each other place:
+        ``neighbours``; at most ``OFFER_TIMEOUT``); the DHT only when none has it. The
+        session asks the others again."""
+        connected = self.neighbours(self.node.connected() - self.node.refused_by)
         answered: set[str] = set()
         answers = await self._ask_all(connected, OFFER_TIMEOUT, answered, settle=OFFER_SETTLE, ref=ref)
         if answers or answered != connected or self.node.dht is None:
@@ -427,6 +428,16 @@ class Swarm:
                     new[peer] = addrs
                     nursery.start_soon(self._dial, peer, addrs[0], "dht")
         return (await self._ask_all(set(found) - connected, ASK_TIMEOUT, answered, ref=ref) if new else []), answered
+
+    def neighbours(self, peers, idle=frozenset()) -> set[str]:
+        """Of ``peers`` (connected ones), those a pull asks and follows: our whole room and a
+        few of each other place (``agent.swarm.location.neighbours``; a peer whose hello has
+        not come yet counts as beside us until it says where it is)."""
+        places = {}
+        for peer in peers:
+            contact = self.contacts.get(peer)
+            places[peer] = contact.location if contact is not None else None
+        return neighbours(self.self_id, self.location, places, idle, self.settings.follow_per_place)
 
     def snapshot(self) -> list[dict]:
         served = dict(self.node.data.served_to)

@@ -230,7 +230,24 @@ class PullSession:
             retry_at[peer] = time.monotonic() + seconds
             self._wake.set()
 
+        scopes: dict[str, trio.CancelScope] = {}  # followed peers -> what stops following them
+
         async def follow_one(peer: str) -> None:
+            # Until the peer is no longer among those this pull follows (another of its place
+            # ranks before it now: ``Swarm.neighbours``), then it is forgotten.
+            with trio.CancelScope() as scope:
+                scopes[peer] = scope
+                try:
+                    await _follow_one(peer)
+                finally:
+                    if scopes.get(peer) is scope:
+                        del scopes[peer]
+            if scope.cancelled_caught:
+                view.forget(peer)
+                heard(peer)
+                self._wake.set()
+
+        async def _follow_one(peer: str) -> None:
             # One connection per peer: its HAVE stream, whose first frame says what it holds
             # (the plan has the manifest; an offer made before the plan is used as it is).
             try:
@@ -311,11 +328,27 @@ class PullSession:
                 while True:
                     now = time.monotonic()
                     candidates = swarm.node.connected() - swarm.node.refused_by
+                    idle -= self._interested  # it pulls now: ranked again among those of its place
+                    # Whom this pull follows: its room, and a few of each other place
+                    # (``agent.swarm.location.neighbours``); content asks go to the room and
+                    # the first few of each place, idle or not.
+                    chosen = swarm.neighbours(candidates, idle)
+                    probed = swarm.neighbours(candidates) if idle else chosen
+                    for peer, scope in list(scopes.items()):
+                        if peer in candidates and peer not in chosen:
+                            log.debug("no longer following %s: others of its place rank first", peer[:16])
+                            scope.cancel()
                     for peer in candidates - busy:
                         due = retry_at.get(peer)
                         asked_us = peer in self._interested
-                        if asked_us:
-                            idle.discard(peer)
+                        if peer not in chosen:
+                            self._interested.discard(peer)  # another place's, ranked after its chosen few
+                            if peer in idle and peer in probed and peer not in content_asked:
+                                content_asked.add(peer)
+                                busy.add(peer)
+                                probing.add(peer)
+                                nursery.start_soon(probe_content, peer)
+                            continue
                         if (peer not in idle and (due is None or due <= now)) or asked_us:
                             self._interested.discard(peer)
                             retry_at.pop(peer, None)
@@ -334,8 +367,9 @@ class PullSession:
                         # A peer still followed stays: its HAVE stream is a connection of
                         # its own, and the libp2p one may flap (two dials crossing). A
                         # forgotten peer's frames would be dropped while it is followed.
-                        if peer not in candidates and peer not in busy:
-                            log.debug("forgetting %s: no libp2p connection and no HAVE stream", peer[:16])
+                        if peer not in busy and (peer not in candidates or peer not in chosen):
+                            log.debug("forgetting %s: %s", peer[:16], "not followed" if peer in candidates
+                                      else "no libp2p connection and no HAVE stream")
                             view.forget(peer)
                     unknown &= candidates
                     for peer in unknown:  # where those not heard from yet are (their hellos)

@@ -13,8 +13,9 @@ and ``agent.swarm.picker.SwarmPicker``; what the network does is modelled here:
 - **HAVE streams**: ``delivery_s`` after a board changes (the push latency) its changes
   reach every agent that follows it, as one delta frame, leaving out the chunks the
   subscriber holds but for those from the origin (as ``agent.swarm.publisher`` does); a
-  heartbeat every ``BEAT_S`` otherwise. Every agent follows every other agent that pulls
-  (as the real session does today); ``frames`` counts what each agent received.
+  heartbeat every ``BEAT_S`` otherwise. Each agent follows the peers the real session
+  follows (``agent.swarm.location.neighbours``: its whole room, ``per_place`` in each
+  other room, among those that pull); ``frames`` counts what each agent received.
 - **A class starting**: pulls may start within ``stagger_s`` of each other (an agent whose
   pull has not started answers "idle"), and each agent's first answer from each other may
   take up to ``answer_s``.
@@ -34,6 +35,7 @@ from types import SimpleNamespace
 
 from agent.manifest import FileEntry, Manifest
 from agent.picking import ORIGINS, Job
+from agent.swarm import location as locality
 from agent.swarm.board import Board
 from agent.swarm.picker import SwarmPicker
 from agent.swarm.protocol import Contact
@@ -117,6 +119,8 @@ class Agent:
     start_at: float = 0.0  # when its pull starts
     frames: int = 0
     done_at: float | None = None
+    follows: set[str] = field(default_factory=set)  # the peers it follows (their HAVE streams)
+    asked: set[str] = field(default_factory=set)  # every peer it has asked (followed at some point)
 
 
 class Clock:
@@ -130,7 +134,7 @@ class Clock:
 class Campus:
     def __init__(self, topology: Topology, *, seed: int = 1, concurrency: int = 8, origin_streams: int = 4,
                  upload_slots: int = 4, dt: float = 0.02, delivery_s: float = 0.02, stagger_s: float = 0.0,
-                 answer_s: float = 0.0):
+                 answer_s: float = 0.0, per_place: int | None = locality.PER_PLACE):
         random.seed(seed)
         self.topology = topology
         self.clock = Clock()
@@ -143,6 +147,11 @@ class Campus:
         # at random), as offers and HAVE streams open one by one in a real room.
         self.answer_s = answer_s
         self._answer_at: dict[tuple[str, str], float] = {}
+        # Peers each agent follows in each other room (None: every one, as before locations
+        # bounded it).
+        self.per_place = per_place
+        self._followers: dict[str, list[Agent]] = {}
+        self._idle_seen: set[str] | None = None
         self.concurrency, self.upload_slots = concurrency, upload_slots
         self.capacity: dict[str, float] = {"outside": topology.outside_mbit * 1e6 / 8}
         self.agents: list[Agent] = []
@@ -159,7 +168,10 @@ class Campus:
         self.link_bytes: dict[str, float] = dict.fromkeys(self.capacity, 0.0)
         self.flows: list[Flow] = []
         self._rates_stale = True
-        self._touched: set[Agent] = set()  # agents to look for work at this instant
+        # Agents to look for work at this instant, in the order they were touched (a set of
+        # agents would iterate by memory address: each run a different order of picks, and
+        # of draws from the seeded random, so the same campus gave figures 0.05x apart).
+        self._touched: dict[Agent, None] = {}
         self._seqs: dict[str, int] = {}  # agent -> the board seq last delivered
         self._beat_at = 0.0
         self._origin_streams = origin_streams
@@ -176,14 +188,41 @@ class Campus:
         for agent in self.agents:
             agent.start_at = self.clock.now + (random.uniform(0, self.stagger_s) if self.stagger_s else 0.0)
             agent.board.set_pulling(False)
-            # Connected, not heard from yet: each answers (and says where it is) with its
-            # first frame; until then the picker presumes it pulls (``ROOM_WAIT``).
-            agent.view.set_unknown({o.name for o in self.agents if o is not agent})
+            # Connected, not heard from yet: those it follows answer (and say where they are)
+            # with their first frame; until then the picker presumes they pull (``ROOM_WAIT``).
+            agent.follows = agent.asked = self._neighbours(agent, set())
+            agent.view.set_unknown(set(agent.follows))
             for other in self.agents:
                 if other is not agent and self.answer_s:
                     self._answer_at[(agent.name, other.name)] = self.clock.now + random.uniform(0, self.answer_s)
             self._seqs[agent.name] = -1
+        self._index_followers()
         self._begin_due()
+
+    def _neighbours(self, agent: Agent, idle: set[str]) -> set[str]:
+        """Whom ``agent`` follows, as the real session chooses (its hello told it every
+        other agent's place)."""
+        places = {o.name: o.view.location for o in self.agents if o is not agent}
+        if self.per_place is None:
+            return set(places)
+        return locality.neighbours(agent.name, agent.view.location, places, idle, self.per_place)
+
+    def _refollow(self, idle: set[str]) -> None:
+        """Pulls started (fewer idle agents): each agent's choice among the other rooms'
+        pullers is made again; a peer no longer chosen is forgotten (its stream closed)."""
+        for agent in self.agents:
+            follows = self._neighbours(agent, idle)
+            for gone in agent.follows - follows:
+                agent.view.forget(gone)
+            agent.follows = follows
+            agent.asked = agent.asked | follows
+        self._index_followers()
+
+    def _index_followers(self) -> None:
+        self._followers = {a.name: [] for a in self.agents}
+        for agent in self.agents:
+            for name in agent.follows:
+                self._followers[name].append(agent)
 
     def _begin_due(self) -> None:
         for agent in self.agents:
@@ -194,7 +233,7 @@ class Campus:
                 agent.picker = SwarmPicker(agent.view, agent.board, jobs, origin_streams=self._origin_streams,
                                            workers=self.concurrency, clock=self.clock)
                 self._seqs[agent.name] = -1  # its first frame to everyone: a snapshot
-                self._touched.add(agent)
+                self._touched[agent] = None
 
     # ------------------------------------------------------------------ the loop
 
@@ -216,13 +255,13 @@ class Campus:
             if now >= next_delivery - 1e-9:
                 self._deliver()
                 next_delivery = float("inf")
-                self._touched.update(self.agents)
+                self._touched.update(dict.fromkeys(self.agents))
             if now >= next_look - 1e-9:
-                self._touched.update(self.agents)
+                self._touched.update(dict.fromkeys(self.agents))
                 next_look = now + self.dt
             for agent in self.agents:
                 if agent.waiting and agent.retry_at <= now + 1e-9:
-                    self._touched.add(agent)
+                    self._touched[agent] = None
             for agent in self._touched:
                 if agent.done_at is None and agent.picker is not None:
                     self._pick(agent)
@@ -250,9 +289,12 @@ class Campus:
         # Agents whose pull has not started answer "idle": the others list them so (the
         # picker counts them among the pullers for a moment) and follow them once they pull.
         idle = {a.name for a in self.agents if a.picker is None}
+        if idle != self._idle_seen:
+            self._idle_seen = idle
+            self._refollow(idle)
         for agent in self.agents:
-            agent.view.set_idle(idle - {agent.name})
-            agent.view.set_unknown(agent.view.unknown - idle)  # "idle" is an answer
+            agent.view.set_idle(idle & agent.asked - {agent.name})
+            agent.view.set_unknown(agent.view.unknown & agent.follows - idle)  # "idle" is an answer
         for source in self.agents:
             if source.name in idle:
                 continue
@@ -270,9 +312,7 @@ class Campus:
                 c = source.board.changes_since(last)
                 message = Message(DELTA, c.seq + 1, c.have, c.origin, c.claim, c.unclaim, c.pulling)
             self._seqs[source.name] = seq
-            for agent in self.agents:
-                if agent is source:
-                    continue
+            for agent in self._followers[source.name]:
                 if source.name not in agent.view.peers:  # not followed yet: its answer comes first
                     if self.clock.now < self._answer_at.get((agent.name, source.name), 0.0):
                         continue
@@ -321,7 +361,7 @@ class Campus:
             self.entries[key] = self.entries.get(key, 0) + 1
         for f in rivals:
             agent.picker.done(f.job)
-        self._touched.add(agent)
+        self._touched[agent] = None
         if len(agent.board.have) == agent.board.total and agent.done_at is None:
             agent.done_at = self.clock.now
 
