@@ -12,6 +12,7 @@ import pytest
 from agent.config import load_settings
 from agent.errors import CredentialsRejected, NotFound, ShoalError, SourceUnavailable
 from agent.launcher.jobs import FINAL, TRANSITIONS, JobStore, next_state
+from agent.swarm.lifecycle import TRANSITIONS as PEER_TRANSITIONS, next_state as next_peer_state
 from agent.manifest import ModelRef, chunk_count, chunk_span
 from agent.scheduler import ChunkFetched, ChunkRejected, FileTask, Scheduler, SourceState, SourceTrouble
 from agent.sources import ChunkSource
@@ -47,6 +48,52 @@ def test_a_job_records_its_exit_status(tmp_path):
     job = jobs.get(job.id)
     assert (job.state, job.exit_code) == ("failed", 3)
     assert "bye" in jobs.log_path(job.id).read_text()
+
+
+# ------------------------------------------------------------- a peer in a pull
+
+
+@pytest.mark.parametrize("state,event,after", sorted((s, e, a) for (s, e), a in PEER_TRANSITIONS.items()))
+def test_every_peer_transition_in_the_table(state, event, after):
+    assert next_peer_state(state, event) == after
+
+
+@pytest.mark.parametrize("state,event", [("new", "heard"), ("followed", "ask"), ("idle", "failed"),
+                                         ("passed", "interest"), ("probing", "pass"), ("resting", "heard")])
+def test_peer_transitions_outside_the_table_are_refused(state, event):
+    with pytest.raises(ShoalError, match="cannot take"):
+        next_peer_state(state, event)
+
+
+def test_a_peer_that_fails_rests_longer_each_time_and_is_unheard_only_while_asked():
+    from agent.swarm import lifecycle
+    now = [100.0]
+    life = lifecycle.PeerLifecycle(clock=lambda: now[0])
+    assert life.of("p") == lifecycle.NEW
+    life.move("p", "ask")
+    assert life.unheard == {"p"}  # the picker presumes it pulls until it answers
+    life.heard("p")
+    assert (life.of("p"), life.unheard) == (lifecycle.FOLLOWED, set())
+    rests = []
+    for _ in range(7):
+        life.move("p", "failed")
+        rests.append(life.soonest({"p"}) - now[0])
+        assert not life.due("p", now[0])
+        assert life.due("p", now[0] + rests[-1])
+        life.move("p", "due")
+        life.move("p", "ask", known=True)  # its offer is in the view: not unheard
+        assert life.unheard == set()
+    assert rests == [*lifecycle.RETRY, lifecycle.RETRY[-1], lifecycle.RETRY[-1]]
+    # A peer that holds none by name is probed by content once; "none": idle again; its
+    # interest (it started pulling) makes it new, to be asked.
+    life.move("q", "not_followed")
+    life.move("q", "probe")
+    assert "q" in life.unheard and "q" in life.content_asked
+    life.move("q", "none")
+    assert (life.of("q"), life.unheard) == (lifecycle.IDLE, set())
+    assert life.move("q", "interest") == lifecycle.NEW
+    # Another place's peer passed over, chosen again later.
+    assert life.move("r", "pass") == lifecycle.PASSED and life.move("r", "chosen") == lifecycle.NEW
 
 
 # -------------------------------------------------------------------------- scheduler

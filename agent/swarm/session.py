@@ -30,13 +30,13 @@ from agent.swarm.board import Board
 from agent.swarm.datawire import (DENIED, MAX_OFFER, MAX_ROOM_ANSWER, MISSING, MODE_CONTENT, MODE_OFFER, MODE_ROOM,
                                   MODE_SUB, OK, STATUS_NAMES, Ticket, client_tls)
 from agent.swarm.handshake import NotADataPort, certificate_matches
+from agent.swarm.lifecycle import ACTIVE, ASKING, FOLLOWED, IDLE, NEW, PASSED, PROBING, RESTING, PeerLifecycle
 from agent.swarm.protocol import Contact, parse_answer
 from agent.swarm.view import LIVENESS, LanView
 
 log = logging.getLogger("shoal.swarm")
 
 PENDING = "pending"  # what ``Swarm.ask`` returns for such a peer
-RETRY = (0.5, 1.0, 2.0, 5.0, 10.0)  # rests between attempts to follow a peer that failed
 CONNECT_TIMEOUT = 5.0
 # A stream's first frame may wait for the peer's plan (agent.swarm.datapath.SUB_PLAN_WAIT);
 # after it, the view's liveness rule applies.
@@ -196,14 +196,16 @@ class PullSession:
         """Follow peers into ``view`` until cancelled; ``task_status.started()`` as soon as
         the asks are under way (what peers answered before the plan is in the view).
 
-        Each connected peer is, for this pull: *followed* (its HAVE stream flows: one
-        connection, whose first frame says what it holds; a peer still planning the same
-        pull holds the subscription until it has a board, for a few seconds at most),
-        *idle* (it holds none and does not pull it: it subscribes to us when it starts,
-        and that interest makes us follow it), or *resting* after a failure (tried again
-        after ``RETRY``). Until every peer has been heard from, ``view.unknown`` names those
-        that have not, and the picker counts them among the pullers for a while
-        (``agent.swarm.picker.ROOM_WAIT``)."""
+        Each connected peer is, for this pull (``agent.swarm.lifecycle``, its transition
+        table): *asking*, then *followed* (its HAVE stream flows: one connection, whose
+        first frame says what it holds; a peer still planning the same pull holds the
+        subscription until it has a board, for a few seconds at most), *idle* (it holds
+        none and does not pull it: it subscribes to us when it starts, and that interest
+        makes us follow it), *probing* (asked once what it holds by content), *resting*
+        after a failure (asked again after ``RETRY``), or *passed* over (another place's,
+        ranked after the few this pull follows there). Until every peer has been heard
+        from, ``view.unknown`` names those that have not, and the picker counts them among
+        the pullers for a while (``agent.swarm.picker.ROOM_WAIT``)."""
         swarm, manifest = self.swarm, view.manifest
         self.view = view
         board.set_pulling(True)
@@ -213,111 +215,53 @@ class PullSession:
                  if offer.manifest.id == manifest.id and offer.peer in swarm.contacts}
         for peer, offer in known.items():
             view.offered(peer, offer, swarm.contacts[peer])
-        busy: set[str] = set()  # asked or followed right now
-        idle: set[str] = set(self.asked) - set(known)  # answered "none here" before the plan
-        unknown: set[str] = set()  # not heard from yet (pending, or asked for the first time)
-        retry_at: dict[str, float] = {}
-        failures: dict[str, int] = {}
-        content_asked: set[str] = set()  # peers asked what they hold of it by content
-        probing: set[str] = set()  # ... whose answer has not come yet
+        life = PeerLifecycle()  # each peer's state in this pull (agent.swarm.lifecycle)
+        for peer in set(self.asked) - set(known):
+            life.move(peer, "not_followed")  # answered "none here" before the plan
+        scopes: dict[str, trio.CancelScope] = {}  # peers asked or followed -> what stops that
         began = time.monotonic()
 
-        def heard(peer: str) -> None:
-            unknown.discard(peer)
-            view.set_unknown(unknown)
+        def tell_view() -> None:
+            view.set_unknown(life.unheard)
 
-        def rest(peer: str, seconds: float) -> None:
-            retry_at[peer] = time.monotonic() + seconds
+        def heard(peer: str) -> None:
+            life.heard(peer)
+            tell_view()
+
+        def end(peer: str, event: str) -> None:
+            life.move(peer, event)
+            tell_view()
             self._wake.set()
 
-        scopes: dict[str, trio.CancelScope] = {}  # followed peers -> what stops following them
-
         async def follow_one(peer: str) -> None:
-            # Until the peer is no longer among those this pull follows (another of its place
-            # ranks before it now: ``Swarm.neighbours``), then it is forgotten.
+            # Ask, then follow, until the stream ends or the peer is no longer among those
+            # this pull follows (another of its place ranks before it now: ``pass``).
             with trio.CancelScope() as scope:
                 scopes[peer] = scope
                 try:
-                    await _follow_one(peer)
+                    event = await self._follow_one(peer, known.pop(peer, None), view, heard, life.content_asked)
                 finally:
                     if scopes.get(peer) is scope:
                         del scopes[peer]
             if scope.cancelled_caught:
                 view.forget(peer)
-                heard(peer)
-                self._wake.set()
-
-        async def _follow_one(peer: str) -> None:
-            # One connection per peer: its HAVE stream, whose first frame says what it holds
-            # (the plan has the manifest; an offer made before the plan is used as it is).
-            try:
-                answer = known.pop(peer, None)
-                for attempt in range(2):
-                    contact = await swarm.contact(peer, fresh=attempt > 0)
-                    if contact is None:  # it cannot or will not say hello: rest, then try again
-                        log.debug("following %s: no contact (no hello answer)", peer[:16])
-                        failures[peer] = failures.get(peer, 0) + 1
-                        rest(peer, RETRY[min(failures[peer], len(RETRY)) - 1])
-                        heard(peer)
-                        return
-                    if answer is not None:
-                        view.offered(peer, answer, contact)
-                    else:
-                        view.following(peer, contact)
-                    try:
-                        await self._subscribe(peer, contact, view, heard)
-                        return
-                    except KeyRefused:
-                        continue  # our key was renewed or revoked meanwhile: hello again, once
-                    except NotFollowed as e:  # it holds none and does not pull it: it subscribes to us when it does
-                        # ... by name. It may hold some of it by content (another repository
-                        # with the same files, the revision before this one): ask once.
-                        if peer not in content_asked:
-                            content_asked.add(peer)
-                            offer = await content_over(contact, manifest, CONNECT_TIMEOUT)
-                            if offer is not None:
-                                log.debug("following %s by content: %d chunks", peer[:16],
-                                          sum(len(v) for v in offer.have.values()))
-                                view.offered(peer, offer, contact)
-                                try:
-                                    await self._subscribe(peer, contact, view, heard)
-                                    return
-                                except NotFollowed:
-                                    pass
-                        log.debug("not following %s: %s", peer[:16], e)
-                        view.forget(peer)
-                        idle.add(peer)
-                        heard(peer)
-                        self._wake.set()  # the loop below tells the view who is idle
-                        return
-            except (OSError, ShoalError, trio.TooSlowError, trio.BrokenResourceError) as e:
-                log.info("following %s: %s", peer[:16], e)
-                view.unsubscribed(peer, silent=isinstance(e, trio.TooSlowError))
-                failures[peer] = failures.get(peer, 0) + 1
-                rest(peer, RETRY[min(failures[peer], len(RETRY)) - 1])
-                heard(peer)
-            finally:
-                busy.discard(peer)
+                event = "pass"
+            end(peer, event)
 
         async def probe_content(peer: str) -> None:
             # Ask a peer that holds none of the manifest by name what it holds by content;
             # follow it (its board for the manifest exists now) when that is something.
-            try:
-                contact = await swarm.contact(peer)
-                offer = await content_over(contact, manifest, CONNECT_TIMEOUT) if contact is not None else None
-            finally:
-                busy.discard(peer)
-                probing.discard(peer)
-                self._wake.set()
+            contact = await swarm.contact(peer)
+            offer = await content_over(contact, manifest, CONNECT_TIMEOUT) if contact is not None else None
             if offer is None:
-                heard(peer)
+                end(peer, "none")
                 return
             log.debug("%s holds %d chunks of it by content: following it", peer[:16],
                       sum(len(v) for v in offer.have.values()))
-            idle.discard(peer)
             view.offered(peer, offer, contact)
             known[peer] = offer
-            busy.add(peer)
+            life.move(peer, "found")
+            tell_view()
             await follow_one(peer)
 
         try:
@@ -328,56 +272,57 @@ class PullSession:
                 while True:
                     now = time.monotonic()
                     candidates = swarm.node.connected() - swarm.node.refused_by
-                    idle -= self._interested  # it pulls now: ranked again among those of its place
+                    for peer in self._interested & candidates:
+                        # It asked us about the model: it pulls now (asked again, and ranked
+                        # again among its place's); one asked or followed already needs nothing.
+                        self._interested.discard(peer)
+                        if life.of(peer) in (IDLE, RESTING):
+                            life.move(peer, "interest")
                     # Whom this pull follows: its room, and a few of each other place
                     # (``agent.swarm.location.neighbours``); content asks go to the room and
                     # the first few of each place, idle or not.
+                    idle = life.in_state(IDLE, PROBING)
                     chosen = swarm.neighbours(candidates, idle)
                     probed = swarm.neighbours(candidates) if idle else chosen
-                    for peer, scope in list(scopes.items()):
-                        if peer in candidates and peer not in chosen:
-                            log.debug("no longer following %s: others of its place rank first", peer[:16])
-                            scope.cancel()
-                    for peer in candidates - busy:
-                        due = retry_at.get(peer)
-                        asked_us = peer in self._interested
+                    for peer in candidates:
+                        state = life.of(peer)
                         if peer not in chosen:
-                            self._interested.discard(peer)  # another place's, ranked after its chosen few
-                            if peer in idle and peer in probed and peer not in content_asked:
-                                content_asked.add(peer)
-                                busy.add(peer)
-                                probing.add(peer)
+                            if state in (ASKING, FOLLOWED) and peer in scopes:
+                                log.debug("no longer following %s: others of its place rank first", peer[:16])
+                                scopes[peer].cancel()  # its task ends with ``pass``
+                            elif state in (NEW, RESTING):
+                                life.move(peer, "pass")
+                            elif state == IDLE and peer in probed and peer not in life.content_asked:
+                                life.move(peer, "probe")
                                 nursery.start_soon(probe_content, peer)
                             continue
-                        if (peer not in idle and (due is None or due <= now)) or asked_us:
-                            self._interested.discard(peer)
-                            retry_at.pop(peer, None)
-                            busy.add(peer)
-                            if peer not in view.peers:
-                                unknown.add(peer)
+                        if state == PASSED:
+                            state = life.move(peer, "chosen")
+                        elif state == RESTING and life.due(peer, now):
+                            state = life.move(peer, "due")
+                        if state == NEW:
+                            life.move(peer, "ask", known=peer in view.peers)
                             nursery.start_soon(follow_one, peer)
-                        elif peer in idle and peer not in content_asked:
+                        elif state == IDLE and peer not in life.content_asked:
                             # It said it holds none of this by name: it may by content.
-                            content_asked.add(peer)
-                            busy.add(peer)
-                            unknown.add(peer)
-                            probing.add(peer)  # the first pick waits for its answer (CONTENT_WAIT)
+                            life.move(peer, "probe")
                             nursery.start_soon(probe_content, peer)
                     for peer in list(view.peers):
                         # A peer still followed stays: its HAVE stream is a connection of
                         # its own, and the libp2p one may flap (two dials crossing). A
                         # forgotten peer's frames would be dropped while it is followed.
-                        if peer not in busy and (peer not in candidates or peer not in chosen):
+                        if life.of(peer) not in ACTIVE and (peer not in candidates or peer not in chosen):
                             log.debug("forgetting %s: %s", peer[:16], "not followed" if peer in candidates
                                       else "no libp2p connection and no HAVE stream")
                             view.forget(peer)
-                    unknown &= candidates
-                    for peer in unknown:  # where those not heard from yet are (their hellos)
+                    life.unheard &= candidates
+                    for peer in life.unheard:  # where those not heard from yet are (their hellos)
                         contact = swarm.contacts.get(peer)
                         if contact is not None:
                             view.place(peer, contact.location)
-                    view.set_unknown(unknown)
-                    view.set_idle(idle & candidates)
+                    tell_view()
+                    view.set_idle(life.in_state(IDLE, PROBING) & candidates)
+                    probing = life.in_state(PROBING)
                     if not started and (not probing or time.monotonic() - began > CONTENT_WAIT):
                         # The picker may start at once: peers not heard from yet count as
                         # pulling (agent.swarm.picker), and those that answered before the
@@ -386,7 +331,8 @@ class PullSession:
                         started = True
                     view.tick()
                     self._wake = trio.Event()
-                    soonest = min((t for p, t in retry_at.items() if p in candidates), default=now + 1.0)
+                    soonest = life.soonest(candidates)
+                    soonest = now + 1.0 if soonest is None else soonest
                     with trio.move_on_after(max(0.02, min(soonest - now, 0.05 if not started else 1.0))):
                         await self._wake.wait()
         finally:
@@ -399,6 +345,50 @@ class PullSession:
                 info["bytes_down"] += summary["bytes_down"]
                 if summary["banned"]:
                     info["dropped"] = summary["banned"]
+
+    async def _follow_one(self, peer: str, answer, view: LanView, heard, content_asked: set[str]) -> str:
+        """Follow ``peer`` (one connection: its HAVE stream, whose first frame says what it
+        holds; ``answer``, an offer made before the plan, is used as it is) until the stream
+        ends: the lifecycle event that ends it (``failed`` or ``not_followed``)."""
+        swarm, manifest = self.swarm, view.manifest
+        try:
+            for attempt in range(2):
+                contact = await swarm.contact(peer, fresh=attempt > 0)
+                if contact is None:  # it cannot or will not say hello: rest, then try again
+                    log.debug("following %s: no contact (no hello answer)", peer[:16])
+                    return "failed"
+                if answer is not None:
+                    view.offered(peer, answer, contact)
+                else:
+                    view.following(peer, contact)
+                try:
+                    await self._subscribe(peer, contact, view, heard)
+                    return "failed"  # (it returns only by raising)
+                except KeyRefused:
+                    continue  # our key was renewed or revoked meanwhile: hello again, once
+                except NotFollowed as e:  # it holds none and does not pull it: it subscribes to us when it does
+                    # ... by name. It may hold some of it by content (another repository
+                    # with the same files, the revision before this one): ask once.
+                    if peer not in content_asked:
+                        content_asked.add(peer)
+                        offer = await content_over(contact, manifest, CONNECT_TIMEOUT)
+                        if offer is not None:
+                            log.debug("following %s by content: %d chunks", peer[:16],
+                                      sum(len(v) for v in offer.have.values()))
+                            view.offered(peer, offer, contact)
+                            try:
+                                await self._subscribe(peer, contact, view, heard)
+                                return "failed"
+                            except NotFollowed:
+                                pass
+                    log.debug("not following %s: %s", peer[:16], e)
+                    view.forget(peer)
+                    return "not_followed"
+            return "failed"  # our key refused twice
+        except (OSError, ShoalError, trio.TooSlowError, trio.BrokenResourceError) as e:
+            log.info("following %s: %s", peer[:16], e)
+            view.unsubscribed(peer, silent=isinstance(e, trio.TooSlowError))
+            return "failed"
 
     async def _find_by_content(self, manifest) -> None:
         try:
