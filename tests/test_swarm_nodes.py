@@ -18,7 +18,7 @@ from agent.swarm.node import SwarmNode
 from agent.swarm.protocol import (MAX_PEX, MAX_REQUEST, PROTOCOL, SwarmAccess, bitmap, encode_answer, encode_contact,
                                   encode_hello_request, encode_request, indices, parse_answer, parse_contact,
                                   parse_hello_request, parse_request)
-from agent.swarm.session import offer_over
+from agent.swarm.asks import offer_over
 from conftest import CHUNK, MODEL_ID
 
 REF = ModelRef(MODEL_ID, "master")

@@ -36,7 +36,8 @@ from agent.swarm.location import default_location, format_location, neighbours, 
 from agent.swarm.node import ASK_TIMEOUT, SwarmNode
 from agent.swarm.protocol import Contact, PeerPending, SwarmAccess, encode_request, parse_answer
 from agent.errors import KeyRefused, PeerRefused
-from agent.swarm.session import PENDING, PullSession, offer_over
+from agent.swarm.asks import offer_over
+from agent.swarm.session import PENDING, PullSession
 from agent.swarm.wire import Ordinals
 
 log = logging.getLogger("shoal.swarm")
@@ -372,7 +373,7 @@ class Swarm:
     async def room_ask(self, peer: str, request: bytes, timeout: float) -> bytes | None:
         """A room ask (``agent.assign.wire``) on the peer's data port: its answer, or None when
         it cannot answer (no key to its port, it keeps no room)."""
-        from agent.swarm.session import room_over
+        from agent.swarm.asks import room_over
         for attempt in range(2):
             contact = await self.contact(peer, fresh=attempt > 0)
             if contact is None:
