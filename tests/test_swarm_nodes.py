@@ -314,6 +314,36 @@ async def test_dht_lookups_find_a_provider_across_a_20_node_swarm(tmp_path, mode
         store.close()
 
 
+async def test_a_key_enough_peers_provide_is_recorded_without_a_dht_walk(tmp_path):
+    """A room whose agents all completed the same files announces them once or thrice, not
+    once per agent: a node that keeps three other providers' records for a key (it is
+    among the closest to it) records itself without walking the DHT."""
+    from agent.swarm.node import blob_key
+    stores = [Store(tmp_path / f"n{i}") for i in range(5)]
+    async with trio.open_nursery() as nursery:
+        nodes = [await start_node(nursery, store, bytes([i + 1]) * 32, dht=True) for i, store in enumerate(stores)]
+        for i, a in enumerate(nodes):
+            for b in nodes[i + 1:]:
+                await a.connect(b.addrs[0])
+                await a.add_to_routing(b.peer_id)
+                await b.add_to_routing(a.peer_id)
+        key = blob_key(b"\x01" * 32)
+        with trio.fail_after(60):
+            for node in nodes[:3]:
+                assert await node.provide_key(key)
+            assert [n.provides_skipped for n in nodes[:3]] == [0, 0, 0]  # each walked
+            from libp2p.kad_dht.kad_dht import _encode_key
+            while len(nodes[3].dht.provider_store.get_providers(_encode_key(key))) < 3:
+                await trio.sleep(0.05)  # their ADD_PROVIDER messages are on the way
+            assert await nodes[3].provide_key(key)
+            assert nodes[3].provides_skipped == 1
+            found = await nodes[4].find_key(key)
+            assert {n.peer_id for n in nodes[:3]} <= set(found), found
+        nursery.cancel_scope.cancel()
+    for store in stores:
+        store.close()
+
+
 def test_answers_round_trip(model_dir):
     manifest = manifest_from_dir(REF, model_dir, CHUNK)
     have = {f.path: set(range(0, len(f.chunks), 2)) for f in manifest.files}

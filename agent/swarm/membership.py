@@ -449,7 +449,8 @@ class Swarm:
         """This swarm member as ``shoal status`` shows it."""
         return {"peer_id": self.self_id, "addrs": self.node.addrs, "data": list(self.node.data.address),
                 "tag": self.access.tag, "open": self.access.open, "mdns": self.settings.mdns,
-                "dht": self.settings.dht, "asked": {"hello": self.node.hellos_answered, **self.node.data.asked}}
+                "dht": self.settings.dht, "asked": {"hello": self.node.hellos_answered, **self.node.data.asked},
+                "provides_skipped": self.node.provides_skipped}
 
     def connected_count(self) -> int:
         return sum(1 for info in self.peers.values() if info["connected"])
