@@ -96,7 +96,8 @@ def same_place(a: Location | None, b: Location | None) -> bool:
     return a is None or b is None or a == b
 
 
-def _score(name: str, chunk: bytes) -> bytes:
+def score(name: str, chunk: bytes) -> bytes:
+    """``name``'s rendezvous score for ``chunk``: the highest wins it."""
     return blake3_hash(name.encode() + b"|" + chunk)
 
 
@@ -113,7 +114,7 @@ def owner(chunk: bytes, pullers: Iterable[str], place: Callable[[str], Location]
         candidates = by_place[share_of(tuple(sorted(by_place)))]
     else:
         candidates = next(iter(by_place.values()))
-    return max(candidates, key=lambda p: _score(p, chunk))
+    return max(candidates, key=lambda p: score(p, chunk))
 
 
 def neighbours(me: str, here: Location | None, places: dict[str, Location | None],
@@ -132,9 +133,15 @@ def neighbours(me: str, here: Location | None, places: dict[str, Location | None
             elsewhere.setdefault(place, []).append(peer)
     for peers in elsewhere.values():
         if len(peers) > per_place:
-            peers.sort(key=lambda p: _score(me, p.encode()), reverse=True)
+            peers.sort(key=lambda p: score(me, p.encode()), reverse=True)
         chosen.update(peers[:per_place])
     return chosen
+
+
+def finder(key: str, peers: Iterable[str]) -> str:
+    """The one of ``peers`` that does a job for all of them, by rendezvous hashing on
+    ``key`` (a room's DHT lookup of a pull's files by content)."""
+    return max(peers, key=lambda p: score(p, key.encode()))
 
 
 def spread(manifest_id: str, total: int, places: tuple[Location, ...]) -> list[Location]:
@@ -150,7 +157,7 @@ def spread(manifest_id: str, total: int, places: tuple[Location, ...]) -> list[L
     chosen: list[Location] = []
     for ordinal in range(total):
         chunk = f"{manifest_id}|{ordinal}".encode()
-        for loc in sorted(places, key=lambda loc: _score(names[loc], chunk), reverse=True):
+        for loc in sorted(places, key=lambda loc: score(names[loc], chunk), reverse=True):
             if taken[loc] < cap:
                 taken[loc] += 1
                 chosen.append(loc)
@@ -189,4 +196,4 @@ def _default_route_interface() -> str | None:
 
 
 __all__ = ["Location", "LocationError", "parse", "format_location", "checked", "nearness", "same_place",
-           "owner", "spread", "neighbours", "default_location", "UNPLACED", "PER_PLACE"]
+           "owner", "spread", "neighbours", "finder", "score", "default_location", "UNPLACED", "PER_PLACE"]

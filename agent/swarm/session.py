@@ -25,7 +25,7 @@ import time
 import trio
 
 from agent.errors import KeyRefused, NotFollowed, PeerRefused, ShoalError
-from agent.swarm import wire
+from agent.swarm import location as locality, wire
 from agent.swarm.asks import content_over, open_keyed
 from agent.swarm.board import Board
 from agent.swarm.datawire import MISSING, MODE_SUB
@@ -44,6 +44,7 @@ FIRST_FRAME_WAIT = 5.0
 # manifest by name (one round trip each on a LAN): a peer holding its files under another
 # model must be in the view before the picker sends those chunks to the origin.
 CONTENT_WAIT = 0.5
+SEEK_WAIT = 1.0  # the room's pullers have answered by then: one of them looks files up in the DHT
 
 
 class PullSession:
@@ -155,7 +156,7 @@ class PullSession:
         try:
             async with trio.open_nursery() as nursery:
                 if getattr(swarm.node, "dht", None) is not None:
-                    nursery.start_soon(self._find_by_content, manifest)  # holders under other names
+                    nursery.start_soon(self._find_by_content, view)  # holders under other names
                 started = False
                 while True:
                     now = time.monotonic()
@@ -278,7 +279,21 @@ class PullSession:
             view.unsubscribed(peer, silent=isinstance(e, trio.TooSlowError))
             return "failed"
 
-    async def _find_by_content(self, manifest) -> None:
+    async def _find_by_content(self, view: LanView) -> None:
+        """Look the pull's largest files up by content in the DHT and dial their holders,
+        if this agent is the one of its room's pullers that does (``location.finder``, once
+        they have answered; a puller alone always does). Each lookup walks the DHT, a
+        libp2p stream to each peer it asks and one answer from each, and 24 agents in three
+        rooms that each looked up the same files at the pull's start spent over half their
+        control CPU on it. The finder follows what it finds; a chunk only those holders
+        have that the finder sees unclaimed by its room it takes in itself after a grace
+        (``agent.swarm.picker.ENTRY_GRACE``), and the room trades it."""
+        manifest = view.manifest
+        await trio.sleep(SEEK_WAIT)
+        pullers = [p for p in view.room(count_unknown=False)[0] if view.is_local(p)]
+        if locality.finder(manifest.id, pullers) != self.self_id:
+            log.debug("pull %s: another puller of this room looks its files up by content", self.ref)
+            return
         try:
             dialled = await self.swarm.find_by_content(manifest)
             if dialled:
