@@ -318,7 +318,7 @@ async def test_a_key_enough_peers_provide_is_recorded_without_a_dht_walk(tmp_pat
     """A room whose agents all completed the same files announces them once or thrice, not
     once per agent: a node that keeps three other providers' records for a key (it is
     among the closest to it) records itself without walking the DHT."""
-    from agent.swarm.node import blob_key
+    from agent.swarm.records import blob_key
     stores = [Store(tmp_path / f"n{i}") for i in range(5)]
     async with trio.open_nursery() as nursery:
         nodes = [await start_node(nursery, store, bytes([i + 1]) * 32, dht=True) for i, store in enumerate(stores)]

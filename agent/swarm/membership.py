@@ -53,7 +53,7 @@ HELLO_RETRY = 10.0
 KEEP_INTERVAL = 1.0
 BOOTSTRAP_RETRY = 10.0
 ANNOUNCE_INTERVAL = 30.0
-# Files a peer may look for by content through the DHT (agent.swarm.node.blob_key): the
+# Files a peer may look for by content through the DHT (agent.swarm.records.blob_key): the
 # largest held, so the records stay few; small files travel with the manifest's other holders.
 BLOB_ANNOUNCE_MIN = 1024 * 1024
 BLOB_ANNOUNCE_MAX = 256
@@ -286,7 +286,7 @@ class Swarm:
     async def _announce(self) -> None:
         """Keep DHT provider records for every complete model and its largest files (by
         content, for pulls of other models that share them); drop them on eviction."""
-        from agent.swarm.node import blob_key
+        from agent.swarm.records import blob_key
         if self.node.dht is None:
             return
         provided_blobs: set[str] = set()
@@ -312,7 +312,7 @@ class Swarm:
     async def find_by_content(self, manifest: Manifest) -> int:
         """Dial the peers the DHT says hold the manifest's largest files by content (under
         whatever model): the pull's session then asks them what they hold. Peers dialled."""
-        from agent.swarm.node import blob_key
+        from agent.swarm.records import blob_key
         if self.node.dht is None:
             return 0
         connected = self.node.connected()

@@ -33,8 +33,8 @@ import trio
 
 from agent.errors import PeerBroken
 from agent.manifest import Manifest, ModelRef, decode, is_manifest_id
-from agent.hashing import blake3_hash
 from agent.swarm.datapath import DataServer, StoreLocator, TicketBook
+from agent.swarm.records import manifest_key, model_key, record_if_enough
 from agent.swarm.protocol import (BAD_REQUEST, MAX_ADDR, MAX_PEX, MAX_REQUEST, NOT_HELD, NOT_IN_SWARM, PENDING,
                                   PROTOCOL, Contact, SwarmAccess, encode_answer, encode_contact, encode_error,
                                   encode_hello_request, encode_request, parse_contact, parse_hello_request,
@@ -43,7 +43,6 @@ from agent.swarm.protocol import (BAD_REQUEST, MAX_ADDR, MAX_PEX, MAX_REQUEST, N
 log = logging.getLogger("shoal.swarm")
 
 ASK_TIMEOUT = 5.0
-ENOUGH_PROVIDERS = 3  # other providers of a key known here: ours is recorded without a walk
 DROP_TIMEOUT = 2.0
 MAX_DISCOVERED = 1024
 MANIFEST_CACHE = 32
@@ -59,20 +58,6 @@ YAMUX_RTT_INTERVAL = 600  # seconds between yamux's RTT pings on a connection (p
 def _keypair(seed: bytes):
     from libp2p.crypto.ed25519 import create_new_key_pair
     return create_new_key_pair(seed)
-
-
-def model_key(model_id: str, revision: str) -> str:
-    """DHT key (hex) under which holders of ``model_id@revision`` are provided."""
-    return blake3_hash(f"shoal-model:{model_id}@{revision}".encode()).hex()
-
-
-def manifest_key(manifest_id: str) -> str:
-    return blake3_hash(f"shoal-manifest:{manifest_id}".encode()).hex()
-
-
-def blob_key(sha256: bytes) -> str:
-    """DHT key of the holders of a file by its content (its SHA-256), whatever model it is in."""
-    return blake3_hash(b"shoal-blob:" + sha256).hex()
 
 
 async def _read_all(stream, limit: int) -> bytes:
@@ -348,21 +333,11 @@ class SwarmNode:
         return {peer: list(addrs) for peer, addrs in self.exchanged.items()}
 
     async def provide_key(self, key: str) -> bool:
-        """Publish a DHT provider record under ``key`` (hex), bounded in time. When this
-        node already keeps ``ENOUGH_PROVIDERS`` other peers' records for the key (it is
-        among the closest to it), it records itself without the walk: a walk is a libp2p
-        stream to each of the closest peers, answered by each, and a room whose agents
-        all announced the same files as they completed spent a third of its CPU on it."""
+        """Publish a DHT provider record under ``key`` (hex), bounded in time; without a walk
+        when enough other peers provide it already (``records.record_if_enough``)."""
         if self.dht is None:
             return False
-        from libp2p.kad_dht.kad_dht import _encode_key  # (how dht.provide keys it)
-        from libp2p.peer.peerinfo import PeerInfo
-        store = self.dht.provider_store
-        raw = _encode_key(key)
-        others = [p for p in store.get_providers(raw) if str(p.peer_id) != self.peer_id]
-        if len(others) >= ENOUGH_PROVIDERS:
-            store.providing_keys.add(raw)  # republished with the others, found by those who ask us
-            store.add_provider(raw, PeerInfo(self.host.get_id(), list(self.host.get_addrs())))
+        if record_if_enough(self.dht, self.host, key):
             self.provides_skipped += 1
             return True
         with trio.move_on_after(ASK_TIMEOUT * 2):
