@@ -125,42 +125,6 @@ def test_the_view_counts_a_rooms_holders_apart_and_never_crosses_rooms_for_a_bus
     assert view.take_holder(2, set()).peer in ("far-1", "far-2")
 
 
-def test_a_chunk_only_this_agent_sees_elsewhere_enters_the_room_after_its_owner_had_its_grace():
-    """The owner of a chunk's entry into our room may see no holder of it (it follows a few
-    peers of each other room; the holder was found by another puller's DHT lookup): the
-    next puller in the chunk's order who sees one takes it in after ``ENTRY_GRACE``, claimed,
-    so nobody in the room fetches it from the origin meanwhile."""
-    from agent.picking import Job
-    from agent.swarm.board import Board
-    from agent.swarm.picker import ENTRY_GRACE, INTO_ROOM, SwarmPicker
-
-    class Clock:
-        now = 100.0
-
-        def __call__(self):
-            return self.now
-    here, there = ("campus", "r1"), ("campus", "r2")
-    m = _manifest(1)
-    chunk = f"{m.id}|0".encode()
-    mates = sorted(("mate-a", "mate-b", "mate-c"), key=lambda p: locality.score(p, chunk), reverse=True)
-    owner, me = mates[0], mates[1]  # we are second in line for chunk 0
-    clock = Clock()
-    view = LanView(m, me, clock=clock, location=here)
-    for name, where, have in ((owner, here, set()), (mates[2], here, set()), ("far", there, {0})):
-        view.offered(name, SimpleNamespace(have={}, pulling=True), Contact(("10.0.0.9", 1), KEY, None, (), where))
-        view.apply(name, Message("snap", 1, frozenset(have), frozenset(), frozenset(), frozenset(), name != "far"))
-    board = Board(m, pulling=True)
-    task = SimpleNamespace(file=SimpleNamespace(rel="f"))
-    picker = SwarmPicker(view, board, [Job(task, 0)], clock=clock)
-    picker.started -= 10  # the room has formed
-    assert picker.pick_now() is None  # its owner's to take in
-    clock.now += ENTRY_GRACE * 0.9
-    assert picker.pick_now() is None
-    clock.now += ENTRY_GRACE * 0.2
-    job = picker.pick_now()
-    assert job is not None and picker.in_flight[0][4] == INTO_ROOM and 0 in board.claims
-
-
 def _run(topology: Topology, seed: int, **timing) -> tuple[Campus, dict]:
     campus = Campus(topology, seed=seed, **timing)
     took = campus.run(limit_s=600)

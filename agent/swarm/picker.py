@@ -67,9 +67,6 @@ ROOM_WAIT = 5.0
 # this long from the pull's start: a class does not press Enter at one instant. A member
 # really alone in a room of idle machines loses at most this long to chunks "owned" by them.
 IDLE_GRACE = 3.0
-# A chunk held only in other rooms that its owner in our room has not claimed this long is
-# taken by the next puller in line (``SwarmPicker._overdue``).
-ENTRY_GRACE = 1.0
 ENDGAME_AFTER = 4.0  # a LAN chunk sending this long at the end is fetched again from another holder
 log = logging.getLogger("shoal.swarm")
 
@@ -114,7 +111,6 @@ class SwarmPicker:
         self.duplicates = 0  # endgame jobs handed out
         self._told = float("-inf")  # when the debug log last said why the origin window waits
         self._taking = trio.Lock()  # held by the one worker looking for a job (``take``)
-        self._entry_seen: dict[int, float] = {}  # chunk held only in other rooms -> when we first saw it so
 
     # --------------------------------------------------------------------- choosing
 
@@ -164,28 +160,14 @@ class SwarmPicker:
         for ordinal in self._order:
             if ordinal not in self.pending or ordinal in self.settling or not holders.get(ordinal) \
                     or local.get(ordinal) or entering(ordinal):
-                if ordinal in self._entry_seen and (entering(ordinal) or local.get(ordinal)):
-                    del self._entry_seen[ordinal]  # taken: a later need waits its grace afresh
                 continue
-            if view.owner(ordinal, room) == view.self_id or self._overdue(ordinal, room):
+            if view.owner(ordinal, room) == view.self_id:
                 self.board.claim(ordinal)
                 return ordinal
             free -= 1
             if free <= 0:
                 break
         return None
-
-    def _overdue(self, ordinal: int, room: tuple[str, ...]) -> bool:
-        """Whether this agent takes into the room a chunk its owner has not claimed: the
-        owner follows only a few peers of each other room, or did not look up the holders
-        this agent found, and may see no holder yet. Each puller waits ``ENTRY_GRACE`` times
-        its place in the chunk's rendezvous order among the room's pullers (the owner's is
-        0), so the next in line takes it and those after it see that claim first."""
-        now = self.clock()
-        since = self._entry_seen.setdefault(ordinal, now)
-        if now - since < ENTRY_GRACE:
-            return False
-        return now - since >= ENTRY_GRACE * self.view.rank(ordinal, room)
 
     def _room(self):
         """``LanView.room`` as the picker counts it now: peers not heard from yet for the first

@@ -285,9 +285,10 @@ class PullSession:
         they have answered; a puller alone always does). Each lookup walks the DHT, a
         libp2p stream to each peer it asks and one answer from each, and 24 agents in three
         rooms that each looked up the same files at the pull's start spent over half their
-        control CPU on it. The finder follows what it finds; a chunk only those holders
-        have that the finder sees unclaimed by its room it takes in itself after a grace
-        (``agent.swarm.picker.ENTRY_GRACE``), and the room trades it."""
+        control CPU on it. The finder follows what it finds; its room mates do not see
+        those holders themselves, so a chunk only they hold enters the room through the
+        finder when it is the chunk's owner there, and may otherwise still come from the
+        origin (bytes paid twice in that rare case, never a wrong byte)."""
         manifest = view.manifest
         await trio.sleep(SEEK_WAIT)
         pullers = [p for p in view.room(count_unknown=False)[0] if view.is_local(p)]

@@ -426,13 +426,6 @@ class LanView:
                                                     lambda places: self._spread(places)[ordinal])
         return owner
 
-    def rank(self, ordinal: int, pullers: tuple[str, ...]) -> int:
-        """Our place in ``ordinal``'s rendezvous order among ``pullers`` (0: its owner, with
-        one place)."""
-        chunk = f"{self.manifest.id}|{ordinal}".encode()
-        ranked = sorted(pullers, key=lambda p: locality.score(p, chunk), reverse=True)
-        return ranked.index(self.self_id) if self.self_id in ranked else len(ranked)
-
     def _spread(self, places: tuple[locality.Location, ...]) -> list[locality.Location]:
         """``locality.spread`` for these places, kept (one campus has one set of places)."""
         if self._spread_for is None or self._spread_for[0] != places:
