@@ -76,17 +76,17 @@ class PeerLifecycle:
         return self._states.get(peer, NEW)
 
     def move(self, peer: str, event: str, *, known: bool = False) -> str:
-        """Take ``event`` for ``peer``: its new state. ``known``: with ``ask``, its offer is in
-        the view already (it is not unheard)."""
+        """Take ``event`` for ``peer``: its new state. ``known``: into asking or probing with
+        its offer in the view already (it is not unheard)."""
         after = next_state(self.of(peer), event)
         self._states[peer] = after
         if event == "failed":
             self._failures[peer] = failures = self._failures.get(peer, 0) + 1
             self._retry_at[peer] = self._clock() + RETRY[min(failures, len(RETRY)) - 1]
-        if after in (ASKING, PROBING) and not known and event != "found":
-            self.unheard.add(peer)
-        elif after not in (ASKING, PROBING) or event == "heard":
+        if after not in (ASKING, PROBING):
             self.unheard.discard(peer)
+        elif not known:
+            self.unheard.add(peer)
         if after == PROBING:
             self.content_asked.add(peer)
         return after
@@ -95,7 +95,6 @@ class PeerLifecycle:
         """A frame of its HAVE stream came: an asking peer is followed now."""
         if self.of(peer) == ASKING:
             self.move(peer, "heard")
-        self.unheard.discard(peer)
 
     def due(self, peer: str, now: float) -> bool:
         """Whether a resting peer's rest is over."""
@@ -103,7 +102,7 @@ class PeerLifecycle:
 
     def soonest(self, peers) -> float | None:
         """When the first of ``peers`` that rest may be asked again (None: none rests)."""
-        return min((self._retry_at[p] for p in peers if self.of(p) == RESTING and p in self._retry_at), default=None)
+        return min((self._retry_at[p] for p in peers if self.of(p) == RESTING), default=None)
 
     def in_state(self, *states: str) -> set[str]:
         return {peer for peer, state in self._states.items() if state in states}

@@ -29,6 +29,7 @@ The rule (used by ``agent.swarm.view`` and ``agent.swarm.picker``, defined only 
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import socket
@@ -133,9 +134,16 @@ def neighbours(me: str, here: Location | None, places: dict[str, Location | None
             elsewhere.setdefault(place, []).append(peer)
     for peers in elsewhere.values():
         if len(peers) > per_place:
-            peers.sort(key=lambda p: score(me, p.encode()), reverse=True)
+            peers.sort(key=lambda p: _follow_score(me, p), reverse=True)
         chosen.update(peers[:per_place])
     return chosen
+
+
+@functools.lru_cache(maxsize=65536)
+def _follow_score(me: str, peer: str) -> bytes:
+    """``neighbours``' ranking key, kept: a pull's session asks for its neighbours on every
+    turn of its loop, and a peer's rank for us never changes."""
+    return score(me, peer.encode())
 
 
 def finder(key: str, peers: Iterable[str]) -> str:

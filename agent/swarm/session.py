@@ -210,7 +210,7 @@ class PullSession:
                         if contact is not None:
                             view.place(peer, contact.location)
                     tell_view()
-                    view.set_idle(life.in_state(IDLE, PROBING) & candidates)
+                    view.set_idle(idle & candidates)  # (a probe started above stays in it)
                     probing = life.in_state(PROBING)
                     if not started and (not probing or time.monotonic() - began > CONTENT_WAIT):
                         # The picker may start at once: peers not heard from yet count as
