@@ -37,10 +37,13 @@ MIN_CHUNK_SIZE = 16 * 1024  # small chunks only make sense in tests
 MAX_CHUNK_SIZE = 256 * 1024 * 1024
 
 # Default chunk size: Dragonfly aims at ~500 pieces; BitTorrent's per-piece overhead is
-# what small pieces cost. We clamp to 4-16 MiB because every chunk in flight is held in
-# RAM once to be verified before it is written: 8 in flight x 16 MiB bounds the buffers
-# at 128 MiB even for a 15 GB model (~900 chunks, a 30 KB manifest).
-DEFAULT_TARGET_CHUNKS = 512
+# what small pieces cost. We aim at ~1,024 and clamp to 4-16 MiB because every chunk in
+# flight is held in RAM once to be verified before it is written (concurrency x chunk
+# size): a 2-4 GiB model keeps 4 MiB chunks and the agent's buffers at 32 MiB (at 512 a
+# 2 GiB model took 8 MiB chunks, and its room's agents peaked 40 MB above the 256 MiB
+# model's: issue 28), and 8 in flight x 16 MiB bound them at 128 MiB even for a 15 GB
+# model (~900 chunks, a 30 KB manifest). More chunks also spread sooner in a room.
+DEFAULT_TARGET_CHUNKS = 1024
 DEFAULT_MIN_CHUNK = 4 * 1024 * 1024
 DEFAULT_MAX_CHUNK = 16 * 1024 * 1024
 
@@ -76,7 +79,7 @@ def chunk_span(size: int, chunk_size: int, index: int) -> tuple[int, int]:
 
 
 def default_chunk_size(total_bytes: int) -> int:
-    """A power of two near total/512, clamped to 4-16 MiB (see module constants for why)."""
+    """A power of two near total/1024, clamped to 4-16 MiB (see module constants for why)."""
     target = max(1, total_bytes // DEFAULT_TARGET_CHUNKS)
     size = 1 << max(0, math.ceil(math.log2(target)))
     return max(DEFAULT_MIN_CHUNK, min(DEFAULT_MAX_CHUNK, size))

@@ -263,7 +263,7 @@ def main() -> int:
     for round_, name, mbps, elapsed in rows:
         print(f"| {round_} | {name} | {mbps:.0f} | {elapsed:.2f} |")
     print(f"\nratio shoal / curl+nginx on loopback (best of {args.rounds}): "
-          f"{best['shoal data path'] / best['curl + nginx']:.2f}   (target >= 0.5)")
+          f"{best['shoal data path'] / best['curl + nginx']:.2f}   (target >= 1.0: issue 28)")
     if "shoal data path (veth)" in best:
         line = args.veth_mbit * 1e6 / 8 / 1e6
         print(f"over the {args.veth_mbit:.0f} Mbit/s veth: shoal {best['shoal data path (veth)']:.0f} MB/s = "

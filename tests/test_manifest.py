@@ -152,7 +152,8 @@ def test_chunk_spans_tile_the_file(size, chunk_size):
 
 
 @pytest.mark.parametrize("total,expected", [(0, DEFAULT_MIN_CHUNK), (100 << 20, DEFAULT_MIN_CHUNK),
-                                            (15 << 30, DEFAULT_MAX_CHUNK), (3 << 30, 8 << 20)])
+                                            (15 << 30, DEFAULT_MAX_CHUNK), (3 << 30, 4 << 20),
+                                            (5 << 30, 8 << 20)])
 def test_default_chunk_size_is_bounded(total, expected):
     assert default_chunk_size(total) == expected
 
