@@ -154,11 +154,11 @@ async def test_another_secret_is_another_private_network_and_its_dht_finds_nothi
         member = await start_node(nursery, stores[0], b"m" * 32, access=SwarmAccess("room-101"), dht=True)
         stranger = await start_node(nursery, stores[1], b"x" * 32, access=SwarmAccess("room-999"), dht=True)
         await member.connect(seed.addrs[0])
-        await member.add_to_routing(seed.peer_id)
-        await seed.add_to_routing(member.peer_id)
+        await member.records.add_to_routing(seed.peer_id)
+        await seed.records.add_to_routing(member.peer_id)
         assert (await ask(member, seed, model=REF.model_id, revision=REF.revision)) is not None
         manifest_id = seeder.find(REF).manifest_id
-        assert await seed.provide(MODEL_ID, "master", manifest_id)
+        assert await seed.records.provide(MODEL_ID, "master", manifest_id)
         try:
             await stranger.connect(seed.addrs[0])
         except trio.TooSlowError:
@@ -168,8 +168,8 @@ async def test_another_secret_is_another_private_network_and_its_dht_finds_nothi
         else:
             raise AssertionError("a node with another swarm secret finished libp2p's handshake")
         assert seed.peer_id not in stranger.connected()
-        assert await stranger.find_providers(REF) == {}
-        assert seed.peer_id in await member.find_providers(REF)
+        assert await stranger.records.find_providers(REF) == {}
+        assert seed.peer_id in await member.records.find_providers(REF)
         nursery.cancel_scope.cancel()
     for store in (seeder, *stores):
         store.close()
@@ -188,18 +188,18 @@ async def test_an_allowlisted_swarm_answers_and_routes_only_its_members(tmp_path
         stranger = await start_node(nursery, stores[1], b"x" * 32, dht=True)
         for node in (member, stranger):
             await node.connect(seed.addrs[0])
-            await node.add_to_routing(seed.peer_id)
-            await seed.add_to_routing(node.peer_id)
+            await node.records.add_to_routing(seed.peer_id)
+            await seed.records.add_to_routing(node.peer_id)
         from libp2p.peer.id import ID
-        assert not seed.dht.routing_table.peer_in_table(ID.from_base58(stranger.peer_id))  # not let in
+        assert not seed.records.dht.routing_table.peer_in_table(ID.from_base58(stranger.peer_id))  # not let in
         assert (await ask(member, seed, model=REF.model_id, revision=REF.revision)) is not None
         with pytest.raises(NotInSwarm, match="own swarm"):
             await stranger.hello(seed.peer_id)
         assert stranger.peer_id in seed.refused
-        assert await seed.provide(MODEL_ID, "master", seeder.find(REF).manifest_id)
-        assert await stranger.find_providers(REF) == {}
-        assert seed.peer_id in await member.find_providers(REF)
-        assert not seed.dht.routing_table.peer_in_table(ID.from_base58(stranger.peer_id))
+        assert await seed.records.provide(MODEL_ID, "master", seeder.find(REF).manifest_id)
+        assert await stranger.records.find_providers(REF) == {}
+        assert seed.peer_id in await member.records.find_providers(REF)
+        assert not seed.records.dht.routing_table.peer_in_table(ID.from_base58(stranger.peer_id))
         nursery.cancel_scope.cancel()
     for store in (seeder, *stores):
         store.close()
@@ -220,17 +220,17 @@ async def test_hellos_pass_members_on_to_each_other_and_not_to_strangers(tmp_pat
             await member.connect(first.addrs[0])
             await member.hello(first.peer_id)  # it says where it listens
         contact = await b.hello(first.peer_id)
-        assert contact.peers == (c.own_addrs()[0],)
-        assert b.take_exchanged() == {c.peer_id: [c.own_addrs()[0]]}
-        assert await b.connect(b.take_exchanged()[c.peer_id][0]) == c.peer_id
+        assert contact.peers == (c.discovery.own_addrs()[0],)
+        assert b.discovery.take_exchanged() == {c.peer_id: [c.discovery.own_addrs()[0]]}
+        assert await b.connect(b.discovery.take_exchanged()[c.peer_id][0]) == c.peer_id
         await stranger.connect(first.addrs[0])
         with pytest.raises(NotInSwarm):
             await stranger.hello(first.peer_id)
-        assert stranger.take_exchanged() == {}
+        assert stranger.discovery.take_exchanged() == {}
         # c claims to listen at b's address: not recorded as c's, so never passed on as c's.
-        forged = encode_hello_request(None, [b.own_addrs()[0]])
+        forged = encode_hello_request(None, [b.discovery.own_addrs()[0]])
         msgpack.unpackb(await raw_exchange(c, first, forged))
-        assert first.listen_addrs[c.peer_id] == c.own_addrs()[0]
+        assert first.discovery.listen_addrs[c.peer_id] == c.discovery.own_addrs()[0]
         nursery.cancel_scope.cancel()
     for store in stores:
         store.close()
@@ -250,7 +250,7 @@ async def test_a_flood_of_idle_connections_does_not_keep_a_member_out(tmp_path, 
     """400 TCP connections to the libp2p port that never start a handshake, from one
     address: the node holds at most MAX_PREAUTH_PER_ADDRESS of them, and a member from
     another address connects and is answered at once."""
-    from agent.swarm.node import MAX_PREAUTH_PER_ADDRESS
+    from agent.swarm.admission import MAX_PREAUTH_PER_ADDRESS
     seeder = seeded_store(tmp_path / "seed", model_dir)
     member_store = Store(tmp_path / "member")
     flood = []
@@ -289,8 +289,8 @@ async def test_dht_lookups_find_a_provider_across_a_20_node_swarm(tmp_path, mode
             node = await start_node(nursery, store, bytes([i + 1]) * 32, dht=True)
             if nodes:
                 await node.connect(nodes[-1].addrs[0])
-                await node.add_to_routing(nodes[-1].peer_id)
-                await nodes[-1].add_to_routing(node.peer_id)
+                await node.records.add_to_routing(nodes[-1].peer_id)
+                await nodes[-1].records.add_to_routing(node.peer_id)
             nodes.append(node)
         with trio.fail_after(60):
             manifest = stores[-1].manifest(stores[-1].find(REF).manifest_id)
@@ -299,11 +299,11 @@ async def test_dht_lookups_find_a_provider_across_a_20_node_swarm(tmp_path, mode
             # A provide that timed out on a busy machine is tried again, as the agent's
             # announcer does on its next round (membership._announce): three tries here.
             for _ in range(3):
-                if await nodes[-1].provide(MODEL_ID, "master", manifest.id):
+                if await nodes[-1].records.provide(MODEL_ID, "master", manifest.id):
                     break
             else:
                 raise AssertionError("three provides of the model timed out")
-            found = await first.find_providers(REF)
+            found = await first.records.find_providers(REF)
             assert nodes[-1].peer_id in found, found
             await first.connect(found[nodes[-1].peer_id][0])
             offer = await ask(first, nodes[-1], model=REF.model_id, revision=REF.revision)
@@ -325,19 +325,19 @@ async def test_a_key_enough_peers_provide_is_recorded_without_a_dht_walk(tmp_pat
         for i, a in enumerate(nodes):
             for b in nodes[i + 1:]:
                 await a.connect(b.addrs[0])
-                await a.add_to_routing(b.peer_id)
-                await b.add_to_routing(a.peer_id)
+                await a.records.add_to_routing(b.peer_id)
+                await b.records.add_to_routing(a.peer_id)
         key = blob_key(b"\x01" * 32)
         with trio.fail_after(60):
             for node in nodes[:3]:
-                assert await node.provide_key(key)
-            assert [n.provides_skipped for n in nodes[:3]] == [0, 0, 0]  # each walked
+                assert await node.records.provide_key(key)
+            assert [n.records.provides_skipped for n in nodes[:3]] == [0, 0, 0]  # each walked
             from libp2p.kad_dht.kad_dht import _encode_key
-            while len(nodes[3].dht.provider_store.get_providers(_encode_key(key))) < 3:
+            while len(nodes[3].records.dht.provider_store.get_providers(_encode_key(key))) < 3:
                 await trio.sleep(0.05)  # their ADD_PROVIDER messages are on the way
-            assert await nodes[3].provide_key(key)
-            assert nodes[3].provides_skipped == 1
-            found = await nodes[4].find_key(key)
+            assert await nodes[3].records.provide_key(key)
+            assert nodes[3].records.provides_skipped == 1
+            found = await nodes[4].records.find_key(key)
             assert {n.peer_id for n in nodes[:3]} <= set(found), found
         nursery.cancel_scope.cancel()
     for store in stores:

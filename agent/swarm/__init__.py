@@ -2,7 +2,9 @@
 
 - ``protocol``: hello and offer messages, have-bitmaps, swarm membership proofs (pure,
   validated);
-- ``node``: the libp2p host (hello protocol, DHT, mDNS, peer exchange) and the data server;
+- ``node``: the libp2p host (hello protocol, answering offers) and the data server;
+  ``discovery`` (mDNS, peer exchange), ``records`` (DHT provider records), ``admission``
+  (who the host lets in);
 - ``membership``: the agent's peers, the loops that keep them connected and announced, the
   asks a pull makes, this agent's boards;
 - ``datapath`` / ``datawire`` / ``dataclient``: the keyed TCP data port chunk bytes travel

@@ -234,7 +234,7 @@ class Swarm:
             await self.node.connect(address)
             info.update(connected=True, error=None, addr=address, seen=time.time())
             self._next_try.pop(peer, None)
-            await self.node.add_to_routing(peer)
+            await self.node.records.add_to_routing(peer)
         except Exception as e:  # unreachable now: try again later
             if isinstance(e, trio.TooSlowError) and not self.access.open:
                 why = ("no secure handshake within the time allowed: the peer may be in another swarm "
@@ -262,8 +262,8 @@ class Swarm:
                 self._contact_at.pop(peer, None)
                 self.node.tickets.revoke(peer)
             targets = [(a.rsplit("/p2p/", 1)[-1], [a], "bootstrap") for a in self.bootstrap]
-            targets += [(p, addrs, "mdns") for p, addrs in self.node.take_discovered().items()]
-            targets += [(p, addrs, "pex") for p, addrs in self.node.take_exchanged().items()]
+            targets += [(p, addrs, "mdns") for p, addrs in self.node.discovery.take_discovered().items()]
+            targets += [(p, addrs, "pex") for p, addrs in self.node.discovery.take_exchanged().items()]
             now = time.monotonic()
             for peer in connected - self.node.refused_by:
                 if now - self._contact_at.get(peer, -CONTACT_REFRESH) >= CONTACT_REFRESH:
@@ -287,7 +287,7 @@ class Swarm:
         """Keep DHT provider records for every complete model and its largest files (by
         content, for pulls of other models that share them); drop them on eviction."""
         from agent.swarm.records import blob_key
-        if self.node.dht is None:
+        if self.node.records.dht is None:
             return
         provided_blobs: set[str] = set()
         while True:
@@ -295,16 +295,16 @@ class Swarm:
             blobs = {blob_key(sha) for sha in await trio.to_thread.run_sync(
                 self.store.largest_blobs, BLOB_ANNOUNCE_MIN, BLOB_ANNOUNCE_MAX)}
             for key in held - self._provided:
-                if await self.node.provide(*key):
+                if await self.node.records.provide(*key):
                     self._provided.add(key)
             for key in self._provided - held:
-                self.node.unprovide(*key)
+                self.node.records.unprovide(*key)
                 self._provided.discard(key)
             for key in blobs - provided_blobs:
-                if await self.node.provide_key(key):
+                if await self.node.records.provide_key(key):
                     provided_blobs.add(key)
             for key in provided_blobs - blobs:
-                self.node.unprovide_key(key)
+                self.node.records.unprovide_key(key)
                 provided_blobs.discard(key)
             done = self._provided >= held and provided_blobs >= blobs
             await trio.sleep(ANNOUNCE_INTERVAL if done else 2.0)
@@ -313,14 +313,14 @@ class Swarm:
         """Dial the peers the DHT says hold the manifest's largest files by content (under
         whatever model): the pull's session then asks them what they hold. Peers dialled."""
         from agent.swarm.records import blob_key
-        if self.node.dht is None:
+        if self.node.records.dht is None:
             return 0
         connected = self.node.connected()
         largest = sorted(manifest.files, key=lambda f: -f.size)[:CONTENT_LOOKUPS]
         dialled = 0
         async with trio.open_nursery() as nursery:
             for entry in largest:
-                for peer, addrs in (await self.node.find_key(blob_key(entry.sha256))).items():
+                for peer, addrs in (await self.node.records.find_key(blob_key(entry.sha256))).items():
                     self.peer_info(peer, addrs[0] if addrs else None, "dht")
                     if peer not in connected and addrs and peer not in self.node.refused_by:
                         connected = connected | {peer}
@@ -418,9 +418,9 @@ class Swarm:
         connected = self.neighbours(self.node.connected() - self.node.refused_by)
         answered: set[str] = set()
         answers = await self._ask_all(connected, OFFER_TIMEOUT, answered, settle=OFFER_SETTLE, ref=ref)
-        if answers or answered != connected or self.node.dht is None:
+        if answers or answered != connected or self.node.records.dht is None:
             return answers, answered
-        found = await self.node.find_providers(ref)
+        found = await self.node.records.find_providers(ref)
         new = {}
         async with trio.open_nursery() as nursery:
             for peer, addrs in found.items():
@@ -450,7 +450,7 @@ class Swarm:
         return {"peer_id": self.self_id, "addrs": self.node.addrs, "data": list(self.node.data.address),
                 "tag": self.access.tag, "open": self.access.open, "mdns": self.settings.mdns,
                 "dht": self.settings.dht, "asked": {"hello": self.node.hellos_answered, **self.node.data.asked},
-                "provides_skipped": self.node.provides_skipped}
+                "provides_skipped": self.node.records.provides_skipped}
 
     def connected_count(self) -> int:
         return sum(1 for info in self.peers.values() if info["connected"])

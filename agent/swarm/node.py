@@ -6,15 +6,11 @@ Over libp2p (authenticated, Noise, the swarm's private network) travel only hell
 pair of agents and renewal, and the DHT; the wire format is ``agent.swarm.protocol``.
 Offers, HAVE streams and chunk bytes go over the data port (``agent.swarm.datapath``).
 
-Discovery:
-- **bootstrap**: full multiaddrs with ``/p2p/<peer id>`` (``SHOAL_SWARM_PEERS``), dialled by
-  the agent and re-dialled when the connection drops;
-- **mDNS** (``SHOAL_MDNS``): py-libp2p's zeroconf service under a service name derived
-  from the swarm tag, so agents of another swarm do not even see each other;
-- **DHT** (``SHOAL_DHT``): py-libp2p ``KadDHT`` in server mode with a per-swarm protocol
-  prefix; this agent provides a key per held model revision and per manifest id, and
-  looks those keys up before a pull, so peers on routed subnets (no multicast) are found
-  through any peer both know.
+Discovery: the bootstrap list (``SHOAL_SWARM_PEERS``, dialled and re-dialled by the
+membership loop), mDNS and peer exchange (``agent.swarm.discovery``), and the Kademlia DHT
+(``SHOAL_DHT``: py-libp2p ``KadDHT`` in server mode; this node's provider records and
+lookups are ``agent.swarm.records``), so peers on routed subnets (no multicast) are found
+through any peer both know. Who the host lets in: ``agent.swarm.admission``.
 
 Resource handling: ``serve`` runs the host, the data server, the DHT and mDNS until
 cancelled, and stops them all on the way out.
@@ -23,19 +19,19 @@ cancelled, and stops them all on the way out.
 from __future__ import annotations
 
 import logging
-import random
-import threading
 import time
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from typing import Callable
 
 import trio
 
 from agent.errors import PeerBroken
-from agent.manifest import Manifest, ModelRef, decode, is_manifest_id
+from agent.manifest import Manifest, decode
+from agent.swarm.admission import cap_handshakes, gate_dht
 from agent.swarm.datapath import DataServer, StoreLocator, TicketBook
-from agent.swarm.records import manifest_key, model_key, record_if_enough
-from agent.swarm.protocol import (BAD_REQUEST, MAX_ADDR, MAX_PEX, MAX_REQUEST, NOT_HELD, NOT_IN_SWARM, PENDING,
+from agent.swarm.discovery import MAX_DISCOVERED, Discovery
+from agent.swarm.records import Records
+from agent.swarm.protocol import (BAD_REQUEST, MAX_REQUEST, NOT_HELD, NOT_IN_SWARM, PENDING,
                                   PROTOCOL, Contact, SwarmAccess, encode_answer, encode_contact, encode_error,
                                   encode_hello_request, encode_request, parse_contact, parse_hello_request,
                                   parse_request)
@@ -44,13 +40,7 @@ log = logging.getLogger("shoal.swarm")
 
 ASK_TIMEOUT = 5.0
 DROP_TIMEOUT = 2.0
-MAX_DISCOVERED = 1024
 MANIFEST_CACHE = 32
-# Connections that have not finished libp2p's secure handshake: per remote address and in
-# all (one more is closed at once), each given UPGRADE_TIMEOUT to finish. Members, who
-# finish in milliseconds, are never kept out by a stranger's flood from another address.
-MAX_PREAUTH = 64
-MAX_PREAUTH_PER_ADDRESS = 8
 UPGRADE_TIMEOUT = 5.0
 YAMUX_RTT_INTERVAL = 600  # seconds between yamux's RTT pings on a connection (py-libp2p's own: 30)
 
@@ -119,25 +109,17 @@ class SwarmNode:
         config = ConnectionConfig(max_connections_per_peer=1, inbound_upgrade_timeout=UPGRADE_TIMEOUT,
                                   outbound_upgrade_timeout=UPGRADE_TIMEOUT)
         self.host = new_host(key_pair=_keypair(seed), connection_config=config, psk=self.access.psk)
-        self._install_admission()
+        cap_handshakes(self.host.get_network(), self._refused_early)
         self._listen = [multiaddr.Multiaddr(f"/ip4/{listen_host}/tcp/{listen_port}")]
         self.host.set_stream_handler(PROTOCOL, self._answer)
         self._want_mdns, self._want_dht = mdns, dht
-        self.dht = None
-        self._mdns = None
-        self.discovered: OrderedDict[str, list[str]] = OrderedDict()  # peer id -> multiaddrs (mDNS)
-        # Peer exchange: where each peer we know listens (from its hello, or where we dialled
-        # it), passed on in hello answers; and what other peers' answers told us.
-        self.listen_addrs: OrderedDict[str, str] = OrderedDict()
-        self.exchanged: OrderedDict[str, list[str]] = OrderedDict()
-        self.peer_exchange = peer_exchange  # off: hello answers name nobody, and names heard are not dialled
-        self._discovered_lock = threading.Lock()
+        self.records = Records(self.host)  # DHT provider records (its DHT set by ``serve``)
+        self.discovery = Discovery(self.host, self.access.tag, peer_exchange=peer_exchange)
         self.refused: dict[str, float] = {}  # peer id -> when we last refused it (outside the swarm)
         self.refused_by: set[str] = set()  # peers that told us we are outside their swarm
         self._manifests: OrderedDict[str, Manifest] = OrderedDict()
         self.preauth_refused = 0  # connections closed for the pre-handshake caps
         self.hellos_answered = 0
-        self.provides_skipped = 0  # provider records kept without a DHT walk (``provide_key``)
 
     @property
     def peer_id(self) -> str:
@@ -147,53 +129,8 @@ class SwarmNode:
     def addrs(self) -> list[str]:
         return [str(a) for a in self.host.get_addrs()]
 
-    def _install_admission(self) -> None:
-        """Caps on connections still in libp2p's handshake (see ``MAX_PREAUTH``): py-libp2p
-        holds an inbound slot for each until its upgrade ends, so without them idle
-        connections from one address could keep members out."""
-        import contextvars
-        network = self.host.get_network()
-        handle, upgrade = network._handle_inbound_connection, network.upgrade_inbound_raw_conn
-        pending: Counter = Counter()
-        current: contextvars.ContextVar = contextvars.ContextVar("shoal_preauth")
-
-        def release(holder: dict) -> None:
-            if holder["held"]:
-                holder["held"] = False
-                pending[holder["ip"]] -= 1
-                pending[None] -= 1
-                if pending[holder["ip"]] <= 0:
-                    del pending[holder["ip"]]
-
-        async def admitted(read_write_closer, maddr) -> None:
-            try:
-                remote = read_write_closer.get_remote_address()
-            except Exception:  # a transport without addresses: counted under one name
-                remote = None
-            ip = remote[0] if remote else "?"
-            if pending[None] >= MAX_PREAUTH or pending[ip] >= MAX_PREAUTH_PER_ADDRESS:
-                self.preauth_refused += 1
-                with trio.move_on_after(1):
-                    await read_write_closer.close()
-                return
-            holder = {"ip": ip, "held": True}
-            pending[ip] += 1
-            pending[None] += 1
-            current.set(holder)
-            try:
-                await handle(read_write_closer, maddr)
-            finally:
-                release(holder)
-
-        async def upgraded(raw_conn, maddr):
-            try:
-                return await upgrade(raw_conn, maddr)
-            finally:  # through the handshake (or failed it): no longer pending
-                holder = current.get(None)
-                if holder is not None:
-                    release(holder)
-        network._handle_inbound_connection = admitted
-        network.upgrade_inbound_raw_conn = upgraded
+    def _refused_early(self) -> None:
+        self.preauth_refused += 1
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         self._trio_token = trio.lowlevel.current_trio_token()
@@ -204,10 +141,11 @@ class SwarmNode:
                     from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
                     from libp2p.tools.anyio_service import background_trio_service
                     # py-libp2p 0.8.1 ignores protocol_prefix and registers /ipfs/kad/1.0.0: the
-                    # private network (secret) and _gate_dht (allowlist) keep the DHT to members.
-                    self.dht = KadDHT(self.host, DHTMode.SERVER, protocol_prefix=f"/shoal/{self.access.tag}")
-                    self._gate_dht()
-                    async with background_trio_service(self.dht):
+                    # private network (secret) and gate_dht (allowlist) keep the DHT to members.
+                    dht = KadDHT(self.host, DHTMode.SERVER, protocol_prefix=f"/shoal/{self.access.tag}")
+                    gate_dht(dht, self.host, self.access, self.refused)
+                    self.records.dht = dht
+                    async with background_trio_service(dht):
                         await self._serve_discovery(task_status)
                 else:
                     await self._serve_discovery(task_status)
@@ -216,177 +154,14 @@ class SwarmNode:
 
     async def _serve_discovery(self, task_status) -> None:
         if self._want_mdns:
-            self._start_mdns()
+            self.discovery.start_mdns()
         try:
             task_status.started(self)
             await trio.sleep_forever()
         finally:
-            if self._mdns is not None:
+            if self.discovery.mdns_running:
                 with trio.CancelScope(shield=True), trio.move_on_after(3):
-                    await trio.to_thread.run_sync(self._stop_mdns, abandon_on_cancel=True)
-
-    def _stop_mdns(self) -> None:
-        mdns = self._mdns
-        for step in (mdns.broadcaster.unregister, mdns.listener.stop, mdns.zeroconf.close):
-            try:
-                step()
-            except Exception as e:  # best effort: the process is on its way out
-                log.debug("mDNS shutdown: %s", e)
-
-    def _gate_dht(self) -> None:
-        """Only members in the routing table, only members' DHT streams answered (for a swarm
-        with an allowlist; a secret already keeps strangers off every libp2p connection)."""
-        if not self.access.allow:
-            return
-        from libp2p.kad_dht.common import PROTOCOL_ID
-        dht, table = self.dht, self.dht.routing_table
-        add_peer = table.add_peer
-
-        async def add_member(peer, *args, **kwargs):
-            peer_id = getattr(peer, "peer_id", peer)
-            if not self.access.member(str(peer_id)):
-                return False
-            return await add_peer(peer, *args, **kwargs)
-
-        async def handle(stream) -> None:
-            if not self.access.member(str(stream.muxed_conn.peer_id)):
-                self.refused[str(stream.muxed_conn.peer_id)] = time.time()
-                with trio.move_on_after(1):
-                    try:
-                        await stream.reset()
-                    except Exception as e:  # already gone (libp2p raises several types)
-                        log.debug("resetting a refused peer's stream: %s", type(e).__name__)
-                return
-            await dht.handle_stream(stream)
-        table.add_peer = add_member
-        self.host.set_stream_handler(PROTOCOL_ID, handle)
-
-    # ------------------------------------------------------------------ discovery
-
-    def _start_mdns(self) -> None:
-        from libp2p.discovery.events.peerDiscovery import peerDiscovery
-        from libp2p.discovery.mdns.mdns import MDNSDiscovery
-        # A DNS-SD service name is at most 15 characters: "shoal-" and 9 of the swarm tag.
-        self._mdns = MDNSDiscovery(self.host.get_network(), service_type=f"_shoal-{self.access.tag[:9]}._udp.local.",
-                                   host=self.host, ttl=120)
-        peerDiscovery.register_peer_discovered_handler(self._on_discovered)
-        # Register only: MDNSDiscovery.start() also spawns a trio *system* task for stale-entry
-        # cleanup, which outlives our nursery and stops the agent from exiting.
-        self._mdns.broadcaster.register()
-        log.info("mDNS discovery started (swarm %s)", self.access.tag)
-
-    def _on_discovered(self, info) -> None:
-        """Called from zeroconf's thread: remember the peer for the agent to dial."""
-        peer = str(info.peer_id)
-        if peer == self.peer_id:
-            return
-        addrs = [f"{a}/p2p/{peer}" if "/p2p/" not in str(a) else str(a) for a in info.addrs]
-        with self._discovered_lock:
-            self.discovered[peer] = addrs
-            self.discovered.move_to_end(peer)
-            while len(self.discovered) > MAX_DISCOVERED:
-                self.discovered.popitem(last=False)
-
-    def take_discovered(self) -> dict[str, list[str]]:
-        with self._discovered_lock:
-            found = dict(self.discovered)
-        return found
-
-    # ------------------------------------------------------------- peer exchange
-
-    def own_addrs(self) -> list[str]:
-        """The addresses this host listens on, as peers dial them."""
-        return [f"{a}/p2p/{self.peer_id}" for a in self.host.get_transport_addrs()][:MAX_PEX]
-
-    @staticmethod
-    def _remember(table: OrderedDict, peer: str, value) -> None:
-        table[peer] = value
-        table.move_to_end(peer)
-        while len(table) > MAX_DISCOVERED:
-            table.popitem(last=False)
-
-    def _learn_listen_addrs(self, peer: str, addrs: tuple[str, ...], seen_from: str) -> None:
-        """A peer's own word on where it listens (from its hello): kept to pass on, with an
-        unspecified host (it listens everywhere) replaced by the address it came from."""
-        for addr in addrs:
-            if not addr.endswith(f"/p2p/{peer}"):
-                continue  # an address of someone else: not its own to give
-            for unspecified in ("/ip4/0.0.0.0/", "/ip6/::/"):
-                if addr.startswith(unspecified) and seen_from not in ("", "unknown"):
-                    family = "ip6" if ":" in seen_from else "ip4"
-                    addr = f"/{family}/{seen_from}/" + addr[len(unspecified):]
-            self._remember(self.listen_addrs, peer, addr)
-            return
-
-    def exchange_for(self, asker: str) -> list[str]:
-        """Addresses of connected peers (other than ``asker``) to pass on in a hello answer."""
-        if not self.peer_exchange:
-            return []
-        connected = self.connected()
-        known = [a for p, a in self.listen_addrs.items() if p in connected and p != asker]
-        return random.sample(known, min(MAX_PEX, len(known)))
-
-    def take_exchanged(self) -> dict[str, list[str]]:
-        """Peers that hello answers told us about (peer id -> addresses) for the agent to dial."""
-        if not self.peer_exchange:
-            return {}
-        return {peer: list(addrs) for peer, addrs in self.exchanged.items()}
-
-    async def provide_key(self, key: str) -> bool:
-        """Publish a DHT provider record under ``key`` (hex), bounded in time; without a walk
-        when enough other peers provide it already (``records.record_if_enough``)."""
-        if self.dht is None:
-            return False
-        if record_if_enough(self.dht, self.host, key):
-            self.provides_skipped += 1
-            return True
-        with trio.move_on_after(ASK_TIMEOUT * 2):
-            return await self.dht.provide(key)
-        return False
-
-    def unprovide_key(self, key: str) -> None:
-        if self.dht is None:
-            return
-        raw = bytes.fromhex(key)
-        self.dht.provider_store.providing_keys.discard(raw)
-        self.dht.provider_store.providers.get(raw, {}).pop(self.peer_id, None)
-
-    async def find_key(self, key: str, count: int = 20) -> dict[str, list[str]]:
-        """Peers the DHT says provide ``key``: id -> multiaddrs."""
-        found: dict[str, list[str]] = {}
-        if self.dht is None:
-            return found
-        with trio.move_on_after(ASK_TIMEOUT * 2):
-            for info in await self.dht.find_providers(key, count=count):
-                peer = str(info.peer_id)
-                if peer != self.peer_id:
-                    found[peer] = [f"{a}/p2p/{peer}" for a in info.addrs]
-        return found
-
-    async def provide(self, model_id: str, revision: str, manifest_id: str) -> bool:
-        """Publish DHT provider records for a held model revision and its manifest."""
-        ok = True
-        for key in (model_key(model_id, revision), manifest_key(manifest_id)):
-            ok = await self.provide_key(key) and ok
-        return ok
-
-    def unprovide(self, model_id: str, revision: str, manifest_id: str) -> None:
-        """Stop announcing (on eviction): no re-publish, so remote records expire."""
-        for key in (model_key(model_id, revision), manifest_key(manifest_id)):
-            self.unprovide_key(key)
-
-    async def find_providers(self, ref: ModelRef) -> dict[str, list[str]]:
-        """Peers the DHT says hold ``ref`` (by manifest id when pinned): id -> multiaddrs."""
-        return await self.find_key(manifest_key(ref.revision) if is_manifest_id(ref.revision)
-                                   else model_key(ref.model_id, ref.revision))
-
-    async def add_to_routing(self, peer: str) -> None:
-        if self.dht is not None:
-            from libp2p.peer.id import ID
-            try:
-                await self.dht.add_peer(ID.from_base58(peer))
-            except Exception as e:  # a peer without the DHT protocol is simply not a DHT peer
-                log.debug("DHT add_peer %s: %s", peer[:16], e)
+                    await trio.to_thread.run_sync(self.discovery.stop_mdns, abandon_on_cancel=True)
 
     # ------------------------------------------------------------- answering
 
@@ -462,9 +237,9 @@ class SwarmNode:
             return encode_error(NOT_IN_SWARM, "this agent serves only peers of its own swarm (same SHOAL_SWARM_SECRET "
                                 "and, if set, listed in SHOAL_SWARM_ALLOW)"), True
         key = self.tickets.issue(peer, address)
-        self._learn_listen_addrs(peer, addrs, address)
-        return encode_contact(self.data.address, key.encode(), self.data.fingerprint, self.exchange_for(peer),
-                              self.location), False
+        self.discovery.learn_listen_addrs(peer, addrs, address)
+        return encode_contact(self.data.address, key.encode(), self.data.fingerprint,
+                              self.discovery.exchange_for(peer, self.connected()), self.location), False
 
     async def _answer(self, stream) -> None:
         peer = str(stream.muxed_conn.peer_id)
@@ -505,8 +280,7 @@ class SwarmNode:
         with trio.fail_after(ASK_TIMEOUT):
             await self.host.connect(info)
         peer = str(info.peer_id)
-        if len(address) <= MAX_ADDR:
-            self._remember(self.listen_addrs, peer, address)
+        self.discovery.dialled(peer, address)
         return peer
 
     def connected(self) -> set[str]:
@@ -529,21 +303,19 @@ class SwarmNode:
         with trio.fail_after(ASK_TIMEOUT):
             stream = await self.host.new_stream(ID.from_base58(peer), [PROTOCOL])
             try:
-                await stream.write(encode_hello_request(self.access.proof(self.peer_id, peer), self.own_addrs()))
+                await stream.write(encode_hello_request(self.access.proof(self.peer_id, peer),
+                                                       self.discovery.own_addrs()))
                 await stream.close_write()  # the answerer reads to the end of the request
                 data = await _read_all(stream, MAX_REQUEST)
                 remote = stream.get_remote_address()
             finally:
                 await _close(stream)
         contact = parse_contact(data)
-        for addr in contact.peers:
-            other = addr.rsplit("/p2p/", 1)[1]
-            if other != self.peer_id and other != peer:
-                self._remember(self.exchanged, other, [addr])
+        self.discovery.heard_of(contact.peers, peer)
         if contact.data[0] in ("0.0.0.0", "::", "") and remote:
             # The peer listens on every interface: its data port is on the address we reached it at.
             contact = Contact((remote[0], contact.data[1]), contact.key, contact.tls, contact.peers, contact.location)
         return contact
 
 
-__all__ = ["SwarmNode", "model_key", "manifest_key", "ASK_TIMEOUT"]
+__all__ = ["SwarmNode", "ASK_TIMEOUT"]

@@ -1,5 +1,5 @@
-"""The swarm's DHT provider records: the keys holders are found under, and when a record
-needs no walk of its own.
+"""The swarm's DHT provider records: the keys holders are found under, when a record needs
+no walk of its own, and this node's records and lookups (``Records``).
 
 Keys are hex BLAKE3 hashes: a model revision (``model_key``), a manifest (``manifest_key``)
 and a file by its content (``blob_key``, for pulls of other models that share it).
@@ -7,8 +7,16 @@ and a file by its content (``blob_key``, for pulls of other models that share it
 
 from __future__ import annotations
 
-from agent.hashing import blake3_hash
+import logging
 
+import trio
+
+from agent.hashing import blake3_hash
+from agent.manifest import ModelRef, is_manifest_id
+
+log = logging.getLogger("shoal.swarm")
+
+LOOKUP_TIMEOUT = 10.0  # a provide or a lookup walks the DHT at most this long
 ENOUGH_PROVIDERS = 3  # other providers of a key kept here: ours is recorded without a walk
 
 
@@ -43,3 +51,75 @@ def record_if_enough(dht, host, key: str) -> bool:
     store.providing_keys.add(raw)  # republished with the others' records, found by those who ask us
     store.add_provider(raw, PeerInfo(me, list(host.get_addrs())))
     return True
+
+
+class Records:
+    """This node's DHT provider records, and the lookups of others' (bounded in time). The
+    DHT itself (py-libp2p ``KadDHT``) is set by ``SwarmNode.serve`` when it runs one; until
+    then, and without one, nothing is provided and nothing found."""
+
+    def __init__(self, host):
+        self.host = host
+        self.dht = None
+        self.provides_skipped = 0  # provider records kept without a DHT walk (``provide_key``)
+
+    @property
+    def _me(self) -> str:
+        return str(self.host.get_id())
+
+    async def provide_key(self, key: str) -> bool:
+        """Publish a DHT provider record under ``key`` (hex), bounded in time; without a walk
+        when enough other peers provide it already (``record_if_enough``)."""
+        if self.dht is None:
+            return False
+        if record_if_enough(self.dht, self.host, key):
+            self.provides_skipped += 1
+            return True
+        with trio.move_on_after(LOOKUP_TIMEOUT):
+            return await self.dht.provide(key)
+        return False
+
+    def unprovide_key(self, key: str) -> None:
+        if self.dht is None:
+            return
+        raw = bytes.fromhex(key)
+        self.dht.provider_store.providing_keys.discard(raw)
+        self.dht.provider_store.providers.get(raw, {}).pop(self._me, None)
+
+    async def find_key(self, key: str, count: int = 20) -> dict[str, list[str]]:
+        """Peers the DHT says provide ``key``: id -> multiaddrs."""
+        found: dict[str, list[str]] = {}
+        if self.dht is None:
+            return found
+        me = self._me
+        with trio.move_on_after(LOOKUP_TIMEOUT):
+            for info in await self.dht.find_providers(key, count=count):
+                peer = str(info.peer_id)
+                if peer != me:
+                    found[peer] = [f"{a}/p2p/{peer}" for a in info.addrs]
+        return found
+
+    async def provide(self, model_id: str, revision: str, manifest_id: str) -> bool:
+        """Publish DHT provider records for a held model revision and its manifest."""
+        ok = True
+        for key in (model_key(model_id, revision), manifest_key(manifest_id)):
+            ok = await self.provide_key(key) and ok
+        return ok
+
+    def unprovide(self, model_id: str, revision: str, manifest_id: str) -> None:
+        """Stop announcing (on eviction): no re-publish, so remote records expire."""
+        for key in (model_key(model_id, revision), manifest_key(manifest_id)):
+            self.unprovide_key(key)
+
+    async def find_providers(self, ref: ModelRef) -> dict[str, list[str]]:
+        """Peers the DHT says hold ``ref`` (by manifest id when pinned): id -> multiaddrs."""
+        return await self.find_key(manifest_key(ref.revision) if is_manifest_id(ref.revision)
+                                   else model_key(ref.model_id, ref.revision))
+
+    async def add_to_routing(self, peer: str) -> None:
+        if self.dht is not None:
+            from libp2p.peer.id import ID
+            try:
+                await self.dht.add_peer(ID.from_base58(peer))
+            except Exception as e:  # a peer without the DHT protocol is simply not a DHT peer
+                log.debug("DHT add_peer %s: %s", peer[:16], e)
