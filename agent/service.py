@@ -196,7 +196,7 @@ class Agent:
                     await nursery.start(self.swarm.run)
                     self.room = RoomWork(self.settings, self.store, self.pulls, lambda: self.swarm)
                     await nursery.start(self.room.run)
-                    self.swarm.node.data.room = self.room.answer
+                    self.swarm.answers.room = self.room.answer
                 control = ControlServer(self, self.settings.control_group)
                 await nursery.start(control.serve, self.settings.socket_path)
                 info = {"pid": os.getpid(), "socket": str(self.settings.socket_path),

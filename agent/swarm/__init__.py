@@ -2,8 +2,8 @@
 
 - ``protocol``: hello and offer messages, have-bitmaps, swarm membership proofs (pure,
   validated);
-- ``node``: the libp2p host (hello protocol, answering offers) and the data server;
-  ``discovery`` (mDNS, peer exchange), ``records`` (DHT provider records), ``admission``
+- ``node``: the libp2p host (hello protocol) and the data server; ``answers`` (what the
+  data port answers besides chunks: offers, content and room asks), ``discovery`` (mDNS, peer exchange), ``records`` (DHT provider records), ``admission``
   (who the host lets in);
 - ``membership``: the agent's peers, the loops that keep them connected and announced, the
   asks a pull makes, this agent's boards;

@@ -67,13 +67,13 @@ import struct
 import threading
 import time
 from collections import Counter
-from typing import Callable
 
 from agent.cpu import LEDGER
 from agent.errors import DataPathError
 # The wire format and keys live in datawire, the client in dataclient; both are named here
 # too, as the whole protocol is described above.
 from agent.swarm import handshake
+from agent.swarm.answers import PortAnswers
 from agent.swarm.dataclient import DataClient
 from agent.swarm.datawire import (BAD_REQUEST, BUSY, DENIED, HEADER, MAGIC, MAX_OFFER, MAX_REQUEST, MISSING,
                                   MODE_CONTENT, MODE_GET, MODE_OFFER, MODE_ROOM, MODE_SUB, NONCE_LEN, OK, STATUS_NAMES,
@@ -114,23 +114,15 @@ class DataServer:
     sent at once; a request beyond is answered ``BUSY`` and the connection kept.
     """
 
-    def __init__(self, locator: ChunkLocator, tickets: TicketBook, *, host: str = "127.0.0.1",
-                 port: int = 0, slots: int = 8, idle_timeout: float = IDLE_TIMEOUT, rate: int | None = None,
-                 handshake_timeout: float = HANDSHAKE_TIMEOUT, encrypt: bool = False, boards=None, offers=None,
-                 content: Callable[[str, str, bytes], bytes] | None = None,
-                 planning: Callable[[], bool] = lambda: False,
-                 on_subscribed: Callable[[str, str], None] = lambda peer, manifest_id: None,
-                 peer_holds: Callable[[str, str], set | None] = lambda manifest_id, peer: None):
+    def __init__(self, locator: ChunkLocator, tickets: TicketBook, *, answers: PortAnswers | None = None,
+                 host: str = "127.0.0.1", port: int = 0, slots: int = 8, idle_timeout: float = IDLE_TIMEOUT,
+                 rate: int | None = None, handshake_timeout: float = HANDSHAKE_TIMEOUT, encrypt: bool = False):
         from agent.ratelimit import ThreadTokenBucket
         self.locator, self.tickets = locator, tickets
-        self.boards = boards  # agent.swarm.board.Boards: what subscribers are told
-        self.offers = offers  # (peer, request bytes) -> answer bytes, for mode "offer"
-        self.room = None  # (peer, request bytes) -> answer bytes, for mode "room" (agent.assign), once set
-        self.content = content  # (peer, manifest id, manifest bytes) -> answer bytes, for mode "content"
+        # Offers, content and room asks, and what subscriptions need of the agent
+        # (``agent.swarm.answers``); none: a bare chunk server.
+        self.answers = answers or PortAnswers()
         self._content_asks = threading.BoundedSemaphore(MAX_CONTENT_ASKS)
-        self.planning = planning  # whether a pull of this agent has not planned yet
-        self.on_subscribed = on_subscribed  # (peer, manifest id): told of every subscription taken
-        self.peer_holds = peer_holds  # (manifest id, peer): what it holds, as its own stream says, or None
         self._subscribers: Counter = Counter()  # by address, None: in all
         # The live subscription of each (peer, manifest): a new one from the same peer takes
         # its place (the old one is dead on the peer's side: it gave up on it, e.g. while
@@ -294,17 +286,18 @@ class DataServer:
             conn.close()
 
     def _offer(self, conn: socket.socket, peer: str, request: bytes) -> None:
-        answer = self.offers(peer, request) if self.offers is not None else b""
+        answer = self.answers.offer(peer, request)
         reply(conn, OK, b"")
         conn.settimeout(SUB_SEND_TIMEOUT)
         conn.sendall(struct.pack(">I", len(answer)) + answer)
 
     def _room(self, conn: socket.socket, peer: str, request: bytes) -> None:
-        if self.room is None:
+        room = self.answers.room
+        if room is None:
             reply(conn, MISSING, b"this agent keeps no room's assignments")
             return
         try:
-            answer = self.room(peer, request)
+            answer = room(peer, request)
         except DataPathError as e:
             reply(conn, BAD_REQUEST, str(e).encode()[:200])
             return
@@ -314,13 +307,16 @@ class DataServer:
 
     def _content(self, conn: socket.socket, peer: str, manifest_id: str, manifest: bytes) -> None:
         # Each ask looks up every chunk of a manifest: a few at once, the rest told busy.
-        if self.content is None or not self._content_asks.acquire(blocking=False):
+        if not self._content_asks.acquire(blocking=False):
             reply(conn, BUSY, b"too many content asks at once; ask again shortly")
             return
         try:
-            answer = self.content(peer, manifest_id, manifest)
+            answer = self.answers.content(peer, manifest_id, manifest)
         finally:
             self._content_asks.release()
+        if answer is None:
+            reply(conn, BUSY, b"this agent answers no content asks")
+            return
         reply(conn, OK, b"")
         conn.settimeout(SUB_SEND_TIMEOUT)
         conn.sendall(struct.pack(">I", len(answer)) + answer)
@@ -330,12 +326,13 @@ class DataServer:
         Takes no upload slot (it moves a few bytes a second); capped on its own. While a
         pull of this agent is still planning (a room that starts at once), the subscriber
         waits up to ``SUB_PLAN_WAIT`` for the board rather than asking again and again."""
-        board = self.boards.wait_for(manifest_id, SUB_PLAN_WAIT, self.planning) if self.boards is not None else None
+        answers = self.answers
+        board = answers.boards.wait_for(manifest_id, SUB_PLAN_WAIT, answers.planning) if answers.boards is not None else None
         if board is None:
             reply(conn, MISSING, b"no such manifest here")
             return
-        if board.pulling or self.planning():  # pulling it too: its pull follows the subscriber
-            self.on_subscribed(peer, manifest_id)
+        if board.pulling or answers.planning():  # pulling it too: its pull follows the subscriber
+            answers.subscribed(peer, manifest_id)
         with self._lock:
             previous = self._subscription_of.pop((peer, manifest_id), None)
         if previous is not None:
@@ -379,7 +376,7 @@ class DataServer:
                 publisher = self._publishers.get(board)
                 if publisher is None:
                     publisher = self._publishers[board] = BoardPublisher(
-                        board, holdings=functools.partial(self.peer_holds, manifest_id))
+                        board, holdings=functools.partial(self.answers.peer_holds, manifest_id))
                 subscriber = publisher.add(conn, seq, peer)
             # The board's publisher pushes from here on; this thread keeps the connection's
             # place in the counts (no CPU) until the publisher drops it or the server closes.

@@ -36,6 +36,7 @@ from agent.swarm.location import default_location, format_location, neighbours, 
 from agent.swarm.node import ASK_TIMEOUT, SwarmNode
 from agent.swarm.protocol import Contact, PeerPending, SwarmAccess, encode_request, parse_answer
 from agent.errors import KeyRefused, PeerRefused
+from agent.swarm.answers import SwarmAnswers
 from agent.swarm.asks import offer_over
 from agent.swarm.session import PENDING, PullSession
 from agent.swarm.wire import Ordinals
@@ -90,13 +91,12 @@ class Swarm:
         self._early_interest: dict[str, set[str]] = {}
         # Where this agent is (agent.swarm.location): said in every hello answer.
         self.location = parse_location(settings.swarm_location) if settings.swarm_location else default_location()
-        self.node = SwarmNode(store, identity.seed, access=self.access, pulling=lambda key: key in self._pulls(),
-                              planning=self.planning,
+        self.answers = SwarmAnswers(self)  # what our data port answers besides chunks
+        self.node = SwarmNode(store, identity.seed, answers=self.answers, access=self.access,
                               listen_host=settings.swarm_host, listen_port=settings.swarm_port,
                               slots=settings.upload_slots, upload_rate=settings.upload_rate,
                               mdns=settings.mdns, dht=settings.dht, encrypt=settings.encrypt_data,
-                              peer_exchange=settings.peer_exchange, location=self.location,
-                              boards=self.boards, on_interest=self._interest, peer_holds=self._peer_holds)
+                              peer_exchange=settings.peer_exchange, location=self.location)
         self.bootstrap = [a.strip() for a in settings.swarm_peers.split(",") if a.strip()]
         self.contacts: dict[str, Contact] = {}  # peer -> how to reach its data port (from its hello)
         self._contact_at: dict[str, float] = {}
@@ -112,6 +112,7 @@ class Swarm:
         return self.node.peer_id
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        self.answers.bind()  # before the data port starts: its threads reach our pulls through it
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await nursery.start(self.node.serve)
@@ -146,11 +147,15 @@ class Swarm:
             board = self.boards.adopt(Board(manifest))
         return board
 
+    def pull_keys(self) -> set[str]:
+        """``str(ref)`` of every pull of this agent."""
+        return set(self._pulls())
+
     def planning(self) -> bool:
         """Whether a pull of this agent has not planned yet (its peers' subscriptions wait)."""
         return any(key not in self.sessions for key in list(self._pulls()))
 
-    def _interest(self, peer: str, key: str) -> None:
+    def interest(self, peer: str, key: str) -> None:
         """``peer`` asked about ``key`` (a model revision or a manifest id) that this agent
         pulls: its pull follows the peer, now or once it plans."""
         session = self.sessions.get(key)
@@ -159,7 +164,7 @@ class Swarm:
         elif len(self._early_interest) < MAX_PEERS:
             self._early_interest.setdefault(key, set()).add(peer)
 
-    def _peer_holds(self, manifest_id: str, peer: str) -> set[int] | None:
+    def peer_holds(self, manifest_id: str, peer: str) -> set[int] | None:
         """What ``peer`` holds of ``manifest_id`` as its HAVE stream to our pull of it says
         (None: we do not follow it). Read by the data port's publisher thread: the set is
         only ever read whole (one C-level operation under the interpreter lock)."""

@@ -1,6 +1,6 @@
 """The LAN swarm node: a libp2p host that gives swarm members a key to this agent's data
-port (the hello), answers their offers there, and discovery (bootstrap list, mDNS,
-Kademlia DHT provider records).
+port (the hello), the data port itself (which answers offers and asks through
+``agent.swarm.answers``), and discovery (bootstrap list, mDNS, Kademlia DHT provider records).
 
 Over libp2p (authenticated, Noise, the swarm's private network) travel only hellos, one per
 pair of agents and renewal, and the DHT; the wire format is ``agent.swarm.protocol``.
@@ -20,27 +20,23 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
-from typing import Callable
 
 import trio
 
 from agent.errors import PeerBroken
-from agent.manifest import Manifest, decode
 from agent.swarm.admission import cap_handshakes, gate_dht
-from agent.swarm.datapath import DataServer, StoreLocator, TicketBook
+from agent.swarm.answers import StoreAnswers
+from agent.swarm.datapath import DataServer, TicketBook
 from agent.swarm.discovery import MAX_DISCOVERED, Discovery
 from agent.swarm.records import Records
-from agent.swarm.protocol import (BAD_REQUEST, MAX_REQUEST, NOT_HELD, NOT_IN_SWARM, PENDING,
-                                  PROTOCOL, Contact, SwarmAccess, encode_answer, encode_contact, encode_error,
-                                  encode_hello_request, encode_request, parse_contact, parse_hello_request,
-                                  parse_request)
+from agent.swarm.protocol import (BAD_REQUEST, MAX_REQUEST, NOT_IN_SWARM, PROTOCOL, Contact, SwarmAccess,
+                                  encode_contact, encode_error, encode_hello_request, parse_contact,
+                                  parse_hello_request)
 
 log = logging.getLogger("shoal.swarm")
 
 ASK_TIMEOUT = 5.0
 DROP_TIMEOUT = 2.0
-MANIFEST_CACHE = 32
 UPGRADE_TIMEOUT = 5.0
 YAMUX_RTT_INTERVAL = 600  # seconds between yamux's RTT pings on a connection (py-libp2p's own: 30)
 
@@ -75,14 +71,11 @@ async def _close(stream) -> None:
 class SwarmNode:
     """One agent's presence in the swarm. Owns the libp2p host, the data server, the DHT."""
 
-    def __init__(self, store, seed: bytes, *, access: SwarmAccess | None = None,
-                 pulling: Callable[[str], bool] = lambda ref: False, planning: Callable[[], bool] = lambda: False,
-                 listen_host: str = "127.0.0.1",
-                 listen_port: int = 0, data_host: str | None = None, slots: int = 16,
-                 upload_rate: int | None = None, mdns: bool = False, dht: bool = False, encrypt: bool = False,
-                 peer_exchange: bool = True, location: tuple[str, ...] | None = None,
-                 boards=None, on_interest: Callable[[str, str], None] = lambda peer, manifest_id: None,
-                 peer_holds: Callable[[str, str], set | None] = lambda manifest_id, peer: None):
+    def __init__(self, store, seed: bytes, *, answers: StoreAnswers | None = None,
+                 access: SwarmAccess | None = None, listen_host: str = "127.0.0.1", listen_port: int = 0,
+                 data_host: str | None = None, slots: int = 16, upload_rate: int | None = None,
+                 mdns: bool = False, dht: bool = False, encrypt: bool = False, peer_exchange: bool = True,
+                 location: tuple[str, ...] | None = None):
         import multiaddr
         from libp2p import new_host
         from libp2p.network.config import ConnectionConfig
@@ -95,16 +88,13 @@ class SwarmNode:
         self.store = store
         self.location = location  # said in hello answers (agent.swarm.location); None: unsaid
         self.access = access or SwarmAccess()
-        self.pulling = pulling
         self.tickets = TicketBook()
-        self.locator = StoreLocator(store)
-        self.boards = boards
-        self.data = DataServer(self.locator, self.tickets, host=data_host or listen_host, slots=slots,
-                               rate=upload_rate, encrypt=encrypt, boards=boards, offers=self.offer,
-                               content=self.content_offer,
-                               planning=planning, on_subscribed=self._interest, peer_holds=peer_holds)
-        self._trio_token = None  # for the data port's threads to reach the event loop
-        self.on_interest = on_interest  # told (peer, manifest id) when a peer asks about what we pull
+        # What the data port answers besides chunks (offers, content and room asks): the
+        # agent's (agent.swarm.answers.SwarmAnswers), or the store's alone.
+        self.answers = answers or StoreAnswers(store)
+        self.locator = self.answers.locator
+        self.data = DataServer(self.locator, self.tickets, answers=self.answers, host=data_host or listen_host,
+                               slots=slots, rate=upload_rate, encrypt=encrypt)
         # One connection per peer: py-libp2p waits ~250 ms per connect otherwise (docs/design.md).
         config = ConnectionConfig(max_connections_per_peer=1, inbound_upgrade_timeout=UPGRADE_TIMEOUT,
                                   outbound_upgrade_timeout=UPGRADE_TIMEOUT)
@@ -117,7 +107,6 @@ class SwarmNode:
         self.discovery = Discovery(self.host, self.access.tag, peer_exchange=peer_exchange)
         self.refused: dict[str, float] = {}  # peer id -> when we last refused it (outside the swarm)
         self.refused_by: set[str] = set()  # peers that told us we are outside their swarm
-        self._manifests: OrderedDict[str, Manifest] = OrderedDict()
         self.preauth_refused = 0  # connections closed for the pre-handshake caps
         self.hellos_answered = 0
 
@@ -133,7 +122,6 @@ class SwarmNode:
         self.preauth_refused += 1
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        self._trio_token = trio.lowlevel.current_trio_token()
         self.data.start()
         try:
             async with self.host.run(listen_addrs=self._listen):
@@ -164,63 +152,6 @@ class SwarmNode:
                     await trio.to_thread.run_sync(self.discovery.stop_mdns, abandon_on_cancel=True)
 
     # ------------------------------------------------------------- answering
-
-    def _manifest(self, manifest_id: str) -> tuple[Manifest, bytes]:
-        data = self.store.manifest_bytes(manifest_id)
-        manifest = self._manifests.get(manifest_id)
-        if manifest is None:
-            manifest = decode(data)
-            self._manifests[manifest_id] = manifest
-            while len(self._manifests) > MANIFEST_CACHE:
-                self._manifests.popitem(last=False)
-        return manifest, data
-
-    def offer(self, peer: str, data: bytes) -> bytes:
-        """The answer to one offer request (from the data port, in its thread) from ``peer``,
-        a member holding our key. Tells the agent (``on_interest``) when the peer asks about
-        a manifest this agent is pulling too: it follows the asker then."""
-        try:
-            request = parse_request(data)
-        except PeerBroken as e:
-            return encode_error(BAD_REQUEST, str(e))
-        found = None
-        if request.manifest_id is not None:
-            found = self.store.holding(manifest_id=request.manifest_id)
-        if found is None and request.model is not None:
-            found = self.store.holding(model_id=request.model, revision=request.revision)
-        if found is None:
-            asked = f"{request.model}@{request.revision}" if request.model else None
-            if asked and self.pulling(asked):  # pulling it too, not planned yet: ask again shortly
-                self._interest(peer, asked)
-                return encode_error(PENDING, "pulling it too; no manifest yet")
-            return encode_error(NOT_HELD, "not held here")
-        ref, manifest_id = found
-        manifest, manifest_bytes = self._manifest(manifest_id)
-        expected = {f.path: f.chunks for f in manifest.files}
-        have = {path: {i for i, h in held.items() if i < len(expected[path]) and expected[path][i] == h}
-                for path, held in self.store.held_chunks(ref).items() if path in expected}
-        pulling = self.pulling(str(ref))
-        if pulling:
-            self._interest(peer, str(ref))
-        return encode_answer(manifest, None if request.known else manifest_bytes,
-                             self.store.signature(manifest_id), have, pulling)
-
-    def content_offer(self, peer: str, manifest_id: str, data: bytes) -> bytes:
-        """The answer to a content ask (``agent.swarm.content``), in a data-port thread."""
-        from agent.swarm.content import content_answer
-        if self.store.holding(manifest_id=manifest_id) is not None:  # held by name after all
-            return self.offer(peer, encode_request(manifest_id=manifest_id, known=True))
-        return content_answer(self.store, self.boards, self.locator, manifest_id, data)
-
-    def _interest(self, peer: str, ref: str) -> None:
-        """Tell the agent (from a data-port thread) that ``peer`` asked about ``ref`` (a model
-        revision, or a manifest id), which it pulls."""
-        if self._trio_token is None:
-            return
-        try:
-            trio.from_thread.run_sync(self.on_interest, peer, ref, trio_token=self._trio_token)
-        except (trio.RunFinishedError, trio.Cancelled):
-            pass  # the agent is stopping
 
     def _contact_for(self, data: bytes, peer: str, address: str) -> tuple[bytes, bool]:
         """The answer to a hello (this agent's data port contact), and whether the asker was
