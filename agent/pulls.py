@@ -157,7 +157,7 @@ class PullCoordinator:
         if swarm is None:
             return None
         from agent.plan import plan_from_offers
-        answers, _ = await swarm.offers(ref)
+        answers, _ = await swarm.asks.offers(ref)
         return plan_from_offers(ref, answers, self.trust)[0] if answers else None
 
     async def _run(self, active: ActivePull) -> None:
@@ -170,7 +170,7 @@ class PullCoordinator:
                 session, swarm, offers_s = None, self._swarm(), 0.0
                 if swarm is not None:
                     asked = time.monotonic()
-                    session = swarm.session(active.ref, await swarm.offers(active.ref))
+                    session = swarm.session(active.ref, await swarm.asks.offers(active.ref))
                     offers_s = round(time.monotonic() - asked, 3)
                     log.info("pull %s: %d offers in %.2f s", key, len(session.offers), offers_s)
                 trust = self.trust

@@ -297,7 +297,7 @@ async def test_dht_lookups_find_a_provider_across_a_20_node_swarm(tmp_path, mode
             first = nodes[0]
             assert nodes[-1].peer_id not in first.connected()
             # A provide that timed out on a busy machine is tried again, as the agent's
-            # announcer does on its next round (membership._announce): three tries here.
+            # announcer does on its next round (Records.keep_announced): three tries here.
             for _ in range(3):
                 if await nodes[-1].records.provide(MODEL_ID, "master", manifest.id):
                     break

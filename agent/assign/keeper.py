@@ -441,7 +441,7 @@ class RoomWork:
             return None
         seq = self.current.record.seq if self.current else 0
         try:
-            data = await swarm.room_ask(peer, wire.encode_ask(seq, push, status, self.holds()), ASK_TIMEOUT)
+            data = await swarm.asks.room_ask(peer, wire.encode_ask(seq, push, status, self.holds()), ASK_TIMEOUT)
             if data is None:
                 return None
             record, holds, report = wire.parse_answer(data)

@@ -5,8 +5,8 @@
 - ``node``: the libp2p host (hello protocol) and the data server; ``answers`` (what the
   data port answers besides chunks: offers, content and room asks), ``discovery`` (mDNS, peer exchange), ``records`` (DHT provider records), ``admission``
   (who the host lets in);
-- ``membership``: the agent's peers, the loops that keep them connected and announced, the
-  asks a pull makes, this agent's boards;
+- ``membership``: the agent's peers, the loops that keep them connected and announced, this
+  agent's boards; ``offers``: the asks a pull (and a room) makes of peers;
 - ``datapath`` / ``datawire`` / ``dataclient``: the keyed TCP data port chunk bytes travel
   on (not libp2p streams, which docs/design.md measured at ~60 MB/s): server, wire format
   and keys, client;

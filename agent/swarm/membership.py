@@ -1,12 +1,13 @@
-"""The agent's side of the swarm: which peers it knows and how it reaches them, what it
-announces, and the asks a pull makes.
+"""The agent's side of the swarm: which peers it knows and how it reaches them.
 
 ``Swarm`` runs beside the agent (``Agent.serve``): the ``SwarmNode`` (libp2p host, data
 server, DHT, mDNS), a loop that keeps connections to bootstrap and discovered peers, and
-one that keeps DHT provider records in line with what the store holds. For a pull it
-offers ``offers(ref)`` (asked before planning) and ``session(offers)``, the
-``agent.swarm.session.PullSession`` that follows peers while the pull runs. It keeps this
-agent's boards (``agent.swarm.board``): what subscribers are told about each manifest.
+one that keeps DHT provider records in line with what the store holds
+(``agent.swarm.records``). For a pull it gives ``asks.offers(ref)`` (asked before planning:
+``agent.swarm.offers``) and ``session(offers)``, the ``agent.swarm.session.PullSession`` that
+follows peers while the pull runs. It keeps this agent's boards (``agent.swarm.board``):
+what subscribers are told about each manifest; and what its data port answers
+(``agent.swarm.answers``) reads its pulls here.
 
 Each connected peer gets one **hello** over libp2p (and again every ``CONTACT_REFRESH``):
 its answer is this agent's contact for the peer's data port, where every ask of a pull
@@ -33,31 +34,21 @@ from agent.errors import ConfigError, NotInSwarm
 from agent.manifest import Manifest, ModelRef
 from agent.swarm.board import Board, Boards
 from agent.swarm.location import default_location, format_location, neighbours, parse as parse_location
-from agent.swarm.node import ASK_TIMEOUT, SwarmNode
-from agent.swarm.protocol import Contact, PeerPending, SwarmAccess, encode_request, parse_answer
-from agent.errors import KeyRefused, PeerRefused
+from agent.swarm.node import SwarmNode
+from agent.swarm.offers import Asks
+from agent.swarm.protocol import Contact, SwarmAccess
 from agent.swarm.answers import SwarmAnswers
-from agent.swarm.asks import offer_over
-from agent.swarm.session import PENDING, PullSession
+from agent.swarm.session import PullSession
 from agent.swarm.wire import Ordinals
 
 log = logging.getLogger("shoal.swarm")
 
 MAX_PEERS = 256
-OFFER_TIMEOUT = 0.75  # a pull waits this long at most for its peers' first answers (the rest: asked again)
-# ... and this long after the first offer: a late joiner starts on what the first answers
-# say (the session follows every peer anyway), instead of waiting for the slowest one.
-OFFER_SETTLE = 0.15
 CONTACT_REFRESH = 1200.0  # a peer's key lasts an hour: say hello again well before
 HELLOS_AT_ONCE = 16
 HELLO_RETRY = 10.0
 KEEP_INTERVAL = 1.0
 BOOTSTRAP_RETRY = 10.0
-ANNOUNCE_INTERVAL = 30.0
-# Files a peer may look for by content through the DHT (agent.swarm.records.blob_key): the
-# largest held, so the records stay few; small files travel with the manifest's other holders.
-BLOB_ANNOUNCE_MIN = 1024 * 1024
-BLOB_ANNOUNCE_MAX = 256
 CONTENT_LOOKUPS = 4  # a pull's largest files looked up by content in the DHT
 
 
@@ -97,6 +88,7 @@ class Swarm:
                               slots=settings.upload_slots, upload_rate=settings.upload_rate,
                               mdns=settings.mdns, dht=settings.dht, encrypt=settings.encrypt_data,
                               peer_exchange=settings.peer_exchange, location=self.location)
+        self.asks = Asks(self)  # a pull's (and a room's) asks of peers on their data ports
         self.bootstrap = [a.strip() for a in settings.swarm_peers.split(",") if a.strip()]
         self.contacts: dict[str, Contact] = {}  # peer -> how to reach its data port (from its hello)
         self._contact_at: dict[str, float] = {}
@@ -105,7 +97,6 @@ class Swarm:
         # peer id -> what `shoal peers` shows; "addr" is how we reach it
         self.peers: dict[str, dict] = {}
         self._next_try: dict[str, float] = {}
-        self._provided: set[tuple[str, str, str]] = set()
 
     @property
     def self_id(self) -> str:
@@ -117,7 +108,7 @@ class Swarm:
             self._nursery = nursery
             await nursery.start(self.node.serve)
             nursery.start_soon(self._keep_peers)
-            nursery.start_soon(self._announce)
+            nursery.start_soon(self.node.records.keep_announced, self.store)
             task_status.started(self)
 
     # ----------------------------------------------------------------- boards
@@ -233,7 +224,7 @@ class Swarm:
         self._contact_at[peer] = time.monotonic()
         return contact
 
-    async def _dial(self, peer: str, address: str, via: str) -> None:
+    async def dial(self, peer: str, address: str, via: str) -> None:
         info = self.peer_info(peer, address, via)
         try:
             await self.node.connect(address)
@@ -283,36 +274,10 @@ class Swarm:
                     address = next((a for a in addrs if "/ip4/" in a and "/127." not in a), addrs[0]) \
                         if addrs else None
                     if address:
-                        nursery.start_soon(self._dial, peer, address, via)
+                        nursery.start_soon(self.dial, peer, address, via)
             await trio.sleep(KEEP_INTERVAL)
 
-    # -------------------------------------------------------------- announcing
-
-    async def _announce(self) -> None:
-        """Keep DHT provider records for every complete model and its largest files (by
-        content, for pulls of other models that share them); drop them on eviction."""
-        from agent.swarm.records import blob_key
-        if self.node.records.dht is None:
-            return
-        provided_blobs: set[str] = set()
-        while True:
-            held = await trio.to_thread.run_sync(self.store.complete_manifests)
-            blobs = {blob_key(sha) for sha in await trio.to_thread.run_sync(
-                self.store.largest_blobs, BLOB_ANNOUNCE_MIN, BLOB_ANNOUNCE_MAX)}
-            for key in held - self._provided:
-                if await self.node.records.provide(*key):
-                    self._provided.add(key)
-            for key in self._provided - held:
-                self.node.records.unprovide(*key)
-                self._provided.discard(key)
-            for key in blobs - provided_blobs:
-                if await self.node.records.provide_key(key):
-                    provided_blobs.add(key)
-            for key in provided_blobs - blobs:
-                self.node.records.unprovide_key(key)
-                provided_blobs.discard(key)
-            done = self._provided >= held and provided_blobs >= blobs
-            await trio.sleep(ANNOUNCE_INTERVAL if done else 2.0)
+    # -------------------------------------------------------------- content
 
     async def find_by_content(self, manifest: Manifest) -> int:
         """Dial the peers the DHT says hold the manifest's largest files by content (under
@@ -330,110 +295,8 @@ class Swarm:
                     if peer not in connected and addrs and peer not in self.node.refused_by:
                         connected = connected | {peer}
                         dialled += 1
-                        nursery.start_soon(self._dial, peer, addrs[0], "dht")
+                        nursery.start_soon(self.dial, peer, addrs[0], "dht")
         return dialled
-
-    # ------------------------------------------------------------------ asking
-
-    async def ask(self, peer: str, *, ref: ModelRef | None = None, manifest_id: str | None = None,
-                  known: Manifest | None = None):
-        """The peer's offer for a manifest (by id) or a model revision (or both), asked on its
-        data port; None when it holds none or cannot answer; ``PENDING`` when it pulls the
-        same but has not planned yet. What `shoal peers` shows of it is kept up to date."""
-        from agent.manifest import is_manifest_id
-        if manifest_id is None and ref is not None and is_manifest_id(ref.revision):
-            manifest_id = ref.revision
-        request = encode_request(manifest_id=manifest_id, model=ref.model_id if ref else None,
-                                 revision=ref.revision if ref else None, known=known is not None)
-        info = self.peer_info(peer)
-        for attempt in range(2):
-            contact = await self.contact(peer, fresh=attempt > 0)
-            if contact is None:
-                return None
-            started = time.monotonic()
-            try:
-                data = await offer_over(contact, request, ASK_TIMEOUT)
-                answer = parse_answer(data, known)
-                break
-            except KeyRefused:
-                continue  # our key was renewed or revoked meanwhile: hello again, once
-            except PeerPending:
-                return PENDING
-            except LookupError:
-                return None  # it holds none of it
-            except Exception as e:  # PeerBroken, a timeout, a reset: a peer that cannot answer is left out
-                info["error"] = str(e)[:200] or type(e).__name__
-                return None
-        else:
-            return None
-        info["rtt_ms"] = round((time.monotonic() - started) * 1000, 1)
-        info["error"] = None
-        answer.peer = peer
-        m = answer.manifest
-        info["holds"][f"{m.model_id}@{m.revision}"] = {
-            "manifest_id": m.id, "chunks": sum(len(v) for v in answer.have.values()),
-            "of": sum(len(f.chunks) for f in m.files), "pulling": answer.pulling}
-        return answer
-
-    async def room_ask(self, peer: str, request: bytes, timeout: float) -> bytes | None:
-        """A room ask (``agent.assign.wire``) on the peer's data port: its answer, or None when
-        it cannot answer (no key to its port, it keeps no room)."""
-        from agent.swarm.asks import room_over
-        for attempt in range(2):
-            contact = await self.contact(peer, fresh=attempt > 0)
-            if contact is None:
-                return None
-            try:
-                return await room_over(contact, request, timeout)
-            except KeyRefused:
-                continue  # our key was renewed or revoked meanwhile: hello again, once
-            except PeerRefused:
-                return None
-        return None
-
-    async def _ask_all(self, peers, timeout: float, answered: set[str], *, settle: float | None = None,
-                       **kwargs) -> list:
-        """Ask ``peers`` at once (for at most ``timeout``): their offers; those that gave a
-        definite answer (an offer, or none held) are added to ``answered``. With ``settle``,
-        stop that long after the first offer arrives: one offer is enough to plan and
-        start, and the pull's session asks the rest again."""
-        answers: list = []
-
-        async def one(peer: str) -> None:
-            answer = await self.ask(peer, **kwargs)
-            if answer is PENDING:
-                return
-            if answer is not None:
-                answers.append(answer)
-                if settle is not None and len(answers) == 1:
-                    scope.deadline = min(scope.deadline, trio.current_time() + settle)
-            if answer is not None or not self.peers.get(peer, {}).get("error"):
-                answered.add(peer)
-        with trio.move_on_after(timeout) as scope:
-            async with trio.open_nursery() as nursery:
-                for peer in peers:
-                    nursery.start_soon(one, peer)
-        return answers
-
-    async def offers(self, ref: ModelRef) -> tuple[list, set[str]]:
-        """What peers hold of ``ref``, asked before a pull plans, and who answered (an offer,
-        or none held): the connected peers first (our room, and a few in each other place:
-        ``neighbours``; at most ``OFFER_TIMEOUT``); the DHT only when none has it. The
-        session asks the others again."""
-        connected = self.neighbours(self.node.connected() - self.node.refused_by)
-        answered: set[str] = set()
-        answers = await self._ask_all(connected, OFFER_TIMEOUT, answered, settle=OFFER_SETTLE, ref=ref)
-        if answers or answered != connected or self.node.records.dht is None:
-            return answers, answered
-        found = await self.node.records.find_providers(ref)
-        new = {}
-        async with trio.open_nursery() as nursery:
-            for peer, addrs in found.items():
-                self.peer_info(peer, addrs[0] if addrs else None, "dht")
-                if peer not in connected and addrs:
-                    new[peer] = addrs
-                    nursery.start_soon(self._dial, peer, addrs[0], "dht")
-        return (await self._ask_all(set(found) - connected, ASK_TIMEOUT, answered, ref=ref) if new else []), answered
 
     def neighbours(self, peers, idle=frozenset()) -> set[str]:
         """Of ``peers`` (connected ones), those a pull asks and follows: our whole room and a

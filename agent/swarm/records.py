@@ -17,6 +17,11 @@ from agent.manifest import ModelRef, is_manifest_id
 log = logging.getLogger("shoal.swarm")
 
 LOOKUP_TIMEOUT = 10.0  # a provide or a lookup walks the DHT at most this long
+ANNOUNCE_INTERVAL = 30.0
+# Files a peer may look for by content through the DHT (``blob_key``): the largest held, so
+# the records stay few; small files travel with the manifest's other holders.
+BLOB_ANNOUNCE_MIN = 1024 * 1024
+BLOB_ANNOUNCE_MAX = 256
 ENOUGH_PROVIDERS = 3  # other providers of a key kept here: ours is recorded without a walk
 
 
@@ -62,6 +67,33 @@ class Records:
         self.host = host
         self.dht = None
         self.provides_skipped = 0  # provider records kept without a DHT walk (``provide_key``)
+        self.provided: set[tuple[str, str, str]] = set()  # (model, revision, manifest id) provided
+
+    async def keep_announced(self, store) -> None:
+        """Keep provider records for every complete model in ``store`` and its largest files
+        (by content, for pulls of other models that share them); drop them on eviction.
+        Runs until cancelled (a check every ``ANNOUNCE_INTERVAL``, sooner while behind)."""
+        if self.dht is None:
+            return
+        provided_blobs: set[str] = set()
+        while True:
+            held = await trio.to_thread.run_sync(store.complete_manifests)
+            blobs = {blob_key(sha) for sha in await trio.to_thread.run_sync(
+                store.largest_blobs, BLOB_ANNOUNCE_MIN, BLOB_ANNOUNCE_MAX)}
+            for key in held - self.provided:
+                if await self.provide(*key):
+                    self.provided.add(key)
+            for key in self.provided - held:
+                self.unprovide(*key)
+                self.provided.discard(key)
+            for key in blobs - provided_blobs:
+                if await self.provide_key(key):
+                    provided_blobs.add(key)
+            for key in provided_blobs - blobs:
+                self.unprovide_key(key)
+                provided_blobs.discard(key)
+            done = self.provided >= held and provided_blobs >= blobs
+            await trio.sleep(ANNOUNCE_INTERVAL if done else 2.0)
 
     @property
     def _me(self) -> str:
