@@ -127,5 +127,5 @@ class Asks:
                 self.swarm.peer_info(peer, addrs[0] if addrs else None, "dht")
                 if peer not in connected and addrs:
                     new[peer] = addrs
-                    nursery.start_soon(self._dial, peer, addrs[0], "dht")
+                    nursery.start_soon(self.swarm.dial, peer, addrs[0], "dht")
         return (await self.ask_all(set(found) - connected, ASK_TIMEOUT, answered, ref=ref) if new else []), answered
