@@ -8,7 +8,6 @@ reload its settings (``reload``: the agent's own user or root; otherwise it says
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 from agent.cli.common import settings_of
@@ -40,6 +39,7 @@ def _reload_agent(args) -> str:
 
 def _local_addresses() -> list[str]:
     """This machine's IPv4 addresses other than loopback (from ``ip``; nothing is sent)."""
+    import subprocess  # here: every `shoal` command imports this module
     try:
         out = subprocess.run(["ip", "-4", "-o", "addr", "show", "scope", "global"], capture_output=True,
                              text=True, timeout=5, check=True).stdout
