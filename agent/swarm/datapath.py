@@ -81,7 +81,7 @@ from agent.swarm.datawire import (BAD_REQUEST, BUSY, DENIED, HEADER, MAGIC, MAX_
                                   make_tls, recv_exact, reply)
 from agent.swarm.handshake import Granted, Refused
 from agent.swarm.locator import ChunkLocator, StoreLocator
-from agent.swarm.publisher import BoardPublisher, greet
+from agent.swarm.publisher import Subscriptions
 
 __all__ = ["BAD_REQUEST", "BUSY", "DENIED", "MAGIC", "MAX_OFFER", "MAX_REQUEST", "MISSING", "MODE_CONTENT",
            "MODE_GET", "MODE_OFFER",
@@ -98,9 +98,7 @@ TLS_BLOCK = 1024 * 1024
 SUB_PLAN_WAIT = 3.0
 SLOT_WAIT = 0.3  # how long a chunk request waits for an upload slot before it is told BUSY
 SUB_SEND_TIMEOUT = 10.0  # an offer's answer or a subscription's snapshot not taken this long: the peer is dropped
-MAX_SUBSCRIBERS = 256
 MAX_CONTENT_ASKS = 4  # content asks answered at once (each looks up every chunk of a manifest)
-MAX_SUBSCRIBERS_PER_ADDRESS = 16
 
 
 # ------------------------------------------------------------------------------- server
@@ -123,13 +121,7 @@ class DataServer:
         # (``agent.swarm.answers``); none: a bare chunk server.
         self.answers = answers or PortAnswers()
         self._content_asks = threading.BoundedSemaphore(MAX_CONTENT_ASKS)
-        self._subscribers: Counter = Counter()  # by address, None: in all
-        # The live subscription of each (peer, manifest): a new one from the same peer takes
-        # its place (the old one is dead on the peer's side: it gave up on it, e.g. while
-        # this agent was stopped, and its thread here would hold a slot until it noticed).
-        self._subscription_of: dict[tuple[str, str], socket.socket] = {}
-        self._subscription_conns: set[socket.socket] = set()
-        self._publishers: dict[object, BoardPublisher] = {}  # by board: one pushing thread each
+        self.subscriptions = Subscriptions()  # HAVE streams pushed to subscribers (agent.swarm.publisher)
         # With encryption: the TLS context, and the certificate hash offers carry.
         self._tls, self.fingerprint = make_tls() if encrypt else (None, None)
         self.rate = ThreadTokenBucket(rate)  # the upload cap (SHOAL_UPLOAD_RATE), shared by all connections
@@ -170,9 +162,7 @@ class DataServer:
             self._closed = True
             self._slot_free.notify_all()
             conns = list(self._conns)
-            publishers, self._publishers = list(self._publishers.values()), {}
-        for publisher in publishers:
-            publisher.close()
+        self.subscriptions.close()
         try:
             self._listener.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -323,73 +313,21 @@ class DataServer:
 
     def _subscription(self, conn: socket.socket, peer: str, address: str, manifest_id: str) -> None:
         """Push this agent's board for ``manifest_id`` to a subscriber until it or we close.
-        Takes no upload slot (it moves a few bytes a second); capped on its own. While a
+        Takes no upload slot (it moves a few bytes a second); capped on its own
+        (``agent.swarm.publisher.Subscriptions``). While a
         pull of this agent is still planning (a room that starts at once), the subscriber
         waits up to ``SUB_PLAN_WAIT`` for the board rather than asking again and again."""
         answers = self.answers
-        board = answers.boards.wait_for(manifest_id, SUB_PLAN_WAIT, answers.planning) if answers.boards is not None else None
+        boards = answers.boards
+        board = boards.wait_for(manifest_id, SUB_PLAN_WAIT, answers.planning) if boards is not None else None
         if board is None:
             reply(conn, MISSING, b"no such manifest here")
             return
         if board.pulling or answers.planning():  # pulling it too: its pull follows the subscriber
             answers.subscribed(peer, manifest_id)
-        with self._lock:
-            previous = self._subscription_of.pop((peer, manifest_id), None)
-        if previous is not None:
-            try:
-                previous.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            with self._lock:
-                publishers = list(self._publishers.values())
-            for publisher in publishers:  # its thread ends: the slot frees
-                if publisher.drop(previous):
-                    break
-            deadline = time.monotonic() + 1.0
-            while time.monotonic() < deadline:
-                with self._lock:
-                    if previous not in self._subscription_conns:
-                        break
-                time.sleep(0.02)
-        with self._lock:
-            admitted = (self._subscribers[None] < MAX_SUBSCRIBERS
-                        and self._subscribers[address] < MAX_SUBSCRIBERS_PER_ADDRESS)
-            if admitted:
-                self._subscribers[None] += 1
-                self._subscribers[address] += 1
-                self._subscription_of[(peer, manifest_id)] = conn
-                self._subscription_conns.add(conn)
-        if not admitted:
+        if not self.subscriptions.serve(conn, peer, address, manifest_id, board,
+                                        functools.partial(answers.peer_holds, manifest_id), SUB_SEND_TIMEOUT):
             reply(conn, BUSY, b"too many subscriptions")
-            return
-        try:
-            reply(conn, OK, b"")
-            conn.settimeout(SUB_SEND_TIMEOUT)
-            seq = greet(conn, board)
-            # Added under the lock close() takes, so close() closes every publisher that
-            # has a subscriber; idle ones (no subscriber, no thread) are forgotten here.
-            with self._lock:
-                if self._closed:
-                    return
-                for gone in [b for b, p in self._publishers.items() if p.idle]:
-                    del self._publishers[gone]
-                publisher = self._publishers.get(board)
-                if publisher is None:
-                    publisher = self._publishers[board] = BoardPublisher(
-                        board, holdings=functools.partial(self.answers.peer_holds, manifest_id))
-                subscriber = publisher.add(conn, seq, peer)
-            # The board's publisher pushes from here on; this thread keeps the connection's
-            # place in the counts (no CPU) until the publisher drops it or the server closes.
-            subscriber.done.wait()
-        finally:
-            with self._lock:
-                self._subscribers[None] -= 1
-                self._subscribers[address] -= 1
-                if self._subscribers[address] <= 0:
-                    del self._subscribers[address]
-                self._subscription_conns.discard(conn)
-                if self._subscription_of.get((peer, manifest_id)) is conn:
-                    del self._subscription_of[(peer, manifest_id)]
 
     def _serve_requests(self, conn: socket.socket, peer: str, manifest_id: str) -> None:
         while True:

@@ -1,5 +1,5 @@
 """A board's HAVE stream to every subscriber, pushed from one thread (the data port's mode
-"sub", ``agent.swarm.datapath``).
+"sub", ``agent.swarm.datapath``); and the data port's subscriptions (``Subscriptions``).
 
 Why one thread per board: in a room of 30 each board has 29 subscribers, and a thread per
 subscriber meant 29 threads woken (and as many hand-overs of the interpreter lock) for
@@ -24,13 +24,16 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections import Counter
 
-from agent.swarm import wire
+from agent.swarm import datawire, wire
 
 HEARTBEAT = 3.0  # a subscriber hears at least this often (agent.swarm.view.LIVENESS is over 3 times it)
 COALESCE = 0.05  # changes this close together go in one frame
 SEND_STALL = 1.0  # the longest a subscriber may take to accept one frame
 WAKE = 0.5  # the publisher looks at least this often (heartbeats, close)
+MAX_SUBSCRIBERS = 256
+MAX_SUBSCRIBERS_PER_ADDRESS = 16
 
 
 class Subscriber:
@@ -148,3 +151,92 @@ class BoardPublisher:
                 self.drop(sub.conn)
                 continue
             sub.seq, sub.frames, sub.sent_at = seq, number, now
+
+
+class Subscriptions:
+    """Every subscription a data port serves (``agent.swarm.datapath``, mode "sub"): one
+    live subscription per peer and manifest (a new one replaces the old, which is dead on
+    the peer's side: it gave up on it, e.g. while this agent was stopped, and would hold a
+    place here until noticed), at most ``MAX_SUBSCRIBERS`` in all and
+    ``MAX_SUBSCRIBERS_PER_ADDRESS`` from one address, and one ``BoardPublisher`` per board."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._closed = False
+        self._count: Counter = Counter()  # by address, None: in all
+        self._of: dict[tuple[str, str], socket.socket] = {}
+        self._conns: set[socket.socket] = set()
+        self._publishers: dict[object, BoardPublisher] = {}  # by board: one pushing thread each
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            publishers, self._publishers = list(self._publishers.values()), {}
+        for publisher in publishers:
+            publisher.close()
+
+    def _replace(self, peer: str, manifest_id: str) -> None:
+        """End the peer's earlier subscription to the manifest, if any (its thread ends and
+        its place frees, within a second)."""
+        with self._lock:
+            previous = self._of.pop((peer, manifest_id), None)
+        if previous is None:
+            return
+        try:
+            previous.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        with self._lock:
+            publishers = list(self._publishers.values())
+        for publisher in publishers:
+            if publisher.drop(previous):
+                break
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            with self._lock:
+                if previous not in self._conns:
+                    break
+            time.sleep(0.02)
+
+    def serve(self, conn: socket.socket, peer: str, address: str, manifest_id: str, board, holdings,
+              send_timeout: float) -> bool:
+        """Take ``conn`` (past its handshake) as ``peer``'s subscription to ``board``: say OK,
+        send the snapshot, then hold the connection's place (no CPU) while the board's
+        publisher pushes to it, until it or we close. False, at once: over a cap (the
+        caller says BUSY). ``holdings``: what the peer holds, as ``BoardPublisher`` takes it."""
+        self._replace(peer, manifest_id)
+        with self._lock:
+            admitted = (self._count[None] < MAX_SUBSCRIBERS
+                        and self._count[address] < MAX_SUBSCRIBERS_PER_ADDRESS)
+            if not admitted:
+                return False
+            self._count[None] += 1
+            self._count[address] += 1
+            self._of[(peer, manifest_id)] = conn
+            self._conns.add(conn)
+        try:
+            datawire.reply(conn, datawire.OK, b"")
+            conn.settimeout(send_timeout)
+            seq = greet(conn, board)
+            # Added under the lock close() takes, so close() closes every publisher that
+            # has a subscriber; idle ones (no subscriber, no thread) are forgotten here.
+            with self._lock:
+                if self._closed:
+                    return True
+                for gone in [b for b, p in self._publishers.items() if p.idle]:
+                    del self._publishers[gone]
+                publisher = self._publishers.get(board)
+                if publisher is None:
+                    publisher = self._publishers[board] = BoardPublisher(board, holdings=holdings)
+                subscriber = publisher.add(conn, seq, peer)
+            subscriber.done.wait()
+            return True
+        finally:
+            with self._lock:
+                self._count[None] -= 1
+                self._count[address] -= 1
+                if self._count[address] <= 0:
+                    del self._count[address]
+                self._conns.discard(conn)
+                if self._of.get((peer, manifest_id)) is conn:
+                    del self._of[(peer, manifest_id)]
