@@ -159,3 +159,44 @@ def test_a_subscriber_is_not_told_of_chunks_it_holds_already_but_always_of_origi
     # Nothing changes for a while: peer-a still hears a heartbeat in time.
     assert read_frame(links["peer-a"], timeout=2.0).kind == BEAT
     pub.close()
+
+
+def test_a_peers_new_subscription_replaces_its_old_one_and_one_address_is_capped(pairs, monkeypatch):
+    """The data port's subscriptions (``Subscriptions``): a peer subscribing again to the same
+    manifest (its old stream dead on its side) ends the old one and takes its place; one
+    address holds at most ``MAX_SUBSCRIBERS_PER_ADDRESS`` (the next is refused at once: the
+    data port says BUSY); closing ends every subscription."""
+    from agent.swarm.datawire import OK
+    monkeypatch.setattr(publisher_module, "MAX_SUBSCRIBERS_PER_ADDRESS", 2)
+    subs = publisher_module.Subscriptions()
+    board = Board(manifest(), pulling=True)
+    ended: dict[str, threading.Event] = {}
+    results: dict[str, bool] = {}
+
+    def subscribe(name: str, peer: str) -> socket.socket:
+        ours, theirs = socket.socketpair()
+        pairs.append((ours, theirs))
+        ended[name] = threading.Event()
+
+        def serve() -> None:
+            results[name] = subs.serve(ours, peer, "10.0.0.9", board.manifest.id, board, lambda peer: None, 2.0)
+            ended[name].set()
+        threading.Thread(target=serve, daemon=True).start()
+        theirs.settimeout(3)
+        assert theirs.recv(1)[0] == OK  # the OK status, then its message and the snapshot
+        return theirs
+
+    first = subscribe("first", "peer-a")
+    subscribe("second", "peer-b")
+    assert not ended["first"].wait(0.3)  # both held
+    subscribe("again", "peer-a")  # peer-a once more: its first subscription ends
+    assert ended["first"].wait(3) and results["first"] is True
+    first.settimeout(3)
+    while first.recv(65536):  # the old stream is closed from our side
+        pass
+    assert not ended["again"].is_set() and not ended["second"].is_set()
+    ours, theirs = socket.socketpair()
+    pairs.append((ours, theirs))
+    assert subs.serve(ours, "peer-c", "10.0.0.9", board.manifest.id, board, lambda peer: None, 2.0) is False
+    subs.close()  # (the data port's connection thread then closes each connection)
+    assert ended["again"].wait(3) and ended["second"].wait(3)
