@@ -94,7 +94,7 @@ class PullSession:
         after a failure (asked again after ``RETRY``), or *passed* over (another place's,
         ranked after the few this pull follows there). Until every peer has been heard
         from, ``view.unknown`` names those that have not, and the picker counts them among
-        the pullers for a while (``agent.swarm.picker.ROOM_WAIT``)."""
+        the pullers for a while (``agent.swarm.origin.ROOM_WAIT``)."""
         swarm, manifest = self.swarm, view.manifest
         self.view = view
         board.set_pulling(True)
