@@ -13,7 +13,8 @@
 - ``board`` and ``wire``: what this agent tells subscribers about a manifest (have, origin,
   claims) and the HAVE stream's codec;
 - ``session``: a pull following each peer (one subscription) into its view;
-- ``view``: what each live peer holds and claims during a pull; ``picker``: the chunk order;
+- ``view``: what each live peer holds and claims during a pull (``pullers``: who pulls and
+  owns each chunk; ``holders``: choosing a chunk's holder); ``picker``: the chunk order;
   ``origin``: the room's origin policy (mixed into the picker);
 - ``source``: ``LanPeerSource``, first in the scheduler's order, dropping lying peers;
 - ``trust``: the agent's Ed25519 identity, signed manifests (``shoal publish``) and the

@@ -9,12 +9,13 @@ anything. The view also keeps what this pull learned about each peer (requests i
 a stall, a ban for a corrupt chunk, bytes received).
 
 It is shared between the trio task that feeds it and the worker threads that fetch through
-``LanPeerSource``, hence the lock. Chunks are named by ordinal (``wire.Ordinals``).
+``LanPeerSource``, hence the lock. Chunks are named by ordinal (``wire.Ordinals``). Two
+parts live beside it, mixed in: who pulls and who owns each chunk (``agent.swarm.pullers``)
+and the worker threads' side, choosing holders (``agent.swarm.holders``).
 """
 
 from __future__ import annotations
 
-import random
 import threading
 import time
 from dataclasses import dataclass, field
@@ -23,14 +24,12 @@ import trio
 
 from agent.manifest import Manifest
 from agent.swarm import location as locality
+from agent.swarm.holders import PER_PEER, HolderChoice
+from agent.swarm.pullers import RoomCount
 from agent.swarm.wire import BEAT, DELTA, Message, Ordinals, PeerState
 
 LIVENESS = 10.0  # seconds without a frame after which a peer counts as gone
 RESUME_GAP = 3.0  # a gap this long between two looks at the clock is a pause of this process
-OWNER_LISTS = 4  # puller lists whose chunk owners are remembered (rendezvous hashes)
-STALLED_REST = 30.0  # a peer that timed out on a chunk is not asked again for this long
-BUSY_REST = 0.5  # seconds a holder that said BUSY is not chosen for a new chunk
-PER_PEER = 2  # requests in flight to one peer from this pull (its upload slots are shared)
 
 
 @dataclass
@@ -53,7 +52,7 @@ class PeerView:
     local: bool = True  # in our room (the same location, or it said none)
 
 
-class LanView:
+class LanView(RoomCount, HolderChoice):
     def __init__(self, manifest: Manifest, self_id: str, *, clock=time.monotonic,
                  location: locality.Location | None = None):
         self.manifest = manifest
@@ -331,7 +330,7 @@ class LanView:
         until = float("inf")
         for v in self.peers.values():
             if self._alive(v, now):
-                until = min(until, max(v.heard, self.resumed_at) + LIVENESS)
+                until = min(until, self._alive_until(v))
             if v.stalled_until > now:
                 until = min(until, v.stalled_until)
             if not self._usable(v, now):
@@ -367,160 +366,9 @@ class LanView:
     def holds(view: PeerView, ordinal: int) -> bool:
         return ordinal in view.state.have and ordinal not in view.missing
 
-    def room(self, count_unknown: bool = True, count_idle: bool = False
-             ) -> tuple[tuple[str, ...], dict[int, set[str]], bool]:
-        """(the agents pulling this manifest: this one, every live peer that pulls and, with
-        ``count_unknown``, every connected peer not heard from yet and, with ``count_idle``,
-        every idle one, sorted; the chunks live peers claim -> who claims each; whether no
-        live peer pulls or holds anything of it and no connected peer is counted as pulling
-        for want of an answer).
-
-        Counting every connected peer as pulling at first is what lets a room that starts
-        at once split the origin's chunks from the first second: they all start out with
-        the same list of pullers, so each chunk has one owner, whoever has answered what
-        by then (a peer whose ``shoal pull`` starts a second after ours answers "idle"
-        first, then pulls: counting it all along keeps the owners from changing under us).
-
-        Kept until something it depends on changes (read-only for the caller): the picker
-        asks on every look."""
-        now = self._now()
-        key = (count_unknown, count_idle)
-        cached = self._rooms.get(key)
-        if cached is not None and now < cached[0]:
-            return cached[1]
-        claims: dict[int, set[str]] = {}
-        presumed = (self.unknown if count_unknown else frozenset()) | (self.idle if count_idle else frozenset())
-        pullers = {self.self_id, *presumed}
-        alone = not (count_unknown and self.unknown) and not (count_idle and self.idle)
-        until = float("inf")  # the answer holds until a peer counted alive could fall silent
-        with self._lock:
-            for v in self.peers.values():
-                if not self._alive(v, now):
-                    continue
-                until = min(until, max(v.heard, self.resumed_at) + LIVENESS)
-                if v.state.pulling:
-                    pullers.add(v.peer)
-                if v.state.pulling or v.state.have:
-                    alone = False
-                for ordinal in v.state.claims:
-                    claims.setdefault(ordinal, set()).add(v.peer)
-            answer = tuple(sorted(pullers)), claims, alone
-            self._rooms[key] = (until, answer)
-        return answer
-
-    def owner(self, ordinal: int, pullers: tuple[str, ...]) -> str:
-        """The agent among ``pullers`` that fetches ``ordinal`` from the origin (rendezvous hashing)."""
-        if len(pullers) == 1:
-            return pullers[0]
-        cache = self._owner_cache.get(pullers)
-        if cache is None:
-            # A few lists at once: the room's, and the wider ones a settling claim is checked
-            # against (agent.swarm.picker), without each evicting the other's hashes.
-            while len(self._owner_cache) >= OWNER_LISTS:
-                self._owner_cache.pop(next(iter(self._owner_cache)))
-            cache = self._owner_cache[pullers] = {}
-        owner = cache.get(ordinal)
-        if owner is None:
-            chunk = f"{self.manifest.id}|{ordinal}".encode()
-            owner = cache[ordinal] = locality.owner(chunk, pullers, self.place_of,
-                                                    lambda places: self._spread(places)[ordinal])
-        return owner
-
-    def _spread(self, places: tuple[locality.Location, ...]) -> list[locality.Location]:
-        """``locality.spread`` for these places, kept (one campus has one set of places)."""
-        if self._spread_for is None or self._spread_for[0] != places:
-            self._spread_for = (places, locality.spread(self.manifest.id, self.ordinals.total, places))
-        return self._spread_for[1]
-
-    def origin_duplicates(self, mine: set[int]) -> int:
-        """Of the chunks this agent fetched from the origin, how many some peer fetched from
-        the origin too (as its HAVE stream says)."""
-        with self._lock:
-            theirs = set().union(*(v.state.origin for v in self.peers.values())) if self.peers else set()
-        return len(mine & theirs)
-
-    # ------------------------------------------------------ fetching (thread side)
-
-    def take_holder(self, ordinal: int, exclude: set[str], busy: set[str] = frozenset()) -> PeerView | None:
-        """The least busy of the nearest usable holders of a chunk (``agent.swarm.location``)
-        but those in ``exclude`` (they failed it), counted in flight until ``give_back``.
-        None while every nearest holder is ``busy`` (they said so just now): a chunk waits
-        for a holder in its room rather than cross to another room for it."""
-        now = self._now()
-        with self._lock:
-            self._refresh(now)
-            candidates = [v for v in self._usable_peers if ordinal in v.state.have and v.peer not in exclude
-                          and ordinal not in v.missing]
-            if not candidates:
-                return None
-            nearest = max(v.nearness for v in candidates)
-            candidates = [v for v in candidates if v.nearness == nearest and v.peer not in busy]
-            if not candidates:
-                return None
-            random.shuffle(candidates)
-            # Among rooms equally near, the one that fetched the chunk from outside (its share,
-            # ``locality.spread``): each room then sends out about its share once per other
-            # room, instead of the rooms that happened to take a chunk early sending it again.
-            home = self._spread_for[1][ordinal] if self._spread_for is not None and not candidates[0].local else None
-            best = min(candidates, key=lambda v: (home is not None and self.places.get(v.peer) != home, v.in_flight))
-            best.in_flight += 1
-            return best
-
-    def transfer_started(self, ordinal: int) -> float:
-        """A holder began sending ``ordinal`` (its answer came): the token for ``transfer_ended``."""
-        with self._lock:
-            started = self._clock()
-            self._transfers.setdefault(ordinal, []).append(started)
-            return started
-
-    def transfer_ended(self, ordinal: int, token: float) -> None:
-        with self._lock:
-            running = self._transfers.get(ordinal)
-            if running and token in running:
-                running.remove(token)
-                if not running:
-                    del self._transfers[ordinal]
-
-    def transferring_since(self, ordinal: int) -> float | None:
-        """When the oldest transfer of ``ordinal`` under way began sending, or None (none
-        is: its fetch waits for a holder's free slot, or has not begun)."""
-        with self._lock:
-            running = self._transfers.get(ordinal)
-            return min(running) if running else None
-
-    def give_back(self, view: PeerView, nbytes: int = 0) -> None:
-        with self._lock:
-            view.in_flight -= 1
-            view.bytes_down += nbytes
-
-    def lacks(self, view: PeerView, ordinal: int) -> None:
-        with self._lock:
-            view.missing.add(ordinal)
-            self._dirty()
-
-    def said_busy(self, view: PeerView) -> None:
-        """It answered BUSY: the picker starts no new chunk that only it could give for
-        ``BUSY_REST`` (a busy holder is one that many ask: like BitTorrent's choke, it
-        sends its askers to other chunks and other holders)."""
-        with self._lock:
-            view.busy_until = self._clock() + BUSY_REST
-
-    def stalled(self, view: PeerView) -> None:
-        with self._lock:
-            view.stalled_until = self._clock() + STALLED_REST
-            self._dirty()
-
-    def ban(self, view: PeerView, reason: str) -> None:
-        with self._lock:
-            view.banned = reason
-            self._dirty()
-
-    def busy(self, view: PeerView) -> bool:
-        return view.in_flight >= PER_PEER
-
-    def summary(self) -> dict[str, dict]:
-        with self._lock:
-            return {v.peer: {"bytes_down": v.bytes_down, "banned": v.banned} for v in self.peers.values()}
+    def _alive_until(self, view: PeerView) -> float:
+        """When a live peer counts as gone unless heard from again."""
+        return max(view.heard, self.resumed_at) + LIVENESS
 
 
 def _in_trio() -> bool:
