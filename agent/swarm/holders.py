@@ -1,5 +1,5 @@
-"""The thread side of a pull's view (``agent.swarm.view.LanView`` mixes it in): which holder
-a chunk is fetched from, the LAN transfers under way (the endgame's clock), and what a
+"""A holder as a pull sees it (``PeerView``) and the thread side of a pull's view
+(``agent.swarm.view.LanView`` mixes it in): which holder a chunk is fetched from, the LAN transfers under way (the endgame's clock), and what a
 fetch learned of a holder (busy for now, stalled, lacks a chunk, lied). Called from the
 scheduler's worker threads through ``agent.swarm.source.LanPeerSource``, under the view's
 lock.
@@ -8,14 +8,36 @@ lock.
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
 
-if TYPE_CHECKING:
-    from agent.swarm.view import PeerView
+from agent.swarm import location as locality
+from agent.swarm.wire import PeerState
 
 STALLED_REST = 30.0  # a peer that timed out on a chunk is not asked again for this long
 BUSY_REST = 0.5  # seconds a holder that said BUSY is not chosen for a new chunk
 PER_PEER = 2  # requests in flight to one peer from this pull (its upload slots are shared)
+
+
+@dataclass
+class PeerView:
+    """One peer as a pull sees it: how to reach its data port, what its HAVE stream says,
+    and what this pull learned of it as a holder."""
+    peer: str
+    data: tuple[str, int]
+    ticket: bytes
+    tls: bytes | None = None  # the peer's data server certificate (SHA-256), when it encrypts
+    state: PeerState = field(default_factory=PeerState)
+    heard: float = 0.0  # when it last said anything (an answer, a frame, a heartbeat)
+    subscribed: bool = False  # its HAVE stream is open
+    silent: bool = False  # its stream went quiet past LIVENESS: asking again does not revive it
+    in_flight: int = 0
+    stalled_until: float = 0.0
+    busy_until: float = 0.0  # it said all its upload slots were taken: new chunks go elsewhere meanwhile
+    banned: str | None = None
+    bytes_down: int = 0
+    missing: set[int] = field(default_factory=set)  # asked, it said it lacks them
+    nearness: int = locality.MAX_SEGMENTS  # location segments it shares with us (agent.swarm.location)
+    local: bool = True  # in our room (the same location, or it said none)
 
 
 class HolderChoice:

@@ -18,38 +18,19 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
 
 import trio
 
 from agent.manifest import Manifest
 from agent.swarm import location as locality
-from agent.swarm.holders import PER_PEER, HolderChoice
+from agent.swarm.holders import PER_PEER, HolderChoice, PeerView
 from agent.swarm.pullers import RoomCount
-from agent.swarm.wire import BEAT, DELTA, Message, Ordinals, PeerState
+from agent.swarm.wire import BEAT, DELTA, Message, Ordinals
 
 LIVENESS = 10.0  # seconds without a frame after which a peer counts as gone
 RESUME_GAP = 3.0  # a gap this long between two looks at the clock is a pause of this process
 
-
-@dataclass
-class PeerView:
-    peer: str
-    data: tuple[str, int]
-    ticket: bytes
-    tls: bytes | None = None  # the peer's data server certificate (SHA-256), when it encrypts
-    state: PeerState = field(default_factory=PeerState)
-    heard: float = 0.0  # when it last said anything (an answer, a frame, a heartbeat)
-    subscribed: bool = False  # its HAVE stream is open
-    silent: bool = False  # its stream went quiet past LIVENESS: asking again does not revive it
-    in_flight: int = 0
-    stalled_until: float = 0.0
-    busy_until: float = 0.0  # it said all its upload slots were taken: new chunks go elsewhere meanwhile
-    banned: str | None = None
-    bytes_down: int = 0
-    missing: set[int] = field(default_factory=set)  # asked, it said it lacks them
-    nearness: int = locality.MAX_SEGMENTS  # location segments it shares with us (agent.swarm.location)
-    local: bool = True  # in our room (the same location, or it said none)
+__all__ = ["LIVENESS", "LanView", "PeerView"]
 
 
 class LanView(RoomCount, HolderChoice):
