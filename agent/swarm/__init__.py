@@ -7,9 +7,9 @@
   (who the host lets in);
 - ``membership``: the agent's peers, the loops that keep them connected and announced, this
   agent's boards; ``offers``: the asks a pull (and a room) makes of peers;
-- ``datapath`` / ``datawire`` / ``dataclient``: the keyed TCP data port chunk bytes travel
-  on (not libp2p streams, which docs/design.md measured at ~60 MB/s): server, wire format
-  and keys, client;
+- ``datapath`` / ``uploads`` / ``datawire`` / ``dataclient``: the keyed TCP data port chunk
+  bytes travel on (not libp2p streams, which docs/design.md measured at ~60 MB/s): server,
+  its chunk requests, wire format and keys, client;
 - ``board`` and ``wire``: what this agent tells subscribers about a manifest (have, origin,
   claims) and the HAVE stream's codec;
 - ``session``: a pull following each peer (one subscription) into its view;

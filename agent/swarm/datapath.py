@@ -51,16 +51,12 @@ not yet through the handshake are capped per address and in all (one more is clo
 once); the key is checked before anything is served; request size, idle time, and
 connections per address and in all.
 
-Upload slots are chunk *sends* at once, not connections: a request that finds them all
-taken waits in line for up to ``SLOT_WAIT``, then is answered ``BUSY`` (the connection
-stays usable) and the peer asks another holder. Few slots serve a room best, as BitTorrent's unchoke slots do: each copy leaves
-at a good share of the uplink and its receiver can pass it on sooner.
+Chunk requests (mode "get") and upload slots: ``agent.swarm.uploads``.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 import socket
 import ssl
 import struct
@@ -68,20 +64,20 @@ import threading
 import time
 from collections import Counter
 
-from agent.cpu import LEDGER
 from agent.errors import DataPathError
 # The wire format and keys live in datawire, the client in dataclient; both are named here
 # too, as the whole protocol is described above.
 from agent.swarm import handshake
 from agent.swarm.answers import PortAnswers
 from agent.swarm.dataclient import DataClient
-from agent.swarm.datawire import (BAD_REQUEST, BUSY, DENIED, HEADER, MAGIC, MAX_OFFER, MAX_REQUEST, MISSING,
+from agent.swarm.datawire import (BAD_REQUEST, BUSY, DENIED, MAGIC, MAX_OFFER, MAX_REQUEST, MISSING,
                                   MODE_CONTENT, MODE_GET, MODE_OFFER, MODE_ROOM, MODE_SUB, NONCE_LEN, OK, STATUS_NAMES,
                                   Ticket, TicketBook, decode_hello, decode_request, encode_hello, encode_request,
                                   make_tls, recv_exact, reply)
 from agent.swarm.handshake import Granted, Refused
 from agent.swarm.locator import ChunkLocator, StoreLocator
 from agent.swarm.publisher import Subscriptions
+from agent.swarm.uploads import ChunkUploads
 
 __all__ = ["BAD_REQUEST", "BUSY", "DENIED", "MAGIC", "MAX_OFFER", "MAX_REQUEST", "MISSING", "MODE_CONTENT",
            "MODE_GET", "MODE_OFFER",
@@ -93,17 +89,14 @@ HANDSHAKE_TIMEOUT = 5.0  # from accept to a whole hello
 MAX_PENDING = 64  # connections not yet through the handshake, in all
 MAX_PENDING_PER_ADDRESS = 8
 MAX_PER_ADDRESS = 32  # connections from one address, in all
-RATE_SLICE = 256 * 1024
-TLS_BLOCK = 1024 * 1024
 SUB_PLAN_WAIT = 3.0
-SLOT_WAIT = 0.3  # how long a chunk request waits for an upload slot before it is told BUSY
 SUB_SEND_TIMEOUT = 10.0  # an offer's answer or a subscription's snapshot not taken this long: the peer is dropped
 MAX_CONTENT_ASKS = 4  # content asks answered at once (each looks up every chunk of a manifest)
 
 
 # ------------------------------------------------------------------------------- server
 
-class DataServer:
+class DataServer(ChunkUploads):
     """Serves chunks to ticket holders. Threads with blocking sockets, so ``os.sendfile``
     moves the bytes kernel-side.
 
@@ -328,84 +321,3 @@ class DataServer:
         if not self.subscriptions.serve(conn, peer, address, manifest_id, board,
                                         functools.partial(answers.peer_holds, manifest_id), SUB_SEND_TIMEOUT):
             reply(conn, BUSY, b"too many subscriptions")
-
-    def _serve_requests(self, conn: socket.socket, peer: str, manifest_id: str) -> None:
-        while True:
-            head = recv_exact(conn, 2)
-            if head is None:
-                return
-            (length,) = struct.unpack(">H", head)
-            if length > MAX_REQUEST:
-                reply(conn, BAD_REQUEST, b"request too large")
-                return
-            body = recv_exact(conn, length)
-            if body is None:
-                return
-            try:
-                path, index = decode_request(body)
-            except DataPathError as e:
-                reply(conn, BAD_REQUEST, str(e).encode())
-                return
-            where = self.locator.open_chunk(manifest_id, path, index)
-            if where is None:
-                reply(conn, MISSING, b"chunk not held here")
-                continue
-            with self._slot_free:  # a request that finds every slot taken waits a little, in line
-                slot = self._slot_free.wait_for(lambda: self._closed or self._active < self.slots, SLOT_WAIT)
-                slot = slot and not self._closed
-                if slot:
-                    self._active += 1
-            fd, offset, length = where
-            try:
-                if not slot:
-                    with self._lock:
-                        self.asked["busy"] += 1
-                    reply(conn, BUSY, b"all upload slots are taken; ask another holder")
-                    continue
-                with LEDGER.account("send"):
-                    conn.sendall(HEADER.pack(OK, length))
-                    sent = self._send_chunk(conn, fd, offset, length)
-            finally:
-                os.close(fd)
-                if slot:
-                    with self._slot_free:
-                        self._active -= 1
-                        self._slot_free.notify()
-            if sent != length:
-                return  # the file shrank under us: drop the connection
-            with self._lock:
-                self.bytes_served += length
-                self.served_to[peer] = self.served_to.get(peer, 0) + length
-
-    def _send_chunk(self, conn: socket.socket, fd: int, offset: int, length: int) -> int:
-        # socket.sendfile is os.sendfile plus the waiting a socket with a timeout
-        # (non-blocking underneath) needs. Under an upload cap it goes in slices,
-        # each paid for first.
-        if self._tls is not None:
-            return self._send_encrypted(conn, fd, offset, length)
-        with open(fd, "rb", closefd=False) as f:
-            if not self.rate.rate:
-                return conn.sendfile(f, offset, length)
-            sent = 0
-            while sent < length:
-                step = min(RATE_SLICE, length - sent)
-                self.rate.take(step)
-                n = conn.sendfile(f, offset + sent, step)
-                if n != step:
-                    break
-                sent += n
-            return sent
-
-
-    def _send_encrypted(self, conn: ssl.SSLSocket, fd: int, offset: int, length: int) -> int:
-        # No sendfile through TLS: pread blocks, each sealed by OpenSSL in one sendall.
-        sent = 0
-        while sent < length:
-            step = min(RATE_SLICE if self.rate.rate else TLS_BLOCK, length - sent)
-            self.rate.take(step)
-            data = os.pread(fd, step, offset + sent)
-            if not data:
-                break
-            conn.sendall(data)
-            sent += len(data)
-        return sent
