@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from agent.manifest import FileEntry, Manifest
 from agent.picking import ORIGINS, PEERS, Job
-from agent.swarm import picker as picker_module
+from agent.swarm import origin as origin_policy, picker as picker_module
 from agent.swarm.board import Board
 from agent.swarm.membership import Contact
 from agent.swarm.picker import ENDGAME_AFTER, SwarmPicker
@@ -213,7 +213,7 @@ def test_a_room_whose_pulls_start_over_two_seconds_still_fetches_each_chunk_once
     change under the room as they start, even when news of a claim takes longer to arrive
     than a claim settles (a busy machine)."""
     room = Room(30, chunks=90, streams=4)
-    room.deliver_every = 2 * picker_module.CLAIM_SETTLE
+    room.deliver_every = 2 * origin_policy.CLAIM_SETTLE
     starts = {m.name: room.clock.now + random.uniform(0.0, 2.0) for m in room.members}
     room.run_staggered(starts)
     assert sorted(room.origin_fetches()) == list(range(90)), "some chunk came from the origin twice or never"
@@ -316,7 +316,7 @@ def test_a_member_alone_among_idle_machines_loses_at_most_the_idle_grace():
     assert sorted(member.origin_fetches) == list(range(40))
     # Alone it takes 40 chunks / 4 at a time x 1 s = 10 s; the idle machines' shares wait
     # out the grace (they might have been about to pull), nothing longer.
-    assert took <= 10 + picker_module.IDLE_GRACE + 1.0, took
+    assert took <= 10 + origin_policy.IDLE_GRACE + 1.0, took
 
 
 def test_a_chunk_stuck_at_a_slow_peer_is_duplicated_from_another_peer_never_the_origin(monkeypatch):

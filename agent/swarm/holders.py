@@ -41,8 +41,8 @@ class PeerView:
 
 
 class HolderChoice:
-    """``LanView``'s thread side: it reads the view's peers, places, kept usable peers and
-    the origin's spread over places (set up by ``LanView.__init__``)."""
+    """``LanView``'s thread side: it reads the view's peers, places and kept usable peers
+    (set up by ``LanView.__init__``), and each chunk's home place (``RoomCount.home_of``)."""
 
     def take_holder(self, ordinal: int, exclude: set[str], busy: set[str] = frozenset()) -> PeerView | None:
         """The least busy of the nearest usable holders of a chunk (``agent.swarm.location``)
@@ -64,7 +64,7 @@ class HolderChoice:
             # Among rooms equally near, the one that fetched the chunk from outside (its share,
             # ``locality.spread``): each room then sends out about its share once per other
             # room, instead of the rooms that happened to take a chunk early sending it again.
-            home = self._spread_for[1][ordinal] if self._spread_for is not None and not candidates[0].local else None
+            home = None if candidates[0].local else self.home_of(ordinal)
             best = min(candidates, key=lambda v: (home is not None and self.places.get(v.peer) != home, v.in_flight))
             best.in_flight += 1
             return best

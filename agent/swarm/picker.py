@@ -28,15 +28,11 @@ import trio
 
 from agent.picking import ORIGINS, PEERS, Job
 from agent.swarm.board import Board
-from agent.swarm.origin import (CLAIM_SETTLE, FROM_ORIGIN, IDLE_GRACE, IN_ROOM, INTO_ROOM, ROOM_WAIT,
-                                STABLE_AFTER, OriginPolicy)
+from agent.swarm.origin import CLAIM_SETTLE, FROM_ORIGIN, IN_ROOM, INTO_ROOM, OriginPolicy
 from agent.swarm.view import LanView
 
 ENDGAME_AFTER = 4.0  # a LAN chunk sending this long at the end is fetched again from another holder
 log = logging.getLogger("shoal.swarm")
-
-# The origin policy's timings, named here too (the picker's tests and callers read them).
-__all__ = ["SwarmPicker", "CLAIM_SETTLE", "ENDGAME_AFTER", "IDLE_GRACE", "ROOM_WAIT", "STABLE_AFTER", "WAIT"]
 
 WAIT = 0.25  # the longest a worker waits for news before looking again
 

@@ -80,6 +80,11 @@ class RoomCount:
             self._spread_for = (places, locality.spread(self.manifest.id, self.ordinals.total, places))
         return self._spread_for[1]
 
+    def home_of(self, ordinal: int) -> locality.Location | None:
+        """The place that fetches ``ordinal`` from outside, as last spread (None: not spread
+        yet, one place only)."""
+        return self._spread_for[1][ordinal] if self._spread_for is not None else None
+
     def origin_duplicates(self, mine: set[int]) -> int:
         """Of the chunks this agent fetched from the origin, how many some peer fetched from
         the origin too (as its HAVE stream says)."""

@@ -23,7 +23,8 @@ from agent.errors import ChunkNotHeld, PeerBusy, PeerTimedOut
 from agent.sources import ChunkRequest, ChunkSource
 from agent.swarm.dataclient import DataClient
 from agent.swarm.datawire import Ticket
-from agent.swarm.view import LanView, PeerView
+from agent.swarm.holders import PeerView
+from agent.swarm.view import LanView
 
 # A peer that sends nothing for this long on a chunk is stalled (stopped, gone, swamped)
 # and put aside; one that keeps sending, however slowly (a student on a thin link may be

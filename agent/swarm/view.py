@@ -30,8 +30,6 @@ from agent.swarm.wire import BEAT, DELTA, Message, Ordinals
 LIVENESS = 10.0  # seconds without a frame after which a peer counts as gone
 RESUME_GAP = 3.0  # a gap this long between two looks at the clock is a pause of this process
 
-__all__ = ["LIVENESS", "LanView", "PeerView"]
-
 
 class LanView(RoomCount, HolderChoice):
     def __init__(self, manifest: Manifest, self_id: str, *, clock=time.monotonic,
