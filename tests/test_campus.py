@@ -225,3 +225,45 @@ def test_a_claimed_chunk_from_another_room_ends_its_claim_even_for_subscribers_t
     # What the subscriber that holds chunk 2 is sent: the copy left out, the claim's end kept.
     theirs.apply(Message("delta", 2, c.have - {2}, c.origin, c.claim, c.unclaim, c.pulling))
     assert theirs.claims == set()
+
+
+@pytest.mark.parametrize("rival_claims", [False, True])
+def test_a_chunk_its_owner_has_not_seen_enters_the_room_in_the_next_ranks_turn(rival_claims):
+    """The owner of a chunk's entry into our room may not follow a holder in the other room
+    yet: the agent ranked next that sees one claims it in its turn (``ENTRY_STEP`` per
+    rank), lets the claim settle, and fetches it; if the owner claims it meanwhile, the
+    owner has it and this agent lets it go (the chunk crosses into the room once)."""
+    from agent.picking import PEERS, Job
+    from agent.swarm import origin
+    from agent.swarm.board import Board
+    from agent.swarm.picker import SwarmPicker
+
+    manifest = _manifest(chunks=1)
+    chunk = f"{manifest.id}|0".encode()
+    mates = [f"mate-{i}" for i in range(64)]
+    # Two roommates, one ranked before us for the chunk, one after: we are second.
+    first = next(m for m in mates if locality.score(m, chunk) > locality.score("me", chunk))
+    last = next(m for m in mates if locality.score(m, chunk) < locality.score("me", chunk))
+    here, there = ("campus", "r1"), ("campus", "r2")
+    now = [100.0]
+    view = LanView(manifest, "me", clock=lambda: now[0], location=here)
+    for name, where, have in ((first, here, set()), (last, here, set()), ("far", there, {0})):
+        view.offered(name, SimpleNamespace(have={}, pulling=True), Contact(("10.0.0.9", 1), KEY, None, (), where))
+        view.apply(name, Message("snap", 1, frozenset(have), frozenset(), frozenset(), frozenset(), True))
+    board = Board(manifest, pulling=True)
+    task = SimpleNamespace(file=SimpleNamespace(rel="f"))
+    picker = SwarmPicker(view, board, [Job(task, 0)], clock=lambda: now[0])
+    assert view.rank(0, tuple(sorted(("me", first, last)))) == 1
+
+    assert picker.pick_now() is None and 0 not in board.claims  # the owner's turn
+    now[0] += origin.ENTRY_STEP
+    assert picker.pick_now() is None and 0 in board.claims  # ours: claimed, settling
+    if rival_claims:  # the owner's claim, made meanwhile, reaches us
+        view.apply(first, Message("delta", 2, frozenset(), frozenset(), frozenset({0}), frozenset(), True))
+    now[0] += origin.ENTRY_STEP
+    job = picker.pick_now()
+    if rival_claims:
+        assert job is None and 0 not in board.claims
+    else:
+        assert job is not None and job.route == PEERS and 0 in board.claims
+        assert view.take_holder(0, set()).peer == "far"

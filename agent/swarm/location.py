@@ -118,6 +118,13 @@ def owner(chunk: bytes, pullers: Iterable[str], place: Callable[[str], Location]
     return max(candidates, key=lambda p: score(p, chunk))
 
 
+def rank(chunk: bytes, peers: Iterable[str], me: str) -> int:
+    """Where ``me`` stands in ``chunk``'s rendezvous ranking over ``peers`` (0: it would own
+    it; ``me`` need not be among them)."""
+    mine = score(me, chunk)
+    return sum(1 for peer in peers if peer != me and score(peer, chunk) > mine)
+
+
 def neighbours(me: str, here: Location | None, places: dict[str, Location | None],
                idle: set[str] | frozenset[str] = frozenset(), per_place: int = PER_PLACE) -> set[str]:
     """The peers (of ``places``: peer -> where it said it is, None if it has not said yet)
@@ -204,4 +211,4 @@ def _default_route_interface() -> str | None:
 
 
 __all__ = ["Location", "LocationError", "parse", "format_location", "checked", "nearness", "same_place",
-           "owner", "spread", "neighbours", "finder", "score", "default_location", "UNPLACED", "PER_PLACE"]
+           "owner", "rank", "spread", "neighbours", "finder", "score", "default_location", "UNPLACED", "PER_PLACE"]

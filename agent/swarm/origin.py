@@ -32,11 +32,14 @@ about once per room.
    then does the chunk's ownership move on.
 3. **On a campus** (peers in other places: ``agent.swarm.location``): a chunk held only in
    other rooms enters ours once, by its owner among our room's pullers, from the nearest
-   room (``_into_room``, claimed like an origin chunk); a chunk nobody holds has one owner
-   on the whole campus (a room's even share first, then a puller there), and each room
-   keeps its own origin window over its share (an agent sees its whole room's claims, but
-   only the few peers it follows in each other room: ``_streams``). With every peer in one
-   place this is the one-room policy above, unchanged.
+   room (``_into_room``: the owner among the room's pullers, or, if it has not claimed the
+   chunk by its turn, whoever ranks next among those that see it held), at most
+   ``entry_streams`` at once; a chunk nobody holds has one owner on the whole campus (a
+   room's even share first, then a puller there), and each room keeps its own origin
+   window over its share (an agent sees its whole room's claims, but only the few peers it
+   follows in each other room: ``_streams``), within a campus-wide window when the places
+   are many (``_campus_free``). With every peer in one place this is the one-room policy
+   above, unchanged.
 """
 
 from __future__ import annotations
@@ -55,6 +58,17 @@ ROOM_WAIT = 5.0
 # really alone in a room of idle machines loses at most this long to chunks "owned" by them.
 IDLE_GRACE = 3.0
 
+# A chunk held in another room and unclaimed in ours: the agent ranked k-th for it (by
+# rendezvous hashing over our room's pullers) claims it k steps after it saw it held, and
+# a claim made in a turn settles one step. A step is longer than a claim takes to reach the
+# room (the publisher gathers changes for 50 ms: ``agent.swarm.publisher.COALESCE``); the
+# simulator's 10 x 30 gives 1.33x the bound with 0.07 s and with 0.02 s alike.
+ENTRY_STEP = 0.07
+# On a campus of more places than this many times ``origin_streams`` (a stream each would
+# crowd the outside link), the campus keeps one window of twice ``origin_streams``
+# (``OriginPolicy._campus_free``).
+MANY_PLACES = 4
+
 # How a chunk in flight is being fetched (``SwarmPicker.in_flight``): from a peer in our room,
 # from the origin (claimed), or into our room from a nearer one (claimed: its room's entry).
 IN_ROOM, FROM_ORIGIN, INTO_ROOM = None, "origin", "into-room"
@@ -68,35 +82,71 @@ class OriginPolicy:
         """A chunk held elsewhere on the campus and by nobody in our room, that this agent
         fetches for the room (``agent.swarm.location``): the room takes such chunks in one
         order, at most ``entry_streams`` at a time (counted from the room's claims), each by
-        its owner among the room's pullers, who claims it first; the others wait for it to
-        arrive and trade it. Claims go at once (no settling): two agents that disagree on
-        the room's pullers cost a chunk twice on the link between rooms, never the origin's."""
+        the first of the room's pullers to see it held in its rendezvous order: the owner
+        claims it at once, the agent ranked k-th ``k * ENTRY_STEP`` after it saw it held if
+        nobody of the room claimed it meanwhile, and then lets a rival ranked before it have
+        it (``ENTRY_STEP`` to hear of one: ``_entry_claims``). An agent sees only the few
+        peers it follows in each other room, and the owner may not follow a holder yet (at
+        10 x 30 the owner saw a room's last chunks 0.1-0.5 s after three roommates did).
+        The others wait for it to arrive and trade it. Two agents that miss each other's
+        claims cost a chunk twice on the link between rooms, never the origin's."""
         view = self.view
         if not view.elsewhere:
             return None
         pullers, claims, _ = self._room()
         elsewhere = view.elsewhere
         room = tuple(p for p in pullers if p not in elsewhere)
+        now = self.clock()
 
         def entering(ordinal: int) -> bool:
             claimers = claims.get(ordinal)
             return bool(claimers) and not claimers <= elsewhere
 
+        settled = self._entry_claims(claims, local, room, now)
+        if settled is not None:
+            return settled
         under_way = sum(1 for o in claims if holders.get(o) and not local.get(o) and o not in self.board.have
                         and entering(o))
-        free = self.entry_streams - under_way - sum(1 for e in self.in_flight.values() if e[4] == INTO_ROOM)
+        free = self.entry_streams - under_way - len(self._entry_settling) \
+            - sum(1 for e in self.in_flight.values() if e[4] == INTO_ROOM)
         if free <= 0:
             return None
         for ordinal in self._order:
-            if ordinal not in self.pending or ordinal in self.settling or not holders.get(ordinal) \
-                    or local.get(ordinal) or entering(ordinal):
+            if ordinal not in self.pending or ordinal in self.settling or ordinal in self._entry_settling:
                 continue
-            if view.owner(ordinal, room) == view.self_id:
+            if not holders.get(ordinal) or local.get(ordinal) or entering(ordinal):
+                self._entry_due.pop(ordinal, None)
+                continue
+            rank = view.rank(ordinal, room)
+            due = self._entry_due.setdefault(ordinal, now + rank * ENTRY_STEP)
+            if now >= due:
+                del self._entry_due[ordinal]
                 self.board.claim(ordinal)
-                return ordinal
+                if rank == 0:
+                    return ordinal
+                self._entry_settling[ordinal] = now
+                return None
             free -= 1
             if free <= 0:
                 break
+        return None
+
+    def _entry_claims(self, claims: dict[int, set[str]], local: dict[int, int], room: tuple[str, ...],
+                      now: float) -> int | None:
+        """Entry claims of ours made in a rank's turn, after ``ENTRY_STEP``: a roommate's
+        claim of the same chunk that ranks before ours wins (ours is dropped), else the
+        chunk is ours to fetch now."""
+        if not self._entry_settling:
+            return None
+        for ordinal, since in list(self._entry_settling.items()):
+            beaten = any(peer in room and self.view.outranks(ordinal, peer) for peer in claims.get(ordinal, ()))
+            if ordinal not in self.pending or local.get(ordinal) or beaten:
+                del self._entry_settling[ordinal]
+                self.board.unclaim(ordinal)
+                continue
+            if now >= since + ENTRY_STEP:
+                del self._entry_settling[ordinal]
+                return ordinal
         return None
 
     def _room(self):
@@ -118,8 +168,13 @@ class OriginPolicy:
         # follows its whole room but only a few peers of each other room, so what it sees of
         # the other rooms' claims and copies is partial, and a campus-wide window made of
         # chunks other rooms had taken (unseen) left the outside link idle.
+        # Of those, a claim of a chunk in another place's share is one entering our room (its
+        # holders are in rooms this agent does not follow: unheld as far as it can tell), not
+        # an origin stream: counted in the window, it held our room's one stream shut for a
+        # second at a time at the end (10 x 30: 1.40x the bound; left out, 1.2x).
         window_claims = {o: who for o, who in others_claims.items()
-                         if not who <= view.elsewhere} if view.elsewhere else others_claims
+                         if not who <= view.elsewhere and view.is_local(view.owner(o, pullers))
+                         } if view.elsewhere else others_claims
         if pullers != self._pullers:
             self._pullers, self._pullers_since = pullers, now
             self._puller_sets += 1
@@ -172,19 +227,28 @@ class OriginPolicy:
                       "pending %d, in flight %s", free, {o: sorted(p[-6:] for p in w) for o, w in others_claims.items()},
                       mine, dict(self.settling), [(o, view.owner(o, pullers)[-6:]) for o in window],
                       len(self.pending), {o: e[4] for o, e in self.in_flight.items()})
-        stalled = True
+        stalled = None  # whether every chunk of our room's window waits for a presumed owner
+        campus = self._campus_free(others_claims, pullers, len(mine)) \
+            if view.elsewhere and self._places(pullers) > MANY_PLACES * self.origin_streams else None
         unclaimed = self._origin_candidates(holders, claims)  # one pass: the window, then beyond it
         for ordinal in unclaimed:
+            if campus is not None:
+                if campus <= 0:
+                    break
+                campus -= 1
             owner = view.owner(ordinal, pullers)
             if not view.is_local(owner):
                 continue  # another room's share: its window, not ours
-            stalled = stalled and owner in presumed
+            stalled = stalled is not False and owner in presumed
             if owner == view.self_id and self._claim(ordinal, stable, now):
                 return ordinal
             free -= 1
             if free <= 0:
                 break
-        if stalled and not window_claims and not mine and not self.settling:
+        # (On a campus, only while no origin stream is known anywhere and a chunk of the
+        # campus's window is our room's: else 30 rooms each took one at the start.)
+        if stalled and not window_claims and not mine and not self.settling and (
+                campus is None or not others_claims):
             mine_further = next((o for o in unclaimed if view.owner(o, pullers) == view.self_id), None)
             if mine_further is not None and self._claim(mine_further, stable, now):
                 return mine_further
@@ -199,9 +263,31 @@ class OriginPolicy:
         against 1.26x)."""
         if not self.view.elsewhere:
             return self.origin_streams
+        return max(1, -(-2 * self.origin_streams // self._places(pullers)))
+
+    def _places(self, pullers: tuple[str, ...]) -> int:
+        """How many places ``pullers`` are in (kept for the last list asked)."""
         if self._places_for[0] != pullers:
             self._places_for = (pullers, len({self.view.place_of(p) for p in pullers}))
-        return max(1, -(-2 * self.origin_streams // self._places_for[1]))
+        return self._places_for[1]
+
+    def _campus_free(self, others_claims: dict[int, set[str]], pullers: tuple[str, ...], mine: int) -> int:
+        """On a campus of many places: how many of the campus's next chunks in the common
+        order (held by nobody this agent knows of) may be under way from the origin now:
+        twice ``origin_streams`` on the whole campus, less the origin streams it knows of
+        (its own, its room's, and those of the peers it follows elsewhere: a claim by a peer
+        of the chunk's own place is its origin stream; any other, the chunk entering that
+        peer's room). Without it each of 30 rooms kept a stream of its own: 30 chunks shared
+        the outside link, the first arriving after 1.8 s and each batch all at once (30 x 10
+        in the simulator: 1.77x the bound; with it 1.44x). With fewer places it costs more
+        than it saves: chunks that arrived in rooms this agent does not follow look unheld
+        and take the window's places (10 x 30: 1.42x with it, 1.33x without)."""
+        view = self.view
+        known = 0
+        for ordinal, who in others_claims.items():
+            home = view.place_of(view.owner(ordinal, pullers))
+            known += any(view.place_of(peer) == home for peer in who)
+        return 2 * self.origin_streams - known - mine - len(self.settling)
 
     def _claim(self, ordinal: int, stable: bool, now: float) -> bool:
         """Claim ``ordinal`` on the board; whether to fetch it now (the room agrees on its

@@ -28,7 +28,7 @@ import trio
 
 from agent.picking import ORIGINS, PEERS, Job
 from agent.swarm.board import Board
-from agent.swarm.origin import CLAIM_SETTLE, FROM_ORIGIN, IN_ROOM, INTO_ROOM, OriginPolicy
+from agent.swarm.origin import CLAIM_SETTLE, ENTRY_STEP, FROM_ORIGIN, IN_ROOM, INTO_ROOM, OriginPolicy
 from agent.swarm.view import LanView
 
 ENDGAME_AFTER = 4.0  # a LAN chunk sending this long at the end is fetched again from another holder
@@ -46,9 +46,12 @@ class SwarmPicker(OriginPolicy):
         # first from the LAN, whatever their rarity (agent.gateway streams files in order).
         self.wanted = wanted if wanted is not None else set()
         self.origin_streams = origin_streams
-        # Chunks entering our room from other rooms at once (claimed, like the origin's):
-        # few, so each arrives soon and the room trades it while the next ones come.
-        self.entry_streams = entry_streams or origin_streams
+        # Chunks entering our room from other rooms at once (claimed, like the origin's).
+        # Each crosses two room links and comes from a holder that also serves its own room
+        # and others, so one entry gets a fraction of our room's link: four times the origin's
+        # streams kept it busy (30 rooms x 10 in the simulator: 1.66x the bound with 4,
+        # 1.44x with 16).
+        self.entry_streams = entry_streams or 4 * origin_streams
         # LAN fetches take at most all workers but one while the room still needs the origin:
         # a chunk that becomes this agent's to fetch from the origin then starts at once,
         # instead of when one of its LAN fetches ends (seconds in a busy room), with the
@@ -62,6 +65,10 @@ class SwarmPicker(OriginPolicy):
         random.shuffle(self._lan_order)  # agents that start together spread their LAN asks
         self.in_flight: dict[int, list] = {}  # ordinal -> [job, since, fetches, duplicated, how (IN_ROOM...)]
         self.settling: dict[int, float] = {}  # my claims not yet acted on -> when claimed
+        # Chunks held only in other rooms, unclaimed in ours -> when this agent's turn to
+        # claim one comes; its claims made in a turn -> when (``OriginPolicy._into_room``).
+        self._entry_due: dict[int, float] = {}
+        self._entry_settling: dict[int, float] = {}
         self.started = clock()
         self._pullers: tuple[str, ...] = ()
         self._places_for: tuple[tuple[str, ...], int] = ((), 1)  # (pullers, how many places they are in)
@@ -120,6 +127,7 @@ class SwarmPicker(OriginPolicy):
                       "not counted: %s", ordinal, len(self._pullers), len(self.view.unknown), len(self.view.idle),
                       self.clock() - self.started, ",".join(uncounted[:4]) or "none")
         queued = self.pending.pop(ordinal)
+        self._entry_due.pop(ordinal, None)
         job = Job(queued.task, queued.index, route=ORIGINS if from_origin else PEERS)
         self.in_flight[ordinal] = [job, self.clock(), 1, False, how]
         return job
@@ -165,7 +173,21 @@ class SwarmPicker(OriginPolicy):
                     return job
                 if self.finished:
                     return None
-                await self.view.wait_changed(CLAIM_SETTLE if self.settling else WAIT)
+                await self.view.wait_changed(self._patience())
+
+    def _patience(self) -> float:
+        """How long a worker waits for news before looking again: until the next claim
+        settles or an entry turn comes (``agent.swarm.origin``), at most ``WAIT``."""
+        wait = CLAIM_SETTLE if self.settling else WAIT
+        if self._entry_due or self._entry_settling:
+            # Turns still to come only: one that came while the room's entries were all taken
+            # waits for news (a claim ending), not for a timer that would spin.
+            now = self.clock()
+            turns = [t for t in (*self._entry_due.values(), *(since + ENTRY_STEP for since in self._entry_settling.values()))
+                     if t > now]
+            if turns:
+                wait = min(wait, max(0.005, min(turns) - now))
+        return wait
 
     def done(self, job: Job) -> None:
         ordinal = self.board.ordinals.of(*job.key)

@@ -74,6 +74,24 @@ class RoomCount:
                                                     lambda places: self._spread(places)[ordinal])
         return owner
 
+    def rank(self, ordinal: int, pullers: tuple[str, ...]) -> int:
+        """Where this agent stands among ``pullers`` (one place's) in ``ordinal``'s
+        rendezvous ranking: 0 if it owns the chunk (``owner``), else how many rank first."""
+        cache = self._rank_cache.get(pullers)
+        if cache is None:
+            while len(self._rank_cache) >= OWNER_LISTS:
+                self._rank_cache.pop(next(iter(self._rank_cache)))
+            cache = self._rank_cache[pullers] = {}
+        standing = cache.get(ordinal)
+        if standing is None:
+            standing = cache[ordinal] = locality.rank(f"{self.manifest.id}|{ordinal}".encode(), pullers, self.self_id)
+        return standing
+
+    def outranks(self, ordinal: int, peer: str) -> bool:
+        """Whether ``peer`` ranks before this agent in ``ordinal``'s rendezvous order."""
+        chunk = f"{self.manifest.id}|{ordinal}".encode()
+        return locality.score(peer, chunk) > locality.score(self.self_id, chunk)
+
     def _spread(self, places: tuple[locality.Location, ...]) -> list[locality.Location]:
         """``locality.spread`` for these places, kept (one campus has one set of places)."""
         if self._spread_for is None or self._spread_for[0] != places:

@@ -47,6 +47,7 @@ class LanView(RoomCount, HolderChoice):
         self._lock = threading.Lock()
         self._changed = trio.Event() if _in_trio() else None
         self._owner_cache: dict[tuple[str, ...], dict[int, str]] = {}
+        self._rank_cache: dict[tuple[str, ...], dict[int, int]] = {}  # (RoomCount.rank)
         self._spread_for: tuple | None = None  # (places, which place owns each chunk)
         # Holder counts per chunk, rebuilt lazily after a change or when a peer's liveness
         # or rest runs out: the picker asks for every pending chunk on every pick.
@@ -157,6 +158,7 @@ class LanView(RoomCount, HolderChoice):
             else:
                 self.elsewhere.add(peer)
             self._owner_cache.clear()
+            self._rank_cache.clear()
             self._rooms.clear()
         view = self.peers.get(peer)
         if view is not None:
