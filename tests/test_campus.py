@@ -234,7 +234,7 @@ def test_a_chunk_its_owner_has_not_seen_enters_the_room_in_the_next_ranks_turn(r
     rank), lets the claim settle, and fetches it; if the owner claims it meanwhile, the
     owner has it and this agent lets it go (the chunk crosses into the room once)."""
     from agent.picking import PEERS, Job
-    from agent.swarm import origin
+    from agent.swarm import entries
     from agent.swarm.board import Board
     from agent.swarm.picker import SwarmPicker
 
@@ -256,11 +256,11 @@ def test_a_chunk_its_owner_has_not_seen_enters_the_room_in_the_next_ranks_turn(r
     assert view.rank(0, tuple(sorted(("me", first, last)))) == 1
 
     assert picker.pick_now() is None and 0 not in board.claims  # the owner's turn
-    now[0] += origin.ENTRY_STEP
+    now[0] += entries.ENTRY_STEP
     assert picker.pick_now() is None and 0 in board.claims  # ours: claimed, settling
     if rival_claims:  # the owner's claim, made meanwhile, reaches us
         view.apply(first, Message("delta", 2, frozenset(), frozenset(), frozenset({0}), frozenset(), True))
-    now[0] += origin.ENTRY_STEP
+    now[0] += entries.ENTRY_STEP
     job = picker.pick_now()
     if rival_claims:
         assert job is None and 0 not in board.claims

@@ -1,7 +1,7 @@
 """The room's origin policy, mixed into the swarm's picker (``agent.swarm.picker.SwarmPicker``):
-which chunks this agent fetches from the origin, and which it brings into its room from
-another, so that the outside link carries each chunk once per campus and each room's link
-about once per room.
+which chunks this agent fetches from the origin, so that the outside link carries each
+chunk once per campus (and, with ``agent.swarm.entries``, each room's link about once per
+room).
 
 1. **From the origin**, a chunk nobody holds and nobody claims. The room fetches these in
    one global order (manifest ordinals), at most ``origin_streams`` at a time across the
@@ -31,10 +31,8 @@ about once per room.
    is gone (its subscription closed, or silent past ``agent.swarm.view.LIVENESS``); only
    then does the chunk's ownership move on.
 3. **On a campus** (peers in other places: ``agent.swarm.location``): a chunk held only in
-   other rooms enters ours once, by its owner among our room's pullers, from the nearest
-   room (``_into_room``: the owner among the room's pullers, or, if it has not claimed the
-   chunk by its turn, whoever ranks next among those that see it held), at most
-   ``entry_streams`` at once; a chunk nobody holds has one owner on the whole campus (a
+   other rooms enters ours once, from the nearest room (``agent.swarm.entries``); a chunk
+   nobody holds has one owner on the whole campus (a
    room's even share first, then a puller there), and each room keeps its own origin
    window over its share (an agent sees its whole room's claims, but only the few peers it
    follows in each other room: ``_streams``), within a campus-wide window when the places
@@ -58,12 +56,6 @@ ROOM_WAIT = 5.0
 # really alone in a room of idle machines loses at most this long to chunks "owned" by them.
 IDLE_GRACE = 3.0
 
-# A chunk held in another room and unclaimed in ours: the agent ranked k-th for it (by
-# rendezvous hashing over our room's pullers) claims it k steps after it saw it held, and
-# a claim made in a turn settles one step. A step is longer than a claim takes to reach the
-# room (the publisher gathers changes for 50 ms: ``agent.swarm.publisher.COALESCE``); the
-# simulator's 10 x 30 gives 1.33x the bound with 0.07 s and with 0.02 s alike.
-ENTRY_STEP = 0.07
 # On a campus of more places than this many times ``origin_streams`` (a stream each would
 # crowd the outside link), the campus keeps one window of twice ``origin_streams``
 # (``OriginPolicy._campus_free``).
@@ -78,77 +70,6 @@ class OriginPolicy:
     """The origin policy's part of ``SwarmPicker``: it reads the picker's view, board,
     pending chunks, claims in flight and settling claims (set up by its ``__init__``)."""
 
-    def _into_room(self, holders: dict[int, int], local: dict[int, int]) -> int | None:
-        """A chunk held elsewhere on the campus and by nobody in our room, that this agent
-        fetches for the room (``agent.swarm.location``): the room takes such chunks in one
-        order, at most ``entry_streams`` at a time (counted from the room's claims), each by
-        the first of the room's pullers to see it held in its rendezvous order: the owner
-        claims it at once, the agent ranked k-th ``k * ENTRY_STEP`` after it saw it held if
-        nobody of the room claimed it meanwhile, and then lets a rival ranked before it have
-        it (``ENTRY_STEP`` to hear of one: ``_entry_claims``). An agent sees only the few
-        peers it follows in each other room, and the owner may not follow a holder yet (at
-        10 x 30 the owner saw a room's last chunks 0.1-0.5 s after three roommates did).
-        The others wait for it to arrive and trade it. Two agents that miss each other's
-        claims cost a chunk twice on the link between rooms, never the origin's."""
-        view = self.view
-        if not view.elsewhere:
-            return None
-        pullers, claims, _ = self._room()
-        elsewhere = view.elsewhere
-        room = tuple(p for p in pullers if p not in elsewhere)
-        now = self.clock()
-
-        def entering(ordinal: int) -> bool:
-            claimers = claims.get(ordinal)
-            return bool(claimers) and not claimers <= elsewhere
-
-        settled = self._entry_claims(claims, local, room, now)
-        if settled is not None:
-            return settled
-        under_way = sum(1 for o in claims if holders.get(o) and not local.get(o) and o not in self.board.have
-                        and entering(o))
-        free = self.entry_streams - under_way - len(self._entry_settling) \
-            - sum(1 for e in self.in_flight.values() if e[4] == INTO_ROOM)
-        if free <= 0:
-            return None
-        for ordinal in self._order:
-            if ordinal not in self.pending or ordinal in self.settling or ordinal in self._entry_settling:
-                continue
-            if not holders.get(ordinal) or local.get(ordinal) or entering(ordinal):
-                self._entry_due.pop(ordinal, None)
-                continue
-            rank = view.rank(ordinal, room)
-            due = self._entry_due.setdefault(ordinal, now + rank * ENTRY_STEP)
-            if now >= due:
-                del self._entry_due[ordinal]
-                self.board.claim(ordinal)
-                if rank == 0:
-                    return ordinal
-                self._entry_settling[ordinal] = now
-                return None
-            free -= 1
-            if free <= 0:
-                break
-        return None
-
-    def _entry_claims(self, claims: dict[int, set[str]], local: dict[int, int], room: tuple[str, ...],
-                      now: float) -> int | None:
-        """Entry claims of ours made in a rank's turn, after ``ENTRY_STEP``: a roommate's
-        claim of the same chunk that ranks before ours wins (ours is dropped), else the
-        chunk is ours to fetch now."""
-        if not self._entry_settling:
-            return None
-        for ordinal, since in list(self._entry_settling.items()):
-            beaten = any(peer in room and self.view.outranks(ordinal, peer) for peer in claims.get(ordinal, ()))
-            if ordinal not in self.pending or local.get(ordinal) or beaten:
-                del self._entry_settling[ordinal]
-                self.board.unclaim(ordinal)
-                continue
-            if now >= since + ENTRY_STEP:
-                del self._entry_settling[ordinal]
-                return ordinal
-        return None
-
     def _room(self):
         """``LanView.room`` as the picker counts it now: peers not heard from yet for the first
         ``ROOM_WAIT`` seconds, idle ones for the first ``IDLE_GRACE``."""
@@ -160,8 +81,8 @@ class OriginPolicy:
         forming, grace = now - self.started < ROOM_WAIT, now - self.started < IDLE_GRACE
         pullers, claims, alone = self._room()
         # Claims of chunks nobody holds are origin streams under way; the others are chunks
-        # entering a room from another (``_into_room``). (Peers do not tell us of their copies
-        # of chunks we hold: a chunk we hold is held, whatever the counts say.)
+        # entering a room from another (``agent.swarm.entries``). (Peers do not tell us of
+        # their copies of chunks we hold: a chunk we hold is held, whatever the counts say.)
         others_claims = {o: who for o, who in claims.items() if not holders.get(o) and o not in self.board.have}
         # On a campus each room keeps its own window over its share of the chunks (the owners'
         # place: ``agent.swarm.location.spread``), counting its own room's claims: an agent

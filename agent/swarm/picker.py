@@ -2,14 +2,15 @@
 the room's origin policy is ``agent.swarm.origin``'s.
 
 On a campus (peers in other places: ``agent.swarm.location``) "the LAN" below means our own
-room; how a chunk enters a room from another, and the origin's windows per room, are the
-origin policy's (``agent.swarm.origin``). With every peer in one place this is the one-room
-policy below.
+room; how a chunk enters a room from another is ``agent.swarm.entries``'s, and the
+origin's windows per room the origin policy's (``agent.swarm.origin``). With every peer in
+one place this is the one-room policy below.
 
 1. **From the LAN**: a chunk some live peer holds, rarest first (fewest holders; random
    among equals), so copies spread before the peer that has them leaves.
 2. **From the origin** and **never twice for slowness** (3.): the room's origin policy,
-   ``agent.swarm.origin`` (mixed in here: ``OriginPolicy``).
+   ``agent.swarm.origin`` (mixed in here: ``OriginPolicy``); on a campus, a chunk held
+   only in other rooms enters ours by ``agent.swarm.entries`` (``EntryPolicy``).
 4. **Alone** (no live peer pulls or holds the manifest): every chunk in file order, as many
    at once as the scheduler runs, no claim needed.
 5. **Endgame**: once nothing is left to start, a chunk whose bytes have been coming from a
@@ -28,7 +29,8 @@ import trio
 
 from agent.picking import ORIGINS, PEERS, Job
 from agent.swarm.board import Board
-from agent.swarm.origin import CLAIM_SETTLE, ENTRY_STEP, FROM_ORIGIN, IN_ROOM, INTO_ROOM, OriginPolicy
+from agent.swarm.entries import ENTRY_STEP, EntryPolicy
+from agent.swarm.origin import CLAIM_SETTLE, FROM_ORIGIN, IN_ROOM, INTO_ROOM, OriginPolicy
 from agent.swarm.view import LanView
 
 ENDGAME_AFTER = 4.0  # a LAN chunk sending this long at the end is fetched again from another holder
@@ -37,7 +39,7 @@ log = logging.getLogger("shoal.swarm")
 WAIT = 0.25  # the longest a worker waits for news before looking again
 
 
-class SwarmPicker(OriginPolicy):
+class SwarmPicker(EntryPolicy, OriginPolicy):
     def __init__(self, view: LanView, board: Board, jobs: list[Job], *, origin_streams: int = 4,
                  entry_streams: int | None = None, workers: int | None = None, clock=time.monotonic,
                  wanted: set | None = None):
@@ -66,7 +68,7 @@ class SwarmPicker(OriginPolicy):
         self.in_flight: dict[int, list] = {}  # ordinal -> [job, since, fetches, duplicated, how (IN_ROOM...)]
         self.settling: dict[int, float] = {}  # my claims not yet acted on -> when claimed
         # Chunks held only in other rooms, unclaimed in ours -> when this agent's turn to
-        # claim one comes; its claims made in a turn -> when (``OriginPolicy._into_room``).
+        # claim one comes; its claims made in a turn -> when (``agent.swarm.entries``).
         self._entry_due: dict[int, float] = {}
         self._entry_settling: dict[int, float] = {}
         self.started = clock()
@@ -183,8 +185,8 @@ class SwarmPicker(OriginPolicy):
             # Turns still to come only: one that came while the room's entries were all taken
             # waits for news (a claim ending), not for a timer that would spin.
             now = self.clock()
-            turns = [t for t in (*self._entry_due.values(), *(since + ENTRY_STEP for since in self._entry_settling.values()))
-                     if t > now]
+            settle = (since + ENTRY_STEP for since in self._entry_settling.values())
+            turns = [t for t in (*self._entry_due.values(), *settle) if t > now]
             if turns:
                 wait = min(wait, max(0.005, min(turns) - now))
         return wait
