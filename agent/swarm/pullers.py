@@ -60,37 +60,30 @@ class RoomCount:
         """The agent among ``pullers`` that fetches ``ordinal`` from the origin (rendezvous hashing)."""
         if len(pullers) == 1:
             return pullers[0]
-        cache = self._owner_cache.get(pullers)
-        if cache is None:
-            # A few lists at once: the room's, and the wider ones a settling claim is checked
-            # against (agent.swarm.picker), without each evicting the other's hashes.
-            while len(self._owner_cache) >= OWNER_LISTS:
-                self._owner_cache.pop(next(iter(self._owner_cache)))
-            cache = self._owner_cache[pullers] = {}
+        cache = _per_list(self._owner_cache, pullers)
         owner = cache.get(ordinal)
         if owner is None:
-            chunk = f"{self.manifest.id}|{ordinal}".encode()
-            owner = cache[ordinal] = locality.owner(chunk, pullers, self.place_of,
+            owner = cache[ordinal] = locality.owner(self._chunk(ordinal), pullers, self.place_of,
                                                     lambda places: self._spread(places)[ordinal])
         return owner
 
     def rank(self, ordinal: int, pullers: tuple[str, ...]) -> int:
         """Where this agent stands among ``pullers`` (one place's) in ``ordinal``'s
         rendezvous ranking: 0 if it owns the chunk (``owner``), else how many rank first."""
-        cache = self._rank_cache.get(pullers)
-        if cache is None:
-            while len(self._rank_cache) >= OWNER_LISTS:
-                self._rank_cache.pop(next(iter(self._rank_cache)))
-            cache = self._rank_cache[pullers] = {}
+        cache = _per_list(self._rank_cache, pullers)
         standing = cache.get(ordinal)
         if standing is None:
-            standing = cache[ordinal] = locality.rank(f"{self.manifest.id}|{ordinal}".encode(), pullers, self.self_id)
+            standing = cache[ordinal] = locality.rank(self._chunk(ordinal), pullers, self.self_id)
         return standing
 
     def outranks(self, ordinal: int, peer: str) -> bool:
         """Whether ``peer`` ranks before this agent in ``ordinal``'s rendezvous order."""
-        chunk = f"{self.manifest.id}|{ordinal}".encode()
+        chunk = self._chunk(ordinal)
         return locality.score(peer, chunk) > locality.score(self.self_id, chunk)
+
+    def _chunk(self, ordinal: int) -> bytes:
+        """What a chunk's rendezvous scores are hashed over (``agent.swarm.location.score``)."""
+        return f"{self.manifest.id}|{ordinal}".encode()
 
     def _spread(self, places: tuple[locality.Location, ...]) -> list[locality.Location]:
         """``locality.spread`` for these places, kept (one campus has one set of places)."""
@@ -109,3 +102,15 @@ class RoomCount:
         with self._lock:
             theirs = set().union(*(v.state.origin for v in self.peers.values())) if self.peers else set()
         return len(mine & theirs)
+
+
+def _per_list(caches: dict[tuple[str, ...], dict], pullers: tuple[str, ...]) -> dict:
+    """The cache kept for this list of pullers. A few lists at once: the room's, and the wider
+    ones a settling claim is checked against (``agent.swarm.origin``), without each evicting
+    the other's hashes."""
+    cache = caches.get(pullers)
+    if cache is None:
+        while len(caches) >= OWNER_LISTS:
+            caches.pop(next(iter(caches)))
+        cache = caches[pullers] = {}
+    return cache
