@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from agent.swarm import location as locality
 
-OWNER_LISTS = 4  # puller lists whose chunk owners are remembered (rendezvous hashes)
+OWNER_LISTS = 4  # puller lists whose chunk owners (and our ranks) are remembered (rendezvous hashes)
 
 
 class RoomCount:
