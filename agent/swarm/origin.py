@@ -88,14 +88,17 @@ class OriginPolicy:
         # follows its whole room but only a few peers of each other room, so what it sees of
         # the other rooms' claims and copies is partial, and a campus-wide window made of
         # chunks other rooms had taken (unseen) left the outside link idle.
-        # Of those, a claim of a chunk in another place's share is one entering our room (its
-        # holders are in rooms this agent does not follow: unheld as far as it can tell), not
-        # an origin stream: counted in the window, it held our room's one stream shut for a
-        # second at a time at the end (10 x 30 in the simulator: the outside link done at
-        # 4.90 s of a 4.29 s bound, 1.40x; left out, 4.33 s and 1.37x).
-        window_claims = {o: who for o, who in others_claims.items()
-                         if not who <= view.elsewhere and view.is_local(view.owner(o, pullers))
-                         } if view.elsewhere else others_claims
+        # Of those, only a claim by a peer of the chunk's own place (its share) is an origin
+        # stream; any other is the chunk entering that peer's room, its holders in rooms this
+        # agent does not follow (unheld as far as it can tell). Counted in our room's window,
+        # such a claim held our room's one stream shut for a second at a time at the end
+        # (10 x 30 in the simulator: the outside link done at 4.90 s of a 4.29 s bound,
+        # 1.40x; left out, 4.33 s and 1.37x).
+        if view.elsewhere:
+            streams = self._origin_streams(others_claims, pullers)
+            window_claims = {o: who for o, who in streams.items() if view.is_local(view.owner(o, pullers))}
+        else:
+            streams = window_claims = others_claims
         if pullers != self._pullers:
             self._pullers, self._pullers_since = pullers, now
             self._puller_sets += 1
@@ -149,7 +152,7 @@ class OriginPolicy:
                       mine, dict(self.settling), [(o, view.owner(o, pullers)[-6:]) for o in window],
                       len(self.pending), {o: e[4] for o, e in self.in_flight.items()})
         stalled = None  # whether every chunk of our room's window waits for a presumed owner
-        campus = self._campus_free(others_claims, pullers, len(mine)) \
+        campus = self._campus_free(len(streams), len(mine)) \
             if view.elsewhere and self._places(pullers) > MANY_PLACES * self.origin_streams else None
         unclaimed = self._origin_candidates(holders, claims)  # one pass: the window, then beyond it
         for ordinal in unclaimed:
@@ -192,23 +195,28 @@ class OriginPolicy:
             self._places_for = (pullers, len({self.view.place_of(p) for p in pullers}))
         return self._places_for[1]
 
-    def _campus_free(self, others_claims: dict[int, set[str]], pullers: tuple[str, ...], mine: int) -> int:
+    def _origin_streams(self, others_claims: dict[int, set[str]], pullers: tuple[str, ...]) -> dict[int, set[str]]:
+        """On a campus: the claims (of chunks nobody holds) that are origin streams under way,
+        those by a peer of the chunk's own place (``agent.swarm.location.spread``)."""
+        view = self.view
+        streams = {}
+        for ordinal, who in others_claims.items():
+            home = view.place_of(view.owner(ordinal, pullers))
+            if any(view.place_of(peer) == home for peer in who):
+                streams[ordinal] = who
+        return streams
+
+    def _campus_free(self, known: int, mine: int) -> int:
         """On a campus of many places: how many of the campus's next chunks in the common
         order (held by nobody this agent knows of) may be under way from the origin now:
         twice ``origin_streams`` on the whole campus, less the origin streams it knows of
-        (its own, its room's, and those of the peers it follows elsewhere: a claim by a peer
-        of the chunk's own place is its origin stream; any other, the chunk entering that
-        peer's room). Without it each of 30 rooms kept a stream of its own: 30 chunks shared
-        the outside link, the first arriving after 1.8 s and each batch all at once (30 x 10
-        in the simulator: 1.77x the bound; with it, 16 entries at once and the entry turns,
-        1.48x). With fewer places it costs more
-        than it saves: chunks that arrived in rooms this agent does not follow look unheld
-        and take the window's places (10 x 30: 1.42x with it, 1.33x without)."""
-        view = self.view
-        known = 0
-        for ordinal, who in others_claims.items():
-            home = view.place_of(view.owner(ordinal, pullers))
-            known += any(view.place_of(peer) == home for peer in who)
+        (its own, ``mine``, and the ``known`` claims of its room and of the peers it follows
+        elsewhere: ``_origin_streams``). Without it each of 30 rooms kept a stream of its
+        own: 30 chunks shared the outside link, the first arriving after 1.8 s and each batch
+        all at once (30 x 10 in the simulator: 1.77x the bound; with it, 16 entries at once
+        and the entry turns, 1.48x). With fewer places it costs more than it saves: chunks
+        that arrived in rooms this agent does not follow look unheld and take the window's
+        places (10 x 30: 1.42x with it, 1.33x without)."""
         return 2 * self.origin_streams - known - mine - len(self.settling)
 
     def _claim(self, ordinal: int, stable: bool, now: float) -> bool:

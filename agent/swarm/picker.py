@@ -179,7 +179,8 @@ class SwarmPicker(EntryPolicy, OriginPolicy):
 
     def _patience(self) -> float:
         """How long a worker waits for news before looking again: until the next claim
-        settles or an entry turn comes (``agent.swarm.origin``), at most ``WAIT``."""
+        settles (``agent.swarm.origin``) or an entry turn comes (``agent.swarm.entries``),
+        at most ``WAIT``."""
         wait = CLAIM_SETTLE if self.settling else WAIT
         if self._entry_due or self._entry_settling:
             # Turns still to come only: one that came while the room's entries were all taken

@@ -78,8 +78,7 @@ class RoomCount:
 
     def outranks(self, ordinal: int, peer: str) -> bool:
         """Whether ``peer`` ranks before this agent in ``ordinal``'s rendezvous order."""
-        chunk = self._chunk(ordinal)
-        return locality.score(peer, chunk) > locality.score(self.self_id, chunk)
+        return locality.rank(self._chunk(ordinal), (peer,), self.self_id) > 0
 
     def _chunk(self, ordinal: int) -> bytes:
         """What a chunk's rendezvous scores are hashed over (``agent.swarm.location.score``)."""
